@@ -1,0 +1,64 @@
+"""confidence-router: run a cheap local LLM first, pay for a cloud LLM only when the local
+answer is probably wrong.
+
+The package imports lazily: ``import confidence_router`` loads no framework; each name is
+imported on first use.
+
+>>> from confidence_router import ConfidenceRoutedLLM  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "ConfidenceRoutedLLM": "confidence_router.router",
+    "RoutingPolicy": "confidence_router.policy",
+    "Decision": "confidence_router.policy",
+    "LogprobSignals": "confidence_router.signals",
+    "compute_signals": "confidence_router.signals",
+    "logprob_to_confidence": "confidence_router.signals",
+    "confidence_to_logprob": "confidence_router.signals",
+    "TokenLogprob": "confidence_router.extraction",
+    "token_logprobs": "confidence_router.extraction",
+    "ConfidenceRouterError": "confidence_router.errors",
+    "RoutingConfigError": "confidence_router.errors",
+    "LocalModelError": "confidence_router.errors",
+    "CloudEscalationError": "confidence_router.errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+if TYPE_CHECKING:
+    from confidence_router.errors import (
+        CloudEscalationError,
+        ConfidenceRouterError,
+        LocalModelError,
+        RoutingConfigError,
+    )
+    from confidence_router.extraction import TokenLogprob, token_logprobs
+    from confidence_router.policy import Decision, RoutingPolicy
+    from confidence_router.router import ConfidenceRoutedLLM
+    from confidence_router.signals import (
+        LogprobSignals,
+        compute_signals,
+        confidence_to_logprob,
+        logprob_to_confidence,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'confidence_router' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,85 @@
+"""Read per-token log-probabilities out of chat-model response metadata.
+
+Pure Python: works on plain dicts and on objects with attributes, so it needs no framework
+import. Two layouts are understood:
+
+* Ollama (``ChatOllama``): ``response_metadata["logprobs"]`` is a list with one item per
+  generated token, each ``{token, logprob, top_logprobs: [{token, logprob}, ...]}``; the items
+  are ``ollama`` pydantic objects on invoke and are concatenated across stream chunks.
+* OpenAI style (``ChatOpenAI`` against vLLM, llama.cpp server, LM Studio):
+  ``response_metadata["logprobs"] == {"content": [{token, logprob, top_logprobs}, ...]}``.
+
+>>> from confidence_router.extraction import token_logprobs
+>>> meta = {"logprobs": [{"token": "Rome", "logprob": -0.2, "top_logprobs": []}]}
+>>> [t.logprob for t in token_logprobs(meta)]
+[-0.2]
+>>> token_logprobs({}) is None
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token, its logprob and its top alternatives ``(token, logprob)``."""
+
+    token: str
+    logprob: float
+    top_logprobs: tuple[tuple[str, float], ...] = ()
+
+
+def _field(item: Any, name: str) -> Any:
+    if isinstance(item, Mapping):
+        return item.get(name)
+    return getattr(item, name, None)
+
+
+def _parse_item(item: Any) -> TokenLogprob | None:
+    logprob = _field(item, "logprob")
+    if logprob is None:
+        return None
+    token = _field(item, "token")
+    tops = []
+    for top in _field(item, "top_logprobs") or ():
+        top_lp = _field(top, "logprob")
+        if top_lp is not None:
+            tops.append((str(_field(top, "token") or ""), float(top_lp)))
+    return TokenLogprob(str(token or ""), float(logprob), tuple(tops))
+
+
+def _items(raw: Any) -> Sequence[Any] | None:
+    if raw is None:
+        return None
+    if isinstance(raw, Mapping) or (not isinstance(raw, (list, tuple)) and hasattr(raw, "content")):
+        # OpenAI layout: {"content": [...]} (may be absent when the answer is a refusal).
+        content = _field(raw, "content")
+        return list(content) if content is not None else None
+    if isinstance(raw, (list, tuple)):
+        return raw
+    return None
+
+
+def token_logprobs(response_metadata: Mapping[str, Any] | None) -> list[TokenLogprob] | None:
+    """The generated tokens' logprobs from a message's ``response_metadata``.
+
+    Returns ``None`` when the metadata carries no logprobs at all (an older Ollama, a model or
+    endpoint without logprobs, a cloud model): the caller must treat confidence as unknown.
+    Returns an empty list when the layout is present but holds no tokens.
+    """
+    if not response_metadata:
+        return None
+    items = _items(response_metadata.get("logprobs"))
+    if items is None:
+        return None
+    parsed = [_parse_item(item) for item in items if item is not None]
+    return [p for p in parsed if p is not None]
+
+
+def message_token_logprobs(message: Any) -> list[TokenLogprob] | None:
+    """:func:`token_logprobs` of a LangChain message (anything with ``response_metadata``)."""
+    return token_logprobs(getattr(message, "response_metadata", None))

@@ -1,0 +1,679 @@
+"""``ConfidenceRoutedLLM``: a LangChain chat model that answers locally and escalates to the cloud
+when the local answer's zero-shot confidence is below a threshold.
+
+This is the LangChain layer. The decision itself lives in :mod:`confidence_router.policy` and the
+signals in :mod:`confidence_router.signals`; this module only calls the two tiers, times them,
+and records the decision in ``response_metadata["routing"]``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+
+from langchain_core.callbacks import (
+    AsyncCallbackManager,
+    AsyncCallbackManagerForLLMRun,
+    CallbackManager,
+    CallbackManagerForLLMRun,
+)
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
+from langchain_core.tools import BaseTool
+from pydantic import ConfigDict, Field, model_validator
+
+from confidence_router.errors import CloudEscalationError, LocalModelError
+from confidence_router.extraction import message_token_logprobs
+from confidence_router.policy import (
+    REASON_LOCAL_ERROR,
+    Decision,
+    RoutingPolicy,
+    decide_after_generation,
+)
+from confidence_router.signals import UNKNOWN_EMPTY_ANSWER, compute_signals, unknown_signals
+
+ChatRunnable = Runnable[LanguageModelInput, BaseMessage]
+
+#: Reason recorded when the cloud failed and the local answer was returned (flagged).
+REASON_CLOUD_ERROR = "cloud_error"
+
+
+def _with_logprobs(model: Any) -> Any:
+    """Return ``model`` set up to report per-token logprobs.
+
+    ``ChatOllama`` and ``ChatOpenAI`` both expose a ``logprobs`` field; when it is unset we take
+    a cheap copy with it switched on (``model_copy`` shares the HTTP clients). A ``bind()`` /
+    ``bind_tools()`` wrapper is unwrapped and rewrapped. Other models are returned unchanged:
+    their confidence is then unknown, and the ``on_unknown`` policy applies.
+    """
+    if isinstance(model, RunnableBinding):
+        inner = _with_logprobs(model.bound)
+        return model if inner is model.bound else model.model_copy(update={"bound": inner})
+    model_fields = getattr(type(model), "model_fields", {})
+    if "logprobs" in model_fields and not getattr(model, "logprobs", None):
+        return model.model_copy(update={"logprobs": True})
+    return model
+
+
+def _usage(message: BaseMessage | None) -> dict[str, Any] | None:
+    usage = getattr(message, "usage_metadata", None)
+    return dict(usage) if usage else None
+
+
+def _child_manager(
+    run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun,
+) -> CallbackManager | AsyncCallbackManager:
+    """A callback manager whose runs are children of the router's run (for tracing).
+
+    ``CallbackManagerForLLMRun`` has no ``get_child()``; we build the child manager by hand from
+    the run's inheritable handlers, tags and metadata.
+    """
+    manager_cls = (
+        AsyncCallbackManager
+        if isinstance(run_manager, AsyncCallbackManagerForLLMRun)
+        else CallbackManager
+    )
+    manager = manager_cls(handlers=[], parent_run_id=run_manager.run_id)
+    manager.set_handlers(list(run_manager.inheritable_handlers), inherit=True)
+    manager.add_tags(list(run_manager.inheritable_tags), inherit=True)
+    manager.add_metadata(dict(run_manager.inheritable_metadata), inherit=True)
+    return manager
+
+
+def _child_config(
+    run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None,
+    *,
+    name: str,
+    tag: str,
+) -> RunnableConfig:
+    """Config for one tier's call: a named, tagged child run of the router's run."""
+    config: RunnableConfig = {"run_name": name, "tags": [tag]}
+    if run_manager is not None:
+        config["callbacks"] = _child_manager(run_manager)
+    return config
+
+
+class _Trace:
+    """Accumulates the routing record of one call (what ends up in ``routing`` metadata)."""
+
+    def __init__(self, policy: RoutingPolicy, has_cloud: bool) -> None:
+        self.policy = policy
+        self.has_cloud = has_cloud
+        self.started = time.perf_counter()
+        self.record: dict[str, Any] = {
+            "decision": "local",
+            "reason": None,
+            "confidence": None,
+            "threshold": policy.threshold,
+            "signal": policy.signal,
+            "signals": None,
+            "latency_s": {},
+            "usage": {},
+            "escalated": False,
+            "would_escalate": False,
+            "flagged": False,
+        }
+
+    def timed(self, stage: str, started: float) -> None:
+        self.record["latency_s"][stage] = time.perf_counter() - started
+
+    def local_done(self, message: BaseMessage) -> Decision:
+        tokens = message_token_logprobs(message)
+        if tokens == [] and not str(message.content).strip():
+            # An empty answer has no tokens to score; say so rather than "no logprobs".
+            signals = unknown_signals(UNKNOWN_EMPTY_ANSWER)
+        else:
+            signals = compute_signals(None if tokens is None else [t.logprob for t in tokens])
+        decision = decide_after_generation(self.policy, signals)
+        self.record["signals"] = signals.as_dict()
+        self.record["confidence"] = decision.score
+        self.record["reason"] = decision.reason
+        self.record["usage"]["local"] = _usage(message)
+        return decision
+
+    def local_failed(self, error: BaseException) -> None:
+        self.record["reason"] = REASON_LOCAL_ERROR
+        self.record["local_error"] = f"{type(error).__name__}: {error}"
+
+    def escalation_blocked(self) -> bool:
+        """True when the decision says escalate but the query must stay local."""
+        self.record["would_escalate"] = True
+        if self.policy.allow_escalation and self.has_cloud:
+            return False
+        self.record["flagged"] = True
+        self.record["escalation_skipped"] = (
+            "allow_escalation=False" if not self.policy.allow_escalation else "no cloud configured"
+        )
+        return True
+
+    def escalating(self, local_message: BaseMessage | None) -> None:
+        self.record["decision"] = "cloud"
+        self.record["escalated"] = True
+        if local_message is not None:
+            self.record["local_answer"] = str(local_message.content)
+
+    def cloud_done(self, message: BaseMessage) -> None:
+        self.record["usage"]["cloud"] = _usage(message)
+
+    def cloud_failed(self, error: BaseException) -> None:
+        self.record["cloud_error"] = f"{type(error).__name__}: {error}"
+
+    def finish(self) -> dict[str, Any]:
+        self.record["latency_s"]["total"] = time.perf_counter() - self.started
+        return self.record
+
+
+def _attach(message: BaseMessage, routing: dict[str, Any]) -> AIMessage:
+    """The chosen tier's message with the routing record added to its response metadata."""
+    metadata = {**message.response_metadata, "routing": routing}
+    if isinstance(message, AIMessage):
+        return message.model_copy(update={"response_metadata": metadata})
+    return AIMessage(content=message.content, response_metadata=metadata)
+
+
+def _as_chunk(message: BaseMessage) -> AIMessageChunk:
+    if isinstance(message, AIMessageChunk):
+        return message
+    if isinstance(message, AIMessage):
+        return AIMessageChunk(
+            content=message.content,
+            id=message.id,
+            response_metadata=message.response_metadata,
+            usage_metadata=message.usage_metadata,
+            tool_call_chunks=[
+                {"name": tc["name"], "args": _json(tc["args"]), "id": tc["id"], "index": i}
+                for i, tc in enumerate(message.tool_calls)
+            ],
+        )
+    return AIMessageChunk(content=message.content)
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+def _aggregate(chunks: Sequence[AIMessageChunk]) -> AIMessageChunk:
+    total = chunks[0]
+    for chunk in chunks[1:]:
+        total = total + chunk
+    return total
+
+
+class ConfidenceRoutedLLM(BaseChatModel):
+    """A chat model that answers with a local model and escalates to a cloud model only when
+    the local answer is probably wrong.
+
+    After the local model answers, the mean of its per-token log-probabilities is mapped to a
+    confidence ``sigmoid(2*mean + 3)`` (no training data needed); below ``threshold`` the query
+    is sent to ``cloud``. The decision and its evidence are in
+    ``message.response_metadata["routing"]``.
+
+    Example:
+        .. code-block:: python
+
+            from langchain_aws import ChatBedrockConverse
+            from langchain_ollama import ChatOllama
+            from confidence_router import ConfidenceRoutedLLM
+
+            router = ConfidenceRoutedLLM(
+                local=ChatOllama(model="qwen2.5:7b"),
+                cloud=ChatBedrockConverse(model="us.anthropic.claude-sonnet-4-5-20250929-v1:0"),
+                threshold=0.7,
+            )
+            msg = router.invoke("What is the capital of Australia?")
+            msg.response_metadata["routing"]["decision"]  # "local" or "cloud"
+            router.invoke("...", threshold=0.9)  # per-call override
+
+    Per call, any policy knob (``threshold``, ``signal``, ``on_unknown``, ``on_cloud_error``,
+    ``precheck_threshold``, ``allow_escalation``) can be passed as an invoke/bind kwarg, or made
+    configurable with ``configurable_fields``.
+    """
+
+    local: ChatRunnable
+    """The local chat model (default choice: ``ChatOllama``). It is asked for logprobs."""
+
+    cloud: ChatRunnable | None = None
+    """The cloud chat model (default choice: ``ChatBedrockConverse``). ``None``: escalations are
+    only reported (``would_escalate``) and the local answer is returned, flagged."""
+
+    threshold: float = Field(default=0.7, ge=0.0, le=1.0)
+    """Keep the local answer iff its confidence >= threshold."""
+
+    signal: str = "mean_logprob"
+    """The zero-shot score to route on: ``mean_logprob`` (paper) or ``min_logprob``."""
+
+    on_unknown: str = "escalate"
+    """When the confidence is unknown (no logprobs): ``escalate`` or keep ``local`` (flagged)."""
+
+    on_cloud_error: str = "raise"
+    """When the cloud fails: ``raise`` CloudEscalationError, or return the ``local`` answer."""
+
+    precheck_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    """With a pre-generation probe: escalate at once iff P(YES) < precheck_threshold."""
+
+    allow_escalation: bool = True
+    """``False`` keeps every query local (e.g. for private data)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    @model_validator(mode="after")
+    def _setup(self) -> ConfidenceRoutedLLM:
+        self._base_policy()  # validate the knobs once, at construction
+        object.__setattr__(self, "local", _with_logprobs(self.local))
+        return self
+
+    # -- LangChain plumbing -------------------------------------------------------------------
+
+    @property
+    def _llm_type(self) -> str:
+        return "confidence-routed"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "local": _model_name(self.local),
+            "cloud": _model_name(self.cloud) if self.cloud is not None else None,
+            **self._base_policy().__dict__,
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = "confidence-router"
+        params["ls_model_name"] = kwargs.get("model") or _model_name(self.local)
+        return params
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
+        *,
+        tool_choice: str | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools to both tiers (each formats them for its own provider).
+
+        Example: ``router.bind_tools([get_weather]).invoke("Weather in Paris?").tool_calls``
+        """
+        tier_kwargs: dict[str, Any] = {} if tool_choice is None else {"tool_choice": tool_choice}
+        update: dict[str, Any] = {"local": _bind_tools(self.local, tools, tier_kwargs)}
+        if self.cloud is not None:
+            update["cloud"] = _bind_tools(self.cloud, tools, tier_kwargs)
+        routed = self.model_copy(update=update)
+        return routed.bind(**kwargs) if kwargs else routed
+
+    # -- policy -------------------------------------------------------------------------------
+
+    def _base_policy(self) -> RoutingPolicy:
+        return RoutingPolicy(
+            threshold=self.threshold,
+            signal=self.signal,
+            on_unknown=self.on_unknown,
+            on_cloud_error=self.on_cloud_error,
+            precheck_threshold=self.precheck_threshold,
+            allow_escalation=self.allow_escalation,
+        )
+
+    def _split_kwargs(self, kwargs: dict[str, Any]) -> tuple[RoutingPolicy, dict[str, Any]]:
+        """Pop the router's own knobs from call kwargs; the rest goes to both tiers."""
+        knobs = RoutingPolicy.knob_names()
+        overrides = {k: kwargs[k] for k in knobs if k in kwargs}
+        rest = {k: v for k, v in kwargs.items() if k not in knobs}
+        return self._base_policy().with_overrides(overrides), rest
+
+    # -- sync ---------------------------------------------------------------------------------
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        policy, tier_kwargs = self._split_kwargs(kwargs)
+        trace = _Trace(policy, self.cloud is not None)
+        started = time.perf_counter()
+        local_message: BaseMessage | None = None
+        try:
+            local_message = self.local.invoke(
+                messages,
+                _child_config(run_manager, name="local", tag="route:local-attempt"),
+                stop=stop,
+                **tier_kwargs,
+            )
+        except Exception as error:  # noqa: BLE001 - any local failure escalates (reason recorded)
+            trace.local_failed(error)
+            local_error: Exception | None = error
+        else:
+            local_error = None
+        trace.timed("local", started)
+        escalate = local_error is not None or trace.local_done(local_message).escalate  # type: ignore[arg-type]
+        if escalate and trace.escalation_blocked():
+            if local_message is None:
+                raise LocalModelError(_local_failure_text(trace)) from local_error
+            escalate = False
+        if not escalate:
+            self._emit(run_manager, trace)
+            return _result(local_message, trace)  # type: ignore[arg-type]
+
+        trace.escalating(local_message)
+        self._emit(run_manager, trace)
+        started = time.perf_counter()
+        try:
+            cloud_message = self.cloud.invoke(  # type: ignore[union-attr]
+                messages,
+                _child_config(run_manager, name="cloud", tag="route:escalated"),
+                stop=stop,
+                **tier_kwargs,
+            )
+        except Exception as error:
+            trace.timed("cloud", started)
+            return _result(_cloud_failure(trace, error, local_message), trace)
+        trace.timed("cloud", started)
+        trace.cloud_done(cloud_message)
+        return _result(cloud_message, trace)
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        # The local answer is buffered until the decision: output of two models is never mixed.
+        policy, tier_kwargs = self._split_kwargs(kwargs)
+        trace = _Trace(policy, self.cloud is not None)
+        started = time.perf_counter()
+        buffered: list[AIMessageChunk] = []
+        local_error: Exception | None = None
+        try:
+            for chunk in self.local.stream(
+                messages,
+                _child_config(run_manager, name="local", tag="route:local-attempt"),
+                stop=stop,
+                **tier_kwargs,
+            ):
+                buffered.append(_as_chunk(chunk))
+        except Exception as error:  # noqa: BLE001 - recorded, then escalated
+            trace.local_failed(error)
+            local_error = error
+        trace.timed("local", started)
+        local_message = _aggregate(buffered) if buffered and local_error is None else None
+        if local_error is None and local_message is None:
+            local_message = AIMessageChunk(content="")
+        escalate = local_message is None or trace.local_done(local_message).escalate
+        if escalate and trace.escalation_blocked():
+            if local_message is None:
+                raise LocalModelError(_local_failure_text(trace)) from local_error
+            escalate = False
+        if not escalate:
+            self._emit(run_manager, trace)
+            yield from _replay(buffered, run_manager)
+            yield _routing_chunk(trace)
+            return
+
+        trace.escalating(local_message)
+        self._emit(run_manager, trace)
+        started = time.perf_counter()
+        cloud_chunks: list[AIMessageChunk] = []
+        try:
+            for chunk in self.cloud.stream(  # type: ignore[union-attr]
+                messages,
+                _child_config(run_manager, name="cloud", tag="route:escalated"),
+                stop=stop,
+                **tier_kwargs,
+            ):
+                cloud_chunk = _as_chunk(chunk)
+                cloud_chunks.append(cloud_chunk)
+                yield _emit_chunk(cloud_chunk, run_manager)
+        except Exception as error:
+            trace.timed("cloud", started)
+            if cloud_chunks:
+                # Part of the cloud answer is already out: returning the local one now would mix
+                # two models' text, so this is always an error.
+                trace.cloud_failed(error)
+                raise CloudEscalationError(
+                    f"cloud stream failed after {len(cloud_chunks)} chunks: {error}",
+                    routing=trace.finish(),
+                    local_message=local_message,
+                ) from error
+            # Returns only when the policy falls back to the (buffered) local answer.
+            _cloud_failure(trace, error, local_message)
+            yield from _replay(buffered, run_manager)
+            yield _routing_chunk(trace)
+            return
+        trace.timed("cloud", started)
+        if cloud_chunks:
+            trace.cloud_done(_aggregate(cloud_chunks))
+        yield _routing_chunk(trace)
+
+    # -- async --------------------------------------------------------------------------------
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        policy, tier_kwargs = self._split_kwargs(kwargs)
+        trace = _Trace(policy, self.cloud is not None)
+        started = time.perf_counter()
+        local_message: BaseMessage | None = None
+        local_error: Exception | None = None
+        try:
+            local_message = await self.local.ainvoke(
+                messages,
+                _child_config(run_manager, name="local", tag="route:local-attempt"),
+                stop=stop,
+                **tier_kwargs,
+            )
+        except Exception as error:  # noqa: BLE001 - recorded, then escalated
+            trace.local_failed(error)
+            local_error = error
+        trace.timed("local", started)
+        escalate = local_error is not None or trace.local_done(local_message).escalate  # type: ignore[arg-type]
+        if escalate and trace.escalation_blocked():
+            if local_message is None:
+                raise LocalModelError(_local_failure_text(trace)) from local_error
+            escalate = False
+        if not escalate:
+            await self._aemit(run_manager, trace)
+            return _result(local_message, trace)  # type: ignore[arg-type]
+
+        trace.escalating(local_message)
+        await self._aemit(run_manager, trace)
+        started = time.perf_counter()
+        try:
+            cloud_message = await self.cloud.ainvoke(  # type: ignore[union-attr]
+                messages,
+                _child_config(run_manager, name="cloud", tag="route:escalated"),
+                stop=stop,
+                **tier_kwargs,
+            )
+        except Exception as error:
+            trace.timed("cloud", started)
+            return _result(_cloud_failure(trace, error, local_message), trace)
+        trace.timed("cloud", started)
+        trace.cloud_done(cloud_message)
+        return _result(cloud_message, trace)
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        policy, tier_kwargs = self._split_kwargs(kwargs)
+        trace = _Trace(policy, self.cloud is not None)
+        started = time.perf_counter()
+        buffered: list[AIMessageChunk] = []
+        local_error: Exception | None = None
+        try:
+            async for chunk in self.local.astream(
+                messages,
+                _child_config(run_manager, name="local", tag="route:local-attempt"),
+                stop=stop,
+                **tier_kwargs,
+            ):
+                buffered.append(_as_chunk(chunk))
+        except Exception as error:  # noqa: BLE001 - recorded, then escalated
+            trace.local_failed(error)
+            local_error = error
+        trace.timed("local", started)
+        local_message = _aggregate(buffered) if buffered and local_error is None else None
+        if local_error is None and local_message is None:
+            local_message = AIMessageChunk(content="")
+        escalate = local_message is None or trace.local_done(local_message).escalate
+        if escalate and trace.escalation_blocked():
+            if local_message is None:
+                raise LocalModelError(_local_failure_text(trace)) from local_error
+            escalate = False
+        if not escalate:
+            await self._aemit(run_manager, trace)
+            for chunk in buffered:
+                yield await _aemit_chunk(chunk, run_manager)
+            yield _routing_chunk(trace)
+            return
+
+        trace.escalating(local_message)
+        await self._aemit(run_manager, trace)
+        started = time.perf_counter()
+        cloud_chunks: list[AIMessageChunk] = []
+        try:
+            async for chunk in self.cloud.astream(  # type: ignore[union-attr]
+                messages,
+                _child_config(run_manager, name="cloud", tag="route:escalated"),
+                stop=stop,
+                **tier_kwargs,
+            ):
+                cloud_chunk = _as_chunk(chunk)
+                cloud_chunks.append(cloud_chunk)
+                yield await _aemit_chunk(cloud_chunk, run_manager)
+        except Exception as error:
+            trace.timed("cloud", started)
+            if cloud_chunks:
+                trace.cloud_failed(error)
+                raise CloudEscalationError(
+                    f"cloud stream failed after {len(cloud_chunks)} chunks: {error}",
+                    routing=trace.finish(),
+                    local_message=local_message,
+                ) from error
+            _cloud_failure(trace, error, local_message)
+            for chunk in buffered:
+                yield await _aemit_chunk(chunk, run_manager)
+            yield _routing_chunk(trace)
+            return
+        trace.timed("cloud", started)
+        if cloud_chunks:
+            trace.cloud_done(_aggregate(cloud_chunks))
+        yield _routing_chunk(trace)
+
+    # -- tracing ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _emit(run_manager: CallbackManagerForLLMRun | None, trace: _Trace) -> None:
+        if run_manager is not None:
+            manager = _child_manager(run_manager)
+            manager.on_custom_event("routing_decision", _decision_event(trace), run_id=run_manager.run_id)
+
+    @staticmethod
+    async def _aemit(run_manager: AsyncCallbackManagerForLLMRun | None, trace: _Trace) -> None:
+        if run_manager is not None:
+            manager = _child_manager(run_manager)
+            await manager.on_custom_event(  # type: ignore[misc]
+                "routing_decision", _decision_event(trace), run_id=run_manager.run_id
+            )
+
+
+def _decision_event(trace: _Trace) -> dict[str, Any]:
+    keys = ("decision", "reason", "confidence", "threshold", "signal", "would_escalate")
+    return {k: trace.record.get(k) for k in keys}
+
+
+def _model_name(model: Any) -> str:
+    if isinstance(model, RunnableBinding):
+        return _model_name(model.bound)
+    for attr in ("model", "model_id", "model_name"):
+        value = getattr(model, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    return type(model).__name__
+
+
+def _bind_tools(model: Any, tools: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    target = model.bound if isinstance(model, RunnableBinding) else model
+    if not hasattr(target, "bind_tools"):
+        raise TypeError(f"{type(target).__name__} does not support bind_tools")
+    bound = target.bind_tools(tools, **kwargs)
+    if isinstance(model, RunnableBinding) and model.kwargs:
+        bound = bound.bind(**model.kwargs)
+    return bound
+
+
+def _local_failure_text(trace: _Trace) -> str:
+    why = trace.record.get("escalation_skipped", "escalation not possible")
+    return f"local model failed ({trace.record.get('local_error')}) and {why}"
+
+
+def _cloud_failure(
+    trace: _Trace,
+    error: Exception,
+    local_message: BaseMessage | None,
+) -> BaseMessage:
+    """Apply ``on_cloud_error``: raise, or fall back to the local answer (flagged)."""
+    trace.cloud_failed(error)
+    if trace.policy.on_cloud_error == "local" and local_message is not None:
+        trace.record.update(decision="local", reason=REASON_CLOUD_ERROR, flagged=True)
+        return local_message
+    routing = trace.finish()
+    if local_message is None:
+        message = f"local model failed ({routing.get('local_error')}) and cloud failed: {error}"
+    else:
+        message = f"cloud model failed on an escalated query ({routing['reason']}): {error}"
+    raise CloudEscalationError(message, routing=routing, local_message=local_message) from error
+
+
+def _result(message: BaseMessage, trace: _Trace) -> ChatResult:
+    routing = trace.finish()
+    return ChatResult(
+        generations=[ChatGeneration(message=_attach(message, routing))],
+        llm_output={"routing": routing},
+    )
+
+
+def _routing_chunk(trace: _Trace) -> ChatGenerationChunk:
+    return ChatGenerationChunk(
+        message=AIMessageChunk(
+            content="", response_metadata={"routing": trace.finish()}, chunk_position="last"
+        )
+    )
+
+
+def _emit_chunk(
+    chunk: AIMessageChunk, run_manager: CallbackManagerForLLMRun | None
+) -> ChatGenerationChunk:
+    generation = ChatGenerationChunk(message=chunk)
+    if run_manager is not None:
+        run_manager.on_llm_new_token(str(chunk.content), chunk=generation)
+    return generation
+
+
+async def _aemit_chunk(
+    chunk: AIMessageChunk, run_manager: AsyncCallbackManagerForLLMRun | None
+) -> ChatGenerationChunk:
+    generation = ChatGenerationChunk(message=chunk)
+    if run_manager is not None:
+        await run_manager.on_llm_new_token(str(chunk.content), chunk=generation)
+    return generation
+
+
+def _replay(
+    chunks: Sequence[AIMessageChunk], run_manager: CallbackManagerForLLMRun | None
+) -> Iterator[ChatGenerationChunk]:
+    for chunk in chunks:
+        yield _emit_chunk(chunk, run_manager)
