@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "ConfidenceRoutedLLM": "confidence_router.router",
     "RoutingPolicy": "confidence_router.policy",
+    "RouterSettings": "confidence_router.settings",
     "Decision": "confidence_router.policy",
     "LogprobSignals": "confidence_router.signals",
     "compute_signals": "confidence_router.signals",
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from confidence_router.extraction import TokenLogprob, token_logprobs
     from confidence_router.policy import Decision, RoutingPolicy
     from confidence_router.router import ConfidenceRoutedLLM
+    from confidence_router.settings import RouterSettings
     from confidence_router.signals import (
         LogprobSignals,
         compute_signals,

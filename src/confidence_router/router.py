@@ -267,6 +267,22 @@ class ConfidenceRoutedLLM(BaseChatModel):
         object.__setattr__(self, "local", _with_logprobs(self.local))
         return self
 
+    @classmethod
+    def from_settings(
+        cls, path: str | None = None, *, environ: dict[str, str] | None = None, **overrides: Any
+    ) -> ConfidenceRoutedLLM:
+        """Build a router from a settings file and/or environment variables.
+
+        ``ChatOllama`` is the local tier and ``ChatBedrockConverse`` the cloud tier; see
+        :class:`confidence_router.settings.RouterSettings` for every setting. Invalid settings
+        raise :class:`~confidence_router.errors.RoutingConfigError` here, not at first call.
+
+        Example: ``ConfidenceRoutedLLM.from_settings("router.toml", threshold=0.8)``
+        """
+        from confidence_router.settings import RouterSettings
+
+        return RouterSettings.load(path, environ).build(**overrides)
+
     # -- LangChain plumbing -------------------------------------------------------------------
 
     @property

@@ -1,0 +1,199 @@
+"""Build a router from plain settings: environment variables and/or a TOML or JSON file.
+
+>>> from confidence_router.settings import RouterSettings
+>>> s = RouterSettings.from_env({"CONFIDENCE_ROUTER_THRESHOLD": "0.8"})
+>>> s.threshold, s.local_model
+(0.8, 'qwen2.5:7b')
+
+Environment variables (all optional):
+
+============================================ ==============================================
+``CONFIDENCE_ROUTER_LOCAL_MODEL``            Ollama model name (default ``qwen2.5:7b``)
+``OLLAMA_HOST``                              Ollama base URL (default ``http://127.0.0.1:11434``)
+``CONFIDENCE_ROUTER_CLOUD_MODEL``            Bedrock model id; ``none`` disables the cloud
+``AWS_REGION`` / ``AWS_DEFAULT_REGION``      Bedrock region (default ``us-west-2``)
+``CONFIDENCE_ROUTER_BEDROCK_ENDPOINT``       Bedrock endpoint URL override (tests, VPC)
+``CONFIDENCE_ROUTER_THRESHOLD``              and every other policy knob, upper-cased
+``CONFIDENCE_ROUTER_CONFIG``                 path of a TOML/JSON file read by ``from_settings``
+============================================ ==============================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from confidence_router.errors import RoutingConfigError
+from confidence_router.policy import RoutingPolicy
+
+if TYPE_CHECKING:
+    from confidence_router.router import ConfidenceRoutedLLM
+
+DEFAULT_LOCAL_MODEL = "qwen2.5:7b"
+DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
+DEFAULT_CLOUD_MODEL = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+DEFAULT_REGION = "us-west-2"
+ENV_PREFIX = "CONFIDENCE_ROUTER_"
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """Everything needed to build a :class:`ConfidenceRoutedLLM` from plain values.
+
+    Invalid values raise :class:`~confidence_router.errors.RoutingConfigError` at construction.
+    """
+
+    local_model: str = DEFAULT_LOCAL_MODEL
+    ollama_host: str = DEFAULT_OLLAMA_HOST
+    cloud_model: str | None = DEFAULT_CLOUD_MODEL
+    aws_region: str = DEFAULT_REGION
+    bedrock_endpoint: str | None = None
+    threshold: float = 0.7
+    signal: str = "mean_logprob"
+    on_unknown: str = "escalate"
+    on_cloud_error: str = "raise"
+    precheck_threshold: float = 0.5
+    allow_escalation: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.local_model.strip():
+            raise RoutingConfigError("local_model must not be empty")
+        if not self.ollama_host.startswith(("http://", "https://")):
+            raise RoutingConfigError(
+                f"ollama_host must be an http(s) URL, got {self.ollama_host!r}"
+            )
+        self.policy()  # validates the knobs
+
+    def policy(self) -> RoutingPolicy:
+        """The routing policy these settings describe."""
+        names = RoutingPolicy.knob_names()
+        return RoutingPolicy(**{k: v for k, v in asdict(self).items() if k in names})
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RouterSettings:
+        """Settings from a dict with the field names as keys (unknown keys are an error)."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(values) - set(known)
+        if unknown:
+            raise RoutingConfigError(
+                f"unknown setting(s) {sorted(unknown)}; known: {sorted(known)}"
+            )
+        converted = {k: _convert(k, v, known[k].type) for k, v in values.items()}
+        return cls(**converted)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RouterSettings:
+        """Settings from environment variables (see the module docstring)."""
+        return cls.from_mapping(_env_values(os.environ if environ is None else environ))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> RouterSettings:
+        """Settings from a TOML (``[confidence_router]`` table or top level) or JSON file."""
+        file = Path(path)
+        if not file.is_file():
+            raise RoutingConfigError(f"settings file not found: {file}")
+        text = file.read_text(encoding="utf-8")
+        try:
+            if file.suffix == ".json":
+                data = json.loads(text)
+            else:
+                data = _load_toml(text)
+        except ValueError as error:
+            raise RoutingConfigError(f"cannot parse settings file {file}: {error}") from error
+        if not isinstance(data, dict):
+            raise RoutingConfigError(f"settings file {file} must hold a table/object")
+        data = data.get("confidence_router", data)
+        return cls.from_mapping(data)
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> RouterSettings:
+        """File settings (``path`` or ``$CONFIDENCE_ROUTER_CONFIG``), overridden by env vars."""
+        env = os.environ if environ is None else environ
+        path = path or env.get(ENV_PREFIX + "CONFIG")
+        base = asdict(cls.from_file(path)) if path else {}
+        return cls.from_mapping({**base, **_env_values(env)})
+
+    def build(self, **overrides: Any) -> ConfidenceRoutedLLM:
+        """Create the router: ``ChatOllama`` locally, ``ChatBedrockConverse`` in the cloud.
+
+        The framework clients are imported here, not at module import.
+        """
+        from langchain_ollama import ChatOllama
+
+        from confidence_router.router import ConfidenceRoutedLLM
+
+        local = ChatOllama(
+            model=self.local_model, base_url=self.ollama_host, temperature=0, logprobs=True
+        )
+        cloud = None
+        if self.cloud_model:
+            from langchain_aws import ChatBedrockConverse
+
+            cloud_kwargs: dict[str, Any] = {
+                "model": self.cloud_model,
+                "region_name": self.aws_region,
+                "temperature": 0,
+            }
+            if self.bedrock_endpoint:
+                cloud_kwargs["endpoint_url"] = self.bedrock_endpoint
+            cloud = ChatBedrockConverse(**cloud_kwargs)
+        knobs = {k: getattr(self, k) for k in RoutingPolicy.knob_names()}
+        return ConfidenceRoutedLLM(local=local, cloud=cloud, **{**knobs, **overrides})
+
+
+def _env_values(env: Mapping[str, str]) -> dict[str, str]:
+    """The settings that the environment sets, as raw strings."""
+    values = {
+        f.name: env[ENV_PREFIX + f.name.upper()]
+        for f in fields(RouterSettings)
+        if ENV_PREFIX + f.name.upper() in env
+    }
+    if "ollama_host" not in values and env.get("OLLAMA_HOST"):
+        values["ollama_host"] = _normalise_host(env["OLLAMA_HOST"])
+    if "aws_region" not in values:
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+        if region:
+            values["aws_region"] = region
+    return values
+
+
+def _normalise_host(host: str) -> str:
+    # Ollama accepts OLLAMA_HOST without a scheme ("0.0.0.0:11434"); the client needs a URL.
+    return host if host.startswith(("http://", "https://")) else f"http://{host}"
+
+
+def _load_toml(text: str) -> Any:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    return tomllib.loads(text)
+
+
+def _convert(name: str, value: Any, annotation: Any) -> Any:
+    """Convert a string from the environment to the field's type, with a clear error."""
+    if not isinstance(value, str):
+        return value
+    kind = str(annotation)
+    text = value.strip()
+    if "float" in kind:
+        try:
+            return float(text)
+        except ValueError:
+            raise RoutingConfigError(f"{name} must be a number, got {value!r}") from None
+    if "bool" in kind:
+        lowered = text.lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+        raise RoutingConfigError(f"{name} must be true or false, got {value!r}")
+    if "None" in kind and text.lower() in {"", "none", "null", "off"}:
+        return None
+    return text
