@@ -32,7 +32,23 @@ _EXPORTS: dict[str, str] = {
     "CloudEscalationError": "confidence_router.errors",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [
+    "CloudEscalationError",
+    "ConfidenceRoutedLLM",
+    "ConfidenceRouterError",
+    "Decision",
+    "LocalModelError",
+    "LogprobSignals",
+    "RouterSettings",
+    "RoutingConfigError",
+    "RoutingPolicy",
+    "TokenLogprob",
+    "compute_signals",
+    "confidence_to_logprob",
+    "logprob_to_confidence",
+    "token_logprobs",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from confidence_router.errors import (

@@ -127,7 +127,7 @@ def run_demo(
         for question, gold in tqdm(questions, desc="routing", file=out, disable=not progress):
             message = router.invoke(question)
             routing = message.response_metadata["routing"]
-            answer = str(message.content).strip()
+            answer = message.text.strip()
             rows.append(
                 DemoRow(
                     question=question,

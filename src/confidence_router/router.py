@@ -8,7 +8,9 @@ and records the decision in ``response_metadata["routing"]``.
 
 from __future__ import annotations
 
+import contextvars
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -21,7 +23,7 @@ from langchain_core.callbacks import (
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
+from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig, ensure_config
 from langchain_core.tools import BaseTool
 from pydantic import ConfigDict, Field, model_validator
 
@@ -63,14 +65,25 @@ def _usage(message: BaseMessage | None) -> dict[str, Any] | None:
     return dict(usage) if usage else None
 
 
+ChildManager = CallbackManager | AsyncCallbackManager
+
+# The stream path of BaseChatModel (langchain-core 1.x) does not pass ``run_manager`` to
+# ``_stream``; ``stream()``/``astream()`` below put the child-run manager here instead.
+_STREAM_CHILDREN: contextvars.ContextVar[ChildManager | None] = contextvars.ContextVar(
+    "confidence_router_stream_children", default=None
+)
+
+
 def _child_manager(
-    run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun,
-) -> CallbackManager | AsyncCallbackManager:
+    run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None,
+) -> ChildManager | None:
     """A callback manager whose runs are children of the router's run (for tracing).
 
     ``CallbackManagerForLLMRun`` has no ``get_child()``; we build the child manager by hand from
     the run's inheritable handlers, tags and metadata.
     """
+    if run_manager is None:
+        return _STREAM_CHILDREN.get()
     manager_cls = (
         AsyncCallbackManager
         if isinstance(run_manager, AsyncCallbackManagerForLLMRun)
@@ -83,16 +96,22 @@ def _child_manager(
     return manager
 
 
-def _child_config(
-    run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None,
-    *,
-    name: str,
-    tag: str,
-) -> RunnableConfig:
+def _stream_children(
+    config: RunnableConfig, run_id: uuid.UUID, manager_cls: type[ChildManager]
+) -> ChildManager:
+    """The child-run manager for a streamed call whose run id is fixed in advance."""
+    manager = manager_cls.configure(
+        config.get("callbacks"), None, False, config.get("tags"), None, config.get("metadata")
+    )
+    manager.parent_run_id = run_id
+    return manager
+
+
+def _child_config(children: ChildManager | None, *, name: str, tag: str) -> RunnableConfig:
     """Config for one tier's call: a named, tagged child run of the router's run."""
     config: RunnableConfig = {"run_name": name, "tags": [tag]}
-    if run_manager is not None:
-        config["callbacks"] = _child_manager(run_manager)
+    if children is not None:
+        config["callbacks"] = children
     return config
 
 
@@ -122,7 +141,7 @@ class _Trace:
 
     def local_done(self, message: BaseMessage) -> Decision:
         tokens = message_token_logprobs(message)
-        if tokens == [] and not str(message.content).strip():
+        if tokens == [] and not message.text.strip():
             # An empty answer has no tokens to score; say so rather than "no logprobs".
             signals = unknown_signals(UNKNOWN_EMPTY_ANSWER)
         else:
@@ -153,7 +172,7 @@ class _Trace:
         self.record["decision"] = "cloud"
         self.record["escalated"] = True
         if local_message is not None:
-            self.record["local_answer"] = str(local_message.content)
+            self.record["local_answer"] = local_message.text
 
     def cloud_done(self, message: BaseMessage) -> None:
         self.record["usage"]["cloud"] = _usage(message)
@@ -318,8 +337,8 @@ class ConfidenceRoutedLLM(BaseChatModel):
         update: dict[str, Any] = {"local": _bind_tools(self.local, tools, tier_kwargs)}
         if self.cloud is not None:
             update["cloud"] = _bind_tools(self.cloud, tools, tier_kwargs)
-        routed = self.model_copy(update=update)
-        return routed.bind(**kwargs) if kwargs else routed
+        # Always a RunnableBinding, as LangChain's bind_tools contract expects.
+        return self.model_copy(update=update).bind(**kwargs)
 
     # -- policy -------------------------------------------------------------------------------
 
@@ -351,12 +370,13 @@ class ConfidenceRoutedLLM(BaseChatModel):
     ) -> ChatResult:
         policy, tier_kwargs = self._split_kwargs(kwargs)
         trace = _Trace(policy, self.cloud is not None)
+        children = _child_manager(run_manager)
         started = time.perf_counter()
         local_message: BaseMessage | None = None
         try:
             local_message = self.local.invoke(
                 messages,
-                _child_config(run_manager, name="local", tag="route:local-attempt"),
+                _child_config(children, name="local", tag="route:local-attempt"),
                 stop=stop,
                 **tier_kwargs,
             )
@@ -372,16 +392,16 @@ class ConfidenceRoutedLLM(BaseChatModel):
                 raise LocalModelError(_local_failure_text(trace)) from local_error
             escalate = False
         if not escalate:
-            self._emit(run_manager, trace)
+            self._emit(children, trace)
             return _result(local_message, trace)  # type: ignore[arg-type]
 
         trace.escalating(local_message)
-        self._emit(run_manager, trace)
+        self._emit(children, trace)
         started = time.perf_counter()
         try:
             cloud_message = self.cloud.invoke(  # type: ignore[union-attr]
                 messages,
-                _child_config(run_manager, name="cloud", tag="route:escalated"),
+                _child_config(children, name="cloud", tag="route:escalated"),
                 stop=stop,
                 **tier_kwargs,
             )
@@ -402,13 +422,14 @@ class ConfidenceRoutedLLM(BaseChatModel):
         # The local answer is buffered until the decision: output of two models is never mixed.
         policy, tier_kwargs = self._split_kwargs(kwargs)
         trace = _Trace(policy, self.cloud is not None)
+        children = _child_manager(run_manager)
         started = time.perf_counter()
         buffered: list[AIMessageChunk] = []
         local_error: Exception | None = None
         try:
             for chunk in self.local.stream(
                 messages,
-                _child_config(run_manager, name="local", tag="route:local-attempt"),
+                _child_config(children, name="local", tag="route:local-attempt"),
                 stop=stop,
                 **tier_kwargs,
             ):
@@ -426,25 +447,25 @@ class ConfidenceRoutedLLM(BaseChatModel):
                 raise LocalModelError(_local_failure_text(trace)) from local_error
             escalate = False
         if not escalate:
-            self._emit(run_manager, trace)
-            yield from _replay(buffered, run_manager)
+            self._emit(children, trace)
+            yield from _replay(buffered)
             yield _routing_chunk(trace)
             return
 
         trace.escalating(local_message)
-        self._emit(run_manager, trace)
+        self._emit(children, trace)
         started = time.perf_counter()
         cloud_chunks: list[AIMessageChunk] = []
         try:
             for chunk in self.cloud.stream(  # type: ignore[union-attr]
                 messages,
-                _child_config(run_manager, name="cloud", tag="route:escalated"),
+                _child_config(children, name="cloud", tag="route:escalated"),
                 stop=stop,
                 **tier_kwargs,
             ):
                 cloud_chunk = _as_chunk(chunk)
                 cloud_chunks.append(cloud_chunk)
-                yield _emit_chunk(cloud_chunk, run_manager)
+                yield ChatGenerationChunk(message=cloud_chunk)
         except Exception as error:
             trace.timed("cloud", started)
             if cloud_chunks:
@@ -458,7 +479,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
                 ) from error
             # Returns only when the policy falls back to the (buffered) local answer.
             _cloud_failure(trace, error, local_message)
-            yield from _replay(buffered, run_manager)
+            yield from _replay(buffered)
             yield _routing_chunk(trace)
             return
         trace.timed("cloud", started)
@@ -477,13 +498,14 @@ class ConfidenceRoutedLLM(BaseChatModel):
     ) -> ChatResult:
         policy, tier_kwargs = self._split_kwargs(kwargs)
         trace = _Trace(policy, self.cloud is not None)
+        children = _child_manager(run_manager)
         started = time.perf_counter()
         local_message: BaseMessage | None = None
         local_error: Exception | None = None
         try:
             local_message = await self.local.ainvoke(
                 messages,
-                _child_config(run_manager, name="local", tag="route:local-attempt"),
+                _child_config(children, name="local", tag="route:local-attempt"),
                 stop=stop,
                 **tier_kwargs,
             )
@@ -497,16 +519,16 @@ class ConfidenceRoutedLLM(BaseChatModel):
                 raise LocalModelError(_local_failure_text(trace)) from local_error
             escalate = False
         if not escalate:
-            await self._aemit(run_manager, trace)
+            await self._aemit(children, trace)
             return _result(local_message, trace)  # type: ignore[arg-type]
 
         trace.escalating(local_message)
-        await self._aemit(run_manager, trace)
+        await self._aemit(children, trace)
         started = time.perf_counter()
         try:
             cloud_message = await self.cloud.ainvoke(  # type: ignore[union-attr]
                 messages,
-                _child_config(run_manager, name="cloud", tag="route:escalated"),
+                _child_config(children, name="cloud", tag="route:escalated"),
                 stop=stop,
                 **tier_kwargs,
             )
@@ -526,13 +548,14 @@ class ConfidenceRoutedLLM(BaseChatModel):
     ) -> AsyncIterator[ChatGenerationChunk]:
         policy, tier_kwargs = self._split_kwargs(kwargs)
         trace = _Trace(policy, self.cloud is not None)
+        children = _child_manager(run_manager)
         started = time.perf_counter()
         buffered: list[AIMessageChunk] = []
         local_error: Exception | None = None
         try:
             async for chunk in self.local.astream(
                 messages,
-                _child_config(run_manager, name="local", tag="route:local-attempt"),
+                _child_config(children, name="local", tag="route:local-attempt"),
                 stop=stop,
                 **tier_kwargs,
             ):
@@ -550,26 +573,26 @@ class ConfidenceRoutedLLM(BaseChatModel):
                 raise LocalModelError(_local_failure_text(trace)) from local_error
             escalate = False
         if not escalate:
-            await self._aemit(run_manager, trace)
-            for chunk in buffered:
-                yield await _aemit_chunk(chunk, run_manager)
+            await self._aemit(children, trace)
+            for generation in _replay(buffered):
+                yield generation
             yield _routing_chunk(trace)
             return
 
         trace.escalating(local_message)
-        await self._aemit(run_manager, trace)
+        await self._aemit(children, trace)
         started = time.perf_counter()
         cloud_chunks: list[AIMessageChunk] = []
         try:
             async for chunk in self.cloud.astream(  # type: ignore[union-attr]
                 messages,
-                _child_config(run_manager, name="cloud", tag="route:escalated"),
+                _child_config(children, name="cloud", tag="route:escalated"),
                 stop=stop,
                 **tier_kwargs,
             ):
                 cloud_chunk = _as_chunk(chunk)
                 cloud_chunks.append(cloud_chunk)
-                yield await _aemit_chunk(cloud_chunk, run_manager)
+                yield ChatGenerationChunk(message=cloud_chunk)
         except Exception as error:
             trace.timed("cloud", started)
             if cloud_chunks:
@@ -580,8 +603,8 @@ class ConfidenceRoutedLLM(BaseChatModel):
                     local_message=local_message,
                 ) from error
             _cloud_failure(trace, error, local_message)
-            for chunk in buffered:
-                yield await _aemit_chunk(chunk, run_manager)
+            for generation in _replay(buffered):
+                yield generation
             yield _routing_chunk(trace)
             return
         trace.timed("cloud", started)
@@ -592,18 +615,63 @@ class ConfidenceRoutedLLM(BaseChatModel):
     # -- tracing ------------------------------------------------------------------------------
 
     @staticmethod
-    def _emit(run_manager: CallbackManagerForLLMRun | None, trace: _Trace) -> None:
-        if run_manager is not None:
-            manager = _child_manager(run_manager)
-            manager.on_custom_event("routing_decision", _decision_event(trace), run_id=run_manager.run_id)
+    def _emit(children: ChildManager | None, trace: _Trace) -> None:
+        if isinstance(children, CallbackManager):
+            children.on_custom_event(
+                "routing_decision", _decision_event(trace), run_id=children.parent_run_id
+            )
 
     @staticmethod
-    async def _aemit(run_manager: AsyncCallbackManagerForLLMRun | None, trace: _Trace) -> None:
-        if run_manager is not None:
-            manager = _child_manager(run_manager)
-            await manager.on_custom_event(  # type: ignore[misc]
-                "routing_decision", _decision_event(trace), run_id=run_manager.run_id
+    async def _aemit(children: ChildManager | None, trace: _Trace) -> None:
+        if isinstance(children, AsyncCallbackManager):
+            await children.on_custom_event(
+                "routing_decision", _decision_event(trace), run_id=children.parent_run_id
             )
+
+    # -- streaming entry points ---------------------------------------------------------------
+
+    def stream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[AIMessageChunk]:
+        config = ensure_config(config)
+        run_id = config.get("run_id") or uuid.uuid4()
+        token = _STREAM_CHILDREN.set(_stream_children(config, run_id, CallbackManager))
+        try:
+            # _stream reads the context variable before its first chunk; reset right after so
+            # nothing leaks into the caller's context between chunks.
+            chunks = super().stream(input, {**config, "run_id": run_id}, stop=stop, **kwargs)
+            first = next(chunks, None)
+        finally:
+            _STREAM_CHILDREN.reset(token)
+        if first is not None:
+            yield first
+            yield from chunks
+
+    async def astream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[AIMessageChunk]:
+        config = ensure_config(config)
+        run_id = config.get("run_id") or uuid.uuid4()
+        token = _STREAM_CHILDREN.set(_stream_children(config, run_id, AsyncCallbackManager))
+        try:
+            chunks = super().astream(input, {**config, "run_id": run_id}, stop=stop, **kwargs)
+            first = await anext(chunks, None)
+        finally:
+            _STREAM_CHILDREN.reset(token)
+        if first is not None:
+            yield first
+            async for chunk in chunks:
+                yield chunk
 
 
 def _decision_event(trace: _Trace) -> dict[str, Any]:
@@ -670,26 +738,7 @@ def _routing_chunk(trace: _Trace) -> ChatGenerationChunk:
     )
 
 
-def _emit_chunk(
-    chunk: AIMessageChunk, run_manager: CallbackManagerForLLMRun | None
-) -> ChatGenerationChunk:
-    generation = ChatGenerationChunk(message=chunk)
-    if run_manager is not None:
-        run_manager.on_llm_new_token(str(chunk.content), chunk=generation)
-    return generation
-
-
-async def _aemit_chunk(
-    chunk: AIMessageChunk, run_manager: AsyncCallbackManagerForLLMRun | None
-) -> ChatGenerationChunk:
-    generation = ChatGenerationChunk(message=chunk)
-    if run_manager is not None:
-        await run_manager.on_llm_new_token(str(chunk.content), chunk=generation)
-    return generation
-
-
-def _replay(
-    chunks: Sequence[AIMessageChunk], run_manager: CallbackManagerForLLMRun | None
-) -> Iterator[ChatGenerationChunk]:
+def _replay(chunks: Sequence[AIMessageChunk]) -> Iterator[ChatGenerationChunk]:
+    # BaseChatModel.stream() reports each chunk to the callbacks itself.
     for chunk in chunks:
-        yield _emit_chunk(chunk, run_manager)
+        yield ChatGenerationChunk(message=chunk)

@@ -1,0 +1,90 @@
+"""Tool calling and structured output pass through both tiers."""
+
+from __future__ import annotations
+
+import pytest
+from botocore.config import Config
+from langchain_aws import ChatBedrockConverse
+from langchain_core.tools import tool
+from langchain_ollama import ChatOllama
+from pydantic import BaseModel
+
+from confidence_router import ConfidenceRoutedLLM
+
+
+@tool
+def get_weather(city: str) -> str:
+    """Get the current weather for a city."""
+    return f"sunny in {city}"
+
+
+class Capital(BaseModel):
+    """The capital city of a country."""
+
+    country: str
+    capital: str
+
+
+@pytest.fixture
+def router(ollama_server, bedrock_server):
+    return ConfidenceRoutedLLM(
+        local=ChatOllama(model="scripted-local", base_url=ollama_server.url),
+        cloud=ChatBedrockConverse(
+            model="us.anthropic.claude-sonnet-4-5-20250929-v1:0", region_name="us-east-1",
+            endpoint_url=bedrock_server.url, aws_access_key_id="test",
+            aws_secret_access_key="test", config=Config(retries={"max_attempts": 1}),
+        ),
+    )
+
+
+def test_bind_tools_binds_each_tier_in_its_own_format(router, ollama_backend, bedrock_server,
+                                                      ollama_server):
+    # The local model calls the tool but is unsure (low logprobs): the cloud's call is used.
+    ollama_backend.add_answer("weather", "calling", logprobs=-3.0,
+                              tool_calls=[{"name": "get_weather", "arguments": {"city": "Pariss"}}])
+    bedrock_server.add_answer("weather", "", tool_use=[
+        {"name": "get_weather", "input": {"city": "Paris"}, "toolUseId": "t1"}])
+    message = router.bind_tools([get_weather]).invoke("What's the weather in Paris?")
+    assert message.tool_calls[0]["name"] == "get_weather"
+    assert message.tool_calls[0]["args"] == {"city": "Paris"}
+    assert message.response_metadata["routing"]["decision"] == "cloud"
+    ollama_tools = ollama_server.requests[-1]["body"]["tools"]
+    assert ollama_tools[0]["function"]["name"] == "get_weather"
+    tool_config = bedrock_server.requests[-1]["body"]["toolConfig"]
+    assert tool_config["tools"][0]["toolSpec"]["name"] == "get_weather"
+
+
+def test_confident_local_tool_call_is_kept(router, ollama_backend, bedrock_server):
+    ollama_backend.add_answer("weather", "calling", logprobs=-0.01,
+                              tool_calls=[{"name": "get_weather", "arguments": {"city": "Rome"}}])
+    message = router.bind_tools([get_weather]).invoke("What's the weather in Rome?")
+    assert message.tool_calls[0]["args"] == {"city": "Rome"}
+    assert message.response_metadata["routing"]["decision"] == "local"
+    assert bedrock_server.requests == []
+
+
+def test_streamed_tool_call_is_kept(router, ollama_backend):
+    ollama_backend.add_answer("weather", "calling", logprobs=-0.01,
+                              tool_calls=[{"name": "get_weather", "arguments": {"city": "Rome"}}])
+    chunks = list(router.bind_tools([get_weather]).stream("What's the weather in Rome?"))
+    total = chunks[0]
+    for chunk in chunks[1:]:
+        total = total + chunk
+    assert total.tool_calls[0]["args"] == {"city": "Rome"}
+
+
+def test_with_structured_output(router, ollama_backend, bedrock_server):
+    ollama_backend.add_answer("Italy", "ok", logprobs=-0.02, tool_calls=[
+        {"name": "Capital", "arguments": {"country": "Italy", "capital": "Rome"}}])
+    result = router.with_structured_output(Capital).invoke("Capital of Italy?")
+    assert result == Capital(country="Italy", capital="Rome")
+
+
+def test_with_structured_output_escalated(router, ollama_backend, bedrock_server):
+    ollama_backend.add_answer("Kenya", "hmm", logprobs=-4.0, tool_calls=[
+        {"name": "Capital", "arguments": {"country": "Kenya", "capital": "Mombasa"}}])
+    bedrock_server.add_answer("Kenya", "", tool_use=[
+        {"name": "Capital", "input": {"country": "Kenya", "capital": "Nairobi"}}])
+    raw = router.with_structured_output(Capital, include_raw=True).invoke("Capital of Kenya?")
+    assert raw["parsed"] == Capital(country="Kenya", capital="Nairobi")
+    assert raw["raw"].response_metadata["routing"]["decision"] == "cloud"
