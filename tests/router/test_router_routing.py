@@ -391,3 +391,24 @@ def test_children_are_traced_under_the_router_run(router, scripted):
 
 def test_chunks_are_message_chunks(router, scripted):
     assert all(isinstance(c, AIMessageChunk) for c in router.stream("capital of France"))
+
+
+def test_stream_children_are_traced_under_the_router_run(router, scripted):
+    recorder = _Recorder()
+    chunks = list(router.stream("Who was the second president of Kenya?",
+                                config={"callbacks": [recorder]}))
+    assert "".join(c.text for c in chunks) == "Daniel arap Moi"
+    root, *children = recorder.starts
+    assert [c["parent"] for c in children] == [root["run_id"], root["run_id"]]
+    assert [c["name"] for c in children] == ["local", "cloud"]
+    assert recorder.events[0][2] == root["run_id"]
+
+
+async def test_astream_children_are_traced_under_the_router_run(router, scripted):
+    recorder = _Recorder()
+    chunks = [c async for c in router.astream("What is the capital of France?",
+                                              config={"callbacks": [recorder]})]
+    assert "".join(c.text for c in chunks) == "Paris"
+    root, *children = recorder.starts
+    assert [c["parent"] for c in children] == [root["run_id"]]
+    assert recorder.events[0][1]["decision"] == "local"

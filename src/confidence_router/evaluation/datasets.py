@@ -1,0 +1,408 @@
+"""Question-answering evaluation sets: the offline JSONL files and Hugging Face datasets.
+
+Known names (files in the shared data directory, see ``data/README.md``):
+
+============  ==========================  ==========================================
+name          file                        schema
+============  ==========================  ==========================================
+``wikidata``  ``wikidata_15000.jsonl``    ``{"prompt", "answer"}`` -- completion prompt
+``triviaqa``  ``triviaqa_3000.jsonl``     ``{"context", "answer", "aliases"}``
+``nq_open``   ``nq_open_dev.jsonl``       ``{"question", "answer": [...]}``
+============  ==========================  ==========================================
+
+Any other JSONL file is loaded by path with the schema detected from its first record; the
+generic schema is ``{"question", "answers": [...]}`` with optional ``"id"`` and
+``"prompt_style"``.
+
+The data directory is resolved in this order: the ``data_dir`` argument, the environment
+variable ``CONFIDENCE_ROUTER_DATA_DIR``, then ``../shared/data`` relative to the current
+working directory or any of its ancestors (so it works from the repository root and from its
+subdirectories). The files are read in place, never copied.
+
+Example::
+
+    >>> items = load_dataset("wikidata", limit=2)                      # doctest: +SKIP
+    >>> items[0]                                                       # doctest: +SKIP
+    QAItem(id='wikidata_15000:1', question='The country of citizenship of Shuji Nakamura is',
+           answers=('Japan',), prompt_style='completion')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DATA_DIR_ENV",
+    "KNOWN_DATASETS",
+    "QAItem",
+    "load_dataset",
+    "load_hf_dataset",
+    "question_hash_id",
+    "resolve_data_dir",
+]
+
+DATA_DIR_ENV = "CONFIDENCE_ROUTER_DATA_DIR"
+
+KNOWN_DATASETS: Mapping[str, str] = {
+    "wikidata": "wikidata_15000.jsonl",
+    "triviaqa": "triviaqa_3000.jsonl",
+    "nq_open": "nq_open_dev.jsonl",
+}
+"""Known dataset names and their file names in the shared data directory."""
+
+PROMPT_STYLE_COMPLETION = "completion"
+"""The question text is a sentence to complete ("The country of X is")."""
+PROMPT_STYLE_QUESTION = "question"
+"""The question text is a question to answer."""
+
+
+@dataclass(frozen=True)
+class QAItem:
+    """One evaluation question.
+
+    Attributes:
+        id: stable identifier: ``"<file stem>:<1-based line number>"`` for JSONL files (or the
+            record's own ``"id"`` in the generic schema), ``"<name>:<split>:<id or index>"``
+            for Hugging Face datasets.
+        question: the question text, without dataset-specific scaffolding ("Question: ...",
+            "Answer:"); for ``prompt_style == "completion"`` it is the sentence to complete.
+        answers: accepted gold answers (canonical answer first, then aliases), stripped and
+            de-duplicated exactly (case-sensitive), in source order; never empty.
+        prompt_style: ``"completion"`` or ``"question"`` -- tells the caller which answer
+            prompt to wrap the text in.
+    """
+
+    id: str
+    question: str
+    answers: tuple[str, ...]
+    prompt_style: str
+
+
+# --------------------------------------------------------------------------------------------
+# Data-directory resolution
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Find the shared data directory.
+
+    Order: ``data_dir`` if given; else ``$CONFIDENCE_ROUTER_DATA_DIR``; else the first existing
+    ``<d>/../shared/data`` for ``d`` = the current working directory and each of its ancestors.
+    An explicitly given directory (argument or variable) must exist: it is never silently
+    replaced by a fallback.
+
+    Raises:
+        FileNotFoundError: nothing found; the message says how to point at the directory.
+    """
+    if data_dir is not None:
+        path = Path(data_dir).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"data_dir {str(path)!r} is not a directory")
+        return path
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"${DATA_DIR_ENV}={env!r} is not a directory")
+        return path
+    cwd = Path.cwd()
+    for d in (cwd, *cwd.parents):
+        candidate = d.parent / "shared" / "data"
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(
+        "cannot find the evaluation data directory (looked for ../shared/data from "
+        f"{str(cwd)!r} and its parents). Pass data_dir=..., or set the environment variable "
+        f"{DATA_DIR_ENV} to the directory holding {', '.join(KNOWN_DATASETS.values())}."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Record parsing (one function per schema)
+# --------------------------------------------------------------------------------------------
+
+
+class _RecordError(ValueError):
+    """A record does not fit its schema; the caller adds the file:line location."""
+
+
+def _require_str(record: Mapping[str, Any], key: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str):
+        raise _RecordError(f"field {key!r} must be a string; got {type(value).__name__}")
+    if not value.strip():
+        raise _RecordError(f"field {key!r} is empty")
+    return value
+
+
+def _str_list(value: Any, key: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _RecordError(f"field {key!r} must be a string or a list of strings")
+    return value
+
+
+def _dedupe_answers(answers: Iterable[str]) -> tuple[str, ...]:
+    # Exact (case-sensitive) de-duplication after stripping: grading normalises anyway, and
+    # keeping distinct spellings preserves the source data for other grading rules.
+    seen: dict[str, None] = {}
+    for a in answers:
+        a = a.strip()
+        if a:
+            seen.setdefault(a, None)
+    if not seen:
+        raise _RecordError("no non-empty gold answer")
+    return tuple(seen)
+
+
+def _parse_wikidata(record: Mapping[str, Any]) -> tuple[str, tuple[str, ...], str]:
+    prompt = _require_str(record, "prompt").strip()
+    return prompt, _dedupe_answers([_require_str(record, "answer")]), PROMPT_STYLE_COMPLETION
+
+
+_TRIVIA_PREFIX = "Question:"
+_TRIVIA_SUFFIX = "Answer:"
+
+
+def _parse_triviaqa(record: Mapping[str, Any]) -> tuple[str, tuple[str, ...], str]:
+    # context is "Question: <q>\nAnswer:" (llm-foundry's few-shot format); strip the scaffold so
+    # the project's own answer prompt can be applied. Missing scaffold parts are tolerated.
+    text = _require_str(record, "context").strip()
+    text = text.removeprefix(_TRIVIA_PREFIX).removesuffix(_TRIVIA_SUFFIX).strip()
+    if not text:
+        raise _RecordError("field 'context' holds no question text")
+    aliases = _str_list(record.get("aliases", []), "aliases")
+    answers = _dedupe_answers([_require_str(record, "answer"), *aliases])
+    return text, answers, PROMPT_STYLE_QUESTION
+
+
+def _parse_nq_open(record: Mapping[str, Any]) -> tuple[str, tuple[str, ...], str]:
+    question = _require_str(record, "question").strip()
+    answers = _dedupe_answers(_str_list(record.get("answer"), "answer"))
+    return question, answers, PROMPT_STYLE_QUESTION
+
+
+def _parse_generic(record: Mapping[str, Any]) -> tuple[str, tuple[str, ...], str]:
+    question = _require_str(record, "question").strip()
+    answers = _dedupe_answers(_str_list(record.get("answers"), "answers"))
+    style = record.get("prompt_style", PROMPT_STYLE_QUESTION)
+    if style not in (PROMPT_STYLE_QUESTION, PROMPT_STYLE_COMPLETION):
+        raise _RecordError(
+            f"field 'prompt_style' must be {PROMPT_STYLE_QUESTION!r} or "
+            f"{PROMPT_STYLE_COMPLETION!r}; got {style!r}"
+        )
+    return question, answers, style
+
+
+_Parser = Callable[[Mapping[str, Any]], tuple[str, tuple[str, ...], str]]
+
+# (schema name, keys that identify it, parser); the first match wins, most specific first.
+_SCHEMAS: tuple[tuple[str, frozenset[str], _Parser], ...] = (
+    ("generic", frozenset({"question", "answers"}), _parse_generic),
+    ("triviaqa", frozenset({"context", "answer"}), _parse_triviaqa),
+    ("wikidata", frozenset({"prompt", "answer"}), _parse_wikidata),
+    ("nq_open", frozenset({"question", "answer"}), _parse_nq_open),
+)
+
+
+def _detect_schema(record: Mapping[str, Any]) -> tuple[str, _Parser]:
+    keys = set(record)
+    for name, required, parser in _SCHEMAS:
+        if required <= keys:
+            return name, parser
+    known = "; ".join(f"{n}: {sorted(k)}" for n, k, _ in _SCHEMAS)
+    raise _RecordError(f"unrecognised record keys {sorted(keys)}; expected one of {known}")
+
+
+# --------------------------------------------------------------------------------------------
+# Loaders
+# --------------------------------------------------------------------------------------------
+
+
+def _check_window(limit: int | None, offset: int) -> None:
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be None or an int >= 0; got {limit!r}")
+    if not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be an int >= 0; got {offset!r}")
+
+
+def _iter_jsonl(path: Path) -> Iterator[QAItem]:
+    """Yield items in file order; the schema is fixed by the first non-blank record."""
+    parser: _Parser | None = None
+    schema = ""
+    seen_ids: set[str] = set()
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue  # blank lines carry no record; line numbers stay physical
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from exc
+            try:
+                if not isinstance(record, dict):
+                    raise _RecordError(f"expected a JSON object, got {type(record).__name__}")
+                if parser is None:
+                    schema, parser = _detect_schema(record)
+                else:
+                    # Every record must fit the schema of the first: a mixed file is malformed.
+                    _, required, _ = next(s for s in _SCHEMAS if s[0] == schema)
+                    if not required <= set(record):
+                        raise _RecordError(
+                            f"record does not match the file's {schema!r} schema "
+                            f"(needs keys {sorted(required)}, has {sorted(record)})"
+                        )
+                question, answers, style = parser(record)
+                item_id = f"{path.stem}:{lineno}"
+                if schema == "generic" and "id" in record:
+                    item_id = str(record["id"])
+                if item_id in seen_ids:
+                    raise _RecordError(f"duplicate id {item_id!r}")
+                seen_ids.add(item_id)
+            except _RecordError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+            yield QAItem(id=item_id, question=question, answers=answers, prompt_style=style)
+
+
+def _is_path_like(name: str) -> bool:
+    return name.endswith((".jsonl", ".json")) or os.sep in name or "/" in name
+
+
+def load_dataset(
+    name_or_path: str | os.PathLike[str],
+    limit: int | None = None,
+    offset: int = 0,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> list[QAItem]:
+    """Load a QA evaluation set by known name or from a JSONL path.
+
+    Args:
+        name_or_path: one of :data:`KNOWN_DATASETS` (``"wikidata"``, ``"triviaqa"``,
+            ``"nq_open"``), resolved in the shared data directory; or a path to a JSONL file
+            in any supported schema (detected from its first record).
+        limit: at most this many items (``None`` = all).
+        offset: skip this many items first (records, not physical lines).
+        data_dir: the shared data directory, for known names (see :func:`resolve_data_dir`).
+
+    Returns:
+        Items in file order (deterministic), ``items[offset : offset + limit]``. Records after
+        the window are not read, so a malformed line beyond it is not reported.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones), a malformed line (the
+            message starts with ``file:line``), or a bad ``limit``/``offset``.
+        FileNotFoundError: the file or the data directory does not exist.
+
+    Example::
+
+        >>> train = load_dataset("triviaqa", limit=100)                   # doctest: +SKIP
+        >>> test = load_dataset("triviaqa", offset=100, limit=500)        # doctest: +SKIP
+    """
+    _check_window(limit, offset)
+    name = os.fspath(name_or_path)
+    if name in KNOWN_DATASETS:
+        path = resolve_data_dir(data_dir) / KNOWN_DATASETS[name]
+    elif Path(name).is_file() or _is_path_like(name):
+        path = Path(name)
+    else:
+        raise ValueError(
+            f"unknown dataset {name!r}; known names: {', '.join(sorted(KNOWN_DATASETS))} "
+            "(or pass a path to a .jsonl file)"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {str(path)!r}")
+    items: list[QAItem] = []
+    if limit == 0:
+        return items
+    for index, item in enumerate(_iter_jsonl(path)):
+        if index < offset:
+            continue
+        items.append(item)
+        if limit is not None and len(items) >= limit:
+            break
+    return items
+
+
+def _hf_row_to_item(row: Mapping[str, Any], index: int, prefix: str) -> QAItem:
+    """Map a Hugging Face row (TriviaQA, NQ-open or generic layout) to a :class:`QAItem`."""
+    question = row.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise _RecordError("row has no string 'question' field")
+    answer = row.get("answer")
+    if isinstance(answer, Mapping):
+        # trivia_qa (rc / rc.nocontext): answer = {"value": ..., "aliases": [...], ...}
+        raw = [answer.get("value", ""), *(answer.get("aliases") or [])]
+        answers = _dedupe_answers(a for a in raw if isinstance(a, str))
+    elif "answers" in row:
+        answers = _dedupe_answers(_str_list(row["answers"], "answers"))
+    else:
+        # nq_open: answer = [str, ...]
+        answers = _dedupe_answers(_str_list(answer, "answer"))
+    row_id = row.get("question_id", row.get("id"))
+    suffix = str(row_id) if row_id not in (None, "") else str(index)
+    return QAItem(
+        id=f"{prefix}:{suffix}",
+        question=question.strip(),
+        answers=answers,
+        prompt_style=PROMPT_STYLE_QUESTION,
+    )
+
+
+def load_hf_dataset(
+    name: str,
+    split: str = "validation",
+    limit: int | None = None,
+    *,
+    config: str | None = None,
+) -> list[QAItem]:
+    """Load a QA set from the Hugging Face Hub via the ``datasets`` library (needs network).
+
+    Supported layouts: TriviaQA (``load_hf_dataset("mandarjoshi/trivia_qa", config=
+    "rc.nocontext")`` -- answer dict with ``value`` and ``aliases``), NQ-open
+    (``"google-research-datasets/nq_open"`` -- ``answer`` list) and generic ``question`` +
+    ``answers`` rows. Ids are ``"<name>:<split>:<question_id | id | row index>"``; rows keep
+    the dataset's order.
+
+    Raises:
+        ImportError: ``datasets`` is not installed (with install advice).
+        ValueError: a row fits none of the layouts (message names the row index).
+
+    Example::
+
+        >>> items = load_hf_dataset("google-research-datasets/nq_open", limit=10)  # doctest: +SKIP
+    """
+    _check_window(limit, 0)
+    try:
+        import datasets as hf_datasets
+    except ImportError as exc:
+        raise ImportError(
+            "load_hf_dataset needs the Hugging Face 'datasets' package: pip install datasets "
+            "(or use load_dataset() with the offline JSONL files)"
+        ) from exc
+    ds = hf_datasets.load_dataset(name, config, split=split)
+    prefix = f"{name}:{split}"
+    items: list[QAItem] = []
+    for index, row in enumerate(ds):
+        if limit is not None and len(items) >= limit:
+            break
+        try:
+            items.append(_hf_row_to_item(row, index, prefix))
+        except _RecordError as exc:
+            raise ValueError(f"{prefix} row {index}: {exc}") from None
+    return items
+
+
+def question_hash_id(question: str) -> str:
+    """A content-derived id (first 16 hex digits of SHA-256 of the stripped question).
+
+    Useful to join rows across files or runs where line numbers differ.
+    """
+    return hashlib.sha256(question.strip().encode("utf-8")).hexdigest()[:16]
