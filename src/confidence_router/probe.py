@@ -1,0 +1,335 @@
+"""The GSA self-assessment probe as a LangChain Runnable.
+
+:class:`SelfAssessmentProbe` asks a chat model, before any answer is generated, whether it is
+confident it can answer a query ("Respond with exactly one token: YES or NO.") and returns a
+:class:`~confidence_router.gsa.GsaScore` whose ``p_yes`` is the confidence (higher = the local
+answer is more likely correct). With a :class:`~confidence_router.knowledge.KnowledgeStore` and
+the default ``gsa-v3-retrieval-conditional`` version, strong hits (cosine ``>= tau``) are shown
+to the model; otherwise the prompt is byte-identical to the bare ``gsa-v2-confidence`` prompt.
+
+Usage::
+
+    from langchain_ollama import ChatOllama
+    from confidence_router.probe import SelfAssessmentProbe
+
+    local = ChatOllama(model="qwen2.5:7b")            # your answering model, untouched
+    probe = SelfAssessmentProbe(model=local, store=store)   # store: KnowledgeStore or None
+    score = probe.invoke("What is the capital of France?")
+    score.p_yes, score.extraction_mode, score.had_retrieval, score.latency_s
+
+    # pre-computed hits (e.g. the same top-5 used for knowledge similarity): no second search
+    probe.invoke({"query": "What is the capital of France?", "hits": hits})
+
+Model handling:
+
+* A ``ChatOllama`` is **copied** with ``temperature=0, num_predict=1, logprobs=True,
+  top_logprobs=5``. Per-call kwargs cannot be used for this: ChatOllama forwards unknown invoke
+  kwargs to the ``ollama`` client (``num_predict`` raises ``TypeError``; ``options={...}``
+  replaces all options), and the caller's answering instance must keep its own settings.
+* Any other chat model (or Runnable returning a message or a string) is invoked as given;
+  configure it for a short, deterministic answer yourself (e.g. ``temperature=0,
+  max_tokens=1`` on Bedrock). Without logprobs (Bedrock has none) the ``text_hard`` tier
+  reads YES/NO from the text.
+
+The probe sends one user message and no system prompt (method spec §2.2).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackManagerForChainRun
+from langchain_core.messages import HumanMessage
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
+from langchain_core.runnables.config import patch_config
+from pydantic import ConfigDict, PrivateAttr, field_validator
+
+from confidence_router.gsa import (
+    DEFAULT_GSA_VERSION,
+    DEFAULT_TAU,
+    GSA_V2_VERSION,
+    GSA_VERSIONS,
+    MAX_HITS_USED,
+    GsaPrompt,
+    GsaScore,
+    Hit,
+    build_gsa_prompt,
+    extract_p_yes,
+)
+from confidence_router.knowledge import KnowledgeStore
+
+__all__ = [
+    "PROBE_TOP_LOGPROBS",
+    "ProbeInput",
+    "SelfAssessmentProbe",
+    "first_position_top_logprobs",
+    "message_text",
+    "prepare_probe_model",
+]
+
+#: ``top_logprobs`` requested for the probe's single generated token.
+PROBE_TOP_LOGPROBS = 5
+
+ProbeInput = str | Mapping[str, Any]
+
+
+def prepare_probe_model(model: Runnable[Any, Any]) -> Runnable[Any, Any]:
+    """Return the instance the probe should call.
+
+    A ``ChatOllama`` becomes a copy with the probe settings (T = 0, one token, top-5
+    logprobs); anything else is returned unchanged.
+    """
+    # Only a model whose class was already imported can be a ChatOllama, so look it up in
+    # sys.modules instead of importing langchain_ollama (~1.4 s) for every probe.
+    module = sys.modules.get("langchain_ollama")
+    chat_ollama = getattr(module, "ChatOllama", None) if module is not None else None
+    if chat_ollama is not None and isinstance(model, chat_ollama):
+        # model_copy(update=...) skips validation; both logprob fields are set so the
+        # "top_logprobs without logprobs" warning/validation path is irrelevant.
+        copied: Runnable[Any, Any] = model.model_copy(
+            update={
+                "temperature": 0.0,
+                "num_predict": 1,
+                "logprobs": True,
+                "top_logprobs": PROBE_TOP_LOGPROBS,
+            }
+        )
+        return copied
+    return model
+
+
+def _field(item: Any, name: str) -> Any:
+    if isinstance(item, Mapping):
+        return item.get(name)
+    return getattr(item, name, None)
+
+
+def first_position_top_logprobs(message: Any) -> list[Any] | None:
+    """The top-logprob alternatives of the first generated token, or ``None``.
+
+    Looks in ``message.response_metadata["logprobs"]``:
+
+    * Ollama / ChatOllama: a list with one item per generated token, each with
+      ``top_logprobs`` (items are ``ollama`` pydantic objects or dicts);
+    * OpenAI style: ``{"content": [{"token", "logprob", "top_logprobs": [...]}, ...]}``.
+    """
+    metadata = getattr(message, "response_metadata", None)
+    if not isinstance(metadata, Mapping):
+        return None
+    logprobs = metadata.get("logprobs")
+    first: Any = None
+    if isinstance(logprobs, Mapping):
+        content = logprobs.get("content")
+        if isinstance(content, Sequence) and not isinstance(content, str) and content:
+            first = content[0]
+    elif isinstance(logprobs, Sequence) and not isinstance(logprobs, str) and logprobs:
+        first = logprobs[0]
+    if first is None:
+        return None
+    top = _field(first, "top_logprobs")
+    if top is None or isinstance(top, str):
+        return None
+    top_list = list(top)
+    return top_list or None
+
+
+def message_text(message: Any) -> str:
+    """Plain text of a chat message (string content or text content blocks) or a string."""
+    if isinstance(message, str):
+        return message
+    content = getattr(message, "content", None)
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts: list[str] = []
+        for block in content:
+            if isinstance(block, str):
+                parts.append(block)
+            elif isinstance(block, Mapping) and block.get("type") == "text":
+                parts.append(str(block.get("text", "")))
+        return "".join(parts)
+    return "" if content is None else str(content)
+
+
+class SelfAssessmentProbe(RunnableSerializable[ProbeInput, GsaScore]):
+    """Pre-generation YES/NO self-assessment (GSA v3 by default) as a Runnable.
+
+    Input: a query string, or a mapping with ``"query"`` and optionally ``"hits"`` (a
+    sequence of :class:`~confidence_router.gsa.Hit` or mappings with ``content``/``score``/
+    ``question``) to reuse an earlier search instead of querying ``store``.
+
+    Output: :class:`~confidence_router.gsa.GsaScore`.
+
+    Attributes:
+        model: The chat model to probe (normally the local answering model; it is not
+            modified, see :func:`prepare_probe_model`).
+        store: Optional knowledge store searched (top-``k``) for v3.
+        tau: Strong-hit threshold, inclusive. Embedder-specific (0.70 for bge-large-en-v1.5).
+        version: ``"gsa-v3-retrieval-conditional"`` (default) or ``"gsa-v2-confidence"``.
+        k: Number of hits retrieved (the paper: 5, no similarity floor).
+        quote_hits: Opt-in non-paper quoting of injected knowledge (see
+            :mod:`confidence_router.gsa`).
+        configure_model: Apply the ChatOllama probe settings (default ``True``). Set ``False``
+            if you pass an already configured probe model.
+
+    Errors from the model or the store propagate; an unreadable answer does not raise but
+    yields ``extraction_mode="neutral"`` (p = 0.5) with a warning.
+    """
+
+    model: Runnable[Any, Any]
+    store: KnowledgeStore | None = None
+    tau: float = DEFAULT_TAU
+    version: str = DEFAULT_GSA_VERSION
+    k: int = MAX_HITS_USED
+    quote_hits: bool = False
+    configure_model: bool = True
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    _probe_model: Runnable[Any, Any] | None = PrivateAttr(default=None)
+
+    @field_validator("version")
+    @classmethod
+    def _check_version(cls, value: str) -> str:
+        if value not in GSA_VERSIONS:
+            raise ValueError(f"unknown GSA version {value!r}; expected one of {GSA_VERSIONS}")
+        return value
+
+    @field_validator("k")
+    @classmethod
+    def _check_k(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"k must be a positive integer, got {value!r}")
+        return value
+
+    def model_post_init(self, context: Any, /) -> None:
+        """Build the probe's own model instance once (construction makes no HTTP call)."""
+        self._probe_model = prepare_probe_model(self.model) if self.configure_model else self.model
+
+    @property
+    def probe_model(self) -> Runnable[Any, Any]:
+        """The model instance actually invoked (a configured copy for ChatOllama)."""
+        if self._probe_model is None:  # pragma: no cover - set in model_post_init
+            self._probe_model = prepare_probe_model(self.model)
+        return self._probe_model
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _parse_input(value: ProbeInput) -> tuple[str, list[Hit] | None]:
+        if isinstance(value, str):
+            return value, None
+        if isinstance(value, Mapping):
+            query = value.get("query")
+            if not isinstance(query, str):
+                raise TypeError("probe input mapping needs a 'query' string")
+            raw_hits = value.get("hits")
+            if raw_hits is None:
+                return query, None
+            hits: list[Hit] = []
+            for item in raw_hits:
+                if isinstance(item, Hit):
+                    hits.append(item)
+                elif isinstance(item, Mapping):
+                    hits.append(
+                        Hit(
+                            content=str(item.get("content", "")),
+                            score=item.get("score"),
+                            question=item.get("question"),
+                            id=item.get("id"),
+                            metadata=item.get("metadata"),
+                        )
+                    )
+                else:
+                    raise TypeError(f"unsupported hit type {type(item).__name__}")
+            return query, hits
+        raise TypeError(f"probe input must be a str or a mapping, got {type(value).__name__}")
+
+    def _needs_search(self, hits: list[Hit] | None) -> bool:
+        return hits is None and self.store is not None and self.version != GSA_V2_VERSION
+
+    def _prompt(self, query: str, hits: Sequence[Hit]) -> GsaPrompt:
+        return build_gsa_prompt(
+            query, hits, version=self.version, tau=self.tau, quote_hits=self.quote_hits
+        )
+
+    def _score(
+        self,
+        prompt: GsaPrompt,
+        response: Any,
+        latency_s: float,
+        retrieval_latency_s: float | None,
+        n_hits: int,
+    ) -> GsaScore:
+        text = message_text(response)
+        extraction = extract_p_yes(first_position_top_logprobs(response), text)
+        return GsaScore.from_parts(
+            prompt,
+            extraction,
+            raw_text=text,
+            latency_s=latency_s,
+            tau=self.tau,
+            retrieval_latency_s=retrieval_latency_s,
+            n_hits_retrieved=n_hits,
+        )
+
+    # ------------------------------------------------------------------ sync
+
+    def _run(
+        self,
+        value: ProbeInput,
+        run_manager: CallbackManagerForChainRun,
+        config: RunnableConfig,
+    ) -> GsaScore:
+        query, hits = self._parse_input(value)
+        retrieval_latency: float | None = None
+        if self._needs_search(hits):
+            assert self.store is not None
+            start = time.perf_counter()
+            hits = self.store.search(query, k=self.k)
+            retrieval_latency = time.perf_counter() - start
+        hits = hits or []
+        prompt = self._prompt(query, hits)
+        child = patch_config(config, callbacks=run_manager.get_child())
+        start = time.perf_counter()
+        response = self.probe_model.invoke([HumanMessage(content=prompt.text)], config=child)
+        latency = time.perf_counter() - start
+        return self._score(prompt, response, latency, retrieval_latency, len(hits))
+
+    def invoke(
+        self, input: ProbeInput, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> GsaScore:
+        """Probe one query; see the class docstring for the input forms."""
+        return self._call_with_config(self._run, input, config, run_type="chain")
+
+    # ------------------------------------------------------------------ async
+
+    async def _arun(
+        self,
+        value: ProbeInput,
+        run_manager: AsyncCallbackManagerForChainRun,
+        config: RunnableConfig,
+    ) -> GsaScore:
+        query, hits = self._parse_input(value)
+        retrieval_latency: float | None = None
+        if self._needs_search(hits):
+            assert self.store is not None
+            start = time.perf_counter()
+            hits = await self.store.asearch(query, k=self.k)
+            retrieval_latency = time.perf_counter() - start
+        hits = hits or []
+        prompt = self._prompt(query, hits)
+        child = patch_config(config, callbacks=run_manager.get_child())
+        start = time.perf_counter()
+        response = await self.probe_model.ainvoke([HumanMessage(content=prompt.text)], config=child)
+        latency = time.perf_counter() - start
+        return self._score(prompt, response, latency, retrieval_latency, len(hits))
+
+    async def ainvoke(
+        self, input: ProbeInput, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> GsaScore:
+        """Async :meth:`invoke` (awaits the model's real ``ainvoke``)."""
+        return await self._acall_with_config(self._arun, input, config, run_type="chain")
