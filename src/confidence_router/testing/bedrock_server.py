@@ -1,0 +1,630 @@
+"""A fake ``bedrock-runtime`` endpoint (Converse API) for offline tests, stdlib only.
+
+Point the unchanged ``ChatBedrockConverse`` (or a plain boto3 ``bedrock-runtime`` client) at
+it with ``endpoint_url``; the real serializer, SigV4 signer, HTTP stack and event-stream
+parser all run, only the model is scripted.
+
+Usage::
+
+    from confidence_router.testing import FakeBedrockServer
+    from langchain_aws import ChatBedrockConverse
+
+    with FakeBedrockServer() as bedrock:
+        bedrock.add_answer("capital of France", "Paris.", input_tokens=12, output_tokens=2)
+        bedrock.fail("overloaded", "ThrottlingException", times=1)
+        llm = ChatBedrockConverse(
+            model="anthropic.claude-3-haiku-20240307-v1:0", region_name="us-east-1",
+            endpoint_url=bedrock.url,
+            aws_access_key_id="test", aws_secret_access_key="test",
+        )
+        reply = llm.invoke("What is the capital of France?")
+        assert reply.content == "Paris."
+        assert reply.usage_metadata["input_tokens"] == 12
+        assert bedrock.requests[-1]["model_id"] == "anthropic.claude-3-haiku-20240307-v1:0"
+
+Endpoints: ``POST /model/{modelId}/converse`` (JSON) and ``POST /model/{modelId}/converse-stream``
+(binary ``application/vnd.amazon.eventstream`` frames: ``messageStart``, ``contentBlockStart``
+for tool use, ``contentBlockDelta`` per piece, ``contentBlockStop``, ``messageStop``,
+``metadata``). Errors carry ``x-amzn-ErrorType`` and ``{"message": ...}``, so botocore raises
+the modelled exception (``client.exceptions.ThrottlingException``, ...).
+
+Rule matching works like :class:`~confidence_router.testing.ScriptedBackend`: a ``str``
+matches as a substring of the last user text, a regex with ``search``, a callable receives
+the :class:`RecordedBedrockRequest`, ``None`` matches all; failures before answers, first
+non-exhausted match wins.
+
+Note that botocore retries throttling and 5xx errors (with backoff: seconds per test) unless
+retries are off: ``ChatBedrockConverse(..., max_retries=0)`` or, for boto3 clients,
+``Config(retries={"total_max_attempts": 1})``. Beware: botocore's ``retries={"max_attempts": 1}``
+means one *retry* (two attempts). Each attempt is a separate request here and counts against a
+rule's ``times``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypedDict, Union
+from urllib.parse import unquote
+
+from confidence_router.serving.ollama_server import (
+    _DISCONNECT_ERRORS,
+    _BackgroundServer,
+    _JSONRequestHandler,
+    _QuietThreadingHTTPServer,
+)
+from confidence_router.testing.scripted import (
+    ScriptedRule,
+    _check_seconds,
+    _check_times,
+    _compile_matcher,
+    _content_text,
+    _RuleBook,
+    last_user_text,
+    split_words,
+)
+
+__all__ = [
+    "BEDROCK_ERROR_STATUS",
+    "BedrockMatcher",
+    "FakeBedrockServer",
+    "RecordedBedrockRequest",
+    "encode_event_frame",
+]
+
+#: HTTP status per Bedrock error type (from the bedrock-runtime service model).
+BEDROCK_ERROR_STATUS: dict[str, int] = {
+    "ValidationException": 400,
+    "AccessDeniedException": 403,
+    "ResourceNotFoundException": 404,
+    "ModelTimeoutException": 408,
+    "ModelErrorException": 424,
+    "ThrottlingException": 429,
+    "ModelNotReadyException": 429,
+    "InternalServerException": 500,
+    "ServiceUnavailableException": 503,
+}
+# Error types the ConverseStream output union can carry as in-stream exception events.
+_STREAM_EXCEPTIONS = {
+    "InternalServerException": "internalServerException",
+    "ModelStreamErrorException": "modelStreamErrorException",
+    "ValidationException": "validationException",
+    "ThrottlingException": "throttlingException",
+    "ServiceUnavailableException": "serviceUnavailableException",
+}
+_PATH_RE = re.compile(r"^/model/(?P<model>.+)/(?P<operation>converse|converse-stream)$")
+
+
+class RecordedBedrockRequest(TypedDict):
+    """One entry of :attr:`FakeBedrockServer.requests` (also what callable matchers get)."""
+
+    model_id: str
+    """The URL-decoded model id (``"anthropic.claude-3-haiku-20240307-v1:0"``)."""
+    operation: str
+    """``"converse"`` or ``"converse-stream"``."""
+    body: Any
+    """The parsed JSON request body (``messages``, ``system``, ``inferenceConfig``, ...)."""
+    last_user_text: str
+    """Concatenated text blocks of the last user message that has text."""
+
+
+BedrockMatcher = Union[str, "re.Pattern[str]", Callable[[RecordedBedrockRequest], bool], None]
+
+
+def encode_event_frame(headers: Mapping[str, str], payload: bytes) -> bytes:
+    """Encode one AWS event-stream message (all header values are strings, type 7).
+
+    Layout, big-endian: total length (4), headers length (4), CRC32 of those 8 bytes (4),
+    headers, payload, CRC32 of everything before it (4). Each header is name length (1),
+    name, value type 7 (1), value length (2), value.
+    """
+    header_bytes = b""
+    for name, value in headers.items():
+        name_b, value_b = name.encode("utf-8"), value.encode("utf-8")
+        header_bytes += (
+            struct.pack(">B", len(name_b)) + name_b + b"\x07" + struct.pack(">H", len(value_b))
+        ) + value_b
+    total_length = 12 + len(header_bytes) + len(payload) + 4
+    prelude = struct.pack(">II", total_length, len(header_bytes))
+    message = prelude + struct.pack(">I", zlib.crc32(prelude)) + header_bytes + payload
+    return message + struct.pack(">I", zlib.crc32(message))
+
+
+def _event(event_type: str, payload: Mapping[str, Any]) -> bytes:
+    return encode_event_frame(
+        {
+            ":event-type": event_type,
+            ":content-type": "application/json",
+            ":message-type": "event",
+        },
+        json.dumps(payload, separators=(",", ":")).encode("utf-8"),
+    )
+
+
+def _exception_event(exception_type: str, message: str) -> bytes:
+    return encode_event_frame(
+        {
+            ":exception-type": exception_type,
+            ":content-type": "application/json",
+            ":message-type": "exception",
+        },
+        json.dumps({"message": message}).encode("utf-8"),
+    )
+
+
+@dataclass(frozen=True)
+class _BedrockAnswer:
+    pieces: tuple[str, ...]
+    tool_use: tuple[dict[str, Any], ...]
+    input_tokens: int | None
+    output_tokens: int | None
+    stop_reason: str
+    latency: float
+    piece_delay: float
+
+
+@dataclass(frozen=True)
+class _BedrockFailure:
+    error_type: str
+    status: int
+    message: str
+    after_pieces: int | None
+
+
+def _normalise_tool_use(tool_use: Sequence[Mapping[str, Any]] | None) -> tuple[dict, ...]:
+    if not tool_use:
+        return ()
+    if isinstance(tool_use, Mapping):
+        raise TypeError("tool_use must be a list of {'name': ..., 'input': {...}} mappings")
+    result = []
+    for i, block in enumerate(tool_use):
+        if not isinstance(block, Mapping) or not isinstance(block.get("name"), str):
+            raise TypeError(f"tool_use[{i}] must look like {{'name': str, 'input': dict}}")
+        tool_input = block.get("input", {})
+        if not isinstance(tool_input, Mapping):
+            raise TypeError(f"tool_use[{i}]['input'] must be a dict, got {tool_input!r}")
+        entry = {"name": block["name"], "input": dict(tool_input)}
+        if block.get("toolUseId") is not None:
+            entry["toolUseId"] = str(block["toolUseId"])
+        result.append(entry)
+    return tuple(result)
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _count_input_tokens(body: Mapping[str, Any]) -> int:
+    # Word counts stand in for a tokenizer: deterministic and growing with the prompt.
+    words = sum(_words(_content_text(block.get("text"))) for block in body.get("system") or ())
+    for message in body.get("messages") or ():
+        for block in message.get("content") or ():
+            if isinstance(block, Mapping):
+                words += _words(_content_text(block.get("text")))
+    return max(1, words)
+
+
+class _BedrockHandler(_JSONRequestHandler):
+    server: _QuietThreadingHTTPServer
+
+    @property
+    def owner(self) -> FakeBedrockServer:
+        return self.server.owner  # type: ignore[no-any-return]
+
+    def do_POST(self) -> None:
+        raw = self._read_body()
+        match = _PATH_RE.match(self.path.split("?", 1)[0])
+        if match is None:
+            self._error("UnknownOperationException", 404, f"unknown operation {self.path}")
+            return
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError as exc:
+            self._error("SerializationException", 400, f"invalid JSON body: {exc}")
+            return
+        record = RecordedBedrockRequest(
+            model_id=unquote(match.group("model")),
+            operation=match.group("operation"),
+            body=body,
+            last_user_text=last_user_text(body.get("messages") or [])
+            if isinstance(body, dict)
+            else "",
+        )
+        self.owner._record(record)
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            self._error("ValidationException", 400, "messages must be a list")
+            return
+        try:
+            self._serve(record, body)
+        except _DISCONNECT_ERRORS:
+            self.close_connection = True
+
+    def do_GET(self) -> None:
+        self._read_body()
+        self._error("UnknownOperationException", 404, f"unknown operation GET {self.path}")
+
+    def _error(self, error_type: str, status: int, message: str) -> None:
+        self._send_json(
+            status,
+            {"message": message},
+            {"x-amzn-ErrorType": error_type, "x-amzn-RequestId": str(uuid.uuid4())},
+        )
+
+    def _serve(self, record: RecordedBedrockRequest, body: dict[str, Any]) -> None:
+        started = time.perf_counter()
+        delay, failure, answer = self.owner._resolve(record)
+        streaming = record["operation"] == "converse-stream"
+        mid_stream = failure is not None and failure.after_pieces is not None and streaming
+        if failure is not None and not mid_stream:
+            if delay:
+                time.sleep(delay)
+            self._error(failure.error_type, failure.status, failure.message)
+            return
+        assert answer is not None  # _resolve returns an answer unless it fails
+        if answer.latency + delay:
+            time.sleep(answer.latency + delay)
+
+        text = "".join(answer.pieces)
+        tools = [
+            {
+                "toolUseId": block.get("toolUseId") or self.owner._next_tool_use_id(),
+                "name": block["name"],
+                "input": block["input"],
+            }
+            for block in answer.tool_use
+        ]
+        input_tokens = (
+            answer.input_tokens if answer.input_tokens is not None else _count_input_tokens(body)
+        )
+        output_tokens = answer.output_tokens
+        if output_tokens is None:
+            tool_words = sum(_words(json.dumps(t["input"])) for t in tools)
+            output_tokens = max(1, _words(text) + tool_words)
+        usage = {
+            "inputTokens": input_tokens,
+            "outputTokens": output_tokens,
+            "totalTokens": input_tokens + output_tokens,
+        }
+        headers = {"x-amzn-RequestId": str(uuid.uuid4())}
+
+        if not streaming:
+            content: list[dict[str, Any]] = [{"text": text}] if text or not tools else []
+            content.extend({"toolUse": tool} for tool in tools)
+            latency_ms = int((time.perf_counter() - started) * 1000)
+            self._send_json(
+                200,
+                {
+                    "output": {"message": {"role": "assistant", "content": content}},
+                    "stopReason": answer.stop_reason,
+                    "usage": usage,
+                    "metrics": {"latencyMs": latency_ms},
+                },
+                headers,
+            )
+            return
+
+        self._start_chunked("application/vnd.amazon.eventstream", headers)
+        self._write_chunk(_event("messageStart", {"role": "assistant"}))
+        index = 0
+        if answer.pieces:
+            for i, piece in enumerate(answer.pieces):
+                if mid_stream and failure is not None and i >= (failure.after_pieces or 0):
+                    self._fail_mid_stream(failure)
+                    return
+                if i and answer.piece_delay:
+                    time.sleep(answer.piece_delay)
+                self._write_chunk(
+                    _event(
+                        "contentBlockDelta", {"contentBlockIndex": index, "delta": {"text": piece}}
+                    )
+                )
+            self._write_chunk(_event("contentBlockStop", {"contentBlockIndex": index}))
+            index += 1
+        if mid_stream and failure is not None:
+            self._fail_mid_stream(failure)
+            return
+        for tool in tools:
+            start = {"toolUseId": tool["toolUseId"], "name": tool["name"]}
+            self._write_chunk(
+                _event(
+                    "contentBlockStart", {"contentBlockIndex": index, "start": {"toolUse": start}}
+                )
+            )
+            self._write_chunk(
+                _event(
+                    "contentBlockDelta",
+                    {
+                        "contentBlockIndex": index,
+                        "delta": {"toolUse": {"input": json.dumps(tool["input"])}},
+                    },
+                )
+            )
+            self._write_chunk(_event("contentBlockStop", {"contentBlockIndex": index}))
+            index += 1
+        self._write_chunk(_event("messageStop", {"stopReason": answer.stop_reason}))
+        latency_ms = int((time.perf_counter() - started) * 1000)
+        self._write_chunk(
+            _event("metadata", {"usage": usage, "metrics": {"latencyMs": latency_ms}})
+        )
+        self._end_chunked()
+
+    def _fail_mid_stream(self, failure: _BedrockFailure) -> None:
+        self._write_chunk(_exception_event(_STREAM_EXCEPTIONS[failure.error_type], failure.message))
+        self._end_chunked()
+
+
+class FakeBedrockServer(_BackgroundServer):
+    """A scripted, thread-safe fake of bedrock-runtime's Converse / ConverseStream.
+
+    Args:
+        host: interface to bind (keep ``127.0.0.1``).
+        port: TCP port; ``0`` picks a free one (see :attr:`url`).
+        default_answer: reply for requests no answer rule matches; ``None`` makes them fail
+            with ``ResourceNotFoundException`` naming the unmatched text.
+
+    See the module docstring for an example. Build clients with explicit dummy credentials
+    (``aws_access_key_id="test", aws_secret_access_key="test"``) and ``region_name``.
+    """
+
+    _handler_class = _BedrockHandler
+    _thread_name = "fake-bedrock-server"
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        default_answer: str | None = "This is the scripted Bedrock answer.",
+    ) -> None:
+        super().__init__(host, port)
+        self._lock = threading.RLock()
+        self._initial_default = default_answer
+        self._book: _RuleBook[RecordedBedrockRequest] = _RuleBook()
+        self._default: _BedrockAnswer | None = None
+        self._log: list[RecordedBedrockRequest] = []
+        self._tool_use_counter = 0
+        self.default_calls = 0
+        """How many requests got the default answer."""
+        self.set_default(default_answer)
+
+    # ---- scripting -------------------------------------------------------------------------
+
+    def add_answer(
+        self,
+        match: BedrockMatcher,
+        text: str | Sequence[str] = "",
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        stop_reason: str | None = None,
+        latency: float = 0.0,
+        piece_delay: float = 0.0,
+        tool_use: Sequence[Mapping[str, Any]] | None = None,
+        model: str | None = None,
+        times: int | None = None,
+    ) -> ScriptedRule[RecordedBedrockRequest]:
+        """Answer matching requests.
+
+        Args:
+            match: substring of the last user text, regex, predicate on the
+                :class:`RecordedBedrockRequest`, or ``None`` (any request).
+            text: the reply text (streamed as word-ish pieces, see ``split_words``), or an
+                explicit list of stream pieces.
+            input_tokens / output_tokens: usage to report (default: word counts, at least 1).
+            stop_reason: default ``"tool_use"`` when ``tool_use`` is given, else ``"end_turn"``.
+            latency: seconds before the response starts (client read timeouts).
+            piece_delay: seconds between streamed text pieces.
+            tool_use: ``[{"name": ..., "input": {...}}]`` (optional ``"toolUseId"``), sent as
+                ``toolUse`` content blocks (contentBlockStart/Delta/Stop events in streams).
+            model: only match this (URL-decoded) model id.
+            times: stop matching after this many uses.
+
+        Returns:
+            The rule handle (``rule.calls`` counts matched requests).
+        """
+        predicate, description = _compile_matcher(match, _last_text)
+        _check_times(times)
+        payload = self._make_answer(
+            text, input_tokens, output_tokens, stop_reason, latency, piece_delay, tool_use
+        )
+        return self._add(ScriptedRule("answer", description, times, 0, model, predicate, payload))
+
+    def fail(
+        self,
+        match: BedrockMatcher,
+        error_type: str = "ThrottlingException",
+        *,
+        status: int | None = None,
+        message: str | None = None,
+        times: int | None = None,
+        after_pieces: int | None = None,
+        model: str | None = None,
+    ) -> ScriptedRule[RecordedBedrockRequest]:
+        """Make matching requests fail with ``error_type`` (botocore raises that exception).
+
+        Args:
+            error_type: e.g. ``"ThrottlingException"``, ``"ServiceUnavailableException"``,
+                ``"ValidationException"``, ``"AccessDeniedException"``,
+                ``"InternalServerException"``, ``"ModelErrorException"`` (see
+                :data:`BEDROCK_ERROR_STATUS`); any other name needs an explicit ``status``.
+            status: HTTP status (default from :data:`BEDROCK_ERROR_STATUS`).
+            message: the error message (default names the error type).
+            times: fire at most this many times (botocore retries count!).
+            after_pieces: for ``converse-stream`` only: stream this many text pieces, then send
+                an in-stream exception event (only the types ConverseStream models:
+                Throttling, ServiceUnavailable, Validation, InternalServer,
+                ModelStreamErrorException); botocore raises ``EventStreamError``.
+                Non-streaming requests fail normally.
+        """
+        predicate, description = _compile_matcher(match, _last_text)
+        _check_times(times)
+        if status is None:
+            if error_type not in BEDROCK_ERROR_STATUS and error_type != "ModelStreamErrorException":
+                raise ValueError(
+                    f"unknown error_type {error_type!r}: pass status= explicitly or use one of "
+                    f"{sorted(BEDROCK_ERROR_STATUS)}"
+                )
+            status = BEDROCK_ERROR_STATUS.get(error_type, 424)
+        if not isinstance(status, int) or not 400 <= status <= 599:
+            raise ValueError(f"status must be an HTTP error status (400-599), got {status!r}")
+        if after_pieces is not None:
+            if after_pieces < 0:
+                raise ValueError(f"after_pieces must be >= 0, got {after_pieces}")
+            if error_type not in _STREAM_EXCEPTIONS:
+                raise ValueError(
+                    f"{error_type} cannot be sent inside a ConverseStream; use one of "
+                    f"{sorted(_STREAM_EXCEPTIONS)}"
+                )
+        payload = _BedrockFailure(
+            error_type,
+            status,
+            message if message is not None else f"{error_type} (scripted by FakeBedrockServer)",
+            after_pieces,
+        )
+        return self._add(ScriptedRule("fail", description, times, 0, model, predicate, payload))
+
+    def delay(
+        self,
+        match: BedrockMatcher,
+        seconds: float,
+        *,
+        times: int | None = None,
+        model: str | None = None,
+    ) -> ScriptedRule[RecordedBedrockRequest]:
+        """Add ``seconds`` before the response to matching requests (also before failures)."""
+        predicate, description = _compile_matcher(match, _last_text)
+        _check_times(times)
+        payload = _check_seconds("seconds", seconds)
+        return self._add(ScriptedRule("delay", description, times, 0, model, predicate, payload))
+
+    def set_default(
+        self,
+        text: str | Sequence[str] | None,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        latency: float = 0.0,
+    ) -> None:
+        """Set the reply for unmatched requests (``None``: fail with ResourceNotFoundException)."""
+        default = (
+            None
+            if text is None
+            else self._make_answer(text, input_tokens, output_tokens, None, latency, 0.0, None)
+        )
+        with self._lock:
+            self._default = default
+
+    def reset(self) -> None:
+        """Drop all rules and recorded requests; restore the constructor's default answer."""
+        with self._lock:
+            self._book = _RuleBook()
+            self._log.clear()
+            self.default_calls = 0
+        self.set_default(self._initial_default)
+
+    # ---- inspection ------------------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[RecordedBedrockRequest]:
+        """Snapshot of received Converse / ConverseStream requests, oldest first."""
+        with self._lock:
+            return list(self._log)
+
+    def clear_requests(self) -> None:
+        """Forget recorded requests (rules and their counters are kept)."""
+        with self._lock:
+            self._log.clear()
+
+    @property
+    def rules(self) -> list[ScriptedRule[RecordedBedrockRequest]]:
+        """All rules, in the order added."""
+        with self._lock:
+            return list(self._book.rules)
+
+    # ---- internals -------------------------------------------------------------------------
+
+    @staticmethod
+    def _make_answer(
+        text: str | Sequence[str],
+        input_tokens: int | None,
+        output_tokens: int | None,
+        stop_reason: str | None,
+        latency: float,
+        piece_delay: float,
+        tool_use: Sequence[Mapping[str, Any]] | None,
+    ) -> _BedrockAnswer:
+        if isinstance(text, str):
+            pieces = tuple(split_words(text))
+        elif isinstance(text, Sequence) and all(isinstance(p, str) for p in text):
+            pieces = tuple(text)
+        else:
+            raise TypeError(f"text must be a str or a list of str pieces, got {text!r}")
+        for name, value in (("input_tokens", input_tokens), ("output_tokens", output_tokens)):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
+        tools = _normalise_tool_use(tool_use)
+        return _BedrockAnswer(
+            pieces=pieces,
+            tool_use=tools,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            stop_reason=stop_reason or ("tool_use" if tools else "end_turn"),
+            latency=_check_seconds("latency", latency),
+            piece_delay=_check_seconds("piece_delay", piece_delay),
+        )
+
+    def _add(
+        self, rule: ScriptedRule[RecordedBedrockRequest]
+    ) -> ScriptedRule[RecordedBedrockRequest]:
+        with self._lock:
+            self._book.rules.append(rule)
+        return rule
+
+    def _record(self, record: RecordedBedrockRequest) -> None:
+        with self._lock:
+            self._log.append(record)
+
+    def _next_tool_use_id(self) -> str:
+        with self._lock:
+            self._tool_use_counter += 1
+            return f"tooluse_{self._tool_use_counter:04d}"
+
+    def _resolve(
+        self, record: RecordedBedrockRequest
+    ) -> tuple[float, _BedrockFailure | None, _BedrockAnswer | None]:
+        """Pick ``(extra delay, failure, answer)`` for a request, counting rule calls."""
+        model_id = record["model_id"]
+        with self._lock:
+            delay_rule = self._book.first("delay", record, model_id)
+            delay: float = delay_rule.payload if delay_rule is not None else 0.0
+            failure_rule = self._book.first("fail", record, model_id)
+            failure: _BedrockFailure | None = failure_rule.payload if failure_rule else None
+            streaming = record["operation"] == "converse-stream"
+            if failure is not None and not (failure.after_pieces is not None and streaming):
+                # An immediate failure must not use up an answer rule's ``times`` budget.
+                return delay, failure, None
+            answer_rule = self._book.first("answer", record, model_id)
+            if answer_rule is not None:
+                return delay, failure, answer_rule.payload
+            self.default_calls += 1
+            if self._default is None:
+                missing = _BedrockFailure(
+                    "ResourceNotFoundException",
+                    404,
+                    "FakeBedrockServer: no answer rule matches the last user text "
+                    f"{record['last_user_text']!r} and there is no default answer",
+                    None,
+                )
+                return delay, missing, None
+            return delay, failure, self._default
+
+
+def _last_text(record: RecordedBedrockRequest) -> str:
+    return record["last_user_text"]

@@ -1,0 +1,102 @@
+"""Shared pytest fixtures. Each block is owned by one area; add new fixtures in a new block."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from confidence_router.testing import FakeBedrockServer, OllamaCompatibleServer, ScriptedBackend
+
+# =============================================================================================
+# BEGIN test-bed fixtures (confidence_router.testing): fake Ollama and Bedrock servers.
+#
+#   ollama_backend  - a fresh ScriptedBackend per test, already being served by ...
+#   ollama_server   - the session-wide OllamaCompatibleServer (request log cleared per test)
+#   bedrock_server  - the session-wide FakeBedrockServer (rules and request log reset per test)
+#   _offline_client_env (autouse) - dummy AWS credentials, no instance metadata, no proxies
+#
+# The servers start once per session (ephemeral ports on 127.0.0.1); per-test isolation comes
+# from swapping in a fresh backend / resetting the fake, not from restarting sockets.
+# =============================================================================================
+
+
+@pytest.fixture(autouse=True)
+def _offline_client_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make AWS and HTTP clients hermetic: dummy credentials, no IMDS, no profile, no proxy."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    # Otherwise botocore may spend seconds probing the EC2 metadata endpoint for credentials.
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    # Never read the developer's real ~/.aws files or profiles.
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/confidence-router-tests/config")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/confidence-router-tests/creds")
+    for name in (
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_SECURITY_TOKEN",
+        "AWS_BEARER_TOKEN_BEDROCK",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    # httpx and botocore honour proxy variables; the fake servers are on loopback.
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
+
+
+@pytest.fixture(scope="session")
+def _ollama_server_session() -> Iterator[OllamaCompatibleServer]:
+    with OllamaCompatibleServer(ScriptedBackend()) as server:
+        yield server
+
+
+@pytest.fixture
+def ollama_backend(_ollama_server_session: OllamaCompatibleServer) -> ScriptedBackend:
+    """A fresh :class:`ScriptedBackend` (model ``"scripted-local"``) behind ``ollama_server``.
+
+    Script it, then point ``ChatOllama(base_url=ollama_server.url, ...)`` at the server::
+
+        def test_x(ollama_backend, ollama_server):
+            ollama_backend.add_answer("France", " Paris", logprobs=-0.05)
+    """
+    backend = ScriptedBackend()
+    _ollama_server_session.backend = backend
+    _ollama_server_session.clear_requests()
+    return backend
+
+
+@pytest.fixture
+def ollama_server(
+    _ollama_server_session: OllamaCompatibleServer, ollama_backend: ScriptedBackend
+) -> OllamaCompatibleServer:
+    """The running Ollama-compatible server (``.url``, ``.requests``), serving ``ollama_backend``.
+
+    Assign ``ollama_server.backend = other_backend`` to serve something else for one test;
+    the next test gets a fresh ``ScriptedBackend`` again.
+    """
+    return _ollama_server_session
+
+
+@pytest.fixture(scope="session")
+def _bedrock_server_session() -> Iterator[FakeBedrockServer]:
+    with FakeBedrockServer() as server:
+        yield server
+
+
+@pytest.fixture
+def bedrock_server(_bedrock_server_session: FakeBedrockServer) -> FakeBedrockServer:
+    """The running :class:`FakeBedrockServer`, with rules and request log reset for this test.
+
+    Build clients with ``endpoint_url=bedrock_server.url, region_name="us-east-1",
+    aws_access_key_id="test", aws_secret_access_key="test"`` and, to avoid botocore's retry
+    backoff on scripted errors, ``max_retries=0`` (boto3: ``Config(retries={"total_max_attempts":
+    1})``; note ``{"max_attempts": 1}`` still allows one retry).
+    """
+    _bedrock_server_session.reset()
+    return _bedrock_server_session
+
+
+# =============================================================================================
+# END test-bed fixtures
+# =============================================================================================
