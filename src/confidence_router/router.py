@@ -31,9 +31,11 @@ from confidence_router.errors import CloudEscalationError, LocalModelError
 from confidence_router.extraction import message_token_logprobs
 from confidence_router.policy import (
     REASON_LOCAL_ERROR,
+    REASON_PRECHECK,
     Decision,
     RoutingPolicy,
     decide_after_generation,
+    decide_precheck,
 )
 from confidence_router.signals import UNKNOWN_EMPTY_ANSWER, compute_signals, unknown_signals
 
@@ -122,6 +124,7 @@ class _Trace:
         self.policy = policy
         self.has_cloud = has_cloud
         self.started = time.perf_counter()
+        self.local_error: BaseException | None = None
         self.record: dict[str, Any] = {
             "decision": "local",
             "reason": None,
@@ -156,6 +159,47 @@ class _Trace:
     def local_failed(self, error: BaseException) -> None:
         self.record["reason"] = REASON_LOCAL_ERROR
         self.record["local_error"] = f"{type(error).__name__}: {error}"
+        self.local_error = error
+
+    def after_local(self, message: BaseMessage | None) -> bool:
+        """Decide after local generation; True means escalate to the cloud."""
+        escalate = message is None or self.local_done(message).escalate
+        if escalate and self.escalation_blocked():
+            if message is None:
+                raise LocalModelError(_local_failure_text(self)) from self.local_error
+            return False
+        return escalate
+
+    def precheck_done(self, score: Any) -> bool:
+        """Record the probe's score; True means escalate without generating locally."""
+        p_yes = float(score.p_yes)
+        decision = decide_precheck(self.policy, p_yes)
+        self.record["precheck"] = {
+            "p_yes": p_yes,
+            "threshold": self.policy.precheck_threshold,
+            "escalate": decision.escalate,
+            "extraction_mode": getattr(score, "extraction_mode", None),
+            "had_retrieval": getattr(score, "had_retrieval", None),
+            "n_hits_used": getattr(score, "n_hits_used", None),
+            "prompt_version": getattr(score, "prompt_version", None),
+        }
+        if not decision.escalate or self.escalation_blocked():
+            return False
+        self.record["reason"] = REASON_PRECHECK
+        return True
+
+    def precheck_failed(self, error: BaseException) -> bool:
+        self.record["precheck"] = {"error": f"{type(error).__name__}: {error}"}
+        return False
+
+    def retry_locally_after(self, error: BaseException, local_message: BaseMessage | None) -> bool:
+        """After a cloud failure: generate locally now? Only when the pre-check skipped local
+        generation and the policy accepts a local answer (the request is never lost)."""
+        return (
+            local_message is None
+            and self.record["reason"] == REASON_PRECHECK
+            and self.policy.on_cloud_error == "local"
+        )
 
     def escalation_blocked(self) -> bool:
         """True when the decision says escalate but the query must stay local."""
@@ -217,6 +261,8 @@ def _json(value: Any) -> str:
 
 
 def _aggregate(chunks: Sequence[AIMessageChunk]) -> AIMessageChunk:
+    if not chunks:
+        return AIMessageChunk(content="")
     total = chunks[0]
     for chunk in chunks[1:]:
         total = total + chunk
@@ -277,6 +323,18 @@ class ConfidenceRoutedLLM(BaseChatModel):
 
     allow_escalation: bool = True
     """``False`` keeps every query local (e.g. for private data)."""
+
+    precheck: Runnable[Any, Any] | None = None
+    """Optional pre-generation stage, normally a
+    :class:`~confidence_router.probe.SelfAssessmentProbe` (GSA v3): when its P(YES) is below
+    ``precheck_threshold`` the query goes to the cloud without local generation."""
+
+    knowledge_store: Any = None
+    """A :class:`~confidence_router.knowledge.KnowledgeStore` for learning from escalations."""
+
+    learn_from_escalations: bool = False
+    """Opt-in: store each escalated question with the cloud's answer in ``knowledge_store``,
+    so later self-assessments can retrieve it."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -359,7 +417,78 @@ class ConfidenceRoutedLLM(BaseChatModel):
         rest = {k: v for k, v in kwargs.items() if k not in knobs}
         return self._base_policy().with_overrides(overrides), rest
 
+    # -- stages shared by the four entry points ------------------------------------------------
+
+    def _begin(
+        self,
+        kwargs: dict[str, Any],
+        run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None,
+    ) -> tuple[_Trace, dict[str, Any], ChildManager | None]:
+        policy, tier_kwargs = self._split_kwargs(kwargs)
+        return _Trace(policy, self.cloud is not None), tier_kwargs, _child_manager(run_manager)
+
+    def _precheck_input(self, messages: list[BaseMessage], trace: _Trace) -> str | None:
+        """The query for the pre-generation probe, or ``None`` when there is no probe."""
+        if self.precheck is None:
+            return None
+        return _last_user_text(messages) or None
+
+    def _learn(self, messages: list[BaseMessage], trace: _Trace, cloud_message: BaseMessage) -> None:
+        """Store the cloud answer to an escalated query as knowledge (opt-in)."""
+        if self.knowledge_store is None or not self.learn_from_escalations:
+            return
+        question, answer = _last_user_text(messages), cloud_message.text.strip()
+        if not question or not answer:
+            return
+        try:
+            self.knowledge_store.add(
+                question,
+                answer,
+                source="cloud_escalation",
+                provenance={
+                    "model": _model_name(self.cloud),
+                    "reason": trace.record["reason"],
+                    "confidence": trace.record["confidence"],
+                },
+            )
+            trace.record["learned"] = True
+        except Exception as error:  # noqa: BLE001 - never lose the answer over a storage error
+            trace.record["learned"] = False
+            trace.record["learn_error"] = f"{type(error).__name__}: {error}"
+
     # -- sync ---------------------------------------------------------------------------------
+
+    def _run_precheck(self, query: str | None, trace: _Trace, children: ChildManager | None) -> bool:
+        if query is None:
+            return False
+        started = time.perf_counter()
+        try:
+            score = self.precheck.invoke(  # type: ignore[union-attr]
+                query, _child_config(children, name="precheck", tag="route:precheck")
+            )
+        except Exception as error:  # noqa: BLE001 - a failed probe never blocks the query
+            trace.timed("precheck", started)
+            return trace.precheck_failed(error)
+        trace.timed("precheck", started)
+        return trace.precheck_done(score)
+
+    def _invoke_tier(
+        self,
+        tier: str,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        trace: _Trace,
+        children: ChildManager | None,
+        tier_kwargs: dict[str, Any],
+    ) -> BaseMessage:
+        model = self.local if tier == "local" else self.cloud
+        started = time.perf_counter()
+        try:
+            return model.invoke(  # type: ignore[union-attr]
+                messages, _child_config(children, **_TIER_RUNS[tier]), stop=stop, **tier_kwargs
+            )
+        finally:
+            trace.timed(tier, started)
 
     def _generate(
         self,
@@ -368,49 +497,47 @@ class ConfidenceRoutedLLM(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        policy, tier_kwargs = self._split_kwargs(kwargs)
-        trace = _Trace(policy, self.cloud is not None)
-        children = _child_manager(run_manager)
-        started = time.perf_counter()
+        trace, tier_kwargs, children = self._begin(kwargs, run_manager)
+        call = (messages, stop, trace, children, tier_kwargs)
         local_message: BaseMessage | None = None
-        try:
-            local_message = self.local.invoke(
-                messages,
-                _child_config(children, name="local", tag="route:local-attempt"),
-                stop=stop,
-                **tier_kwargs,
-            )
-        except Exception as error:  # noqa: BLE001 - any local failure escalates (reason recorded)
-            trace.local_failed(error)
-            local_error: Exception | None = error
-        else:
-            local_error = None
-        trace.timed("local", started)
-        escalate = local_error is not None or trace.local_done(local_message).escalate  # type: ignore[arg-type]
-        if escalate and trace.escalation_blocked():
-            if local_message is None:
-                raise LocalModelError(_local_failure_text(trace)) from local_error
-            escalate = False
-        if not escalate:
-            self._emit(children, trace)
-            return _result(local_message, trace)  # type: ignore[arg-type]
-
+        if not self._run_precheck(self._precheck_input(messages, trace), trace, children):
+            try:
+                local_message = self._invoke_tier("local", *call)
+            except Exception as error:  # noqa: BLE001 - any local failure escalates
+                trace.local_failed(error)
+            if not trace.after_local(local_message):
+                self._emit(children, trace)
+                return _result(local_message, trace)  # type: ignore[arg-type]
         trace.escalating(local_message)
         self._emit(children, trace)
+        try:
+            cloud_message = self._invoke_tier("cloud", *call)
+        except Exception as error:  # noqa: BLE001 - on_cloud_error decides
+            if trace.retry_locally_after(error, local_message):
+                local_message = self._invoke_tier("local", *call)
+            return _result(_cloud_failure(trace, error, local_message), trace)
+        trace.cloud_done(cloud_message)
+        self._learn(messages, trace, cloud_message)
+        return _result(cloud_message, trace)
+
+    def _stream_tier(
+        self,
+        tier: str,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        trace: _Trace,
+        children: ChildManager | None,
+        tier_kwargs: dict[str, Any],
+    ) -> Iterator[AIMessageChunk]:
+        model = self.local if tier == "local" else self.cloud
         started = time.perf_counter()
         try:
-            cloud_message = self.cloud.invoke(  # type: ignore[union-attr]
-                messages,
-                _child_config(children, name="cloud", tag="route:escalated"),
-                stop=stop,
-                **tier_kwargs,
-            )
-        except Exception as error:
-            trace.timed("cloud", started)
-            return _result(_cloud_failure(trace, error, local_message), trace)
-        trace.timed("cloud", started)
-        trace.cloud_done(cloud_message)
-        return _result(cloud_message, trace)
+            for chunk in model.stream(  # type: ignore[union-attr]
+                messages, _child_config(children, **_TIER_RUNS[tier]), stop=stop, **tier_kwargs
+            ):
+                yield _as_chunk(chunk)
+        finally:
+            trace.timed(tier, started)
 
     def _stream(
         self,
@@ -420,74 +547,78 @@ class ConfidenceRoutedLLM(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         # The local answer is buffered until the decision: output of two models is never mixed.
-        policy, tier_kwargs = self._split_kwargs(kwargs)
-        trace = _Trace(policy, self.cloud is not None)
-        children = _child_manager(run_manager)
-        started = time.perf_counter()
+        trace, tier_kwargs, children = self._begin(kwargs, run_manager)
+        call = (messages, stop, trace, children, tier_kwargs)
         buffered: list[AIMessageChunk] = []
-        local_error: Exception | None = None
-        try:
-            for chunk in self.local.stream(
-                messages,
-                _child_config(children, name="local", tag="route:local-attempt"),
-                stop=stop,
-                **tier_kwargs,
-            ):
-                buffered.append(_as_chunk(chunk))
-        except Exception as error:  # noqa: BLE001 - recorded, then escalated
-            trace.local_failed(error)
-            local_error = error
-        trace.timed("local", started)
-        local_message = _aggregate(buffered) if buffered and local_error is None else None
-        if local_error is None and local_message is None:
-            local_message = AIMessageChunk(content="")
-        escalate = local_message is None or trace.local_done(local_message).escalate
-        if escalate and trace.escalation_blocked():
-            if local_message is None:
-                raise LocalModelError(_local_failure_text(trace)) from local_error
-            escalate = False
-        if not escalate:
-            self._emit(children, trace)
-            yield from _replay(buffered)
-            yield _routing_chunk(trace)
-            return
-
+        local_message: BaseMessage | None = None
+        if not self._run_precheck(self._precheck_input(messages, trace), trace, children):
+            try:
+                buffered = list(self._stream_tier("local", *call))
+                local_message = _aggregate(buffered)
+            except Exception as error:  # noqa: BLE001 - any local failure escalates
+                trace.local_failed(error)
+            if not trace.after_local(local_message):
+                self._emit(children, trace)
+                yield from _replay(buffered)
+                yield _routing_chunk(trace)
+                return
         trace.escalating(local_message)
         self._emit(children, trace)
-        started = time.perf_counter()
         cloud_chunks: list[AIMessageChunk] = []
         try:
-            for chunk in self.cloud.stream(  # type: ignore[union-attr]
-                messages,
-                _child_config(children, name="cloud", tag="route:escalated"),
-                stop=stop,
-                **tier_kwargs,
-            ):
-                cloud_chunk = _as_chunk(chunk)
-                cloud_chunks.append(cloud_chunk)
-                yield ChatGenerationChunk(message=cloud_chunk)
-        except Exception as error:
-            trace.timed("cloud", started)
-            if cloud_chunks:
-                # Part of the cloud answer is already out: returning the local one now would mix
-                # two models' text, so this is always an error.
-                trace.cloud_failed(error)
-                raise CloudEscalationError(
-                    f"cloud stream failed after {len(cloud_chunks)} chunks: {error}",
-                    routing=trace.finish(),
-                    local_message=local_message,
-                ) from error
+            for chunk in self._stream_tier("cloud", *call):
+                cloud_chunks.append(chunk)
+                yield ChatGenerationChunk(message=chunk)
+        except Exception as error:  # noqa: BLE001 - on_cloud_error decides
+            _raise_if_partial(trace, error, cloud_chunks, local_message)
+            if trace.retry_locally_after(error, local_message):
+                buffered = list(self._stream_tier("local", *call))
+                local_message = _aggregate(buffered)
             # Returns only when the policy falls back to the (buffered) local answer.
             _cloud_failure(trace, error, local_message)
             yield from _replay(buffered)
             yield _routing_chunk(trace)
             return
-        trace.timed("cloud", started)
-        if cloud_chunks:
-            trace.cloud_done(_aggregate(cloud_chunks))
+        cloud_message = _aggregate(cloud_chunks)
+        trace.cloud_done(cloud_message)
+        self._learn(messages, trace, cloud_message)
         yield _routing_chunk(trace)
 
     # -- async --------------------------------------------------------------------------------
+
+    async def _arun_precheck(
+        self, query: str | None, trace: _Trace, children: ChildManager | None
+    ) -> bool:
+        if query is None:
+            return False
+        started = time.perf_counter()
+        try:
+            score = await self.precheck.ainvoke(  # type: ignore[union-attr]
+                query, _child_config(children, name="precheck", tag="route:precheck")
+            )
+        except Exception as error:  # noqa: BLE001 - a failed probe never blocks the query
+            trace.timed("precheck", started)
+            return trace.precheck_failed(error)
+        trace.timed("precheck", started)
+        return trace.precheck_done(score)
+
+    async def _ainvoke_tier(
+        self,
+        tier: str,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        trace: _Trace,
+        children: ChildManager | None,
+        tier_kwargs: dict[str, Any],
+    ) -> BaseMessage:
+        model = self.local if tier == "local" else self.cloud
+        started = time.perf_counter()
+        try:
+            return await model.ainvoke(  # type: ignore[union-attr]
+                messages, _child_config(children, **_TIER_RUNS[tier]), stop=stop, **tier_kwargs
+            )
+        finally:
+            trace.timed(tier, started)
 
     async def _agenerate(
         self,
@@ -496,48 +627,47 @@ class ConfidenceRoutedLLM(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        policy, tier_kwargs = self._split_kwargs(kwargs)
-        trace = _Trace(policy, self.cloud is not None)
-        children = _child_manager(run_manager)
-        started = time.perf_counter()
+        trace, tier_kwargs, children = self._begin(kwargs, run_manager)
+        call = (messages, stop, trace, children, tier_kwargs)
         local_message: BaseMessage | None = None
-        local_error: Exception | None = None
-        try:
-            local_message = await self.local.ainvoke(
-                messages,
-                _child_config(children, name="local", tag="route:local-attempt"),
-                stop=stop,
-                **tier_kwargs,
-            )
-        except Exception as error:  # noqa: BLE001 - recorded, then escalated
-            trace.local_failed(error)
-            local_error = error
-        trace.timed("local", started)
-        escalate = local_error is not None or trace.local_done(local_message).escalate  # type: ignore[arg-type]
-        if escalate and trace.escalation_blocked():
-            if local_message is None:
-                raise LocalModelError(_local_failure_text(trace)) from local_error
-            escalate = False
-        if not escalate:
-            await self._aemit(children, trace)
-            return _result(local_message, trace)  # type: ignore[arg-type]
-
+        if not await self._arun_precheck(self._precheck_input(messages, trace), trace, children):
+            try:
+                local_message = await self._ainvoke_tier("local", *call)
+            except Exception as error:  # noqa: BLE001 - any local failure escalates
+                trace.local_failed(error)
+            if not trace.after_local(local_message):
+                await self._aemit(children, trace)
+                return _result(local_message, trace)  # type: ignore[arg-type]
         trace.escalating(local_message)
         await self._aemit(children, trace)
+        try:
+            cloud_message = await self._ainvoke_tier("cloud", *call)
+        except Exception as error:  # noqa: BLE001 - on_cloud_error decides
+            if trace.retry_locally_after(error, local_message):
+                local_message = await self._ainvoke_tier("local", *call)
+            return _result(_cloud_failure(trace, error, local_message), trace)
+        trace.cloud_done(cloud_message)
+        await _to_thread_if_store(self, messages, trace, cloud_message)
+        return _result(cloud_message, trace)
+
+    async def _astream_tier(
+        self,
+        tier: str,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        trace: _Trace,
+        children: ChildManager | None,
+        tier_kwargs: dict[str, Any],
+    ) -> AsyncIterator[AIMessageChunk]:
+        model = self.local if tier == "local" else self.cloud
         started = time.perf_counter()
         try:
-            cloud_message = await self.cloud.ainvoke(  # type: ignore[union-attr]
-                messages,
-                _child_config(children, name="cloud", tag="route:escalated"),
-                stop=stop,
-                **tier_kwargs,
-            )
-        except Exception as error:
-            trace.timed("cloud", started)
-            return _result(_cloud_failure(trace, error, local_message), trace)
-        trace.timed("cloud", started)
-        trace.cloud_done(cloud_message)
-        return _result(cloud_message, trace)
+            async for chunk in model.astream(  # type: ignore[union-attr]
+                messages, _child_config(children, **_TIER_RUNS[tier]), stop=stop, **tier_kwargs
+            ):
+                yield _as_chunk(chunk)
+        finally:
+            trace.timed(tier, started)
 
     async def _astream(
         self,
@@ -546,70 +676,42 @@ class ConfidenceRoutedLLM(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        policy, tier_kwargs = self._split_kwargs(kwargs)
-        trace = _Trace(policy, self.cloud is not None)
-        children = _child_manager(run_manager)
-        started = time.perf_counter()
+        trace, tier_kwargs, children = self._begin(kwargs, run_manager)
+        call = (messages, stop, trace, children, tier_kwargs)
         buffered: list[AIMessageChunk] = []
-        local_error: Exception | None = None
-        try:
-            async for chunk in self.local.astream(
-                messages,
-                _child_config(children, name="local", tag="route:local-attempt"),
-                stop=stop,
-                **tier_kwargs,
-            ):
-                buffered.append(_as_chunk(chunk))
-        except Exception as error:  # noqa: BLE001 - recorded, then escalated
-            trace.local_failed(error)
-            local_error = error
-        trace.timed("local", started)
-        local_message = _aggregate(buffered) if buffered and local_error is None else None
-        if local_error is None and local_message is None:
-            local_message = AIMessageChunk(content="")
-        escalate = local_message is None or trace.local_done(local_message).escalate
-        if escalate and trace.escalation_blocked():
-            if local_message is None:
-                raise LocalModelError(_local_failure_text(trace)) from local_error
-            escalate = False
-        if not escalate:
-            await self._aemit(children, trace)
-            for generation in _replay(buffered):
-                yield generation
-            yield _routing_chunk(trace)
-            return
-
+        local_message: BaseMessage | None = None
+        if not await self._arun_precheck(self._precheck_input(messages, trace), trace, children):
+            try:
+                buffered = [chunk async for chunk in self._astream_tier("local", *call)]
+                local_message = _aggregate(buffered)
+            except Exception as error:  # noqa: BLE001 - any local failure escalates
+                trace.local_failed(error)
+            if not trace.after_local(local_message):
+                await self._aemit(children, trace)
+                for generation in _replay(buffered):
+                    yield generation
+                yield _routing_chunk(trace)
+                return
         trace.escalating(local_message)
         await self._aemit(children, trace)
-        started = time.perf_counter()
         cloud_chunks: list[AIMessageChunk] = []
         try:
-            async for chunk in self.cloud.astream(  # type: ignore[union-attr]
-                messages,
-                _child_config(children, name="cloud", tag="route:escalated"),
-                stop=stop,
-                **tier_kwargs,
-            ):
-                cloud_chunk = _as_chunk(chunk)
-                cloud_chunks.append(cloud_chunk)
-                yield ChatGenerationChunk(message=cloud_chunk)
-        except Exception as error:
-            trace.timed("cloud", started)
-            if cloud_chunks:
-                trace.cloud_failed(error)
-                raise CloudEscalationError(
-                    f"cloud stream failed after {len(cloud_chunks)} chunks: {error}",
-                    routing=trace.finish(),
-                    local_message=local_message,
-                ) from error
+            async for chunk in self._astream_tier("cloud", *call):
+                cloud_chunks.append(chunk)
+                yield ChatGenerationChunk(message=chunk)
+        except Exception as error:  # noqa: BLE001 - on_cloud_error decides
+            _raise_if_partial(trace, error, cloud_chunks, local_message)
+            if trace.retry_locally_after(error, local_message):
+                buffered = [chunk async for chunk in self._astream_tier("local", *call)]
+                local_message = _aggregate(buffered)
             _cloud_failure(trace, error, local_message)
             for generation in _replay(buffered):
                 yield generation
             yield _routing_chunk(trace)
             return
-        trace.timed("cloud", started)
-        if cloud_chunks:
-            trace.cloud_done(_aggregate(cloud_chunks))
+        cloud_message = _aggregate(cloud_chunks)
+        trace.cloud_done(cloud_message)
+        await _to_thread_if_store(self, messages, trace, cloud_message)
         yield _routing_chunk(trace)
 
     # -- tracing ------------------------------------------------------------------------------
@@ -742,3 +844,48 @@ def _replay(chunks: Sequence[AIMessageChunk]) -> Iterator[ChatGenerationChunk]:
     # BaseChatModel.stream() reports each chunk to the callbacks itself.
     for chunk in chunks:
         yield ChatGenerationChunk(message=chunk)
+
+
+#: Run name and tag of each tier's child run (what a trace viewer shows).
+_TIER_RUNS: dict[str, dict[str, str]] = {
+    "local": {"name": "local", "tag": "route:local-attempt"},
+    "cloud": {"name": "cloud", "tag": "route:escalated"},
+}
+
+
+def _last_user_text(messages: Sequence[BaseMessage]) -> str:
+    for message in reversed(messages):
+        if message.type == "human":
+            return message.text.strip()
+    return ""
+
+
+def _raise_if_partial(
+    trace: _Trace,
+    error: Exception,
+    cloud_chunks: Sequence[AIMessageChunk],
+    local_message: BaseMessage | None,
+) -> None:
+    """Part of the cloud answer is already out: falling back to the local one would mix two
+    models' text, so this is always an error."""
+    if not cloud_chunks:
+        return
+    trace.cloud_failed(error)
+    raise CloudEscalationError(
+        f"cloud stream failed after {len(cloud_chunks)} chunks: {error}",
+        routing=trace.finish(),
+        local_message=local_message,
+    ) from error
+
+
+async def _to_thread_if_store(
+    router: ConfidenceRoutedLLM,
+    messages: list[BaseMessage],
+    trace: _Trace,
+    cloud_message: BaseMessage,
+) -> None:
+    # Chroma's client is synchronous: keep it off the event loop.
+    if router.knowledge_store is not None and router.learn_from_escalations:
+        import asyncio
+
+        await asyncio.to_thread(router._learn, messages, trace, cloud_message)
