@@ -17,6 +17,9 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     "ConfidenceRoutedLLM": "confidence_router.router",
+    "ConfidenceRoutedLlamaIndexLLM": "confidence_router.llamaindex",
+    "KnowledgeStore": "confidence_router.knowledge",
+    "SelfAssessmentProbe": "confidence_router.probe",
     "RoutingPolicy": "confidence_router.policy",
     "RouterSettings": "confidence_router.settings",
     "Decision": "confidence_router.policy",
@@ -35,11 +38,14 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "CloudEscalationError",
     "ConfidenceRoutedLLM",
+    "ConfidenceRoutedLlamaIndexLLM",
     "ConfidenceRouterError",
     "Decision",
+    "KnowledgeStore",
     "LocalModelError",
     "LogprobSignals",
     "RouterSettings",
+    "SelfAssessmentProbe",
     "RoutingConfigError",
     "RoutingPolicy",
     "TokenLogprob",
@@ -59,6 +65,9 @@ if TYPE_CHECKING:
     )
     from confidence_router.extraction import TokenLogprob, token_logprobs
     from confidence_router.policy import Decision, RoutingPolicy
+    from confidence_router.knowledge import KnowledgeStore
+    from confidence_router.llamaindex import ConfidenceRoutedLlamaIndexLLM
+    from confidence_router.probe import SelfAssessmentProbe
     from confidence_router.router import ConfidenceRoutedLLM
     from confidence_router.settings import RouterSettings
     from confidence_router.signals import (
