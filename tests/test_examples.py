@@ -17,6 +17,10 @@ EXPECTED = {
     "routing_decision.py": ["decision:  local (confident)", "decision:  cloud (low_confidence)",
                             "local answer was: 'Jomo Kenyatta'"],
     "rag_chain.py": ["Neris and Nemunas"],
+    "llamaindex_query_engine.py": ["query: Neris and Nemunas", "stream: Neris and Nemunas",
+                                   "[routing: local (confident)]"],
+    "llamaindex_chat_engine.py": ["chat: Neris and Nemunas",
+                                  "direct: Daniel arap Moi [routing: cloud (low_confidence)]"],
 }
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))

@@ -58,6 +58,7 @@ from llama_index.core.base.llms.types import (
     ThinkingBlock,
     ToolCallBlock,
 )
+from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.llms import LLM
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from pydantic import Field, model_validator
@@ -509,3 +510,42 @@ def _local_option(router: ConfidenceRoutedLLM, name: str) -> int | None:
         model = model.bound
     value = getattr(model, name, None)
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+class LangChainEmbeddingAdapter(BaseEmbedding):
+    """Use any LangChain ``Embeddings`` (e.g. ``OllamaEmbeddings``) as a LlamaIndex embedding.
+
+    LlamaIndex's own Ollama embedding lives in a separate package; this thin adapter lets the
+    same embedding model serve the router's knowledge store and a LlamaIndex index.
+
+    Example:
+        .. code-block:: python
+
+            from langchain_ollama import OllamaEmbeddings
+            from llama_index.core import Settings
+
+            Settings.embed_model = LangChainEmbeddingAdapter(
+                embeddings=OllamaEmbeddings(model="nomic-embed-text")
+            )
+    """
+
+    embeddings: Any = Field(description="A LangChain Embeddings instance.")
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "LangChainEmbeddingAdapter"
+
+    def _get_query_embedding(self, query: str) -> list[float]:
+        return list(self.embeddings.embed_query(query))
+
+    async def _aget_query_embedding(self, query: str) -> list[float]:
+        return list(await self.embeddings.aembed_query(query))
+
+    def _get_text_embedding(self, text: str) -> list[float]:
+        return list(self.embeddings.embed_documents([text])[0])
+
+    def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
+        return [list(v) for v in self.embeddings.embed_documents(texts)]
+
+    async def _aget_text_embedding(self, text: str) -> list[float]:
+        return list((await self.embeddings.aembed_documents([text]))[0])
