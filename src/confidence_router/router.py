@@ -12,7 +12,7 @@ import contextvars
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from langchain_core.callbacks import (
     AsyncCallbackManager,
@@ -27,7 +27,10 @@ from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig, 
 from langchain_core.tools import BaseTool
 from pydantic import ConfigDict, Field, model_validator
 
-from confidence_router.errors import CloudEscalationError, LocalModelError
+if TYPE_CHECKING:
+    from confidence_router.settings import RouterSettings
+
+from confidence_router.errors import CloudEscalationError, LocalModelError, RoutingConfigError
 from confidence_router.extraction import message_token_logprobs
 from confidence_router.policy import (
     REASON_LOCAL_ERROR,
@@ -359,6 +362,39 @@ class ConfidenceRoutedLLM(BaseChatModel):
         from confidence_router.settings import RouterSettings
 
         return RouterSettings.load(path, environ).build(**overrides)
+
+    def to_settings(self) -> RouterSettings:
+        """This router's configuration as plain :class:`RouterSettings` (no credentials).
+
+        Round trip: ``ConfidenceRoutedLLM.from_settings(path)`` after
+        ``router.to_settings().save(path)``. Only ``ChatOllama`` local and
+        ``ChatBedrockConverse`` cloud tiers (the settings' own) can be expressed.
+        """
+        from confidence_router.settings import RouterSettings
+
+        local = self.local.bound if isinstance(self.local, RunnableBinding) else self.local
+        cloud = self.cloud.bound if isinstance(self.cloud, RunnableBinding) else self.cloud
+        if type(local).__name__ != "ChatOllama":
+            raise RoutingConfigError(
+                f"to_settings needs a ChatOllama local tier, not {type(local).__name__}"
+            )
+        values: dict[str, Any] = {
+            "local_model": local.model,
+            "ollama_host": local.base_url or "http://127.0.0.1:11434",
+            "cloud_model": None,
+            **self._base_policy().__dict__,
+        }
+        if cloud is not None:
+            if type(cloud).__name__ != "ChatBedrockConverse":
+                raise RoutingConfigError(
+                    f"to_settings needs a ChatBedrockConverse cloud tier, not {type(cloud).__name__}"
+                )
+            values.update(
+                cloud_model=cloud.model_id,
+                aws_region=cloud.region_name or "us-west-2",
+                bedrock_endpoint=cloud.endpoint_url,
+            )
+        return RouterSettings.from_mapping(values)
 
     # -- LangChain plumbing -------------------------------------------------------------------
 

@@ -73,6 +73,14 @@ class RouterSettings:
         names = RoutingPolicy.knob_names()
         return RoutingPolicy(**{k: v for k, v in asdict(self).items() if k in names})
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable values (no credentials are ever part of the settings)."""
+        return asdict(self)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the settings as JSON, readable by :meth:`from_file` / :meth:`load`."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RouterSettings:
         """Settings from a dict with the field names as keys (unknown keys are an error)."""
@@ -165,7 +173,7 @@ def _env_values(env: Mapping[str, str]) -> dict[str, str]:
 
 def _normalise_host(host: str) -> str:
     # Ollama accepts OLLAMA_HOST without a scheme ("0.0.0.0:11434"); the client needs a URL.
-    return host if host.startswith(("http://", "https://")) else f"http://{host}"
+    return host if "://" in host else f"http://{host}"
 
 
 def _load_toml(text: str) -> Any:
