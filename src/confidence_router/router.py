@@ -134,6 +134,7 @@ class _Trace:
             "confidence": None,
             "threshold": policy.threshold,
             "signal": policy.signal,
+            "policy": dict(policy.__dict__),
             "signals": None,
             "latency_s": {},
             "usage": {},

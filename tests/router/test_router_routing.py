@@ -412,3 +412,30 @@ async def test_astream_children_are_traced_under_the_router_run(router, scripted
     root, *children = recorder.starts
     assert [c["parent"] for c in children] == [root["run_id"]]
     assert recorder.events[0][1]["decision"] == "local"
+
+
+KNOB_VALUES = {
+    "threshold": 0.42,
+    "signal": "min_logprob",
+    "on_unknown": "local",
+    "on_cloud_error": "local",
+    "precheck_threshold": 0.33,
+    "allow_escalation": False,
+}
+
+
+def test_every_knob_is_configurable_in_lcel_and_per_invoke(router, scripted):
+    from confidence_router import RoutingPolicy
+
+    assert set(KNOB_VALUES) == set(RoutingPolicy.knob_names())
+    configurable = router.configurable_fields(
+        **{knob: ConfigurableField(id=knob) for knob in KNOB_VALUES}
+    )
+    chain = ChatPromptTemplate.from_messages([("human", "{q}")]) | configurable
+    for knob, value in KNOB_VALUES.items():
+        via_config = chain.with_config(configurable={knob: value}).invoke({"q": "capital of France"})
+        via_kwarg = router.invoke("capital of France", **{knob: value})
+        for message in (via_config, via_kwarg):
+            policy = message.response_metadata["routing"]["policy"]
+            assert policy[knob] == value
+            assert all(policy[k] == getattr(router, k) for k in KNOB_VALUES if k != knob)
