@@ -85,7 +85,8 @@ def local_backend(settings: RouterSettings, out: IO[str]) -> Iterator[RouterSett
         print(f"local: Ollama at {settings.ollama_host}, model {settings.local_model}", file=out)
         yield settings
         return
-    from confidence_router.embedded import EMBEDDED_MODEL_NAME, start_embedded_server
+    from confidence_router.embedded import DEFAULT_MODEL_NAME as EMBEDDED_MODEL_NAME
+    from confidence_router.embedded import start_embedded_server
 
     print(
         f"local: no Ollama serving {settings.local_model!r} at {settings.ollama_host}; "
