@@ -45,15 +45,15 @@ __all__ = [
     "LocalModelError",
     "LogprobSignals",
     "RouterSettings",
-    "SelfAssessmentProbe",
     "RoutingConfigError",
     "RoutingPolicy",
+    "SelfAssessmentProbe",
     "TokenLogprob",
+    "__version__",
     "compute_signals",
     "confidence_to_logprob",
     "logprob_to_confidence",
     "token_logprobs",
-    "__version__",
 ]
 
 if TYPE_CHECKING:
@@ -64,9 +64,9 @@ if TYPE_CHECKING:
         RoutingConfigError,
     )
     from confidence_router.extraction import TokenLogprob, token_logprobs
-    from confidence_router.policy import Decision, RoutingPolicy
     from confidence_router.knowledge import KnowledgeStore
     from confidence_router.llamaindex import ConfidenceRoutedLlamaIndexLLM
+    from confidence_router.policy import Decision, RoutingPolicy
     from confidence_router.probe import SelfAssessmentProbe
     from confidence_router.router import ConfidenceRoutedLLM
     from confidence_router.settings import RouterSettings

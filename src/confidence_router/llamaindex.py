@@ -43,6 +43,7 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.messages.ai import add_ai_message_chunks
+from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.base.llms.types import (
     CachePoint,
     ChatMessage,
@@ -58,13 +59,13 @@ from llama_index.core.base.llms.types import (
     ThinkingBlock,
     ToolCallBlock,
 )
-from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.llms import LLM
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from pydantic import Field, model_validator
 
+from confidence_router._tiers import model_name as _model_name
 from confidence_router.policy import RoutingPolicy
-from confidence_router.router import ConfidenceRoutedLLM, _model_name
+from confidence_router.router import ConfidenceRoutedLLM
 
 __all__ = [
     "DEFAULT_CONTEXT_WINDOW",

@@ -29,6 +29,7 @@ REASON_PRECHECK = "precheck"
 
 ON_UNKNOWN_CHOICES = ("escalate", "local")
 ON_CLOUD_ERROR_CHOICES = ("raise", "local")
+ON_BUDGET_EXCEEDED_CHOICES = ("local", "raise")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class RoutingPolicy:
             ``local`` answer flagged with ``reason="cloud_error"``.
         precheck_threshold: with a pre-generation probe, escalate at once iff P(YES) < this.
         allow_escalation: ``False`` keeps every query local (e.g. private data).
+        on_budget_exceeded: when the cloud budget cannot cover an escalation: serve the
+            ``local`` answer flagged (default, ``reason="budget_exceeded"``) or ``raise``
+            :class:`~confidence_router.errors.BudgetExceededError`.
     """
 
     threshold: float = 0.7
@@ -55,6 +59,7 @@ class RoutingPolicy:
     on_cloud_error: str = "raise"
     precheck_threshold: float = 0.5
     allow_escalation: bool = True
+    on_budget_exceeded: str = "local"
 
     def __post_init__(self) -> None:
         for name in ("threshold", "precheck_threshold"):
@@ -74,6 +79,11 @@ class RoutingPolicy:
         if self.on_cloud_error not in ON_CLOUD_ERROR_CHOICES:
             raise RoutingConfigError(
                 f"on_cloud_error must be one of {ON_CLOUD_ERROR_CHOICES}, got {self.on_cloud_error!r}"
+            )
+        if self.on_budget_exceeded not in ON_BUDGET_EXCEEDED_CHOICES:
+            raise RoutingConfigError(
+                f"on_budget_exceeded must be one of {ON_BUDGET_EXCEEDED_CHOICES}, "
+                f"got {self.on_budget_exceeded!r}"
             )
         if not isinstance(self.allow_escalation, bool):
             raise RoutingConfigError(

@@ -1,14 +1,15 @@
 """``ConfidenceRoutedLLM``: a LangChain chat model that answers locally and escalates to the cloud
 when the local answer's zero-shot confidence is below a threshold.
 
-This is the LangChain layer. The decision itself lives in :mod:`confidence_router.policy` and the
-signals in :mod:`confidence_router.signals`; this module only calls the two tiers, times them,
-and records the decision in ``response_metadata["routing"]``.
+This is the LangChain layer. The decision itself lives in :mod:`confidence_router.policy`, the
+signals in :mod:`confidence_router.signals`, the per-call record in ``_record`` and the tier
+plumbing (tracing, timeouts) in ``_tiers``; this module strings the stages together for the
+four entry points (invoke, ainvoke, stream, astream).
 """
 
 from __future__ import annotations
 
-import contextvars
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -23,254 +24,30 @@ from langchain_core.callbacks import (
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig, ensure_config
+from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from langchain_core.tools import BaseTool
 from pydantic import ConfigDict, Field, model_validator
 
-if TYPE_CHECKING:
-    from confidence_router.settings import RouterSettings
+from confidence_router import _tiers
+from confidence_router._record import RoutingTrace
+from confidence_router._tiers import STREAM_CHILDREN, ChildManager, model_name
+from confidence_router.errors import RoutingConfigError
+from confidence_router.policy import RoutingPolicy
+from confidence_router.retry import RetryPolicy
 
-from confidence_router.errors import CloudEscalationError, LocalModelError, RoutingConfigError
-from confidence_router.extraction import message_token_logprobs
-from confidence_router.policy import (
-    REASON_LOCAL_ERROR,
-    REASON_PRECHECK,
-    Decision,
-    RoutingPolicy,
-    decide_after_generation,
-    decide_precheck,
-)
-from confidence_router.signals import UNKNOWN_EMPTY_ANSWER, compute_signals, unknown_signals
+if TYPE_CHECKING:
+    from confidence_router.costs import PriceTable
+    from confidence_router.settings import RouterSettings
 
 ChatRunnable = Runnable[LanguageModelInput, BaseMessage]
 
-#: Reason recorded when the cloud failed and the local answer was returned (flagged).
-REASON_CLOUD_ERROR = "cloud_error"
+#: Guard signature: return a reason (str) to keep the query local, or None to allow escalation.
+EscalationGuard = Callable[[Sequence[BaseMessage]], "str | None"]
 
 
-def _with_logprobs(model: Any) -> Any:
-    """Return ``model`` set up to report per-token logprobs.
-
-    ``ChatOllama`` and ``ChatOpenAI`` both expose a ``logprobs`` field; when it is unset we take
-    a cheap copy with it switched on (``model_copy`` shares the HTTP clients). A ``bind()`` /
-    ``bind_tools()`` wrapper is unwrapped and rewrapped. Other models are returned unchanged:
-    their confidence is then unknown, and the ``on_unknown`` policy applies.
-    """
-    if isinstance(model, RunnableBinding):
-        inner = _with_logprobs(model.bound)
-        return model if inner is model.bound else model.model_copy(update={"bound": inner})
-    model_fields = getattr(type(model), "model_fields", {})
-    if "logprobs" in model_fields and not getattr(model, "logprobs", None):
-        return model.model_copy(update={"logprobs": True})
-    return model
-
-
-def _usage(message: BaseMessage | None) -> dict[str, Any] | None:
-    usage = getattr(message, "usage_metadata", None)
-    return dict(usage) if usage else None
-
-
-ChildManager = CallbackManager | AsyncCallbackManager
-
-# The stream path of BaseChatModel (langchain-core 1.x) does not pass ``run_manager`` to
-# ``_stream``; ``stream()``/``astream()`` below put the child-run manager here instead.
-_STREAM_CHILDREN: contextvars.ContextVar[ChildManager | None] = contextvars.ContextVar(
-    "confidence_router_stream_children", default=None
-)
-
-
-def _child_manager(
-    run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None,
-) -> ChildManager | None:
-    """A callback manager whose runs are children of the router's run (for tracing).
-
-    ``CallbackManagerForLLMRun`` has no ``get_child()``; we build the child manager by hand from
-    the run's inheritable handlers, tags and metadata.
-    """
-    if run_manager is None:
-        return _STREAM_CHILDREN.get()
-    manager_cls = (
-        AsyncCallbackManager
-        if isinstance(run_manager, AsyncCallbackManagerForLLMRun)
-        else CallbackManager
-    )
-    manager = manager_cls(handlers=[], parent_run_id=run_manager.run_id)
-    manager.set_handlers(list(run_manager.inheritable_handlers), inherit=True)
-    manager.add_tags(list(run_manager.inheritable_tags), inherit=True)
-    manager.add_metadata(dict(run_manager.inheritable_metadata), inherit=True)
-    return manager
-
-
-def _stream_children(
-    config: RunnableConfig, run_id: uuid.UUID, manager_cls: type[ChildManager]
-) -> ChildManager:
-    """The child-run manager for a streamed call whose run id is fixed in advance."""
-    manager = manager_cls.configure(
-        config.get("callbacks"), None, False, config.get("tags"), None, config.get("metadata")
-    )
-    manager.parent_run_id = run_id
-    return manager
-
-
-def _child_config(children: ChildManager | None, *, name: str, tag: str) -> RunnableConfig:
-    """Config for one tier's call: a named, tagged child run of the router's run."""
-    config: RunnableConfig = {"run_name": name, "tags": [tag]}
-    if children is not None:
-        config["callbacks"] = children
-    return config
-
-
-class _Trace:
-    """Accumulates the routing record of one call (what ends up in ``routing`` metadata)."""
-
-    def __init__(self, policy: RoutingPolicy, has_cloud: bool) -> None:
-        self.policy = policy
-        self.has_cloud = has_cloud
-        self.started = time.perf_counter()
-        self.local_error: BaseException | None = None
-        self.record: dict[str, Any] = {
-            "decision": "local",
-            "reason": None,
-            "confidence": None,
-            "threshold": policy.threshold,
-            "signal": policy.signal,
-            "policy": dict(policy.__dict__),
-            "signals": None,
-            "latency_s": {},
-            "usage": {},
-            "escalated": False,
-            "would_escalate": False,
-            "flagged": False,
-        }
-
-    def timed(self, stage: str, started: float) -> None:
-        self.record["latency_s"][stage] = time.perf_counter() - started
-
-    def local_done(self, message: BaseMessage) -> Decision:
-        tokens = message_token_logprobs(message)
-        if tokens == [] and not message.text.strip():
-            # An empty answer has no tokens to score; say so rather than "no logprobs".
-            signals = unknown_signals(UNKNOWN_EMPTY_ANSWER)
-        else:
-            signals = compute_signals(None if tokens is None else [t.logprob for t in tokens])
-        decision = decide_after_generation(self.policy, signals)
-        self.record["signals"] = signals.as_dict()
-        self.record["confidence"] = decision.score
-        self.record["reason"] = decision.reason
-        self.record["usage"]["local"] = _usage(message)
-        return decision
-
-    def local_failed(self, error: BaseException) -> None:
-        self.record["reason"] = REASON_LOCAL_ERROR
-        self.record["local_error"] = f"{type(error).__name__}: {error}"
-        self.local_error = error
-
-    def after_local(self, message: BaseMessage | None) -> bool:
-        """Decide after local generation; True means escalate to the cloud."""
-        escalate = message is None or self.local_done(message).escalate
-        if escalate and self.escalation_blocked():
-            if message is None:
-                raise LocalModelError(_local_failure_text(self)) from self.local_error
-            return False
-        return escalate
-
-    def precheck_done(self, score: Any) -> bool:
-        """Record the probe's score; True means escalate without generating locally."""
-        p_yes = float(score.p_yes)
-        decision = decide_precheck(self.policy, p_yes)
-        self.record["precheck"] = {
-            "p_yes": p_yes,
-            "threshold": self.policy.precheck_threshold,
-            "escalate": decision.escalate,
-            "extraction_mode": getattr(score, "extraction_mode", None),
-            "had_retrieval": getattr(score, "had_retrieval", None),
-            "n_hits_used": getattr(score, "n_hits_used", None),
-            "prompt_version": getattr(score, "prompt_version", None),
-        }
-        if not decision.escalate or self.escalation_blocked():
-            return False
-        self.record["reason"] = REASON_PRECHECK
-        return True
-
-    def precheck_failed(self, error: BaseException) -> bool:
-        self.record["precheck"] = {"error": f"{type(error).__name__}: {error}"}
-        return False
-
-    def retry_locally_after(self, error: BaseException, local_message: BaseMessage | None) -> bool:
-        """After a cloud failure: generate locally now? Only when the pre-check skipped local
-        generation and the policy accepts a local answer (the request is never lost)."""
-        return (
-            local_message is None
-            and self.record["reason"] == REASON_PRECHECK
-            and self.policy.on_cloud_error == "local"
-        )
-
-    def escalation_blocked(self) -> bool:
-        """True when the decision says escalate but the query must stay local."""
-        self.record["would_escalate"] = True
-        if self.policy.allow_escalation and self.has_cloud:
-            return False
-        self.record["flagged"] = True
-        self.record["escalation_skipped"] = (
-            "allow_escalation=False" if not self.policy.allow_escalation else "no cloud configured"
-        )
-        return True
-
-    def escalating(self, local_message: BaseMessage | None) -> None:
-        self.record["decision"] = "cloud"
-        self.record["escalated"] = True
-        if local_message is not None:
-            self.record["local_answer"] = local_message.text
-
-    def cloud_done(self, message: BaseMessage) -> None:
-        self.record["usage"]["cloud"] = _usage(message)
-
-    def cloud_failed(self, error: BaseException) -> None:
-        self.record["cloud_error"] = f"{type(error).__name__}: {error}"
-
-    def finish(self) -> dict[str, Any]:
-        self.record["latency_s"]["total"] = time.perf_counter() - self.started
-        return self.record
-
-
-def _attach(message: BaseMessage, routing: dict[str, Any]) -> AIMessage:
-    """The chosen tier's message with the routing record added to its response metadata."""
-    metadata = {**message.response_metadata, "routing": routing}
-    if isinstance(message, AIMessage):
-        return message.model_copy(update={"response_metadata": metadata})
-    return AIMessage(content=message.content, response_metadata=metadata)
-
-
-def _as_chunk(message: BaseMessage) -> AIMessageChunk:
-    if isinstance(message, AIMessageChunk):
-        return message
-    if isinstance(message, AIMessage):
-        return AIMessageChunk(
-            content=message.content,
-            id=message.id,
-            response_metadata=message.response_metadata,
-            usage_metadata=message.usage_metadata,
-            tool_call_chunks=[
-                {"name": tc["name"], "args": _json(tc["args"]), "id": tc["id"], "index": i}
-                for i, tc in enumerate(message.tool_calls)
-            ],
-        )
-    return AIMessageChunk(content=message.content)
-
-
-def _json(value: Any) -> str:
-    import json
-
-    return json.dumps(value)
-
-
-def _aggregate(chunks: Sequence[AIMessageChunk]) -> AIMessageChunk:
-    if not chunks:
-        return AIMessageChunk(content="")
-    total = chunks[0]
-    for chunk in chunks[1:]:
-        total = total + chunk
-    return total
+def _default_cloud_retry() -> RetryPolicy:
+    # Throttling and transient errors only (never validation or access errors); see retry.py.
+    return RetryPolicy(max_attempts=3, base_delay=0.5, max_delay=4.0)
 
 
 class ConfidenceRoutedLLM(BaseChatModel):
@@ -299,8 +76,8 @@ class ConfidenceRoutedLLM(BaseChatModel):
             router.invoke("...", threshold=0.9)  # per-call override
 
     Per call, any policy knob (``threshold``, ``signal``, ``on_unknown``, ``on_cloud_error``,
-    ``precheck_threshold``, ``allow_escalation``) can be passed as an invoke/bind kwarg, or made
-    configurable with ``configurable_fields``.
+    ``precheck_threshold``, ``allow_escalation``, ``on_budget_exceeded``) can be passed as an
+    invoke/bind kwarg, or made configurable with ``configurable_fields``.
     """
 
     local: ChatRunnable
@@ -328,6 +105,10 @@ class ConfidenceRoutedLLM(BaseChatModel):
     allow_escalation: bool = True
     """``False`` keeps every query local (e.g. for private data)."""
 
+    on_budget_exceeded: str = "local"
+    """When ``budget`` cannot cover an escalation: serve the ``local`` answer flagged, or
+    ``raise`` BudgetExceededError."""
+
     precheck: Runnable[Any, Any] | None = None
     """Optional pre-generation stage, normally a
     :class:`~confidence_router.probe.SelfAssessmentProbe` (GSA v3): when its P(YES) is below
@@ -340,13 +121,63 @@ class ConfidenceRoutedLLM(BaseChatModel):
     """Opt-in: store each escalated question with the cloud's answer in ``knowledge_store``,
     so later self-assessments can retrieve it."""
 
+    escalation_guard: EscalationGuard | None = None
+    """Called with the messages before any escalation; a returned reason keeps the query
+    local (e.g. :class:`~confidence_router.guards.PIIGuard`). A guard that raises keeps it
+    local too (fails closed)."""
+
+    calibrator: Any = None
+    """A :class:`~confidence_router.calibration.RollingQuantileThreshold`: the threshold then
+    follows a rolling quantile of recent confidences so the cloud-call rate tracks a target
+    (a per-call ``threshold`` still wins)."""
+
+    prices: Any = None
+    """A :class:`~confidence_router.costs.PriceTable` (default: the built-in Bedrock prices)."""
+
+    stats: Any = None
+    """A :class:`~confidence_router.stats.RoutingStats` (or any ``StatsSink``) fed every record."""
+
+    budget: Any = None
+    """A :class:`~confidence_router.budget.CloudBudget`: maximum cloud spend per time window."""
+
+    cloud_retry: RetryPolicy | None = Field(default_factory=_default_cloud_retry)
+    """Retries of the cloud call on throttling, transient errors and timeouts, with backoff
+    (``None``: no retries). Permanent errors (validation, access denied) are never retried."""
+
+    local_timeout: float | None = Field(default=None, gt=0)
+    """Seconds for the local answer (streams: per chunk); on timeout the query escalates."""
+
+    cloud_timeout: float | None = Field(default=None, gt=0)
+    """Seconds per cloud attempt (streams: per chunk)."""
+
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     @model_validator(mode="after")
     def _setup(self) -> ConfidenceRoutedLLM:
         self._base_policy()  # validate the knobs once, at construction
-        object.__setattr__(self, "local", _with_logprobs(self.local))
+        object.__setattr__(self, "local", _tiers.with_logprobs(self.local))
+        if self.learn_from_escalations and self.knowledge_store is None:
+            raise ValueError("learn_from_escalations=True needs a knowledge_store")
+        if (
+            self.budget is not None
+            and self.cloud is not None
+            and self.price_table().price_for(model_name(self.cloud)) is None
+        ):
+            raise ValueError(
+                f"a budget needs a price for the cloud model {model_name(self.cloud)!r}: "
+                "add it with prices=PriceTable({...})"
+            )
         return self
+
+    def price_table(self) -> PriceTable:
+        """The price table in use (``prices`` or the built-in one)."""
+        if self.prices is not None:
+            return self.prices
+        from confidence_router.costs import PriceTable
+
+        return PriceTable()
+
+    # -- construction from plain settings -----------------------------------------------------
 
     @classmethod
     def from_settings(
@@ -373,8 +204,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
         """
         from confidence_router.settings import RouterSettings
 
-        local = self.local.bound if isinstance(self.local, RunnableBinding) else self.local
-        cloud = self.cloud.bound if isinstance(self.cloud, RunnableBinding) else self.cloud
+        local, cloud = _tiers.unwrap(self.local), _tiers.unwrap(self.cloud)
         if type(local).__name__ != "ChatOllama":
             raise RoutingConfigError(
                 f"to_settings needs a ChatOllama local tier, not {type(local).__name__}"
@@ -406,15 +236,15 @@ class ConfidenceRoutedLLM(BaseChatModel):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return {
-            "local": _model_name(self.local),
-            "cloud": _model_name(self.cloud) if self.cloud is not None else None,
+            "local": model_name(self.local),
+            "cloud": model_name(self.cloud) if self.cloud is not None else None,
             **self._base_policy().__dict__,
         }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = "confidence-router"
-        params["ls_model_name"] = kwargs.get("model") or _model_name(self.local)
+        params["ls_model_name"] = kwargs.get("model") or model_name(self.local)
         return params
 
     def bind_tools(
@@ -429,52 +259,41 @@ class ConfidenceRoutedLLM(BaseChatModel):
         Example: ``router.bind_tools([get_weather]).invoke("Weather in Paris?").tool_calls``
         """
         tier_kwargs: dict[str, Any] = {} if tool_choice is None else {"tool_choice": tool_choice}
-        update: dict[str, Any] = {"local": _bind_tools(self.local, tools, tier_kwargs)}
+        update: dict[str, Any] = {"local": _tiers.bind_tools(self.local, tools, tier_kwargs)}
         if self.cloud is not None:
-            update["cloud"] = _bind_tools(self.cloud, tools, tier_kwargs)
+            update["cloud"] = _tiers.bind_tools(self.cloud, tools, tier_kwargs)
         # Always a RunnableBinding, as LangChain's bind_tools contract expects.
         return self.model_copy(update=update).bind(**kwargs)
 
     # -- policy -------------------------------------------------------------------------------
 
     def _base_policy(self) -> RoutingPolicy:
-        return RoutingPolicy(
-            threshold=self.threshold,
-            signal=self.signal,
-            on_unknown=self.on_unknown,
-            on_cloud_error=self.on_cloud_error,
-            precheck_threshold=self.precheck_threshold,
-            allow_escalation=self.allow_escalation,
-        )
-
-    def _split_kwargs(self, kwargs: dict[str, Any]) -> tuple[RoutingPolicy, dict[str, Any]]:
-        """Pop the router's own knobs from call kwargs; the rest goes to both tiers."""
-        knobs = RoutingPolicy.knob_names()
-        overrides = {k: kwargs[k] for k in knobs if k in kwargs}
-        rest = {k: v for k, v in kwargs.items() if k not in knobs}
-        return self._base_policy().with_overrides(overrides), rest
-
-    # -- stages shared by the four entry points ------------------------------------------------
+        return RoutingPolicy(**{knob: getattr(self, knob) for knob in RoutingPolicy.knob_names()})
 
     def _begin(
         self,
+        messages: list[BaseMessage],
         kwargs: dict[str, Any],
         run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None,
-    ) -> tuple[_Trace, dict[str, Any], ChildManager | None]:
-        policy, tier_kwargs = self._split_kwargs(kwargs)
-        return _Trace(policy, self.cloud is not None), tier_kwargs, _child_manager(run_manager)
+    ) -> tuple[RoutingTrace, dict[str, Any], ChildManager | None]:
+        """Split the router's knobs from the tier kwargs and open the call's record."""
+        knobs = RoutingPolicy.knob_names()
+        overrides = {k: kwargs[k] for k in knobs if k in kwargs}
+        tier_kwargs = {k: v for k, v in kwargs.items() if k not in knobs}
+        if self.calibrator is not None and "threshold" not in overrides:
+            overrides["threshold"] = self.calibrator.threshold
+        policy = self._base_policy().with_overrides(overrides)
+        trace = RoutingTrace(policy, self, messages)
+        return trace, tier_kwargs, _tiers.child_manager(run_manager)
 
-    def _precheck_input(self, messages: list[BaseMessage], trace: _Trace) -> str | None:
-        """The query for the pre-generation probe, or ``None`` when there is no probe."""
-        if self.precheck is None:
-            return None
-        return _last_user_text(messages) or None
+    def _precheck_query(self, trace: RoutingTrace) -> str | None:
+        return (trace.question() or None) if self.precheck is not None else None
 
-    def _learn(self, messages: list[BaseMessage], trace: _Trace, cloud_message: BaseMessage) -> None:
+    def _learn(self, trace: RoutingTrace, cloud_message: BaseMessage) -> None:
         """Store the cloud answer to an escalated query as knowledge (opt-in)."""
         if self.knowledge_store is None or not self.learn_from_escalations:
             return
-        question, answer = _last_user_text(messages), cloud_message.text.strip()
+        question, answer = trace.question(), cloud_message.text.strip()
         if not question or not answer:
             return
         try:
@@ -483,7 +302,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
                 answer,
                 source="cloud_escalation",
                 provenance={
-                    "model": _model_name(self.cloud),
+                    "model": model_name(self.cloud),
                     "reason": trace.record["reason"],
                     "confidence": trace.record["confidence"],
                 },
@@ -493,39 +312,76 @@ class ConfidenceRoutedLLM(BaseChatModel):
             trace.record["learned"] = False
             trace.record["learn_error"] = f"{type(error).__name__}: {error}"
 
-    # -- sync ---------------------------------------------------------------------------------
+    # -- sync stages ----------------------------------------------------------------------------
 
-    def _run_precheck(self, query: str | None, trace: _Trace, children: ChildManager | None) -> bool:
+    def _run_precheck(self, trace: RoutingTrace, children: ChildManager | None) -> bool:
+        query = self._precheck_query(trace)
         if query is None:
             return False
         started = time.perf_counter()
         try:
-            score = self.precheck.invoke(  # type: ignore[union-attr]
-                query, _child_config(children, name="precheck", tag="route:precheck")
-            )
+            score = self.precheck.invoke(query, _tiers.child_config(children, "precheck"))  # type: ignore[union-attr]
         except Exception as error:  # noqa: BLE001 - a failed probe never blocks the query
-            trace.timed("precheck", started)
             return trace.precheck_failed(error)
-        trace.timed("precheck", started)
+        finally:
+            trace.timed("precheck", started)
         return trace.precheck_done(score)
 
-    def _invoke_tier(
-        self,
-        tier: str,
-        messages: list[BaseMessage],
-        stop: list[str] | None,
-        trace: _Trace,
-        children: ChildManager | None,
-        tier_kwargs: dict[str, Any],
-    ) -> BaseMessage:
-        model = self.local if tier == "local" else self.cloud
+    def _invoke_tier(self, tier: str, call: _Call) -> BaseMessage:
+        model, timeout = (
+            (self.local, self.local_timeout)
+            if tier == "local"
+            else (self.cloud, self.cloud_timeout)
+        )
+        config = _tiers.child_config(call.children, tier)
+
+        def attempt() -> BaseMessage:
+            return _tiers.call_with_timeout(
+                lambda: model.invoke(call.messages, config, stop=call.stop, **call.kwargs),  # type: ignore[union-attr]
+                timeout,
+                tier,
+            )
+
         started = time.perf_counter()
         try:
-            return model.invoke(  # type: ignore[union-attr]
-                messages, _child_config(children, **_TIER_RUNS[tier]), stop=stop, **tier_kwargs
-            )
+            if tier == "cloud" and self.cloud_retry is not None:
+                return self.cloud_retry.call(attempt)
+            return attempt()
         finally:
-            trace.timed(tier, started)
+            call.trace.timed(tier, started)
+
+    def _stream_tier(self, tier: str, call: _Call) -> Iterator[AIMessageChunk]:
+        model, timeout = (
+            (self.local, self.local_timeout)
+            if tier == "local"
+            else (self.cloud, self.cloud_timeout)
+        )
+        config = _tiers.child_config(call.children, tier)
+
+        def open_stream() -> tuple[Iterator[Any], Any]:
+            chunks = _tiers.iterate_with_timeout(
+                iter(model.stream(call.messages, config, stop=call.stop, **call.kwargs)),  # type: ignore[union-attr]
+                timeout,
+                tier,
+            )
+            return chunks, next(chunks, None)
+
+        started = time.perf_counter()
+        try:
+            # Retries happen only before the first chunk: nothing has been emitted yet.
+            if tier == "cloud" and self.cloud_retry is not None:
+                chunks, first = self.cloud_retry.call(open_stream)
+            else:
+                chunks, first = open_stream()
+            if first is None:
+                return
+            yield _tiers.as_chunk(first)
+            for chunk in chunks:
+                yield _tiers.as_chunk(chunk)
+        finally:
+            call.trace.timed(tier, started)
+
+    # -- sync entry points --------------------------------------------------------------------
 
     def _generate(
         self,
@@ -534,47 +390,33 @@ class ConfidenceRoutedLLM(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        trace, tier_kwargs, children = self._begin(kwargs, run_manager)
-        call = (messages, stop, trace, children, tier_kwargs)
+        trace, tier_kwargs, children = self._begin(messages, kwargs, run_manager)
+        call = _Call(messages, stop, trace, children, tier_kwargs)
         local_message: BaseMessage | None = None
-        if not self._run_precheck(self._precheck_input(messages, trace), trace, children):
+        if not self._run_precheck(trace, children):
             try:
-                local_message = self._invoke_tier("local", *call)
+                local_message = self._invoke_tier("local", call)
             except Exception as error:  # noqa: BLE001 - any local failure escalates
                 trace.local_failed(error)
             if not trace.after_local(local_message):
                 self._emit(children, trace)
                 return _result(local_message, trace)  # type: ignore[arg-type]
         trace.escalating(local_message)
+        if not trace.reserve_budget(local_message):
+            if trace.local_fallback_needed(local_message):
+                local_message = self._invoke_tier("local", call)
+            self._emit(children, trace)
+            return _result(_require(local_message, trace), trace)
         self._emit(children, trace)
         try:
-            cloud_message = self._invoke_tier("cloud", *call)
+            cloud_message = self._invoke_tier("cloud", call)
         except Exception as error:  # noqa: BLE001 - on_cloud_error decides
-            if trace.retry_locally_after(error, local_message):
-                local_message = self._invoke_tier("local", *call)
-            return _result(_cloud_failure(trace, error, local_message), trace)
+            if trace.retry_locally_after_cloud_failure(local_message):
+                local_message = self._invoke_tier("local", call)
+            return _result(trace.cloud_fallback(error, local_message), trace)
         trace.cloud_done(cloud_message)
-        self._learn(messages, trace, cloud_message)
+        self._learn(trace, cloud_message)
         return _result(cloud_message, trace)
-
-    def _stream_tier(
-        self,
-        tier: str,
-        messages: list[BaseMessage],
-        stop: list[str] | None,
-        trace: _Trace,
-        children: ChildManager | None,
-        tier_kwargs: dict[str, Any],
-    ) -> Iterator[AIMessageChunk]:
-        model = self.local if tier == "local" else self.cloud
-        started = time.perf_counter()
-        try:
-            for chunk in model.stream(  # type: ignore[union-attr]
-                messages, _child_config(children, **_TIER_RUNS[tier]), stop=stop, **tier_kwargs
-            ):
-                yield _as_chunk(chunk)
-        finally:
-            trace.timed(tier, started)
 
     def _stream(
         self,
@@ -584,78 +426,123 @@ class ConfidenceRoutedLLM(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         # The local answer is buffered until the decision: output of two models is never mixed.
-        trace, tier_kwargs, children = self._begin(kwargs, run_manager)
-        call = (messages, stop, trace, children, tier_kwargs)
+        trace, tier_kwargs, children = self._begin(messages, kwargs, run_manager)
+        call = _Call(messages, stop, trace, children, tier_kwargs)
         buffered: list[AIMessageChunk] = []
         local_message: BaseMessage | None = None
-        if not self._run_precheck(self._precheck_input(messages, trace), trace, children):
+        if not self._run_precheck(trace, children):
             try:
-                buffered = list(self._stream_tier("local", *call))
-                local_message = _aggregate(buffered)
+                buffered = list(self._stream_tier("local", call))
+                local_message = _tiers.aggregate(buffered)
             except Exception as error:  # noqa: BLE001 - any local failure escalates
                 trace.local_failed(error)
             if not trace.after_local(local_message):
                 self._emit(children, trace)
-                yield from _replay(buffered)
-                yield _routing_chunk(trace)
+                yield from _replay(buffered, trace)
                 return
         trace.escalating(local_message)
+        if not trace.reserve_budget(local_message):
+            if trace.local_fallback_needed(local_message):
+                buffered = list(self._stream_tier("local", call))
+                local_message = _tiers.aggregate(buffered)
+            _require(local_message, trace)
+            self._emit(children, trace)
+            yield from _replay(buffered, trace)
+            return
         self._emit(children, trace)
         cloud_chunks: list[AIMessageChunk] = []
         try:
-            for chunk in self._stream_tier("cloud", *call):
+            for chunk in self._stream_tier("cloud", call):
                 cloud_chunks.append(chunk)
                 yield ChatGenerationChunk(message=chunk)
-        except Exception as error:  # noqa: BLE001 - on_cloud_error decides
-            _raise_if_partial(trace, error, cloud_chunks, local_message)
-            if trace.retry_locally_after(error, local_message):
-                buffered = list(self._stream_tier("local", *call))
-                local_message = _aggregate(buffered)
-            # Returns only when the policy falls back to the (buffered) local answer.
-            _cloud_failure(trace, error, local_message)
-            yield from _replay(buffered)
-            yield _routing_chunk(trace)
+        except Exception as error:
+            if cloud_chunks:
+                raise trace.partial_cloud_failure(
+                    error, len(cloud_chunks), local_message
+                ) from error
+            if trace.retry_locally_after_cloud_failure(local_message):
+                buffered = list(self._stream_tier("local", call))
+                local_message = _tiers.aggregate(buffered)
+            trace.cloud_fallback(error, local_message)  # returns only to fall back to local
+            yield from _replay(buffered, trace)
             return
-        cloud_message = _aggregate(cloud_chunks)
+        cloud_message = _tiers.aggregate(cloud_chunks)
         trace.cloud_done(cloud_message)
-        self._learn(messages, trace, cloud_message)
+        self._learn(trace, cloud_message)
         yield _routing_chunk(trace)
 
-    # -- async --------------------------------------------------------------------------------
+    # -- async stages -------------------------------------------------------------------------
 
-    async def _arun_precheck(
-        self, query: str | None, trace: _Trace, children: ChildManager | None
-    ) -> bool:
+    async def _arun_precheck(self, trace: RoutingTrace, children: ChildManager | None) -> bool:
+        query = self._precheck_query(trace)
         if query is None:
             return False
         started = time.perf_counter()
         try:
-            score = await self.precheck.ainvoke(  # type: ignore[union-attr]
-                query, _child_config(children, name="precheck", tag="route:precheck")
-            )
+            score = await self.precheck.ainvoke(query, _tiers.child_config(children, "precheck"))  # type: ignore[union-attr]
         except Exception as error:  # noqa: BLE001 - a failed probe never blocks the query
-            trace.timed("precheck", started)
             return trace.precheck_failed(error)
-        trace.timed("precheck", started)
+        finally:
+            trace.timed("precheck", started)
         return trace.precheck_done(score)
 
-    async def _ainvoke_tier(
-        self,
-        tier: str,
-        messages: list[BaseMessage],
-        stop: list[str] | None,
-        trace: _Trace,
-        children: ChildManager | None,
-        tier_kwargs: dict[str, Any],
-    ) -> BaseMessage:
-        model = self.local if tier == "local" else self.cloud
+    async def _ainvoke_tier(self, tier: str, call: _Call) -> BaseMessage:
+        model, timeout = (
+            (self.local, self.local_timeout)
+            if tier == "local"
+            else (self.cloud, self.cloud_timeout)
+        )
+        config = _tiers.child_config(call.children, tier)
+
+        async def attempt() -> BaseMessage:
+            return await _tiers.acall_with_timeout(
+                lambda: model.ainvoke(call.messages, config, stop=call.stop, **call.kwargs),  # type: ignore[union-attr]
+                timeout,
+                tier,
+            )
+
         started = time.perf_counter()
         try:
-            return await model.ainvoke(  # type: ignore[union-attr]
-                messages, _child_config(children, **_TIER_RUNS[tier]), stop=stop, **tier_kwargs
-            )
+            if tier == "cloud" and self.cloud_retry is not None:
+                return await self.cloud_retry.acall(attempt)
+            return await attempt()
         finally:
-            trace.timed(tier, started)
+            call.trace.timed(tier, started)
+
+    async def _astream_tier(self, tier: str, call: _Call) -> AsyncIterator[AIMessageChunk]:
+        model, timeout = (
+            (self.local, self.local_timeout)
+            if tier == "local"
+            else (self.cloud, self.cloud_timeout)
+        )
+        config = _tiers.child_config(call.children, tier)
+
+        async def open_stream() -> tuple[AsyncIterator[Any], Any]:
+            chunks = _tiers.aiterate_with_timeout(
+                aiter(model.astream(call.messages, config, stop=call.stop, **call.kwargs)),  # type: ignore[union-attr]
+                timeout,
+                tier,
+            )
+            return chunks, await anext(chunks, None)
+
+        started = time.perf_counter()
+        try:
+            if tier == "cloud" and self.cloud_retry is not None:
+                chunks, first = await self.cloud_retry.acall(open_stream)
+            else:
+                chunks, first = await open_stream()
+            if first is None:
+                return
+            yield _tiers.as_chunk(first)
+            async for chunk in chunks:
+                yield _tiers.as_chunk(chunk)
+        finally:
+            call.trace.timed(tier, started)
+
+    async def _abuffer(self, call: _Call) -> list[AIMessageChunk]:
+        return [chunk async for chunk in self._astream_tier("local", call)]
+
+    # -- async entry points -------------------------------------------------------------------
 
     async def _agenerate(
         self,
@@ -664,47 +551,33 @@ class ConfidenceRoutedLLM(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        trace, tier_kwargs, children = self._begin(kwargs, run_manager)
-        call = (messages, stop, trace, children, tier_kwargs)
+        trace, tier_kwargs, children = self._begin(messages, kwargs, run_manager)
+        call = _Call(messages, stop, trace, children, tier_kwargs)
         local_message: BaseMessage | None = None
-        if not await self._arun_precheck(self._precheck_input(messages, trace), trace, children):
+        if not await self._arun_precheck(trace, children):
             try:
-                local_message = await self._ainvoke_tier("local", *call)
+                local_message = await self._ainvoke_tier("local", call)
             except Exception as error:  # noqa: BLE001 - any local failure escalates
                 trace.local_failed(error)
             if not trace.after_local(local_message):
                 await self._aemit(children, trace)
                 return _result(local_message, trace)  # type: ignore[arg-type]
         trace.escalating(local_message)
+        if not trace.reserve_budget(local_message):
+            if trace.local_fallback_needed(local_message):
+                local_message = await self._ainvoke_tier("local", call)
+            await self._aemit(children, trace)
+            return _result(_require(local_message, trace), trace)
         await self._aemit(children, trace)
         try:
-            cloud_message = await self._ainvoke_tier("cloud", *call)
+            cloud_message = await self._ainvoke_tier("cloud", call)
         except Exception as error:  # noqa: BLE001 - on_cloud_error decides
-            if trace.retry_locally_after(error, local_message):
-                local_message = await self._ainvoke_tier("local", *call)
-            return _result(_cloud_failure(trace, error, local_message), trace)
+            if trace.retry_locally_after_cloud_failure(local_message):
+                local_message = await self._ainvoke_tier("local", call)
+            return _result(trace.cloud_fallback(error, local_message), trace)
         trace.cloud_done(cloud_message)
-        await _to_thread_if_store(self, messages, trace, cloud_message)
+        await self._alearn(trace, cloud_message)
         return _result(cloud_message, trace)
-
-    async def _astream_tier(
-        self,
-        tier: str,
-        messages: list[BaseMessage],
-        stop: list[str] | None,
-        trace: _Trace,
-        children: ChildManager | None,
-        tier_kwargs: dict[str, Any],
-    ) -> AsyncIterator[AIMessageChunk]:
-        model = self.local if tier == "local" else self.cloud
-        started = time.perf_counter()
-        try:
-            async for chunk in model.astream(  # type: ignore[union-attr]
-                messages, _child_config(children, **_TIER_RUNS[tier]), stop=stop, **tier_kwargs
-            ):
-                yield _as_chunk(chunk)
-        finally:
-            trace.timed(tier, started)
 
     async def _astream(
         self,
@@ -713,61 +586,76 @@ class ConfidenceRoutedLLM(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        trace, tier_kwargs, children = self._begin(kwargs, run_manager)
-        call = (messages, stop, trace, children, tier_kwargs)
+        trace, tier_kwargs, children = self._begin(messages, kwargs, run_manager)
+        call = _Call(messages, stop, trace, children, tier_kwargs)
         buffered: list[AIMessageChunk] = []
         local_message: BaseMessage | None = None
-        if not await self._arun_precheck(self._precheck_input(messages, trace), trace, children):
+        if not await self._arun_precheck(trace, children):
             try:
-                buffered = [chunk async for chunk in self._astream_tier("local", *call)]
-                local_message = _aggregate(buffered)
+                buffered = await self._abuffer(call)
+                local_message = _tiers.aggregate(buffered)
             except Exception as error:  # noqa: BLE001 - any local failure escalates
                 trace.local_failed(error)
             if not trace.after_local(local_message):
                 await self._aemit(children, trace)
-                for generation in _replay(buffered):
+                for generation in _replay(buffered, trace):
                     yield generation
-                yield _routing_chunk(trace)
                 return
         trace.escalating(local_message)
+        if not trace.reserve_budget(local_message):
+            if trace.local_fallback_needed(local_message):
+                buffered = await self._abuffer(call)
+                local_message = _tiers.aggregate(buffered)
+            _require(local_message, trace)
+            await self._aemit(children, trace)
+            for generation in _replay(buffered, trace):
+                yield generation
+            return
         await self._aemit(children, trace)
         cloud_chunks: list[AIMessageChunk] = []
         try:
-            async for chunk in self._astream_tier("cloud", *call):
+            async for chunk in self._astream_tier("cloud", call):
                 cloud_chunks.append(chunk)
                 yield ChatGenerationChunk(message=chunk)
-        except Exception as error:  # noqa: BLE001 - on_cloud_error decides
-            _raise_if_partial(trace, error, cloud_chunks, local_message)
-            if trace.retry_locally_after(error, local_message):
-                buffered = [chunk async for chunk in self._astream_tier("local", *call)]
-                local_message = _aggregate(buffered)
-            _cloud_failure(trace, error, local_message)
-            for generation in _replay(buffered):
+        except Exception as error:
+            if cloud_chunks:
+                raise trace.partial_cloud_failure(
+                    error, len(cloud_chunks), local_message
+                ) from error
+            if trace.retry_locally_after_cloud_failure(local_message):
+                buffered = await self._abuffer(call)
+                local_message = _tiers.aggregate(buffered)
+            trace.cloud_fallback(error, local_message)  # returns only to fall back to local
+            for generation in _replay(buffered, trace):
                 yield generation
-            yield _routing_chunk(trace)
             return
-        cloud_message = _aggregate(cloud_chunks)
+        cloud_message = _tiers.aggregate(cloud_chunks)
         trace.cloud_done(cloud_message)
-        await _to_thread_if_store(self, messages, trace, cloud_message)
+        await self._alearn(trace, cloud_message)
         yield _routing_chunk(trace)
+
+    async def _alearn(self, trace: RoutingTrace, cloud_message: BaseMessage) -> None:
+        # Chroma's client is synchronous: keep it off the event loop.
+        if self.knowledge_store is not None and self.learn_from_escalations:
+            await asyncio.to_thread(self._learn, trace, cloud_message)
 
     # -- tracing ------------------------------------------------------------------------------
 
     @staticmethod
-    def _emit(children: ChildManager | None, trace: _Trace) -> None:
+    def _emit(children: ChildManager | None, trace: RoutingTrace) -> None:
         if isinstance(children, CallbackManager):
             children.on_custom_event(
-                "routing_decision", _decision_event(trace), run_id=children.parent_run_id
+                "routing_decision", trace.decision_event(), run_id=children.parent_run_id
             )
 
     @staticmethod
-    async def _aemit(children: ChildManager | None, trace: _Trace) -> None:
+    async def _aemit(children: ChildManager | None, trace: RoutingTrace) -> None:
         if isinstance(children, AsyncCallbackManager):
             await children.on_custom_event(
-                "routing_decision", _decision_event(trace), run_id=children.parent_run_id
+                "routing_decision", trace.decision_event(), run_id=children.parent_run_id
             )
 
-    # -- streaming entry points ---------------------------------------------------------------
+    # -- streaming entry points (to trace children in the stream path) -----------------------
 
     def stream(
         self,
@@ -779,14 +667,14 @@ class ConfidenceRoutedLLM(BaseChatModel):
     ) -> Iterator[AIMessageChunk]:
         config = ensure_config(config)
         run_id = config.get("run_id") or uuid.uuid4()
-        token = _STREAM_CHILDREN.set(_stream_children(config, run_id, CallbackManager))
+        token = STREAM_CHILDREN.set(_tiers.stream_children(config, run_id, CallbackManager))
         try:
             # _stream reads the context variable before its first chunk; reset right after so
             # nothing leaks into the caller's context between chunks.
             chunks = super().stream(input, {**config, "run_id": run_id}, stop=stop, **kwargs)
             first = next(chunks, None)
         finally:
-            _STREAM_CHILDREN.reset(token)
+            STREAM_CHILDREN.reset(token)
         if first is not None:
             yield first
             yield from chunks
@@ -801,75 +689,59 @@ class ConfidenceRoutedLLM(BaseChatModel):
     ) -> AsyncIterator[AIMessageChunk]:
         config = ensure_config(config)
         run_id = config.get("run_id") or uuid.uuid4()
-        token = _STREAM_CHILDREN.set(_stream_children(config, run_id, AsyncCallbackManager))
+        token = STREAM_CHILDREN.set(_tiers.stream_children(config, run_id, AsyncCallbackManager))
         try:
             chunks = super().astream(input, {**config, "run_id": run_id}, stop=stop, **kwargs)
             first = await anext(chunks, None)
         finally:
-            _STREAM_CHILDREN.reset(token)
+            STREAM_CHILDREN.reset(token)
         if first is not None:
             yield first
             async for chunk in chunks:
                 yield chunk
 
 
-def _decision_event(trace: _Trace) -> dict[str, Any]:
-    keys = ("decision", "reason", "confidence", "threshold", "signal", "would_escalate")
-    return {k: trace.record.get(k) for k in keys}
+class _Call:
+    """The arguments every stage of one call needs."""
+
+    __slots__ = ("children", "kwargs", "messages", "stop", "trace")
+
+    def __init__(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        trace: RoutingTrace,
+        children: ChildManager | None,
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.messages = messages
+        self.stop = stop
+        self.trace = trace
+        self.children = children
+        self.kwargs = kwargs
 
 
-def _model_name(model: Any) -> str:
-    if isinstance(model, RunnableBinding):
-        return _model_name(model.bound)
-    for attr in ("model", "model_id", "model_name"):
-        value = getattr(model, attr, None)
-        if isinstance(value, str) and value:
-            return value
-    return type(model).__name__
+def _require(message: BaseMessage | None, trace: RoutingTrace) -> BaseMessage:
+    """The local answer to serve when escalation was refused; fails if there is none."""
+    if message is None:
+        from confidence_router.errors import LocalModelError
+
+        raise LocalModelError(
+            f"local model failed ({trace.record.get('local_error')}) and "
+            f"{trace.record.get('escalation_skipped', 'escalation was refused')}"
+        ) from trace.local_error
+    return message
 
 
-def _bind_tools(model: Any, tools: Sequence[Any], kwargs: dict[str, Any]) -> Any:
-    target = model.bound if isinstance(model, RunnableBinding) else model
-    if not hasattr(target, "bind_tools"):
-        raise TypeError(f"{type(target).__name__} does not support bind_tools")
-    bound = target.bind_tools(tools, **kwargs)
-    if isinstance(model, RunnableBinding) and model.kwargs:
-        bound = bound.bind(**model.kwargs)
-    return bound
-
-
-def _local_failure_text(trace: _Trace) -> str:
-    why = trace.record.get("escalation_skipped", "escalation not possible")
-    return f"local model failed ({trace.record.get('local_error')}) and {why}"
-
-
-def _cloud_failure(
-    trace: _Trace,
-    error: Exception,
-    local_message: BaseMessage | None,
-) -> BaseMessage:
-    """Apply ``on_cloud_error``: raise, or fall back to the local answer (flagged)."""
-    trace.cloud_failed(error)
-    if trace.policy.on_cloud_error == "local" and local_message is not None:
-        trace.record.update(decision="local", reason=REASON_CLOUD_ERROR, flagged=True)
-        return local_message
-    routing = trace.finish()
-    if local_message is None:
-        message = f"local model failed ({routing.get('local_error')}) and cloud failed: {error}"
-    else:
-        message = f"cloud model failed on an escalated query ({routing['reason']}): {error}"
-    raise CloudEscalationError(message, routing=routing, local_message=local_message) from error
-
-
-def _result(message: BaseMessage, trace: _Trace) -> ChatResult:
+def _result(message: BaseMessage, trace: RoutingTrace) -> ChatResult:
     routing = trace.finish()
     return ChatResult(
-        generations=[ChatGeneration(message=_attach(message, routing))],
+        generations=[ChatGeneration(message=_tiers.attach(message, routing))],
         llm_output={"routing": routing},
     )
 
 
-def _routing_chunk(trace: _Trace) -> ChatGenerationChunk:
+def _routing_chunk(trace: RoutingTrace) -> ChatGenerationChunk:
     return ChatGenerationChunk(
         message=AIMessageChunk(
             content="", response_metadata={"routing": trace.finish()}, chunk_position="last"
@@ -877,52 +749,11 @@ def _routing_chunk(trace: _Trace) -> ChatGenerationChunk:
     )
 
 
-def _replay(chunks: Sequence[AIMessageChunk]) -> Iterator[ChatGenerationChunk]:
-    # BaseChatModel.stream() reports each chunk to the callbacks itself.
+def _replay(chunks: Sequence[AIMessageChunk], trace: RoutingTrace) -> Iterator[ChatGenerationChunk]:
+    """The buffered local chunks, then the routing record.
+
+    BaseChatModel.stream() reports each chunk to the callbacks itself.
+    """
     for chunk in chunks:
         yield ChatGenerationChunk(message=chunk)
-
-
-#: Run name and tag of each tier's child run (what a trace viewer shows).
-_TIER_RUNS: dict[str, dict[str, str]] = {
-    "local": {"name": "local", "tag": "route:local-attempt"},
-    "cloud": {"name": "cloud", "tag": "route:escalated"},
-}
-
-
-def _last_user_text(messages: Sequence[BaseMessage]) -> str:
-    for message in reversed(messages):
-        if message.type == "human":
-            return message.text.strip()
-    return ""
-
-
-def _raise_if_partial(
-    trace: _Trace,
-    error: Exception,
-    cloud_chunks: Sequence[AIMessageChunk],
-    local_message: BaseMessage | None,
-) -> None:
-    """Part of the cloud answer is already out: falling back to the local one would mix two
-    models' text, so this is always an error."""
-    if not cloud_chunks:
-        return
-    trace.cloud_failed(error)
-    raise CloudEscalationError(
-        f"cloud stream failed after {len(cloud_chunks)} chunks: {error}",
-        routing=trace.finish(),
-        local_message=local_message,
-    ) from error
-
-
-async def _to_thread_if_store(
-    router: ConfidenceRoutedLLM,
-    messages: list[BaseMessage],
-    trace: _Trace,
-    cloud_message: BaseMessage,
-) -> None:
-    # Chroma's client is synchronous: keep it off the event loop.
-    if router.knowledge_store is not None and router.learn_from_escalations:
-        import asyncio
-
-        await asyncio.to_thread(router._learn, messages, trace, cloud_message)
+    yield _routing_chunk(trace)

@@ -58,6 +58,7 @@ class RouterSettings:
     on_cloud_error: str = "raise"
     precheck_threshold: float = 0.5
     allow_escalation: bool = True
+    on_budget_exceeded: str = "local"
 
     def __post_init__(self) -> None:
         if not self.local_model.strip():

@@ -421,6 +421,7 @@ KNOB_VALUES = {
     "on_cloud_error": "local",
     "precheck_threshold": 0.33,
     "allow_escalation": False,
+    "on_budget_exceeded": "raise",
 }
 
 

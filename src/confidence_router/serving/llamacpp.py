@@ -1,0 +1,676 @@
+"""A real local model behind the Ollama-compatible server: llama.cpp with per-token logprobs.
+
+:class:`LlamaCppBackend` implements :class:`~confidence_router.serving.protocol.ChatBackend`
+on top of ``llama-cpp-python`` (pinned to 0.3.36, the ``embedded`` extra). It is meant for the
+embedded default model, Google Gemma 3 270M **base** (Q4_K_M GGUF), but loads any GGUF.
+
+Usage::
+
+    from confidence_router.embedded import default_model_path
+    from confidence_router.serving.llamacpp import LlamaCppBackend
+    from confidence_router.serving.ollama_server import OllamaCompatibleServer
+    from langchain_ollama import ChatOllama
+
+    backend = LlamaCppBackend(str(default_model_path()))      # ~0.6-1 s, ~0.37 GB RSS
+    with OllamaCompatibleServer(backend) as server:
+        llm = ChatOllama(base_url=server.url, model="gemma3:270m",
+                         logprobs=True, top_logprobs=3)
+        msg = llm.invoke("What is the capital of France?")    # " Paris"
+        msg.response_metadata["logprobs"]                       # one entry per token
+
+    # or without HTTP (the evaluation harness):
+    reply = backend.complete("The country of Novosibirsk is", stop=["\\n", "."])
+    tokens = list(reply.tokens)
+
+**Prompt rendering.** A base model has no chat template, so chat messages are rendered into a
+few-shot ``Q:``/``A:`` prompt by :func:`render_prompt` (see its docstring for the exact rules)
+and generation stops at the first newline. A request whose only message is a user message that
+already starts with :data:`FEW_SHOT_PREFIX` is used verbatim (the caller rendered it), and
+:meth:`LlamaCppBackend.complete` takes any raw prompt.
+
+**Token texts are kept exactly as the model produces them**: an answer usually starts with a
+space (``" Paris"``) because the prompt ends with ``"A:"``. Nothing is stripped, so the
+concatenated token texts are the reply text and every token keeps its own logprob; strip the
+final answer text on the client side if needed.
+
+**Fast logprob path.** The model is loaded with ``logits_all=False``; the prompt is evaluated
+once, then each step reads only the last position's logits (:func:`last_logits`), computes a
+float64 log-softmax in numpy, picks the next token and evaluates just that token. This avoids
+llama-cpp-python's built-in logprob support, which needs ``logits_all=True`` (an
+n_ctx x 262,144 float buffer, 2-6 s per short answer on this model), and ``Llama.scores``,
+which is *not filled* with ``logits_all=False`` (reading it gives uniform logprobs of -12.477).
+
+Supported Ollama ``options``: ``temperature`` (default 0 = greedy, unlike Ollama's 0.8, because
+confidence is defined on the greedy answer; with ``temperature > 0`` the next token is sampled
+from ``softmax(logits / T)`` but the *reported* logprobs always come from the untempered
+distribution), ``seed``, ``num_predict`` (default ``max_tokens_default``; ``<= 0`` means "until
+the context is full") and ``stop`` (a string or a list; the stop text is not included in the
+reply, as in Ollama). Other options (``top_k``, ``top_p``, ``num_ctx``, ...) are ignored.
+Requests with ``tools`` or a ``format`` are rejected with status 400 (a 270M base model can do
+neither; Ollama also answers 400 "does not support tools").
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from confidence_router.serving.protocol import (
+    BackendError,
+    ChatReply,
+    ChatRequest,
+    GeneratedToken,
+)
+
+if TYPE_CHECKING:  # numpy and llama_cpp are optional (the "embedded" extra): import lazily
+    import numpy as np
+    from llama_cpp import Llama
+    from typing_extensions import Self
+
+__all__ = [
+    "FEW_SHOT_PREFIX",
+    "MAX_TOP_LOGPROBS",
+    "LlamaCppBackend",
+    "PromptTemplate",
+    "last_logits",
+    "log_softmax",
+    "render_prompt",
+]
+
+#: The constant few-shot prefix that teaches the base model the ``Q:``/``A:`` format
+#: (short, factual, one line). Measured on TriviaQA with it: ~11% correct (integration notes §10).
+FEW_SHOT_PREFIX = (
+    "Q: What is the capital of Italy?\nA: Rome\nQ: Who wrote Hamlet?\nA: William Shakespeare\n"
+)
+
+#: Ollama accepts ``top_logprobs`` in 0..20.
+MAX_TOP_LOGPROBS = 20
+
+# Longest input embed() reads (tokens); longer inputs are truncated.
+_EMBED_MAX_TOKENS = 256
+
+#: A function that renders chat messages into the prompt text the model continues.
+PromptTemplate = Callable[[Sequence[Mapping[str, Any]]], str]
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt rendering (pure; tested without the model)
+# ---------------------------------------------------------------------------------------------
+
+
+def _message_text(message: Mapping[str, Any]) -> str:
+    """The text of one message: a string, or the text parts of a content list."""
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI-style parts; images etc. are ignored
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+        return " ".join(parts)
+    raise ValueError(f"message content must be a string, got {type(content).__name__}")
+
+
+def _one_line(text: str) -> str:
+    # The template is line-based: a newline inside a question would end the "Q:" line, and the
+    # model would then see a malformed example. Collapse all white space runs to one space.
+    return _WHITESPACE.sub(" ", text).strip()
+
+
+def render_prompt(
+    messages: Sequence[Mapping[str, Any]], *, few_shot_prefix: str = FEW_SHOT_PREFIX
+) -> str:
+    """Render chat messages into a few-shot ``Q:``/``A:`` prompt for a base model.
+
+    Rules, in order:
+
+    * **Verbatim:** if the only message is a user message whose content already starts with
+      ``few_shot_prefix``, its content is returned unchanged (the caller rendered the prompt,
+      e.g. an evaluation harness sending ``FEW_SHOT_PREFIX + "Q: ...\\nA:"``).
+    * ``system`` messages (and ``tool`` results) become plain lines *before* the few-shot
+      prefix, in order.
+    * Then the few-shot prefix, then the conversation: each ``user`` message is a
+      ``Q: {text}`` line and each ``assistant`` message an ``A: {text}`` line.
+    * If the last message is a ``user`` message the prompt ends with ``"A:"`` (no trailing
+      space: the model's answer tokens carry their own leading space). If it is an
+      ``assistant`` message, the prompt ends with ``"A: {text}"`` and no newline, so the model
+      continues that partial answer (Ollama's "prefill").
+
+    Inside a turn, white space runs (including newlines) collapse to one space, because a
+    newline would break the line-based format. Unknown roles raise ``ValueError``, as does a
+    conversation without any user message.
+
+    >>> render_prompt([{"role": "user", "content": "Who painted the Mona Lisa?"}])[-44:]
+    'Shakespeare\\nQ: Who painted the Mona Lisa?\\nA:'
+    """
+    if (
+        few_shot_prefix  # with an empty prefix every message would "start with" it
+        and len(messages) == 1
+        and messages[0].get("role") == "user"
+        and _message_text(messages[0]).startswith(few_shot_prefix)
+    ):
+        return _message_text(messages[0])
+
+    header: list[str] = []
+    turns: list[str] = []
+    has_user = False
+    for message in messages:
+        role = message.get("role")
+        text = _one_line(_message_text(message))
+        if role in ("system", "tool"):
+            if text:
+                header.append(text + "\n")
+        elif role == "user":
+            has_user = True
+            turns.append(f"Q: {text}\n")
+        elif role == "assistant":
+            turns.append(f"A: {text}\n")
+        else:
+            raise ValueError(f"unsupported message role {role!r}")
+    if not has_user:
+        raise ValueError("the conversation has no user message")
+
+    if messages[-1].get("role") == "assistant":
+        turns[-1] = turns[-1].rstrip("\n")  # prefill: let the model continue this answer
+    else:
+        turns.append("A:")
+    return "".join(header) + few_shot_prefix + "".join(turns)
+
+
+# ---------------------------------------------------------------------------------------------
+# The logits fast path
+# ---------------------------------------------------------------------------------------------
+
+
+def last_logits(llm: Llama) -> np.ndarray:
+    """The logits of the last evaluated position as a float32 numpy *view* (n_vocab,).
+
+    This is the one adapter over llama-cpp-python's low level: the public ``Llama.ctx`` (the
+    raw ``llama_context*``) and the C binding ``llama_get_logits_ith(ctx, -1)``, which returns
+    a pointer into llama.cpp's output buffer (equivalent to the private
+    ``Llama._ctx.get_logits_ith(-1)``). The high-level alternatives are unusable here:
+    ``Llama.scores`` is only filled when the model is loaded with ``logits_all=True`` (which
+    costs n_ctx x n_vocab x 4 bytes and seconds per answer); with ``logits_all=False`` it holds
+    zeros and gives uniform logprobs (-12.477). Verified against llama-cpp-python 0.3.36 (pinned
+    in the ``embedded`` extra); ``tests/embedded/test_llamacpp_backend.py`` checks it.
+
+    The view is only valid until the next ``eval()``: copy it (``log_softmax`` does) before
+    evaluating another token.
+    """
+    import llama_cpp
+    import numpy as np
+
+    pointer = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    if not pointer:
+        raise RuntimeError("llama.cpp returned no logits: evaluate a prompt first")
+    return np.ctypeslib.as_array(pointer, shape=(llm.n_vocab(),))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Natural-log softmax in float64 (a copy; safe to keep after the next ``eval``).
+
+    float64 because the vocabulary has 262,144 entries: summing that many float32
+    exponentials loses precision in the log-normaliser.
+    """
+    import numpy as np
+
+    values = np.asarray(logits, dtype=np.float64)  # copies the float32 view
+    shifted = values - values.max()
+    return shifted - math.log(float(np.exp(shifted).sum()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop strings over a token stream
+# ---------------------------------------------------------------------------------------------
+
+
+class _StopFilter:
+    """Cuts a token stream at the first stop string, holding back possible partial matches.
+
+    Text that might be the start of a stop string is held until the next token decides it,
+    so a stop string split across tokens is still removed and never streamed. A token that
+    straddles the stop (e.g. ``".\\n"`` with stop ``"\\n"``) is emitted truncated (``"."``)
+    with its full logprob; tokens after the stop are dropped.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = [s for s in stops if s]
+        self._pending: list[GeneratedToken] = []
+        self._text = ""  # concatenated text of _pending
+        self.stopped = False
+
+    def push(self, token: GeneratedToken) -> list[GeneratedToken]:
+        """Add a token; return the tokens that are now safe to emit."""
+        self._pending.append(token)
+        self._text += token.text
+        hits = [i for i in (self._text.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self._take(min(hits), truncate=True)
+        return self._take(len(self._text) - self._partial_match_length(), truncate=False)
+
+    def flush(self) -> list[GeneratedToken]:
+        """End of stream without a stop: everything held back is real output."""
+        out, self._pending, self._text = self._pending, [], ""
+        return out
+
+    def _partial_match_length(self) -> int:
+        # Longest suffix of the pending text that is a proper prefix of some stop string.
+        longest = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(self._text)), longest, -1):
+                if self._text.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest
+
+    def _take(self, limit: int, *, truncate: bool) -> list[GeneratedToken]:
+        """Emit the pending tokens that lie before character ``limit``.
+
+        ``truncate`` (a stop was found at ``limit``): tokens starting before it are emitted,
+        cut at ``limit``; the rest is dropped. Otherwise tokens are emitted in order while
+        they end by ``limit``; the first one that does not, and all after it, stay pending.
+        """
+        out: list[GeneratedToken] = []
+        position = 0
+        for index, token in enumerate(self._pending):
+            end = position + len(token.text)
+            if truncate:
+                if position >= limit:
+                    break
+                if end > limit:
+                    token = GeneratedToken(
+                        token.text[: limit - position], token.logprob, token.top_logprobs
+                    )
+            elif end > limit:
+                self._pending = self._pending[index:]
+                self._text = self._text[position:]
+                return out
+            out.append(token)
+            position = end
+        self._pending, self._text = [], ""
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend
+# ---------------------------------------------------------------------------------------------
+
+
+def _model_matches(requested: str, available: str) -> bool:
+    # Ollama treats "name" and "name:latest" as the same model (as the server does).
+    def norm(name: str) -> str:
+        return name if ":" in name else f"{name}:latest"
+
+    return norm(requested) == norm(available)
+
+
+def _int_option(options: Mapping[str, Any], name: str) -> int | None:
+    value = options.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise BackendError(f"option {name} must be an integer, got {value!r}", status=400)
+    return int(value)
+
+
+def _stop_option(options: Mapping[str, Any]) -> list[str]:
+    stop = options.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop):
+        return list(stop)
+    raise BackendError(f"option stop must be a string or a list of strings, got {stop!r}", 400)
+
+
+class LlamaCppBackend:
+    """A :class:`ChatBackend` running a GGUF model in-process with llama.cpp.
+
+    Args:
+        model_path: the GGUF file; ``None`` uses
+            :func:`confidence_router.embedded.default_model_path` (assembles Gemma 3 270M
+            into the user cache on first use).
+        n_ctx: context window in tokens (prompt + answer). Longer prompts are rejected (400).
+        n_threads: threads for prompt evaluation and generation. ``None`` uses half the CPU
+            cores, at least 1 and at most 4: a 270M model gains little beyond that, and
+            llama.cpp's OpenMP threads busy-wait, so using every core of a busy machine
+            stalls badly (measured on 2 shared cores: 2 threads had 26 s worst-case answers
+            where 1 thread had 2.6 s).
+        max_tokens_default: answer length limit when a request sets no ``num_predict``.
+        model_name: the one model name served (``/api/tags``); requests for another name get
+            404 like Ollama (as in Ollama, an untagged ``"x"`` means ``"x:latest"``).
+        prompt_template: renders chat messages to a prompt (default :func:`render_prompt`).
+        stop_at_newline: stop every chat answer at the first newline (the ``Q:``/``A:``
+            template is line-based; without it a base model goes on to invent the next
+            ``Q:``). :meth:`complete` does not add it.
+
+    The model loads in the constructor (``load_seconds`` says how long it took). Requests
+    are serialised by a lock, because a llama.cpp context is not thread-safe: a second
+    request waits until the first one's token stream is exhausted or closed. Consume or
+    ``close()`` each reply's ``tokens`` in the thread that started it; interleaving two
+    replies' token streams in one thread would deadlock.
+
+    Call :meth:`close` (or use ``with``) to free the model memory early.
+    """
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        *,
+        n_ctx: int = 1024,
+        n_threads: int | None = None,
+        max_tokens_default: int = 48,
+        model_name: str = "gemma3:270m",
+        prompt_template: PromptTemplate = render_prompt,
+        stop_at_newline: bool = True,
+    ) -> None:
+        if n_ctx < 16:
+            raise ValueError(f"n_ctx must be at least 16, got {n_ctx}")
+        if max_tokens_default < 1:
+            raise ValueError(f"max_tokens_default must be positive, got {max_tokens_default}")
+        from confidence_router.embedded import _require_embedded, default_model_path
+
+        llama_cpp = _require_embedded(need_model_package=model_path is None)
+        self.model_path = str(default_model_path() if model_path is None else model_path)
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads
+        self.max_tokens_default = max_tokens_default
+        self.model_name = model_name
+        self.prompt_template = prompt_template
+        self.stop_at_newline = stop_at_newline
+
+        self._lock = threading.Lock()
+        self._embed_lock = threading.Lock()
+        self._embedder: Llama | None = None
+        self._piece_cache: dict[int, str] = {}
+
+        if not Path(self.model_path).is_file():
+            raise FileNotFoundError(f"model file not found: {self.model_path}")
+        start = time.perf_counter()
+        try:
+            self._llm: Llama | None = llama_cpp.Llama(
+                model_path=self.model_path,
+                n_ctx=n_ctx,
+                n_threads=self._threads(),
+                # llama-cpp-python's default for prompt batches is every core (see n_threads).
+                n_threads_batch=self._threads(),
+                logits_all=False,  # the fast path reads the last position only
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:  # llama-cpp raises ValueError on a bad file
+            raise ValueError(f"could not load model {self.model_path}: {exc}") from exc
+        self.load_seconds = time.perf_counter() - start
+
+    # ---- ChatBackend -----------------------------------------------------------------------
+
+    def models(self) -> list[str]:
+        """The served model name."""
+        return [self.model_name]
+
+    def chat(self, request: ChatRequest) -> ChatReply:
+        """Answer a chat request; the returned ``tokens`` generate lazily (streaming).
+
+        ``prompt_tokens`` is set immediately; ``done_reason`` (``"stop"`` or ``"length"``)
+        is final once ``tokens`` is exhausted.
+        """
+        self._check_model(request.model)
+        if request.tools:
+            raise BackendError(f"{request.model} does not support tools", status=400)
+        if request.format:
+            raise BackendError(
+                f"{request.model} does not support structured output (format)", status=400
+            )
+        try:
+            prompt = self.prompt_template(request.messages)
+        except ValueError as exc:
+            raise BackendError(str(exc), status=400) from exc
+        stops = _stop_option(request.options)
+        if self.stop_at_newline:
+            stops.append("\n")
+        top_k = request.top_logprobs if request.logprobs else 0
+        return self._reply(prompt, request.options, stops, top_k)
+
+    def complete(
+        self,
+        prompt: str,
+        *,
+        num_predict: int | None = None,
+        stop: Sequence[str] = (),
+        temperature: float = 0.0,
+        seed: int | None = None,
+        top_logprobs: int = 0,
+    ) -> ChatReply:
+        """Continue a raw prompt (no template, no implicit newline stop); lazy like :meth:`chat`.
+
+        >>> reply = backend.complete(FEW_SHOT_PREFIX + "Q: Capital of France?\\nA:",
+        ...                          stop=["\\n"], top_logprobs=3)  # doctest: +SKIP
+        >>> "".join(t.text for t in reply.tokens)                   # doctest: +SKIP
+        ' Paris'
+        """
+        options: dict[str, Any] = {"temperature": temperature, "num_predict": num_predict}
+        if seed is not None:
+            options["seed"] = seed
+        return self._reply(prompt, options, list(stop), top_logprobs)
+
+    def embed(self, model: str, inputs: Sequence[str]) -> list[list[float]]:
+        """L2-normalised mean-pooled embeddings (one 640-d vector per input for Gemma 3 270M).
+
+        Uses a second llama.cpp instance in embedding mode, created on the first call
+        (~1 s, ~+0.6 GB RSS; it maps the same weight file). Inputs longer than 256 tokens are
+        truncated. These are mean hidden states of a small *base* LM, not a trained sentence
+        embedding, and they are anisotropic: unrelated questions score cosine ~0.77,
+        paraphrases ~0.8-0.93 (top-1 retrieval 3/5 on a paraphrase probe). Usable for
+        near-duplicates and smoke tests, weak for semantic search. Cost is ~0.4-0.6 s per
+        short question on one shared core: llama.cpp computes every token's logits in
+        embedding mode.
+        """
+        import numpy as np
+
+        self._check_model(model)
+        if not inputs:
+            return []
+        with self._embed_lock:
+            embedder = self._get_embedder()
+            try:
+                # One text per decode: packing many texts into one batch was no faster
+                # here and grows llama.cpp's all-token logits buffer (+0.25 GB for 32 texts).
+                raw = [embedder.embed(text, normalize=False, truncate=True) for text in inputs]
+            except (ValueError, RuntimeError) as exc:
+                raise BackendError(f"embedding failed: {exc}") from exc
+        vectors = np.asarray(raw, dtype=np.float64)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        # A zero vector cannot be normalised; leave it as is rather than divide by zero.
+        vectors = vectors / np.where(norms == 0.0, 1.0, norms)
+        return [row.tolist() for row in vectors]
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the model and the embedding context (idempotent)."""
+        with self._lock, self._embed_lock:
+            for llm in (self._llm, self._embedder):
+                if llm is not None:
+                    llm.close()
+            self._llm = self._embedder = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _threads(self) -> int:
+        import os
+
+        return self.n_threads or max(1, min(4, (os.cpu_count() or 1) // 2))
+
+    def _model(self) -> Llama:
+        if self._llm is None:
+            raise BackendError("the model was closed", status=503)
+        return self._llm
+
+    def _check_model(self, model: str) -> None:
+        if not _model_matches(model, self.model_name):
+            raise BackendError(
+                f"model '{model}' not found (this server serves '{self.model_name}')", 404
+            )
+
+    def _get_embedder(self) -> Llama:
+        if self._embedder is None:
+            import llama_cpp
+
+            self._embedder = llama_cpp.Llama(
+                model_path=self.model_path,
+                embedding=True,
+                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                # Mean pooling needs a whole sequence in one micro-batch. llama.cpp computes
+                # the 262,144-way logits of *every* token in embedding mode, so its buffers
+                # grow with n_ubatch: this context adds ~0.6 GB RSS at 256 (its own mapping
+                # of the weights included) and ~1.1 GB at 512 (measured).
+                n_ctx=_EMBED_MAX_TOKENS,
+                n_batch=_EMBED_MAX_TOKENS,
+                n_ubatch=_EMBED_MAX_TOKENS,
+                n_threads=self._threads(),
+                n_threads_batch=self._threads(),
+                verbose=False,
+            )
+        return self._embedder
+
+    def _reply(
+        self, prompt: str, options: Mapping[str, Any], stops: list[str], top_k: int
+    ) -> ChatReply:
+        """Validate options and tokenize now (errors become HTTP statuses); generate lazily."""
+        llm = self._model()
+        temperature = options.get("temperature")
+        temperature = 0.0 if temperature is None else temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or (
+            temperature < 0 or math.isnan(temperature)
+        ):
+            raise BackendError(f"option temperature must be >= 0, got {temperature!r}", 400)
+        seed = _int_option(options, "seed")
+        num_predict = _int_option(options, "num_predict")
+        if num_predict is None:
+            num_predict = self.max_tokens_default
+        if not 0 <= top_k <= MAX_TOP_LOGPROBS:
+            raise BackendError(f"top_logprobs must be between 0 and 20, got {top_k}", 400)
+
+        # Tokenizing reads only the immutable vocabulary, so it needs no lock; doing it here
+        # makes prompt_tokens known before streaming and rejects over-long prompts with 400.
+        prompt_ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
+        room = self.n_ctx - len(prompt_ids)
+        if room < 1:
+            raise BackendError(
+                f"prompt is {len(prompt_ids)} tokens; the context window is {self.n_ctx}", 400
+            )
+        # num_predict <= 0 means "no limit" in Ollama (-1 infinite, -2 fill the context).
+        limit = room if num_predict <= 0 else min(num_predict, room)
+        reply = ChatReply(tokens=(), prompt_tokens=len(prompt_ids), done_reason="stop")
+        reply.tokens = self._generate(
+            reply, prompt_ids, limit, stops, float(temperature), seed, top_k
+        )
+        return reply
+
+    def _piece(self, llm: Llama, token: int) -> str:
+        # Stand-alone text of one token, for top_logprobs (a partial UTF-8 byte token shows
+        # as U+FFFD here). The vocabulary is fixed, so cache it.
+        text = self._piece_cache.get(token)
+        if text is None:
+            text = llm.detokenize([token]).decode("utf-8", errors="replace")
+            self._piece_cache[token] = text
+        return text
+
+    def _generate(
+        self,
+        reply: ChatReply,
+        prompt_ids: list[int],
+        limit: int,
+        stops: list[str],
+        temperature: float,
+        seed: int | None,
+        top_k: int,
+    ) -> Iterator[GeneratedToken]:
+        """The decode loop. Holds the model lock from the first ``next()`` until exhausted or
+        closed (the server closes the iterator when a client disconnects)."""
+        import llama_cpp
+        import numpy as np
+
+        with self._lock:
+            llm = self._model()
+            # End-of-generation tokens (EOS, EOT, ...) via the public C API on the model.
+            vocab = llama_cpp.llama_model_get_vocab(llm.model)
+            rng = np.random.default_rng(seed) if temperature > 0 else None
+            # Token pieces may split a multi-byte UTF-8 character (Gemma has byte-fallback
+            # tokens): the incremental decoder keeps incomplete bytes until the rest arrive,
+            # so such a token is emitted with text "" and the next one carries the character.
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            stop_filter = _StopFilter(stops)
+
+            llm.reset()  # forget the previous request: eval() then overwrites the KV cache
+            try:
+                llm.eval(prompt_ids)
+            except RuntimeError as exc:
+                raise BackendError(f"llama.cpp failed to evaluate the prompt: {exc}") from exc
+
+            for step in range(limit):
+                logits = last_logits(llm)
+                logprobs = log_softmax(logits)
+                if rng is None:
+                    token = int(np.argmax(logprobs))
+                else:
+                    token = _sample(logits, temperature, rng)
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    reply.done_reason = "stop"
+                    yield from stop_filter.flush()
+                    return
+                text = decoder.decode(llm.detokenize([token]))
+                top: tuple[tuple[str, float], ...] = ()
+                if top_k:
+                    best = np.argpartition(logprobs, -top_k)[-top_k:]
+                    best = best[np.argsort(logprobs[best])[::-1]]
+                    top = tuple((self._piece(llm, int(i)), float(logprobs[i])) for i in best)
+                yield from stop_filter.push(GeneratedToken(text, float(logprobs[token]), top))
+                if stop_filter.stopped:
+                    reply.done_reason = "stop"
+                    return
+                if step + 1 < limit:
+                    try:
+                        llm.eval([token])
+                    except RuntimeError as exc:
+                        raise BackendError(f"llama.cpp failed to decode: {exc}") from exc
+            reply.done_reason = "length"
+            # Incomplete UTF-8 bytes at the length limit are dropped (not a character yet).
+            yield from stop_filter.flush()
+
+
+def _sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+    """Draw a token from ``softmax(logits / temperature)`` (inverse CDF, float64)."""
+    import numpy as np
+
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    probs = np.exp(scaled - scaled.max())
+    cdf = np.cumsum(probs)
+    index = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    return min(index, len(cdf) - 1)

