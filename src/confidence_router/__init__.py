@@ -33,9 +33,19 @@ _EXPORTS: dict[str, str] = {
     "RoutingConfigError": "confidence_router.errors",
     "LocalModelError": "confidence_router.errors",
     "CloudEscalationError": "confidence_router.errors",
+    "BudgetExceededError": "confidence_router.errors",
+    "CloudBudget": "confidence_router.budget",
+    "PIIGuard": "confidence_router.guards",
+    "PriceTable": "confidence_router.costs",
+    "RetryPolicy": "confidence_router.retry",
+    "RollingQuantileThreshold": "confidence_router.calibration",
+    "RoutingStats": "confidence_router.stats",
+    "calibrate_threshold": "confidence_router.calibration",
 }
 
 __all__ = [
+    "BudgetExceededError",
+    "CloudBudget",
     "CloudEscalationError",
     "ConfidenceRoutedLLM",
     "ConfidenceRoutedLlamaIndexLLM",
@@ -44,12 +54,18 @@ __all__ = [
     "KnowledgeStore",
     "LocalModelError",
     "LogprobSignals",
+    "PIIGuard",
+    "PriceTable",
+    "RetryPolicy",
+    "RollingQuantileThreshold",
     "RouterSettings",
     "RoutingConfigError",
     "RoutingPolicy",
+    "RoutingStats",
     "SelfAssessmentProbe",
     "TokenLogprob",
     "__version__",
+    "calibrate_threshold",
     "compute_signals",
     "confidence_to_logprob",
     "logprob_to_confidence",
@@ -57,17 +73,23 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from confidence_router.budget import CloudBudget
+    from confidence_router.calibration import RollingQuantileThreshold, calibrate_threshold
+    from confidence_router.costs import PriceTable
     from confidence_router.errors import (
+        BudgetExceededError,
         CloudEscalationError,
         ConfidenceRouterError,
         LocalModelError,
         RoutingConfigError,
     )
     from confidence_router.extraction import TokenLogprob, token_logprobs
+    from confidence_router.guards import PIIGuard
     from confidence_router.knowledge import KnowledgeStore
     from confidence_router.llamaindex import ConfidenceRoutedLlamaIndexLLM
     from confidence_router.policy import Decision, RoutingPolicy
     from confidence_router.probe import SelfAssessmentProbe
+    from confidence_router.retry import RetryPolicy
     from confidence_router.router import ConfidenceRoutedLLM
     from confidence_router.settings import RouterSettings
     from confidence_router.signals import (
@@ -76,6 +98,7 @@ if TYPE_CHECKING:
         confidence_to_logprob,
         logprob_to_confidence,
     )
+    from confidence_router.stats import RoutingStats
 
 
 def __getattr__(name: str) -> Any:

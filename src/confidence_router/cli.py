@@ -3,6 +3,7 @@
 ``confidence-router demo``      route a set of questions on real Ollama or the embedded model
 ``confidence-router serve``     serve the embedded model on an Ollama-compatible HTTP port
 ``confidence-router eval``      measure the confidence signals on a dataset (see ``--help``)
+``confidence-router calibrate`` pick a threshold from an evaluation run (target rate/accuracy)
 """
 
 from __future__ import annotations
@@ -67,6 +68,44 @@ def _serve(args: argparse.Namespace) -> int:
             return 0
 
 
+def _calibrate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_db", metavar="RUN.sqlite", help="an evaluation run database")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-rate", type=float, help="cloud-call rate to aim for, e.g. 0.3")
+    target.add_argument("--target-accuracy", type=float,
+                        help="accuracy to reach at the lowest call rate, e.g. 0.8")
+    parser.add_argument("--signal", default="confidence",
+                        help="score column: confidence (mean logprob), min_confidence, ...")
+    parser.add_argument("--run", default=None, help="run name or id when the file has several")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+@command("calibrate", _calibrate_args)
+def _calibrate(args: argparse.Namespace) -> int:
+    """Pick a threshold from a labelled evaluation run for a target call rate or accuracy."""
+    import json
+    import math
+
+    from confidence_router.calibration import calibrate_run
+
+    result = calibrate_run(args.run_db, signal=args.signal, run=args.run,
+                           target_rate=args.target_rate, target_accuracy=args.target_accuracy)
+    values = result.as_dict()
+    if isinstance(values.get("threshold"), float) and math.isinf(values["threshold"]):
+        values["threshold"] = "inf"  # escalate everything: not valid JSON as a float
+    if args.json:
+        print(json.dumps(values, indent=2))
+    elif not result.reachable:
+        print(f"target not reachable: {result.note}")
+    else:
+        print(f"threshold {values['threshold']}  (signal {args.signal}, n={result.n})")
+        print(f"expected call rate {result.expected_call_rate:.3f}, "
+              f"expected accuracy {result.expected_accuracy:.3f} ({result.accuracy_kind})")
+        if result.note:
+            print(result.note)
+    return 0 if result.reachable else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered sub-command."""
     _load_optional_commands()
@@ -96,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, run = _COMMANDS[args.command]
     try:
         return run(args)
-    except (ConfidenceRouterError, ImportError, FileNotFoundError) as error:
+    except (ConfidenceRouterError, ImportError, FileNotFoundError, ValueError) as error:
         print(f"confidence-router {args.command}: error: {error}", file=sys.stderr)
         return 2
 
