@@ -1,0 +1,352 @@
+"""``confidence-router eval``, ``eval-report`` and ``eval-all``: thin wrappers over the modules.
+
+Imported by :mod:`confidence_router.cli`, which lists the commands; the logic lives in
+:mod:`~confidence_router.evaluation.runner`, :mod:`~confidence_router.evaluation.baseline` and
+:mod:`~confidence_router.evaluation.report`.
+
+Usage::
+
+    # measure the signals on 1000 Wikidata completions with the embedded Gemma 3 270M
+    confidence-router eval --dataset wikidata --limit 1000 --db eval-runs.sqlite
+    # ... or on a real Ollama model
+    confidence-router eval --dataset triviaqa --ollama-url http://127.0.0.1:11434 \\
+        --model qwen2.5:7b --concurrency 2 --db eval-runs.sqlite
+    # report every run in the database (first run = main dataset, baseline training set)
+    confidence-router eval-report --db eval-runs.sqlite --name my-report
+    # regenerate the committed report from scratch (1000 Wikidata + 1000 TriviaQA, embedded)
+    confidence-router eval-all --fresh
+
+A killed ``eval`` (or ``eval-all``) resumes when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from confidence_router.cli import command
+
+DEFAULT_DB = "eval-runs.sqlite"
+DEFAULT_REPORT_NAME = "embedded-gemma3-270m"
+DEFAULT_OUT_DIR = "docs/results"
+CURVE_SIZES = (25, 50, 100, 250, 500, 1000)
+ALL_DATASETS = ("wikidata", "triviaqa")
+"""The committed report: main set (baseline training) first, then the shifted set."""
+
+
+def _embedded_model_name() -> str:
+    from confidence_router import embedded
+
+    # The embedded module names its constant DEFAULT_MODEL_NAME; accept a rename too.
+    return str(getattr(embedded, "EMBEDDED_MODEL_NAME", None) or embedded.DEFAULT_MODEL_NAME)
+
+
+@contextlib.contextmanager
+def _ollama_endpoint(url: str | None) -> Iterator[str]:
+    """Yield ``url``, or start the embedded server for the duration when it is ``None``."""
+    if url:
+        yield url
+        return
+    from confidence_router.embedded import start_embedded_server
+
+    print("starting the embedded model (Gemma 3 270M) ...", file=sys.stderr)
+    with start_embedded_server() as server:
+        yield server.url
+
+
+def _chat_model(url: str, model: str) -> Any:
+    from langchain_ollama import ChatOllama
+
+    # The runner copies it with temperature 0, logprobs on, num_predict and stop strings.
+    return ChatOllama(base_url=url, model=model)
+
+
+def _embeddings(url: str, model: str) -> Any:
+    from langchain_ollama import OllamaEmbeddings
+
+    return OllamaEmbeddings(base_url=url, model=model)
+
+
+def _run_dataset(
+    url: str,
+    *,
+    model: str,
+    dataset: str,
+    db: str,
+    limit: int | None,
+    offset: int,
+    prompts: str,
+    concurrency: int,
+    run_name: str | None,
+    num_predict: int,
+    timeout: float | None,
+    retry_errors: bool,
+    progress: bool,
+    data_dir: str | None,
+) -> str:
+    from confidence_router.evaluation.datasets import load_dataset
+    from confidence_router.evaluation.runner import EvalRunner
+
+    items = load_dataset(dataset, limit=limit, offset=offset, data_dir=data_dir)
+    runner = EvalRunner(
+        _chat_model(url, model),
+        db_path=db,
+        dataset=dataset,
+        run_name=run_name,
+        prompts=prompts,
+        concurrency=concurrency,
+        num_predict=num_predict,
+        timeout_s=timeout,
+        retry_errors=retry_errors,
+        progress=progress,
+    )
+    summary = runner.run(items, start_position=offset)
+    print(
+        f"{summary.run_name}: {summary.n_items} items, {summary.n_skipped} already done, "
+        f"{summary.n_written} written ({summary.n_errors} failures) in "
+        f"{summary.elapsed_s:.1f} s -> {db}"
+    )
+    return summary.run_name
+
+
+# ---- eval ------------------------------------------------------------------------------------
+
+
+def _eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Answer a QA dataset with a local model and record confidence signals."
+    parser.add_argument(
+        "--dataset", required=True, help="wikidata | triviaqa | nq_open | PATH to a .jsonl file"
+    )
+    parser.add_argument("--limit", type=int, default=None, help="at most this many items")
+    parser.add_argument("--offset", type=int, default=0, help="skip this many items first")
+    parser.add_argument("--db", default=DEFAULT_DB, help=f"SQLite file (default {DEFAULT_DB})")
+    parser.add_argument(
+        "--ollama-url",
+        default=None,
+        help="an Ollama server; default: start the embedded Gemma 3 270M",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model name (default: the embedded model; required with --ollama-url)",
+    )
+    parser.add_argument(
+        "--prompts",
+        choices=("few-shot", "instruct"),
+        default=None,
+        help="answer prompt set (default: few-shot for the embedded base "
+        "model, instruct for an Ollama chat model)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="requests in flight (latency is only meaningful at 1)",
+    )
+    parser.add_argument(
+        "--run-name",
+        default=None,
+        help="run name in the database (default: dataset__model__prompts); "
+        "re-running the same name resumes",
+    )
+    parser.add_argument("--num-predict", type=int, default=50, help="answer token limit")
+    parser.add_argument("--timeout", type=float, default=None, help="per-call timeout, s")
+    parser.add_argument(
+        "--retry-errors", action="store_true", help="re-run items whose stored row is a failure"
+    )
+    parser.add_argument("--data-dir", default=None, help="the shared data directory")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+@command("eval", _eval_args)
+def _eval(args: argparse.Namespace) -> int:
+    if args.ollama_url and not args.model:
+        print(
+            "confidence-router eval: error: --model is required with --ollama-url", file=sys.stderr
+        )
+        return 2
+    model = args.model or _embedded_model_name()
+    prompts = args.prompts or ("instruct" if args.ollama_url else "few-shot")
+    try:
+        with _ollama_endpoint(args.ollama_url) as url:
+            _run_dataset(
+                url,
+                model=model,
+                dataset=args.dataset,
+                db=args.db,
+                limit=args.limit,
+                offset=args.offset,
+                prompts=prompts,
+                concurrency=args.concurrency,
+                run_name=args.run_name,
+                num_predict=args.num_predict,
+                timeout=args.timeout,
+                retry_errors=args.retry_errors,
+                progress=not args.no_progress,
+                data_dir=args.data_dir,
+            )
+    except ValueError as error:
+        print(f"confidence-router eval: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---- eval-report -------------------------------------------------------------------------------
+
+
+def _report_args(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Write docs/results/<name>.md and PNGs from evaluation runs; the "
+        "first run is the main dataset (supervised-baseline training set)."
+    )
+    parser.add_argument("--db", default=DEFAULT_DB, help=f"SQLite file (default {DEFAULT_DB})")
+    parser.add_argument(
+        "--run",
+        action="append",
+        default=None,
+        dest="runs",
+        help="run name (repeatable, main first); default: every run, oldest first",
+    )
+    parser.add_argument("--name", default="evaluation", help="report file stem")
+    parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help="output directory")
+    parser.add_argument(
+        "--embeddings-url",
+        default=None,
+        help="Ollama server for the baseline's /api/embed; default: the embedded model",
+    )
+    parser.add_argument(
+        "--embeddings-model",
+        default=None,
+        help="embedding model name (default: the embedded model)",
+    )
+    parser.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the supervised baseline (no embeddings needed)",
+    )
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument(
+        "--curve-sizes",
+        type=_sizes,
+        default=CURVE_SIZES,
+        help="baseline learning-curve training sizes, comma-separated (default: "
+        f"{','.join(map(str, CURVE_SIZES))}; the whole training pool is added)",
+    )
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive sizes, got {text!r}")
+    return sizes
+
+
+def _write_report(
+    args: argparse.Namespace,
+    db: str,
+    runs: list[str] | None,
+    name: str,
+    url: str | None,
+    embeddings_model: str | None,
+) -> None:
+    from confidence_router.evaluation.report import generate_report
+
+    embeddings = None
+    description = ""
+    if url is not None:
+        model = embeddings_model or _embedded_model_name()
+        embeddings = _embeddings(url, model)
+        description = f"`{model}` via Ollama /api/embed"
+    report = generate_report(
+        db,
+        runs=runs,
+        name=name,
+        out_dir=args.out_dir,
+        embeddings=embeddings,
+        embeddings_name=description,
+        n_resamples=args.bootstrap,
+        learning_curve_sizes=getattr(args, "curve_sizes", CURVE_SIZES),
+    )
+    print(f"wrote {report.markdown_path}")
+    for path in report.figure_paths.values():
+        print(f"wrote {path}")
+
+
+@command("eval-report", _report_args)
+def _eval_report(args: argparse.Namespace) -> int:
+    if not Path(args.db).is_file():
+        raise FileNotFoundError(f"evaluation database not found: {args.db!r}")
+    try:
+        if args.no_baseline:
+            _write_report(args, args.db, args.runs, args.name, None, None)
+        else:
+            with _ollama_endpoint(args.embeddings_url) as url:
+                _write_report(args, args.db, args.runs, args.name, url, args.embeddings_model)
+    except ValueError as error:
+        print(f"confidence-router eval-report: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---- eval-all ----------------------------------------------------------------------------------
+
+
+def _all_args(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Regenerate the committed report: the embedded model on "
+        f"{' + '.join(ALL_DATASETS)} (--limit each), then eval-report with the baseline. "
+        "Resumes an interrupted run unless --fresh."
+    )
+    parser.add_argument("--name", default=DEFAULT_REPORT_NAME, help="report name")
+    parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help="output directory")
+    parser.add_argument("--db", default=None, help="SQLite file (default: <out-dir>/<name>.sqlite)")
+    parser.add_argument("--limit", type=int, default=1000, help="items per dataset")
+    parser.add_argument(
+        "--fresh", action="store_true", help="delete the database first (re-measure everything)"
+    )
+    parser.add_argument("--concurrency", type=int, default=1, help="requests in flight")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--data-dir", default=None, help="the shared data directory")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+@command("eval-all", _all_args)
+def _eval_all(args: argparse.Namespace) -> int:
+    db = Path(args.db or Path(args.out_dir) / f"{args.name}.sqlite")
+    if args.fresh:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+    model = _embedded_model_name()
+    try:
+        with _ollama_endpoint(None) as url:
+            names = [
+                _run_dataset(
+                    url,
+                    model=model,
+                    dataset=dataset,
+                    db=str(db),
+                    limit=args.limit,
+                    offset=0,
+                    prompts="few-shot",
+                    concurrency=args.concurrency,
+                    run_name=None,
+                    num_predict=50,
+                    timeout=None,
+                    retry_errors=False,
+                    progress=not args.no_progress,
+                    data_dir=args.data_dir,
+                )
+                for dataset in ALL_DATASETS
+            ]
+            _write_report(args, str(db), names, args.name, url, model)
+    except ValueError as error:
+        print(f"confidence-router eval-all: error: {error}", file=sys.stderr)
+        return 2
+    return 0
