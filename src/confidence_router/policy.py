@@ -93,7 +93,7 @@ class RoutingPolicy:
     @classmethod
     def knob_names(cls) -> tuple[str, ...]:
         """Names of the knobs, as accepted per call."""
-        return tuple(f.name for f in fields(cls))
+        return _KNOB_NAMES
 
     def with_overrides(self, overrides: dict[str, Any]) -> RoutingPolicy:
         """A copy with some knobs replaced (validated)."""
@@ -103,6 +103,9 @@ class RoutingPolicy:
                 f"unknown routing knob(s) {sorted(unknown)}; known: {list(self.knob_names())}"
             )
         return replace(self, **overrides) if overrides else self
+
+
+_KNOB_NAMES = tuple(f.name for f in fields(RoutingPolicy))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ four entry points (invoke, ainvoke, stream, astream).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -43,6 +44,13 @@ ChatRunnable = Runnable[LanguageModelInput, BaseMessage]
 
 #: Guard signature: return a reason (str) to keep the query local, or None to allow escalation.
 EscalationGuard = Callable[[Sequence[BaseMessage]], "str | None"]
+
+
+@functools.cache
+def _default_prices() -> PriceTable:
+    from confidence_router.costs import PriceTable
+
+    return PriceTable()
 
 
 def _default_cloud_retry() -> RetryPolicy:
@@ -173,9 +181,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
         """The price table in use (``prices`` or the built-in one)."""
         if self.prices is not None:
             return self.prices
-        from confidence_router.costs import PriceTable
-
-        return PriceTable()
+        return _default_prices()
 
     # -- construction from plain settings -----------------------------------------------------
 
