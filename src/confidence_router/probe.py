@@ -174,6 +174,11 @@ class SelfAssessmentProbe(RunnableSerializable[ProbeInput, GsaScore]):
             :mod:`confidence_router.gsa`).
         configure_model: Apply the ChatOllama probe settings (default ``True``). Set ``False``
             if you pass an already configured probe model.
+        message_template: For base models without a chat template only: the user message is
+            this text with ``{prompt}`` replaced by the GSA prompt (e.g. few-shot YES/NO
+            demonstrations, see :data:`confidence_router.serving.llamacpp.YES_NO_TEMPLATE`).
+            The GSA prompt inside keeps its exact bytes, so v3-without-strong-hits still equals
+            v2. Default ``None``: the GSA prompt is the whole message (chat models).
 
     Errors from the model or the store propagate; an unreadable answer does not raise but
     yields ``extraction_mode="neutral"`` (p = 0.5) with a warning.
@@ -186,6 +191,7 @@ class SelfAssessmentProbe(RunnableSerializable[ProbeInput, GsaScore]):
     k: int = MAX_HITS_USED
     quote_hits: bool = False
     configure_model: bool = True
+    message_template: str | None = None
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -196,6 +202,13 @@ class SelfAssessmentProbe(RunnableSerializable[ProbeInput, GsaScore]):
     def _check_version(cls, value: str) -> str:
         if value not in GSA_VERSIONS:
             raise ValueError(f"unknown GSA version {value!r}; expected one of {GSA_VERSIONS}")
+        return value
+
+    @field_validator("message_template")
+    @classmethod
+    def _check_template(cls, value: str | None) -> str | None:
+        if value is not None and "{prompt}" not in value:
+            raise ValueError("message_template must contain the placeholder {prompt}")
         return value
 
     @field_validator("k")
@@ -248,6 +261,12 @@ class SelfAssessmentProbe(RunnableSerializable[ProbeInput, GsaScore]):
             return query, hits
         raise TypeError(f"probe input must be a str or a mapping, got {type(value).__name__}")
 
+    def _message(self, prompt: GsaPrompt) -> HumanMessage:
+        if self.message_template is None:
+            return HumanMessage(content=prompt.text)
+        # str.replace, not format(): the prompt may contain braces.
+        return HumanMessage(content=self.message_template.replace("{prompt}", prompt.text))
+
     def _needs_search(self, hits: list[Hit] | None) -> bool:
         return hits is None and self.store is not None and self.version != GSA_V2_VERSION
 
@@ -295,7 +314,7 @@ class SelfAssessmentProbe(RunnableSerializable[ProbeInput, GsaScore]):
         prompt = self._prompt(query, hits)
         child = patch_config(config, callbacks=run_manager.get_child())
         start = time.perf_counter()
-        response = self.probe_model.invoke([HumanMessage(content=prompt.text)], config=child)
+        response = self.probe_model.invoke([self._message(prompt)], config=child)
         latency = time.perf_counter() - start
         return self._score(prompt, response, latency, retrieval_latency, len(hits))
 
@@ -324,7 +343,7 @@ class SelfAssessmentProbe(RunnableSerializable[ProbeInput, GsaScore]):
         prompt = self._prompt(query, hits)
         child = patch_config(config, callbacks=run_manager.get_child())
         start = time.perf_counter()
-        response = await self.probe_model.ainvoke([HumanMessage(content=prompt.text)], config=child)
+        response = await self.probe_model.ainvoke([self._message(prompt)], config=child)
         latency = time.perf_counter() - start
         return self._score(prompt, response, latency, retrieval_latency, len(hits))
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+
+import pytest
 
 from confidence_router.cli import build_parser, main
 from confidence_router.evaluation.runner import list_runs, load_run
@@ -49,3 +52,34 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     parser = build_parser()
     assert {"eval", "eval-report", "eval-all"} <= set(parser._subparsers._group_actions[0].choices)
+
+
+def test_eval_with_gsa_probes(ollama_backend, ollama_server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    data = tmp_path / "gsa.jsonl"
+    rows = [{"question": f"Which colour is item {i}?", "answers": [f"colour {i}"]}
+            for i in range(30)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    ollama_backend.set_default(" no idea", logprobs=-1.0)
+    probe = "Are you confident you can answer this question correctly?"
+    ollama_backend.add_probe(probe, {"YES": -0.2, "NO": -1.8})
+    db = tmp_path / "gsa.sqlite"
+    args = ["eval", "--dataset", str(data), "--ollama-url", ollama_server.url,
+            "--model", "scripted-local", "--db", str(db), "--limit", "10", "--gsa",
+            "--kb-offset", "10", "--kb-size", "20", "--tau", "0.99", "--no-progress"]
+    assert main(args) == 0
+    (run,) = list_runs(db)
+    loaded = load_run(db, run.name)
+    v2, v3 = loaded.signal("gsa_v2.p_yes"), loaded.signal("gsa_v3.p_yes")
+    expected = 1 / (1 + math.exp(-1.6))  # YES -0.2 vs NO -1.8
+    assert v2.scores.tolist() == pytest.approx([expected] * 10)
+    assert v3.scores.tolist() == pytest.approx([expected] * 10)
+    # the store was seeded from the disjoint slice, with gold answers as content
+    chat = [r["body"]["messages"][-1]["content"] for r in ollama_server.requests
+            if r["path"] == "/api/chat"]
+    assert sum(probe in text for text in chat) == 20  # one v2 + one v3 probe per item
+    assert not any("Here is what you recall" in text for text in chat)  # tau 0.99: no hits
+    # overlapping slices are refused
+    bad = [*args[:-7], "--kb-offset", "5", "--kb-size", "20", "--no-progress"]
+    assert main(bad) == 2
+    assert "overlaps the evaluated items" in capsys.readouterr().err

@@ -451,3 +451,29 @@ def test_with_ollama_embeddings_over_fake_server(tmp_path: Path) -> None:
         # the question is embedded (not the content), and the query as given
         assert "What is the capital of France?" in embedded
         assert "Paris." not in embedded
+
+
+def test_self_similarity_tau(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    from confidence_router.testing import hashing_embedding
+
+    class _Hashing(Embeddings):
+        def embed_documents(self, texts: list[str]) -> list[list[float]]:
+            return [hashing_embedding(t, 32) for t in texts]
+
+        def embed_query(self, text: str) -> list[float]:
+            return hashing_embedding(text, 32)
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    store = KnowledgeStore(_Hashing(), path=tmp_path / "kb")
+    questions = [f"question {w} about topic {i}" for i, w in enumerate("abcdefghij")]
+    store.add_many([(q, "x") for q in questions])
+    vectors = np.array([hashing_embedding(q, 32) for q in questions])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    cosine = vectors @ vectors.T
+    np.fill_diagonal(cosine, -np.inf)
+    expected = float(np.quantile(cosine.max(axis=1), 0.9))
+    assert store.self_similarity_tau(0.9) == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match="quantile"):
+        store.self_similarity_tau(1.0)

@@ -363,3 +363,14 @@ def test_configure_model_false_keeps_the_instance(local: ChatOllama) -> None:
     configured = SelfAssessmentProbe(model=local).probe_model
     assert isinstance(configured, ChatOllama) and configured is not local
     assert (configured.num_predict, configured.top_logprobs) == (1, 5)
+
+
+def test_message_template_wraps_exact_prompt_bytes(backend: ScriptedBackend, gsa_server: OllamaCompatibleServer) -> None:
+    template = "EXAMPLES\nQ: {prompt}\nA:"
+    probe = SelfAssessmentProbe(model=ChatOllama(model=MODEL, base_url=gsa_server.url),
+                                version=GSA_V2_VERSION, message_template=template)
+    probe.invoke(FRANCE)
+    sent = gsa_server.requests[-1]["body"]["messages"][-1]["content"]
+    assert sent == template.replace("{prompt}", GSA_V2_PROMPT_TEMPLATE.format(query=FRANCE))
+    with pytest.raises(ValidationError, match="placeholder"):
+        SelfAssessmentProbe(model=ChatOllama(model=MODEL), message_template="no slot")

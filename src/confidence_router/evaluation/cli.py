@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,8 @@ DEFAULT_OUT_DIR = "docs/results"
 CURVE_SIZES = (25, 50, 100, 250, 500, 1000)
 ALL_DATASETS = ("wikidata", "triviaqa")
 """The committed report: main set (baseline training) first, then the shifted set."""
+GSA_DATASETS = ("triviaqa",)
+"""Where eval-all also measures GSA v2 vs v3 (the issue's TriviaQA measurement)."""
 
 
 def _embedded_model_name() -> str:
@@ -87,11 +91,15 @@ def _run_dataset(
     retry_errors: bool,
     progress: bool,
     data_dir: str | None,
+    gsa: GsaOptions | None = None,
 ) -> str:
     from confidence_router.evaluation.datasets import load_dataset
     from confidence_router.evaluation.runner import EvalRunner
 
     items = load_dataset(dataset, limit=limit, offset=offset, data_dir=data_dir)
+    signals = (
+        _gsa_signals(url, model, dataset, db, offset, len(items), gsa, data_dir) if gsa else ()
+    )
     runner = EvalRunner(
         _chat_model(url, model),
         db_path=db,
@@ -103,6 +111,7 @@ def _run_dataset(
         timeout_s=timeout,
         retry_errors=retry_errors,
         progress=progress,
+        signals=signals,
     )
     summary = runner.run(items, start_position=offset)
     print(
@@ -111,6 +120,87 @@ def _run_dataset(
         f"{summary.elapsed_s:.1f} s -> {db}"
     )
     return summary.run_name
+
+
+@dataclass(frozen=True)
+class GsaOptions:
+    """GSA v2 (bare) and v3 (retrieval-conditional) probes as extra signals of a run.
+
+    The v3 knowledge store is seeded from ``kb_size`` items starting at ``kb_offset`` of the
+    same dataset, with their gold answers as content; that slice must not overlap the
+    evaluated items. ``tau=None`` calibrates the strong-hit threshold from the store's
+    self-similarity (:meth:`KnowledgeStore.self_similarity_tau`), since the paper's 0.70 is
+    specific to bge-large.
+    """
+
+    kb_offset: int = 1000
+    kb_size: int = 1000
+    tau: float | None = None
+
+
+def _gsa_signals(
+    url: str,
+    model: str,
+    dataset: str,
+    db: str,
+    offset: int,
+    n_items: int,
+    gsa: GsaOptions,
+    data_dir: str | None,
+) -> tuple[Any, ...]:
+    from langchain_ollama import ChatOllama, OllamaEmbeddings
+
+    from confidence_router.evaluation.datasets import load_dataset
+    from confidence_router.evaluation.runner import runnable_signal
+    from confidence_router.gsa import GSA_V2_VERSION, GSA_V3_VERSION
+    from confidence_router.knowledge import KnowledgeStore
+    from confidence_router.probe import SelfAssessmentProbe
+
+    kb_end, eval_end = gsa.kb_offset + gsa.kb_size, offset + n_items
+    if gsa.kb_offset < eval_end and offset < kb_end:
+        raise ValueError(
+            f"the knowledge-store slice [{gsa.kb_offset}, {kb_end}) overlaps the evaluated "
+            f"items [{offset}, {eval_end}); choose a disjoint --kb-offset"
+        )
+    seed = load_dataset(dataset, limit=gsa.kb_size, offset=gsa.kb_offset, data_dir=data_dir)
+    store = KnowledgeStore(
+        OllamaEmbeddings(base_url=url, model=model),
+        path=f"{db}.kb",
+        collection=f"{Path(dataset).stem}-{gsa.kb_offset}-{kb_end}",
+    )
+    if store.count() < len({item.question.strip().casefold() for item in seed}):
+        print(f"seeding the knowledge store with {len(seed)} gold answers ...", file=sys.stderr)
+        for start in range(0, len(seed), 100):  # batches: a killed seeding resumes cheaply
+            batch = seed[start : start + 100]
+            store.add_many(
+                [(item.question, item.answers[0]) for item in batch],
+                provenance={"dataset": dataset, "kind": "gold answer"},
+            )
+    tau = gsa.tau if gsa.tau is not None else store.self_similarity_tau()
+    print(f"GSA v3 strong-hit threshold tau = {tau:.4f}", file=sys.stderr)
+    probe_model = ChatOllama(base_url=url, model=model)
+    template = None
+    if model == _embedded_model_name():
+        # A base model needs YES/NO demonstrations around the exact GSA prompt bytes.
+        from confidence_router.serving.llamacpp import YES_NO_TEMPLATE as template
+    fields = ("p_yes", "latency_s", "extraction_mode", "had_retrieval", "n_hits_used", "tau")
+    return (
+        runnable_signal(
+            "gsa_v2",
+            SelfAssessmentProbe(
+                model=probe_model, version=GSA_V2_VERSION, message_template=template
+            ),
+            fields=fields,
+        ),
+        runnable_signal(
+            "gsa_v3",
+            SelfAssessmentProbe(
+                model=probe_model, store=store, tau=tau, version=GSA_V3_VERSION,
+                message_template=template,
+            ),
+            fields=(*fields, "retrieval_latency_s"),
+        ),
+    )
 
 
 # ---- eval ------------------------------------------------------------------------------------
@@ -160,6 +250,15 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--data-dir", default=None, help="the shared data directory")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--gsa", action="store_true",
+        help="also record GSA v2 and v3 self-assessment probes (v3 with a knowledge store "
+        "seeded from a disjoint slice of the dataset with gold answers)",
+    )
+    parser.add_argument("--kb-offset", type=int, default=1000, help="GSA store slice start")
+    parser.add_argument("--kb-size", type=int, default=1000, help="GSA store slice size")
+    parser.add_argument("--tau", type=float, default=None,
+                        help="GSA v3 strong-hit threshold (default: calibrated on the store)")
 
 
 @command("eval", _eval_args)
@@ -188,6 +287,7 @@ def _eval(args: argparse.Namespace) -> int:
                 retry_errors=args.retry_errors,
                 progress=not args.no_progress,
                 data_dir=args.data_dir,
+                gsa=GsaOptions(args.kb_offset, args.kb_size, args.tau) if args.gsa else None,
             )
     except ValueError as error:
         print(f"confidence-router eval: error: {error}", file=sys.stderr)
@@ -315,6 +415,9 @@ def _all_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--data-dir", default=None, help="the shared data directory")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--kb-size", type=int, default=500,
+                        help="GSA v3 knowledge store on TriviaQA: items after the evaluated "
+                        "ones, with their gold answers (default 500)")
 
 
 @command("eval-all", _all_args)
@@ -323,6 +426,7 @@ def _eval_all(args: argparse.Namespace) -> int:
     if args.fresh:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)
+        shutil.rmtree(f"{db}.kb", ignore_errors=True)
     model = _embedded_model_name()
     try:
         with _ollama_endpoint(None) as url:
@@ -342,6 +446,9 @@ def _eval_all(args: argparse.Namespace) -> int:
                     retry_errors=False,
                     progress=not args.no_progress,
                     data_dir=args.data_dir,
+                    gsa=GsaOptions(kb_offset=args.limit, kb_size=args.kb_size)
+                    if dataset in GSA_DATASETS
+                    else None,
                 )
                 for dataset in ALL_DATASETS
             ]

@@ -90,6 +90,22 @@ FEW_SHOT_PREFIX = (
     "Q: What is the capital of Italy?\nA: Rome\nQ: Who wrote Hamlet?\nA: William Shakespeare\n"
 )
 
+#: The GSA self-assessment probe for this base model: the trivia few-shot prefix (so the
+#: backend uses the message verbatim), two YES/NO demonstrations in the exact GSA v2 format, then
+#: the probe prompt. A base model has no chat template to follow "Respond with exactly one
+#: token: YES or NO"; without demonstrations Gemma 3 270M answers " A" (unreadable, neutral).
+#: Use with ``SelfAssessmentProbe(message_template=YES_NO_TEMPLATE)``.
+YES_NO_TEMPLATE = (
+    FEW_SHOT_PREFIX
+    + "Q: The user has asked the following question:\nWhat is the capital of France?\n\n"
+    "Are you confident you can answer this question correctly? Respond with exactly one "
+    "token: YES or NO.\nA: YES\n"
+    "Q: The user has asked the following question:\nWhat was the maiden name of the "
+    "grandmother of the 9th-century poet Abu Tammam?\n\nAre you confident you can answer "
+    "this question correctly? Respond with exactly one token: YES or NO.\nA: NO\n"
+    "Q: {prompt}\nA:"
+)
+
 #: Ollama accepts ``top_logprobs`` in 0..20.
 MAX_TOP_LOGPROBS = 20
 
