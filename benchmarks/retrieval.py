@@ -21,8 +21,7 @@ from confidence_router.knowledge import KnowledgeStore
 from confidence_router.testing import hashing_embedding
 
 DIM = 384
-WORDS = ("capital river composer treaty element planet war city king queen novel painter "
-         "mountain island language currency president battle symphony opera bridge").split()
+WORDS = ["capital", "river", "composer", "treaty", "element", "planet", "war", "city", "king", "queen", "novel", "painter", "mountain", "island", "language", "currency", "president", "battle", "symphony", "opera", "bridge"]
 
 
 class HashingEmbeddings(Embeddings):

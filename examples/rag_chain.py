@@ -13,7 +13,7 @@ from langchain_core.runnables import RunnablePassthrough
 from langchain_core.vectorstores import InMemoryVectorStore
 from langchain_ollama import OllamaEmbeddings
 
-from confidence_router import ConfidenceRoutedLLM, RouterSettings
+from confidence_router import RouterSettings
 
 DOCUMENTS = [
     "Kaunas is Lithuania's second-largest city, at the confluence of the Neris and Nemunas.",

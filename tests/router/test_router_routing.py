@@ -385,7 +385,7 @@ def test_children_are_traced_under_the_router_run(router, scripted):
     (name, data, run_id), = recorder.events
     assert name == "routing_decision" and run_id == root["run_id"]
     assert data["decision"] == "cloud" and data["reason"] == "low_confidence"
-    root_end = [r for rid, r in recorder.ends if rid == root["run_id"]][0]
+    root_end = next(r for rid, r in recorder.ends if rid == root["run_id"])
     assert root_end.llm_output["routing"]["decision"] == "cloud"
 
 
