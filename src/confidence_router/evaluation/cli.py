@@ -69,10 +69,15 @@ def _chat_model(url: str, model: str) -> Any:
     return ChatOllama(base_url=url, model=model)
 
 
-def _embeddings(url: str, model: str) -> Any:
+def _embeddings(url: str, model: str, cache: str | None = None) -> Any:
     from langchain_ollama import OllamaEmbeddings
 
-    return OllamaEmbeddings(base_url=url, model=model)
+    embeddings = OllamaEmbeddings(base_url=url, model=model)
+    if cache is None:
+        return embeddings
+    from confidence_router.evaluation.embedding_cache import CachedEmbeddings
+
+    return CachedEmbeddings(embeddings, cache, model=model)
 
 
 def _run_dataset(
@@ -362,7 +367,8 @@ def _write_report(
     description = ""
     if url is not None:
         model = embeddings_model or _embedded_model_name()
-        embeddings = _embeddings(url, model)
+        # Cached beside the database: a regenerated report does not re-embed every question.
+        embeddings = _embeddings(url, model, cache=f"{db}.embeddings")
         description = f"`{model}` via Ollama /api/embed"
     report = generate_report(
         db,
