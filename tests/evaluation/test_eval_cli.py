@@ -83,3 +83,26 @@ def test_eval_with_gsa_probes(ollama_backend, ollama_server, tmp_path, monkeypat
     bad = [*args[:-7], "--kb-offset", "5", "--kb-size", "20", "--no-progress"]
     assert main(bad) == 2
     assert "overlaps the evaluated items" in capsys.readouterr().err
+
+
+def test_calibrate_command_on_an_eval_run(ollama_backend, ollama_server, tmp_path, capsys):
+    data = tmp_path / "cal.jsonl"
+    # 40 questions; confidence falls with i, and only the first 20 answers are right.
+    rows = [{"question": f"Calibration question {i}?", "answers": ["right" if i < 20 else "x"]}
+            for i in range(40)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for i in range(40):
+        ollama_backend.add_answer(f"Calibration question {i}?", " right", logprobs=-0.05 * (i + 1))
+    db = tmp_path / "cal.sqlite"
+    assert main(["eval", "--dataset", str(data), "--ollama-url", ollama_server.url,
+                 "--model", "scripted-local", "--db", str(db), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["calibrate", str(db), "--target-rate", "0.25", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["expected_call_rate"] == pytest.approx(0.25)
+    # escalating the 10 least confident (i = 30..39) keeps everything above them
+    assert result["threshold"] == pytest.approx(1 / (1 + math.exp(-(2 * -0.05 * 30 + 3))))
+    assert main(["calibrate", str(db), "--target-accuracy", "1.0"]) == 0
+    out = capsys.readouterr().out
+    assert "expected call rate 0.500" in out  # keep only the 20 right answers
+    assert main(["calibrate", str(tmp_path / "none.sqlite"), "--target-rate", "0.3"]) == 2
