@@ -21,6 +21,7 @@ from langchain_core.callbacks import (
     CallbackManagerForLLMRun,
 )
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.runnables import RunnableBinding, RunnableConfig
 
 T = TypeVar("T")
@@ -220,7 +221,9 @@ def as_chunk(message: BaseMessage) -> AIMessageChunk:
             response_metadata=message.response_metadata,
             usage_metadata=message.usage_metadata,
             tool_call_chunks=[
-                {"name": tc["name"], "args": json.dumps(tc["args"]), "id": tc["id"], "index": i}
+                tool_call_chunk(
+                    name=tc["name"], args=json.dumps(tc["args"]), id=tc["id"], index=i
+                )
                 for i, tc in enumerate(message.tool_calls)
             ],
         )
