@@ -83,3 +83,27 @@ def token_logprobs(response_metadata: Mapping[str, Any] | None) -> list[TokenLog
 def message_token_logprobs(message: Any) -> list[TokenLogprob] | None:
     """:func:`token_logprobs` of a LangChain message (anything with ``response_metadata``)."""
     return token_logprobs(getattr(message, "response_metadata", None))
+
+
+def message_text(message: Any) -> str:
+    """Plain text of a chat message: string content, or the text blocks of a content list
+    (Bedrock streams lists of blocks), or the string itself.
+
+    >>> from types import SimpleNamespace
+    >>> message_text(SimpleNamespace(content=[{"type": "text", "text": "Par"}, "is"]))
+    'Paris'
+    """
+    if isinstance(message, str):
+        return message
+    content = getattr(message, "content", None)
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts: list[str] = []
+        for block in content:
+            if isinstance(block, str):
+                parts.append(block)
+            elif isinstance(block, Mapping) and block.get("type") == "text":
+                parts.append(str(block.get("text", "")))
+        return "".join(parts)
+    return "" if content is None else str(content)

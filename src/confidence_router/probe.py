@@ -47,6 +47,7 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializa
 from langchain_core.runnables.config import patch_config
 from pydantic import ConfigDict, PrivateAttr, field_validator
 
+from confidence_router.extraction import message_text
 from confidence_router.gsa import (
     DEFAULT_GSA_VERSION,
     DEFAULT_TAU,
@@ -134,24 +135,6 @@ def first_position_top_logprobs(message: Any) -> list[Any] | None:
         return None
     top_list = list(top)
     return top_list or None
-
-
-def message_text(message: Any) -> str:
-    """Plain text of a chat message (string content or text content blocks) or a string."""
-    if isinstance(message, str):
-        return message
-    content = getattr(message, "content", None)
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts: list[str] = []
-        for block in content:
-            if isinstance(block, str):
-                parts.append(block)
-            elif isinstance(block, Mapping) and block.get("type") == "text":
-                parts.append(str(block.get("text", "")))
-        return "".join(parts)
-    return "" if content is None else str(content)
 
 
 class SelfAssessmentProbe(RunnableSerializable[ProbeInput, GsaScore]):

@@ -77,7 +77,7 @@ class CachedEmbeddings(Embeddings):
             rows += [
                 (key, json.loads(vector))
                 for key, vector in self._conn.execute(
-                    f"SELECT key, vector FROM vectors WHERE key IN ({marks})", chunk  # noqa: S608
+                    f"SELECT key, vector FROM vectors WHERE key IN ({marks})", chunk
                 )
             ]
         return rows

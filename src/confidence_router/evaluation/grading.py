@@ -29,6 +29,8 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from confidence_router.extraction import message_text as _message_text
+
 __all__ = [
     "Grader",
     "JudgeParseError",
@@ -186,23 +188,6 @@ JUDGE_PROMPT_TEMPLATE = (
     "Reply with exactly one word: YES or NO."
 )
 """Default judge prompt; placeholders ``{question}``, ``{gold_answers}``, ``{prediction}``."""
-
-
-def _message_text(message: Any) -> str:
-    # LangChain chat models return an AIMessage whose ``content`` is a str or a list of content
-    # blocks (str or {"type": "text", "text": ...}); plain strings are accepted for test fakes.
-    content = getattr(message, "content", message)
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for block in content:
-            if isinstance(block, str):
-                parts.append(block)
-            elif isinstance(block, dict) and block.get("type") == "text":
-                parts.append(str(block.get("text", "")))
-        return "".join(parts)
-    return str(content)
 
 
 def _parse_yes_no(reply: str) -> bool:

@@ -76,6 +76,7 @@ from confidence_router.evaluation.datasets import (
     QAItem,
 )
 from confidence_router.evaluation.grading import Grader, match_grader
+from confidence_router.extraction import message_text as _message_text
 from confidence_router.extraction import message_token_logprobs
 from confidence_router.signals import (
     UNKNOWN_EMPTY_ANSWER,
@@ -450,21 +451,6 @@ def _model_options(model: Any) -> dict[str, Any]:
                 else (list(getattr(model, attr) or []))
             )
     return options
-
-
-def _message_text(message: Any) -> str:
-    content = getattr(message, "content", message)
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for block in content:
-            if isinstance(block, str):
-                parts.append(block)
-            elif isinstance(block, Mapping) and block.get("type") == "text":
-                parts.append(str(block.get("text", "")))
-        return "".join(parts)
-    return str(content)
 
 
 def _error_text(exc: BaseException) -> str:
