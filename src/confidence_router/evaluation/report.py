@@ -473,6 +473,11 @@ def _dataset_report(
                 arrays[primary].item_ids,
                 arrays[primary].scores,
             )
+    # GSA v3 is judged against the bare v2 probe it extends (method spec, Table VIII).
+    for v3, v2 in (("gsa_v3.p_yes", "gsa_v2.p_yes"),):
+        if v3 in arrays and v2 in arrays:
+            add_delta(v3, v2, "all labelled rows", arrays[v3].item_ids, arrays[v3].scores,
+                      arrays[v2].item_ids, arrays[v2].scores)
     if baseline is not None:
         b_labels = np.array([labels_by_id[i] for i in baseline.ids], dtype=np.int64)
         cloud_by_id = {run.item_ids[i]: run.cloud_correct[i] for i in range(run.n)}
