@@ -100,3 +100,51 @@ def bedrock_server(_bedrock_server_session: FakeBedrockServer) -> FakeBedrockSer
 # =============================================================================================
 # END test-bed fixtures
 # =============================================================================================
+
+
+# =============================================================================================
+# BEGIN client fixtures: the unchanged LangChain clients pointed at the test bed.
+# =============================================================================================
+
+SONNET = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+
+
+@pytest.fixture
+def bedrock_chat(bedrock_server: FakeBedrockServer):
+    """Factory: ``bedrock_chat(**overrides)`` -> a ChatBedrockConverse on the fake Bedrock.
+
+    No botocore retries (``max_retries=0``), so scripted errors reach the router at once; an
+    Anthropic model id, so ChatBedrockConverse really streams.
+    """
+    from langchain_aws import ChatBedrockConverse
+
+    def build(**overrides):
+        kwargs = {
+            "model": SONNET,
+            "region_name": "us-east-1",
+            "endpoint_url": bedrock_server.url,
+            "aws_access_key_id": "test",
+            "aws_secret_access_key": "test",
+            "max_retries": 0,
+            **overrides,
+        }
+        return ChatBedrockConverse(**kwargs)
+
+    return build
+
+
+@pytest.fixture
+def ollama_chat(ollama_server: OllamaCompatibleServer):
+    """Factory: ``ollama_chat(**overrides)`` -> a ChatOllama on the scripted Ollama server."""
+    from langchain_ollama import ChatOllama
+
+    def build(**overrides):
+        return ChatOllama(**{"model": "scripted-local", "base_url": ollama_server.url,
+                             **overrides})
+
+    return build
+
+
+# =============================================================================================
+# END client fixtures
+# =============================================================================================

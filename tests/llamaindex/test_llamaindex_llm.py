@@ -9,8 +9,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from botocore.config import Config
-from langchain_aws import ChatBedrockConverse
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_ollama import ChatOllama
 from llama_index.core import Document, Settings, VectorStoreIndex
@@ -48,15 +46,8 @@ def local(ollama_server):
 
 
 @pytest.fixture
-def cloud(bedrock_server):
-    return ChatBedrockConverse(
-        model=CLOUD_MODEL,
-        region_name="us-east-1",
-        endpoint_url=bedrock_server.url,
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-        config=Config(retries={"max_attempts": 1}),
-    )
+def cloud(bedrock_chat):
+    return bedrock_chat()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import logging
 
 import pytest
 from langchain_aws import ChatBedrockConverse
-from langchain_ollama import ChatOllama
 
 from confidence_router import ConfidenceRoutedLLM
 from confidence_router.budget import CloudBudget, estimate_tokens
@@ -24,16 +23,13 @@ FAST_RETRY = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.02, jitter
 
 
 @pytest.fixture
-def local(ollama_server):
-    return ChatOllama(model="scripted-local", base_url=ollama_server.url)
+def local(ollama_chat):
+    return ollama_chat()
 
 
 @pytest.fixture
-def cloud(bedrock_server):
-    return ChatBedrockConverse(
-        model=SONNET, region_name="us-east-1", endpoint_url=bedrock_server.url,
-        aws_access_key_id="test", aws_secret_access_key="test", max_retries=0, max_tokens=100,
-    )
+def cloud(bedrock_chat):
+    return bedrock_chat(max_tokens=100)
 
 
 @pytest.fixture

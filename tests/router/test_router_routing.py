@@ -6,8 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-from botocore.config import Config
-from langchain_aws import ChatBedrockConverse
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessageChunk
 from langchain_core.output_parsers import StrOutputParser
@@ -26,21 +24,14 @@ CLOUD_MODEL = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
 
 
 @pytest.fixture
-def local(ollama_server):
+def local(ollama_chat):
     # logprobs deliberately not set: the router must switch them on.
-    return ChatOllama(model="scripted-local", base_url=ollama_server.url, temperature=0)
+    return ollama_chat(temperature=0)
 
 
 @pytest.fixture
-def cloud(bedrock_server):
-    return ChatBedrockConverse(
-        model=CLOUD_MODEL,
-        region_name="us-east-1",
-        endpoint_url=bedrock_server.url,
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-        config=Config(retries={"max_attempts": 1}),
-    )
+def cloud(bedrock_chat):
+    return bedrock_chat()
 
 
 @pytest.fixture

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from botocore.config import Config
-from langchain_aws import ChatBedrockConverse
 from langchain_core.tools import tool
-from langchain_ollama import ChatOllama
 from pydantic import BaseModel
 
 from confidence_router import ConfidenceRoutedLLM
@@ -26,15 +23,8 @@ class Capital(BaseModel):
 
 
 @pytest.fixture
-def router(ollama_server, bedrock_server):
-    return ConfidenceRoutedLLM(
-        local=ChatOllama(model="scripted-local", base_url=ollama_server.url),
-        cloud=ChatBedrockConverse(
-            model="us.anthropic.claude-sonnet-4-5-20250929-v1:0", region_name="us-east-1",
-            endpoint_url=bedrock_server.url, aws_access_key_id="test",
-            aws_secret_access_key="test", config=Config(retries={"max_attempts": 1}),
-        ),
-    )
+def router(ollama_chat, bedrock_chat):
+    return ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat())
 
 
 def test_bind_tools_binds_each_tier_in_its_own_format(router, ollama_backend, bedrock_server,

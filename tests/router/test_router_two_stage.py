@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-from langchain_aws import ChatBedrockConverse
 from langchain_ollama import ChatOllama, OllamaEmbeddings
 
 from confidence_router import ConfidenceRoutedLLM
@@ -37,12 +36,8 @@ def store(tmp_path, monkeypatch, ollama_server):
 
 
 @pytest.fixture
-def cloud(bedrock_server):
-    return ChatBedrockConverse(
-        model="us.anthropic.claude-sonnet-4-5-20250929-v1:0", region_name="us-east-1",
-        endpoint_url=bedrock_server.url, aws_access_key_id="test",
-        aws_secret_access_key="test", max_retries=0,
-    )
+def cloud(bedrock_chat):
+    return bedrock_chat()
 
 
 @pytest.fixture
