@@ -16,7 +16,6 @@ import statistics
 import subprocess
 import sys
 import time
-
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
