@@ -318,6 +318,12 @@ class ConfidenceRoutedLLM(BaseChatModel):
             trace.record["learned"] = False
             trace.record["learn_error"] = f"{type(error).__name__}: {error}"
 
+    def _tier(self, tier: str) -> tuple[Any, float | None]:
+        """The model and timeout of ``tier`` (``"local"`` or ``"cloud"``)."""
+        if tier == "local":
+            return self.local, self.local_timeout
+        return self.cloud, self.cloud_timeout
+
     # -- sync stages ----------------------------------------------------------------------------
 
     def _run_precheck(self, trace: RoutingTrace, children: ChildManager | None) -> bool:
@@ -334,11 +340,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
         return trace.precheck_done(score)
 
     def _invoke_tier(self, tier: str, call: _Call) -> BaseMessage:
-        model, timeout = (
-            (self.local, self.local_timeout)
-            if tier == "local"
-            else (self.cloud, self.cloud_timeout)
-        )
+        model, timeout = self._tier(tier)
         config = _tiers.child_config(call.children, tier)
 
         def attempt() -> BaseMessage:
@@ -357,11 +359,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
             call.trace.timed(tier, started)
 
     def _stream_tier(self, tier: str, call: _Call) -> Iterator[AIMessageChunk]:
-        model, timeout = (
-            (self.local, self.local_timeout)
-            if tier == "local"
-            else (self.cloud, self.cloud_timeout)
-        )
+        model, timeout = self._tier(tier)
         config = _tiers.child_config(call.children, tier)
 
         def open_stream() -> tuple[Iterator[Any], Any]:
@@ -493,11 +491,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
         return trace.precheck_done(score)
 
     async def _ainvoke_tier(self, tier: str, call: _Call) -> BaseMessage:
-        model, timeout = (
-            (self.local, self.local_timeout)
-            if tier == "local"
-            else (self.cloud, self.cloud_timeout)
-        )
+        model, timeout = self._tier(tier)
         config = _tiers.child_config(call.children, tier)
 
         async def attempt() -> BaseMessage:
@@ -516,11 +510,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
             call.trace.timed(tier, started)
 
     async def _astream_tier(self, tier: str, call: _Call) -> AsyncIterator[AIMessageChunk]:
-        model, timeout = (
-            (self.local, self.local_timeout)
-            if tier == "local"
-            else (self.cloud, self.cloud_timeout)
-        )
+        model, timeout = self._tier(tier)
         config = _tiers.child_config(call.children, tier)
 
         async def open_stream() -> tuple[AsyncIterator[Any], Any]:
