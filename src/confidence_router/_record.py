@@ -1,57 +1,80 @@
-"""The routing record of one call: what was decided, why, at what cost and latency.
+"""Keeping the routing record of one call (see :mod:`confidence_router.record`).
 
-Private to :mod:`confidence_router.router`. :class:`RoutingTrace` applies the pure policy
-(:mod:`confidence_router.policy`) to what the tiers returned and keeps the record that ends up
-in ``response_metadata["routing"]``; it also settles the cloud budget, prices the call, feeds
-the threshold calibrator and the stats sink, exactly once per call.
+:class:`RoutingTrace` applies the pure policy (:mod:`confidence_router.policy`) to what the
+tiers returned and writes the record; it holds the cloud budget reservation of the call and,
+when the call ends, prices it and feeds the calibrator and the stats sink, exactly once. It is
+given its collaborators explicitly (:class:`Collaborators`), never the router.
+
+Private to the router.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from langchain_core.messages import BaseMessage
 
-from confidence_router._tiers import last_user_text, model_name, unwrap, usage_of
-from confidence_router.errors import BudgetExceededError, CloudEscalationError, LocalModelError
-from confidence_router.extraction import message_token_logprobs
-from confidence_router.policy import (
-    REASON_LOCAL_ERROR,
-    REASON_PRECHECK,
-    Decision,
-    RoutingPolicy,
-    decide_after_generation,
-    decide_precheck,
+from confidence_router import policy as rules
+from confidence_router.errors import (
+    BudgetExceededError,
+    CloudEscalationError,
+    EscalationBlockedError,
+    LocalModelError,
 )
-from confidence_router.retry import classify_error, error_code, refusal_reason
+from confidence_router.extraction import message_text, message_token_logprobs
+from confidence_router.policy import RoutingPolicy
+from confidence_router.record import Reason
+from confidence_router.retry import (
+    RetryPolicy,
+    classify_error,
+    error_code,
+    may_have_been_billed,
+    refusal_reason,
+)
 from confidence_router.signals import UNKNOWN_EMPTY_ANSWER, compute_signals, unknown_signals
 
 logger = logging.getLogger("confidence_router")
 
-REASON_CLOUD_ERROR = "cloud_error"
-REASON_BUDGET = "budget_exceeded"
 
-#: Output tokens assumed for a budget reservation when the cloud model sets no max_tokens.
-DEFAULT_RESERVED_OUTPUT_TOKENS = 1024
+@dataclass(frozen=True)
+class Collaborators:
+    """What a call's record needs besides the policy; built once per router."""
+
+    cloud_model: str | None
+    """The cloud model id (``None``: no cloud tier)."""
+    prices: Any
+    """A :class:`~confidence_router.costs.PriceTable`."""
+    stats: Any = None
+    calibrator: Any = None
+    budget: Any = None
+    guard: Callable[[Sequence[BaseMessage]], str | None] | None = None
+    cloud_retry: RetryPolicy | None = None
+    reserve_usd: Callable[[Sequence[BaseMessage]], float] | None = None
+    """The upper bound on one cloud request's cost (set when there is a budget)."""
+    early_exit_rule: Callable[[str, float, Sequence[Any]], bool] | None = None
+    """``rule(signal, threshold, tokens_so_far) -> stop?`` used when ``early_exit`` is on."""
+    confidence_map: Any = None
+    """A fitted calibration (``p_correct(score)``) that adds ``p_correct`` to the record."""
 
 
 class RoutingTrace:
-    """Accumulates the routing record of one call.
+    """Accumulates the routing record of one call."""
 
-    ``router`` supplies the optional collaborators: ``cloud``, ``calibrator``, ``prices``,
-    ``stats``, ``budget``, ``escalation_guard``.
-    """
-
-    def __init__(self, policy: RoutingPolicy, router: Any, messages: Sequence[BaseMessage]) -> None:
+    def __init__(
+        self, policy: RoutingPolicy, messages: Sequence[BaseMessage], collab: Collaborators
+    ) -> None:
         self.policy = policy
-        self.router = router
         self.messages = messages
+        self.collab = collab
         self.started = time.perf_counter()
         self.local_error: BaseException | None = None
         self.reservation: Any = None
+        self._committed_unknown_usd = 0.0
+        self._may_escalate: bool | None = None
         self._finished: dict[str, Any] | None = None
         self.record: dict[str, Any] = {
             "decision": "local",
@@ -59,13 +82,14 @@ class RoutingTrace:
             "confidence": None,
             "threshold": policy.threshold,
             "signal": policy.signal,
-            "policy": dict(policy.__dict__),
+            "policy": policy.as_dict(),
             "signals": None,
             "latency_s": {},
             "usage": {},
             "escalated": False,
             "would_escalate": False,
             "flagged": False,
+            "cloud_attempts": 0,
         }
 
     def timed(self, stage: str, started: float) -> None:
@@ -76,7 +100,7 @@ class RoutingTrace:
     def precheck_done(self, score: Any) -> bool:
         """Record the probe's score; True means escalate without generating locally."""
         p_yes = float(score.p_yes)
-        decision = decide_precheck(self.policy, p_yes)
+        decision = rules.decide_precheck(self.policy, p_yes)
         self.record["precheck"] = {
             "p_yes": p_yes,
             "threshold": self.policy.precheck_threshold,
@@ -88,51 +112,82 @@ class RoutingTrace:
         }
         if not decision.escalate or self.escalation_blocked():
             return False
-        self.record["reason"] = REASON_PRECHECK
+        self.record["reason"] = Reason.PRECHECK
         return True
 
-    def precheck_failed(self, error: BaseException) -> bool:
+    def precheck_failed(self, error: BaseException) -> None:
         """A failed probe never blocks the query: record it and generate locally."""
         self.record["precheck"] = {
             "error": f"{type(error).__name__}: {error}",
             "error_kind": classify_error(error).value,
         }
-        return False
 
     # -- local --------------------------------------------------------------------------------
 
     def local_failed(self, error: BaseException) -> None:
-        self.record["reason"] = REASON_LOCAL_ERROR
+        self.record["reason"] = Reason.LOCAL_ERROR
         self.record["local_error"] = f"{type(error).__name__}: {error}"
         self.record["local_error_kind"] = classify_error(error).value
         self.local_error = error
 
-    def local_done(self, message: BaseMessage) -> Decision:
+    def should_stop_early(self, tokens: Sequence[Any]) -> bool:
+        """With ``early_exit`` on: can the local answer (tokens so far) no longer be kept?
+
+        Never when the query could not escalate anyway (not allowed, no cloud, guarded): the
+        local answer will then be served, so it must be complete.
+        """
+        rule = self.collab.early_exit_rule
+        if not self.policy.early_exit or rule is None or not tokens:
+            return False
+        if not rule(self.policy.signal, self.threshold_in_effect(), tokens):
+            return False
+        if self._may_escalate is None:
+            self._may_escalate = self.policy.allow_escalation and (
+                self.collab.cloud_model is not None and self._guard_verdict() is None
+            )
+        return self._may_escalate
+
+    def threshold_in_effect(self) -> float:
+        return float(self.record["threshold"])
+
+    def _score_local(self, message: BaseMessage, early_exit: dict[str, Any] | None) -> rules.Decision:
         tokens = message_token_logprobs(message)
-        if tokens == [] and not message.text.strip():
-            # An empty answer has no tokens to score; say so rather than "no logprobs".
-            signals = unknown_signals(UNKNOWN_EMPTY_ANSWER)
+        has_tool_calls = bool(getattr(message, "tool_calls", None))
+        if early_exit is not None:
+            self.record["early_exit"] = early_exit
+        if early_exit and early_exit.get("exited"):
+            # Stopped mid-generation because the answer could no longer reach the threshold.
+            signals = compute_signals(_logprobs(tokens))
+            decision = rules.Decision(True, Reason.EARLY_EXIT, rules.decide_after_generation(
+                self.policy, signals).score)
         else:
-            signals = compute_signals(None if tokens is None else [t.logprob for t in tokens])
-        decision = decide_after_generation(self.policy, signals)
+            if not message_text(message).strip() and not has_tool_calls:
+                # Nothing (or only whitespace) was answered: there is nothing to score.
+                signals = unknown_signals(UNKNOWN_EMPTY_ANSWER)
+            else:
+                signals = compute_signals(_logprobs(tokens))
+            decision = rules.decide_after_generation(self.policy, signals)
         self.record["signals"] = signals.as_dict()
         self.record["confidence"] = decision.score
         self.record["reason"] = decision.reason
-        self.record["usage"]["local"] = usage_of(message)
-        calibrator = self.router.calibrator
-        if calibrator is not None:
+        self.record["usage"]["local"] = _usage_of(message)
+        if self.collab.confidence_map is not None and decision.score is not None:
+            self.record["p_correct"] = float(self.collab.confidence_map.p_correct(decision.score))
+        if rules.serve_local_when_unknown(self.policy, decision):
+            self.record["flagged"] = True  # kept although nothing says it is right
+        calibrator = self.collab.calibrator
+        if calibrator is not None and decision.score is not None:
             calibrator.observe(decision.score, escalated=decision.escalate)
         return decision
 
-    def after_local(self, message: BaseMessage | None) -> bool:
+    def after_local(
+        self, message: BaseMessage | None, *, early_exit: dict[str, Any] | None = None
+    ) -> bool:
         """Decide after local generation; True means escalate to the cloud."""
-        escalate = message is None or self.local_done(message).escalate
+        escalate = message is None or self._score_local(message, early_exit).escalate
         if escalate and self.escalation_blocked():
             if message is None:
-                why = self.record.get("escalation_skipped", "escalation not possible")
-                raise LocalModelError(
-                    f"local model failed ({self.record.get('local_error')}) and {why}"
-                ) from self.local_error
+                raise self.no_answer_error()
             return False
         return escalate
 
@@ -141,110 +196,161 @@ class RoutingTrace:
     def escalation_blocked(self) -> bool:
         """True when the decision says escalate but the query must stay local."""
         self.record["would_escalate"] = True
-        skipped = self._skip_reason()
+        skipped = rules.escalation_skip_reason(
+            self.policy,
+            has_cloud=self.collab.cloud_model is not None,
+            guard_verdict=self._guard_verdict() if self.policy.allow_escalation else None,
+        )
         if skipped is None:
             return False
         self.record["flagged"] = True
         self.record["escalation_skipped"] = skipped
         return True
 
-    def _skip_reason(self) -> str | None:
-        if not self.policy.allow_escalation:
-            return "allow_escalation=False"
-        if self.router.cloud is None:
-            return "no cloud configured"
-        guard = self.router.escalation_guard
-        if guard is not None:
-            try:
-                verdict = guard(self.messages)
-            except Exception as error:  # noqa: BLE001 - a broken guard fails closed (privacy)
-                return f"escalation guard failed: {type(error).__name__}: {error}"
-            if verdict:
-                return f"escalation guard: {verdict}"
-        return None
+    def _guard_verdict(self) -> str | None:
+        guard = self.collab.guard
+        if guard is None or self.collab.cloud_model is None:
+            return None
+        try:
+            verdict = guard(self.messages)
+        except Exception as error:  # noqa: BLE001 - a broken guard fails closed (privacy)
+            return f"failed ({type(error).__name__}: {error})"
+        return verdict or None
 
     def escalating(self, local_message: BaseMessage | None) -> None:
         self.record["decision"] = "cloud"
         self.record["escalated"] = True
+        self.record["would_escalate"] = True
         if local_message is not None:
-            self.record["local_answer"] = local_message.text
+            self.record["local_answer"] = message_text(local_message)
+
+    def _serve_local_instead(self, reason: str | None, skipped: str) -> None:
+        self.record.update(decision="local", escalated=False, flagged=True)
+        if reason is not None:
+            self.record["reason"] = reason
+        self.record["escalation_skipped"] = skipped
 
     def reserve_budget(self, local_message: BaseMessage | None) -> bool:
-        """Reserve the estimated cloud cost; False when the budget cannot cover it and the
-        policy serves the local answer (``on_budget_exceeded="local"``)."""
-        budget = self.router.budget
-        if budget is None:
+        """Reserve the upper bound of one cloud request's cost; False when the budget cannot
+        cover it and the policy serves the local answer (``on_budget_exceeded="local"``)."""
+        if self._reserve():
             return True
-        from confidence_router.budget import estimate_escalation_cost
-
-        price = self.router.price_table().price_for(model_name(self.router.cloud))
-        max_out = getattr(unwrap(self.router.cloud), "max_tokens", None)
-        estimate = estimate_escalation_cost(
-            [m.text for m in self.messages], int(max_out or DEFAULT_RESERVED_OUTPUT_TOKENS), price
-        )
-        self.reservation = budget.reserve(estimate)
-        if self.reservation is not None:
-            self.record["budget_reserved_usd"] = estimate
-            return True
-        self.record.update(decision="local", escalated=False, reason=REASON_BUDGET, flagged=True)
-        self.record["escalation_skipped"] = "cloud budget exhausted"
+        self._serve_local_instead(Reason.BUDGET_EXCEEDED, "cloud budget exhausted")
         if self.policy.on_budget_exceeded == "raise":
-            routing = self.finish()
+            budget, estimate = self.collab.budget, self._estimate()
             raise BudgetExceededError(
-                f"cloud budget exhausted: an escalation needs about ${estimate:.6f}, "
+                f"cloud budget exhausted: an escalation needs up to ${estimate:.6f}, "
                 f"${budget.remaining:.6f} of ${budget.max_usd:g} left in the window",
                 requested_usd=estimate,
                 remaining_usd=budget.remaining,
                 max_usd=budget.max_usd,
                 window_s=budget.window_s,
-                routing=routing,
+                routing=self.finish(),
                 local_message=local_message,
             )
         return False
 
+    def _estimate(self) -> float:
+        assert self.collab.reserve_usd is not None
+        return float(self.collab.reserve_usd(self.messages))
+
+    def _reserve(self) -> bool:
+        budget = self.collab.budget
+        if budget is None:
+            return True
+        estimate = self._estimate()
+        self.reservation = budget.reserve(estimate)
+        if self.reservation is None:
+            return False
+        self.record["budget_reserved_usd"] = (
+            self.record.get("budget_reserved_usd", 0.0) + estimate
+        )
+        return True
+
+    def needs_local_after_refusal(self, has_complete_answer: bool) -> bool:
+        """The escalation was refused: generate the (whole) local answer now?"""
+        return rules.generate_locally_after_budget_refusal(
+            has_local_answer=has_complete_answer, local_failed=self.local_error is not None
+        )
+
+    def cloud_attempt_started(self) -> None:
+        self.record["cloud_attempts"] += 1
+
+    def blocked_on_the_wire(self, error: EscalationBlockedError) -> None:
+        """The guard stopped the serialised request before it was sent: nothing was billed."""
+        self.record["cloud_attempts"] -= 1
+        self._settle(billed=False)
+        self._serve_local_instead(None, f"escalation guard: {error}")
+
+    def _settle(self, *, billed: bool, actual_usd: float | None = None) -> None:
+        if self.reservation is None:
+            return
+        reservation, self.reservation = self.reservation, None
+        if billed:
+            reservation.commit(actual_usd)
+            if actual_usd is None:
+                self._committed_unknown_usd += reservation.amount_usd if hasattr(
+                    reservation, "amount_usd") else 0.0
+            self.record["budget_settlement"] = "committed"
+        else:
+            reservation.release()
+            self.record["budget_settlement"] = "released"
+
+    def cloud_attempt_failed(self, error: BaseException) -> None:
+        """Record a failed cloud attempt; a request that may have reached the cloud (a read
+        timeout, a dropped connection, a cancellation) keeps its reservation as spent."""
+        self.record["cloud_error"] = f"{type(error).__name__}: {error}"
+        self.record["cloud_error_kind"] = classify_error(error).value
+        self.record["cloud_error_code"] = error_code(error)
+        self._settle(billed=may_have_been_billed(error))
+
+    def retry_delay(self, error: BaseException, attempt: int) -> float | None:
+        """Seconds to wait before retrying the cloud, or ``None`` to stop. A retry needs a new
+        budget reservation: the cap holds across retries."""
+        retry = self.collab.cloud_retry
+        if retry is None or attempt >= retry.max_attempts:
+            return None
+        if not retry.should_retry(classify_error(error)):
+            return None
+        if not self._reserve():
+            self.record["retry_stopped"] = "cloud budget exhausted"
+            return None
+        return retry.delays()[attempt - 1]
+
+    def cancelled(self) -> None:
+        """The caller went away mid-call (stream closed, task cancelled): the cloud may still
+        bill the request, so its reservation counts as spent."""
+        self._settle(billed=True)
+
     def cloud_done(self, message: BaseMessage) -> None:
-        self.record["usage"]["cloud"] = usage_of(message)
+        self.record["usage"]["cloud"] = _usage_of(message)
         refusal = refusal_reason(message.response_metadata)
         if refusal is not None:
             # A refusal is an answer, not an error: it is returned, flagged, never retried.
             self.record["refusal"] = refusal
             self.record["flagged"] = True
+        self.record.pop("cloud_error", None)
+        self.record.pop("cloud_error_kind", None)
+        self.record.pop("cloud_error_code", None)
         if self.reservation is not None:
-            actual = self.router.price_table().cost_of(
-                self.record["usage"]["cloud"], model_name(self.router.cloud)
+            actual = self.collab.prices.cost_of(
+                self.record["usage"]["cloud"], self.collab.cloud_model
             )
-            self.reservation.commit(actual)
-            self.reservation = None
+            self._settle(billed=True, actual_usd=actual)
 
-    def cloud_failed(self, error: BaseException, *, partial: bool = False) -> None:
-        self.record["cloud_error"] = f"{type(error).__name__}: {error}"
-        self.record["cloud_error_kind"] = classify_error(error).value
-        self.record["cloud_error_code"] = error_code(error)
-        self.record["cloud_attempts"] = getattr(error, "retry_attempts", 1)
-        if self.reservation is not None:
-            # A stream that failed midway may be billed: keep the estimate; else nothing spent.
-            self.reservation.commit() if partial else self.reservation.release()
-            self.reservation = None
-
-    def retry_locally_after_cloud_failure(self, local_message: BaseMessage | None) -> bool:
-        """After a cloud failure: generate locally now? Only when the pre-check skipped local
-        generation and the policy accepts a local answer (the request is never lost)."""
-        return (
-            local_message is None
-            and self.record["reason"] == REASON_PRECHECK
-            and self.policy.on_cloud_error == "local"
+    def needs_local_after_cloud_failure(self, has_complete_answer: bool, ran: bool) -> bool:
+        """The cloud failed: generate the (whole) local answer now, to fall back on it?"""
+        if ran and not has_complete_answer:  # stopped early: finish it if the policy falls back
+            return self.policy.on_cloud_error == "local"
+        return rules.generate_locally_after_cloud_failure(
+            self.policy, reason=self.record["reason"], has_local_answer=has_complete_answer
         )
 
-    def local_fallback_needed(self, local_message: BaseMessage | None) -> bool:
-        """Budget refused the escalation and there is no local answer yet (pre-check path)."""
-        return local_message is None and self.local_error is None
-
-    def cloud_fallback(self, error: Exception, local_message: BaseMessage | None) -> BaseMessage:
-        """Apply ``on_cloud_error``: raise, or fall back to the local answer (flagged)."""
-        self.cloud_failed(error)
-        if self.policy.on_cloud_error == "local" and local_message is not None:
-            self.record.update(decision="local", reason=REASON_CLOUD_ERROR, flagged=True)
-            return local_message
+    def cloud_fallback(self, error: BaseException, local_message: BaseMessage | None) -> None:
+        """Apply ``on_cloud_error``: return to serve the local answer (flagged), or raise."""
+        if rules.falls_back_to_local(self.policy, has_local_answer=local_message is not None):
+            self.record.update(decision="local", reason=Reason.CLOUD_ERROR, flagged=True)
+            return
         routing = self.finish()
         if local_message is None:
             text = f"local model failed ({routing.get('local_error')}) and cloud failed: {error}"
@@ -253,16 +359,29 @@ class RoutingTrace:
         raise CloudEscalationError(text, routing=routing, local_message=local_message) from error
 
     def partial_cloud_failure(
-        self, error: Exception, n_chunks: int, local_message: BaseMessage | None
+        self, error: BaseException, n_chunks: int, local_message: BaseMessage | None
     ) -> CloudEscalationError:
         """Part of the cloud answer is already out: falling back to the local one would mix
         two models' text, so this is always an error."""
-        self.cloud_failed(error, partial=True)
+        self.record["cloud_error"] = f"{type(error).__name__}: {error}"
+        self.record["cloud_error_kind"] = classify_error(error).value
+        self.record["cloud_error_code"] = error_code(error)
+        self._settle(billed=True)  # the cloud produced output: it bills it
         return CloudEscalationError(
             f"cloud stream failed after {n_chunks} chunks: {error}",
             routing=self.finish(),
             local_message=local_message,
         )
+
+    def no_answer_error(self) -> LocalModelError:
+        """The local model failed and the query could not go to the cloud."""
+        why = self.record.get("escalation_skipped", "escalation was not possible")
+        error = LocalModelError(
+            f"local model failed ({self.record.get('local_error')}) and {why}",
+            routing=self.finish(),
+        )
+        error.__cause__ = self.local_error
+        return error
 
     # -- the end --------------------------------------------------------------------------------
 
@@ -270,20 +389,20 @@ class RoutingTrace:
         """Close the record once: total latency, costs, stats. Later calls return it as is."""
         if self._finished is not None:
             return self._finished
-        if self.reservation is not None:  # e.g. a generator closed early
-            self.reservation.release()
-            self.reservation = None
+        if self.reservation is not None:  # the call ended without settling (cancelled)
+            self.cancelled()
         self.record["latency_s"]["total"] = time.perf_counter() - self.started
         from confidence_router.costs import routing_costs
 
-        cloud = self.router.cloud
-        self.record.update(
-            routing_costs(
-                self.record, self.router.price_table(), model_name(cloud) if cloud else None
-            )
-        )
+        self.record.update(routing_costs(self.record, self.collab.prices, self.collab.cloud_model))
+        if self._committed_unknown_usd and self.record.get("cloud_cost_usd") is not None:
+            # Requests that may have been billed (timeouts) count at their reserved bound.
+            self.record["cloud_cost_usd"] += self._committed_unknown_usd
+            if self.record.get("cost_usd") is not None:
+                self.record["cost_usd"] += self._committed_unknown_usd
+            self.record["cloud_cost_estimated"] = True
         self._finished = self.record
-        stats = self.router.stats
+        stats = self.collab.stats
         if stats is not None:
             try:
                 stats.record(self.record)
@@ -291,11 +410,12 @@ class RoutingTrace:
                 logger.exception("confidence_router: stats sink failed")
         # Decision facts only: never the prompt, the answers or any credential.
         logger.debug(
-            "routed decision=%s reason=%s confidence=%s threshold=%s",
+            "routed decision=%s reason=%s confidence=%s threshold=%s cloud_attempts=%s",
             self.record["decision"],
             self.record["reason"],
             self.record["confidence"],
             self.record["threshold"],
+            self.record["cloud_attempts"],
         )
         return self.record
 
@@ -303,5 +423,11 @@ class RoutingTrace:
         keys = ("decision", "reason", "confidence", "threshold", "signal", "would_escalate")
         return {k: self.record.get(k) for k in keys}
 
-    def question(self) -> str:
-        return last_user_text(self.messages)
+
+def _logprobs(tokens: Sequence[Any] | None) -> list[float] | None:
+    return None if tokens is None else [t.logprob for t in tokens]
+
+
+def _usage_of(message: BaseMessage | None) -> dict[str, Any] | None:
+    usage = getattr(message, "usage_metadata", None)
+    return dict(usage) if usage else None

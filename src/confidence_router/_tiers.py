@@ -1,18 +1,16 @@
-"""Calling one tier: child runs for tracing, timeouts, retries, and message/chunk plumbing.
+"""Tier plumbing of the router: child runs for tracing, and message/chunk conversions.
 
-Private to :mod:`confidence_router.router`; nothing here decides anything.
+Private to :mod:`confidence_router.router`; nothing here decides anything. Client set-up
+(timeouts, retries, logprobs) lives in :mod:`confidence_router.tier_clients`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 from langchain_core.callbacks import (
     AsyncCallbackManager,
@@ -22,9 +20,8 @@ from langchain_core.callbacks import (
 )
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.tool import tool_call_chunk
-from langchain_core.runnables import RunnableBinding, RunnableConfig
+from langchain_core.runnables import RunnableConfig
 
-T = TypeVar("T")
 ChildManager = CallbackManager | AsyncCallbackManager
 
 # The stream path of BaseChatModel (langchain-core 1.x) does not pass ``run_manager`` to
@@ -86,114 +83,7 @@ def child_config(children: ChildManager | None, stage: str) -> RunnableConfig:
     return config
 
 
-# -- timeouts -------------------------------------------------------------------------------
-
-# Sync calls cannot be interrupted; a timed-out call is abandoned to this pool and the caller
-# moves on (the HTTP client's own timeout eventually ends it).
-_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="confidence-router-timeout")
-
-
-class TierTimeoutError(TimeoutError):
-    """A tier did not answer (or did not produce the next stream chunk) in time."""
-
-
-def _timeout_error(stage: str, timeout: float) -> TierTimeoutError:
-    return TierTimeoutError(f"{stage} tier timed out after {timeout:g} s")
-
-
-def call_with_timeout(fn: Callable[[], T], timeout: float | None, stage: str) -> T:
-    """Run ``fn`` and give up after ``timeout`` seconds (``None``: wait as long as it takes)."""
-    if timeout is None:
-        return fn()
-    context = contextvars.copy_context()
-    future = _POOL.submit(context.run, fn)
-    try:
-        return future.result(timeout=timeout)
-    except FutureTimeout:
-        future.cancel()
-        raise _timeout_error(stage, timeout) from None
-
-
-async def acall_with_timeout(
-    fn: Callable[[], Awaitable[T]], timeout: float | None, stage: str
-) -> T:
-    if timeout is None:
-        return await fn()
-    try:
-        return await asyncio.wait_for(fn(), timeout)
-    except asyncio.TimeoutError:
-        raise _timeout_error(stage, timeout) from None
-
-
-_END = object()
-
-
-def iterate_with_timeout(iterator: Iterator[T], timeout: float | None, stage: str) -> Iterator[T]:
-    """Yield from ``iterator``, failing when any next chunk takes longer than ``timeout``."""
-    while True:
-        item = call_with_timeout(lambda: next(iterator, _END), timeout, stage)
-        if item is _END:
-            return
-        yield item  # type: ignore[misc]
-
-
-async def aiterate_with_timeout(
-    iterator: AsyncIterator[T], timeout: float | None, stage: str
-) -> AsyncIterator[T]:
-    while True:
-        try:
-            item = await acall_with_timeout(lambda: anext(iterator), timeout, stage)
-        except StopAsyncIteration:
-            return
-        yield item
-
-
 # -- messages and chunks --------------------------------------------------------------------
-
-
-def with_logprobs(model: Any) -> Any:
-    """Return ``model`` set up to report per-token logprobs.
-
-    ``ChatOllama`` and ``ChatOpenAI`` both expose a ``logprobs`` field; when it is unset we take
-    a cheap copy with it switched on (``model_copy`` shares the HTTP clients). A ``bind()`` /
-    ``bind_tools()`` wrapper is unwrapped and rewrapped. Other models are returned unchanged:
-    their confidence is then unknown, and the ``on_unknown`` policy applies.
-    """
-    if isinstance(model, RunnableBinding):
-        inner = with_logprobs(model.bound)
-        return model if inner is model.bound else model.model_copy(update={"bound": inner})
-    model_fields = getattr(type(model), "model_fields", {})
-    if "logprobs" in model_fields and not getattr(model, "logprobs", None):
-        return model.model_copy(update={"logprobs": True})
-    return model
-
-
-def unwrap(model: Any) -> Any:
-    return model.bound if isinstance(model, RunnableBinding) else model
-
-
-def model_name(model: Any) -> str:
-    model = unwrap(model)
-    for attr in ("model", "model_id", "model_name"):
-        value = getattr(model, attr, None)
-        if isinstance(value, str) and value:
-            return value
-    return type(model).__name__
-
-
-def bind_tools(model: Any, tools: Sequence[Any], kwargs: dict[str, Any]) -> Any:
-    target = unwrap(model)
-    if not hasattr(target, "bind_tools"):
-        raise TypeError(f"{type(target).__name__} does not support bind_tools")
-    bound = target.bind_tools(tools, **kwargs)
-    if isinstance(model, RunnableBinding) and model.kwargs:
-        bound = bound.bind(**model.kwargs)
-    return bound
-
-
-def usage_of(message: BaseMessage | None) -> dict[str, Any] | None:
-    usage = getattr(message, "usage_metadata", None)
-    return dict(usage) if usage else None
 
 
 def last_user_text(messages: Sequence[BaseMessage]) -> str:
@@ -204,11 +94,33 @@ def last_user_text(messages: Sequence[BaseMessage]) -> str:
 
 
 def attach(message: BaseMessage, routing: dict[str, Any]) -> AIMessage:
-    """The chosen tier's message with the routing record added to its response metadata."""
+    """The chosen tier's message with the routing record added to its response metadata.
+
+    Token usage is left off: the tiers' own (child) runs report it to the callbacks, and the
+    router's run reporting it again would count it twice. The router's ``invoke``/``stream``
+    put the answering tier's usage back on what the caller receives.
+    """
     metadata = {**message.response_metadata, "routing": routing}
+    if isinstance(message, AIMessageChunk):
+        message = AIMessage(
+            content=message.content,
+            additional_kwargs=message.additional_kwargs,
+            tool_calls=message.tool_calls,
+            invalid_tool_calls=message.invalid_tool_calls,
+            id=message.id,
+            response_metadata=metadata,
+        )
+        return message
     if isinstance(message, AIMessage):
-        return message.model_copy(update={"response_metadata": metadata})
+        return message.model_copy(update={"response_metadata": metadata, "usage_metadata": None})
     return AIMessage(content=message.content, response_metadata=metadata)
+
+
+def without_usage(chunk: AIMessageChunk) -> AIMessageChunk:
+    """``chunk`` without ``usage_metadata`` (see :func:`attach`)."""
+    if chunk.usage_metadata is None:
+        return chunk
+    return chunk.model_copy(update={"usage_metadata": None})
 
 
 def as_chunk(message: BaseMessage) -> AIMessageChunk:
@@ -228,12 +140,3 @@ def as_chunk(message: BaseMessage) -> AIMessageChunk:
             ],
         )
     return AIMessageChunk(content=message.content)
-
-
-def aggregate(chunks: Sequence[AIMessageChunk]) -> AIMessageChunk:
-    if not chunks:
-        return AIMessageChunk(content="")
-    total = chunks[0]
-    for chunk in chunks[1:]:
-        total = total + chunk
-    return total

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from confidence_router.calibration import InvalidStateError, read_json_state, write_json_atomic
 from confidence_router.costs import Price
-from confidence_router.errors import BudgetExceededError, ConfidenceRouterError
+from confidence_router.errors import BudgetExceededError, ReservationStateError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -67,6 +67,8 @@ __all__ = [
     "ReservationStateError",
     "estimate_escalation_cost",
     "estimate_tokens",
+    "upper_bound_input_tokens",
+    "upper_bound_request_cost",
 ]
 
 CHARS_PER_TOKEN = 4.0
@@ -76,10 +78,6 @@ smaller ``chars_per_token`` to estimate conservatively."""
 
 _KIND = "confidence_router.CloudBudget"
 _VERSION = 1
-
-
-class ReservationStateError(ConfidenceRouterError, RuntimeError):
-    """A reservation was settled twice (committed or released more than once)."""
 
 
 @runtime_checkable
@@ -567,3 +565,39 @@ def estimate_escalation_cost(
     if not isinstance(price, Price):
         raise TypeError(f"price must be a Price, got {price!r} (unknown model? see PriceTable)")
     return price.cost(estimate_tokens(prompt, chars_per_token), max_output_tokens)
+
+
+#: Tokens allowed per message for the chat template (role markers, separators) and for the
+#: request's fixed framing, on top of the content's bytes.
+TEMPLATE_TOKENS_PER_MESSAGE = 16
+TEMPLATE_TOKENS_PER_REQUEST = 64
+
+
+def upper_bound_input_tokens(messages: Sequence[Any]) -> int:
+    """An upper bound on the input tokens a request for ``messages`` is billed.
+
+    Every string a client can send for them (text, tool calls and arguments, reasoning, ...:
+    :func:`confidence_router.guards.outgoing_texts`) counted at one token per UTF-8 byte —
+    byte-level tokenizers never produce more tokens than bytes — plus a fixed allowance per
+    message and per request for the chat template.
+
+    Example::
+
+        >>> upper_bound_input_tokens(["héllo"])   # 6 bytes + 16 + 64
+        86
+    """
+    from confidence_router.guards import outgoing_texts
+
+    strings, _ = outgoing_texts(messages)
+    content = sum(len(s.encode("utf-8")) for s in strings)
+    return content + TEMPLATE_TOKENS_PER_MESSAGE * len(messages) + TEMPLATE_TOKENS_PER_REQUEST
+
+
+def upper_bound_request_cost(
+    messages: Sequence[Any], *, max_output_tokens: int, price: Price
+) -> float:
+    """The most one cloud request for ``messages`` can cost: :func:`upper_bound_input_tokens`
+    at the input price plus ``max_output_tokens`` (the cloud model's ``max_tokens``) at the
+    output price. This is what the router reserves per attempt, so a budget's cap holds even
+    when every answer is as long as allowed."""
+    return price.cost(upper_bound_input_tokens(messages), max_output_tokens)

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from confidence_router.errors import ConfidenceRouterError
+from confidence_router.errors import InvalidStateError
 
 __all__ = [
     "CalibrationResult",
@@ -66,11 +66,6 @@ __all__ = [
 # Float slack for "rate * n" products such as 0.29 * 100 = 28.999999999999996, which must
 # count as 29 rows (same convention as evaluation.metrics.operating_points).
 _EPS = 1e-9
-
-
-class InvalidStateError(ConfidenceRouterError, ValueError):
-    """A saved state (a dict or a JSON file) is corrupt, of another kind, or of an unsupported
-    version. A ``ValueError``, so ``except ValueError`` catches it too."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,27 @@
 """Typed errors raised by confidence-router.
 
-Every error says what happened; none is swallowed. Escalation failures keep the local answer
-(when there is one) so the caller can still use it.
+Every error this library raises derives from :class:`ConfidenceRouterError`, so
+``except ConfidenceRouterError`` catches all of them; each also derives from the builtin it
+refines (``ValueError``, ``TimeoutError``, ...) so generic handlers keep working::
+
+    ConfidenceRouterError
+    ├── InvalidArgumentError (ValueError)    a bad value passed to a library function
+    │   ├── RoutingConfigError               a bad knob, setting, kwarg or constructor field
+    │   ├── InvalidInputError                nothing to answer (no messages, only whitespace)
+    │   └── InvalidStateError                a saved state file that cannot be loaded
+    ├── InvalidTypeError (TypeError)         a value of the wrong type
+    ├── LocalModelError                      the local model failed and the query could not
+    │                                        be escalated (no cloud, not allowed, guarded)
+    ├── CloudEscalationError                 the cloud failed on an escalated query
+    ├── BudgetExceededError                  an escalation would exceed the cloud budget
+    ├── TierTimeoutError (TimeoutError)      a tier did not answer within its timeout
+    ├── EscalationBlockedError               the privacy guard stopped a request on its
+    │                                        way to the cloud (the router serves local)
+    ├── ReservationStateError (RuntimeError) a budget reservation settled twice
+    └── MissingExtraError (ImportError)      a feature's optional dependencies are missing
+
+Nothing is swallowed: escalation failures keep the local answer (when there is one) and the
+routing record, so the caller can still use them.
 """
 
 from __future__ import annotations
@@ -13,12 +33,39 @@ class ConfidenceRouterError(Exception):
     """Base class of every error this library raises."""
 
 
-class RoutingConfigError(ConfidenceRouterError, ValueError):
-    """A routing knob (threshold, policy name, ...) has an invalid value."""
+class InvalidArgumentError(ConfidenceRouterError, ValueError):
+    """A value passed to a library function is invalid (the message names it)."""
+
+
+class InvalidTypeError(ConfidenceRouterError, TypeError):
+    """A value passed to a library function has the wrong type (the message names it)."""
+
+
+class RoutingConfigError(InvalidArgumentError):
+    """A routing knob, setting, per-call kwarg or constructor field is invalid or unknown."""
+
+
+class InvalidInputError(InvalidArgumentError):
+    """The input holds nothing to answer (no messages, or only whitespace). Raised before any
+    request is sent."""
+
+
+class InvalidStateError(InvalidArgumentError):
+    """A saved state (threshold calibrator, budget) cannot be loaded: wrong kind, version or
+    values."""
 
 
 class LocalModelError(ConfidenceRouterError):
-    """The local model failed and the query could not be escalated (no cloud, or not allowed)."""
+    """The local model failed and the query could not be escalated (no cloud, escalation not
+    allowed, or blocked by the guard).
+
+    Attributes:
+        routing: the routing record of the failed call (also counted by ``stats``).
+    """
+
+    def __init__(self, message: str, *, routing: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.routing = routing
 
 
 class CloudEscalationError(ConfidenceRouterError):
@@ -68,3 +115,26 @@ class BudgetExceededError(ConfidenceRouterError):
         self.window_s = window_s
         self.routing = routing
         self.local_message = local_message
+
+
+class TierTimeoutError(ConfidenceRouterError, TimeoutError):
+    """A tier did not answer (or did not produce the next stream chunk) in time. The call was
+    cancelled: its connection is closed, nothing keeps running."""
+
+
+class EscalationBlockedError(ConfidenceRouterError):
+    """The escalation guard found something it must not send (or could not read) in the
+    request as the cloud client serialised it, and stopped it before it left the process.
+
+    The router catches it and serves the local answer flagged; you see it only when you use
+    the guarded cloud client directly.
+    """
+
+
+class ReservationStateError(ConfidenceRouterError, RuntimeError):
+    """A budget reservation was settled twice (committed or released more than once)."""
+
+
+class MissingExtraError(ConfidenceRouterError, ImportError):
+    """A feature needs an optional extra that is not installed; the message names the extra
+    and the command that installs it."""

@@ -63,7 +63,7 @@ from llama_index.core.llms import LLM
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from pydantic import Field, model_validator
 
-from confidence_router._tiers import model_name as _model_name
+from confidence_router.tier_clients import model_name as _model_name
 from confidence_router.policy import RoutingPolicy
 from confidence_router.router import ConfidenceRoutedLLM
 

@@ -1,9 +1,13 @@
-"""The routing policy: pure functions from signals to a decision. No framework imports.
+"""The routing policy: its knobs and pure decision functions. No framework imports.
 
 A query passes through stages; each stage either keeps the query local or escalates it:
 
 1. optional pre-generation check (a self-assessment probe's P(YES)),
-2. local generation, scored by a logprob signal after generation.
+2. local generation, scored by a logprob signal after generation,
+3. escalation, which may still be refused: not allowed, no cloud, the privacy guard, or the
+   cloud budget; then the local answer is served, flagged.
+
+Every function here is pure: the router (``_record``) feeds it facts and records the result.
 
 >>> from confidence_router.policy import RoutingPolicy, decide_after_generation
 >>> from confidence_router.signals import compute_signals
@@ -18,14 +22,15 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from confidence_router.errors import RoutingConfigError
+from confidence_router.record import Reason
 from confidence_router.signals import SIGNAL_SCORERS, LogprobSignals, score_for
 
-# Reasons recorded in ``response_metadata["routing"]["reason"]``.
-REASON_CONFIDENT = "confident"
-REASON_LOW_CONFIDENCE = "low_confidence"
-REASON_UNKNOWN = "confidence_unknown"
-REASON_LOCAL_ERROR = "local_error"
-REASON_PRECHECK = "precheck"
+# Kept as module constants for code written against 0.1 (the names are in record.Reason).
+REASON_CONFIDENT = Reason.CONFIDENT
+REASON_LOW_CONFIDENCE = Reason.LOW_CONFIDENCE
+REASON_UNKNOWN = Reason.CONFIDENCE_UNKNOWN
+REASON_LOCAL_ERROR = Reason.LOCAL_ERROR
+REASON_PRECHECK = Reason.PRECHECK
 
 ON_UNKNOWN_CHOICES = ("escalate", "local")
 ON_CLOUD_ERROR_CHOICES = ("raise", "local")
@@ -34,15 +39,18 @@ ON_BUDGET_EXCEEDED_CHOICES = ("local", "raise")
 
 @dataclass(frozen=True)
 class RoutingPolicy:
-    """The knobs of one routing decision (all overridable per call).
+    """The knobs of one routing decision, with their defaults: the single declaration that the
+    router's fields, :class:`~confidence_router.settings.RouterSettings` and the LlamaIndex
+    LLM derive from. Every knob can be overridden per call.
 
     Attributes:
         threshold: keep the local answer iff its confidence >= threshold (paper default 0.7,
             i.e. mean logprob >= -1.076 for the ``mean_logprob`` signal).
-        signal: which zero-shot score to route on: ``mean_logprob`` (the paper's
-            ``sigmoid(2*mean+3)``) or ``min_logprob`` (``sigmoid(2*min+3)``).
-        on_unknown: what to do when the confidence is unknown (no logprobs): ``escalate``
-            (default; safe) or ``local`` (keep the local answer, flagged).
+        signal: which zero-shot score to route on (a name in
+            :data:`confidence_router.signals.SIGNAL_SCORERS`, e.g. ``mean_logprob``, the
+            paper's ``sigmoid(2*mean+3)``, or ``min_logprob``).
+        on_unknown: what to do when the confidence is unknown (no logprobs, empty answer):
+            ``escalate`` (default; safe) or ``local`` (keep the local answer, flagged).
         on_cloud_error: when the cloud fails on an escalated query: ``raise`` a
             :class:`~confidence_router.errors.CloudEscalationError` (default) or return the
             ``local`` answer flagged with ``reason="cloud_error"``.
@@ -51,6 +59,8 @@ class RoutingPolicy:
         on_budget_exceeded: when the cloud budget cannot cover an escalation: serve the
             ``local`` answer flagged (default, ``reason="budget_exceeded"``) or ``raise``
             :class:`~confidence_router.errors.BudgetExceededError`.
+        early_exit: stop the local generation as soon as the decision can no longer come out
+            "keep local", and escalate at once (saves local decode time on escalated queries).
     """
 
     threshold: float = 0.7
@@ -60,6 +70,7 @@ class RoutingPolicy:
     precheck_threshold: float = 0.5
     allow_escalation: bool = True
     on_budget_exceeded: str = "local"
+    early_exit: bool = False
 
     def __post_init__(self) -> None:
         for name in ("threshold", "precheck_threshold"):
@@ -68,27 +79,22 @@ class RoutingPolicy:
                 raise RoutingConfigError(f"{name} must be a number in [0, 1], got {value!r}")
             if math.isnan(value) or not 0.0 <= value <= 1.0:
                 raise RoutingConfigError(f"{name} must be in [0, 1], got {value!r}")
-        if self.signal not in SIGNAL_SCORERS:
+        if not isinstance(self.signal, str) or self.signal not in SIGNAL_SCORERS:
             raise RoutingConfigError(
                 f"signal must be one of {sorted(SIGNAL_SCORERS)}, got {self.signal!r}"
             )
-        if self.on_unknown not in ON_UNKNOWN_CHOICES:
-            raise RoutingConfigError(
-                f"on_unknown must be one of {ON_UNKNOWN_CHOICES}, got {self.on_unknown!r}"
-            )
-        if self.on_cloud_error not in ON_CLOUD_ERROR_CHOICES:
-            raise RoutingConfigError(
-                f"on_cloud_error must be one of {ON_CLOUD_ERROR_CHOICES}, got {self.on_cloud_error!r}"
-            )
-        if self.on_budget_exceeded not in ON_BUDGET_EXCEEDED_CHOICES:
-            raise RoutingConfigError(
-                f"on_budget_exceeded must be one of {ON_BUDGET_EXCEEDED_CHOICES}, "
-                f"got {self.on_budget_exceeded!r}"
-            )
-        if not isinstance(self.allow_escalation, bool):
-            raise RoutingConfigError(
-                f"allow_escalation must be a bool, got {self.allow_escalation!r}"
-            )
+        for name, choices in (
+            ("on_unknown", ON_UNKNOWN_CHOICES),
+            ("on_cloud_error", ON_CLOUD_ERROR_CHOICES),
+            ("on_budget_exceeded", ON_BUDGET_EXCEEDED_CHOICES),
+        ):
+            if getattr(self, name) not in choices:
+                raise RoutingConfigError(
+                    f"{name} must be one of {choices}, got {getattr(self, name)!r}"
+                )
+        for name in ("allow_escalation", "early_exit"):
+            if not isinstance(getattr(self, name), bool):
+                raise RoutingConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     @classmethod
     def knob_names(cls) -> tuple[str, ...]:
@@ -96,16 +102,42 @@ class RoutingPolicy:
         return _KNOB_NAMES
 
     def with_overrides(self, overrides: dict[str, Any]) -> RoutingPolicy:
-        """A copy with some knobs replaced (validated)."""
-        unknown = set(overrides) - set(self.knob_names())
-        if unknown:
-            raise RoutingConfigError(
-                f"unknown routing knob(s) {sorted(unknown)}; known: {list(self.knob_names())}"
-            )
+        """A copy with some knobs replaced (validated; unknown names raise
+        :class:`~confidence_router.errors.RoutingConfigError`)."""
+        check_knob_names(overrides)
         return replace(self, **overrides) if overrides else self
+
+    def as_dict(self) -> dict[str, Any]:
+        """The knobs as a plain dict."""
+        return {name: getattr(self, name) for name in _KNOB_NAMES}
 
 
 _KNOB_NAMES = tuple(f.name for f in fields(RoutingPolicy))
+
+#: The defaults of every knob (``DEFAULT_POLICY.threshold == 0.7``).
+DEFAULT_POLICY = RoutingPolicy()
+
+
+def check_knob_names(names: Any, *, what: str = "routing knob") -> None:
+    """Raise :class:`RoutingConfigError` naming any name that is not a knob (with a hint for
+    a near miss such as ``allow_escalaton``)."""
+    unknown = sorted(set(names) - set(_KNOB_NAMES))
+    if unknown:
+        raise RoutingConfigError(unknown_names_message(unknown, _KNOB_NAMES, what=what))
+
+
+def unknown_names_message(unknown: Any, known: Any, *, what: str) -> str:
+    """``unknown routing knob(s) ['allow_escalaton'] (did you mean 'allow_escalation'?)...``"""
+    import difflib
+
+    unknown = sorted(unknown)
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(str(name), list(known), n=1)
+        if close:
+            hints.append(f"{name!r} -> did you mean {close[0]!r}?")
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    return f"unknown {what}(s) {unknown}{hint}; known: {sorted(known)}"
 
 
 @dataclass(frozen=True)
@@ -118,17 +150,63 @@ class Decision:
 
 
 def decide_after_generation(policy: RoutingPolicy, signals: LogprobSignals) -> Decision:
-    """Post-generation decision: keep the local answer iff its score >= the threshold."""
+    """Post-generation decision: keep the local answer iff its score >= the threshold.
+
+    An unknown score (no logprobs, an empty answer) follows ``on_unknown``.
+    """
     score = score_for(signals, policy.signal)
     if score is None:
-        return Decision(policy.on_unknown == "escalate", REASON_UNKNOWN, None)
+        return Decision(policy.on_unknown == "escalate", Reason.CONFIDENCE_UNKNOWN, None)
     if score >= policy.threshold:
-        return Decision(False, REASON_CONFIDENT, score)
-    return Decision(True, REASON_LOW_CONFIDENCE, score)
+        return Decision(False, Reason.CONFIDENT, score)
+    return Decision(True, Reason.LOW_CONFIDENCE, score)
 
 
 def decide_precheck(policy: RoutingPolicy, p_yes: float) -> Decision:
     """Pre-generation decision: escalate without generating iff P(YES) < precheck_threshold."""
     if p_yes < policy.precheck_threshold:
-        return Decision(True, REASON_PRECHECK, p_yes)
-    return Decision(False, REASON_CONFIDENT, p_yes)
+        return Decision(True, Reason.PRECHECK, p_yes)
+    return Decision(False, Reason.CONFIDENT, p_yes)
+
+
+def escalation_skip_reason(
+    policy: RoutingPolicy, *, has_cloud: bool, guard_verdict: str | None
+) -> str | None:
+    """Why an escalation the decision asked for must not happen (``None``: it may).
+
+    ``guard_verdict`` is what the escalation guard said (a reason to keep the query local,
+    or ``None``); a guard that failed is reported by the caller as a verdict too.
+    """
+    if not policy.allow_escalation:
+        return "allow_escalation=False"
+    if not has_cloud:
+        return "no cloud configured"
+    if guard_verdict:
+        return f"escalation guard: {guard_verdict}"
+    return None
+
+
+def serve_local_when_unknown(policy: RoutingPolicy, decision: Decision) -> bool:
+    """True when a local answer is kept although its confidence is unknown: it is flagged."""
+    return decision.reason == Reason.CONFIDENCE_UNKNOWN and not decision.escalate
+
+
+def falls_back_to_local(policy: RoutingPolicy, *, has_local_answer: bool) -> bool:
+    """After a cloud failure: serve the local answer (flagged) rather than raise?"""
+    return policy.on_cloud_error == "local" and has_local_answer
+
+
+def generate_locally_after_cloud_failure(
+    policy: RoutingPolicy, *, reason: str | None, has_local_answer: bool
+) -> bool:
+    """After a cloud failure on a query the pre-check sent straight to the cloud: generate
+    locally now, when the policy accepts a local answer (the request is never lost)."""
+    return (
+        not has_local_answer and reason == Reason.PRECHECK and policy.on_cloud_error == "local"
+    )
+
+
+def generate_locally_after_budget_refusal(*, has_local_answer: bool, local_failed: bool) -> bool:
+    """The budget refused an escalation that skipped local generation (pre-check): generate
+    locally now, unless the local model already failed."""
+    return not has_local_answer and not local_failed

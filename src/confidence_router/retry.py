@@ -47,6 +47,7 @@ __all__ = [
     "classify_error",
     "error_code",
     "is_refusal",
+    "may_have_been_billed",
     "refusal_reason",
 ]
 
@@ -270,6 +271,46 @@ def error_code(exc: BaseException) -> str:
         if _classify_one(link) is not ErrorKind.UNKNOWN:
             return type(link).__name__
     return type(exc).__name__
+
+
+# Never connected: the request cannot have reached the service.
+_NOT_SENT_NAMES = frozenset(
+    {
+        "ConnectError", "ConnectTimeout", "ConnectTimeoutError", "EndpointConnectionError",
+        "ConnectionRefusedError", "NoCredentialsError", "PartialCredentialsError",
+        "ParamValidationError", "NoRegionError", "EscalationBlockedError",
+    }
+)  # fmt: skip
+
+
+def may_have_been_billed(exc: BaseException) -> bool:
+    """Whether a failed cloud request may still have been processed (and billed).
+
+    ``False`` only when the request provably did not run: the service answered with an error
+    (throttling, 4xx, 5xx: Bedrock does not bill those) or the connection was never made.
+    A read timeout, a connection dropped after sending, a cancellation or anything
+    unrecognised may have been billed: budgets must count it as spent.
+
+    Example::
+
+        >>> class FakeClientError(Exception):
+        ...     response = {"Error": {"Code": "ThrottlingException"}}
+        >>> may_have_been_billed(FakeClientError()), may_have_been_billed(TimeoutError())
+        (False, True)
+        >>> may_have_been_billed(ConnectionRefusedError())
+        False
+    """
+    for link in _chain(exc):
+        code, status = _client_error_code(link)
+        if code is not None or status is not None:
+            return False  # the service answered: an error response is not billed
+        status = _status_code(link)
+        if status is not None and status >= 400:
+            return False
+        names = {cls.__name__ for cls in type(link).__mro__}
+        if names & _NOT_SENT_NAMES:
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,19 +1,22 @@
 """``ConfidenceRoutedLLM``: a LangChain chat model that answers locally and escalates to the cloud
 when the local answer's zero-shot confidence is below a threshold.
 
-This is the LangChain layer. The decision itself lives in :mod:`confidence_router.policy`, the
-signals in :mod:`confidence_router.signals`, the per-call record in ``_record`` and the tier
-plumbing (tracing, timeouts) in ``_tiers``; this module strings the stages together for the
-four entry points (invoke, ainvoke, stream, astream).
+This is the LangChain layer. The decision logic is pure and lives in
+:mod:`confidence_router.policy` (rules) and :mod:`confidence_router.signals` (scores); the
+flow of one call is written once in ``_flow`` as a generator of effects; ``_record`` keeps the
+routing record; :mod:`confidence_router.tier_clients` configures the tiers' clients. Here, two
+small drivers (sync and async) run the flow's effects against the tiers, for invoke and
+stream alike.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from langchain_core.callbacks import (
@@ -27,14 +30,34 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from langchain_core.tools import BaseTool
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from confidence_router import _tiers
-from confidence_router._record import RoutingTrace
-from confidence_router._tiers import STREAM_CHILDREN, ChildManager, model_name
-from confidence_router.errors import RoutingConfigError
-from confidence_router.policy import RoutingPolicy
-from confidence_router.retry import RetryPolicy
+from confidence_router import _tiers, tier_clients
+from confidence_router._flow import (
+    Announce,
+    Answer,
+    Generate,
+    Learn,
+    PartialStreamError,
+    Probe,
+    Sleep,
+    messages_of,
+    route,
+)
+from confidence_router._record import Collaborators, RoutingTrace
+from confidence_router._tiers import STREAM_CHILDREN, ChildManager
+from confidence_router.errors import InvalidInputError, RoutingConfigError, TierTimeoutError
+from confidence_router.extraction import token_logprobs
+from confidence_router.policy import DEFAULT_POLICY, RoutingPolicy, unknown_names_message
+from confidence_router.retry import ErrorKind, RetryPolicy
+from confidence_router.tier_clients import model_name
 
 if TYPE_CHECKING:
     from confidence_router.costs import PriceTable
@@ -45,6 +68,23 @@ ChatRunnable = Runnable[LanguageModelInput, BaseMessage]
 #: Guard signature: return a reason (str) to keep the query local, or None to allow escalation.
 EscalationGuard = Callable[[Sequence[BaseMessage]], "str | None"]
 
+#: Default seconds a local call may go without progress (connect, or the next token).
+DEFAULT_LOCAL_TIMEOUT = 60.0
+
+#: Call kwargs that are not knobs but legitimately go to the tiers (set by ``bind_tools``,
+#: ``with_structured_output`` and LangChain itself). Anything else is an error.
+TIER_KWARGS = frozenset(
+    {
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "format",
+        "response_format",
+        "ls_structured_output_format",
+        "stream_usage",
+    }
+)
+
 
 @functools.cache
 def _default_prices() -> PriceTable:
@@ -54,8 +94,15 @@ def _default_prices() -> PriceTable:
 
 
 def _default_cloud_retry() -> RetryPolicy:
-    # Throttling and transient errors only (never validation or access errors); see retry.py.
-    return RetryPolicy(max_attempts=3, base_delay=0.5, max_delay=4.0)
+    # Throttling and transient service errors only: each is a request the service refused
+    # (not billed). A timed-out request may have run and been billed, so it is not retried by
+    # default; add ErrorKind.TIMEOUT to retry_on to retry it (each retry reserves budget).
+    return RetryPolicy(
+        max_attempts=3,
+        base_delay=0.5,
+        max_delay=4.0,
+        retry_on=frozenset({ErrorKind.THROTTLED, ErrorKind.TRANSIENT}),
+    )
 
 
 class ConfidenceRoutedLLM(BaseChatModel):
@@ -65,7 +112,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
     After the local model answers, the mean of its per-token log-probabilities is mapped to a
     confidence ``sigmoid(2*mean + 3)`` (no training data needed); below ``threshold`` the query
     is sent to ``cloud``. The decision and its evidence are in
-    ``message.response_metadata["routing"]``.
+    ``message.response_metadata["routing"]`` (see :class:`~confidence_router.record.RoutingRecord`).
 
     Example:
         .. code-block:: python
@@ -84,38 +131,48 @@ class ConfidenceRoutedLLM(BaseChatModel):
             router.invoke("...", threshold=0.9)  # per-call override
 
     Per call, any policy knob (``threshold``, ``signal``, ``on_unknown``, ``on_cloud_error``,
-    ``precheck_threshold``, ``allow_escalation``, ``on_budget_exceeded``) can be passed as an
-    invoke/bind kwarg, or made configurable with ``configurable_fields``.
+    ``precheck_threshold``, ``allow_escalation``, ``on_budget_exceeded``, ``early_exit``) can be
+    passed as an invoke/bind kwarg, or made configurable with ``configurable_fields``. An
+    unknown kwarg or constructor field raises
+    :class:`~confidence_router.errors.RoutingConfigError` before any request.
     """
 
     local: ChatRunnable
     """The local chat model (default choice: ``ChatOllama``). It is asked for logprobs."""
 
     cloud: ChatRunnable | None = None
-    """The cloud chat model (default choice: ``ChatBedrockConverse``). ``None``: escalations are
-    only reported (``would_escalate``) and the local answer is returned, flagged."""
+    """The cloud chat model (``ChatBedrockConverse`` or ``ChatBedrock``). ``None``: escalations
+    are only reported (``would_escalate``) and the local answer is returned, flagged."""
 
-    threshold: float = Field(default=0.7, ge=0.0, le=1.0)
+    # -- the policy knobs (defaults: RoutingPolicy, declared once) -------------------------
+
+    threshold: float = DEFAULT_POLICY.threshold
     """Keep the local answer iff its confidence >= threshold."""
 
-    signal: str = "mean_logprob"
-    """The zero-shot score to route on: ``mean_logprob`` (paper) or ``min_logprob``."""
+    signal: str = DEFAULT_POLICY.signal
+    """The zero-shot score to route on (a name in ``confidence_router.signals.SIGNAL_SCORERS``)."""
 
-    on_unknown: str = "escalate"
-    """When the confidence is unknown (no logprobs): ``escalate`` or keep ``local`` (flagged)."""
+    on_unknown: str = DEFAULT_POLICY.on_unknown
+    """When the confidence is unknown (no logprobs, empty answer): ``escalate`` or keep
+    ``local`` (flagged)."""
 
-    on_cloud_error: str = "raise"
+    on_cloud_error: str = DEFAULT_POLICY.on_cloud_error
     """When the cloud fails: ``raise`` CloudEscalationError, or return the ``local`` answer."""
 
-    precheck_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    precheck_threshold: float = DEFAULT_POLICY.precheck_threshold
     """With a pre-generation probe: escalate at once iff P(YES) < precheck_threshold."""
 
-    allow_escalation: bool = True
+    allow_escalation: bool = DEFAULT_POLICY.allow_escalation
     """``False`` keeps every query local (e.g. for private data)."""
 
-    on_budget_exceeded: str = "local"
+    on_budget_exceeded: str = DEFAULT_POLICY.on_budget_exceeded
     """When ``budget`` cannot cover an escalation: serve the ``local`` answer flagged, or
     ``raise`` BudgetExceededError."""
+
+    early_exit: bool = DEFAULT_POLICY.early_exit
+    """Stop the local generation as soon as it can no longer be kept, and escalate."""
+
+    # -- construction-only collaborators ---------------------------------------------------
 
     precheck: Runnable[Any, Any] | None = None
     """Optional pre-generation stage, normally a
@@ -132,12 +189,18 @@ class ConfidenceRoutedLLM(BaseChatModel):
     escalation_guard: EscalationGuard | None = None
     """Called with the messages before any escalation; a returned reason keeps the query
     local (e.g. :class:`~confidence_router.guards.PIIGuard`). A guard that raises keeps it
-    local too (fails closed)."""
+    local too (fails closed). For Bedrock tiers, a guard with a ``check_request(strings,
+    unreadable)`` method (``PIIGuard`` has one) also judges the request body exactly as
+    botocore serialised it, just before it is sent."""
 
     calibrator: Any = None
     """A :class:`~confidence_router.calibration.RollingQuantileThreshold`: the threshold then
     follows a rolling quantile of recent confidences so the cloud-call rate tracks a target
     (a per-call ``threshold`` still wins)."""
+
+    confidence_map: Any = None
+    """A fitted confidence calibration (anything with ``p_correct(score) -> float``): adds
+    ``p_correct`` to the routing record."""
 
     prices: Any = None
     """A :class:`~confidence_router.costs.PriceTable` (default: the built-in Bedrock prices)."""
@@ -146,42 +209,129 @@ class ConfidenceRoutedLLM(BaseChatModel):
     """A :class:`~confidence_router.stats.RoutingStats` (or any ``StatsSink``) fed every record."""
 
     budget: Any = None
-    """A :class:`~confidence_router.budget.CloudBudget`: maximum cloud spend per time window."""
+    """A :class:`~confidence_router.budget.CloudBudget`: maximum cloud spend per time window.
+    Needs the cloud model's ``max_tokens`` (the reservation must be an upper bound)."""
 
     cloud_retry: RetryPolicy | None = Field(default_factory=_default_cloud_retry)
-    """Retries of the cloud call on throttling, transient errors and timeouts, with backoff
-    (``None``: no retries). Permanent errors (validation, access denied) are never retried."""
+    """Retries of the cloud call on throttling and transient service errors, with backoff
+    (``None``: no retries). The router is the only layer that retries: botocore's own retries
+    are switched off on the cloud tier, and ``routing["cloud_attempts"]`` counts every request."""
 
-    local_timeout: float | None = Field(default=None, gt=0)
-    """Seconds for the local answer (streams: per chunk); on timeout the query escalates."""
+    local_timeout: float | None = Field(default=DEFAULT_LOCAL_TIMEOUT, gt=0, allow_inf_nan=False)
+    """Seconds the local model may take to connect or to produce its next token (``ChatOllama``:
+    the httpx timeout; async calls and streams: also the whole answer's deadline). On timeout
+    the request is cancelled and the query escalates. ``None`` waits forever."""
 
-    cloud_timeout: float | None = Field(default=None, gt=0)
-    """Seconds per cloud attempt (streams: per chunk)."""
+    cloud_timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    """Seconds per cloud attempt (Bedrock: botocore ``read_timeout``; async calls and streams:
+    also the attempt's deadline). ``None``: the client's default (botocore: 60 s per read)."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    stop: list[str] | None = None
+    """Default stop sequences for both tiers (a call's ``stop`` wins)."""
+
+    streaming: bool = False
+    """LangChain convention: ``True`` makes ``invoke`` go through the stream path."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+    _collab: Collaborators | None = PrivateAttr(default=None)
+
+    @field_validator("local_timeout", "cloud_timeout", mode="before")
+    @classmethod
+    def _finite_timeout(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"must be a finite number of seconds > 0, got {value!r}")
+        return value
+
+    def __init__(self, **kwargs: Any) -> None:
+        # Unknown fields and invalid values are RoutingConfigError (a ValueError) naming the
+        # problem, raised here, before any request — never silently ignored.
+        known = set(type(self).model_fields)
+        unknown = set(kwargs) - known
+        if unknown:
+            raise RoutingConfigError(
+                unknown_names_message(unknown, sorted(known), what="ConfidenceRoutedLLM field")
+            )
+        try:
+            super().__init__(**kwargs)
+        except ValidationError as error:
+            raise RoutingConfigError(f"invalid ConfidenceRoutedLLM: {error}") from error
 
     @model_validator(mode="after")
     def _setup(self) -> ConfidenceRoutedLLM:
         self._base_policy()  # validate the knobs once, at construction
-        object.__setattr__(self, "local", _tiers.with_logprobs(self.local))
         if self.learn_from_escalations and self.knowledge_store is None:
-            raise ValueError("learn_from_escalations=True needs a knowledge_store")
-        if (
-            self.budget is not None
-            and self.cloud is not None
-            and self.price_table().price_for(model_name(self.cloud)) is None
-        ):
-            raise ValueError(
-                f"a budget needs a price for the cloud model {model_name(self.cloud)!r}: "
-                "add it with prices=PriceTable({...})"
+            raise RoutingConfigError("learn_from_escalations=True needs a knowledge_store")
+        object.__setattr__(
+            self, "local", tier_clients.configure_local(self.local, self.local_timeout)
+        )
+        if self.cloud is not None:
+            object.__setattr__(
+                self,
+                "cloud",
+                tier_clients.configure_cloud(self.cloud, self.cloud_timeout, self._wire_guard()),
             )
+        if self.budget is not None and self.cloud is not None:
+            self._reservation_bound()  # fails here when no upper bound exists
         return self
+
+    def _wire_guard(self) -> Callable[[list[str], list[str]], str | None] | None:
+        guard = self.escalation_guard
+        if guard is None:
+            return None
+        check = getattr(guard, "check_request", None)
+        if callable(check):
+            return check
+        return None
 
     def price_table(self) -> PriceTable:
         """The price table in use (``prices`` or the built-in one)."""
         if self.prices is not None:
             return self.prices
         return _default_prices()
+
+    def _reservation_bound(self) -> Callable[[Sequence[BaseMessage]], float]:
+        """The function giving an upper bound on one cloud request's cost."""
+        from confidence_router.budget import upper_bound_request_cost
+
+        cloud_name = model_name(self.cloud)
+        price = self.price_table().price_for(cloud_name)
+        if price is None:
+            raise RoutingConfigError(
+                f"a budget needs a price for the cloud model {cloud_name!r}: "
+                "add it with prices=PriceTable({...})"
+            )
+        max_tokens = _max_output_tokens(self.cloud)
+        if max_tokens is None:
+            raise RoutingConfigError(
+                "a budget needs the cloud model's max_tokens (e.g. ChatBedrockConverse(..., "
+                "max_tokens=1024)): without it one answer's cost has no upper bound, so the "
+                "cap could not be guaranteed"
+            )
+        return functools.partial(
+            upper_bound_request_cost, max_output_tokens=max_tokens, price=price
+        )
+
+    def _collaborators(self) -> Collaborators:
+        if self._collab is None:
+            self._collab = Collaborators(
+                cloud_model=model_name(self.cloud) if self.cloud is not None else None,
+                prices=self.price_table(),
+                stats=self.stats,
+                calibrator=self.calibrator,
+                budget=self.budget if self.cloud is not None else None,
+                guard=self.escalation_guard,
+                cloud_retry=self.cloud_retry,
+                reserve_usd=(
+                    self._reservation_bound()
+                    if self.budget is not None and self.cloud is not None
+                    else None
+                ),
+                early_exit_rule=_early_exit_rule(),
+                confidence_map=self.confidence_map,
+            )
+        return self._collab
 
     # -- construction from plain settings -----------------------------------------------------
 
@@ -210,7 +360,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
         """
         from confidence_router.settings import RouterSettings
 
-        local, cloud = _tiers.unwrap(self.local), _tiers.unwrap(self.cloud)
+        local, cloud = tier_clients.unwrap(self.local), tier_clients.unwrap(self.cloud)
         if type(local).__name__ != "ChatOllama":
             raise RoutingConfigError(
                 f"to_settings needs a ChatOllama local tier, not {type(local).__name__}"
@@ -219,7 +369,9 @@ class ConfidenceRoutedLLM(BaseChatModel):
             "local_model": local.model,
             "ollama_host": local.base_url or "http://127.0.0.1:11434",
             "cloud_model": None,
-            **self._base_policy().__dict__,
+            "local_timeout": self.local_timeout,
+            "cloud_timeout": self.cloud_timeout,
+            **self._base_policy().as_dict(),
         }
         if cloud is not None:
             if type(cloud).__name__ != "ChatBedrockConverse":
@@ -230,6 +382,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
                 cloud_model=cloud.model_id,
                 aws_region=cloud.region_name or "us-west-2",
                 bedrock_endpoint=cloud.endpoint_url,
+                cloud_max_tokens=cloud.max_tokens,
             )
         return RouterSettings.from_mapping(values)
 
@@ -244,13 +397,15 @@ class ConfidenceRoutedLLM(BaseChatModel):
         return {
             "local": model_name(self.local),
             "cloud": model_name(self.cloud) if self.cloud is not None else None,
-            **self._base_policy().__dict__,
+            **self._base_policy().as_dict(),
         }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
         params = super()._get_ls_params(stop=stop, **kwargs)
+        # Which model answers is decided during the call; the tiers' child runs carry the
+        # real model names (and the token usage).
         params["ls_provider"] = "confidence-router"
-        params["ls_model_name"] = kwargs.get("model") or model_name(self.local)
+        params["ls_model_name"] = kwargs.get("model") or "confidence-router"
         return params
 
     def bind_tools(
@@ -265,9 +420,9 @@ class ConfidenceRoutedLLM(BaseChatModel):
         Example: ``router.bind_tools([get_weather]).invoke("Weather in Paris?").tool_calls``
         """
         tier_kwargs: dict[str, Any] = {} if tool_choice is None else {"tool_choice": tool_choice}
-        update: dict[str, Any] = {"local": _tiers.bind_tools(self.local, tools, tier_kwargs)}
+        update: dict[str, Any] = {"local": tier_clients.bind_tools(self.local, tools, tier_kwargs)}
         if self.cloud is not None:
-            update["cloud"] = _tiers.bind_tools(self.cloud, tools, tier_kwargs)
+            update["cloud"] = tier_clients.bind_tools(self.cloud, tools, tier_kwargs)
         # Always a RunnableBinding, as LangChain's bind_tools contract expects.
         return self.model_copy(update=update).bind(**kwargs)
 
@@ -279,27 +434,48 @@ class ConfidenceRoutedLLM(BaseChatModel):
     def _begin(
         self,
         messages: list[BaseMessage],
+        stop: list[str] | None,
         kwargs: dict[str, Any],
         run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None,
-    ) -> tuple[RoutingTrace, dict[str, Any], ChildManager | None]:
-        """Split the router's knobs from the tier kwargs and open the call's record."""
+        *,
+        streaming: bool,
+    ) -> _Call:
+        """Validate the input and the call's kwargs (before any request) and open its record."""
+        _check_input(messages)
         knobs = RoutingPolicy.knob_names()
+        unknown = set(kwargs) - set(knobs) - TIER_KWARGS
+        if unknown:
+            raise RoutingConfigError(
+                unknown_names_message(unknown, knobs + tuple(sorted(TIER_KWARGS)),
+                                      what="call kwarg")
+            )
         overrides = {k: kwargs[k] for k in knobs if k in kwargs}
         tier_kwargs = {k: v for k, v in kwargs.items() if k not in knobs}
         if self.calibrator is not None and "threshold" not in overrides:
             overrides["threshold"] = self.calibrator.threshold
         policy = self._base_policy().with_overrides(overrides)
-        trace = RoutingTrace(policy, self, messages)
-        return trace, tier_kwargs, _tiers.child_manager(run_manager)
+        trace = RoutingTrace(policy, messages, self._collaborators())
+        return _Call(messages, stop if stop is not None else self.stop, trace,
+                     _tiers.child_manager(run_manager), tier_kwargs, streaming)
 
-    def _precheck_query(self, trace: RoutingTrace) -> str | None:
-        return (trace.question() or None) if self.precheck is not None else None
+    def _flow(self, call: _Call) -> Generator[Any, Any, Answer]:
+        precheck_query = None
+        if self.precheck is not None:
+            precheck_query = _tiers.last_user_text(call.messages) or None
+        learn = self.knowledge_store is not None and self.learn_from_escalations
+        return route(call.trace, precheck_query=precheck_query, stream=call.streaming,
+                     learn=learn)
+
+    def _tier(self, tier: str) -> tuple[Any, float | None]:
+        """The model and timeout of ``tier`` (``"local"`` or ``"cloud"``)."""
+        if tier == "local":
+            return self.local, self.local_timeout
+        return self.cloud, self.cloud_timeout
 
     def _learn(self, trace: RoutingTrace, cloud_message: BaseMessage) -> None:
         """Store the cloud answer to an escalated query as knowledge (opt-in)."""
-        if self.knowledge_store is None or not self.learn_from_escalations:
-            return
-        question, answer = trace.question(), cloud_message.text.strip()
+        question = _tiers.last_user_text(trace.messages)
+        answer = cloud_message.text.strip()
         if not question or not answer:
             return
         try:
@@ -318,74 +494,168 @@ class ConfidenceRoutedLLM(BaseChatModel):
             trace.record["learned"] = False
             trace.record["learn_error"] = f"{type(error).__name__}: {error}"
 
-    def _tier(self, tier: str) -> tuple[Any, float | None]:
-        """The model and timeout of ``tier`` (``"local"`` or ``"cloud"``)."""
-        if tier == "local":
-            return self.local, self.local_timeout
-        return self.cloud, self.cloud_timeout
+    # -- the sync driver ------------------------------------------------------------------------
 
-    # -- sync stages ----------------------------------------------------------------------------
-
-    def _run_precheck(self, trace: RoutingTrace, children: ChildManager | None) -> bool:
-        query = self._precheck_query(trace)
-        if query is None:
-            return False
-        started = time.perf_counter()
+    def _drive(self, call: _Call) -> Generator[ChatGenerationChunk, None, Answer]:
+        """Run the flow's effects; yields cloud chunks as they stream (stream mode)."""
+        flow = self._flow(call)
+        result: Any = None
+        error: BaseException | None = None
         try:
-            score = self.precheck.invoke(query, _tiers.child_config(children, "precheck"))  # type: ignore[union-attr]
-        except Exception as error:  # noqa: BLE001 - a failed probe never blocks the query
-            return trace.precheck_failed(error)
+            while True:
+                try:
+                    effect = flow.send(result) if error is None else flow.throw(error)
+                except StopIteration as stop:
+                    return stop.value
+                result, error = None, None
+                try:
+                    if isinstance(effect, Generate):
+                        result = yield from self._answer(effect, call)
+                    elif isinstance(effect, Probe):
+                        result = self._probe(effect, call)
+                    elif isinstance(effect, Sleep):
+                        time.sleep(effect.seconds)
+                    elif isinstance(effect, Announce):
+                        _emit(call.children, call.trace)
+                    elif isinstance(effect, Learn):
+                        self._learn(call.trace, effect.message)
+                except Exception as raised:  # noqa: BLE001 - handed to the flow, which decides
+                    error = raised
         finally:
-            trace.timed("precheck", started)
-        return trace.precheck_done(score)
+            flow.close()
+            call.trace.finish()  # no-op when the flow finished it; else settles (cancelled)
 
-    def _invoke_tier(self, tier: str, call: _Call) -> BaseMessage:
-        model, timeout = self._tier(tier)
-        config = _tiers.child_config(call.children, tier)
-
-        def attempt() -> BaseMessage:
-            return _tiers.call_with_timeout(
-                lambda: model.invoke(call.messages, config, stop=call.stop, **call.kwargs),  # type: ignore[union-attr]
-                timeout,
-                tier,
-            )
-
+    def _probe(self, effect: Probe, call: _Call) -> Any:
         started = time.perf_counter()
         try:
-            if tier == "cloud" and self.cloud_retry is not None:
-                return self.cloud_retry.call(attempt)
-            return attempt()
+            config = _tiers.child_config(call.children, "precheck")
+            return self.precheck.invoke(effect.query, config)  # type: ignore[union-attr]
         finally:
-            call.trace.timed(tier, started)
+            call.trace.timed("precheck", started)
 
-    def _stream_tier(self, tier: str, call: _Call) -> Iterator[AIMessageChunk]:
-        model, timeout = self._tier(tier)
-        config = _tiers.child_config(call.children, tier)
+    def _answer(self, effect: Generate, call: _Call) -> Generator[ChatGenerationChunk, None, Answer]:
+        model, timeout = self._tier(effect.tier)
+        config = _tiers.child_config(call.children, effect.tier)
+        started = time.perf_counter()
+        watch = _watch(effect, call)
+        try:
+            if not call.streaming and watch is None:
+                # The client's own timeout (httpx / botocore) bounds the call and cancels it.
+                return Answer(model.invoke(call.messages, config, stop=call.stop, **call.kwargs))
+            # Streamed: the stream is closed on every exit, so the server stops generating.
+            deadline = None if timeout is None else started + timeout
+            chunks: list[AIMessageChunk] = []
+            stream = iter(model.stream(call.messages, config, stop=call.stop, **call.kwargs))
+            try:
+                for raw in stream:
+                    chunk = _tiers.as_chunk(raw)
+                    chunks.append(chunk)
+                    if effect.emit:
+                        yield ChatGenerationChunk(message=_tiers.without_usage(chunk))
+                    if deadline is not None and time.perf_counter() > deadline:
+                        raise _timeout(effect.tier, timeout)
+                    if watch is not None and watch.stop_after(chunk):
+                        break
+            except Exception as error:
+                if effect.emit and chunks:
+                    raise PartialStreamError(error, len(chunks)) from error
+                raise
+            finally:
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()
+            return Answer(messages_of(chunks), chunks, emitted=effect.emit,
+                          early_exit=watch.report() if watch is not None else None)
+        finally:
+            call.trace.timed(effect.tier, started)
 
-        def open_stream() -> tuple[Iterator[Any], Any]:
-            chunks = _tiers.iterate_with_timeout(
-                iter(model.stream(call.messages, config, stop=call.stop, **call.kwargs)),  # type: ignore[union-attr]
-                timeout,
-                tier,
-            )
-            return chunks, next(chunks, None)
+    # -- the async driver -----------------------------------------------------------------------
 
+    async def _adrive(self, call: _Call, out: list[Answer]) -> AsyncIterator[ChatGenerationChunk]:
+        """Async :meth:`_drive`; the answer is appended to ``out``."""
+        flow = self._flow(call)
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            while True:
+                try:
+                    effect = flow.send(result) if error is None else flow.throw(error)
+                except StopIteration as stop:
+                    out.append(stop.value)
+                    return
+                result, error = None, None
+                try:
+                    if isinstance(effect, Generate):
+                        answers: list[Answer] = []
+                        async for chunk in self._aanswer(effect, call, answers):
+                            yield chunk
+                        result = answers[0]
+                    elif isinstance(effect, Probe):
+                        result = await self._aprobe(effect, call)
+                    elif isinstance(effect, Sleep):
+                        await asyncio.sleep(effect.seconds)
+                    elif isinstance(effect, Announce):
+                        await _aemit(call.children, call.trace)
+                    elif isinstance(effect, Learn):
+                        # Chroma's client is synchronous: keep it off the event loop.
+                        await asyncio.to_thread(self._learn, call.trace, effect.message)
+                except Exception as raised:  # noqa: BLE001 - handed to the flow, which decides
+                    error = raised
+        finally:
+            flow.close()
+            call.trace.finish()
+
+    async def _aprobe(self, effect: Probe, call: _Call) -> Any:
         started = time.perf_counter()
         try:
-            # Retries happen only before the first chunk: nothing has been emitted yet.
-            if tier == "cloud" and self.cloud_retry is not None:
-                chunks, first = self.cloud_retry.call(open_stream)
-            else:
-                chunks, first = open_stream()
-            if first is None:
+            config = _tiers.child_config(call.children, "precheck")
+            return await self.precheck.ainvoke(effect.query, config)  # type: ignore[union-attr]
+        finally:
+            call.trace.timed("precheck", started)
+
+    async def _aanswer(
+        self, effect: Generate, call: _Call, out: list[Answer]
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        model, timeout = self._tier(effect.tier)
+        model = tier_clients.per_loop(model)
+        config = _tiers.child_config(call.children, effect.tier)
+        started = time.perf_counter()
+        watch = _watch(effect, call)
+        try:
+            if not call.streaming and watch is None:
+                call_ = model.ainvoke(call.messages, config, stop=call.stop, **call.kwargs)
+                out.append(Answer(await _within(call_, timeout, effect.tier)))
                 return
-            yield _tiers.as_chunk(first)
-            for chunk in chunks:
-                yield _tiers.as_chunk(chunk)
+            deadline = None if timeout is None else started + timeout
+            chunks: list[AIMessageChunk] = []
+            stream = aiter(model.astream(call.messages, config, stop=call.stop, **call.kwargs))
+            try:
+                while True:
+                    remaining = None if deadline is None else deadline - time.perf_counter()
+                    try:
+                        raw = await _within(anext(stream), remaining, effect.tier, timeout)
+                    except StopAsyncIteration:
+                        break
+                    chunk = _tiers.as_chunk(raw)
+                    chunks.append(chunk)
+                    if effect.emit:
+                        yield ChatGenerationChunk(message=_tiers.without_usage(chunk))
+                    if watch is not None and watch.stop_after(chunk):
+                        break
+            except Exception as error:
+                if effect.emit and chunks:
+                    raise PartialStreamError(error, len(chunks)) from error
+                raise
+            finally:
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            out.append(Answer(messages_of(chunks), chunks, emitted=effect.emit,
+                              early_exit=watch.report() if watch is not None else None))
         finally:
-            call.trace.timed(tier, started)
+            call.trace.timed(effect.tier, started)
 
-    # -- sync entry points --------------------------------------------------------------------
+    # -- BaseChatModel entry points -------------------------------------------------------------
 
     def _generate(
         self,
@@ -394,33 +664,28 @@ class ConfidenceRoutedLLM(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        trace, tier_kwargs, children = self._begin(messages, kwargs, run_manager)
-        call = _Call(messages, stop, trace, children, tier_kwargs)
-        local_message: BaseMessage | None = None
-        if not self._run_precheck(trace, children):
+        call = self._begin(messages, stop, kwargs, run_manager, streaming=False)
+        driver = self._drive(call)
+        while True:
             try:
-                local_message = self._invoke_tier("local", call)
-            except Exception as error:  # noqa: BLE001 - any local failure escalates
-                trace.local_failed(error)
-            if not trace.after_local(local_message):
-                self._emit(children, trace)
-                return _result(local_message, trace)  # type: ignore[arg-type]
-        trace.escalating(local_message)
-        if not trace.reserve_budget(local_message):
-            if trace.local_fallback_needed(local_message):
-                local_message = self._invoke_tier("local", call)
-            self._emit(children, trace)
-            return _result(_require(local_message, trace), trace)
-        self._emit(children, trace)
-        try:
-            cloud_message = self._invoke_tier("cloud", call)
-        except Exception as error:  # noqa: BLE001 - on_cloud_error decides
-            if trace.retry_locally_after_cloud_failure(local_message):
-                local_message = self._invoke_tier("local", call)
-            return _result(trace.cloud_fallback(error, local_message), trace)
-        trace.cloud_done(cloud_message)
-        self._learn(trace, cloud_message)
-        return _result(cloud_message, trace)
+                next(driver)
+            except StopIteration as stop_:
+                answer: Answer = stop_.value
+                break
+        return _result(answer, call.trace)
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        call = self._begin(messages, stop, kwargs, run_manager, streaming=False)
+        out: list[Answer] = []
+        async for _ in self._adrive(call, out):
+            pass
+        return _result(out[0], call.trace)
 
     def _stream(
         self,
@@ -430,150 +695,9 @@ class ConfidenceRoutedLLM(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         # The local answer is buffered until the decision: output of two models is never mixed.
-        trace, tier_kwargs, children = self._begin(messages, kwargs, run_manager)
-        call = _Call(messages, stop, trace, children, tier_kwargs)
-        buffered: list[AIMessageChunk] = []
-        local_message: BaseMessage | None = None
-        if not self._run_precheck(trace, children):
-            try:
-                buffered = list(self._stream_tier("local", call))
-                local_message = _tiers.aggregate(buffered)
-            except Exception as error:  # noqa: BLE001 - any local failure escalates
-                trace.local_failed(error)
-            if not trace.after_local(local_message):
-                self._emit(children, trace)
-                yield from _replay(buffered, trace)
-                return
-        trace.escalating(local_message)
-        if not trace.reserve_budget(local_message):
-            if trace.local_fallback_needed(local_message):
-                buffered = list(self._stream_tier("local", call))
-                local_message = _tiers.aggregate(buffered)
-            _require(local_message, trace)
-            self._emit(children, trace)
-            yield from _replay(buffered, trace)
-            return
-        self._emit(children, trace)
-        cloud_chunks: list[AIMessageChunk] = []
-        try:
-            for chunk in self._stream_tier("cloud", call):
-                cloud_chunks.append(chunk)
-                yield ChatGenerationChunk(message=chunk)
-        except Exception as error:
-            if cloud_chunks:
-                raise trace.partial_cloud_failure(
-                    error, len(cloud_chunks), local_message
-                ) from error
-            if trace.retry_locally_after_cloud_failure(local_message):
-                buffered = list(self._stream_tier("local", call))
-                local_message = _tiers.aggregate(buffered)
-            trace.cloud_fallback(error, local_message)  # returns only to fall back to local
-            yield from _replay(buffered, trace)
-            return
-        cloud_message = _tiers.aggregate(cloud_chunks)
-        trace.cloud_done(cloud_message)
-        self._learn(trace, cloud_message)
-        yield _routing_chunk(trace)
-
-    # -- async stages -------------------------------------------------------------------------
-
-    async def _arun_precheck(self, trace: RoutingTrace, children: ChildManager | None) -> bool:
-        query = self._precheck_query(trace)
-        if query is None:
-            return False
-        started = time.perf_counter()
-        try:
-            score = await self.precheck.ainvoke(query, _tiers.child_config(children, "precheck"))  # type: ignore[union-attr]
-        except Exception as error:  # noqa: BLE001 - a failed probe never blocks the query
-            return trace.precheck_failed(error)
-        finally:
-            trace.timed("precheck", started)
-        return trace.precheck_done(score)
-
-    async def _ainvoke_tier(self, tier: str, call: _Call) -> BaseMessage:
-        model, timeout = self._tier(tier)
-        config = _tiers.child_config(call.children, tier)
-
-        async def attempt() -> BaseMessage:
-            return await _tiers.acall_with_timeout(
-                lambda: model.ainvoke(call.messages, config, stop=call.stop, **call.kwargs),  # type: ignore[union-attr]
-                timeout,
-                tier,
-            )
-
-        started = time.perf_counter()
-        try:
-            if tier == "cloud" and self.cloud_retry is not None:
-                return await self.cloud_retry.acall(attempt)
-            return await attempt()
-        finally:
-            call.trace.timed(tier, started)
-
-    async def _astream_tier(self, tier: str, call: _Call) -> AsyncIterator[AIMessageChunk]:
-        model, timeout = self._tier(tier)
-        config = _tiers.child_config(call.children, tier)
-
-        async def open_stream() -> tuple[AsyncIterator[Any], Any]:
-            chunks = _tiers.aiterate_with_timeout(
-                aiter(model.astream(call.messages, config, stop=call.stop, **call.kwargs)),  # type: ignore[union-attr]
-                timeout,
-                tier,
-            )
-            return chunks, await anext(chunks, None)
-
-        started = time.perf_counter()
-        try:
-            if tier == "cloud" and self.cloud_retry is not None:
-                chunks, first = await self.cloud_retry.acall(open_stream)
-            else:
-                chunks, first = await open_stream()
-            if first is None:
-                return
-            yield _tiers.as_chunk(first)
-            async for chunk in chunks:
-                yield _tiers.as_chunk(chunk)
-        finally:
-            call.trace.timed(tier, started)
-
-    async def _abuffer(self, call: _Call) -> list[AIMessageChunk]:
-        return [chunk async for chunk in self._astream_tier("local", call)]
-
-    # -- async entry points -------------------------------------------------------------------
-
-    async def _agenerate(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> ChatResult:
-        trace, tier_kwargs, children = self._begin(messages, kwargs, run_manager)
-        call = _Call(messages, stop, trace, children, tier_kwargs)
-        local_message: BaseMessage | None = None
-        if not await self._arun_precheck(trace, children):
-            try:
-                local_message = await self._ainvoke_tier("local", call)
-            except Exception as error:  # noqa: BLE001 - any local failure escalates
-                trace.local_failed(error)
-            if not trace.after_local(local_message):
-                await self._aemit(children, trace)
-                return _result(local_message, trace)  # type: ignore[arg-type]
-        trace.escalating(local_message)
-        if not trace.reserve_budget(local_message):
-            if trace.local_fallback_needed(local_message):
-                local_message = await self._ainvoke_tier("local", call)
-            await self._aemit(children, trace)
-            return _result(_require(local_message, trace), trace)
-        await self._aemit(children, trace)
-        try:
-            cloud_message = await self._ainvoke_tier("cloud", call)
-        except Exception as error:  # noqa: BLE001 - on_cloud_error decides
-            if trace.retry_locally_after_cloud_failure(local_message):
-                local_message = await self._ainvoke_tier("local", call)
-            return _result(trace.cloud_fallback(error, local_message), trace)
-        trace.cloud_done(cloud_message)
-        await self._alearn(trace, cloud_message)
-        return _result(cloud_message, trace)
+        call = self._begin(messages, stop, kwargs, run_manager, streaming=True)
+        answer = yield from self._drive(call)
+        yield from _replay(answer, call.trace)
 
     async def _astream(
         self,
@@ -582,76 +706,34 @@ class ConfidenceRoutedLLM(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        trace, tier_kwargs, children = self._begin(messages, kwargs, run_manager)
-        call = _Call(messages, stop, trace, children, tier_kwargs)
-        buffered: list[AIMessageChunk] = []
-        local_message: BaseMessage | None = None
-        if not await self._arun_precheck(trace, children):
-            try:
-                buffered = await self._abuffer(call)
-                local_message = _tiers.aggregate(buffered)
-            except Exception as error:  # noqa: BLE001 - any local failure escalates
-                trace.local_failed(error)
-            if not trace.after_local(local_message):
-                await self._aemit(children, trace)
-                for generation in _replay(buffered, trace):
-                    yield generation
-                return
-        trace.escalating(local_message)
-        if not trace.reserve_budget(local_message):
-            if trace.local_fallback_needed(local_message):
-                buffered = await self._abuffer(call)
-                local_message = _tiers.aggregate(buffered)
-            _require(local_message, trace)
-            await self._aemit(children, trace)
-            for generation in _replay(buffered, trace):
-                yield generation
-            return
-        await self._aemit(children, trace)
-        cloud_chunks: list[AIMessageChunk] = []
-        try:
-            async for chunk in self._astream_tier("cloud", call):
-                cloud_chunks.append(chunk)
-                yield ChatGenerationChunk(message=chunk)
-        except Exception as error:
-            if cloud_chunks:
-                raise trace.partial_cloud_failure(
-                    error, len(cloud_chunks), local_message
-                ) from error
-            if trace.retry_locally_after_cloud_failure(local_message):
-                buffered = await self._abuffer(call)
-                local_message = _tiers.aggregate(buffered)
-            trace.cloud_fallback(error, local_message)  # returns only to fall back to local
-            for generation in _replay(buffered, trace):
-                yield generation
-            return
-        cloud_message = _tiers.aggregate(cloud_chunks)
-        trace.cloud_done(cloud_message)
-        await self._alearn(trace, cloud_message)
-        yield _routing_chunk(trace)
+        call = self._begin(messages, stop, kwargs, run_manager, streaming=True)
+        out: list[Answer] = []
+        async for chunk in self._adrive(call, out):
+            yield chunk
+        for chunk in _replay(out[0], call.trace):
+            yield chunk
 
-    async def _alearn(self, trace: RoutingTrace, cloud_message: BaseMessage) -> None:
-        # Chroma's client is synchronous: keep it off the event loop.
-        if self.knowledge_store is not None and self.learn_from_escalations:
-            await asyncio.to_thread(self._learn, trace, cloud_message)
+    # -- public entry points: the answering tier's usage back on what the caller gets --------
 
-    # -- tracing ------------------------------------------------------------------------------
+    def invoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AIMessage:
+        return _with_answer_usage(super().invoke(input, config, stop=stop, **kwargs))
 
-    @staticmethod
-    def _emit(children: ChildManager | None, trace: RoutingTrace) -> None:
-        if isinstance(children, CallbackManager):
-            children.on_custom_event(
-                "routing_decision", trace.decision_event(), run_id=children.parent_run_id
-            )
-
-    @staticmethod
-    async def _aemit(children: ChildManager | None, trace: RoutingTrace) -> None:
-        if isinstance(children, AsyncCallbackManager):
-            await children.on_custom_event(
-                "routing_decision", trace.decision_event(), run_id=children.parent_run_id
-            )
-
-    # -- streaming entry points (to trace children in the stream path) -----------------------
+    async def ainvoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AIMessage:
+        return _with_answer_usage(await super().ainvoke(input, config, stop=stop, **kwargs))
 
     def stream(
         self,
@@ -661,19 +743,24 @@ class ConfidenceRoutedLLM(BaseChatModel):
         stop: list[str] | None = None,
         **kwargs: Any,
     ) -> Iterator[AIMessageChunk]:
+        # langchain-core's stream path does not pass a run manager to ``_stream``; the child-run
+        # manager goes through a context variable, read before the first chunk.
         config = ensure_config(config)
         run_id = config.get("run_id") or uuid.uuid4()
         token = STREAM_CHILDREN.set(_tiers.stream_children(config, run_id, CallbackManager))
         try:
-            # _stream reads the context variable before its first chunk; reset right after so
-            # nothing leaks into the caller's context between chunks.
             chunks = super().stream(input, {**config, "run_id": run_id}, stop=stop, **kwargs)
             first = next(chunks, None)
         finally:
             STREAM_CHILDREN.reset(token)
-        if first is not None:
-            yield first
-            yield from chunks
+        if first is None:
+            return
+        try:
+            yield _with_answer_usage(first)
+            for chunk in chunks:
+                yield _with_answer_usage(chunk)
+        finally:
+            chunks.close()
 
     async def astream(
         self,
@@ -691,16 +778,24 @@ class ConfidenceRoutedLLM(BaseChatModel):
             first = await anext(chunks, None)
         finally:
             STREAM_CHILDREN.reset(token)
-        if first is not None:
-            yield first
+        if first is None:
+            return
+        try:
+            yield _with_answer_usage(first)
             async for chunk in chunks:
-                yield chunk
+                yield _with_answer_usage(chunk)
+        finally:
+            await chunks.aclose()
+
+
+#: The LangChain-style name of the same class (chat models are named ``Chat*``).
+ChatConfidenceRouter = ConfidenceRoutedLLM
 
 
 class _Call:
     """The arguments every stage of one call needs."""
 
-    __slots__ = ("children", "kwargs", "messages", "stop", "trace")
+    __slots__ = ("children", "kwargs", "messages", "stop", "streaming", "trace")
 
     def __init__(
         self,
@@ -709,30 +804,108 @@ class _Call:
         trace: RoutingTrace,
         children: ChildManager | None,
         kwargs: dict[str, Any],
+        streaming: bool,
     ) -> None:
         self.messages = messages
         self.stop = stop
         self.trace = trace
         self.children = children
         self.kwargs = kwargs
+        self.streaming = streaming
 
 
-def _require(message: BaseMessage | None, trace: RoutingTrace) -> BaseMessage:
-    """The local answer to serve when escalation was refused; fails if there is none."""
-    if message is None:
-        from confidence_router.errors import LocalModelError
+class _Watch:
+    """Follows a local answer's tokens for early exit."""
 
-        raise LocalModelError(
-            f"local model failed ({trace.record.get('local_error')}) and "
-            f"{trace.record.get('escalation_skipped', 'escalation was refused')}"
-        ) from trace.local_error
-    return message
+    __slots__ = ("exited", "tokens", "trace")
+
+    def __init__(self, trace: RoutingTrace) -> None:
+        self.trace = trace
+        self.tokens: list[Any] = []
+        self.exited = False
+
+    def stop_after(self, chunk: AIMessageChunk) -> bool:
+        self.tokens.extend(token_logprobs(chunk.response_metadata) or ())
+        self.exited = self.trace.should_stop_early(self.tokens)
+        return self.exited
+
+    def report(self) -> dict[str, Any]:
+        return {"exited": self.exited, "tokens": len(self.tokens)}
 
 
-def _result(message: BaseMessage, trace: RoutingTrace) -> ChatResult:
+def _watch(effect: Generate, call: _Call) -> _Watch | None:
+    """A token watcher when this generation may stop early (local, early_exit on)."""
+    if effect.tier != "local" or effect.complete or not call.trace.policy.early_exit:
+        return None
+    return _Watch(call.trace)
+
+
+def _early_exit_rule() -> Callable[[str, float, Sequence[Any]], bool] | None:
+    try:
+        from confidence_router.early_exit import can_no_longer_keep
+    except ImportError:  # pragma: no cover - the module ships with the package
+        return None
+    return can_no_longer_keep
+
+
+def _check_input(messages: Sequence[BaseMessage]) -> None:
+    """Nothing to answer is an error before any request (and never a cloud call)."""
+    if not messages:
+        raise InvalidInputError("no messages: there is nothing to answer")
+    for message in messages:
+        if message.text.strip() or getattr(message, "tool_calls", None):
+            return
+        content = message.content
+        if isinstance(content, list) and any(
+            isinstance(block, dict) and block.get("type") not in (None, "text") for block in content
+        ):
+            return  # an image, a document, a tool result ...
+    raise InvalidInputError("every message is empty or whitespace: there is nothing to answer")
+
+
+def _timeout(tier: str, timeout: float | None) -> TierTimeoutError:
+    return TierTimeoutError(f"{tier} tier timed out after {timeout:g} s")
+
+
+async def _within(awaitable: Any, seconds: float | None, tier: str,
+                  timeout: float | None = None) -> Any:
+    """``await awaitable``, cancelled after ``seconds`` (the request is cancelled with it)."""
+    if seconds is None:
+        return await awaitable
+    try:
+        return await asyncio.wait_for(awaitable, max(seconds, 0.0))
+    except asyncio.TimeoutError:
+        raise _timeout(tier, timeout if timeout is not None else seconds) from None
+
+
+def _emit(children: ChildManager | None, trace: RoutingTrace) -> None:
+    if isinstance(children, CallbackManager):
+        children.on_custom_event(
+            "routing_decision", trace.decision_event(), run_id=children.parent_run_id
+        )
+
+
+async def _aemit(children: ChildManager | None, trace: RoutingTrace) -> None:
+    if isinstance(children, AsyncCallbackManager):
+        await children.on_custom_event(
+            "routing_decision", trace.decision_event(), run_id=children.parent_run_id
+        )
+
+
+def _max_output_tokens(model: Any) -> int | None:
+    inner = tier_clients.unwrap(model)
+    value = getattr(inner, "max_tokens", None)
+    if value is None:
+        value = (getattr(inner, "model_kwargs", None) or {}).get("max_tokens")
+    if isinstance(model, Runnable) and hasattr(model, "kwargs"):
+        value = (getattr(model, "kwargs", None) or {}).get("max_tokens", value)
+    return int(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def _result(answer: Answer, trace: RoutingTrace) -> ChatResult:
     routing = trace.finish()
     return ChatResult(
-        generations=[ChatGeneration(message=_tiers.attach(message, routing))],
+        generations=[ChatGeneration(message=_tiers.attach(answer.message, routing))],
         llm_output={"routing": routing},
     )
 
@@ -745,11 +918,25 @@ def _routing_chunk(trace: RoutingTrace) -> ChatGenerationChunk:
     )
 
 
-def _replay(chunks: Sequence[AIMessageChunk], trace: RoutingTrace) -> Iterator[ChatGenerationChunk]:
-    """The buffered local chunks, then the routing record.
+def _replay(answer: Answer, trace: RoutingTrace) -> Iterator[ChatGenerationChunk]:
+    """The buffered local chunks (unless already streamed), then the routing record.
 
     BaseChatModel.stream() reports each chunk to the callbacks itself.
     """
-    for chunk in chunks:
-        yield ChatGenerationChunk(message=chunk)
+    if not answer.emitted:
+        chunks = answer.chunks or [_tiers.as_chunk(answer.message)]
+        for chunk in chunks:
+            yield ChatGenerationChunk(message=_tiers.without_usage(chunk))
     yield _routing_chunk(trace)
+
+
+def _with_answer_usage(message: Any) -> Any:
+    """Put the answering tier's token usage on what the caller receives (the record keeps
+    both tiers' usage apart: ``routing["usage"]["local"]`` / ``["cloud"]``)."""
+    routing = getattr(message, "response_metadata", {}).get("routing")
+    if not isinstance(routing, dict):
+        return message
+    usage = (routing.get("usage") or {}).get(routing.get("decision"))
+    if not usage:
+        return message
+    return message.model_copy(update={"usage_metadata": usage})

