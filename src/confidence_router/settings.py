@@ -13,14 +13,22 @@ Environment variables (all optional):
 ``CONFIDENCE_ROUTER_CLOUD_MODEL``            Bedrock model id; ``none`` disables the cloud
 ``AWS_REGION`` / ``AWS_DEFAULT_REGION``      Bedrock region (default ``us-west-2``)
 ``CONFIDENCE_ROUTER_BEDROCK_ENDPOINT``       Bedrock endpoint URL override (tests, VPC)
+``CONFIDENCE_ROUTER_CLOUD_MAX_TOKENS``       the cloud's ``max_tokens`` (needed by budgets)
+``CONFIDENCE_ROUTER_LOCAL_TIMEOUT``          seconds (default 60); ``CLOUD_TIMEOUT`` likewise
 ``CONFIDENCE_ROUTER_THRESHOLD``              and every other policy knob, upper-cased
 ``CONFIDENCE_ROUTER_CONFIG``                 path of a TOML/JSON file read by ``from_settings``
 ============================================ ==============================================
+
+A ``CONFIDENCE_ROUTER_*`` variable that names no setting (``CONFIDENCE_ROUTER_TRESHOLD``) is a
+:class:`~confidence_router.errors.RoutingConfigError`, not silently ignored. Credentials never
+go into saved settings: a password in ``ollama_host`` (``http://user:pass@host``) is written as
+``***``; pass it through ``OLLAMA_HOST`` instead.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -28,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from confidence_router.errors import RoutingConfigError
-from confidence_router.policy import RoutingPolicy
+from confidence_router.policy import DEFAULT_POLICY, RoutingPolicy, unknown_names_message
 
 if TYPE_CHECKING:
     from confidence_router.router import ConfidenceRoutedLLM
@@ -37,7 +45,24 @@ DEFAULT_LOCAL_MODEL = "qwen2.5:7b"
 DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
 DEFAULT_CLOUD_MODEL = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
 DEFAULT_REGION = "us-west-2"
+DEFAULT_LOCAL_TIMEOUT = 60.0
 ENV_PREFIX = "CONFIDENCE_ROUTER_"
+
+#: ``CONFIDENCE_ROUTER_*`` variables read by other parts of the library (not settings).
+OTHER_ENV_VARS = frozenset(
+    {
+        "CONFIG",
+        "HOME",
+        "DATA_DIR",
+        "KNOWLEDGE_PATH",
+        "EMBED_MODEL",
+        "REDIS_URL",
+        "REDIS_PREFIX",
+        "PROXY_API_KEYS",
+        "PROXY_MAX_BODY_BYTES",
+        "PROXY_TIMEOUT",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -52,13 +77,18 @@ class RouterSettings:
     cloud_model: str | None = DEFAULT_CLOUD_MODEL
     aws_region: str = DEFAULT_REGION
     bedrock_endpoint: str | None = None
-    threshold: float = 0.7
-    signal: str = "mean_logprob"
-    on_unknown: str = "escalate"
-    on_cloud_error: str = "raise"
-    precheck_threshold: float = 0.5
-    allow_escalation: bool = True
-    on_budget_exceeded: str = "local"
+    cloud_max_tokens: int | None = None
+    local_timeout: float | None = DEFAULT_LOCAL_TIMEOUT
+    cloud_timeout: float | None = None
+    # The policy knobs; their defaults come from RoutingPolicy (declared once, there).
+    threshold: float = DEFAULT_POLICY.threshold
+    signal: str = DEFAULT_POLICY.signal
+    on_unknown: str = DEFAULT_POLICY.on_unknown
+    on_cloud_error: str = DEFAULT_POLICY.on_cloud_error
+    precheck_threshold: float = DEFAULT_POLICY.precheck_threshold
+    allow_escalation: bool = DEFAULT_POLICY.allow_escalation
+    on_budget_exceeded: str = DEFAULT_POLICY.on_budget_exceeded
+    early_exit: bool = DEFAULT_POLICY.early_exit
 
     def __post_init__(self) -> None:
         if not self.local_model.strip():
@@ -66,6 +96,25 @@ class RouterSettings:
         if not self.ollama_host.startswith(("http://", "https://")):
             raise RoutingConfigError(
                 f"ollama_host must be an http(s) URL, got {self.ollama_host!r}"
+            )
+        for name in ("local_timeout", "cloud_timeout"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise RoutingConfigError(
+                    f"{name} must be a finite number of seconds > 0 or None, got {value!r}"
+                )
+        if self.cloud_max_tokens is not None and (
+            isinstance(self.cloud_max_tokens, bool)
+            or not isinstance(self.cloud_max_tokens, int)
+            or self.cloud_max_tokens <= 0
+        ):
+            raise RoutingConfigError(
+                f"cloud_max_tokens must be a positive int, got {self.cloud_max_tokens!r}"
             )
         self.policy()  # validates the knobs
 
@@ -75,8 +124,11 @@ class RouterSettings:
         return RoutingPolicy(**{k: v for k, v in asdict(self).items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-serialisable values (no credentials are ever part of the settings)."""
-        return asdict(self)
+        """Plain, JSON-serialisable values; a password in ``ollama_host`` is masked (no
+        credential is ever part of saved settings)."""
+        values = asdict(self)
+        values["ollama_host"] = redact_url(self.ollama_host)
+        return values
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the settings as JSON, readable by :meth:`from_file` / :meth:`load`."""
@@ -88,9 +140,7 @@ class RouterSettings:
         known = {f.name: f for f in fields(cls)}
         unknown = set(values) - set(known)
         if unknown:
-            raise RoutingConfigError(
-                f"unknown setting(s) {sorted(unknown)}; known: {sorted(known)}"
-            )
+            raise RoutingConfigError(unknown_names_message(unknown, known, what="setting"))
         converted = {k: _convert(k, v, known[k].type) for k, v in values.items()}
         return cls(**converted)
 
@@ -140,6 +190,7 @@ class RouterSettings:
         local = ChatOllama(
             model=self.local_model, base_url=self.ollama_host, temperature=0, logprobs=True
         )
+        timeouts = {"local_timeout": self.local_timeout, "cloud_timeout": self.cloud_timeout}
         cloud = None
         if self.cloud_model:
             from langchain_aws import ChatBedrockConverse
@@ -151,13 +202,29 @@ class RouterSettings:
             }
             if self.bedrock_endpoint:
                 cloud_kwargs["endpoint_url"] = self.bedrock_endpoint
+            if self.cloud_max_tokens:
+                cloud_kwargs["max_tokens"] = self.cloud_max_tokens
             cloud = ChatBedrockConverse(**cloud_kwargs)
         knobs = {k: getattr(self, k) for k in RoutingPolicy.knob_names()}
-        return ConfidenceRoutedLLM(local=local, cloud=cloud, **{**knobs, **overrides})
+        return ConfidenceRoutedLLM(local=local, cloud=cloud, **{**knobs, **timeouts, **overrides})
 
 
 def _env_values(env: Mapping[str, str]) -> dict[str, str]:
     """The settings that the environment sets, as raw strings."""
+    names = {f.name.upper() for f in fields(RouterSettings)}
+    stray = {
+        key[len(ENV_PREFIX):].lower()
+        for key in env
+        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):] not in names | OTHER_ENV_VARS
+    }
+    if stray:
+        raise RoutingConfigError(
+            unknown_names_message(
+                {ENV_PREFIX + s.upper() for s in stray},
+                {ENV_PREFIX + n for n in names},
+                what="environment variable",
+            )
+        )
     values = {
         f.name: env[ENV_PREFIX + f.name.upper()]
         for f in fields(RouterSettings)
@@ -170,6 +237,26 @@ def _env_values(env: Mapping[str, str]) -> dict[str, str]:
         if region:
             values["aws_region"] = region
     return values
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for files, logs and databases).
+
+    >>> redact_url("http://admin:s3cret@gpu-box:11434")
+    'http://admin:***@gpu-box:11434'
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _normalise_host(host: str) -> str:
@@ -191,7 +278,16 @@ def _convert(name: str, value: Any, annotation: Any) -> Any:
         return value
     kind = str(annotation)
     text = value.strip()
+    if "int" in kind and "float" not in kind:
+        if text.lower() in {"", "none", "null"} and "None" in kind:
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            raise RoutingConfigError(f"{name} must be an integer, got {value!r}") from None
     if "float" in kind:
+        if text.lower() in {"", "none", "null", "off"} and "None" in kind:
+            return None
         try:
             return float(text)
         except ValueError:

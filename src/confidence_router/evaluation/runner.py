@@ -450,6 +450,10 @@ def _model_options(model: Any) -> dict[str, Any]:
                 if attr != "stop"
                 else (list(getattr(model, attr) or []))
             )
+    if isinstance(options.get("base_url"), str):
+        from confidence_router.settings import redact_url
+
+        options["base_url"] = redact_url(options["base_url"])  # never store a password
     return options
 
 
