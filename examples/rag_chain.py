@@ -13,7 +13,7 @@ from langchain_core.runnables import RunnablePassthrough
 from langchain_core.vectorstores import InMemoryVectorStore
 from langchain_ollama import OllamaEmbeddings
 
-from confidence_router import RouterSettings
+from confidence_router import ConfidenceRoutedLLM, RouterSettings
 
 DOCUMENTS = [
     "Kaunas is Lithuania's second-largest city, at the confluence of the Neris and Nemunas.",
@@ -36,7 +36,7 @@ def main() -> None:
         {"context": retriever | (lambda docs: "\n".join(d.page_content for d in docs)),
          "question": RunnablePassthrough()}
         | prompt
-        | settings.build()
+        | ConfidenceRoutedLLM.from_settings(settings)
         | StrOutputParser()
     )
     print(chain.invoke("Which rivers meet at Kaunas?"))

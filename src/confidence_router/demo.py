@@ -114,6 +114,7 @@ def run_demo(
     from tqdm import tqdm
 
     from confidence_router.evaluation.grading import is_correct
+    from confidence_router.router import ConfidenceRoutedLLM
 
     settings = settings or RouterSettings.load()
     if settings.cloud_model and not settings.bedrock_endpoint and not aws_credentials_available():
@@ -124,7 +125,7 @@ def run_demo(
         print(f"cloud: Bedrock {settings.cloud_model} in {settings.aws_region}", file=out)
     rows: list[DemoRow] = []
     with local_backend(settings, out) as ready:
-        router = ready.build()
+        router = ConfidenceRoutedLLM.from_settings(ready)
         for question, gold in tqdm(questions, desc="routing", file=out, disable=not progress):
             message = router.invoke(question)
             routing = message.response_metadata["routing"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
@@ -337,9 +338,14 @@ class ConfidenceRoutedLLM(BaseChatModel):
 
     @classmethod
     def from_settings(
-        cls, path: str | None = None, *, environ: dict[str, str] | None = None, **overrides: Any
+        cls,
+        settings: RouterSettings | str | os.PathLike[str] | None = None,
+        *,
+        environ: dict[str, str] | None = None,
+        **overrides: Any,
     ) -> ConfidenceRoutedLLM:
-        """Build a router from a settings file and/or environment variables.
+        """Build a router from :class:`~confidence_router.settings.RouterSettings`, a settings
+        file and/or environment variables.
 
         ``ChatOllama`` is the local tier and ``ChatBedrockConverse`` the cloud tier; see
         :class:`confidence_router.settings.RouterSettings` for every setting. Invalid settings
@@ -349,7 +355,10 @@ class ConfidenceRoutedLLM(BaseChatModel):
         """
         from confidence_router.settings import RouterSettings
 
-        return RouterSettings.load(path, environ).build(**overrides)
+        if not isinstance(settings, RouterSettings):
+            settings = RouterSettings.load(settings, environ)
+        local, cloud = settings.tier_models()
+        return cls(local=local, cloud=cloud, **{**settings.router_fields(), **overrides})
 
     def to_settings(self) -> RouterSettings:
         """This router's configuration as plain :class:`RouterSettings` (no credentials).

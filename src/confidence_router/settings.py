@@ -5,6 +5,9 @@
 >>> s.threshold, s.local_model
 (0.8, 'qwen2.5:7b')
 
+Build a router with ``ConfidenceRoutedLLM.from_settings(settings)`` (or a path, or nothing:
+the environment).
+
 Environment variables (all optional):
 
 ============================================ ==============================================
@@ -33,13 +36,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from confidence_router.errors import RoutingConfigError
 from confidence_router.policy import DEFAULT_POLICY, RoutingPolicy, unknown_names_message
-
-if TYPE_CHECKING:
-    from confidence_router.router import ConfidenceRoutedLLM
 
 DEFAULT_LOCAL_MODEL = "qwen2.5:7b"
 DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
@@ -178,19 +178,16 @@ class RouterSettings:
         base = asdict(cls.from_file(path)) if path else {}
         return cls.from_mapping({**base, **_env_values(env)})
 
-    def build(self, **overrides: Any) -> ConfidenceRoutedLLM:
-        """Create the router: ``ChatOllama`` locally, ``ChatBedrockConverse`` in the cloud.
+    def tier_models(self) -> tuple[Any, Any]:
+        """The tiers these settings describe: ``(ChatOllama, ChatBedrockConverse | None)``.
 
         The framework clients are imported here, not at module import.
         """
         from langchain_ollama import ChatOllama
 
-        from confidence_router.router import ConfidenceRoutedLLM
-
         local = ChatOllama(
             model=self.local_model, base_url=self.ollama_host, temperature=0, logprobs=True
         )
-        timeouts = {"local_timeout": self.local_timeout, "cloud_timeout": self.cloud_timeout}
         cloud = None
         if self.cloud_model:
             from langchain_aws import ChatBedrockConverse
@@ -205,8 +202,12 @@ class RouterSettings:
             if self.cloud_max_tokens:
                 cloud_kwargs["max_tokens"] = self.cloud_max_tokens
             cloud = ChatBedrockConverse(**cloud_kwargs)
+        return local, cloud
+
+    def router_fields(self) -> dict[str, Any]:
+        """The router's fields these settings set: every knob and the tier timeouts."""
         knobs = {k: getattr(self, k) for k in RoutingPolicy.knob_names()}
-        return ConfidenceRoutedLLM(local=local, cloud=cloud, **{**knobs, **timeouts, **overrides})
+        return {**knobs, "local_timeout": self.local_timeout, "cloud_timeout": self.cloud_timeout}
 
 
 def _env_values(env: Mapping[str, str]) -> dict[str, str]:

@@ -87,6 +87,10 @@ class _QuietThreadingHTTPServer(ThreadingHTTPServer):
     # Handler threads must never keep the interpreter alive, and stop() must not wait for a
     # handler that is sleeping through injected latency.
     block_on_close = False
+    # socketserver's default listen backlog is 5: a burst of clients beyond it saw refused or
+    # reset connections. The kernel queues this many; past max_active, clients get a 503.
+    request_queue_size = 1024
+    max_active = 512
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
         super().__init__(address, handler)
@@ -96,7 +100,19 @@ class _QuietThreadingHTTPServer(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._connections_lock:
-            self._connections.add(request)
+            busy = len(self._connections) >= self.max_active
+            if not busy:
+                self._connections.add(request)
+        if busy:
+            # Answer rather than drop: the client sees why and may retry.
+            with contextlib.suppress(OSError):
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                    b"Connection: close\r\nRetry-After: 1\r\nContent-Length: 29\r\n\r\n"
+                    b'{"error":"server overloaded"}'
+                )
+            self.shutdown_request(request)
+            return
         super().process_request(request, client_address)
 
     def shutdown_request(self, request: Any) -> None:
