@@ -1,9 +1,13 @@
 """Load and fault benchmark: many concurrent requests through the router on the test bed.
 
 Both tiers run on the project's test bed (scripted Ollama-compatible server, fake
-bedrock-runtime) with injected backend latency and faults on both tiers: local 5xx errors and
-timeouts, cloud throttling (retried), cloud 5xx and cloud outages. Prints completed requests,
-errors by kind, lost requests (must be 0), p50/p95 latency, and the concurrency speed-up over
+bedrock-runtime) with injected backend latency and faults on both tiers: local 5xx errors, a
+local model that *hangs* (far beyond ``local_timeout``), cloud throttling (retried), cloud
+requests that time out, cloud 5xx and cloud outages, under a cloud budget cap. Prints
+completed requests, errors by kind, lost requests (must be 0), what is still running after the
+run (our threads and asyncio tasks: must be 0; the server's handlers of hung requests), the
+budget (spent must stay <= the cap), the time to fall back after a local hang relative to
+``local_timeout`` (target <= 1.10), p50/p95 latency, and the concurrency speed-up over
 sequential calls on the same request mix (target: >= 6x at concurrency 8, 50 ms latency).
 
     python benchmarks/load.py [--requests 500] [--concurrency 8] [--latency 0.05]
@@ -16,12 +20,13 @@ import asyncio
 import collections
 import os
 import statistics
+import threading
 import time
 
 from langchain_aws import ChatBedrockConverse
 from langchain_ollama import ChatOllama
 
-from confidence_router import ConfidenceRoutedLLM, RetryPolicy, RoutingStats
+from confidence_router import CloudBudget, ConfidenceRoutedLLM, RetryPolicy, RoutingStats
 from confidence_router.errors import CloudEscalationError, LocalModelError
 from confidence_router.retry import classify_error
 from confidence_router.testing import FakeBedrockServer, OllamaCompatibleServer, ScriptedBackend
@@ -34,8 +39,8 @@ def script(n: int, latency: float, ollama: ScriptedBackend, bedrock: FakeBedrock
         kind = i % 20
         if kind == 0:  # local 5xx -> escalated
             ollama.fail(q, status=503, message="local overloaded")
-        elif kind == 1:  # local too slow -> timeout -> escalated
-            ollama.add_answer(q, f"late answer {q}", logprobs=-0.1, latency=2.0)
+        elif kind == 1:  # local model hangs -> cancelled at local_timeout -> escalated
+            ollama.add_answer(q, f"late answer {q}", logprobs=-0.1, latency=HANG_S)
         elif kind in (2, 3, 4, 5, 6, 7, 8):  # unsure -> escalated
             ollama.add_answer(q, f"unsure answer {q}", logprobs=-3.0, latency=latency)
         else:  # confident -> kept local
@@ -46,7 +51,15 @@ def script(n: int, latency: float, ollama: ScriptedBackend, bedrock: FakeBedrock
             bedrock.fail(q, "ServiceUnavailableException")
         if kind == 0 and i % 40 == 0:  # local AND cloud down -> an error the caller sees
             bedrock.fail(q, "InternalServerException")
+        if kind == 4:  # the cloud hangs past cloud_timeout (may be billed: counts as spent)
+            bedrock.add_answer(q, f"late cloud answer {q}", latency=CLOUD_TIMEOUT_S * 4)
         bedrock.add_answer(q, f"cloud answer {q}", latency=latency)
+
+
+HANG_S = 30.0
+LOCAL_TIMEOUT_S = 0.5
+CLOUD_TIMEOUT_S = 0.5
+BUDGET_USD = 0.2  # binds: about half of what the escalations would cost
 
 
 def build(ollama_url: str, bedrock_url: str) -> ConfidenceRoutedLLM:
@@ -54,13 +67,27 @@ def build(ollama_url: str, bedrock_url: str) -> ConfidenceRoutedLLM:
     cloud = ChatBedrockConverse(
         model="us.anthropic.claude-sonnet-4-5-20250929-v1:0", region_name="us-east-1",
         endpoint_url=bedrock_url, aws_access_key_id="bench", aws_secret_access_key="bench",
-        max_retries=0,
+        max_tokens=256,
     )
     return ConfidenceRoutedLLM(
-        local=local, cloud=cloud, on_cloud_error="local", local_timeout=0.5,
+        local=local, cloud=cloud, on_cloud_error="local", local_timeout=LOCAL_TIMEOUT_S,
+        cloud_timeout=CLOUD_TIMEOUT_S, budget=CloudBudget(max_usd=BUDGET_USD),
         cloud_retry=RetryPolicy(max_attempts=3, base_delay=0.02, max_delay=0.05, jitter=False),
         stats=RoutingStats(),
     )
+
+
+def our_threads() -> set[str]:
+    """Live threads, not counting the test servers' request handlers."""
+    return {t.name for t in threading.enumerate() if not _is_server_handler(t)}
+
+
+def server_handlers() -> int:
+    return sum(1 for t in threading.enumerate() if _is_server_handler(t))
+
+
+def _is_server_handler(thread: threading.Thread) -> bool:
+    return getattr(getattr(thread, "_target", None), "__name__", "") == "process_request_thread"
 
 
 def outcome(question: str, result: object) -> str:
@@ -90,8 +117,11 @@ async def run_concurrent(router: ConfidenceRoutedLLM, questions: list[str], conc
                 latencies.append(time.perf_counter() - t)
 
     t0 = time.perf_counter()
+    tasks_before = len(asyncio.all_tasks())
     results = await asyncio.gather(*(one(q) for q in questions))
-    return results, time.perf_counter() - t0, latencies
+    await asyncio.sleep(0)
+    leftover_tasks = len(asyncio.all_tasks()) - tasks_before
+    return results, time.perf_counter() - t0, latencies, leftover_tasks
 
 
 async def run_sequential(router: ConfidenceRoutedLLM, questions: list[str]):
@@ -120,6 +150,7 @@ def main() -> None:
 
     ollama = ScriptedBackend(default_answer=None)
     with OllamaCompatibleServer(ollama) as o_server, FakeBedrockServer() as bedrock:
+        threads_before = our_threads()
         questions = [f"Question q{i:04d}?" for i in range(args.requests)]
         script(args.requests, args.latency, ollama, bedrock)
         router = build(o_server.url, bedrock.url)
@@ -129,10 +160,20 @@ def main() -> None:
         bedrock.reset()
         script(args.requests, args.latency, ollama, bedrock)
         router = build(o_server.url, bedrock.url)
-        results, wall_s, latencies = asyncio.run(
+        results, wall_s, latencies, leftover_tasks = asyncio.run(
             run_concurrent(router, questions, args.concurrency)
         )
         snapshot = router.stats.snapshot()
+        leftover_threads = sorted(our_threads() - threads_before)
+        handlers_left = server_handlers()
+        cloud_requests = len(bedrock.requests)
+        # Time to fall back after a local hang: how long the local stage took on hung queries.
+        hung_local_s = [
+            r.response_metadata["routing"]["latency_s"]["local"]
+            for q, r in zip(questions, results)
+            if int(q.split()[1][1:-1]) % 20 == 1 and not isinstance(r, BaseException)
+        ]
+        budget = router.budget
 
     outcomes = collections.Counter(outcome(q.split()[1][:-1], r) for q, r in zip(questions, results))
     completed = sum(n for k, n in outcomes.items() if k.startswith("ok:"))
@@ -151,6 +192,16 @@ def main() -> None:
           f" -> speed-up {concurrent_rate / serial_rate:.2f}x (target >= 6x)")
     print(f"stats     calls {snapshot['calls']}, escalation rate {snapshot['escalation_rate']:.3f},"
           f" errors {snapshot['errors']}")
+    print(f"after run our threads {len(leftover_threads)} {leftover_threads}, asyncio tasks {leftover_tasks} (must be 0);"
+          f" server handlers still sleeping on hung requests {handlers_left}")
+    print(f"budget    spent ${budget.spent:.4f} of ${budget.max_usd:.2f} cap "
+          f"({'OK' if budget.spent <= budget.max_usd + 1e-12 else 'EXCEEDED'}), reserved "
+          f"${budget.reserved:.4f}; cloud requests sent {cloud_requests}")
+    if hung_local_s:
+        ratio = statistics.median(hung_local_s) / LOCAL_TIMEOUT_S
+        print(f"fall-back after a local hang: median {statistics.median(hung_local_s):.3f} s, "
+              f"max {max(hung_local_s):.3f} s vs local_timeout {LOCAL_TIMEOUT_S} s -> ratio "
+              f"{ratio:.3f} (target <= 1.10; hang {HANG_S:.0f} s)")
 
 
 if __name__ == "__main__":
