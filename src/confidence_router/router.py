@@ -236,6 +236,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     _collab: Collaborators | None = PrivateAttr(default=None)
+    _policy: RoutingPolicy | None = PrivateAttr(default=None)
 
     @field_validator("local_timeout", "cloud_timeout", mode="before")
     @classmethod
@@ -438,7 +439,13 @@ class ConfidenceRoutedLLM(BaseChatModel):
     # -- policy -------------------------------------------------------------------------------
 
     def _base_policy(self) -> RoutingPolicy:
-        return RoutingPolicy(**{knob: getattr(self, knob) for knob in RoutingPolicy.knob_names()})
+        policy = self._policy
+        knobs = RoutingPolicy.knob_names()
+        # Cached, but re-read if a knob was assigned after construction.
+        if policy is None or any(getattr(policy, k) != getattr(self, k) for k in knobs):
+            policy = RoutingPolicy(**{knob: getattr(self, knob) for knob in knobs})
+            self._policy = policy
+        return policy
 
     def _begin(
         self,

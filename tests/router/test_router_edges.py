@@ -390,3 +390,63 @@ def test_usage_is_counted_once_and_local_tokens_stay_visible(local, cloud, ollam
     assert "confidence-router" not in handler.usage_metadata
     streamed = list(router.stream("second president of Kenya?", config={"callbacks": [handler]}))
     assert sum((c.usage_metadata or {}).get("output_tokens", 0) for c in streamed) == 4
+
+
+# -- early exit -------------------------------------------------------------------------------
+
+
+def test_early_exit_min_logprob_stops_at_the_deciding_token(local, cloud, ollama_backend,
+                                                            bedrock_server):
+    tokens = ["The", " answer", " is", " maybe", " something", " long", " and", " slow", "."]
+    logprobs = [-0.1, -0.1, -0.1, -4.0, -0.1, -0.1, -0.1, -0.1, -0.1]
+    ollama_backend.add_answer("obscure", tokens, logprobs=logprobs, token_delay=0.2)
+    bedrock_server.set_default("cloud answer")
+    router = ConfidenceRoutedLLM(local=local, cloud=cloud, signal="min_logprob")
+    full = router.invoke("an obscure question").response_metadata["routing"]
+    started = time.perf_counter()
+    def streamed(question, **kwargs):
+        chunks = list(router.stream(question, **kwargs))
+        total = chunks[0]
+        for chunk in chunks[1:]:
+            total = total + chunk
+        return total
+
+    for call in (router.invoke, streamed):
+        message = call("an obscure question", early_exit=True)
+        routing = message.response_metadata["routing"]
+        assert message.text == "cloud answer"
+        assert routing["reason"] == Reason.EARLY_EXIT
+        assert routing["early_exit"] == {"exited": True, "tokens": 4}
+        assert routing["decision"] == full["decision"] == "cloud"  # same decision as the end
+    # Stopped after 4 of 9 tokens, twice: well under two full generations (~1.6 s each).
+    assert time.perf_counter() - started < 2 * 1.6
+
+
+def test_early_exit_never_truncates_an_answer_that_will_be_served(local, cloud, ollama_backend,
+                                                                  bedrock_server):
+    tokens = ["Jomo", " Kenyatta", " was", " second"]
+    ollama_backend.add_answer("Kenya", tokens, logprobs=[-0.1, -4.0, -0.1, -0.1])
+    router = ConfidenceRoutedLLM(local=local, cloud=cloud, signal="min_logprob",
+                                 early_exit=True)
+    kept = router.invoke("Kenya?", allow_escalation=False)
+    assert kept.content == "Jomo Kenyatta was second"
+    assert kept.response_metadata["routing"]["early_exit"]["exited"] is False
+    # The budget refuses the escalation after the exit: the whole answer is generated.
+    broke = ConfidenceRoutedLLM(local=local, cloud=cloud, signal="min_logprob", early_exit=True,
+                                budget=CloudBudget(max_usd=1e-9))
+    served = broke.invoke("Kenya?")
+    assert served.content == "Jomo Kenyatta was second"
+    assert served.response_metadata["routing"]["reason"] == Reason.BUDGET_EXCEEDED
+    assert bedrock_server.requests == []
+
+
+async def test_early_exit_async_stream(local, cloud, ollama_backend, bedrock_server):
+    ollama_backend.add_answer("obscure", ["a", " b", " c", " d"], logprobs=[-0.1, -5.0, -0.1, -0.1])
+    bedrock_server.set_default("cloud answer")
+    router = ConfidenceRoutedLLM(local=local, cloud=cloud, signal="min_logprob", early_exit=True)
+    chunks = [c async for c in router.astream("obscure")]
+    routing = chunks[-1].response_metadata["routing"]
+    assert "".join(c.text for c in chunks) == "cloud answer"
+    assert routing["early_exit"] == {"exited": True, "tokens": 2}
+    message = await router.ainvoke("obscure")
+    assert message.response_metadata["routing"]["reason"] == Reason.EARLY_EXIT
