@@ -299,6 +299,7 @@ class RoutingTrace:
     def cloud_attempt_failed(self, error: BaseException) -> None:
         """Record a failed cloud attempt; a request that may have reached the cloud (a read
         timeout, a dropped connection, a cancellation) keeps its reservation as spent."""
+        self._count_client_retries(getattr(error, "response", None))
         self.record["cloud_error"] = f"{type(error).__name__}: {error}"
         self.record["cloud_error_kind"] = classify_error(error).value
         self.record["cloud_error_code"] = error_code(error)
@@ -322,7 +323,16 @@ class RoutingTrace:
         bill the request, so its reservation counts as spent."""
         self._settle(billed=True)
 
+    def _count_client_retries(self, response: Any) -> None:
+        # A client the router could not configure (your own boto3 client) may retry on its
+        # own; botocore reports how often, and those are requests sent too.
+        meta = response.get("ResponseMetadata") if isinstance(response, dict) else None
+        retries = meta.get("RetryAttempts") if isinstance(meta, dict) else None
+        if isinstance(retries, int) and not isinstance(retries, bool) and retries > 0:
+            self.record["cloud_attempts"] += retries
+
     def cloud_done(self, message: BaseMessage) -> None:
+        self._count_client_retries(message.response_metadata)
         self.record["usage"]["cloud"] = _usage_of(message)
         refusal = refusal_reason(message.response_metadata)
         if refusal is not None:

@@ -30,6 +30,13 @@ STREAM_CHILDREN: contextvars.ContextVar[ChildManager | None] = contextvars.Conte
     "confidence_router_stream_children", default=None
 )
 
+# The async drivers of streams opened by ``astream()``: LangChain does not close the inner
+# ``_astream`` generator when the caller closes the stream, so ``astream()`` closes them itself
+# (the call's reservation is settled and the tier's stream closed at once, not at GC time).
+OPEN_DRIVERS: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+    "confidence_router_open_drivers", default=None
+)
+
 #: Run name and tag of each stage's child run (what a trace viewer shows).
 TIER_RUNS: dict[str, dict[str, str]] = {
     "local": {"name": "local", "tag": "route:local-attempt"},

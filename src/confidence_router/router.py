@@ -603,8 +603,12 @@ class ConfidenceRoutedLLM(BaseChatModel):
                 try:
                     if isinstance(effect, Generate):
                         answers: list[Answer] = []
-                        async for chunk in self._aanswer(effect, call, answers):
-                            yield chunk
+                        tier_stream = self._aanswer(effect, call, answers)
+                        try:
+                            async for chunk in tier_stream:
+                                yield chunk
+                        finally:
+                            await tier_stream.aclose()
                         result = answers[0]
                     elif isinstance(effect, Probe):
                         result = await self._aprobe(effect, call)
@@ -724,8 +728,15 @@ class ConfidenceRoutedLLM(BaseChatModel):
     ) -> AsyncIterator[ChatGenerationChunk]:
         call = self._begin(messages, stop, kwargs, run_manager, streaming=True)
         out: list[Answer] = []
-        async for chunk in self._adrive(call, out):
-            yield chunk
+        driver = self._adrive(call, out)
+        open_drivers = _tiers.OPEN_DRIVERS.get()
+        if open_drivers is not None:
+            open_drivers.append(driver)
+        try:
+            async for chunk in driver:
+                yield chunk
+        finally:
+            await driver.aclose()
         for chunk in _replay(out[0], call.trace):
             yield chunk
 
@@ -789,11 +800,14 @@ class ConfidenceRoutedLLM(BaseChatModel):
         config = ensure_config(config)
         run_id = config.get("run_id") or uuid.uuid4()
         token = STREAM_CHILDREN.set(_tiers.stream_children(config, run_id, AsyncCallbackManager))
+        drivers: list[Any] = []
+        drivers_token = _tiers.OPEN_DRIVERS.set(drivers)
         try:
             chunks = super().astream(input, {**config, "run_id": run_id}, stop=stop, **kwargs)
             first = await anext(chunks, None)
         finally:
             STREAM_CHILDREN.reset(token)
+            _tiers.OPEN_DRIVERS.reset(drivers_token)
         if first is None:
             return
         try:
@@ -801,6 +815,10 @@ class ConfidenceRoutedLLM(BaseChatModel):
             async for chunk in chunks:
                 yield _with_answer_usage(chunk)
         finally:
+            # Closed early (or failed): close the routing flow too, so the tier's stream is
+            # closed and a cloud reservation settled now, not when the GC gets to it.
+            for driver in drivers:
+                await driver.aclose()
             await chunks.aclose()
 
 

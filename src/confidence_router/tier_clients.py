@@ -163,9 +163,20 @@ def configure_cloud(
     return _rewrap(model, rebuilt)
 
 
-def _endpoint(client: Any) -> tuple[Any, Any]:
+def _endpoint(client: Any) -> tuple[Any, ...]:
+    """What identifies where and as whom a boto3 client calls: region, endpoint, credentials
+    (their source, and the key id of static credentials; refreshable ones are not touched, so
+    nothing is fetched)."""
     meta = getattr(client, "meta", None)
-    return getattr(meta, "region_name", None), getattr(meta, "endpoint_url", None)
+    creds = getattr(getattr(client, "_request_signer", None), "_credentials", None)
+    key = getattr(creds, "access_key", None) if type(creds).__name__ == "Credentials" else None
+    return (
+        getattr(meta, "region_name", None),
+        getattr(meta, "endpoint_url", None),
+        type(creds).__name__,
+        getattr(creds, "method", None),
+        key,
+    )
 
 
 class _WireGuard:

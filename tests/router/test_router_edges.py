@@ -450,3 +450,37 @@ async def test_early_exit_async_stream(local, cloud, ollama_backend, bedrock_ser
     assert routing["early_exit"] == {"exited": True, "tokens": 2}
     message = await router.ainvoke("obscure")
     assert message.response_metadata["routing"]["reason"] == Reason.EARLY_EXIT
+
+
+def test_retries_of_a_client_the_router_cannot_configure_are_counted(
+    local, bedrock_server, ollama_backend, bedrock_chat
+):
+    import boto3
+    from botocore.config import Config
+
+    ollama_backend.set_default("unsure", logprobs=-3.0)
+    bedrock_server.fail(None, "ThrottlingException", times=2)
+    bedrock_server.set_default("cloud answer")
+    own_client = boto3.client(  # its own credentials: the router keeps it as it is
+        "bedrock-runtime", region_name="eu-west-1", endpoint_url=bedrock_server.url,
+        aws_access_key_id="own-key", aws_secret_access_key="own-secret",
+        config=Config(retries={"total_max_attempts": 3, "mode": "standard"}),
+    )
+    cloud = bedrock_chat(client=own_client, region_name=None, aws_access_key_id=None,
+                         aws_secret_access_key=None, max_retries=None)
+    router = ConfidenceRoutedLLM(local=local, cloud=cloud, cloud_retry=None)
+    routing = router.invoke("question").response_metadata["routing"]
+    assert len(bedrock_server.requests) == 3
+    assert routing["cloud_attempts"] == 3
+
+
+async def test_abandoned_async_cloud_stream_keeps_its_reservation(local, cloud, ollama_backend,
+                                                                  bedrock_server):
+    ollama_backend.set_default("unsure", logprobs=-3.0)
+    bedrock_server.add_answer(None, "a b c d e f g h", piece_delay=0.05)
+    budget = CloudBudget(max_usd=1.0)
+    router = ConfidenceRoutedLLM(local=local, cloud=cloud, budget=budget)
+    stream = router.astream("question")
+    await anext(stream)
+    await stream.aclose()
+    assert budget.spent > 0 and budget.reserved == 0
