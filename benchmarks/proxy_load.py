@@ -207,7 +207,12 @@ def run(workers: int, args: argparse.Namespace, redis: RedisServerProcess,
     print(f"\n== {workers} worker(s): {args.requests} requests at concurrency {args.concurrency}, "
           f"local latency {args.latency * 1000:.0f} ms ==")
     print(f"completed {len(results)}/{args.requests}, lost {lost}; statuses {dict(statuses)}")
-    print(f"reasons seen by clients: {dict(reasons)}")
+    errors = collections.Counter(
+        f"{r['kind']}:{(r['data'].get('error') or {}).get('code')}"
+        for r in results if r["status"] != 200
+    )
+    print(f"reasons seen by clients: {dict(reasons)}; error answers by request kind: "
+          f"{dict(errors)}")
     print(f"budget cap ${cap:.6f} = {args.k}.5 x ${estimate:.6f} per escalation -> K = {args.k}")
     print(f"escalations answered by the fake cloud: {cloud_answers} (== K: "
           f"{cloud_answers == args.k}); cloud requests incl. injected faults: {cloud_requests}")

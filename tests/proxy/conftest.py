@@ -56,6 +56,14 @@ def settings_env(ollama_url: str, bedrock_url: str, **extra: str) -> dict[str, s
     return env
 
 
+@pytest.fixture
+def testbed_settings_env(
+    ollama_server: OllamaCompatibleServer, bedrock_server: FakeBedrockServer
+) -> dict[str, str]:
+    """Router settings (environment variables) pointing at the test bed."""
+    return settings_env(ollama_server.url, bedrock_server.url)
+
+
 class RunningProxy:
     """The proxy app served by uvicorn on a background thread."""
 
