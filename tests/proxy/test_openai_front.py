@@ -355,7 +355,8 @@ async def test_concurrent_requests_all_complete(make_proxy, ollama_backend, bedr
         [("even", "local")] * 20 + [("odd", "cloud")] * 20
     )
     assert len(bedrock_server.requests) == 20
-    stats = httpx.get(proxy.url + "/v1/routing/stats", timeout=10).json()["stats"]
+    async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as http:
+        stats = (await http.get("/v1/routing/stats")).json()["stats"]
     assert stats["calls"] == 40 and stats["escalated"] == 20
 
 
