@@ -68,3 +68,26 @@ def test_escalations_learned_by_one_router_are_seen_by_another(
     other_worker_store = store()
     entry = other_worker_store.get_by_question("What is the capital of Kenya?")
     assert entry is not None and entry.content == "Nairobi."
+
+
+def test_proxy_learns_into_a_chroma_server(chroma_server, make_proxy, ollama_server,
+                                           ollama_backend, bedrock_server):
+    """With CONFIDENCE_ROUTER_CHROMA_URL the proxy's escalations become shared knowledge."""
+    import openai
+    from langchain_ollama import OllamaEmbeddings
+
+    from confidence_router import KnowledgeStore
+    from confidence_router.proxy.config import ProxyConfig
+
+    ollama_backend.add_answer("Peru", " Lima?", logprobs=-3.0)
+    bedrock_server.add_answer("Peru", "Lima.")
+    proxy = make_proxy(config=ProxyConfig(chroma_url=chroma_server.url,
+                                          embedding_model="scripted-local"))
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    reply = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "What is the capital of Peru?"}])
+    assert reply.choices[0].message.content == "Lima."
+    embeddings = OllamaEmbeddings(model="scripted-local", base_url=ollama_server.url)
+    store = KnowledgeStore(embeddings, client=http_client(chroma_server))
+    entry = store.get_by_question("What is the capital of Peru?")
+    assert entry is not None and entry.content == "Lima."

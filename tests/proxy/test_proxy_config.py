@@ -42,6 +42,7 @@ def test_config_from_env():
         ({"CONFIDENCE_ROUTER_REDIS_URL": "http://x"}, "redis_url"),
         ({"CONFIDENCE_ROUTER_TARGET_RATE": "1"}, "target_rate"),
         ({"CONFIDENCE_ROUTER_BUDGET_USD": "nan"}, "budget_usd"),
+        ({"CONFIDENCE_ROUTER_CHROMA_URL": "http://127.0.0.1:8000"}, "embedding_model"),
     ],
 )
 def test_config_errors_name_the_setting(env, needle):
@@ -141,3 +142,28 @@ def test_cli_rejects_bad_configuration(monkeypatch, capsys):
     monkeypatch.delenv("CONFIDENCE_ROUTER_PROXY_TIMEOUT_S")
     assert main(["proxy", "--workers", "0"]) == 2
 
+
+
+def test_redis_down_is_not_ready_and_escalations_fail_closed(make_proxy, ollama_backend,
+                                                            bedrock_server):
+    """A dead Redis: /readyz says 503; confident local answers still flow (stats failures are
+    logged by the router); an escalation needing the shared budget is refused with 503, never
+    sent to the cloud without a cap."""
+    import openai
+
+    ollama_backend.add_answer("France", " Paris", logprobs=-0.05)
+    ollama_backend.add_answer("Australia", " Sydney", logprobs=-3.0)
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    proxy = make_proxy(config=ProxyConfig(redis_url=dead, budget_usd=10.0))
+    ready = httpx.get(proxy.url + "/readyz", timeout=10)
+    assert ready.status_code == 503 and ready.json()["checks"]["redis"].startswith("unavailable")
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    local = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Capital of France?"}])
+    assert local.choices[0].message.content == " Paris"
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "Capital of Australia?"}])
+    assert caught.value.status_code == 503
+    assert caught.value.body["code"] == "shared_state_unavailable"
+    assert bedrock_server.requests == []

@@ -138,12 +138,36 @@ def build_router(
         RoutingConfigError: invalid settings.
     """
     from confidence_router.router import ConfidenceRoutedLLM
+    from confidence_router.settings import RouterSettings
 
+    env = None if environ is None else dict(environ)
+    settings = RouterSettings.load(settings_path, env)  # invalid settings fail before Redis
     shared = SharedState(config)
-    router = ConfidenceRoutedLLM.from_settings(
-        settings_path, environ=None if environ is None else dict(environ), **shared.router_fields()
-    )
+    fields = shared.router_fields()
+    if config.chroma_url:
+        fields.update(knowledge_store=_chroma_store(config, settings.ollama_host),
+                      learn_from_escalations=True)
+    router = ConfidenceRoutedLLM.from_settings(settings_path, environ=env, **fields)
     return router, shared
+
+
+def _chroma_store(config: ProxyConfig, ollama_host: str) -> Any:
+    """A KnowledgeStore on the configured Chroma server, embedding with Ollama."""
+    from urllib.parse import urlparse
+
+    import chromadb
+    from chromadb.config import Settings
+    from langchain_ollama import OllamaEmbeddings
+
+    from confidence_router.knowledge import KnowledgeStore
+
+    url = urlparse(config.chroma_url)
+    client = chromadb.HttpClient(
+        host=url.hostname or "127.0.0.1", port=url.port or (443 if url.scheme == "https" else 8000),
+        ssl=url.scheme == "https", settings=Settings(anonymized_telemetry=False),
+    )
+    embeddings = OllamaEmbeddings(model=str(config.embedding_model), base_url=ollama_host)
+    return KnowledgeStore(embeddings, client=client)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +199,10 @@ def _from_router_error(error: BaseException) -> _HTTPError:
         return _HTTPError(502, str(error), code="local_error", type_="upstream_error")
     if isinstance(error, RoutingConfigError):
         return _HTTPError(400, str(error), code="invalid_routing_knob")
+    if type(error).__module__.split(".")[0] == "redis":
+        # The shared budget/calibrator is unreachable: refuse rather than spend without a cap.
+        return _HTTPError(503, "shared routing state (Redis) is unavailable",
+                          code="shared_state_unavailable", type_="server_error")
     if isinstance(error, ConfidenceRouterError):
         return _HTTPError(502, str(error), code="routing_error", type_="upstream_error")
     return _HTTPError(500, "internal error while routing the request", code="internal_error",

@@ -15,8 +15,9 @@ configuration.
 ``CONFIDENCE_ROUTER_BUDGET_WINDOW_S``           the budget's rolling window (default 3600)
 ``CONFIDENCE_ROUTER_TARGET_RATE``               a rolling-quantile threshold aiming at this
                                                 escalation rate (unset: fixed threshold)
-``CONFIDENCE_ROUTER_CHROMA_URL``                knowledge on a Chroma server,
-                                                e.g. ``http://127.0.0.1:8000``
+``CONFIDENCE_ROUTER_CHROMA_URL``                learn from escalations into a Chroma
+                                                server, e.g. ``http://127.0.0.1:8000``
+``CONFIDENCE_ROUTER_EMBEDDING_MODEL``           the Ollama embedding model for it
 =============================================== ===========================================
 """
 
@@ -54,7 +55,9 @@ class ProxyConfig:
         redis_prefix: prefix of every Redis key, one per deployment.
         budget_usd / budget_window_s: cloud spend cap per rolling window (``None``: no cap).
         target_rate: with a value, a rolling-quantile threshold aims at this escalation rate.
-        chroma_url: knowledge store on a Chroma server (used when a router needs one).
+        chroma_url: a Chroma server for the knowledge store; every worker then learns from
+            every escalation (``learn_from_escalations``). Needs ``embedding_model``.
+        embedding_model: the Ollama embedding model (served by the settings' Ollama host).
 
     Example::
 
@@ -72,6 +75,7 @@ class ProxyConfig:
     budget_window_s: float = 3600.0
     target_rate: float | None = None
     chroma_url: str | None = None
+    embedding_model: str | None = None
 
     def __post_init__(self) -> None:
         if any(not key or key != key.strip() for key in self.api_keys):
@@ -99,6 +103,10 @@ class ProxyConfig:
             raise RoutingConfigError(f"redis_prefix must be a non-empty word, got {self.redis_prefix!r}")
         if self.chroma_url is not None and urlparse(self.chroma_url).scheme not in ("http", "https"):
             raise RoutingConfigError(f"chroma_url must be an http(s) URL, got {self.chroma_url!r}")
+        if self.chroma_url is not None and not self.embedding_model:
+            raise RoutingConfigError(
+                "chroma_url needs an embedding_model (CONFIDENCE_ROUTER_EMBEDDING_MODEL)"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ProxyConfig:
@@ -133,6 +141,7 @@ class ProxyConfig:
             ("REDIS_URL", "redis_url"),
             ("REDIS_PREFIX", "redis_prefix"),
             ("CHROMA_URL", "chroma_url"),
+            ("EMBEDDING_MODEL", "embedding_model"),
         ):
             if (raw := get(name)) is not None:
                 values[key] = raw
