@@ -306,6 +306,11 @@ class RedisCloudBudget:
         """The window length in seconds."""
         return self._window_s
 
+    @property
+    def lease_s(self) -> float:
+        """How long a reservation may stay unsettled before another process reclaims it."""
+        return self._lease_us / 1e6
+
     def reserve(self, estimated_usd: float) -> RedisReservation | None:
         """Reserve ``estimated_usd`` (rounded up to a nano-dollar) if committed spend plus
         outstanding reservations plus it stays within ``max_usd``; otherwise ``None``.

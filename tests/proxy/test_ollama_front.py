@@ -123,3 +123,14 @@ def test_ollama_front_errors_for_the_ollama_client(make_proxy, ollama_server):
                      headers={"Authorization": "Bearer k"}, timeout=10)
     assert bad.status_code == 400 and "invalid JSON" in json.loads(bad.content)["error"]
     assert ollama_server.requests_to("/api/chat") == []
+
+
+def test_ollama_format_schema_gives_json_content(make_proxy, ollama_backend):
+    ollama_backend.add_answer("Oslo", "<call>", logprobs=CONFIDENT,
+                              tool_calls=[{"name": "response", "arguments": {"city": "Oslo"}}])
+    proxy = make_proxy()
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    reply = ollama.Client(host=proxy.url).chat(
+        model="m", format=schema, messages=[{"role": "user", "content": "Capital: Oslo?"}])
+    assert json.loads(reply.message.content) == {"city": "Oslo"}
+    assert ollama_backend.requests[-1].tools[0]["function"]["parameters"]["required"] == ["city"]

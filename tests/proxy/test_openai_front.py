@@ -130,6 +130,27 @@ def test_tool_calls_round_trip(make_proxy, ollama_backend, bedrock_server):
     assert bedrock_server.requests == []
 
 
+def test_streamed_tool_call_and_tool_choice_none(make_proxy, ollama_backend):
+    ollama_backend.add_answer(
+        "weather", "<call>", logprobs=CONFIDENT,
+        tool_calls=[{"name": "get_weather", "arguments": {"city": "Oslo"}}],
+    )
+    proxy = make_proxy()
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    chunks = list(client_for(proxy).chat.completions.create(
+        model="m", stream=True, tools=tools,
+        messages=[{"role": "user", "content": "weather in Oslo?"}]))
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert calls and calls[0].function.name == "get_weather"
+    assert json.loads("".join(tc.function.arguments or "" for tc in calls)) == {"city": "Oslo"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    client_for(proxy).chat.completions.create(
+        model="m", tools=tools, tool_choice="none",
+        messages=[{"role": "user", "content": "weather in Oslo?"}])
+    assert not ollama_backend.requests[-1].tools  # "none": the tools are not offered
+
+
 def test_response_format_json_schema(make_proxy, ollama_backend):
     ollama_backend.add_answer(
         "capital", "<call>", logprobs=CONFIDENT,

@@ -167,3 +167,13 @@ def test_redis_down_is_not_ready_and_escalations_fail_closed(make_proxy, ollama_
     assert caught.value.status_code == 503
     assert caught.value.body["code"] == "shared_state_unavailable"
     assert bedrock_server.requests == []
+
+
+def test_proxy_budget_lease_follows_the_time_limit(redis_url):
+    """A call cut off by the time limit cannot hold its reservation longer than the limit
+    plus a margin: another worker reclaims it."""
+    from confidence_router.proxy.app import SharedState
+
+    shared = SharedState(ProxyConfig(redis_url=redis_url, budget_usd=1.0, timeout_s=12.0))
+    assert shared.budget.lease_s == pytest.approx(42.0)
+    assert shared.calibrator is None and shared.stats is not None

@@ -66,6 +66,7 @@ __all__ = ["SharedState", "build_router", "create_app", "create_app_from_env"]
 logger = logging.getLogger("confidence_router.proxy")
 
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+_LEASE_MARGIN_S = 30.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,8 +100,11 @@ class SharedState:
                 self.redis, prefix=prefix, target_rate=config.target_rate
             )
             if config.budget_usd is not None:
+                # No request outlives timeout_s: a reservation older than that belongs to a
+                # call that was cancelled (timeout, disconnect) or a worker that died.
                 self.budget = RedisCloudBudget(
-                    self.redis, config.budget_usd, config.budget_window_s, prefix=prefix
+                    self.redis, config.budget_usd, config.budget_window_s, prefix=prefix,
+                    lease_s=config.timeout_s + _LEASE_MARGIN_S,
                 )
             if config.target_rate is not None:
                 self.calibrator = RedisRollingQuantileThreshold(
@@ -372,9 +376,11 @@ class _Proxy:
                 "parameters": {k: v for k, v in schema.items() if k not in ("title", "description")},
             }}
             return self.router.bind_tools([spec], tool_choice="any")
-        if tools:
-            choice = tool_choice if isinstance(tool_choice, str) and tool_choice != "auto" else None
-            if isinstance(tool_choice, dict):
+        if tools and tool_choice != "none":
+            choice: str | None = None
+            if tool_choice == "required":
+                choice = "any"  # the tiers' name for "some tool"
+            elif isinstance(tool_choice, dict):
                 choice = (tool_choice.get("function") or {}).get("name")
             return self.router.bind_tools(formats.tool_specs(tools), tool_choice=choice)
         return self.router

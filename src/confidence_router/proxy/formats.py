@@ -86,16 +86,6 @@ def _header_safe(text: str) -> str:
     return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:200]
 
 
-def answering_model(message: BaseMessage, routing: Mapping[str, Any] | None) -> str | None:
-    """The name of the model that wrote ``message`` (from its provider metadata)."""
-    meta = message.response_metadata or {}
-    for key in ("model_name", "model", "model_id"):
-        value = meta.get(key)
-        if isinstance(value, str) and value:
-            return value
-    return None
-
-
 def jsonable(value: Any) -> Any:
     """``value`` as strict JSON data: non-finite floats become ``None`` and anything JSON
     cannot hold becomes its ``str`` (routing records are plain data; this keeps one odd field
