@@ -168,6 +168,15 @@ def test_response_format_json_schema(make_proxy, ollama_backend):
                                                                  "country": "France"}
     assert completion.choices[0].message.tool_calls is None
     assert completion.model_extra["routing"]["decision"] == "local"
+    # stream=True: the structured answer is produced whole and sent as one content chunk.
+    chunks = list(client_for(proxy).chat.completions.create(
+        model="m", stream=True, messages=[{"role": "user", "content": "The capital of France?"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "capital", "schema": {
+            "type": "object", "properties": {"city": {"type": "string"}}}}},
+    ))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert json.loads(text)["city"] == "Paris"
+    assert chunks[-1].model_extra["routing"]["decision"] == "local"
     # The schema was offered to the model as a tool.
     assert ollama_backend.requests[-1].tools[0]["function"]["name"] == "capital"
 
