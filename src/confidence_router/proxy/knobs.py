@@ -31,8 +31,6 @@ __all__ = ["BODY_KNOBS_FIELD", "HEADER_PREFIX", "KnobError", "parse_knobs"]
 
 HEADER_PREFIX = "x-confidence-router-"
 BODY_KNOBS_FIELD = "confidence_router"
-_NUMBER_KNOBS = ("threshold", "precheck_threshold")
-_BOOL_KNOBS = ("allow_escalation",)
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -50,14 +48,25 @@ def _known() -> tuple[str, ...]:
     return RoutingPolicy.knob_names()
 
 
+def _kind(knob: str) -> type:
+    """The knob's value type, read from the policy's defaults (so new knobs need no change
+    here): ``float`` for numbers, ``bool`` or ``str``."""
+    default = getattr(RoutingPolicy(), knob)
+    if isinstance(default, bool):
+        return bool
+    if isinstance(default, (int, float)):
+        return float
+    return str
+
+
 def _from_header(knob: str, raw: str, param: str) -> Any:
     text = raw.strip()
-    if knob in _NUMBER_KNOBS:
+    if _kind(knob) is float:
         try:
             return float(text)
         except ValueError:
             raise KnobError(f"{param} must be a number, got {raw!r}", param=param) from None
-    if knob in _BOOL_KNOBS:
+    if _kind(knob) is bool:
         if text.lower() in _TRUE:
             return True
         if text.lower() in _FALSE:
@@ -68,12 +77,13 @@ def _from_header(knob: str, raw: str, param: str) -> Any:
 
 def _check(knob: str, value: Any, param: str) -> Any:
     """Type-check one knob, then let the policy validate its value."""
-    if knob in _NUMBER_KNOBS:
+    kind = _kind(knob)
+    if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise KnobError(f"{param} must be a number, got {value!r}", param=param)
         if not math.isfinite(value):
             raise KnobError(f"{param} must be finite, got {value!r}", param=param)
-    elif knob in _BOOL_KNOBS:
+    elif kind is bool:
         if not isinstance(value, bool):
             raise KnobError(f"{param} must be true or false, got {value!r}", param=param)
     elif not isinstance(value, str):
