@@ -32,13 +32,13 @@ from pathlib import Path
 
 import httpx
 
+from confidence_router.budget import estimate_tokens
 from confidence_router.testing import FakeBedrockServer, OllamaCompatibleServer, ScriptedBackend
 from confidence_router.testing.processes import RedisServerProcess, free_port
 
 SONNET = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
 # Sonnet's price per token (the built-in price table): 3 USD / 15 USD per million.
 IN_PRICE, OUT_PRICE = 3e-6, 15e-6
-RESERVED_OUTPUT_TOKENS = 1024  # what the router reserves when the cloud sets no max_tokens
 KINDS = ("confident", "unsure", "localfail", "cloudfail")  # every name is 9 characters
 
 
@@ -59,7 +59,7 @@ def question(i: int) -> str:
 
 
 def script(backend: ScriptedBackend, bedrock: FakeBedrockServer, latency: float,
-           input_tokens: int) -> dict[str, object]:
+           usage: tuple[int, int]) -> dict[str, object]:
     backend.fail("localfail", status=500, message="local model crashed")
     backend.add_answer("confident", " a confident local answer", logprobs=-0.05, latency=latency)
     backend.add_answer("unsure", " an unsure local answer", logprobs=-3.0, latency=latency)
@@ -68,7 +68,7 @@ def script(backend: ScriptedBackend, bedrock: FakeBedrockServer, latency: float,
     # Usage equal to the reservation: each escalation spends exactly what it reserved, so the
     # cap admits exactly K whatever the interleaving across workers.
     answer = bedrock.add_answer(None, "the cloud answer", latency=latency,
-                                input_tokens=input_tokens, output_tokens=RESERVED_OUTPUT_TOKENS)
+                                input_tokens=usage[0], output_tokens=usage[1])
     return {"cloud_answers": answer}
 
 
@@ -169,13 +169,13 @@ def percentile(values: list[float], p: float) -> float:
 
 def run(workers: int, args: argparse.Namespace, redis: RedisServerProcess,
         backend: ScriptedBackend, bedrock: FakeBedrockServer, base_env: dict[str, str],
-        estimate: float, input_tokens: int) -> dict[str, float]:
+        estimate: float, usage: tuple[int, int]) -> dict[str, float]:
     import redis as redis_lib
 
     redis_lib.Redis.from_url(redis.url).flushall()
     backend.reset()
     bedrock.reset()
-    rules = script(backend, bedrock, args.latency, input_tokens)
+    rules = script(backend, bedrock, args.latency, usage)
     cap = (args.k + 0.5) * estimate
     env = {**base_env, "CONFIDENCE_ROUTER_REDIS_URL": redis.url,
            "CONFIDENCE_ROUTER_REDIS_PREFIX": f"bench{workers}",
@@ -247,10 +247,13 @@ def main() -> int:
             FakeBedrockServer() as bedrock:
         base_env = settings_env(ollama.url, bedrock.url)
         os.environ.update({k: v for k, v in base_env.items() if k.startswith(("AWS", "NO_"))})
-        script(backend, bedrock, 0.0, 1)
+        script(backend, bedrock, 0.0, (1, 1))
         estimate = measure_estimate(base_env)
-        input_tokens = round((estimate - RESERVED_OUTPUT_TOKENS * OUT_PRICE) / IN_PRICE)
-        results = {w: run(w, args, redis, backend, bedrock, base_env, estimate, input_tokens)
+        # The reservation is (estimated input tokens, reserved output tokens) at Sonnet's
+        # prices; report exactly that usage from the fake cloud.
+        input_tokens = estimate_tokens([question(12)])
+        usage = (input_tokens, round((estimate - input_tokens * IN_PRICE) / OUT_PRICE))
+        results = {w: run(w, args, redis, backend, bedrock, base_env, estimate, usage)
                    for w in args.workers}
     print()
     if 1 in results and 4 in results:
