@@ -406,3 +406,28 @@ def test_logs_hold_no_prompt_answer_or_key(make_proxy, ollama_backend, bedrock_s
     assert any("decision=cloud" in r.getMessage() for r in ours)
     for record in ours:
         assert "SECRET" not in record.getMessage()
+
+
+def test_budget_raise_policy_is_a_429_and_bad_structured_output_a_502(
+    make_proxy, ollama_backend, bedrock_server
+):
+    ollama_backend.add_answer("Australia", " Sydney", logprobs=UNSURE)
+    ollama_backend.add_answer("France", " Paris, not JSON", logprobs=CONFIDENT)
+    proxy = make_proxy(config=ProxyConfig(budget_usd=0.0))
+    client = client_for(proxy)
+    served = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Capital of Australia?"}])
+    assert served.model_extra["routing"]["reason"] == "budget_exceeded"  # default: local, flagged
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "Capital of Australia?"}],
+            extra_body={"on_budget_exceeded": "raise"})
+    assert caught.value.body["code"] == "budget_exceeded"
+    assert bedrock_server.requests == []
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "Capital of France?"}],
+            response_format={"type": "json_schema", "json_schema": {
+                "name": "capital", "schema": {"type": "object"}}})
+    assert caught.value.status_code == 502
+    assert caught.value.body["code"] == "structured_output_failed"
