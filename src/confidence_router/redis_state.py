@@ -70,7 +70,7 @@ _EPS = 1e-9
 
 def redis_client(url: str, **kwargs: Any) -> redis.Redis:
     """A ``redis.Redis`` client for ``url`` (``redis://host:port/db``, ``rediss://``,
-    ``unix://``) with string replies and short socket timeouts.
+    ``unix://``) with string replies and 2-second socket timeouts (override with kwargs).
 
     Raises:
         ImportError: the ``redis`` extra is not installed.
@@ -79,8 +79,10 @@ def redis_client(url: str, **kwargs: Any) -> redis.Redis:
 
     options: dict[str, Any] = {
         "decode_responses": True,
-        "socket_timeout": 5.0,
-        "socket_connect_timeout": 5.0,
+        # The router calls the budget and calibrator synchronously on the request path: a
+        # hung Redis must fail a call quickly rather than stall a worker's event loop.
+        "socket_timeout": 2.0,
+        "socket_connect_timeout": 2.0,
         "health_check_interval": 30,
     }
     options.update(kwargs)

@@ -165,7 +165,7 @@ def _chroma_store(config: ProxyConfig, ollama_host: str) -> Any:
 
     from confidence_router.knowledge import KnowledgeStore
 
-    url = urlparse(config.chroma_url)
+    url = urlparse(str(config.chroma_url))
     client = chromadb.HttpClient(
         host=url.hostname or "127.0.0.1", port=url.port or (443 if url.scheme == "https" else 8000),
         ssl=url.scheme == "https", settings=Settings(anonymized_telemetry=False),
