@@ -41,6 +41,10 @@ _EXPORTS: dict[str, str] = {
     "RollingQuantileThreshold": "confidence_router.calibration",
     "RoutingStats": "confidence_router.stats",
     "calibrate_threshold": "confidence_router.calibration",
+    "RedisCloudBudget": "confidence_router.redis_state",
+    "RedisRoutingStats": "confidence_router.redis_state",
+    "RedisRollingQuantileThreshold": "confidence_router.redis_state",
+    "ProxyConfig": "confidence_router.proxy",
 }
 
 __all__ = [
@@ -56,6 +60,10 @@ __all__ = [
     "LogprobSignals",
     "PIIGuard",
     "PriceTable",
+    "ProxyConfig",
+    "RedisCloudBudget",
+    "RedisRollingQuantileThreshold",
+    "RedisRoutingStats",
     "RetryPolicy",
     "RollingQuantileThreshold",
     "RouterSettings",
@@ -89,6 +97,12 @@ if TYPE_CHECKING:
     from confidence_router.llamaindex import ConfidenceRoutedLlamaIndexLLM
     from confidence_router.policy import Decision, RoutingPolicy
     from confidence_router.probe import SelfAssessmentProbe
+    from confidence_router.proxy import ProxyConfig
+    from confidence_router.redis_state import (
+        RedisCloudBudget,
+        RedisRollingQuantileThreshold,
+        RedisRoutingStats,
+    )
     from confidence_router.retry import RetryPolicy
     from confidence_router.router import ConfidenceRoutedLLM
     from confidence_router.settings import RouterSettings

@@ -4,6 +4,7 @@
 ``confidence-router serve``     serve the embedded model on an Ollama-compatible HTTP port
 ``confidence-router eval``      measure the confidence signals on a dataset (see ``--help``)
 ``confidence-router calibrate`` pick a threshold from an evaluation run (target rate/accuracy)
+``confidence-router proxy``     an OpenAI- and Ollama-compatible routing proxy (HTTP)
 """
 
 from __future__ import annotations
@@ -104,6 +105,24 @@ def _calibrate(args: argparse.Namespace) -> int:
         if result.note:
             print(result.note)
     return 0 if result.reachable else 1
+
+
+def _proxy_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="uvicorn worker processes (share state with CONFIDENCE_ROUTER_REDIS_URL)")
+    parser.add_argument("--config", default=None, help="router settings file (TOML or JSON)")
+
+
+@command("proxy", _proxy_args)
+def _proxy(args: argparse.Namespace) -> int:
+    """Serve the routing proxy (needs the 'proxy' extra)."""
+    from confidence_router.proxy import serve
+
+    serve(host=args.host, port=args.port, workers=args.workers, settings_path=args.config)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

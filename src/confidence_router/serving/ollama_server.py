@@ -29,7 +29,6 @@ streamed is sent as an ``{"error": ...}`` line (``ResponseError`` with status ``
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -38,17 +37,23 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from confidence_router.serving.protocol import (
+    OLLAMA_VERSION,
     BackendError,
     ChatBackend,
     ChatReply,
     ChatRequest,
     GeneratedToken,
+    ProtocolError,
+    model_card,
+    now_iso,
+    ollama_chunk,
+    parse_chat_request,
+    parse_generation_request,
 )
 
 if TYPE_CHECKING:
@@ -58,9 +63,6 @@ __all__ = ["OLLAMA_VERSION", "OllamaCompatibleServer", "RecordedRequest"]
 
 logger = logging.getLogger(__name__)
 
-#: The version ``/api/version`` reports (new enough for logprobs, which need >= 0.12.11).
-OLLAMA_VERSION = "0.13.0"
-_MAX_TOP_LOGPROBS = 20
 # Errors that mean "the client went away": expected when a client times out or stops
 # reading a stream early; never worth a traceback.
 _DISCONNECT_ERRORS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
@@ -84,6 +86,9 @@ class _QuietThreadingHTTPServer(ThreadingHTTPServer):
     """Daemon-threaded server that tracks open connections and keeps disconnects quiet."""
 
     daemon_threads = True
+    # socketserver's default listen backlog is 5: a burst of concurrent new connections (a
+    # proxy with several workers, 32 clients) would overflow it and get connections reset.
+    request_queue_size = 256
     # Handler threads must never keep the interpreter alive, and stop() must not wait for a
     # handler that is sleeping through injected latency.
     block_on_close = False
@@ -301,12 +306,8 @@ def _dumps(obj: Any) -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 
-class _BadRequest(Exception):
-    """A malformed request: reply 400 with the message."""
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+# A malformed request: reply 400 with the message (the shared protocol's error).
+_BadRequest = ProtocolError
 
 
 def _logprob_entry(token: GeneratedToken, k: int) -> dict[str, Any]:
@@ -429,38 +430,11 @@ class _OllamaHandler(_JSONRequestHandler):
     def _parse_generation(
         self, body: dict[str, Any], messages: Sequence[dict[str, Any]]
     ) -> ChatRequest:
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise _BadRequest("model is required")
-        top_logprobs = body.get("top_logprobs") or 0
-        if (
-            isinstance(top_logprobs, bool)
-            or not isinstance(top_logprobs, int)
-            or not 0 <= top_logprobs <= _MAX_TOP_LOGPROBS
-        ):
-            raise _BadRequest(f"top_logprobs must be between 0 and 20, got {top_logprobs!r}")
-        options = body.get("options") or {}
-        if not isinstance(options, dict):
-            raise _BadRequest("options must be an object")
-        tools = body.get("tools") or ()
-        stream = body.get("stream")
-        return ChatRequest(
-            model=model,
-            messages=list(messages),
-            options=dict(options),
-            logprobs=bool(body.get("logprobs")),
-            top_logprobs=top_logprobs,
-            stream=True if stream is None else bool(stream),
-            tools=list(tools),
-            format=body.get("format"),
-        )
+        return parse_generation_request(body, messages)
 
     def _chat(self, body: dict[str, Any]) -> None:
-        messages = body.get("messages") or []
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise _BadRequest("messages must be a list of objects")
-        request = self._parse_generation(body, messages)
-        self._run_generation(request, chat=True, preload=not messages)
+        request = parse_chat_request(body)
+        self._run_generation(request, chat=True, preload=not request.messages)
 
     def _generate(self, body: dict[str, Any]) -> None:
         prompt = body.get("prompt") or ""
@@ -479,19 +453,13 @@ class _OllamaHandler(_JSONRequestHandler):
 
     def _run_generation(self, request: ChatRequest, *, chat: bool, preload: bool) -> None:
         timer = _Timer()
-        created = _now()
+        created = now_iso()
         k = request.top_logprobs if request.logprobs else 0
 
         def piece(text: str, tokens: Sequence[GeneratedToken], done: bool) -> dict[str, Any]:
-            obj: dict[str, Any] = {"model": request.model, "created_at": created}
-            if chat:
-                obj["message"] = {"role": "assistant", "content": text}
-            else:
-                obj["response"] = text
-            obj["done"] = done
-            if request.logprobs and tokens:
-                obj["logprobs"] = [_logprob_entry(t, k) for t in tokens]
-            return obj
+            logprobs = [_logprob_entry(t, k) for t in tokens] if request.logprobs else None
+            return ollama_chunk(request.model, created, text, chat=chat, done=done,
+                                logprobs=logprobs)
 
         if preload:
             # Ollama answers an empty chat / prompt by loading the model: done_reason "load".
@@ -616,7 +584,7 @@ class _OllamaHandler(_JSONRequestHandler):
 
     def _tags(self, _body: Any) -> None:
         self._send_json(
-            200, {"models": [_model_card(name) for name in self.owner.backend.models()]}
+            200, {"models": [model_card(name) for name in self.owner.backend.models()]}
         )
 
     def _ps(self, _body: Any) -> None:
@@ -634,7 +602,7 @@ class _OllamaHandler(_JSONRequestHandler):
             raise _BadRequest("model is required")
         if not any(_model_matches(name, m) for m in self.owner.backend.models()):
             raise BackendError(f"model '{name}' not found", status=404)
-        card = _model_card(name)
+        card = model_card(name)
         self._send_json(
             200,
             {
@@ -664,24 +632,6 @@ def _close_iterator(iterator: Iterator[Any]) -> None:
             close()
         except Exception:
             logger.debug("error closing token iterator", exc_info=True)
-
-
-def _model_card(name: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "model": name,
-        "modified_at": "2026-01-01T00:00:00Z",
-        "size": 0,
-        "digest": hashlib.sha256(name.encode("utf-8")).hexdigest(),
-        "details": {
-            "parent_model": "",
-            "format": "gguf",
-            "family": "scripted",
-            "families": ["scripted"],
-            "parameter_size": "0B",
-            "quantization_level": "Q4_K_M",
-        },
-    }
 
 
 class OllamaCompatibleServer(_BackgroundServer):

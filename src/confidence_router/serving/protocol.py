@@ -1,15 +1,25 @@
 """The contract between the Ollama-compatible server and a generation backend.
 
-Pure Python: no HTTP, no framework imports. A backend turns a :class:`ChatRequest` into a
+Pure Python: no HTTP, no framework imports. Also the wire format both Ollama fronts share (the
+test-bed server in :mod:`~confidence_router.serving.ollama_server` and the routing proxy):
+:func:`parse_generation_request` validates a request body, :func:`ollama_chunk` builds one
+reply object, :func:`model_card` one ``/api/tags`` entry. A backend turns a :class:`ChatRequest` into a
 :class:`ChatReply` whose ``tokens`` may be produced lazily (the server streams each token as
 soon as the iterator yields it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Protocol, runtime_checkable
+
+#: The version ``/api/version`` reports (new enough for logprobs, which need >= 0.12.11).
+OLLAMA_VERSION = "0.13.0"
+#: Ollama accepts ``top_logprobs`` in 0..20.
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -80,3 +90,113 @@ class ChatBackend(Protocol):
     def models(self) -> list[str]:
         """Model names listed by ``/api/tags``."""
         ...
+
+
+class ProtocolError(ValueError):
+    """A malformed Ollama request body: the server answers 400 with this message."""
+
+
+def parse_generation_request(
+    body: Mapping[str, Any], messages: Sequence[dict[str, Any]]
+) -> ChatRequest:
+    """Validate the fields shared by ``/api/chat`` and ``/api/generate`` into a ChatRequest.
+
+    Raises:
+        ProtocolError: missing ``model``, ``top_logprobs`` out of 0..20, ``options`` not an
+            object.
+    """
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ProtocolError("model is required")
+    top_logprobs = body.get("top_logprobs") or 0
+    if (
+        isinstance(top_logprobs, bool)
+        or not isinstance(top_logprobs, int)
+        or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS
+    ):
+        raise ProtocolError(f"top_logprobs must be between 0 and 20, got {top_logprobs!r}")
+    options = body.get("options") or {}
+    if not isinstance(options, dict):
+        raise ProtocolError("options must be an object")
+    tools = body.get("tools") or ()
+    stream = body.get("stream")
+    return ChatRequest(
+        model=model,
+        messages=list(messages),
+        options=dict(options),
+        logprobs=bool(body.get("logprobs")),
+        top_logprobs=top_logprobs,
+        stream=True if stream is None else bool(stream),
+        tools=list(tools),
+        format=body.get("format"),
+    )
+
+
+def parse_chat_request(body: Mapping[str, Any]) -> ChatRequest:
+    """Validate an ``/api/chat`` body.
+
+    Example::
+
+        >>> parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).stream
+        True
+
+    Raises:
+        ProtocolError: ``messages`` is not a list of objects, or see
+            :func:`parse_generation_request`.
+    """
+    messages = body.get("messages") or []
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ProtocolError("messages must be a list of objects")
+    return parse_generation_request(body, messages)
+
+
+def now_iso() -> str:
+    """The ``created_at`` timestamp format of Ollama replies."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def ollama_chunk(
+    model: str,
+    created_at: str,
+    text: str,
+    *,
+    chat: bool = True,
+    done: bool = False,
+    tool_calls: Sequence[dict[str, Any]] = (),
+    logprobs: Sequence[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """One Ollama reply object (a streamed line, or the whole non-streamed reply).
+
+    ``tool_calls`` are Ollama-style ``{"function": {"name": ..., "arguments": {...}}}``; the
+    caller adds the final fields (``done_reason``, durations, counts) to the last object.
+    """
+    obj: dict[str, Any] = {"model": model, "created_at": created_at}
+    if chat:
+        obj["message"] = {"role": "assistant", "content": text}
+        if tool_calls:
+            obj["message"]["tool_calls"] = list(tool_calls)
+    else:
+        obj["response"] = text
+    obj["done"] = done
+    if logprobs:
+        obj["logprobs"] = list(logprobs)
+    return obj
+
+
+def model_card(name: str) -> dict[str, Any]:
+    """One ``/api/tags`` entry for a model name."""
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": "2026-01-01T00:00:00Z",
+        "size": 0,
+        "digest": hashlib.sha256(name.encode("utf-8")).hexdigest(),
+        "details": {
+            "parent_model": "",
+            "format": "gguf",
+            "family": "scripted",
+            "families": ["scripted"],
+            "parameter_size": "0B",
+            "quantization_level": "Q4_K_M",
+        },
+    }
