@@ -78,6 +78,7 @@ def settings_env(ollama_url: str, bedrock_url: str) -> dict[str, str]:
         "CONFIDENCE_ROUTER_LOCAL_MODEL": "scripted-local",
         "OLLAMA_HOST": ollama_url,
         "CONFIDENCE_ROUTER_CLOUD_MODEL": SONNET,
+        "CONFIDENCE_ROUTER_CLOUD_MAX_TOKENS": "256",
         "CONFIDENCE_ROUTER_BEDROCK_ENDPOINT": bedrock_url,
         "CONFIDENCE_ROUTER_ON_CLOUD_ERROR": "local",
         "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",

@@ -56,11 +56,18 @@ OTHER_ENV_VARS = frozenset(
         "DATA_DIR",
         "KNOWLEDGE_PATH",
         "EMBED_MODEL",
+        # the proxy's own settings (confidence_router.proxy.config)
         "REDIS_URL",
         "REDIS_PREFIX",
+        "BUDGET_USD",
+        "BUDGET_WINDOW_S",
+        "TARGET_RATE",
+        "CHROMA_URL",
+        "EMBEDDING_MODEL",
         "PROXY_API_KEYS",
         "PROXY_MAX_BODY_BYTES",
-        "PROXY_TIMEOUT",
+        "PROXY_MODEL",
+        "PROXY_TIMEOUT_S",
     }
 )
 

@@ -49,6 +49,7 @@ def settings_env(ollama_url: str, bedrock_url: str, **extra: str) -> dict[str, s
         "CONFIDENCE_ROUTER_LOCAL_MODEL": "scripted-local",
         "OLLAMA_HOST": ollama_url,
         "CONFIDENCE_ROUTER_CLOUD_MODEL": SONNET,
+        "CONFIDENCE_ROUTER_CLOUD_MAX_TOKENS": "256",
         "CONFIDENCE_ROUTER_BEDROCK_ENDPOINT": bedrock_url,
         "AWS_REGION": "us-east-1",
     }
