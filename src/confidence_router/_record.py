@@ -48,6 +48,8 @@ class Collaborators:
     """The cloud model id (``None``: no cloud tier)."""
     prices: Any
     """A :class:`~confidence_router.costs.PriceTable`."""
+    local_model: str = ""
+    """The local model's name (for tracing)."""
     stats: Any = None
     calibrator: Any = None
     budget: Any = None
@@ -167,7 +169,7 @@ class RoutingTrace:
             else:
                 signals = compute_signals(_logprobs(tokens))
             decision = rules.decide_after_generation(self.policy, signals)
-        self.record["signals"] = signals.as_dict()
+        self.record["signals"] = _signals_dict(signals)
         self.record["confidence"] = decision.score
         self.record["reason"] = decision.reason
         self.record["usage"]["local"] = _usage_of(message)
@@ -432,6 +434,11 @@ class RoutingTrace:
     def decision_event(self) -> dict[str, Any]:
         keys = ("decision", "reason", "confidence", "threshold", "signal", "would_escalate")
         return {k: self.record.get(k) for k in keys}
+
+
+def _signals_dict(signals: Any) -> dict[str, Any]:
+    # A shallow dict of the dataclass (dataclasses.asdict deep-copies: slow on the hot path).
+    return {name: getattr(signals, name) for name in signals.__dataclass_fields__}
 
 
 def _logprobs(tokens: Sequence[Any] | None) -> list[float] | None:

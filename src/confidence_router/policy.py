@@ -17,6 +17,7 @@ Decision(escalate=False, reason='confident', score=0.9...)
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -108,8 +109,16 @@ class RoutingPolicy:
         return replace(self, **overrides) if overrides else self
 
     def as_dict(self) -> dict[str, Any]:
-        """The knobs as a plain dict."""
+        """The knobs as a plain dict (a fresh copy)."""
+        return dict(self._as_dict)
+
+    @functools.cached_property
+    def _as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _KNOB_NAMES}
+
+    @functools.cached_property
+    def _as_tuple(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in _KNOB_NAMES)
 
 
 _KNOB_NAMES = tuple(f.name for f in fields(RoutingPolicy))

@@ -318,6 +318,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
     def _collaborators(self) -> Collaborators:
         if self._collab is None:
             self._collab = Collaborators(
+                local_model=model_name(self.local),
                 cloud_model=model_name(self.cloud) if self.cloud is not None else None,
                 prices=self.price_table(),
                 stats=self.stats,
@@ -404,11 +405,9 @@ class ConfidenceRoutedLLM(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {
-            "local": model_name(self.local),
-            "cloud": model_name(self.cloud) if self.cloud is not None else None,
-            **self._base_policy().as_dict(),
-        }
+        collab = self._collaborators()
+        return {"local": collab.local_model, "cloud": collab.cloud_model,
+                **self._base_policy().as_dict()}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
         params = super()._get_ls_params(stop=stop, **kwargs)
@@ -439,11 +438,12 @@ class ConfidenceRoutedLLM(BaseChatModel):
     # -- policy -------------------------------------------------------------------------------
 
     def _base_policy(self) -> RoutingPolicy:
-        policy = self._policy
+        values = self.__dict__
         knobs = RoutingPolicy.knob_names()
-        # Cached, but re-read if a knob was assigned after construction.
-        if policy is None or any(getattr(policy, k) != getattr(self, k) for k in knobs):
-            policy = RoutingPolicy(**{knob: getattr(self, knob) for knob in knobs})
+        policy = self._policy
+        # Cached, but rebuilt if a knob was assigned after construction.
+        if policy is None or policy._as_tuple != tuple(values[k] for k in knobs):
+            policy = RoutingPolicy(**{knob: values[knob] for knob in knobs})
             self._policy = policy
         return policy
 
