@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from langchain_core.exceptions import OutputParserException
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel
 from typing_extensions import TypedDict
 
@@ -64,17 +65,18 @@ def router(ollama_chat, bedrock_chat):
     return ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat())
 
 
-def script_local(backend, method: str, match: str, payload: dict, *, logprobs: float):
+def script_local(backend, method: str, match: str, payload: dict, *, logprobs: float,
+                 name: str = "Capital"):
     """The local model answers ``payload`` as a tool call or as JSON text, per ``method``."""
     if method == "function_calling":
         return backend.add_answer(match, "ok", logprobs=logprobs,
-                                  tool_calls=[{"name": "Capital", "arguments": payload}])
+                                  tool_calls=[{"name": name, "arguments": payload}])
     return backend.add_answer(match, json.dumps(payload), logprobs=logprobs)
 
 
-def script_cloud(server, method: str, match: str, payload: dict):
+def script_cloud(server, method: str, match: str, payload: dict, name: str = "Capital"):
     if method == "function_calling":
-        return server.add_answer(match, "", tool_use=[{"name": "Capital", "input": payload}])
+        return server.add_answer(match, "", tool_use=[{"name": name, "input": payload}])
     return server.add_answer(match, json.dumps(payload))
 
 
@@ -82,22 +84,27 @@ def chat_requests(ollama_server) -> list[dict]:
     return [r["body"] for r in ollama_server.requests_to("/api/chat")]
 
 
-def assert_local_request(body: dict, method: str, schema: dict) -> None:
+def types(schema: dict) -> dict:
+    """Property name -> JSON type (pydantic adds titles; the shape is what matters)."""
+    return {name: prop["type"] for name, prop in schema["properties"].items()}
+
+
+def assert_local_request(body: dict, method: str, schema: dict, name: str = "Capital") -> None:
     if method == "function_calling":
-        assert [t["function"]["name"] for t in body["tools"]] == ["Capital"]
+        assert [t["function"]["name"] for t in body["tools"]] == [name]
         assert not body.get("format")
     elif method == "json_schema":
         assert not body.get("tools")
-        assert body["format"]["properties"] == schema["properties"]
+        assert types(body["format"]) == types(schema)
         assert set(body["format"]["required"]) == {"country", "capital"}
     else:
         assert not body.get("tools")
         assert body["format"] == "json"
 
 
-def assert_cloud_request(body: dict, method: str) -> None:
+def assert_cloud_request(body: dict, method: str, name: str = "Capital") -> None:
     if method == "function_calling":
-        assert body["toolConfig"]["tools"][0]["toolSpec"]["name"] == "Capital"
+        assert body["toolConfig"]["tools"][0]["toolSpec"]["name"] == name
         assert "outputConfig" not in body
     else:
         # Bedrock's native JSON-schema output (it has no schema-less JSON mode).
@@ -105,7 +112,7 @@ def assert_cloud_request(body: dict, method: str) -> None:
         text_format = body["outputConfig"]["textFormat"]
         assert text_format["type"] == "json_schema"
         sent = json.loads(text_format["structure"]["jsonSchema"]["schema"])
-        assert sent["properties"] == CAPITAL_SCHEMA["properties"]
+        assert types(sent) == types(CAPITAL_SCHEMA)
         assert sent["additionalProperties"] is False
 
 
@@ -153,20 +160,22 @@ def test_unsure_local_answer_escalates_and_cloud_answer_is_parsed(
 @pytest.mark.parametrize("method", METHODS)
 def test_dict_schemas_give_dicts_on_both_tiers(router, ollama_backend, ollama_server,
                                                bedrock_server, method, schema, via):
+    name = convert_to_openai_tool(schema)["function"]["name"]  # "CapitalDict" / "Capital"
     script_local(ollama_backend, method, "Italy", {"country": "Italy", "capital": "Rome"},
-                 logprobs=-0.02)
+                 logprobs=-0.02, name=name)
     script_local(ollama_backend, method, "Kenya", {"country": "Kenya", "capital": "Mombasa"},
-                 logprobs=-4.0)
-    script_cloud(bedrock_server, method, "Kenya", {"country": "Kenya", "capital": "Nairobi"})
+                 logprobs=-4.0, name=name)
+    script_cloud(bedrock_server, method, "Kenya", {"country": "Kenya", "capital": "Nairobi"},
+                 name=name)
     chain = structured(router, schema, via, method=method)
     assert chain.invoke(ITALY) == {"country": "Italy", "capital": "Rome"}
     assert chain.invoke(KENYA) == {"country": "Kenya", "capital": "Nairobi"}
     bodies = chat_requests(ollama_server)
     assert len(bodies) == 2
     for body in bodies:
-        assert_local_request(body, method, CAPITAL_SCHEMA)
+        assert_local_request(body, method, CAPITAL_SCHEMA, name)
     assert len(bedrock_server.requests) == 1
-    assert_cloud_request(bedrock_server.requests[0]["body"], method)
+    assert_cloud_request(bedrock_server.requests[0]["body"], method, name)
 
 
 # -- a local model without tool support --------------------------------------------------------
