@@ -104,10 +104,10 @@ if TYPE_CHECKING:
     from confidence_router.guards import PIIGuard
     from confidence_router.knowledge import KnowledgeStore
     from confidence_router.llamaindex import ConfidenceRoutedLlamaIndexLLM
+    from confidence_router.otel import OpenTelemetrySink
     from confidence_router.policy import Decision, RoutingPolicy
     from confidence_router.probe import SelfAssessmentProbe
     from confidence_router.retry import RetryPolicy
-    from confidence_router.otel import OpenTelemetrySink
     from confidence_router.router import ConfidenceRoutedLLM
     from confidence_router.router import ConfidenceRoutedLLM as ChatConfidenceRouter
     from confidence_router.settings import RouterSettings

@@ -396,7 +396,7 @@ class ConfidenceRoutedLlamaIndexLLM(FunctionCallingLLM):
         error_on_no_tool_call: bool = True,
         **kwargs: Any,
     ) -> list[ToolSelection]:
-        """The tool calls of a (possibly escalated) answer, as LlamaIndex ``ToolSelection``\ s.
+        """The tool calls of a (possibly escalated) answer, as LlamaIndex ``ToolSelection`` objects.
 
         Raises:
             ValueError: no tool call and ``error_on_no_tool_call`` (LlamaIndex's contract).

@@ -285,7 +285,9 @@ class OpenTelemetrySink:
             events = []
             for i, entry in enumerate(retries, start=1):
                 entry = entry if isinstance(entry, Mapping) else {}
-                event: dict[str, Any] = {"confidence_router.retry.attempt": _int(entry.get("attempt")) or i}
+                event: dict[str, Any] = {
+                    "confidence_router.retry.attempt": _int(entry.get("attempt")) or i
+                }
                 if isinstance(entry.get("kind"), str):
                     event["error.type"] = entry["kind"]
                 if _number(entry.get("delay_s")) is not None:
@@ -332,7 +334,8 @@ class OpenTelemetrySink:
             seconds = _number(latencies.get(stage))
             if seconds is not None:
                 self._latency.record(
-                    seconds, {"confidence_router.stage": stage, "confidence_router.decision": decision}
+                    seconds,
+                    {"confidence_router.stage": stage, "confidence_router.decision": decision},
                 )
         confidence = _number(routing.get("confidence"))
         if confidence is not None:

@@ -86,9 +86,7 @@ class MultiSink:
             try:
                 sink.record(routing)
             except Exception:
-                logger.exception(
-                    "confidence_router: stats sink %s failed", type(sink).__name__
-                )
+                logger.exception("confidence_router: stats sink %s failed", type(sink).__name__)
 
     def __repr__(self) -> str:
         return f"MultiSink({', '.join(type(s).__name__ for s in self.sinks)})"

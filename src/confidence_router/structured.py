@@ -155,7 +155,7 @@ def structured_router(
 def _tool_name(schema: Any) -> str:
     try:
         return str(convert_to_openai_tool(schema)["function"]["name"])
-    except Exception as error:  # noqa: BLE001 - any conversion failure is a bad schema
+    except Exception as error:  # any conversion failure means the schema is unusable
         raise RoutingConfigError(f"unusable schema {schema!r}: {error}") from error
 
 
@@ -192,7 +192,9 @@ def _bind_tier(
     """
     target = unwrap(model)
     if not hasattr(target, "with_structured_output"):
-        raise RoutingConfigError(f"the {tier} tier ({type(target).__name__}) has no structured output")
+        raise RoutingConfigError(
+            f"the {tier} tier ({type(target).__name__}) has no structured output"
+        )
     supported = _supported_methods(target)
     tier_method = method
     if method == "json_mode" and "json_mode" not in supported:
@@ -220,7 +222,7 @@ def _bind_tier(
         structured = target.with_structured_output(tier_schema, **options)
     except RoutingConfigError:
         raise
-    except Exception as error:  # noqa: BLE001 - the provider's own validation of the schema
+    except Exception as error:  # the provider's own validation of the schema
         raise RoutingConfigError(
             f"the {tier} tier ({type(target).__name__}) rejected {method}: {error}"
         ) from error

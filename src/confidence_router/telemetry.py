@@ -62,7 +62,7 @@ _SCALARS: dict[str, str] = {
 
 
 def _scalar(value: Any) -> bool:
-    if isinstance(value, bool) or isinstance(value, (str, int)):
+    if isinstance(value, (bool, str, int)):
         return True
     return isinstance(value, float) and math.isfinite(value)
 

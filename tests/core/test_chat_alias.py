@@ -28,8 +28,21 @@ def test_alias_routes_on_the_test_bed(ollama_chat, bedrock_chat, ollama_backend,
 
 
 def test_alias_import_stays_lazy():
-    code = ("import confidence_router, sys, json\n"
-            "print(json.dumps(sorted(m.split('.')[0] for m in sys.modules)))")
+    code = (
+        "import confidence_router, sys, json\n"
+        "print(json.dumps(sorted(m.split('.')[0] for m in sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = set(json.loads(out.stdout))
     assert "langchain_core" not in loaded and "opentelemetry" not in loaded
+
+
+def test_observability_modules_load_no_framework():
+    # stats (MultiSink) and telemetry (metadata helpers) are pure: no OpenTelemetry, no LangChain.
+    code = (
+        "import confidence_router.stats, confidence_router.telemetry, sys, json\n"
+        "print(json.dumps(sorted(m.split('.')[0] for m in sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(json.loads(out.stdout))
+    assert loaded.isdisjoint({"opentelemetry", "langchain_core", "pydantic"}), loaded

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-HEAVY = ["boto3", "botocore", "langchain_aws", "llama_index", "chromadb", "llama_cpp", "opentelemetry"]
+HEAVY = ["boto3", "botocore", "langchain_aws", "llama_index", "chromadb", "llama_cpp"]
 
 
 @pytest.mark.parametrize(

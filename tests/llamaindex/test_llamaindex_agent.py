@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from confidence_router import ConfidenceRoutedLLM, RoutingConfigError
 from confidence_router.llamaindex import ConfidenceRoutedLlamaIndexLLM, RoutedStructuredLLM
+from confidence_router.testing.scripted import last_user_text
 
 PARIS = "What's the weather in Paris?"
 NAIROBI = "What's the weather in Nairobi?"
@@ -64,17 +65,28 @@ def has_tool_result(request) -> bool:
     return any(m.get("role") == "tool" for m in request.messages)
 
 
+def paris_after_tool(request) -> bool:
+    return has_tool_result(request) and "Paris" in last_user_text(request.messages)
+
+
 def bedrock_has_tool_result(record) -> bool:
-    return any("toolResult" in block for message in record["body"]["messages"]
-               for block in message["content"])
+    return any(
+        "toolResult" in block
+        for message in record["body"]["messages"]
+        for block in message["content"]
+    )
 
 
 @pytest.fixture
 def kept_path(ollama_backend):
     """The local model calls the tool confidently, then answers confidently."""
-    ollama_backend.add_answer(has_tool_result, "It is sunny in Paris.", logprobs=-0.05)
-    ollama_backend.add_answer("Paris", "calling", logprobs=-0.02,
-                              tool_calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}])
+    ollama_backend.add_answer(paris_after_tool, "It is sunny in Paris.", logprobs=-0.05)
+    ollama_backend.add_answer(
+        "Paris",
+        "calling",
+        logprobs=-0.02,
+        tool_calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}],
+    )
 
 
 @pytest.fixture
@@ -82,8 +94,13 @@ def escalated_path(ollama_backend, bedrock_server):
     """The local model is unsure at both turns; the cloud calls the tool, then answers."""
     ollama_backend.add_answer("Nairobi", "maybe rain?", logprobs=-4.0)
     bedrock_server.add_answer(bedrock_has_tool_result, "It is sunny in Nairobi.")
-    bedrock_server.add_answer("Nairobi", "", tool_use=[
-        {"name": "get_weather", "input": {"city": "Nairobi"}, "toolUseId": "tooluse_nbo"}])
+    bedrock_server.add_answer(
+        "Nairobi",
+        "",
+        tool_use=[
+            {"name": "get_weather", "input": {"city": "Nairobi"}, "toolUseId": "tooluse_nbo"}
+        ],
+    )
 
 
 async def run_agent(agent, question: str):
@@ -136,8 +153,9 @@ async def test_function_agent_escalated_path_runs_the_clouds_tool_call(
     first, second = (r["body"] for r in bedrock_server.requests)
     assert first["toolConfig"]["tools"][0]["toolSpec"]["name"] == "get_weather"
     # The tool's output went back to the cloud, answering the cloud's own call.
-    results_sent = [b["toolResult"] for m in second["messages"] for b in m["content"]
-                    if "toolResult" in b]
+    results_sent = [
+        b["toolResult"] for m in second["messages"] for b in m["content"] if "toolResult" in b
+    ]
     assert [r["toolUseId"] for r in results_sent] == ["tooluse_nbo"]
     assert "Sunny, 24 C in Nairobi" in str(results_sent[0]["content"])
 
@@ -157,12 +175,16 @@ async def test_agent_workflow_picks_the_function_agent_and_routes(
     assert len(bedrock_server.requests) == 2
 
 
-def test_chat_with_tools_required_forces_a_tool_on_the_cloud(llm, tool, escalated_path,
-                                                             bedrock_server):
+def test_chat_with_tools_required_forces_a_tool_on_the_cloud(
+    llm, tool, escalated_path, bedrock_server
+):
     response = llm.chat_with_tools([tool], user_msg=NAIROBI, tool_required=True)
     (call,) = llm.get_tool_calls_from_response(response)
     assert (call.tool_name, call.tool_kwargs, call.tool_id) == (
-        "get_weather", {"city": "Nairobi"}, "tooluse_nbo")
+        "get_weather",
+        {"city": "Nairobi"},
+        "tooluse_nbo",
+    )
     assert response.additional_kwargs["routing"]["decision"] == "cloud"
     assert bedrock_server.requests[0]["body"]["toolConfig"]["toolChoice"] == {"any": {}}
 
@@ -174,15 +196,24 @@ def test_predict_and_call_runs_the_tool(llm, tool, weather, kept_path):
 
 
 def test_parallel_tool_calls_are_cut_to_one_unless_allowed(llm, tool, ollama_backend):
-    ollama_backend.add_answer("two cities", "calling", logprobs=-0.02, tool_calls=[
-        {"name": "get_weather", "arguments": {"city": "Paris"}},
-        {"name": "get_weather", "arguments": {"city": "Rome"}}])
+    ollama_backend.add_answer(
+        "two cities",
+        "calling",
+        logprobs=-0.02,
+        tool_calls=[
+            {"name": "get_weather", "arguments": {"city": "Paris"}},
+            {"name": "get_weather", "arguments": {"city": "Rome"}},
+        ],
+    )
     one = llm.chat_with_tools([tool], user_msg="Weather in two cities?")
-    both = llm.chat_with_tools([tool], user_msg="Weather in two cities?",
-                               allow_parallel_tool_calls=True)
+    both = llm.chat_with_tools(
+        [tool], user_msg="Weather in two cities?", allow_parallel_tool_calls=True
+    )
     assert [c.tool_kwargs["city"] for c in llm.get_tool_calls_from_response(one)] == ["Paris"]
     assert [c.tool_kwargs["city"] for c in llm.get_tool_calls_from_response(both)] == [
-        "Paris", "Rome"]
+        "Paris",
+        "Rome",
+    ]
 
 
 def test_no_tool_call_is_an_error_only_when_asked(llm, tool, ollama_backend):
@@ -193,8 +224,9 @@ def test_no_tool_call_is_an_error_only_when_asked(llm, tool, ollama_backend):
         llm.get_tool_calls_from_response(response)
 
 
-def test_tool_choice_none_sends_no_tools_and_bad_choice_fails(llm, tool, ollama_backend,
-                                                              ollama_server):
+def test_tool_choice_none_sends_no_tools_and_bad_choice_fails(
+    llm, tool, ollama_backend, ollama_server
+):
     ollama_backend.add_answer("Paris", "Sunny.", logprobs=-0.02)
     llm.chat_with_tools([tool], user_msg=PARIS, tool_choice="none")
     assert not ollama_server.requests_to("/api/chat")[-1]["body"].get("tools")
@@ -208,29 +240,44 @@ def test_tool_choice_none_sends_no_tools_and_bad_choice_fails(llm, tool, ollama_
 # -- as_structured_llm ---------------------------------------------------------------------------
 
 
-def test_structured_llm_keeps_the_routing_kept_and_escalated(llm, ollama_backend,
-                                                             bedrock_server):
-    ollama_backend.add_answer("Italy", "ok", logprobs=-0.02, tool_calls=[
-        {"name": "Capital", "arguments": {"country": "Italy", "capital": "Rome"}}])
-    ollama_backend.add_answer("Kenya", "ok", logprobs=-4.0, tool_calls=[
-        {"name": "Capital", "arguments": {"country": "Kenya", "capital": "Mombasa"}}])
-    bedrock_server.add_answer("Kenya", "", tool_use=[
-        {"name": "Capital", "input": {"country": "Kenya", "capital": "Nairobi"}}])
+def test_structured_llm_keeps_the_routing_kept_and_escalated(llm, ollama_backend, bedrock_server):
+    ollama_backend.add_answer(
+        "Italy",
+        "ok",
+        logprobs=-0.02,
+        tool_calls=[{"name": "Capital", "arguments": {"country": "Italy", "capital": "Rome"}}],
+    )
+    ollama_backend.add_answer(
+        "Kenya",
+        "ok",
+        logprobs=-4.0,
+        tool_calls=[{"name": "Capital", "arguments": {"country": "Kenya", "capital": "Mombasa"}}],
+    )
+    bedrock_server.add_answer(
+        "Kenya",
+        "",
+        tool_use=[{"name": "Capital", "input": {"country": "Kenya", "capital": "Nairobi"}}],
+    )
     sllm = llm.as_structured_llm(Capital)
     assert isinstance(sllm, RoutedStructuredLLM)
     kept = sllm.chat([ChatMessage(role="user", content="Capital of Italy?")])
     assert kept.raw == Capital(country="Italy", capital="Rome")
     assert kept.additional_kwargs["routing"]["decision"] == "local"
     escalated = sllm.complete("Capital of Kenya?")
-    assert Capital.model_validate_json(escalated.text) == Capital(country="Kenya",
-                                                                  capital="Nairobi")
+    assert Capital.model_validate_json(escalated.text) == Capital(
+        country="Kenya", capital="Nairobi"
+    )
     assert escalated.additional_kwargs["routing"]["decision"] == "cloud"
     assert len(bedrock_server.requests) == 1
 
 
 async def test_async_structured_llm_keeps_the_routing(llm, ollama_backend):
-    ollama_backend.add_answer("Italy", "ok", logprobs=-0.02, tool_calls=[
-        {"name": "Capital", "arguments": {"country": "Italy", "capital": "Rome"}}])
+    ollama_backend.add_answer(
+        "Italy",
+        "ok",
+        logprobs=-0.02,
+        tool_calls=[{"name": "Capital", "arguments": {"country": "Italy", "capital": "Rome"}}],
+    )
     sllm = llm.as_structured_llm(Capital)
     response = await sllm.achat([ChatMessage(role="user", content="Capital of Italy?")])
     assert response.raw == Capital(country="Italy", capital="Rome")

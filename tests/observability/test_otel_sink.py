@@ -41,8 +41,9 @@ class Telemetry:
         self.meter_provider = MeterProvider(metric_readers=[self.reader])
 
     def sink(self, **kwargs) -> OpenTelemetrySink:
-        return OpenTelemetrySink(tracer_provider=self.tracer_provider,
-                                 meter_provider=self.meter_provider, **kwargs)
+        return OpenTelemetrySink(
+            tracer_provider=self.tracer_provider, meter_provider=self.meter_provider, **kwargs
+        )
 
     def finished(self):
         return [s for s in self.spans.get_finished_spans() if s.name == SPAN_NAME]
@@ -58,8 +59,11 @@ class Telemetry:
         return found
 
     def total(self, name: str, **attributes) -> float:
-        return sum(p.value for p in self.points(name)
-                   if all(p.attributes.get(k) == v for k, v in attributes.items()))
+        return sum(
+            p.value
+            for p in self.points(name)
+            if all(p.attributes.get(k) == v for k, v in attributes.items())
+        )
 
 
 @pytest.fixture
@@ -105,11 +109,13 @@ def test_one_span_per_routed_call_with_the_decision(router, telemetry, scripted,
     assert cloud.attributes["gen_ai.usage.output_tokens"] == 4
     assert cloud.attributes["confidence_router.local.model"] == "scripted-local"
     assert cloud.attributes["confidence_router.cloud_cost_usd"] == pytest.approx(
-        escalated["cloud_cost_usd"])
+        escalated["cloud_cost_usd"]
+    )
     assert cloud.attributes["confidence_router.cloud_cost_usd"] > 0
     for stage in ("local", "cloud", "total"):
         assert cloud.attributes[f"confidence_router.latency.{stage}_s"] == pytest.approx(
-            escalated["latency_s"][stage])
+            escalated["latency_s"][stage]
+        )
     assert cloud.status.status_code is StatusCode.UNSET
     assert len(bedrock_server.requests) == 1
     # No prompt or answer text is ever put on a span.
@@ -127,19 +133,27 @@ def test_metrics_count_calls_escalations_cost_and_latency(router, telemetry, scr
     for question in (FRANCE, FRANCE, KENYA):
         router.invoke(question)
     assert telemetry.total("confidence_router.calls") == 3
-    assert telemetry.total("confidence_router.calls", **{"confidence_router.decision": "local"}) == 2
+    assert (
+        telemetry.total("confidence_router.calls", **{"confidence_router.decision": "local"}) == 2
+    )
     assert telemetry.total("confidence_router.escalations") == 1
     assert telemetry.total("confidence_router.cost", **{"confidence_router.tier": "cloud"}) > 0
-    latency = {p.attributes["confidence_router.stage"]: p.count
-               for p in telemetry.points("confidence_router.latency")
-               if p.attributes["confidence_router.decision"] == "local"}
+    latency = {
+        p.attributes["confidence_router.stage"]: p.count
+        for p in telemetry.points("confidence_router.latency")
+        if p.attributes["confidence_router.decision"] == "local"
+    }
     assert latency == {"local": 2, "total": 2}
-    durations = {(p.attributes["gen_ai.system"], p.attributes.get("gen_ai.request.model")): p.count
-                 for p in telemetry.points("gen_ai.client.operation.duration")}
+    durations = {
+        (p.attributes["gen_ai.system"], p.attributes.get("gen_ai.request.model")): p.count
+        for p in telemetry.points("gen_ai.client.operation.duration")
+    }
     assert durations == {("ollama", "scripted-local"): 3, ("aws.bedrock", SONNET): 1}
-    cloud_tokens = {p.attributes["gen_ai.token.type"]: p.sum
-                    for p in telemetry.points("gen_ai.client.token.usage")
-                    if p.attributes["gen_ai.system"] == "aws.bedrock"}
+    cloud_tokens = {
+        p.attributes["gen_ai.token.type"]: p.sum
+        for p in telemetry.points("gen_ai.client.token.usage")
+        if p.attributes["gen_ai.system"] == "aws.bedrock"
+    }
     assert cloud_tokens == {"input": 11, "output": 4}
     confidences = telemetry.points("confidence_router.confidence")
     assert sum(p.count for p in confidences) == 3
@@ -150,7 +164,9 @@ def test_retries_become_span_events_and_a_failed_call_an_error_span(
 ):
     bedrock_server.fail("Kenya", "ThrottlingException")
     router = ConfidenceRoutedLLM(
-        local=ollama_chat(), cloud=bedrock_chat(), stats=telemetry.sink(),
+        local=ollama_chat(),
+        cloud=bedrock_chat(),
+        stats=telemetry.sink(),
         cloud_retry=RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.002),
     )
     with pytest.raises(CloudEscalationError):
@@ -165,11 +181,13 @@ def test_retries_become_span_events_and_a_failed_call_an_error_span(
     assert telemetry.total("confidence_router.cloud.retries") == 2
 
 
-def test_cloud_error_served_locally_is_not_an_error_span(ollama_chat, bedrock_chat, telemetry,
-                                                         scripted, bedrock_server):
+def test_cloud_error_served_locally_is_not_an_error_span(
+    ollama_chat, bedrock_chat, telemetry, scripted, bedrock_server
+):
     bedrock_server.fail("Kenya", "AccessDeniedException")
-    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(),
-                                 stats=telemetry.sink(), on_cloud_error="local")
+    router = ConfidenceRoutedLLM(
+        local=ollama_chat(), cloud=bedrock_chat(), stats=telemetry.sink(), on_cloud_error="local"
+    )
     assert router.invoke(KENYA).response_metadata["routing"]["reason"] == "cloud_error"
     (span,) = telemetry.finished()
     assert span.status.status_code is StatusCode.UNSET
@@ -211,8 +229,11 @@ def test_multisink_feeds_stats_and_otel_and_survives_a_broken_sink(
             raise RuntimeError("exporter down")
 
     stats = RoutingStats()
-    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(),
-                                 stats=MultiSink(Broken(), stats, telemetry.sink()))
+    router = ConfidenceRoutedLLM(
+        local=ollama_chat(),
+        cloud=bedrock_chat(),
+        stats=MultiSink(Broken(), stats, telemetry.sink()),
+    )
     with caplog.at_level(logging.ERROR, logger="confidence_router"):
         router.invoke(FRANCE)
         router.invoke(KENYA)
@@ -225,7 +246,9 @@ def test_multisink_feeds_stats_and_otel_and_survives_a_broken_sink(
 def test_sink_tolerates_sparse_records_and_rejects_non_mappings(telemetry):
     sink = telemetry.sink()
     sink.record({})
-    sink.record({"decision": "cloud", "latency_s": "n/a", "usage": None, "confidence": float("nan")})
+    sink.record(
+        {"decision": "cloud", "latency_s": "n/a", "usage": None, "confidence": float("nan")}
+    )
     first, second = telemetry.finished()
     assert first.attributes["confidence_router.decision"] == "unknown"
     assert "confidence_router.confidence" not in second.attributes
@@ -234,9 +257,7 @@ def test_sink_tolerates_sparse_records_and_rejects_non_mappings(telemetry):
         sink.record(["decision", "local"])  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"local_system": ""}, {"cloud_system": 3}, {"local_model": 7}]
-)
+@pytest.mark.parametrize("kwargs", [{"local_system": ""}, {"cloud_system": 3}, {"local_model": 7}])
 def test_bad_sink_configuration(telemetry, kwargs):
     with pytest.raises(RoutingConfigError):
         telemetry.sink(**kwargs)

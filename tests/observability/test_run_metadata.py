@@ -58,18 +58,35 @@ def test_metadata_flattens_a_real_escalated_record(router, scripted):
     assert all(isinstance(v, (str, bool, int, float)) for v in meta.values())
     assert "Jomo Kenyatta was" not in meta.values()
     assert routing_run_tags(routing) == [
-        "routing:cloud", "routing:reason=low_confidence", "routing:escalated"]
+        "routing:cloud",
+        "routing:reason=low_confidence",
+        "routing:escalated",
+    ]
 
 
 def test_unknown_values_are_left_out_not_zeroed():
-    meta = routing_run_metadata({"decision": "cloud", "reason": "local_error", "confidence": None,
-                                 "cost_usd": float("nan"), "latency_s": {"total": 0.5}})
-    assert meta == {"routing_decision": "cloud", "routing_reason": "local_error",
-                    "routing_total_latency_s": 0.5}
-    assert routing_run_tags({"decision": "local", "reason": "low_confidence",
-                             "would_escalate": True, "flagged": True}) == [
-        "routing:local", "routing:reason=low_confidence", "routing:would-escalate",
-        "routing:flagged"]
+    meta = routing_run_metadata(
+        {
+            "decision": "cloud",
+            "reason": "local_error",
+            "confidence": None,
+            "cost_usd": float("nan"),
+            "latency_s": {"total": 0.5},
+        }
+    )
+    assert meta == {
+        "routing_decision": "cloud",
+        "routing_reason": "local_error",
+        "routing_total_latency_s": 0.5,
+    }
+    assert routing_run_tags(
+        {"decision": "local", "reason": "low_confidence", "would_escalate": True, "flagged": True}
+    ) == [
+        "routing:local",
+        "routing:reason=low_confidence",
+        "routing:would-escalate",
+        "routing:flagged",
+    ]
     with pytest.raises(TypeError):
         routing_run_metadata(None)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
@@ -94,8 +111,10 @@ class AnnotateOnEnd(BaseCallbackHandler):
 def test_annotate_run_writes_metadata_and_tags_onto_the_tracers_run(router, scripted):
     tracer = CollectingTracer()
     annotator = AnnotateOnEnd(tracer)
-    router.invoke(KENYA, config={"callbacks": [annotator, tracer], "tags": ["mine"],
-                                 "metadata": {"user": "u1"}})
+    router.invoke(
+        KENYA,
+        config={"callbacks": [annotator, tracer], "tags": ["mine"], "metadata": {"user": "u1"}},
+    )
     (run,) = tracer.runs
     assert annotator.annotated == [1]
     meta = run.extra["metadata"]
@@ -130,5 +149,8 @@ async def test_async_and_streamed_router_runs_carry_routing_metadata(router, scr
     _ = [chunk async for chunk in router.astream(FRANCE, config={"callbacks": [tracer]})]
     _ = list(router.stream(KENYA, config={"callbacks": [tracer]}))
     assert [r.extra["metadata"].get("routing_decision") for r in tracer.runs] == [
-        "cloud", "local", "cloud"]
+        "cloud",
+        "local",
+        "cloud",
+    ]
     assert all(any(t.startswith("routing:reason=") for t in r.tags) for r in tracer.runs)

@@ -65,12 +65,14 @@ def router(ollama_chat, bedrock_chat):
     return ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat())
 
 
-def script_local(backend, method: str, match: str, payload: dict, *, logprobs: float,
-                 name: str = "Capital"):
+def script_local(
+    backend, method: str, match: str, payload: dict, *, logprobs: float, name: str = "Capital"
+):
     """The local model answers ``payload`` as a tool call or as JSON text, per ``method``."""
     if method == "function_calling":
-        return backend.add_answer(match, "ok", logprobs=logprobs,
-                                  tool_calls=[{"name": name, "arguments": payload}])
+        return backend.add_answer(
+            match, "ok", logprobs=logprobs, tool_calls=[{"name": name, "arguments": payload}]
+        )
     return backend.add_answer(match, json.dumps(payload), logprobs=logprobs)
 
 
@@ -121,10 +123,12 @@ def assert_cloud_request(body: dict, method: str, name: str = "Capital") -> None
 
 @pytest.mark.parametrize("via", VIA)
 @pytest.mark.parametrize("method", METHODS)
-def test_confident_local_answer_is_kept_and_parsed(router, ollama_backend, ollama_server,
-                                                   bedrock_server, method, via):
-    script_local(ollama_backend, method, "Italy", {"country": "Italy", "capital": "Rome"},
-                 logprobs=-0.02)
+def test_confident_local_answer_is_kept_and_parsed(
+    router, ollama_backend, ollama_server, bedrock_server, method, via
+):
+    script_local(
+        ollama_backend, method, "Italy", {"country": "Italy", "capital": "Rome"}, logprobs=-0.02
+    )
     out = structured(router, Capital, via, method=method, include_raw=True).invoke(ITALY)
     assert out["parsed"] == Capital(country="Italy", capital="Rome")
     assert out["parsing_error"] is None
@@ -142,8 +146,9 @@ def test_confident_local_answer_is_kept_and_parsed(router, ollama_backend, ollam
 def test_unsure_local_answer_escalates_and_cloud_answer_is_parsed(
     router, ollama_backend, ollama_server, bedrock_server, method, via
 ):
-    script_local(ollama_backend, method, "Kenya", {"country": "Kenya", "capital": "Mombasa"},
-                 logprobs=-4.0)
+    script_local(
+        ollama_backend, method, "Kenya", {"country": "Kenya", "capital": "Mombasa"}, logprobs=-4.0
+    )
     script_cloud(bedrock_server, method, "Kenya", {"country": "Kenya", "capital": "Nairobi"})
     out = structured(router, Capital, via, method=method, include_raw=True).invoke(KENYA)
     assert out["parsed"] == Capital(country="Kenya", capital="Nairobi")
@@ -158,15 +163,29 @@ def test_unsure_local_answer_escalates_and_cloud_answer_is_parsed(
 @pytest.mark.parametrize("via", VIA)
 @pytest.mark.parametrize("schema", [CapitalDict, CAPITAL_SCHEMA], ids=["typeddict", "json-schema"])
 @pytest.mark.parametrize("method", METHODS)
-def test_dict_schemas_give_dicts_on_both_tiers(router, ollama_backend, ollama_server,
-                                               bedrock_server, method, schema, via):
+def test_dict_schemas_give_dicts_on_both_tiers(
+    router, ollama_backend, ollama_server, bedrock_server, method, schema, via
+):
     name = convert_to_openai_tool(schema)["function"]["name"]  # "CapitalDict" / "Capital"
-    script_local(ollama_backend, method, "Italy", {"country": "Italy", "capital": "Rome"},
-                 logprobs=-0.02, name=name)
-    script_local(ollama_backend, method, "Kenya", {"country": "Kenya", "capital": "Mombasa"},
-                 logprobs=-4.0, name=name)
-    script_cloud(bedrock_server, method, "Kenya", {"country": "Kenya", "capital": "Nairobi"},
-                 name=name)
+    script_local(
+        ollama_backend,
+        method,
+        "Italy",
+        {"country": "Italy", "capital": "Rome"},
+        logprobs=-0.02,
+        name=name,
+    )
+    script_local(
+        ollama_backend,
+        method,
+        "Kenya",
+        {"country": "Kenya", "capital": "Mombasa"},
+        logprobs=-4.0,
+        name=name,
+    )
+    script_cloud(
+        bedrock_server, method, "Kenya", {"country": "Kenya", "capital": "Nairobi"}, name=name
+    )
     chain = structured(router, schema, via, method=method)
     assert chain.invoke(ITALY) == {"country": "Italy", "capital": "Rome"}
     assert chain.invoke(KENYA) == {"country": "Kenya", "capital": "Nairobi"}
@@ -206,10 +225,12 @@ def test_function_calling_on_a_local_model_without_tools_escalates(
 ):
     # What used to happen for every method: the local model refuses tools, every query
     # escalates (and with no cloud, fails).
-    script_cloud(bedrock_server, "function_calling", "Italy", {"country": "Italy",
-                                                              "capital": "Rome"})
-    out = structured(router, Capital, via, method="function_calling",
-                     include_raw=True).invoke(ITALY)
+    script_cloud(
+        bedrock_server, "function_calling", "Italy", {"country": "Italy", "capital": "Rome"}
+    )
+    out = structured(router, Capital, via, method="function_calling", include_raw=True).invoke(
+        ITALY
+    )
     assert out["parsed"] == Capital(country="Italy", capital="Rome")
     routing = out["raw"].response_metadata["routing"]
     assert (routing["decision"], routing["reason"]) == ("cloud", "local_error")
@@ -219,11 +240,11 @@ def test_function_calling_on_a_local_model_without_tools_escalates(
 
 
 @pytest.mark.parametrize("via", VIA)
-def test_json_mode_without_schema_on_a_local_only_router(ollama_chat, ollama_backend,
-                                                         ollama_server, via):
+def test_json_mode_without_schema_on_a_local_only_router(
+    ollama_chat, ollama_backend, ollama_server, via
+):
     router = ConfidenceRoutedLLM(local=ollama_chat())
-    ollama_backend.add_answer("Italy", '{"capital": "Rome", "population_m": 2.8}',
-                              logprobs=-0.02)
+    ollama_backend.add_answer("Italy", '{"capital": "Rome", "population_m": 2.8}', logprobs=-0.02)
     out = structured(router, None, via, method="json_mode").invoke(ITALY + " Answer in JSON.")
     assert out == {"capital": "Rome", "population_m": 2.8}
     assert chat_requests(ollama_server)[0]["format"] == "json"
@@ -234,21 +255,21 @@ def test_json_mode_without_schema_on_a_local_only_router(ollama_chat, ollama_bac
 
 @pytest.mark.parametrize("via", VIA)
 async def test_async_escalated_json_schema(router, ollama_backend, bedrock_server, via):
-    ollama_backend.add_answer("Kenya", '{"country": "Kenya", "capital": "Mombasa"}',
-                              logprobs=-4.0)
+    ollama_backend.add_answer("Kenya", '{"country": "Kenya", "capital": "Mombasa"}', logprobs=-4.0)
     bedrock_server.add_answer("Kenya", KENYA_JSON)
-    out = await structured(router, Capital, via, method="json_schema",
-                           include_raw=True).ainvoke(KENYA)
+    out = await structured(router, Capital, via, method="json_schema", include_raw=True).ainvoke(
+        KENYA
+    )
     assert out["parsed"] == Capital(country="Kenya", capital="Nairobi")
     assert out["raw"].response_metadata["routing"]["decision"] == "cloud"
     assert bedrock_server.requests[0]["operation"] == "converse"
 
 
 @pytest.mark.parametrize("via", VIA)
-def test_streamed_json_schema_ends_with_the_parsed_object(router, ollama_backend,
-                                                          bedrock_server, via):
-    ollama_backend.add_answer("Kenya", '{"country": "Kenya", "capital": "Mombasa"}',
-                              logprobs=-4.0)
+def test_streamed_json_schema_ends_with_the_parsed_object(
+    router, ollama_backend, bedrock_server, via
+):
+    ollama_backend.add_answer("Kenya", '{"country": "Kenya", "capital": "Mombasa"}', logprobs=-4.0)
     bedrock_server.add_answer("Kenya", KENYA_JSON)
     parts = list(structured(router, CAPITAL_SCHEMA, via, method="json_schema").stream(KENYA))
     assert parts[-1] == {"country": "Kenya", "capital": "Nairobi"}
@@ -259,18 +280,22 @@ def test_streamed_json_schema_ends_with_the_parsed_object(router, ollama_backend
 
 
 @pytest.mark.parametrize("via", VIA)
-def test_cloud_failure_falls_back_to_the_parsed_local_answer(ollama_chat, bedrock_chat,
-                                                             ollama_backend, bedrock_server, via):
-    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(),
-                                 on_cloud_error="local", cloud_retry=None)
-    ollama_backend.add_answer("Kenya", '{"country": "Kenya", "capital": "Mombasa"}',
-                              logprobs=-4.0)
+def test_cloud_failure_falls_back_to_the_parsed_local_answer(
+    ollama_chat, bedrock_chat, ollama_backend, bedrock_server, via
+):
+    router = ConfidenceRoutedLLM(
+        local=ollama_chat(), cloud=bedrock_chat(), on_cloud_error="local", cloud_retry=None
+    )
+    ollama_backend.add_answer("Kenya", '{"country": "Kenya", "capital": "Mombasa"}', logprobs=-4.0)
     bedrock_server.fail("Kenya", "ServiceUnavailableException")
     out = structured(router, Capital, via, method="json_schema", include_raw=True).invoke(KENYA)
     assert out["parsed"] == Capital(country="Kenya", capital="Mombasa")
     routing = out["raw"].response_metadata["routing"]
     assert (routing["decision"], routing["reason"], routing["flagged"]) == (
-        "local", "cloud_error", True)
+        "local",
+        "cloud_error",
+        True,
+    )
     assert len(bedrock_server.requests) == 1
 
 
@@ -307,8 +332,9 @@ def test_json_not_matching_the_model_is_a_parsing_error(router, ollama_backend, 
         (Capital, {"method": "json_schema", "include_raw": "yes"}, "include_raw"),
     ],
 )
-def test_bad_arguments_raise_routing_config_error(router, bedrock_server, ollama_server, schema,
-                                                  kwargs, message, via):
+def test_bad_arguments_raise_routing_config_error(
+    router, bedrock_server, ollama_server, schema, kwargs, message, via
+):
     with pytest.raises(RoutingConfigError, match=message):
         structured(router, schema, via, **kwargs)
     assert bedrock_server.requests == [] and ollama_server.requests == []
@@ -321,8 +347,9 @@ def test_json_mode_without_schema_names_the_bedrock_limit(router, via):
 
 
 def test_structured_binding_keeps_the_router_configuration(ollama_chat, bedrock_chat):
-    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(), threshold=0.9,
-                                 on_cloud_error="local")
+    router = ConfidenceRoutedLLM(
+        local=ollama_chat(), cloud=bedrock_chat(), threshold=0.9, on_cloud_error="local"
+    )
     chain = structured_router(router, Capital, method="json_schema")
     routed = chain.first
     assert isinstance(routed, ConfidenceRoutedLLM) and routed is not router
