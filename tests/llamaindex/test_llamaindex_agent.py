@@ -17,7 +17,7 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.tools import FunctionTool
 from pydantic import BaseModel
 
-from confidence_router import ConfidenceRoutedLLM, RoutingConfigError
+from confidence_router import CloudEscalationError, ConfidenceRoutedLLM, RoutingConfigError
 from confidence_router.llamaindex import ConfidenceRoutedLlamaIndexLLM, RoutedStructuredLLM
 from confidence_router.testing.scripted import last_user_text
 
@@ -163,7 +163,8 @@ async def test_function_agent_escalated_path_runs_the_clouds_tool_call(
 async def test_agent_workflow_picks_the_function_agent_and_routes(
     llm, tool, weather, kept_path, escalated_path, bedrock_server
 ):
-    workflow = AgentWorkflow.from_tools_or_functions([tool], llm=llm)
+    # A plain function, as LlamaIndex users pass them; it becomes a FunctionTool.
+    workflow = AgentWorkflow.from_tools_or_functions([weather.get_weather], llm=llm)
     assert all(isinstance(agent, FunctionAgent) for agent in workflow.agents.values())
     final, outputs, _ = await run_agent(workflow, PARIS)
     assert str(final.response.content) == "It is sunny in Paris."
@@ -173,6 +174,42 @@ async def test_agent_workflow_picks_the_function_agent_and_routes(
     assert outputs[-1].raw["routing"]["decision"] == "cloud"
     assert weather.calls == ["Paris", "Nairobi"]
     assert len(bedrock_server.requests) == 2
+
+
+async def test_local_failure_after_the_tool_ran_escalates_the_next_step(
+    llm, tool, weather, ollama_backend, bedrock_server
+):
+    # Turn 1 is kept locally; the local model then fails (503) on turn 2, so the router
+    # escalates that step alone, and the cloud sees the local tool call and its result.
+    ollama_backend.fail(has_tool_result, status=503, message="model overloaded")
+    ollama_backend.add_answer("Paris", "calling", logprobs=-0.02,
+                              tool_calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}])
+    bedrock_server.add_answer(bedrock_has_tool_result, "It is sunny in Paris (cloud).")
+    final, outputs, _ = await run_agent(FunctionAgent(tools=[tool], llm=llm), PARIS)
+    assert weather.calls == ["Paris"]
+    assert str(final.response.content) == "It is sunny in Paris (cloud)."
+    assert [(o.raw["routing"]["decision"], o.raw["routing"]["reason"]) for o in outputs] == [
+        ("local", "confident"), ("cloud", "local_error")]
+    (request,) = bedrock_server.requests
+    sent = [b for m in request["body"]["messages"] for b in m["content"]]
+    assert any(b.get("toolUse", {}).get("name") == "get_weather" for b in sent)
+    assert any("Sunny, 24 C in Paris" in str(b.get("toolResult")) for b in sent)
+
+
+async def test_cloud_failure_in_an_agent_step_surfaces_as_a_typed_error(
+    ollama_chat, bedrock_chat, tool, weather, ollama_backend, bedrock_server
+):
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(), cloud_retry=None)
+    llm = ConfidenceRoutedLlamaIndexLLM(router=router)
+    ollama_backend.add_answer("Nairobi", "maybe rain?", logprobs=-4.0)
+    bedrock_server.fail("Nairobi", "AccessDeniedException")
+    handler = FunctionAgent(tools=[tool], llm=llm, streaming=False).run(user_msg=NAIROBI)
+    with pytest.raises(CloudEscalationError) as caught:
+        await handler
+    assert caught.value.routing["reason"] == "low_confidence"
+    assert caught.value.local_message.text == "maybe rain?"
+    assert weather.calls == []
+    assert len(bedrock_server.requests) == 1
 
 
 def test_chat_with_tools_required_forces_a_tool_on_the_cloud(

@@ -280,6 +280,48 @@ def test_streamed_json_schema_ends_with_the_parsed_object(
 
 
 @pytest.mark.parametrize("via", VIA)
+@pytest.mark.parametrize("method", METHODS)
+async def test_concurrent_mixed_calls_each_get_their_own_tier(
+    router, ollama_backend, ollama_server, bedrock_server, method, via
+):
+    script_local(
+        ollama_backend, method, "Italy", {"country": "Italy", "capital": "Rome"}, logprobs=-0.02
+    )
+    script_local(
+        ollama_backend, method, "Kenya", {"country": "Kenya", "capital": "Mombasa"}, logprobs=-4.0
+    )
+    script_cloud(bedrock_server, method, "Kenya", {"country": "Kenya", "capital": "Nairobi"})
+    chain = structured(router, Capital, via, method=method, include_raw=True)
+    questions = [ITALY, KENYA] * 4
+    outs = await chain.abatch(questions)
+    for question, out in zip(questions, outs):
+        expected = ("local", "Rome") if question == ITALY else ("cloud", "Nairobi")
+        assert (
+            out["raw"].response_metadata["routing"]["decision"],
+            out["parsed"].capital,
+        ) == expected
+    assert len(chat_requests(ollama_server)) == 8
+    assert len(bedrock_server.requests) == 4
+
+
+@pytest.mark.parametrize("via", VIA)
+def test_streamed_escalated_tool_call_is_parsed(router, ollama_backend, bedrock_server, via):
+    script_local(
+        ollama_backend,
+        "function_calling",
+        "Kenya",
+        {"country": "Kenya", "capital": "Mombasa"},
+        logprobs=-4.0,
+    )
+    script_cloud(
+        bedrock_server, "function_calling", "Kenya", {"country": "Kenya", "capital": "Nairobi"}
+    )
+    parts = list(structured(router, Capital, via, method="function_calling").stream(KENYA))
+    assert parts[-1] == Capital(country="Kenya", capital="Nairobi")
+    assert bedrock_server.requests[0]["operation"] == "converse-stream"
+
+
+@pytest.mark.parametrize("via", VIA)
 def test_cloud_failure_falls_back_to_the_parsed_local_answer(
     ollama_chat, bedrock_chat, ollama_backend, bedrock_server, via
 ):
