@@ -402,3 +402,20 @@ def test_structured_binding_keeps_the_router_configuration(ollama_chat, bedrock_
     assert "output_config" in routed.cloud.kwargs
     # The original router is untouched.
     assert not hasattr(router.local, "kwargs")
+
+
+def test_chatbedrock_cloud_tier_offers_function_calling_only(ollama_chat, bedrock_server):
+    # langchain_aws.ChatBedrock (InvokeModel) structures output with tool calls only: the
+    # JSON methods fail at construction, naming the tier, instead of silently calling tools.
+    from langchain_aws import ChatBedrock
+
+    cloud = ChatBedrock(model_id="anthropic.claude-3-5-haiku-20241022-v1:0",
+                        region_name="us-east-1", endpoint_url=bedrock_server.url)
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud)
+    for method in ("json_schema", "json_mode"):
+        with pytest.raises(RoutingConfigError, match=r"cloud tier \(ChatBedrock\)"):
+            structured_router(router, Capital, method=method)
+    routed = structured_router(router, Capital, method="function_calling").first
+    assert routed.cloud.bound is cloud
+    assert routed.cloud.kwargs["tools"][0]["name"] == "Capital"
+    assert bedrock_server.requests == []
