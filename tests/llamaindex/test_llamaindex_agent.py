@@ -176,20 +176,55 @@ async def test_agent_workflow_picks_the_function_agent_and_routes(
     assert len(bedrock_server.requests) == 2
 
 
+@pytest.mark.parametrize(("on_unknown", "first_step"), [("escalate", "cloud"), ("local", "local")])
+async def test_a_bare_local_tool_call_has_unknown_confidence(
+    ollama_chat, bedrock_chat, tool, weather, ollama_backend, bedrock_server, on_unknown, first_step
+):
+    # Real Ollama reports no logprobs for tool-call tokens: a local answer that is only a tool
+    # call (no text) has unknown confidence, and on_unknown decides (default: escalate).
+    ollama_backend.add_answer(paris_after_tool, "It is sunny in Paris.", logprobs=-0.05)
+    ollama_backend.add_answer(
+        "Paris", "", tool_calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    )
+    bedrock_server.add_answer(
+        "Paris", "", tool_use=[{"name": "get_weather", "input": {"city": "Paris"}}]
+    )
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(), on_unknown=on_unknown)
+    agent = FunctionAgent(tools=[tool], llm=ConfidenceRoutedLlamaIndexLLM(router=router))
+    final, outputs, _ = await run_agent(agent, PARIS)
+    assert weather.calls == ["Paris"]
+    assert str(final.response.content) == "It is sunny in Paris."
+    first = outputs[0].raw["routing"]
+    assert (first["decision"], first["reason"], first["confidence"]) == (
+        first_step,
+        "confidence_unknown",
+        None,
+    )
+    assert first["signals"]["unknown_reason"] == "no_logprobs"
+    assert outputs[1].raw["routing"]["decision"] == "local"
+    assert len(bedrock_server.requests) == (1 if first_step == "cloud" else 0)
+
+
 async def test_local_failure_after_the_tool_ran_escalates_the_next_step(
     llm, tool, weather, ollama_backend, bedrock_server
 ):
     # Turn 1 is kept locally; the local model then fails (503) on turn 2, so the router
     # escalates that step alone, and the cloud sees the local tool call and its result.
     ollama_backend.fail(has_tool_result, status=503, message="model overloaded")
-    ollama_backend.add_answer("Paris", "calling", logprobs=-0.02,
-                              tool_calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}])
+    ollama_backend.add_answer(
+        "Paris",
+        "calling",
+        logprobs=-0.02,
+        tool_calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}],
+    )
     bedrock_server.add_answer(bedrock_has_tool_result, "It is sunny in Paris (cloud).")
     final, outputs, _ = await run_agent(FunctionAgent(tools=[tool], llm=llm), PARIS)
     assert weather.calls == ["Paris"]
     assert str(final.response.content) == "It is sunny in Paris (cloud)."
     assert [(o.raw["routing"]["decision"], o.raw["routing"]["reason"]) for o in outputs] == [
-        ("local", "confident"), ("cloud", "local_error")]
+        ("local", "confident"),
+        ("cloud", "local_error"),
+    ]
     (request,) = bedrock_server.requests
     sent = [b for m in request["body"]["messages"] for b in m["content"]]
     assert any(b.get("toolUse", {}).get("name") == "get_weather" for b in sent)
