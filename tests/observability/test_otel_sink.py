@@ -268,3 +268,59 @@ def test_multisink_rejects_non_sinks():
         MultiSink()
     with pytest.raises(RoutingConfigError, match="no record"):
         MultiSink(RoutingStats(), object())  # type: ignore[arg-type]
+
+
+def test_recorded_retries_become_one_event_each(telemetry):
+    # The record's ``cloud_retries`` list (one entry per retried attempt) is what the sink
+    # reads first; without it, ``cloud_attempts`` of a failed call gives the count.
+    telemetry.sink().record({
+        "decision": "cloud", "escalated": True, "reason": "low_confidence",
+        "cloud_retries": [{"attempt": 1, "kind": "throttled", "delay_s": 0.5},
+                          {"attempt": 2, "kind": "transient", "delay_s": 1.0}],
+    })  # fmt: skip
+    (span,) = telemetry.finished()
+    events = [dict(e.attributes) for e in span.events]
+    assert events == [
+        {"confidence_router.retry.attempt": 1, "error.type": "throttled",
+         "confidence_router.retry.delay_s": 0.5},
+        {"confidence_router.retry.attempt": 2, "error.type": "transient",
+         "confidence_router.retry.delay_s": 1.0},
+    ]  # fmt: skip
+    assert span.status.status_code is StatusCode.UNSET
+    assert telemetry.total("confidence_router.cloud.retries") == 2
+
+
+# -- needs two record fields from the router (see the report): ``cloud_retries`` and ``models`` --
+
+
+def test_a_retry_that_then_succeeds_is_logged(
+    ollama_chat, bedrock_chat, telemetry, scripted, bedrock_server
+):
+    bedrock_server.fail("Kenya", "ThrottlingException", times=1)
+    router = ConfidenceRoutedLLM(
+        local=ollama_chat(),
+        cloud=bedrock_chat(),
+        stats=telemetry.sink(),
+        cloud_retry=RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.002),
+    )
+    assert router.invoke(KENYA).text == "Daniel arap Moi"
+    assert len(bedrock_server.requests) == 2
+    (span,) = telemetry.finished()
+    retries = [e for e in span.events if e.name == "confidence_router.retry"]
+    assert [
+        (e.attributes["confidence_router.retry.attempt"], e.attributes["error.type"])
+        for e in retries
+    ] == [(1, "throttled")]
+    assert telemetry.total("confidence_router.cloud.retries") == 1
+
+
+def test_models_come_from_the_router_without_configuration(
+    ollama_chat, bedrock_chat, telemetry, scripted
+):
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(), stats=telemetry.sink())
+    router.invoke(FRANCE)
+    router.invoke(KENYA)
+    local, cloud = telemetry.finished()
+    assert local.attributes["gen_ai.request.model"] == "scripted-local"
+    assert cloud.attributes["gen_ai.request.model"] == SONNET
+    assert cloud.attributes["confidence_router.local.model"] == "scripted-local"
