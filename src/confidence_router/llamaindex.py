@@ -100,9 +100,6 @@ _ASSISTANT_ROLES = (MessageRole.ASSISTANT, MessageRole.CHATBOT, MessageRole.MODE
 _TOOL_ROLES = (MessageRole.TOOL, MessageRole.FUNCTION)
 
 
-# Keys of a chat call's kwargs that describe tools (LlamaIndex's chat_with_tools protocol).
-_TOOL_KWARGS = ("tools", "tool_choice", "tool_required")
-
 # Routing records of the calls made while a RoutedStructuredLLM call runs (see _capture).
 _CAPTURED: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar(
     "confidence_router_llamaindex_routing", default=None
@@ -110,8 +107,9 @@ _CAPTURED: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.Con
 
 
 class ConfidenceRoutedLlamaIndexLLM(FunctionCallingLLM):
-    """A LlamaIndex ``FunctionCallingLLM`` that answers locally and escalates to the cloud when the local
-    answer's confidence is below the threshold (a :class:`ConfidenceRoutedLLM` underneath).
+    """A LlamaIndex ``FunctionCallingLLM`` that answers locally and escalates to the cloud when
+    the local answer's confidence is below the threshold (a :class:`ConfidenceRoutedLLM`
+    underneath).
 
     Every response carries the routing decision: ``response.raw`` is the LangChain
     ``response_metadata`` of the returned message (including ``"routing"``) and
@@ -150,7 +148,7 @@ class ConfidenceRoutedLlamaIndexLLM(FunctionCallingLLM):
 
             from llama_index.core.agent.workflow import FunctionAgent
             agent = FunctionAgent(tools=[get_weather], llm=llm)
-            result = await agent.run("Weather in Paris?")   # result.raw["routing"]
+            result = await agent.run(user_msg="Weather in Paris?")  # result.raw["routing"]
 
     Args / fields:
         router: the LangChain router doing the work.

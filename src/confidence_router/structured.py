@@ -4,15 +4,14 @@
 requested method, routes on the tier's raw answer exactly like any other call, then parses
 the answer that was kept:
 
-============================  =================================  ==================================
-``method``                    local ``ChatOllama``                cloud ``ChatBedrockConverse``
-============================  =================================  ==================================
-``"function_calling"``        a forced tool call                  a forced tool call (``toolConfig``)
-``"json_schema"``             ``format=<JSON schema>``            ``outputConfig`` JSON schema
-``"json_mode"``               ``format="json"``                   ``outputConfig`` JSON schema (Bedrock
-                                                                  has no schema-less JSON mode; needs
-                                                                  a schema)
-============================  =================================  ==================================
+======================  ========================  =================================
+``method``              local ``ChatOllama``      cloud ``ChatBedrockConverse``
+======================  ========================  =================================
+``function_calling``    a forced tool call        a forced tool call (``toolConfig``)
+``json_schema``         ``format=<JSON schema>``  ``outputConfig`` JSON schema
+``json_mode``           ``format="json"``         ``outputConfig`` JSON schema (no
+                                                  schema-less JSON mode on Bedrock)
+======================  ========================  =================================
 
 The binding comes from each model's own public ``with_structured_output(...)`` (so provider
 details such as Bedrock's ``additionalProperties: false`` are theirs), and the routing,
@@ -130,7 +129,8 @@ def structured_router(
     parser: Runnable[Any, Any]
     if method == "function_calling":
         if is_pydantic:
-            parser = PydanticToolsParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
+            tools = [schema]
+            parser = PydanticToolsParser(tools=tools, first_tool_only=True)  # type: ignore[arg-type]
         else:
             parser = JsonOutputKeyToolsParser(key_name=tool_name, first_tool_only=True)
     elif is_pydantic:
