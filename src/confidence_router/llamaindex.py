@@ -636,7 +636,8 @@ def _tool_choice(choice: str | dict[str, Any] | None, required: bool) -> str | N
     ``tool_choice``: ``None`` (model decides), ``"any"`` (some tool), ``"none"`` (no tools)
     or a tool name."""
     if isinstance(choice, dict):
-        function = choice.get("function") if isinstance(choice.get("function"), dict) else choice
+        inner = choice.get("function")
+        function: dict[str, Any] = inner if isinstance(inner, dict) else choice
         name = function.get("name")
         if not isinstance(name, str) or not name:
             raise RoutingConfigError(f"tool_choice dict names no tool: {choice!r}")

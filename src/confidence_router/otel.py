@@ -127,12 +127,12 @@ class OpenTelemetrySink:
         local_system: str = "ollama",
         cloud_system: str = "aws.bedrock",
     ) -> None:
-        for name, value in (("local_system", local_system), ("cloud_system", cloud_system)):
-            if not isinstance(value, str) or not value:
-                raise RoutingConfigError(f"{name} must be a non-empty string, got {value!r}")
-        for name, value in (("local_model", local_model), ("cloud_model", cloud_model)):
-            if value is not None and not isinstance(value, str):
-                raise RoutingConfigError(f"{name} must be a string or None, got {value!r}")
+        for name, system in (("local_system", local_system), ("cloud_system", cloud_system)):
+            if not isinstance(system, str) or not system:
+                raise RoutingConfigError(f"{name} must be a non-empty string, got {system!r}")
+        for name, model in (("local_model", local_model), ("cloud_model", cloud_model)):
+            if model is not None and not isinstance(model, str):
+                raise RoutingConfigError(f"{name} must be a string or None, got {model!r}")
         version = _version()
         self._tracer = otel_trace.get_tracer(_SCOPE, version, tracer_provider)
         meter = otel_metrics.get_meter(_SCOPE, version, meter_provider)
@@ -198,7 +198,8 @@ class OpenTelemetrySink:
         start_ns = end_ns - int(total * 1e9) if total is not None else end_ns
         decision = str(routing.get("decision") or "unknown")
         models = self._models_of(routing)
-        usage = routing.get("usage") if isinstance(routing.get("usage"), Mapping) else {}
+        raw_usage = routing.get("usage")
+        usage: Mapping[str, Any] = raw_usage if isinstance(raw_usage, Mapping) else {}
         attributes = self._span_attributes(routing, decision, models, latencies, usage)
         span = self._tracer.start_span(
             SPAN_NAME, kind=SpanKind.INTERNAL, start_time=start_ns, attributes=attributes

@@ -119,7 +119,7 @@ def structured_router(
         raise RoutingConfigError(
             f"schema must be a pydantic model class, a TypedDict class or a dict, got {schema!r}"
         )
-    tool_name = _tool_name(schema) if schema is not None else None
+    tool_name = _tool_name(schema) if schema is not None else ""
 
     update = {"local": _bind_tier(router.local, "local", schema, method, strict)}
     if router.cloud is not None:
