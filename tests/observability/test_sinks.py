@@ -54,3 +54,19 @@ def test_as_sink_accepts_none_one_sink_or_a_list():
 def test_as_sink_rejects_non_sinks(value):
     with pytest.raises(RoutingConfigError):
         as_sink(value)
+
+
+# -- needs the router to normalise ``stats=`` with as_sink (see the report) -------------------
+
+
+def test_router_accepts_a_list_of_sinks(ollama_chat, ollama_backend):
+    from confidence_router import ConfidenceRoutedLLM
+
+    ollama_backend.add_answer("France", "Paris", logprobs=-0.05)
+    first, second = RoutingStats(), RoutingStats()
+    router = ConfidenceRoutedLLM(local=ollama_chat(), stats=[first, second])
+    router.invoke("Capital of France?")
+    assert first.snapshot()["calls"] == second.snapshot()["calls"] == 1
+    # Construction errors surface as ValueError (RoutingConfigError, or pydantic's wrapper).
+    with pytest.raises(ValueError, match="stats"):
+        ConfidenceRoutedLLM(local=ollama_chat(), stats="not a sink")
