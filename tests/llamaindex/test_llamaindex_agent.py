@@ -5,6 +5,8 @@ the test bed; ``as_structured_llm`` keeps the routing record."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from llama_index.core.agent.workflow import (
     AgentOutput,
@@ -357,3 +359,25 @@ async def test_async_structured_llm_keeps_the_routing(llm, ollama_backend):
     # Outside a structured call nothing is captured (no leak between calls).
     plain = await llm.achat([ChatMessage(role="user", content="Capital of Italy?")])
     assert "routing" in plain.additional_kwargs
+
+
+def test_streamed_escalated_tool_call_never_shows_local_text(llm, tool, escalated_path):
+    parts = list(llm.stream_chat_with_tools([tool], user_msg=NAIROBI))
+    assert all("maybe rain" not in part.message.content for part in parts)
+    (call,) = llm.get_tool_calls_from_response(parts[-1])
+    assert (call.tool_name, call.tool_kwargs) == ("get_weather", {"city": "Nairobi"})
+    assert parts[-1].additional_kwargs["routing"]["decision"] == "cloud"
+
+
+async def test_concurrent_agents_each_route_their_own_steps(
+    llm, tool, weather, kept_path, escalated_path, ollama_server, bedrock_server
+):
+    agent = FunctionAgent(tools=[tool], llm=llm)
+    runs = await asyncio.gather(*(run_agent(agent, q) for q in [PARIS, NAIROBI] * 3))
+    for question, (final, outputs, _) in zip([PARIS, NAIROBI] * 3, runs):
+        city, decision = ("Paris", "local") if question == PARIS else ("Nairobi", "cloud")
+        assert str(final.response.content) == f"It is sunny in {city}."
+        assert [o.raw["routing"]["decision"] for o in outputs] == [decision, decision]
+    assert sorted(weather.calls) == ["Nairobi"] * 3 + ["Paris"] * 3
+    assert len(ollama_server.requests_to("/api/chat")) == 12
+    assert len(bedrock_server.requests) == 6
