@@ -324,3 +324,19 @@ def test_models_come_from_the_router_without_configuration(
     assert local.attributes["gen_ai.request.model"] == "scripted-local"
     assert cloud.attributes["gen_ai.request.model"] == SONNET
     assert cloud.attributes["confidence_router.local.model"] == "scripted-local"
+
+
+def test_missing_opentelemetry_names_the_extra():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['opentelemetry'] = None  # as if the otel extra were not installed\n"
+        "try:\n"
+        "    from confidence_router import OpenTelemetrySink\n"
+        "except ImportError as error:\n"
+        "    print(error)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'confidence-router[otel]'" in out.stdout
