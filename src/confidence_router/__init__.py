@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     "ConfidenceRoutedLLM": "confidence_router.router",
+    "ChatConfidenceRouter": "confidence_router.router",
     "ConfidenceRoutedLlamaIndexLLM": "confidence_router.llamaindex",
     "KnowledgeStore": "confidence_router.knowledge",
     "SelfAssessmentProbe": "confidence_router.probe",
@@ -40,6 +41,12 @@ _EXPORTS: dict[str, str] = {
     "RetryPolicy": "confidence_router.retry",
     "RollingQuantileThreshold": "confidence_router.calibration",
     "RoutingStats": "confidence_router.stats",
+    "MultiSink": "confidence_router.stats",
+    "StatsSink": "confidence_router.stats",
+    "OpenTelemetrySink": "confidence_router.otel",
+    "routing_run_metadata": "confidence_router.telemetry",
+    "routing_run_tags": "confidence_router.telemetry",
+    "structured_router": "confidence_router.structured",
     "calibrate_threshold": "confidence_router.calibration",
     "RedisCloudBudget": "confidence_router.redis_state",
     "RedisRoutingStats": "confidence_router.redis_state",
@@ -47,8 +54,12 @@ _EXPORTS: dict[str, str] = {
     "ProxyConfig": "confidence_router.proxy",
 }
 
+# LangChain names chat models ``Chat*``: the same class under its LangChain-style name.
+_ALIASES: dict[str, str] = {"ChatConfidenceRouter": "ConfidenceRoutedLLM"}
+
 __all__ = [
     "BudgetExceededError",
+    "ChatConfidenceRouter",
     "CloudBudget",
     "CloudEscalationError",
     "ConfidenceRoutedLLM",
@@ -58,6 +69,8 @@ __all__ = [
     "KnowledgeStore",
     "LocalModelError",
     "LogprobSignals",
+    "MultiSink",
+    "OpenTelemetrySink",
     "PIIGuard",
     "PriceTable",
     "ProxyConfig",
@@ -71,12 +84,16 @@ __all__ = [
     "RoutingPolicy",
     "RoutingStats",
     "SelfAssessmentProbe",
+    "StatsSink",
     "TokenLogprob",
     "__version__",
     "calibrate_threshold",
     "compute_signals",
     "confidence_to_logprob",
     "logprob_to_confidence",
+    "routing_run_metadata",
+    "routing_run_tags",
+    "structured_router",
     "token_logprobs",
 ]
 
@@ -95,6 +112,7 @@ if TYPE_CHECKING:
     from confidence_router.guards import PIIGuard
     from confidence_router.knowledge import KnowledgeStore
     from confidence_router.llamaindex import ConfidenceRoutedLlamaIndexLLM
+    from confidence_router.otel import OpenTelemetrySink
     from confidence_router.policy import Decision, RoutingPolicy
     from confidence_router.probe import SelfAssessmentProbe
     from confidence_router.proxy import ProxyConfig
@@ -105,6 +123,7 @@ if TYPE_CHECKING:
     )
     from confidence_router.retry import RetryPolicy
     from confidence_router.router import ConfidenceRoutedLLM
+    from confidence_router.router import ConfidenceRoutedLLM as ChatConfidenceRouter
     from confidence_router.settings import RouterSettings
     from confidence_router.signals import (
         LogprobSignals,
@@ -112,14 +131,16 @@ if TYPE_CHECKING:
         confidence_to_logprob,
         logprob_to_confidence,
     )
-    from confidence_router.stats import RoutingStats
+    from confidence_router.stats import MultiSink, RoutingStats, StatsSink
+    from confidence_router.structured import structured_router
+    from confidence_router.telemetry import routing_run_metadata, routing_run_tags
 
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'confidence_router' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(module), _ALIASES.get(name, name))
     globals()[name] = value
     return value
 

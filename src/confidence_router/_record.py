@@ -77,6 +77,8 @@ class RoutingTrace:
         self.reservation: Any = None
         self._committed_unknown_usd = 0.0
         self._may_escalate: bool | None = None
+        self.run: tuple[Any, Any] | None = None
+        """``(handlers, run_id)`` of the router's own run, annotated with the decision."""
         self._finished: dict[str, Any] | None = None
         self.record: dict[str, Any] = {
             "decision": "local",
@@ -92,6 +94,7 @@ class RoutingTrace:
             "would_escalate": False,
             "flagged": False,
             "cloud_attempts": 0,
+            "models": {"local": collab.local_model, "cloud": collab.cloud_model},
         }
 
     def timed(self, stage: str, started: float) -> None:
@@ -318,7 +321,20 @@ class RoutingTrace:
         if not self._reserve():
             self.record["retry_stopped"] = "cloud budget exhausted"
             return None
-        return retry.delays()[attempt - 1]
+        delay = retry.delays()[attempt - 1]
+        self.record.setdefault("cloud_retries", []).append(
+            {
+                "attempt": attempt,
+                "kind": classify_error(error).value,
+                "delay_s": delay,
+                "error": f"{type(error).__name__}: {error}",
+            }
+        )
+        logger.info(
+            "confidence_router: cloud attempt %d failed (%s), retrying in %.3g s",
+            attempt, classify_error(error).value, delay,
+        )
+        return delay
 
     def cancelled(self) -> None:
         """The caller went away mid-call (stream closed, task cancelled): the cloud may still
@@ -414,6 +430,13 @@ class RoutingTrace:
                 self.record["cost_usd"] += self._committed_unknown_usd
             self.record["cloud_cost_estimated"] = True
         self._finished = self.record
+        if self.run is not None:
+            try:
+                from confidence_router.telemetry import annotate_run
+
+                annotate_run(self.run[0], self.run[1], self.record)
+            except Exception:
+                logger.exception("confidence_router: annotating the run failed")
         stats = self.collab.stats
         if stats is not None:
             try:

@@ -29,9 +29,11 @@ Do not assign the LangChain router itself to ``Settings.llm``: LlamaIndex then w
 
 from __future__ import annotations
 
+import contextvars
 import json
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import (
     AIMessage,
@@ -59,18 +61,26 @@ from llama_index.core.base.llms.types import (
     ThinkingBlock,
     ToolCallBlock,
 )
-from llama_index.core.llms import LLM
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
+from llama_index.core.llms.structured_llm import StructuredLLM
 from pydantic import Field, model_validator
 
+from confidence_router.errors import RoutingConfigError
 from confidence_router.tier_clients import model_name as _model_name
 from confidence_router.policy import RoutingPolicy
 from confidence_router.router import ConfidenceRoutedLLM
+
+if TYPE_CHECKING:
+    from langchain_core.runnables import Runnable
+    from llama_index.core.tools.types import BaseTool
 
 __all__ = [
     "DEFAULT_CONTEXT_WINDOW",
     "DEFAULT_NUM_OUTPUT",
     "ConfidenceRoutedLlamaIndexLLM",
+    "RoutedStructuredLLM",
     "to_langchain_messages",
     "to_llamaindex_message",
 ]
@@ -90,15 +100,28 @@ _ASSISTANT_ROLES = (MessageRole.ASSISTANT, MessageRole.CHATBOT, MessageRole.MODE
 _TOOL_ROLES = (MessageRole.TOOL, MessageRole.FUNCTION)
 
 
-class ConfidenceRoutedLlamaIndexLLM(LLM):
-    """A LlamaIndex ``LLM`` that answers locally and escalates to the cloud when the local
-    answer's confidence is below the threshold (a :class:`ConfidenceRoutedLLM` underneath).
+# Routing records of the calls made while a RoutedStructuredLLM call runs (see _capture).
+_CAPTURED: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar(
+    "confidence_router_llamaindex_routing", default=None
+)
+
+
+class ConfidenceRoutedLlamaIndexLLM(FunctionCallingLLM):
+    """A LlamaIndex ``FunctionCallingLLM`` that answers locally and escalates to the cloud when
+    the local answer's confidence is below the threshold (a :class:`ConfidenceRoutedLLM`
+    underneath).
 
     Every response carries the routing decision: ``response.raw`` is the LangChain
     ``response_metadata`` of the returned message (including ``"routing"``) and
     ``response.additional_kwargs["routing"]`` is the routing record. Streams buffer the local
     answer until the decision, so an escalated stream contains only cloud text; the decision
     is on the **last** yielded response (its ``delta`` is ``""``).
+
+    Tools go through both tiers (``router.bind_tools``: each tier formats them for its own
+    provider) and the decision is taken on the tool-calling answer, so LlamaIndex agents
+    (``FunctionAgent``, ``AgentWorkflow``) and function-calling programs work; the routing
+    is on every ``AgentOutput.raw["routing"]``. ``as_structured_llm(Model)`` keeps the
+    routing record in the structured response's ``additional_kwargs["routing"]``.
 
     Per-call knobs go in the call's kwargs and are validated before anything is sent
     (:class:`~confidence_router.errors.RoutingConfigError` on a bad value): ``threshold``,
@@ -122,6 +145,10 @@ class ConfidenceRoutedLlamaIndexLLM(LLM):
             part.additional_kwargs["routing"]  # on the last response only
 
             strict = ConfidenceRoutedLlamaIndexLLM(router=router, router_kwargs={"threshold": 0.9})
+
+            from llama_index.core.agent.workflow import FunctionAgent
+            agent = FunctionAgent(tools=[get_weather], llm=llm)
+            result = await agent.run(user_msg="Weather in Paris?")  # result.raw["routing"]
 
     Args / fields:
         router: the LangChain router doing the work.
@@ -189,8 +216,8 @@ class ConfidenceRoutedLlamaIndexLLM(LLM):
             or _local_option(self.router, "num_predict")
             or DEFAULT_NUM_OUTPUT,
             is_chat_model=True,
-            # LlamaIndex tool calling needs a FunctionCallingLLM; not offered here.
-            is_function_calling_model=False,
+            # Tools are bound on both tiers (router.bind_tools).
+            is_function_calling_model=True,
             model_name=(
                 f"confidence-router(local={_model_name(self.router.local)}, "
                 f"cloud={_model_name(cloud) if cloud is not None else 'none'})"
@@ -211,15 +238,15 @@ class ConfidenceRoutedLlamaIndexLLM(LLM):
 
         Example: ``llm.chat([ChatMessage(role="user", content="Hi")]).raw["routing"]``
         """
-        call = self._call_kwargs(kwargs)
-        return _chat_response(self.router.invoke(to_langchain_messages(messages), **call))
+        model, call = self._target(kwargs)
+        return _noted(_chat_response(model.invoke(to_langchain_messages(messages), **call)))
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """Async :meth:`chat` (``router.ainvoke``; does not block the event loop)."""
-        call = self._call_kwargs(kwargs)
-        message = await self.router.ainvoke(to_langchain_messages(messages), **call)
-        return _chat_response(message)
+        model, call = self._target(kwargs)
+        message = await model.ainvoke(to_langchain_messages(messages), **call)
+        return _noted(_chat_response(message))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
@@ -234,14 +261,14 @@ class ConfidenceRoutedLlamaIndexLLM(LLM):
         """
         # Convert and validate now, so bad input raises here and not at the first next().
         lc_messages = to_langchain_messages(messages)
-        call = self._call_kwargs(kwargs)
+        model, call = self._target(kwargs)
 
         def gen() -> ChatResponseGen:
             stream = _Stream()
-            for chunk in self.router.stream(lc_messages, **call):
+            for chunk in model.stream(lc_messages, **call):
                 if stream.add(chunk):
                     yield stream.chat_delta(chunk)
-            yield stream.chat_final()
+            yield _noted(stream.chat_final())
 
         return gen()
 
@@ -251,14 +278,14 @@ class ConfidenceRoutedLlamaIndexLLM(LLM):
     ) -> ChatResponseAsyncGen:
         """Async :meth:`stream_chat` (``router.astream``)."""
         lc_messages = to_langchain_messages(messages)
-        call = self._call_kwargs(kwargs)
+        model, call = self._target(kwargs)
 
         async def gen() -> ChatResponseAsyncGen:
             stream = _Stream()
-            async for chunk in self.router.astream(lc_messages, **call):
+            async for chunk in model.astream(lc_messages, **call):
                 if stream.add(chunk):
                     yield stream.chat_delta(chunk)
-            yield stream.chat_final()
+            yield _noted(stream.chat_final())
 
         return gen()
 
@@ -316,7 +343,107 @@ class ConfidenceRoutedLlamaIndexLLM(LLM):
 
         return gen()
 
+    # -- tools (FunctionCallingLLM) -------------------------------------------------------------
+
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: str | dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The ``chat`` kwargs for a tool-calling turn: the history, the new user message, and
+        the tools (bound on both tiers by :meth:`chat`)."""
+        messages = list(chat_history or [])
+        if isinstance(user_msg, str):
+            user_msg = ChatMessage(role=MessageRole.USER, content=user_msg)
+        if user_msg is not None:
+            messages.append(user_msg)
+        return {
+            "messages": messages,
+            "tools": list(tools),
+            "tool_required": tool_required,
+            "tool_choice": tool_choice,
+            **kwargs,
+        }
+
+    def _validate_chat_with_tools_response(
+        self,
+        response: ChatResponse,
+        tools: Sequence[BaseTool],
+        allow_parallel_tool_calls: bool = False,
+        **kwargs: Any,
+    ) -> ChatResponse:
+        """Keep only the first tool call unless parallel tool calls are allowed."""
+        if allow_parallel_tool_calls:
+            return response
+        calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
+        if len(calls) > 1:
+            response.message.blocks = [
+                b for b in response.message.blocks if not isinstance(b, ToolCallBlock)
+            ] + calls[:1]
+        return response
+
+    def get_tool_calls_from_response(
+        self,
+        response: ChatResponse,
+        error_on_no_tool_call: bool = True,
+        **kwargs: Any,
+    ) -> list[ToolSelection]:
+        """The tool calls of a (possibly escalated) answer, as LlamaIndex ``ToolSelection`` objects.
+
+        Raises:
+            ValueError: no tool call and ``error_on_no_tool_call`` (LlamaIndex's contract).
+        """
+        selections = []
+        for i, block in enumerate(response.message.blocks):
+            if not isinstance(block, ToolCallBlock):
+                continue
+            args = _tool_call(block)["args"]
+            selections.append(
+                ToolSelection(
+                    tool_id=block.tool_call_id or f"call_{i}",
+                    tool_name=block.tool_name,
+                    tool_kwargs=args,
+                )
+            )
+        if not selections and error_on_no_tool_call:
+            raise ValueError("expected at least one tool call in the response, got none")
+        return selections
+
+    def as_structured_llm(self, output_cls: type, **kwargs: Any) -> RoutedStructuredLLM:
+        """A structured LLM (LlamaIndex ``StructuredLLM``) whose responses keep the routing:
+        ``response.raw`` is the ``output_cls`` instance and
+        ``response.additional_kwargs["routing"]`` the routing record of the call.
+
+        Example:
+            .. code-block:: python
+
+                sllm = llm.as_structured_llm(Capital)
+                response = sllm.chat([ChatMessage(role="user", content="Capital of Kenya?")])
+                response.raw, response.additional_kwargs["routing"]["decision"]
+        """
+        return RoutedStructuredLLM(llm=self, output_cls=output_cls, **kwargs)
+
     # -- helpers ------------------------------------------------------------------------------
+
+    def _target(self, kwargs: dict[str, Any]) -> tuple[Runnable[Any, Any], dict[str, Any]]:
+        """The runnable to call (the router, or the router with tools bound on both tiers)
+        and the validated call kwargs."""
+        kwargs = dict(kwargs)
+        tools = kwargs.pop("tools", None)
+        tool_choice = kwargs.pop("tool_choice", None)
+        tool_required = kwargs.pop("tool_required", False)
+        call = self._call_kwargs(kwargs)
+        choice = _tool_choice(tool_choice, tool_required)
+        if not tools or choice == "none":
+            return self.router, call
+        specs = [_openai_tool(tool) for tool in tools]
+        return self.router.bind_tools(specs, tool_choice=choice), call
 
     def _policy(self, kwargs: dict[str, Any]) -> RoutingPolicy:
         """The router's policy with the knobs in ``kwargs`` applied (raises RoutingConfigError).
@@ -502,6 +629,109 @@ class _Stream:
 
     def completion_final(self) -> CompletionResponse:
         return _completion_response(self._total(), delta="")
+
+
+def _tool_choice(choice: str | dict[str, Any] | None, required: bool) -> str | None:
+    """LlamaIndex's ``tool_choice`` / ``tool_required`` as a LangChain ``bind_tools``
+    ``tool_choice``: ``None`` (model decides), ``"any"`` (some tool), ``"none"`` (no tools)
+    or a tool name."""
+    if isinstance(choice, dict):
+        inner = choice.get("function")
+        function: dict[str, Any] = inner if isinstance(inner, dict) else choice
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise RoutingConfigError(f"tool_choice dict names no tool: {choice!r}")
+        return name
+    if choice is None or choice == "auto":
+        return "any" if required else None
+    if not isinstance(choice, str):
+        raise RoutingConfigError(f"tool_choice must be a str, a dict or None, got {choice!r}")
+    if choice in ("required", "any"):
+        return "any"
+    return choice
+
+
+def _openai_tool(tool: Any) -> dict[str, Any]:
+    """A LlamaIndex tool as an OpenAI-format tool spec, which both tiers' ``bind_tools`` take."""
+    metadata = getattr(tool, "metadata", None)
+    if metadata is not None and hasattr(metadata, "to_openai_tool"):
+        return dict(metadata.to_openai_tool())
+    if isinstance(tool, dict):
+        return tool
+    raise TypeError(f"expected a LlamaIndex tool (with .metadata), got {type(tool).__name__}")
+
+
+def _noted(response: ChatResponse) -> ChatResponse:
+    """Hand the response's routing record to an enclosing RoutedStructuredLLM call."""
+    captured = _CAPTURED.get()
+    routing = response.additional_kwargs.get("routing")
+    if captured is not None and routing is not None:
+        captured.append(routing)
+    return response
+
+
+@contextmanager
+def _capture() -> Iterator[list[dict[str, Any]]]:
+    records: list[dict[str, Any]] = []
+    token = _CAPTURED.set(records)
+    try:
+        yield records
+    finally:
+        _CAPTURED.reset(token)
+
+
+def _with_routing(response: ChatResponse, records: list[dict[str, Any]]) -> ChatResponse:
+    if records:
+        # The last routed call produced the answer (earlier ones, if any, were retries).
+        response.additional_kwargs["routing"] = records[-1]
+    return response
+
+
+class RoutedStructuredLLM(StructuredLLM):
+    """LlamaIndex's ``StructuredLLM`` over a :class:`ConfidenceRoutedLlamaIndexLLM`, keeping
+    the routing: ``chat``/``achat``/``complete``/``acomplete`` responses carry
+    ``additional_kwargs["routing"]`` (``raw`` stays the structured object, as in LlamaIndex).
+
+    Build it with ``llm.as_structured_llm(OutputModel)``.
+    """
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "RoutedStructuredLLM"
+
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """Structured chat; ``additional_kwargs["routing"]`` is the call's routing record."""
+        with _capture() as records:
+            response = super().chat(messages, **kwargs)
+        return _with_routing(response, records)
+
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """Async :meth:`chat`."""
+        with _capture() as records:
+            response = await super().achat(messages, **kwargs)
+        return _with_routing(response, records)
+
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        """Structured completion (the prompt as one user message), with the routing."""
+        response = self.chat([ChatMessage(role=MessageRole.USER, content=prompt)], **kwargs)
+        return _structured_completion(response)
+
+    async def acomplete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponse:
+        """Async :meth:`complete`."""
+        response = await self.achat(
+            [ChatMessage(role=MessageRole.USER, content=prompt)], **kwargs
+        )
+        return _structured_completion(response)
+
+
+def _structured_completion(response: ChatResponse) -> CompletionResponse:
+    return CompletionResponse(
+        text=response.message.content or "",
+        raw=response.raw,
+        additional_kwargs=dict(response.additional_kwargs),
+    )
 
 
 def _local_option(router: ConfidenceRoutedLLM, name: str) -> int | None:

@@ -263,6 +263,9 @@ class ConfidenceRoutedLLM(BaseChatModel):
     @model_validator(mode="after")
     def _setup(self) -> ConfidenceRoutedLLM:
         self._base_policy()  # validate the knobs once, at construction
+        from confidence_router.stats import as_sink
+
+        object.__setattr__(self, "stats", as_sink(self.stats))  # a list: every sink is fed
         if self.learn_from_escalations and self.knowledge_store is None:
             raise RoutingConfigError("learn_from_escalations=True needs a knowledge_store")
         object.__setattr__(
@@ -435,6 +438,24 @@ class ConfidenceRoutedLLM(BaseChatModel):
         # Always a RunnableBinding, as LangChain's bind_tools contract expects.
         return self.model_copy(update=update).bind(**kwargs)
 
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type | None = None,
+        *,
+        include_raw: bool = False,
+        method: str = "function_calling",
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, Any]:
+        """Structured output through both tiers, each with its own mechanism for ``method``
+        (``function_calling``, ``json_schema``, ``json_mode``); routing is decided on the raw
+        answer as usual (see :func:`confidence_router.structured.structured_router`).
+
+        Example: ``router.with_structured_output(Capital, method="json_schema").invoke(q)``
+        """
+        from confidence_router.structured import structured_router
+
+        return structured_router(self, schema, method=method, include_raw=include_raw, **kwargs)
+
     # -- policy -------------------------------------------------------------------------------
 
     def _base_policy(self) -> RoutingPolicy:
@@ -470,9 +491,15 @@ class ConfidenceRoutedLLM(BaseChatModel):
         if self.calibrator is not None and "threshold" not in overrides:
             overrides["threshold"] = self.calibrator.threshold
         policy = self._base_policy().with_overrides(overrides)
+        children = _tiers.child_manager(run_manager)
         trace = RoutingTrace(policy, messages, self._collaborators())
-        return _Call(messages, stop if stop is not None else self.stop, trace,
-                     _tiers.child_manager(run_manager), tier_kwargs, streaming)
+        # The router's own run gets the decision as metadata and tags (filterable in LangSmith).
+        if run_manager is not None:
+            trace.run = (run_manager.handlers, run_manager.run_id)
+        elif children is not None:
+            trace.run = (children.handlers, children.parent_run_id)
+        return _Call(messages, stop if stop is not None else self.stop, trace, children,
+                     tier_kwargs, streaming)
 
     def _flow(self, call: _Call) -> Generator[Any, Any, Answer]:
         precheck_query = None

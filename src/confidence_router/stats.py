@@ -24,6 +24,7 @@ is safe from threads and from asyncio code.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections import Counter, deque
@@ -31,8 +32,11 @@ from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from confidence_router.costs import PriceTable, routing_costs
+from confidence_router.errors import RoutingConfigError
 
-__all__ = ["RoutingStats", "StatsSink", "nearest_rank"]
+logger = logging.getLogger("confidence_router")
+
+__all__ = ["MultiSink", "RoutingStats", "StatsSink", "as_sink", "nearest_rank"]
 
 _DECISIONS = ("local", "cloud")
 
@@ -45,6 +49,72 @@ class StatsSink(Protocol):
     def record(self, routing: Mapping[str, Any]) -> None:
         """Consume one finished routing record."""
         ...
+
+
+class MultiSink:
+    """Feed every routing record to several sinks, in order (a :class:`StatsSink` itself).
+
+    A sink that raises is logged (logger ``confidence_router``) and skipped; the others still
+    get the record, so a broken exporter never blinds the in-process counters.
+
+    Example::
+
+        >>> from confidence_router.stats import MultiSink, RoutingStats
+        >>> counts, other = RoutingStats(), RoutingStats()
+        >>> sink = MultiSink(counts, other)   # e.g. RoutingStats() and OpenTelemetrySink()
+        >>> sink.record({"decision": "local", "reason": "confident"})
+        >>> counts.snapshot()["calls"], other.snapshot()["calls"]
+        (1, 1)
+
+    Raises:
+        RoutingConfigError: no sinks, or a sink without a callable ``record`` method.
+    """
+
+    def __init__(self, *sinks: StatsSink) -> None:
+        if not sinks:
+            raise RoutingConfigError("MultiSink needs at least one sink")
+        for i, sink in enumerate(sinks):
+            if not callable(getattr(sink, "record", None)):
+                raise RoutingConfigError(
+                    f"sink {i} ({type(sink).__name__}) has no record(routing) method"
+                )
+        self.sinks: tuple[StatsSink, ...] = tuple(sinks)
+
+    def record(self, routing: Mapping[str, Any]) -> None:
+        """Hand ``routing`` to each sink; a failing sink is logged, the rest still run."""
+        for sink in self.sinks:
+            try:
+                sink.record(routing)
+            except Exception:
+                logger.exception("confidence_router: stats sink %s failed", type(sink).__name__)
+
+    def __repr__(self) -> str:
+        return f"MultiSink({', '.join(type(s).__name__ for s in self.sinks)})"
+
+
+def as_sink(value: Any) -> StatsSink | None:
+    """Normalise a router's ``stats=`` value: ``None``, one sink, or a list/tuple of sinks
+    (wrapped in a :class:`MultiSink`).
+
+    Example: ``as_sink([RoutingStats(), OpenTelemetrySink()])`` -> ``MultiSink(...)``
+
+    Raises:
+        RoutingConfigError: something that is not a sink (no callable ``record``).
+    """
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return value[0] if len(value) == 1 and _is_sink(value[0]) else MultiSink(*value)
+    if not _is_sink(value):
+        raise RoutingConfigError(
+            f"stats must be a sink with a record(routing) method or a list of sinks, "
+            f"got {type(value).__name__}"
+        )
+    return value
+
+
+def _is_sink(value: Any) -> bool:
+    return callable(getattr(value, "record", None))
 
 
 def nearest_rank(sorted_values: list[float], p: float) -> float | None:

@@ -160,7 +160,7 @@ def test_is_a_native_llamaindex_chat_llm(llm):
     assert isinstance(llm, LLM)
     meta = llm.metadata
     assert meta.is_chat_model is True
-    assert meta.is_function_calling_model is False
+    assert meta.is_function_calling_model is True  # tools go through both tiers
     assert meta.model_name == f"confidence-router(local=scripted-local, cloud={CLOUD_MODEL})"
     assert meta.context_window == DEFAULT_CONTEXT_WINDOW
     assert meta.num_output == DEFAULT_NUM_OUTPUT
