@@ -53,7 +53,12 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from confidence_router.calibration import InvalidStateError, read_json_state, write_json_atomic
 from confidence_router.costs import Price
-from confidence_router.errors import BudgetExceededError, ReservationStateError
+from confidence_router.errors import (
+    BudgetExceededError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    ReservationStateError,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -106,16 +111,16 @@ class BudgetLike(Protocol):
 def _usd(value: Any, name: str) -> Fraction:
     """A non-negative finite amount as an exact Fraction of its decimal form."""
     if isinstance(value, bool) or not isinstance(value, (int, float, Fraction)):
-        raise TypeError(f"{name} must be a number of USD, got {value!r}")
+        raise InvalidTypeError(f"{name} must be a number of USD, got {value!r}")
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value!r}")
+            raise InvalidArgumentError(f"{name} must be finite, got {value!r}")
         # repr() is the shortest decimal that round-trips: 0.1 -> "0.1" -> exactly 1/10.
         amount = Fraction(repr(value))
     else:
         amount = Fraction(value)
     if amount < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be >= 0, got {value!r}")
     return amount
 
 
@@ -219,9 +224,9 @@ class CloudBudget:
     ) -> None:
         self._max = _usd(max_usd, "max_usd")
         if isinstance(window_s, bool) or not isinstance(window_s, (int, float)):
-            raise TypeError(f"window_s must be a number of seconds, got {window_s!r}")
+            raise InvalidTypeError(f"window_s must be a number of seconds, got {window_s!r}")
         if not math.isfinite(window_s) or window_s <= 0:
-            raise ValueError(f"window_s must be finite and > 0, got {window_s!r}")
+            raise InvalidArgumentError(f"window_s must be finite and > 0, got {window_s!r}")
         self._window_s = float(window_s)
         self._clock = clock
         self._lock = threading.Lock()
@@ -422,7 +427,7 @@ class CloudBudget:
         wall_clock: Callable[[], float],
     ) -> CloudBudget:
         if not isinstance(state, Mapping):
-            raise TypeError(f"state must be a mapping, got {type(state).__name__}")
+            raise InvalidTypeError(f"state must be a mapping, got {type(state).__name__}")
         if state.get("kind") != _KIND:
             raise InvalidStateError(f"not a CloudBudget state: kind={state.get('kind')!r}")
         if state.get("version") != _VERSION:
@@ -432,10 +437,10 @@ class CloudBudget:
             )
         missing = [k for k in ("max_usd", "window_s", "saved_at_unix", "entries") if k not in state]
         if missing:
-            raise ValueError(f"missing keys {missing}")
+            raise InvalidArgumentError(f"missing keys {missing}")
         saved_max = state["max_usd"]
         if not isinstance(saved_max, str):
-            raise TypeError(f"'max_usd' must be a fraction string, got {saved_max!r}")
+            raise InvalidTypeError(f"'max_usd' must be a fraction string, got {saved_max!r}")
         saved = Fraction(saved_max)
         budget = cls(
             float(saved) if max_usd is None else max_usd,
@@ -446,22 +451,22 @@ class CloudBudget:
             budget._max = _usd(saved, "'max_usd'")  # keep the saved cap exact
         saved_at = state["saved_at_unix"]
         if isinstance(saved_at, bool) or not isinstance(saved_at, (int, float)):
-            raise TypeError(f"'saved_at_unix' must be a number, got {saved_at!r}")
+            raise InvalidTypeError(f"'saved_at_unix' must be a number, got {saved_at!r}")
         entries = state["entries"]
         if not isinstance(entries, list):
-            raise TypeError(f"'entries' must be a list, got {type(entries).__name__}")
+            raise InvalidTypeError(f"'entries' must be a list, got {type(entries).__name__}")
         elapsed = max(0.0, wall_clock() - saved_at)
         now = clock()
         parsed: list[tuple[float, Fraction]] = []
         for entry in entries:
             if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str)):
-                raise ValueError(f"an entry must be [age_s, 'fraction'], got {entry!r}")
+                raise InvalidArgumentError(f"an entry must be [age_s, 'fraction'], got {entry!r}")
             age = entry[0]
             if isinstance(age, bool) or not isinstance(age, (int, float)) or not age >= 0:
-                raise ValueError(f"an entry age must be a number >= 0, got {age!r}")
+                raise InvalidArgumentError(f"an entry age must be a number >= 0, got {age!r}")
             amount = Fraction(entry[1])
             if amount < 0:
-                raise ValueError(f"an entry amount must be >= 0, got {entry[1]!r}")
+                raise InvalidArgumentError(f"an entry amount must be >= 0, got {entry[1]!r}")
             age_now = age + elapsed
             if age_now < budget._window_s:
                 parsed.append((now - age_now, amount))
@@ -522,21 +527,21 @@ def estimate_tokens(
         (3, 2, 4)
     """
     if isinstance(chars_per_token, bool) or not isinstance(chars_per_token, (int, float)):
-        raise TypeError(f"chars_per_token must be a number, got {chars_per_token!r}")
+        raise InvalidTypeError(f"chars_per_token must be a number, got {chars_per_token!r}")
     if not math.isfinite(chars_per_token) or chars_per_token <= 0:
-        raise ValueError(f"chars_per_token must be finite and > 0, got {chars_per_token!r}")
+        raise InvalidArgumentError(f"chars_per_token must be finite and > 0, got {chars_per_token!r}")
     if isinstance(text, bool):
-        raise TypeError("text must be a string, strings or a character count, not a bool")
+        raise InvalidTypeError("text must be a string, strings or a character count, not a bool")
     if isinstance(text, int):
         if text < 0:
-            raise ValueError(f"a character count must be >= 0, got {text!r}")
+            raise InvalidArgumentError(f"a character count must be >= 0, got {text!r}")
         chars = text
     elif isinstance(text, str):
         chars = len(text)
     elif isinstance(text, Sequence) and all(isinstance(t, str) for t in text):
         chars = sum(len(t) for t in text)
     else:
-        raise TypeError(f"text must be a string, strings or a character count, got {text!r}")
+        raise InvalidTypeError(f"text must be a string, strings or a character count, got {text!r}")
     return math.ceil(chars / chars_per_token)
 
 
@@ -559,11 +564,11 @@ def estimate_escalation_cost(
         0.01068
     """
     if isinstance(max_output_tokens, bool) or not isinstance(max_output_tokens, int):
-        raise TypeError(f"max_output_tokens must be an int, got {max_output_tokens!r}")
+        raise InvalidTypeError(f"max_output_tokens must be an int, got {max_output_tokens!r}")
     if max_output_tokens < 0:
-        raise ValueError(f"max_output_tokens must be >= 0, got {max_output_tokens!r}")
+        raise InvalidArgumentError(f"max_output_tokens must be >= 0, got {max_output_tokens!r}")
     if not isinstance(price, Price):
-        raise TypeError(f"price must be a Price, got {price!r} (unknown model? see PriceTable)")
+        raise InvalidTypeError(f"price must be a Price, got {price!r} (unknown model? see PriceTable)")
     return price.cost(estimate_tokens(prompt, chars_per_token), max_output_tokens)
 
 

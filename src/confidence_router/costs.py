@@ -30,6 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from confidence_router.errors import InvalidArgumentError, InvalidTypeError
+
 __all__ = [
     "DEFAULT_PRICES",
     "PRICES_AS_OF",
@@ -76,9 +78,9 @@ class Price:
         for name in ("input_per_mtok", "output_per_mtok"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"Price.{name} must be a number, got {value!r}")
+                raise InvalidTypeError(f"Price.{name} must be a number, got {value!r}")
             if not math.isfinite(value) or value < 0:
-                raise ValueError(f"Price.{name} must be finite and >= 0, got {value!r}")
+                raise InvalidArgumentError(f"Price.{name} must be finite and >= 0, got {value!r}")
 
     def cost(self, input_tokens: int, output_tokens: int) -> float:
         """Cost in USD of ``input_tokens`` in and ``output_tokens`` out."""
@@ -141,14 +143,14 @@ def _as_price(value: Any, model: str) -> Price:
     if isinstance(value, Mapping):
         unknown = set(value) - {"input_per_mtok", "output_per_mtok", "source", "verified"}
         if unknown:
-            raise ValueError(f"price of {model!r}: unknown keys {sorted(unknown)}")
+            raise InvalidArgumentError(f"price of {model!r}: unknown keys {sorted(unknown)}")
         try:
             return Price(**value)
         except TypeError as error:
-            raise ValueError(f"price of {model!r}: {error}") from None
+            raise InvalidArgumentError(f"price of {model!r}: {error}") from None
     if isinstance(value, (tuple, list)) and len(value) == 2:
         return Price(value[0], value[1])
-    raise TypeError(
+    raise InvalidTypeError(
         f"price of {model!r} must be a Price, (input_per_mtok, output_per_mtok) or a mapping "
         f"with those keys; got {value!r}"
     )
@@ -234,7 +236,7 @@ class PriceTable:
         table: dict[str, Price] = dict(DEFAULT_PRICES) if include_defaults else {}
         for model, value in (prices or {}).items():
             if not isinstance(model, str) or not normalize_model_id(model):
-                raise ValueError(f"model ids must be non-empty strings, got {model!r}")
+                raise InvalidArgumentError(f"model ids must be non-empty strings, got {model!r}")
             table[normalize_model_id(model)] = _as_price(value, model)
         self._prices = table
         self._as_of = as_of
@@ -286,7 +288,7 @@ class PriceTable:
         """
         unknown = set(data) - {"models", "as_of", "local", "include_defaults"}
         if unknown:
-            raise ValueError(f"unknown price-table keys {sorted(unknown)}")
+            raise InvalidArgumentError(f"unknown price-table keys {sorted(unknown)}")
         return cls(
             data.get("models", {}),
             as_of=data.get("as_of", PRICES_AS_OF),

@@ -23,6 +23,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from confidence_router.errors import InvalidArgumentError
+
 # Unicode-aware (``\w`` matches any letter): internationalised addresses such as
 # ``josé@exemplo.com.br`` or ``用户@例子.公司`` are emails too.
 _EMAIL = re.compile(r"[\w.%+'-]+@(?:[\w-]+\.)+[\w-]{2,}")
@@ -161,7 +163,7 @@ class PIIGuard:
     ) -> None:
         unknown = set(kinds) - set(self.KINDS)
         if unknown:
-            raise ValueError(f"unknown PII kinds {sorted(unknown)}; known: {list(self.KINDS)}")
+            raise InvalidArgumentError(f"unknown PII kinds {sorted(unknown)}; known: {list(self.KINDS)}")
         self.kinds = tuple(kinds)
         self.extra = {name: re.compile(p) if isinstance(p, str) else p
                       for name, p in (extra or {}).items()}

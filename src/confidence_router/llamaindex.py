@@ -68,9 +68,9 @@ from llama_index.core.llms.structured_llm import StructuredLLM
 from pydantic import Field, model_validator
 
 from confidence_router.errors import RoutingConfigError
-from confidence_router.tier_clients import model_name as _model_name
 from confidence_router.policy import RoutingPolicy
 from confidence_router.router import ConfidenceRoutedLLM
+from confidence_router.tier_clients import model_name as _model_name
 
 if TYPE_CHECKING:
     from langchain_core.runnables import Runnable

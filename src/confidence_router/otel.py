@@ -54,7 +54,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         "confidence_router.otel needs OpenTelemetry: pip install 'confidence-router[otel]'"
     ) from error
 
-from confidence_router.errors import RoutingConfigError
+from confidence_router.errors import InvalidTypeError, RoutingConfigError
 
 __all__ = ["SPAN_NAME", "OpenTelemetrySink"]
 
@@ -190,7 +190,7 @@ class OpenTelemetrySink:
             TypeError: ``routing`` is not a mapping.
         """
         if not isinstance(routing, Mapping):
-            raise TypeError(f"routing must be a mapping, got {type(routing).__name__}")
+            raise InvalidTypeError(f"routing must be a mapping, got {type(routing).__name__}")
         end_ns = time.time_ns()
         latencies = routing.get("latency_s")
         latencies = latencies if isinstance(latencies, Mapping) else {}

@@ -45,7 +45,12 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from confidence_router.budget import ReservationStateError, _usd
-from confidence_router.errors import BudgetExceededError, RoutingConfigError
+from confidence_router.errors import (
+    BudgetExceededError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    RoutingConfigError,
+)
 from confidence_router.stats import RoutingStats, nearest_rank
 
 if TYPE_CHECKING:
@@ -282,9 +287,9 @@ class RedisCloudBudget:
         self._max_nano = math.floor(self._max * _NANO)
         for label, value in (("window_s", window_s), ("lease_s", lease_s)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{label} must be a number of seconds, got {value!r}")
+                raise InvalidTypeError(f"{label} must be a number of seconds, got {value!r}")
             if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{label} must be finite and > 0, got {value!r}")
+                raise InvalidArgumentError(f"{label} must be finite and > 0, got {value!r}")
         self._window_s = float(window_s)
         self._window_us = round(self._window_s * 1e6)
         self._lease_us = round(float(lease_s) * 1e6)
@@ -711,11 +716,11 @@ class RedisRollingQuantileThreshold:
         """
         if score is not None:
             if isinstance(score, bool) or not isinstance(score, (int, float)):
-                raise ValueError(f"score must be a number or None, got {score!r}")
+                raise InvalidArgumentError(f"score must be a number or None, got {score!r}")
             if not math.isfinite(score):
-                raise ValueError(f"score must be finite, got {score!r}")
+                raise InvalidArgumentError(f"score must be finite, got {score!r}")
         if escalated is not None and not isinstance(escalated, bool):
-            raise ValueError(f"escalated must be a bool or None, got {escalated!r}")
+            raise InvalidArgumentError(f"escalated must be a bool or None, got {escalated!r}")
         flag = "" if escalated is None else ("1" if escalated else "0")
         self._observe(keys=self._keys,
                       args=self._args("" if score is None else repr(float(score)), flag))

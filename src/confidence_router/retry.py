@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar
 
+from confidence_router.errors import InvalidArgumentError, InvalidTypeError
+
 __all__ = [
     "PAPER_BEDROCK_RETRY",
     "REFUSAL_STOP_REASONS",
@@ -372,15 +374,15 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
-            raise TypeError(f"max_attempts must be an int >= 1, got {self.max_attempts!r}")
+            raise InvalidTypeError(f"max_attempts must be an int >= 1, got {self.max_attempts!r}")
         if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts!r}")
+            raise InvalidArgumentError(f"max_attempts must be >= 1, got {self.max_attempts!r}")
         for name in ("base_delay", "max_delay"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+                raise InvalidTypeError(f"{name} must be a number of seconds, got {value!r}")
             if not 0 <= value < float("inf"):
-                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+                raise InvalidArgumentError(f"{name} must be finite and >= 0, got {value!r}")
         object.__setattr__(self, "retry_on", frozenset(ErrorKind(k) for k in self.retry_on))
 
     def delays(self) -> list[float]:

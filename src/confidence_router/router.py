@@ -54,7 +54,12 @@ from confidence_router._flow import (
 )
 from confidence_router._record import Collaborators, RoutingTrace
 from confidence_router._tiers import STREAM_CHILDREN, ChildManager
-from confidence_router.errors import InvalidInputError, RoutingConfigError, TierTimeoutError
+from confidence_router.errors import (
+    InvalidArgumentError,
+    InvalidInputError,
+    RoutingConfigError,
+    TierTimeoutError,
+)
 from confidence_router.extraction import token_logprobs
 from confidence_router.policy import DEFAULT_POLICY, RoutingPolicy, unknown_names_message
 from confidence_router.retry import ErrorKind, RetryPolicy
@@ -241,9 +246,9 @@ class ConfidenceRoutedLLM(BaseChatModel):
     @field_validator("local_timeout", "cloud_timeout", mode="before")
     @classmethod
     def _finite_timeout(cls, value: Any) -> Any:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"must be a finite number of seconds > 0, got {value!r}")
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if is_number and (not math.isfinite(value) or value <= 0):
+            raise InvalidArgumentError(f"must be a finite number of seconds > 0, got {value!r}")
         return value
 
     def __init__(self, **kwargs: Any) -> None:

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from confidence_router.costs import PriceTable, routing_costs
-from confidence_router.errors import RoutingConfigError
+from confidence_router.errors import InvalidArgumentError, InvalidTypeError, RoutingConfigError
 
 logger = logging.getLogger("confidence_router")
 
@@ -219,14 +219,14 @@ class RoutingStats:
     ) -> None:
         if target_rate is not None:
             if isinstance(target_rate, bool) or not isinstance(target_rate, (int, float)):
-                raise TypeError(f"target_rate must be a number or None, got {target_rate!r}")
+                raise InvalidTypeError(f"target_rate must be a number or None, got {target_rate!r}")
             if not 0.0 <= target_rate <= 1.0:
-                raise ValueError(f"target_rate must be in [0, 1], got {target_rate!r}")
+                raise InvalidArgumentError(f"target_rate must be in [0, 1], got {target_rate!r}")
         for name, value in (("window", window), ("latency_window", latency_window)):
             if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int >= 1, got {value!r}")
+                raise InvalidTypeError(f"{name} must be an int >= 1, got {value!r}")
             if value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+                raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
         self._target = None if target_rate is None else float(target_rate)
         self._window = window
         self._latency_window = latency_window
@@ -273,7 +273,7 @@ class RoutingStats:
             TypeError: ``routing`` is not a mapping.
         """
         if not isinstance(routing, Mapping):
-            raise TypeError(f"routing must be a mapping, got {type(routing).__name__}")
+            raise InvalidTypeError(f"routing must be a mapping, got {type(routing).__name__}")
         if (
             self._prices is not None
             and self._cloud_model is not None

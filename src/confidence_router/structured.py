@@ -58,8 +58,8 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from typing_extensions import is_typeddict
 
-from confidence_router.tier_clients import unwrap
 from confidence_router.errors import RoutingConfigError
+from confidence_router.tier_clients import unwrap
 
 if TYPE_CHECKING:
     from confidence_router.router import ConfidenceRoutedLLM

@@ -31,6 +31,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from uuid import UUID
 
+from confidence_router.errors import InvalidTypeError
+
 __all__ = ["METADATA_PREFIX", "annotate_run", "routing_run_metadata", "routing_run_tags"]
 
 #: Prefix of every metadata key this module writes (one namespace, easy to filter on).
@@ -80,7 +82,7 @@ def routing_run_metadata(record: Mapping[str, Any]) -> dict[str, Any]:
         TypeError: ``record`` is not a mapping.
     """
     if not isinstance(record, Mapping):
-        raise TypeError(f"record must be a mapping, got {type(record).__name__}")
+        raise InvalidTypeError(f"record must be a mapping, got {type(record).__name__}")
     metadata: dict[str, Any] = {}
     for key, suffix in _SCALARS.items():
         value = record.get(key)
@@ -105,7 +107,7 @@ def routing_run_tags(record: Mapping[str, Any]) -> list[str]:
         TypeError: ``record`` is not a mapping.
     """
     if not isinstance(record, Mapping):
-        raise TypeError(f"record must be a mapping, got {type(record).__name__}")
+        raise InvalidTypeError(f"record must be a mapping, got {type(record).__name__}")
     tags = [f"routing:{record.get('decision') or 'unknown'}"]
     if record.get("reason"):
         tags.append(f"routing:reason={record['reason']}")

@@ -198,7 +198,7 @@ class _WireGuard:
         strings, unreadable = json_strings(payload)
         try:
             verdict = self.check(strings, unreadable)
-        except Exception as error:  # noqa: BLE001 - a broken guard fails closed (privacy)
+        except Exception as error:
             raise EscalationBlockedError(
                 f"guard failed ({type(error).__name__}: {error})"
             ) from error

@@ -86,9 +86,6 @@ class _QuietThreadingHTTPServer(ThreadingHTTPServer):
     """Daemon-threaded server that tracks open connections and keeps disconnects quiet."""
 
     daemon_threads = True
-    # socketserver's default listen backlog is 5: a burst of concurrent new connections (a
-    # proxy with several workers, 32 clients) would overflow it and get connections reset.
-    request_queue_size = 256
     # Handler threads must never keep the interpreter alive, and stop() must not wait for a
     # handler that is sleeping through injected latency.
     block_on_close = False
