@@ -194,7 +194,8 @@ def test_demo_table_on_the_test_bed_without_a_cloud(ollama_server, ollama_backen
     assert lines[-2] == "2/3 kept local (2 of them correct), 1 would escalate."
     assert lines[-1].startswith("Try: a stricter --threshold 0.90 would keep 1 of 3 local")
     # Exactly one request per question reached the scripted model (no retries, no probes).
-    assert len(ollama_server.requests) == 3
+    assert [r["path"] for r in ollama_server.requests if r["method"] == "POST"] == [
+        "/api/chat"] * 3
 
 
 def test_demo_with_the_fake_bedrock_escalates(ollama_server, ollama_backend, bedrock_server):
