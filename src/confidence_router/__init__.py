@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "LocalModelError": "confidence_router.errors",
     "CloudEscalationError": "confidence_router.errors",
     "BudgetExceededError": "confidence_router.errors",
+    "MissingExtraError": "confidence_router._extras",
     "CloudBudget": "confidence_router.budget",
     "PIIGuard": "confidence_router.guards",
     "PriceTable": "confidence_router.costs",
@@ -53,6 +54,7 @@ __all__ = [
     "KnowledgeStore",
     "LocalModelError",
     "LogprobSignals",
+    "MissingExtraError",
     "PIIGuard",
     "PriceTable",
     "RetryPolicy",
@@ -73,6 +75,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     __version__: str
+    from confidence_router._extras import MissingExtraError
     from confidence_router.budget import CloudBudget
     from confidence_router.calibration import RollingQuantileThreshold, calibrate_threshold
     from confidence_router.costs import PriceTable
