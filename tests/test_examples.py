@@ -76,8 +76,8 @@ OFFLINE_EXPECTED = {
     "per_call_threshold.py": [r"^invoke threshold=0\.5: local \(confidence 0\.9\d+\)$",
                               r"^invoke threshold=0\.99: would escalate \(confidence 0\.\d+\)$",
                               r"^bound 0\.95: would escalate$"],
-    "routing_decision.py": [r"^  decision:  local \(confident\), confidence 0\.9\d+ vs "
-                            r"threshold 0\.7$"],
+    "routing_decision.py": [(r"^  decision:  local \(confident\), confidence 0\.9\d+ vs "
+                             r"threshold 0\.7$")],
     "lcel_chain.py": [r"^What is the capital of France\? -> .*Paris"],
     "rag_chain.py": [r"\S"],
     "llamaindex_query_engine.py": [r"^query: +\S", r"^  \[routing: (local|would escalate) "],
@@ -129,7 +129,7 @@ def test_example_runs_offline_the_documented_way(example, offline_env):
     assert "cloud: no AWS credentials found; escalations are reported as 'would escalate'" in (
         result.stderr)
     assert "using the embedded default (gemma3:270m" in result.stderr
-    assert not re.search(r"^(llama|ggml)_", result.stderr, re.M)  # llama.cpp's log stays hidden
+    assert not re.search(r"^(llama|ggml)_", result.stderr, re.MULTILINE)  # llama.cpp's log stays hidden
     assert not re.search(r"\bcloud\b", result.stdout)  # there is none: never "cloud"
     for pattern in OFFLINE_EXPECTED[example.name]:
-        assert re.search(pattern, result.stdout, re.M), (pattern, result.stdout)
+        assert re.search(pattern, result.stdout, re.MULTILINE), (pattern, result.stdout)

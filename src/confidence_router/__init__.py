@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     "ConfidenceRoutedLLM": "confidence_router.router",

@@ -28,7 +28,8 @@ def _cli(*args: str, env: dict[str, str] | None = None,
     return subprocess.run(
         [sys.executable, "-c", "from confidence_router.cli import main; raise SystemExit(main())",
          *args],
-        capture_output=True, text=True, timeout=timeout, env=env or dict(os.environ),
+        check=False, capture_output=True, text=True, timeout=timeout,
+        env=env or dict(os.environ),
     )
 
 
@@ -54,7 +55,7 @@ def test_help_lists_every_command_with_its_one_line_summary() -> None:
         assert "\n" not in summary and summary.strip() == summary and summary
         # argparse may wrap a long summary: compare with whitespace collapsed.
         listed = re.search(rf"^\s+{re.escape(name)}\s+(.+?)(?=^\s{{4}}\S|\Z)", text,
-                           re.M | re.S)
+                           re.MULTILINE | re.DOTALL)
         assert listed is not None, (name, text)
         assert " ".join(listed.group(1).split()) == summary
     assert "``" not in text and ":func:" not in text and "::" not in text  # no reST markup
@@ -182,7 +183,7 @@ def test_demo_table_on_the_test_bed_without_a_cloud(ollama_server, ollama_backen
     assert [r.decision for r in rows] == ["local", "local", "local"]
     assert [r.would_escalate for r in rows] == [False, False, True]
     assert "cloud: no AWS credentials found" in text
-    table = re.split(r"^-+$", text, flags=re.M)[1]
+    table = re.split(r"^-+$", text, flags=re.MULTILINE)[1]
     assert "would escalate" in table
     assert re.search(r"\blocal\b.*What is the capital of France\?", table)
     # The long question is cut between two words, with the cut marked.

@@ -45,7 +45,7 @@ def test_every_extra_is_declared_in_pyproject() -> None:
 
     pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     declared = set(re.findall(r"^([a-z]+) = \[", pyproject.split(
-        "[project.optional-dependencies]")[1].split("\n[")[0], re.M))
+        "[project.optional-dependencies]")[1].split("\n[")[0], re.MULTILINE))
     assert set(EXTRAS) <= declared
     assert {"all", "dev", "knowledge"} <= declared
     assert install_command("eval") == 'pip install "confidence-router[eval]"'

@@ -40,7 +40,7 @@ def test_demo_offline_shows_table_and_guidance_and_no_llama_cpp_log(tmp_path: Pa
         [sys.executable, "-c",
          "from confidence_router.cli import main; raise SystemExit(main())",
          "demo", "--no-progress"],
-        capture_output=True, text=True, timeout=600, env=env,
+        check=False, capture_output=True, text=True, timeout=600, env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # Nothing on stderr: in particular not llama.cpp's "llama_kv_cache_iswa: ..." line.
@@ -49,7 +49,7 @@ def test_demo_offline_shows_table_and_guidance_and_no_llama_cpp_log(tmp_path: Pa
     assert "llama_" not in out and "ggml" not in out
     assert "cloud: no AWS credentials found" in out
     assert "using the embedded default (gemma3:270m" in out
-    table = re.split(r"^-+$", out, flags=re.M)[1]
+    table = re.split(r"^-+$", out, flags=re.MULTILINE)[1]
     rows = [line for line in table.splitlines() if re.match(r"^\s+(\d\.\d{3}|unknown)\s", line)]
     assert len(rows) == 12
     assert all(re.match(r"^\s+\S+\s+(local|would escalate)\s", row) for row in rows)
