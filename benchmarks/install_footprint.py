@@ -3,7 +3,7 @@
 For each install (no extras, then each extra) it creates a fresh virtual environment, installs
 this checkout into it (not editable, as a user would from PyPI) and counts what landed: the
 distributions pip lists (without pip itself) and the bytes of ``site-packages``. pip's cache
-makes repeated runs fast; the first ``embedded`` install compiles llama.cpp (~5-10 min).
+makes repeated runs fast; the first ``embedded`` install compiles llama.cpp (about 10 min on 2 cores).
 
     python benchmarks/install_footprint.py                    # every extra, a Markdown table
     python benchmarks/install_footprint.py --extras "" gsa    # only the core and [gsa]

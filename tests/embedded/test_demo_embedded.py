@@ -60,3 +60,21 @@ def test_demo_offline_shows_table_and_guidance_and_no_llama_cpp_log(tmp_path: Pa
         r"Try: a stricter --threshold 0\.90 would keep \d+ of 12 local \(\d+ correct\)\. "
         r"To route for real, add AWS credentials for Bedrock \(and your Ollama model\): "
         r"README, 'Pointing it at real Ollama and Bedrock'\.", guidance)
+
+
+def test_llama_cpp_log_lines_go_to_the_logger_not_stderr(caplog, capfd) -> None:
+    import logging
+
+    from confidence_router.embedded import load_embedded_backend
+
+    with caplog.at_level(logging.DEBUG, logger="confidence_router.llama_cpp"):
+        backend = load_embedded_backend()
+        backend.close()
+    records = [r for r in caplog.records if r.name == "confidence_router.llama_cpp"]
+    messages = [r.getMessage() for r in records]
+    assert any(m.startswith("llama_context:") for m in messages)
+    # The warning llama-cpp-python 0.3.x would print is kept, at DEBUG, without its newline.
+    assert any("using full-size SWA cache" in m for m in messages)
+    assert {r.levelno for r in records} == {logging.DEBUG}
+    assert not any(m.endswith("\n") for m in messages)
+    assert "llama_" not in capfd.readouterr().err

@@ -1,7 +1,7 @@
 """A real local model behind the Ollama-compatible server: llama.cpp with per-token logprobs.
 
 :class:`LlamaCppBackend` implements :class:`~confidence_router.serving.protocol.ChatBackend`
-on top of ``llama-cpp-python`` (pinned to 0.3.36, the ``embedded`` extra). It is meant for the
+on top of ``llama-cpp-python`` (0.3.x from 0.3.36, the ``embedded`` extra). It is meant for the
 embedded default model, Google Gemma 3 270M **base** (Q4_K_M GGUF), but loads any GGUF.
 
 Usage::
@@ -259,8 +259,9 @@ def last_logits(llm: Llama) -> np.ndarray:
     ``Llama._ctx.get_logits_ith(-1)``). The high-level alternatives are unusable here:
     ``Llama.scores`` is only filled when the model is loaded with ``logits_all=True`` (which
     costs n_ctx x n_vocab x 4 bytes and seconds per answer); with ``logits_all=False`` it holds
-    zeros and gives uniform logprobs (-12.477). Verified against llama-cpp-python 0.3.36 (pinned
-    in the ``embedded`` extra); ``tests/embedded/test_llamacpp_backend.py`` checks it.
+    zeros and gives uniform logprobs (-12.477). Verified against llama-cpp-python 0.3.36 (the
+    ``embedded`` extra allows ``>=0.3.36,<0.4``); ``tests/embedded/test_llamacpp_backend.py``
+    checks it on whatever version is installed.
 
     The view is only valid until the next ``eval()``: copy it (``log_softmax`` does) before
     evaluating another token.
