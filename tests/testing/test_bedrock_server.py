@@ -707,3 +707,18 @@ def test_converse_and_invoke_share_rules_and_the_request_log(
     assert invoke_cloud.invoke("shared rule").content == "same answer"
     assert rule.exhausted
     assert [r["operation"] for r in bedrock_server.requests] == ["converse", "invoke"]
+
+
+def test_bedrock_invoke_chat_fixture_has_no_retries_and_streams(
+    bedrock_server: FakeBedrockServer, bedrock_invoke_chat: Any
+) -> None:
+    llm = bedrock_invoke_chat()
+    assert isinstance(llm, ChatBedrock) and not llm.beta_use_converse_api
+    throttle = bedrock_server.fail(None, "ThrottlingException", times=1)
+    with pytest.raises(botocore.exceptions.ClientError):
+        llm.invoke("x")
+    assert throttle.calls == 1 and len(bedrock_server.requests) == 1  # botocore did not retry
+    bedrock_server.add_answer(None, "a b")
+    assert "".join(c.text for c in llm.stream("x")) == "a b"
+    assert bedrock_server.requests[-1]["operation"] == "invoke-with-response-stream"
+    assert bedrock_server.requests[-1]["model_id"] == "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
