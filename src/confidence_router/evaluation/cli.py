@@ -449,7 +449,8 @@ def _all_args(parser: argparse.ArgumentParser) -> None:
          "regenerate the committed report of the embedded model from scratch (about an hour)")
 def _eval_all(args: argparse.Namespace) -> int:
     require_extra("eval", "confidence-router eval-all")
-    require_extra("gsa", "confidence-router eval-all (GSA v3 knowledge store)")
+    if not getattr(args, "no_gsa", False):
+        require_extra("gsa", "confidence-router eval-all (GSA v3 knowledge store)")
     db = Path(args.db or Path(args.out_dir) / f"{args.name}.sqlite")
     if args.fresh:
         for suffix in ("", "-wal", "-shm"):
