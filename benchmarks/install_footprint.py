@@ -103,12 +103,13 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(measure(extra, Path(tmp)))
             print(f"measured {rows[-1]['install']}", file=sys.stderr)
     core = next((r for r in rows if r["install"] == "pip install confidence-router"), None)
-    print("| install | packages | venv size (MB) | vs core (packages / size) |")
-    print("|---|---:|---:|---:|")
+    print("| install | packages | venv size (MB) | vs core (packages / size) | install time (s) |")
+    print("|---|---:|---:|---:|---:|")
     for row in rows:
         ratio = (f"{row['packages'] / core['packages']:.2f}x / {row['bytes'] / core['bytes']:.2f}x"
                  if core else "n/a")
-        print(f"| `{row['install']}` | {row['packages']} | {row['bytes'] / 1e6:.0f} | {ratio} |")
+        print(f"| `{row['install']}` | {row['packages']} | {row['bytes'] / 1e6:.0f} | {ratio} | "
+              f"{row['seconds']:.0f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0
