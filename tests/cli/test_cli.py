@@ -9,7 +9,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -77,15 +76,20 @@ def test_serve_on_a_busy_port_prints_one_line_and_loads_nothing() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        started = time.perf_counter()
-        result = _cli("serve", "--port", str(port))
-        elapsed = time.perf_counter() - started
+        result = subprocess.run(
+            [sys.executable, "-c",
+             ("import sys\n"
+             "from confidence_router.cli import main\n"
+             f"code = main(['serve', '--port', '{port}'])\n"
+             "print('llama_cpp imported:', 'llama_cpp' in sys.modules)\n"
+             "raise SystemExit(code)")],
+            check=False, capture_output=True, text=True, timeout=120,
+        )
     assert result.returncode == 2
-    assert result.stdout == ""
+    assert result.stdout.strip() == "llama_cpp imported: False"  # the model never started loading
     (line,) = result.stderr.strip().splitlines()
     assert line == (f"confidence-router serve: error: port {port} on 127.0.0.1 is already in "
                     "use (another server?); choose another with --port, or --port 0 for a free one")
-    assert elapsed < 30  # generous for a loaded CI box; a model load would come on top
 
 
 @pytest.mark.parametrize("port", ["70000", "-1"])
