@@ -14,7 +14,7 @@ from confidence_router.demo import available_backends
 
 def main() -> None:
     with available_backends() as backends:  # ChatOllama local, ChatBedrockConverse cloud
-        router = backends.settings.build()
+        router = backends.router()
         prompt = ChatPromptTemplate.from_messages(
             [("system", "Answer in a few words."), ("human", "{question}")]
         )

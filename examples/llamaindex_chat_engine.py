@@ -14,7 +14,7 @@ from confidence_router.llamaindex import LangChainEmbeddingAdapter
 
 def main() -> None:
     with available_backends() as backends:
-        llm = ConfidenceRoutedLlamaIndexLLM(router=backends.settings.build())
+        llm = ConfidenceRoutedLlamaIndexLLM(router=backends.router())
         Settings.llm = llm
         Settings.embed_model = LangChainEmbeddingAdapter(embeddings=OllamaEmbeddings(
             model=backends.embed_model, base_url=backends.settings.ollama_host,

@@ -29,7 +29,7 @@ class RoutingPrinter(BaseEventHandler):
 
 def main() -> None:
     with available_backends() as backends:
-        Settings.llm = ConfidenceRoutedLlamaIndexLLM(router=backends.settings.build())
+        Settings.llm = ConfidenceRoutedLlamaIndexLLM(router=backends.router())
         Settings.embed_model = LangChainEmbeddingAdapter(embeddings=OllamaEmbeddings(
             model=backends.embed_model, base_url=backends.settings.ollama_host,
         ))

@@ -12,7 +12,7 @@ from confidence_router.demo import available_backends, route_label
 
 def main() -> None:
     with available_backends() as backends:
-        router = backends.settings.build()
+        router = backends.router()
         question = "What is the capital of France?"
 
         # 1. an invoke kwarg ("would escalate" when there is no cloud tier to escalate to)

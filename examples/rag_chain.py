@@ -33,7 +33,7 @@ def main() -> None:
             {"context": retriever | (lambda docs: "\n".join(d.page_content for d in docs)),
              "question": RunnablePassthrough()}
             | prompt
-            | backends.settings.build()
+            | backends.router()
             | StrOutputParser()
         )
         print(chain.invoke("Which rivers meet at Kaunas?"))

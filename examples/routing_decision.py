@@ -10,7 +10,7 @@ from confidence_router.demo import available_backends, route_label
 
 def main() -> None:
     with available_backends() as backends:
-        router = backends.settings.build()
+        router = backends.router()
         for question in ["What is the capital of France?",
                          "Who was the second president of Kenya?"]:
             message = router.invoke(question)

@@ -39,17 +39,20 @@ _COMMANDS: dict[str, _Registered] = {}
 
 
 def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None],
-            summary: str):
+            summary: str | None = None):
     """Register a sub-command (keeps each command's options next to its code).
 
     Args:
         name: the command word.
         add_arguments: adds the command's options to its parser.
-        summary: one line of plain text for ``confidence-router --help``.
+        summary: one line of plain text for ``confidence-router --help``; default: the first
+            line of the command function's docstring.
     """
 
     def register(run: Command) -> Command:
-        _COMMANDS[name] = _Registered(add_arguments, run, summary)
+        doc_line = (run.__doc__ or "").strip().splitlines()[:1]
+        text = summary or (doc_line[0].rstrip(".") if doc_line else name)
+        _COMMANDS[name] = _Registered(add_arguments, run, text)
         return run
 
     return register

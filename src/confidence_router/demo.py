@@ -16,7 +16,7 @@ way, through :func:`available_backends`::
     from confidence_router.demo import available_backends, route_label
 
     with available_backends() as backends:          # your Ollama, else the embedded model
-        router = backends.settings.build()
+        router = backends.router()
         message = router.invoke("What is the capital of France?")
         print(route_label(message.response_metadata["routing"]))   # local / cloud / would escalate
 """
@@ -31,9 +31,12 @@ import textwrap
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from confidence_router.settings import RouterSettings
+
+if TYPE_CHECKING:
+    from confidence_router.router import ConfidenceRoutedLLM
 
 #: A small mixed set: some a 270M model knows, some it does not.
 DEMO_QUESTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -109,6 +112,13 @@ class Backends:
     embed_model: str
     embedded: bool
 
+    def router(self, **overrides: Any) -> ConfidenceRoutedLLM:
+        """A :class:`~confidence_router.router.ConfidenceRoutedLLM` on these backends.
+
+        ``overrides`` are router fields (``threshold=0.9``, ...).
+        """
+        return self.settings.build(**overrides)
+
 
 @contextlib.contextmanager
 def available_backends(
@@ -182,7 +192,7 @@ def run_demo(
     rows: list[DemoRow] = []
     with available_backends(settings, out=out) as backends:
         settings = backends.settings
-        router = settings.build()
+        router = backends.router()
         for i, (question, gold) in enumerate(questions, 1):
             if progress:
                 print(f"\rrouting {i}/{len(questions)}", end="", file=sys.stderr, flush=True)

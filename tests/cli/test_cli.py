@@ -226,3 +226,22 @@ def test_print_table_labels_routes() -> None:
     routes = [line.split()[1:3] for line in out.getvalue().splitlines()
               if line.strip().startswith(("0.", "unknown"))]
     assert routes == [["local", "✓"], ["cloud", "✓"], ["would", "escalate"]]
+
+
+def test_a_command_without_a_summary_uses_its_docstring(monkeypatch) -> None:
+    from confidence_router import cli
+
+    monkeypatch.setattr(cli, "_COMMANDS", dict(cli._COMMANDS))
+
+    @cli.command("hello-test", lambda parser: None)
+    def _hello(args) -> int:
+        """Say hello to the test.
+
+        More text that --help does not show.
+        """
+        return 0
+
+    assert cli._COMMANDS["hello-test"].summary == "Say hello to the test"
+    help_text = " ".join(cli.build_parser().format_help().split())
+    assert "hello-test Say hello to the test" in help_text
+    assert cli.main(["hello-test"]) == 0
