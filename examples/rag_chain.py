@@ -5,15 +5,13 @@ Uses LangChain's in-memory vector store with Ollama embeddings (any LangChain re
     python examples/rag_chain.py
 """
 
-import os
-
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnablePassthrough
 from langchain_core.vectorstores import InMemoryVectorStore
 from langchain_ollama import OllamaEmbeddings
 
-from confidence_router import ConfidenceRoutedLLM, RouterSettings
+from confidence_router.demo import available_backends
 
 DOCUMENTS = [
     "Kaunas is Lithuania's second-largest city, at the confluence of the Neris and Nemunas.",
@@ -23,23 +21,22 @@ DOCUMENTS = [
 
 
 def main() -> None:
-    settings = RouterSettings.load()
-    embeddings = OllamaEmbeddings(
-        model=os.environ.get("CONFIDENCE_ROUTER_EMBED_MODEL", "nomic-embed-text"),
-        base_url=settings.ollama_host,
-    )
-    retriever = InMemoryVectorStore.from_texts(DOCUMENTS, embeddings).as_retriever(k=2)
-    prompt = ChatPromptTemplate.from_template(
-        "Use the context to answer in a few words.\nContext:\n{context}\n\nQuestion: {question}"
-    )
-    chain = (
-        {"context": retriever | (lambda docs: "\n".join(d.page_content for d in docs)),
-         "question": RunnablePassthrough()}
-        | prompt
-        | ConfidenceRoutedLLM.from_settings(settings)
-        | StrOutputParser()
-    )
-    print(chain.invoke("Which rivers meet at Kaunas?"))
+    with available_backends() as backends:
+        embeddings = OllamaEmbeddings(model=backends.embed_model,
+                                      base_url=backends.settings.ollama_host)
+        retriever = InMemoryVectorStore.from_texts(DOCUMENTS, embeddings).as_retriever(k=2)
+        prompt = ChatPromptTemplate.from_template(
+            "Use the context to answer in a few words.\nContext:\n{context}\n\n"
+            "Question: {question}"
+        )
+        chain = (
+            {"context": retriever | (lambda docs: "\n".join(d.page_content for d in docs)),
+             "question": RunnablePassthrough()}
+            | prompt
+            | backends.router()
+            | StrOutputParser()
+        )
+        print(chain.invoke("Which rivers meet at Kaunas?"))
 
 
 if __name__ == "__main__":

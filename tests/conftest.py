@@ -134,6 +134,31 @@ def bedrock_chat(bedrock_server: FakeBedrockServer):
 
 
 @pytest.fixture
+def bedrock_invoke_chat(bedrock_server: FakeBedrockServer):
+    """Factory: ``bedrock_invoke_chat(**overrides)`` -> a ChatBedrock on the fake Bedrock.
+
+    The InvokeModel twin of ``bedrock_chat`` (Anthropic messages body; the same scripted rules
+    answer both), so cloud-tier tests can run over both classes. No botocore retries, an
+    Anthropic model id (ChatBedrock then streams with InvokeModelWithResponseStream).
+    """
+    from langchain_aws import ChatBedrock
+
+    def build(**overrides):
+        kwargs = {
+            "model_id": SONNET,
+            "region_name": "us-east-1",
+            "endpoint_url": bedrock_server.url,
+            "aws_access_key_id": "test",
+            "aws_secret_access_key": "test",
+            "max_retries": 0,
+            **overrides,
+        }
+        return ChatBedrock(**kwargs)
+
+    return build
+
+
+@pytest.fixture
 def ollama_chat(ollama_server: OllamaCompatibleServer):
     """Factory: ``ollama_chat(**overrides)`` -> a ChatOllama on the scripted Ollama server."""
     from langchain_ollama import ChatOllama

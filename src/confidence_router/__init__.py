@@ -12,8 +12,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     "ConfidenceRoutedLLM": "confidence_router.router",
@@ -35,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "LocalModelError": "confidence_router.errors",
     "CloudEscalationError": "confidence_router.errors",
     "BudgetExceededError": "confidence_router.errors",
+    "MissingExtraError": "confidence_router._extras",
     "CloudBudget": "confidence_router.budget",
     "PIIGuard": "confidence_router.guards",
     "PriceTable": "confidence_router.costs",
@@ -69,6 +68,7 @@ __all__ = [
     "KnowledgeStore",
     "LocalModelError",
     "LogprobSignals",
+    "MissingExtraError",
     "MultiSink",
     "OpenTelemetrySink",
     "PIIGuard",
@@ -98,6 +98,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    __version__: str
+    from confidence_router._extras import MissingExtraError
     from confidence_router.budget import CloudBudget
     from confidence_router.calibration import RollingQuantileThreshold, calibrate_threshold
     from confidence_router.costs import PriceTable
@@ -137,12 +139,27 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        value = _installed_version()
+        globals()[name] = value
+        return value
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'confidence_router' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), _ALIASES.get(name, name))
     globals()[name] = value
     return value
+
+
+def _installed_version() -> str:
+    # pyproject.toml is the only place the version is written; read it from the installed
+    # metadata, on first use (importlib.metadata is not free to import).
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("confidence-router")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "0+unknown"
 
 
 def __dir__() -> list[str]:

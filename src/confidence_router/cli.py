@@ -1,29 +1,59 @@
 """The ``confidence-router`` command line.
 
-``confidence-router demo``      route a set of questions on real Ollama or the embedded model
-``confidence-router serve``     serve the embedded model on an Ollama-compatible HTTP port
-``confidence-router eval``      measure the confidence signals on a dataset (see ``--help``)
-``confidence-router calibrate`` pick a threshold from an evaluation run (target rate/accuracy)
-``confidence-router proxy``     an OpenAI- and Ollama-compatible routing proxy (HTTP)
+Every command registers itself with :func:`command` (name, one-line summary, options);
+``confidence-router --help`` lists them all, ``confidence-router COMMAND --help`` shows one.
+
+Usage::
+
+    confidence-router demo               # route a set of questions, show the decisions
+    confidence-router serve --port 0     # the embedded model behind Ollama's API
+    confidence-router proxy --port 8080  # an OpenAI- and Ollama-compatible routing proxy
+    confidence-router --version
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from confidence_router.errors import ConfidenceRouterError
 
 Command = Callable[[argparse.Namespace], int]
-_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command]] = {}
+
+#: Shown by ``confidence-router --help`` above the list of commands (plain text).
+DESCRIPTION = (
+    "Route LLM queries: answer with a cheap local model, escalate to a cloud model only when "
+    "the local answer's confidence (from its token logprobs) is below a threshold."
+)
 
 
-def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
-    """Register a sub-command (keeps each command's options next to its code)."""
+class _Registered(NamedTuple):
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Command
+    summary: str
+
+
+_COMMANDS: dict[str, _Registered] = {}
+
+
+def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+            summary: str | None = None):
+    """Register a sub-command (keeps each command's options next to its code).
+
+    Args:
+        name: the command word.
+        add_arguments: adds the command's options to its parser.
+        summary: one line of plain text for ``confidence-router --help``; default: the first
+            line of the command function's docstring.
+    """
 
     def register(run: Command) -> Command:
-        _COMMANDS[name] = (add_arguments, run)
+        doc_line = (run.__doc__ or "").strip().splitlines()[:1]
+        text = summary or (doc_line[0].rstrip(".") if doc_line else name)
+        _COMMANDS[name] = _Registered(add_arguments, run, text)
         return run
 
     return register
@@ -36,7 +66,8 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-@command("demo", _demo_args)
+@command("demo", _demo_args,
+         "route a set of questions on your Ollama or the embedded model; show the decisions")
 def _demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -51,22 +82,65 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--port", type=int, default=11435, help="port on 127.0.0.1")
+    parser.description = (
+        "Serve the embedded model (Gemma 3 270M via llama.cpp) over Ollama's HTTP API on "
+        "127.0.0.1, for ChatOllama(base_url=..., model='gemma3:270m') or any Ollama client."
+    )
+    parser.add_argument("--port", type=int, default=11435,
+                        help="port on 127.0.0.1 (default 11435; 0 picks a free one)")
 
 
-@command("serve", _serve_args)
+@command("serve", _serve_args,
+         "serve the embedded model on an Ollama-compatible port of 127.0.0.1")
 def _serve(args: argparse.Namespace) -> int:
     import time
 
+    host = "127.0.0.1"
+    problem = _port_problem(host, args.port)  # before loading the model: fail in milliseconds
+    if problem is not None:
+        print(f"confidence-router serve: error: {problem}", file=sys.stderr)
+        return 2
     from confidence_router.embedded import start_embedded_server
 
-    with start_embedded_server(port=args.port) as server:
-        print(f"Ollama-compatible server with the embedded model at {server.url} (Ctrl-C stops)")
+    try:
+        server = start_embedded_server(port=args.port, host=host)
+    except OSError as error:  # e.g. another process took the port meanwhile
+        print(f"confidence-router serve: error: {_describe_bind_error(host, args.port, error)}",
+              file=sys.stderr)
+        return 2
+    with server:
+        print(f"Ollama-compatible server with the embedded model at {server.url} "
+              "(model 'gemma3:270m'; Ctrl-C stops)", flush=True)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             return 0
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Why ``port`` cannot be served on ``host`` (``None`` if a bind works right now)."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        return f"--port must be between 0 and 65535 (0 picks a free port), got {port}"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # The server sets SO_REUSEADDR too, so a port in TIME_WAIT is not reported as busy.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return _describe_bind_error(host, port, error)
+    return None
+
+
+def _describe_bind_error(host: str, port: int, error: OSError) -> str:
+    if error.errno == errno.EADDRINUSE:
+        return (f"port {port} on {host} is already in use (another server?); "
+                "choose another with --port, or --port 0 for a free one")
+    if error.errno == errno.EACCES:
+        return f"no permission to listen on port {port} (ports below 1024 need root)"
+    return f"cannot listen on {host}:{port}: {error.strerror or error}"
 
 
 def _calibrate_args(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +155,8 @@ def _calibrate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-@command("calibrate", _calibrate_args)
+@command("calibrate", _calibrate_args,
+         "pick a threshold from an evaluation run for a target cloud-call rate or accuracy")
 def _calibrate(args: argparse.Namespace) -> int:
     """Pick a threshold from a labelled evaluation run for a target call rate or accuracy."""
     import json
@@ -128,12 +203,25 @@ def _proxy(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered sub-command."""
     _load_optional_commands()
-    parser = argparse.ArgumentParser(prog="confidence-router", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (add_arguments, _) in _COMMANDS.items():
-        add_arguments(sub.add_parser(name))
+    parser = argparse.ArgumentParser(
+        prog="confidence-router", description=DESCRIPTION,
+        epilog="Run 'confidence-router COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {_package_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands",
+                                metavar="COMMAND")
+    for name, registered in _COMMANDS.items():
+        command_parser = sub.add_parser(name, help=registered.summary,
+                                        description=registered.summary)
+        registered.add_arguments(command_parser)
     return parser
+
+
+def _package_version() -> str:
+    from confidence_router import __version__
+
+    return __version__
 
 
 def _load_optional_commands() -> None:
@@ -151,7 +239,7 @@ def _load_optional_commands() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``confidence-router`` script."""
     args = build_parser().parse_args(argv)
-    _, run = _COMMANDS[args.command]
+    run = _COMMANDS[args.command].run
     try:
         return run(args)
     except (ConfidenceRouterError, ImportError, FileNotFoundError, ValueError) as error:

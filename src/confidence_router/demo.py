@@ -10,20 +10,33 @@ Which local model answers:
 The cloud tier is ``ChatBedrockConverse`` when AWS credentials are configured; without them,
 escalations are reported as "would escalate" and nothing is sent anywhere.
 
-Run it with ``confidence-router demo``.
+Run it with ``confidence-router demo``. The examples in ``examples/`` pick their models the same
+way, through :func:`available_backends`::
+
+    from confidence_router.demo import available_backends, route_label
+
+    with available_backends() as backends:          # your Ollama, else the embedded model
+        router = backends.router()
+        message = router.invoke("What is the capital of France?")
+        print(route_label(message.response_metadata["routing"]))   # local / cloud / would escalate
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
+import textwrap
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from confidence_router.settings import RouterSettings
+
+if TYPE_CHECKING:
+    from confidence_router.router import ConfidenceRoutedLLM
 
 #: A small mixed set: some a 270M model knows, some it does not.
 DEMO_QUESTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -78,12 +91,64 @@ def aws_credentials_available() -> bool:
     return boto3.Session().get_credentials() is not None
 
 
+#: Environment variable naming the Ollama embedding model the examples use.
+EMBED_MODEL_ENV = "CONFIDENCE_ROUTER_EMBED_MODEL"
+#: The embedding model asked of a real Ollama when ``$CONFIDENCE_ROUTER_EMBED_MODEL`` is unset.
+DEFAULT_EMBED_MODEL = "nomic-embed-text"
+
+
+@dataclass(frozen=True)
+class Backends:
+    """What :func:`available_backends` found: settings that work on this machine.
+
+    Attributes:
+        settings: the router settings, pointed at a reachable local model; ``cloud_model`` is
+            ``None`` when there are no AWS credentials (escalations become "would escalate").
+        embed_model: an embedding model the local Ollama endpoint serves.
+        embedded: ``True`` when the local model is the embedded Gemma 3 270M.
+    """
+
+    settings: RouterSettings
+    embed_model: str
+    embedded: bool
+
+    def router(self, **overrides: Any) -> ConfidenceRoutedLLM:
+        """A :class:`~confidence_router.router.ConfidenceRoutedLLM` on these backends.
+
+        ``overrides`` are router fields (``threshold=0.9``, ...).
+        """
+        from confidence_router.router import ConfidenceRoutedLLM
+
+        return ConfidenceRoutedLLM.from_settings(self.settings, **overrides)
+
+
 @contextlib.contextmanager
-def local_backend(settings: RouterSettings, out: IO[str]) -> Iterator[RouterSettings]:
-    """Yield settings pointing at a reachable local model: real Ollama or the embedded one."""
+def available_backends(
+    settings: RouterSettings | None = None, *, out: IO[str] | None = None
+) -> Iterator[Backends]:
+    """Yield :class:`Backends` for this machine; say on ``out`` (default stderr) what was picked.
+
+    Local: the configured Ollama model when ``$OLLAMA_HOST`` serves it, otherwise the embedded
+    model (started on 127.0.0.1 for the duration of the block; needs the ``embedded`` extra).
+    Cloud: Bedrock when ``bedrock_endpoint`` is set or AWS credentials are found, otherwise
+    none. Nothing is sent anywhere without credentials.
+    """
+    out = sys.stderr if out is None else out
+    settings = settings or RouterSettings.load()
+    if settings.cloud_model and not settings.bedrock_endpoint and not aws_credentials_available():
+        print("cloud: no AWS credentials found; escalations are reported as 'would escalate'",
+              file=out)
+        settings = _replace(settings, cloud_model=None)
+    elif settings.cloud_model:
+        where = settings.bedrock_endpoint or settings.aws_region
+        print(f"cloud: Bedrock {settings.cloud_model} ({where})", file=out)
     if ollama_serves(settings.ollama_host, settings.local_model):
         print(f"local: Ollama at {settings.ollama_host}, model {settings.local_model}", file=out)
-        yield settings
+        embed_model = os.environ.get(EMBED_MODEL_ENV) or (
+            DEFAULT_EMBED_MODEL if ollama_serves(settings.ollama_host, DEFAULT_EMBED_MODEL)
+            else settings.local_model
+        )
+        yield Backends(settings, embed_model, embedded=False)
         return
     from confidence_router.embedded import DEFAULT_MODEL_NAME as EMBEDDED_MODEL_NAME
     from confidence_router.embedded import start_embedded_server
@@ -94,7 +159,17 @@ def local_backend(settings: RouterSettings, out: IO[str]) -> Iterator[RouterSett
         file=out,
     )
     with start_embedded_server() as server:
-        yield _replace(settings, ollama_host=server.url, local_model=EMBEDDED_MODEL_NAME)
+        ready = _replace(settings, ollama_host=server.url, local_model=EMBEDDED_MODEL_NAME)
+        yield Backends(ready, EMBEDDED_MODEL_NAME, embedded=True)
+
+
+def route_label(routing: Mapping[str, Any]) -> str:
+    """``"local"``, ``"cloud"`` or ``"would escalate"`` (no cloud tier) for a routing record."""
+    if routing.get("decision") == "cloud":
+        return "cloud"
+    if routing.get("would_escalate"):
+        return "would escalate"
+    return "local"
 
 
 def _replace(settings: RouterSettings, **changes: Any) -> RouterSettings:
@@ -110,23 +185,20 @@ def run_demo(
     out: IO[str] = sys.stdout,
     progress: bool = True,
 ) -> list[DemoRow]:
-    """Route each question, print a table of decisions, and return the rows."""
-    from tqdm import tqdm
+    """Route each question, print a table of decisions and one line of guidance; return rows.
 
+    ``progress`` shows a ``routing i/n`` counter on stderr while the questions run.
+    """
     from confidence_router.evaluation.grading import is_correct
     from confidence_router.router import ConfidenceRoutedLLM
 
-    settings = settings or RouterSettings.load()
-    if settings.cloud_model and not settings.bedrock_endpoint and not aws_credentials_available():
-        print("cloud: no AWS credentials found; escalations are reported as 'would escalate'",
-              file=out)
-        settings = _replace(settings, cloud_model=None)
-    elif settings.cloud_model:
-        print(f"cloud: Bedrock {settings.cloud_model} in {settings.aws_region}", file=out)
     rows: list[DemoRow] = []
-    with local_backend(settings, out) as ready:
-        router = ConfidenceRoutedLLM.from_settings(ready)
-        for question, gold in tqdm(questions, desc="routing", file=out, disable=not progress):
+    with available_backends(settings, out=out) as backends:
+        settings = backends.settings
+        router = backends.router()
+        for i, (question, gold) in enumerate(questions, 1):
+            if progress:
+                print(f"\rrouting {i}/{len(questions)}", end="", file=sys.stderr, flush=True)
             message = router.invoke(question)
             routing = message.response_metadata["routing"]
             answer = message.text.strip()
@@ -142,30 +214,61 @@ def run_demo(
                     local_answer=routing.get("local_answer", answer),
                 )
             )
+        if progress:
+            print(file=sys.stderr)
     print_table(rows, settings.threshold, has_cloud=bool(settings.cloud_model), out=out)
     return rows
+
+
+def shorten(text: str, width: int) -> str:
+    """``text`` on one line, at most ``width`` characters, cut between words (``...`` marks it).
+
+    >>> shorten("Who composed the opera 'The Cunning Little Vixen'?", 30)
+    "Who composed the opera 'The..."
+    """
+    one_line = " ".join(text.split())
+    if len(one_line) <= width:
+        return one_line
+    cut = textwrap.shorten(one_line, width=width, placeholder="...")
+    if cut == "...":  # a single word longer than the column: cut it, marked
+        return one_line[: max(0, width - 3)] + "..."
+    return cut
+
+
+def _kept(rows: Sequence[DemoRow], threshold: float) -> list[DemoRow]:
+    return [r for r in rows if r.confidence is not None and r.confidence >= threshold]
+
+
+def guidance(rows: Sequence[DemoRow], threshold: float, *, has_cloud: bool) -> str:
+    """One line under the table: another threshold's effect on these rows, and what next."""
+    other = round(min(threshold + 0.2, 0.95), 2) if threshold < 0.9 else round(threshold - 0.3, 2)
+    kept = _kept(rows, other)
+    direction = "stricter" if other > threshold else "looser"
+    effect = (f"a {direction} --threshold {other:.2f} would keep {len(kept)} of {len(rows)} "
+              f"local ({sum(r.correct for r in kept)} correct)")
+    if has_cloud:
+        return f"Try: {effect}. In code: ConfidenceRoutedLLM(local=..., cloud=..., threshold=...)."
+    return (f"Try: {effect}. To route for real, add AWS credentials for Bedrock (and your "
+            "Ollama model): README, 'Pointing it at real Ollama and Bedrock'.")
 
 
 def print_table(rows: Sequence[DemoRow], threshold: float, *, has_cloud: bool, out: IO[str]) -> None:
     """Print the decisions as an aligned text table with a summary line."""
     print(f"\nthreshold {threshold:.2f} (keep local iff confidence >= threshold)\n", file=out)
-    header = f"{'confidence':>10}  {'route':<16}  {'ok':<2}  {'question':<48}  answer"
+    width = min(max((len(r.question) for r in rows), default=8), 60)
+    header = f"{'confidence':>10}  {'route':<16}  {'ok':<2}  {'question':<{width}}  answer"
     print(header, file=out)
     print("-" * len(header), file=out)
     for row in rows:
         conf = "unknown" if row.confidence is None else f"{row.confidence:.3f}"
-        if row.decision == "cloud":
-            route = "cloud"
-        elif row.would_escalate:
-            route = "would escalate"
-        else:
-            route = "local"
+        route = route_label({"decision": row.decision, "would_escalate": row.would_escalate})
         mark = "✓" if row.correct else "✗"
-        print(f"{conf:>10}  {route:<16}  {mark:<2}  {row.question[:48]:<48}  "
-              f"{row.answer[:40]}", file=out)
+        print(f"{conf:>10}  {route:<16}  {mark:<2}  {shorten(row.question, width):<{width}}  "
+              f"{shorten(row.answer, 40)}", file=out)
     kept = sum(1 for r in rows if r.decision == "local" and not r.would_escalate)
     escalated = len(rows) - kept
     kept_ok = sum(1 for r in rows if r.decision == "local" and not r.would_escalate and r.correct)
     verb = "escalated" if has_cloud else "would escalate"
     print(f"\n{kept}/{len(rows)} kept local ({kept_ok} of them correct), {escalated} {verb}.",
           file=out)
+    print(guidance(rows, threshold, has_cloud=has_cloud), file=out)

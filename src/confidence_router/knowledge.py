@@ -57,6 +57,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from confidence_router._extras import require_extra
 from confidence_router.gsa import Hit
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -196,6 +197,8 @@ class KnowledgeStore:
     Raises:
         ValueError: ``path`` and ``client`` both given, or an existing collection of that name
             is not in cosine space.
+        MissingExtraError: no ``client`` given and chromadb is not installed (the ``gsa``
+            extra: ``pip install "confidence-router[gsa]"``).
 
     Example::
 
@@ -220,6 +223,7 @@ class KnowledgeStore:
         #: The local storage directory, or ``None`` when a ``client`` was supplied.
         self.path: Path | None = None
         if client is None:
+            require_extra("gsa", "KnowledgeStore (the GSA v3 knowledge store)")
             # Imported here, not at module level: chromadb costs ~1 s to import.
             import chromadb
             from chromadb.config import Settings

@@ -45,6 +45,12 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.messages.ai import add_ai_message_chunks
+
+from confidence_router._extras import require_extra
+
+# One clear error naming the extra, instead of a bare ModuleNotFoundError from the line below.
+require_extra("llamaindex", "ConfidenceRoutedLlamaIndexLLM (confidence_router.llamaindex)")
+
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.base.llms.types import (
     CachePoint,

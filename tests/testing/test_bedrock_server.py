@@ -1,4 +1,4 @@
-"""FakeBedrockServer against the real ChatBedrockConverse and boto3 bedrock-runtime clients."""
+"""FakeBedrockServer against the real ChatBedrockConverse, ChatBedrock and boto3 clients."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import botocore.exceptions
 import pytest
 from botocore.config import Config
 from botocore.eventstream import ChecksumMismatch, EventStreamBuffer
-from langchain_aws import ChatBedrockConverse
+from langchain_aws import ChatBedrock, ChatBedrockConverse
 from langchain_core.messages import AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
 from pydantic import BaseModel, Field
 
@@ -394,7 +394,7 @@ def test_unknown_operation_and_bad_body(bedrock_server: FakeBedrockServer) -> No
         except urllib.error.HTTPError as error:
             return error.code, dict(error.headers), json.load(io.BytesIO(error.read()))
 
-    status, headers, body = post("/model/x/invoke", b"{}")
+    status, headers, body = post("/model/x/invoke-async", b"{}")
     assert (status, headers["x-amzn-ErrorType"]) == (404, "UnknownOperationException")
     status, headers, body = post("/model/x/converse", b'{"messages": "nope"}')
     assert (status, headers["x-amzn-ErrorType"]) == (400, "ValidationException")
@@ -408,3 +408,317 @@ def test_lifecycle() -> None:
     with server:
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", server.url)
     assert not server.running
+
+
+# =============================================================================================
+# ChatBedrock: InvokeModel / InvokeModelWithResponseStream with Anthropic's messages body
+# =============================================================================================
+
+
+@pytest.fixture(scope="module")
+def invoke_cloud(_bedrock_server_session: FakeBedrockServer) -> ChatBedrock:
+    """One unchanged ChatBedrock (InvokeModel API) for the module."""
+    return ChatBedrock(model_id=MODEL, **_client_kwargs(_bedrock_server_session))  # type: ignore[arg-type]
+
+
+def _anthropic_events(bedrock_server: FakeBedrockServer, runtime: object, text: str) -> list:
+    response = runtime.invoke_model_with_response_stream(  # type: ignore[attr-defined]
+        modelId=MODEL,
+        body=json.dumps({
+            "anthropic_version": "bedrock-2023-05-31", "max_tokens": 64,
+            "messages": [{"role": "user", "content": text}],
+        }),
+    )
+    return [json.loads(event["chunk"]["bytes"]) for event in response["body"]]
+
+
+def test_chat_bedrock_invoke_text_usage_and_request(
+    bedrock_server: FakeBedrockServer, invoke_cloud: ChatBedrock
+) -> None:
+    rule = bedrock_server.add_answer("capital of France", "Paris.", input_tokens=12,
+                                     output_tokens=2)
+    reply = invoke_cloud.invoke(
+        [SystemMessage("Be brief."), HumanMessage("What is the capital of France?")]
+    )
+
+    assert reply.content == "Paris."
+    assert reply.usage_metadata is not None
+    assert (reply.usage_metadata["input_tokens"], reply.usage_metadata["output_tokens"],
+            reply.usage_metadata["total_tokens"]) == (12, 2, 14)
+    assert reply.additional_kwargs["stop_reason"] == "end_turn"
+    assert reply.response_metadata["stop_reason"] == "end_turn"
+    assert rule.calls == 1
+    (request,) = bedrock_server.requests
+    assert (request["model_id"], request["operation"]) == (MODEL, "invoke")
+    assert request["last_user_text"] == "What is the capital of France?"
+    body = request["body"]
+    assert body["anthropic_version"] == "bedrock-2023-05-31"
+    assert body["system"] == "Be brief."
+    assert body["messages"] == [{"role": "user", "content": "What is the capital of France?"}]
+    assert body["max_tokens"] == 1024  # ChatBedrock's default; the fake insists on one
+
+
+def test_chat_bedrock_usage_defaults_to_word_counts(
+    bedrock_server: FakeBedrockServer, invoke_cloud: ChatBedrock
+) -> None:
+    bedrock_server.add_answer(None, "one two three")
+    reply = invoke_cloud.invoke([SystemMessage("sys prompt"), HumanMessage("four words in here")])
+    assert reply.usage_metadata is not None
+    assert (reply.usage_metadata["input_tokens"], reply.usage_metadata["output_tokens"]) == (6, 3)
+
+
+def test_chat_bedrock_stream_pieces_stop_reason_and_usage(
+    bedrock_server: FakeBedrockServer, invoke_cloud: ChatBedrock
+) -> None:
+    bedrock_server.add_answer("count", ["one", " two", " three"], input_tokens=4, output_tokens=3)
+    chunks = list(invoke_cloud.stream("count to three"))
+
+    assert [c.text for c in chunks if c.text] == ["one", " two", " three"]
+    stops = [c.response_metadata["stop_reason"] for c in chunks
+             if c.response_metadata.get("stop_reason")]
+    assert stops == ["end_turn"]
+    total = chunks[0]
+    for chunk in chunks[1:]:
+        total += chunk
+    assert isinstance(total, AIMessageChunk)
+    assert total.text == "one two three"
+    assert total.usage_metadata is not None
+    assert (total.usage_metadata["input_tokens"], total.usage_metadata["output_tokens"]) == (4, 3)
+    assert bedrock_server.requests[-1]["operation"] == "invoke-with-response-stream"
+
+
+def test_invoke_stream_wire_events_in_anthropic_order(
+    bedrock_server: FakeBedrockServer, runtime: object
+) -> None:
+    bedrock_server.add_answer(
+        None, "hi there", input_tokens=3, output_tokens=5,
+        tool_use=[{"name": "GetWeather", "input": {"city": "Oslo"}, "toolUseId": "toolu_x"}],
+    )
+    events = _anthropic_events(bedrock_server, runtime, "hello")
+    assert [e["type"] for e in events] == [
+        "message_start",
+        "content_block_start", "content_block_delta", "content_block_delta",
+        "content_block_stop",
+        "content_block_start", "content_block_delta", "content_block_stop",
+        "message_delta", "message_stop",
+    ]
+    assert events[0]["message"]["usage"]["input_tokens"] == 3
+    assert events[5]["content_block"] == {"type": "tool_use", "id": "toolu_x",
+                                          "name": "GetWeather", "input": {}}
+    assert json.loads(events[6]["delta"]["partial_json"]) == {"city": "Oslo"}
+    assert events[8]["delta"]["stop_reason"] == "tool_use"
+    assert events[8]["usage"] == {"output_tokens": 5}
+    metrics = events[9]["amazon-bedrock-invocationMetrics"]
+    assert (metrics["inputTokenCount"], metrics["outputTokenCount"]) == (3, 5)
+
+
+def test_plain_boto3_invoke_model_reply_and_headers(
+    bedrock_server: FakeBedrockServer, runtime: object
+) -> None:
+    bedrock_server.add_answer("hello", "hi", input_tokens=7, output_tokens=1)
+    response = runtime.invoke_model(  # type: ignore[attr-defined]
+        modelId=MODEL,
+        body=json.dumps({
+            "anthropic_version": "bedrock-2023-05-31", "max_tokens": 16,
+            "system": [{"type": "text", "text": "Be kind."}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}]}],
+        }),
+    )
+    body = json.loads(response["body"].read())
+    assert body["type"] == "message" and body["role"] == "assistant"
+    assert body["content"] == [{"type": "text", "text": "hi"}]
+    assert (body["stop_reason"], body["usage"]) == ("end_turn",
+                                                    {"input_tokens": 7, "output_tokens": 1})
+    headers = response["ResponseMetadata"]["HTTPHeaders"]
+    assert (headers["x-amzn-bedrock-input-token-count"],
+            headers["x-amzn-bedrock-output-token-count"]) == ("7", "1")
+
+
+def test_chat_bedrock_tool_use_round_trip(
+    bedrock_server: FakeBedrockServer, invoke_cloud: ChatBedrock
+) -> None:
+    bedrock_server.add_answer(
+        "weather", tool_use=[{"name": "GetWeather", "input": {"city": "Paris"}}], times=1
+    )
+    bedrock_server.add_answer("weather", "It is sunny in Paris.")
+    llm = invoke_cloud.bind_tools([GetWeather])
+
+    question = HumanMessage("What is the weather in Paris?")
+    call = llm.invoke([question])
+    assert [(tc["name"], tc["args"]) for tc in call.tool_calls] == [
+        ("GetWeather", {"city": "Paris"})
+    ]
+    assert str(call.tool_calls[0]["id"]).startswith("toolu_")
+    assert call.additional_kwargs["stop_reason"] == "tool_use"
+    tools = bedrock_server.requests[-1]["body"]["tools"]
+    assert [t["name"] for t in tools] == ["GetWeather"]
+    assert tools[0]["input_schema"]["properties"]["city"]["type"] == "string"
+
+    result = ToolMessage("sunny, 24C", tool_call_id=call.tool_calls[0]["id"])
+    final = llm.invoke([question, call, result])
+    assert final.content == "It is sunny in Paris."
+    last = bedrock_server.requests[-1]
+    # The tool_result turn is a user message without text: matching still sees the question.
+    assert last["last_user_text"] == "What is the weather in Paris?"
+    blocks = last["body"]["messages"][-1]["content"]
+    assert blocks[0]["type"] == "tool_result"
+    assert blocks[0]["tool_use_id"] == call.tool_calls[0]["id"]
+
+
+def test_chat_bedrock_tool_use_in_stream(
+    bedrock_server: FakeBedrockServer, invoke_cloud: ChatBedrock
+) -> None:
+    bedrock_server.add_answer(
+        None,
+        "Let me check.",
+        tool_use=[
+            {"name": "GetWeather", "input": {"city": "Oslo"}, "toolUseId": "toolu_1"},
+            {"name": "GetWeather", "input": {"city": "Rome"}},
+        ],
+    )
+    total: Any = None
+    for chunk in invoke_cloud.bind_tools([GetWeather]).stream("weather in Oslo and Rome"):
+        total = chunk if total is None else total + chunk
+    assert total is not None
+    assert total.text == "Let me check."
+    assert [tc["args"] for tc in total.tool_calls] == [{"city": "Oslo"}, {"city": "Rome"}]
+    assert total.tool_calls[0]["id"] == "toolu_1"
+    assert str(total.tool_calls[1]["id"]).startswith("toolu_")
+
+
+@pytest.mark.parametrize(
+    ("scripted", "anthropic"),
+    [("content_filtered", "refusal"), ("refusal", "refusal"), ("max_tokens", "max_tokens")],
+)
+def test_chat_bedrock_stop_reasons(
+    bedrock_server: FakeBedrockServer, invoke_cloud: ChatBedrock, scripted: str, anthropic: str
+) -> None:
+    bedrock_server.add_answer(None, "I can't help with that.", stop_reason=scripted)
+    assert invoke_cloud.invoke("x").additional_kwargs["stop_reason"] == anthropic
+    streamed = [c.response_metadata["stop_reason"] for c in invoke_cloud.stream("x")
+                if c.response_metadata.get("stop_reason")]
+    assert streamed == [anthropic]
+
+
+def test_guardrail_intervention_is_reported_in_the_body(
+    bedrock_server: FakeBedrockServer, runtime: object
+) -> None:
+    bedrock_server.add_answer(None, "Sorry, blocked.", stop_reason="guardrail_intervened")
+    response = runtime.invoke_model(  # type: ignore[attr-defined]
+        modelId=MODEL,
+        body=json.dumps({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 8,
+                         "messages": [{"role": "user", "content": "x"}]}),
+    )
+    body = json.loads(response["body"].read())
+    assert body["amazon-bedrock-guardrailAction"] == "INTERVENED"
+    assert body["stop_reason"] == "end_turn"
+
+
+@pytest.mark.parametrize(
+    ("error_type", "status"),
+    [("ThrottlingException", 429), ("ServiceUnavailableException", 503),
+     ("InternalServerException", 500), ("ValidationException", 400)],
+)
+@pytest.mark.parametrize("streaming", [False, True], ids=["invoke", "stream"])
+def test_chat_bedrock_errors_raise_the_modelled_exception(
+    bedrock_server: FakeBedrockServer, invoke_cloud: ChatBedrock, error_type: str, status: int,
+    streaming: bool,
+) -> None:
+    rule = bedrock_server.fail("fail me", error_type, message="scripted")
+    with pytest.raises(botocore.exceptions.ClientError) as excinfo:
+        if streaming:
+            list(invoke_cloud.stream("please fail me"))
+        else:
+            invoke_cloud.invoke("please fail me")
+    assert type(excinfo.value).__name__ == error_type
+    assert excinfo.value.response["Error"]["Message"] == "scripted"
+    assert excinfo.value.response["ResponseMetadata"]["HTTPStatusCode"] == status
+    assert rule.calls == 1  # no client retries: exactly one request reached the server
+    operation = "invoke-with-response-stream" if streaming else "invoke"
+    assert [r["operation"] for r in bedrock_server.requests] == [operation]
+
+
+def test_chat_bedrock_fail_times_then_succeed(
+    bedrock_server: FakeBedrockServer, invoke_cloud: ChatBedrock
+) -> None:
+    rule = bedrock_server.fail("busy", "ThrottlingException", times=1)
+    answer = bedrock_server.add_answer("busy", "done")
+    with pytest.raises(botocore.exceptions.ClientError):
+        invoke_cloud.invoke("busy?")
+    assert invoke_cloud.invoke("busy?").content == "done"
+    assert (rule.calls, answer.calls) == (1, 1)
+
+
+def test_chat_bedrock_mid_stream_exception_event(
+    bedrock_server: FakeBedrockServer, invoke_cloud: ChatBedrock
+) -> None:
+    bedrock_server.add_answer("story", "once upon a time")
+    bedrock_server.fail("story", "ThrottlingException", message="slow down", after_pieces=2)
+    received: list[str] = []
+    with pytest.raises(botocore.exceptions.EventStreamError) as excinfo:
+        for chunk in invoke_cloud.stream("tell a story"):
+            received.append(chunk.text)
+    assert "".join(received) == "once upon"
+    assert excinfo.value.response["Error"] == {"Code": "throttlingException",
+                                               "Message": "slow down"}
+
+
+async def test_chat_bedrock_ainvoke_and_astream(
+    bedrock_server: FakeBedrockServer, invoke_cloud: ChatBedrock
+) -> None:
+    bedrock_server.add_answer("France", "Paris is the capital.")
+    assert (await invoke_cloud.ainvoke("France?")).content == "Paris is the capital."
+    texts = [c.text async for c in invoke_cloud.astream("France?") if c.text]
+    assert "".join(texts) == "Paris is the capital."
+    assert [r["operation"] for r in bedrock_server.requests] == [
+        "invoke", "invoke-with-response-stream"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"max_tokens": 5, "messages": []}, "anthropic_version"),
+        ({"anthropic_version": "bedrock-2023-05-31", "messages": []}, "max_tokens"),
+        ({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 0, "messages": []},
+         "max_tokens"),
+        ({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 5,
+          "messages": [{"role": "robot", "content": "x"}]}, "role"),
+        ({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 5, "messages": "x"},
+         "messages must be a list"),
+    ],
+)
+def test_invoke_rejects_malformed_bodies_and_records_them(
+    bedrock_server: FakeBedrockServer, runtime: object, body: dict[str, object], message: str
+) -> None:
+    rule = bedrock_server.add_answer(None, "never")
+    with pytest.raises(runtime.exceptions.ValidationException, match=message):  # type: ignore[attr-defined]
+        runtime.invoke_model(modelId=MODEL, body=json.dumps(body))  # type: ignore[attr-defined]
+    assert rule.calls == 0
+    (request,) = bedrock_server.requests
+    assert (request["operation"], request["body"]) == ("invoke", body)
+
+
+def test_converse_and_invoke_share_rules_and_the_request_log(
+    bedrock_server: FakeBedrockServer, cloud: ChatBedrockConverse, invoke_cloud: ChatBedrock
+) -> None:
+    rule = bedrock_server.add_answer("shared", "same answer", times=2)
+    assert cloud.invoke("shared rule").content == "same answer"
+    assert invoke_cloud.invoke("shared rule").content == "same answer"
+    assert rule.exhausted
+    assert [r["operation"] for r in bedrock_server.requests] == ["converse", "invoke"]
+
+
+def test_bedrock_invoke_chat_fixture_has_no_retries_and_streams(
+    bedrock_server: FakeBedrockServer, bedrock_invoke_chat: Any
+) -> None:
+    llm = bedrock_invoke_chat()
+    assert isinstance(llm, ChatBedrock) and not llm.beta_use_converse_api
+    throttle = bedrock_server.fail(None, "ThrottlingException", times=1)
+    with pytest.raises(botocore.exceptions.ClientError):
+        llm.invoke("x")
+    assert throttle.calls == 1 and len(bedrock_server.requests) == 1  # botocore did not retry
+    bedrock_server.add_answer(None, "a b")
+    assert "".join(c.text for c in llm.stream("x")) == "a b"
+    assert bedrock_server.requests[-1]["operation"] == "invoke-with-response-stream"
+    assert bedrock_server.requests[-1]["model_id"] == "us.anthropic.claude-sonnet-4-5-20250929-v1:0"

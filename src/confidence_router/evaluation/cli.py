@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from confidence_router._extras import require_extra
 from confidence_router.cli import command
 
 DEFAULT_DB = "eval-runs.sqlite"
@@ -97,11 +98,13 @@ def _run_dataset(
     progress: bool,
     data_dir: str | None,
     gsa: GsaOptions | None = None,
+    items: list[Any] | None = None,
 ) -> str:
     from confidence_router.evaluation.datasets import load_dataset
     from confidence_router.evaluation.runner import EvalRunner
 
-    items = load_dataset(dataset, limit=limit, offset=offset, data_dir=data_dir)
+    if items is None:
+        items = load_dataset(dataset, limit=limit, offset=offset, data_dir=data_dir)
     signals = (
         _gsa_signals(url, model, dataset, db, offset, len(items), gsa, data_dir) if gsa else ()
     )
@@ -266,16 +269,22 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
                         help="GSA v3 strong-hit threshold (default: calibrated on the store)")
 
 
-@command("eval", _eval_args)
+@command("eval", _eval_args,
+         "answer a QA dataset with a local model and record the confidence signals (SQLite)")
 def _eval(args: argparse.Namespace) -> int:
     if args.ollama_url and not args.model:
         print(
             "confidence-router eval: error: --model is required with --ollama-url", file=sys.stderr
         )
         return 2
+    require_extra("eval", "confidence-router eval")
+    if args.gsa:
+        require_extra("gsa", "confidence-router eval --gsa")
     model = args.model or _embedded_model_name()
     prompts = args.prompts or ("instruct" if args.ollama_url else "few-shot")
     try:
+        # Read the dataset first: a typo in --dataset fails at once, before a model loads.
+        items = _load_items(args)
         with _ollama_endpoint(args.ollama_url) as url:
             _run_dataset(
                 url,
@@ -293,11 +302,19 @@ def _eval(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
                 data_dir=args.data_dir,
                 gsa=GsaOptions(args.kb_offset, args.kb_size, args.tau) if args.gsa else None,
+                items=items,
             )
     except ValueError as error:
         print(f"confidence-router eval: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _load_items(args: argparse.Namespace) -> list[Any]:
+    from confidence_router.evaluation.datasets import load_dataset
+
+    return list(load_dataset(args.dataset, limit=args.limit, offset=args.offset,
+                             data_dir=args.data_dir))
 
 
 # ---- eval-report -------------------------------------------------------------------------------
@@ -385,8 +402,10 @@ def _write_report(
         print(f"wrote {path}")
 
 
-@command("eval-report", _report_args)
+@command("eval-report", _report_args,
+         "write a Markdown report with AUROC, operating points and plots from eval runs")
 def _eval_report(args: argparse.Namespace) -> int:
+    require_extra("eval", "confidence-router eval-report")
     if not Path(args.db).is_file():
         raise FileNotFoundError(f"evaluation database not found: {args.db!r}")
     try:
@@ -426,8 +445,12 @@ def _all_args(parser: argparse.ArgumentParser) -> None:
                         "ones, with their gold answers (default 500)")
 
 
-@command("eval-all", _all_args)
+@command("eval-all", _all_args,
+         "regenerate the committed report of the embedded model from scratch (about an hour)")
 def _eval_all(args: argparse.Namespace) -> int:
+    require_extra("eval", "confidence-router eval-all")
+    if not getattr(args, "no_gsa", False):
+        require_extra("gsa", "confidence-router eval-all (GSA v3 knowledge store)")
     db = Path(args.db or Path(args.out_dir) / f"{args.name}.sqlite")
     if args.fresh:
         for suffix in ("", "-wal", "-shm"):

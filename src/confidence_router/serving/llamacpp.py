@@ -1,7 +1,7 @@
 """A real local model behind the Ollama-compatible server: llama.cpp with per-token logprobs.
 
 :class:`LlamaCppBackend` implements :class:`~confidence_router.serving.protocol.ChatBackend`
-on top of ``llama-cpp-python`` (pinned to 0.3.36, the ``embedded`` extra). It is meant for the
+on top of ``llama-cpp-python`` (0.3.x from 0.3.36, the ``embedded`` extra). It is meant for the
 embedded default model, Google Gemma 3 270M **base** (Q4_K_M GGUF), but loads any GGUF.
 
 Usage::
@@ -53,6 +53,7 @@ neither; Ollama also answers 400 "does not support tools").
 from __future__ import annotations
 
 import codecs
+import logging
 import math
 import re
 import threading
@@ -116,6 +117,43 @@ _EMBED_MAX_TOKENS = 256
 PromptTemplate = Callable[[Sequence[Mapping[str, Any]]], str]
 
 _WHITESPACE = re.compile(r"\s+")
+
+#: llama.cpp's own log lines go to this logger (see :func:`route_llama_cpp_logs`).
+LLAMA_CPP_LOGGER = logging.getLogger("confidence_router.llama_cpp")
+# ggml_log_level of the llama.cpp that llama-cpp-python 0.3.x bundles (ggml.h):
+# NONE=0, DEBUG=1, INFO=2, WARN=3, ERROR=4, CONT=5 (continues the previous line's level).
+_GGML_TO_LOGGING = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.DEBUG,
+                    4: logging.ERROR}
+_log_state: dict[str, Any] = {"callback": None, "last": logging.DEBUG}
+_log_lock = threading.Lock()
+
+
+def route_llama_cpp_logs(llama_cpp: Any) -> None:
+    """Send llama.cpp's log lines to :data:`LLAMA_CPP_LOGGER` instead of stderr (idempotent).
+
+    llama-cpp-python 0.3.x maps ggml's log levels with an outdated table, so with
+    ``verbose=False`` llama.cpp's *warnings* still reach stderr (e.g. "llama_kv_cache_iswa:
+    using full-size SWA cache" on every Gemma 3 load). Here only llama.cpp's errors are logged
+    at ERROR; everything else at DEBUG (``logging.getLogger("confidence_router.llama_cpp")``
+    to see it).
+    """
+    import ctypes
+
+    with _log_lock:
+        if _log_state["callback"] is not None:
+            return
+
+        @llama_cpp.llama_log_callback  # type: ignore[misc]
+        def forward(level: int, text: bytes, _user_data: Any) -> None:
+            python_level = _log_state["last"] if level == 5 else _GGML_TO_LOGGING.get(
+                level, logging.DEBUG)
+            _log_state["last"] = python_level
+            if LLAMA_CPP_LOGGER.isEnabledFor(python_level):
+                LLAMA_CPP_LOGGER.log(python_level, "%s",
+                                     text.decode("utf-8", errors="replace").rstrip("\n"))
+
+        _log_state["callback"] = forward  # ctypes callbacks must outlive their registration
+        llama_cpp.llama_log_set(forward, ctypes.c_void_p(0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,8 +259,9 @@ def last_logits(llm: Llama) -> np.ndarray:
     ``Llama._ctx.get_logits_ith(-1)``). The high-level alternatives are unusable here:
     ``Llama.scores`` is only filled when the model is loaded with ``logits_all=True`` (which
     costs n_ctx x n_vocab x 4 bytes and seconds per answer); with ``logits_all=False`` it holds
-    zeros and gives uniform logprobs (-12.477). Verified against llama-cpp-python 0.3.36 (pinned
-    in the ``embedded`` extra); ``tests/embedded/test_llamacpp_backend.py`` checks it.
+    zeros and gives uniform logprobs (-12.477). Verified against llama-cpp-python 0.3.36 (the
+    ``embedded`` extra allows ``>=0.3.36,<0.4``); ``tests/embedded/test_llamacpp_backend.py``
+    checks it on whatever version is installed.
 
     The view is only valid until the next ``eval()``: copy it (``log_softmax`` does) before
     evaluating another token.
@@ -403,6 +442,7 @@ class LlamaCppBackend:
         from confidence_router.embedded import _require_embedded, default_model_path
 
         llama_cpp = _require_embedded(need_model_package=model_path is None)
+        route_llama_cpp_logs(llama_cpp)
         self.model_path = str(default_model_path() if model_path is None else model_path)
         self.n_ctx = n_ctx
         self.n_threads = n_threads

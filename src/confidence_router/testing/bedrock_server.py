@@ -1,8 +1,10 @@
-"""A fake ``bedrock-runtime`` endpoint (Converse API) for offline tests, stdlib only.
+"""A fake ``bedrock-runtime`` endpoint (Converse and InvokeModel APIs) for offline tests.
 
-Point the unchanged ``ChatBedrockConverse`` (or a plain boto3 ``bedrock-runtime`` client) at
-it with ``endpoint_url``; the real serializer, SigV4 signer, HTTP stack and event-stream
-parser all run, only the model is scripted.
+Stdlib only. Point the unchanged ``ChatBedrockConverse`` or ``ChatBedrock`` (or a plain boto3
+``bedrock-runtime`` client) at it with ``endpoint_url``; the real serializer, SigV4 signer,
+HTTP stack and event-stream parser all run, only the model is scripted. Both clients need a
+region and credentials, which may be dummies: ``region_name="us-east-1",
+aws_access_key_id="test", aws_secret_access_key="test"``.
 
 Usage::
 
@@ -22,11 +24,41 @@ Usage::
         assert reply.usage_metadata["input_tokens"] == 12
         assert bedrock.requests[-1]["model_id"] == "anthropic.claude-3-haiku-20240307-v1:0"
 
-Endpoints: ``POST /model/{modelId}/converse`` (JSON) and ``POST /model/{modelId}/converse-stream``
-(binary ``application/vnd.amazon.eventstream`` frames: ``messageStart``, ``contentBlockStart``
-for tool use, ``contentBlockDelta`` per piece, ``contentBlockStop``, ``messageStop``,
-``metadata``). Errors carry ``x-amzn-ErrorType`` and ``{"message": ...}``, so botocore raises
-the modelled exception (``client.exceptions.ThrottlingException``, ...).
+The same scripted answer serves ``ChatBedrock`` (InvokeModel with Anthropic's messages body)::
+
+        chat = ChatBedrock(
+            model_id="anthropic.claude-3-haiku-20240307-v1:0", region_name="us-east-1",
+            endpoint_url=bedrock.url,
+            aws_access_key_id="test", aws_secret_access_key="test",
+        )
+        chat.invoke("What is the capital of France?").content        # "Paris."
+        bedrock.requests[-1]["operation"]                             # "invoke"
+
+Endpoints:
+
+* ``POST /model/{modelId}/converse`` (JSON) and ``POST /model/{modelId}/converse-stream``
+  (binary ``application/vnd.amazon.eventstream`` frames: ``messageStart``,
+  ``contentBlockStart`` for tool use, ``contentBlockDelta`` per piece, ``contentBlockStop``,
+  ``messageStop``, ``metadata``).
+* ``POST /model/{modelId}/invoke``: an Anthropic messages request body
+  (``anthropic_version``, ``max_tokens``, ``messages``, optional ``system`` and ``tools``);
+  the reply is an Anthropic message (``content`` text and ``tool_use`` blocks,
+  ``stop_reason``, ``usage``) with the ``x-amzn-bedrock-input-token-count`` /
+  ``-output-token-count`` headers ChatBedrock reads its usage from.
+* ``POST /model/{modelId}/invoke-with-response-stream``: event-stream ``chunk`` frames whose
+  ``bytes`` carry Anthropic streaming events (``message_start``, ``content_block_start``,
+  ``content_block_delta`` with ``text_delta`` / ``input_json_delta``, ``content_block_stop``,
+  ``message_delta`` with ``stop_reason`` and output usage, ``message_stop`` with
+  ``amazon-bedrock-invocationMetrics``).
+
+Stop reasons are scripted in Converse terms and translated for InvokeModel:
+``content_filtered`` becomes Anthropic's ``refusal``; ``guardrail_intervened`` becomes
+``end_turn`` with ``"amazon-bedrock-guardrailAction": "INTERVENED"`` in the body (on
+InvokeModel a guardrail reports itself in the body, not in the stop reason); others
+(``end_turn``, ``tool_use``, ``max_tokens``, ``stop_sequence``, ``refusal``) pass unchanged.
+
+Errors carry ``x-amzn-ErrorType`` and ``{"message": ...}``, so botocore raises the modelled
+exception (``client.exceptions.ThrottlingException``, ...), on every operation.
 
 Rule matching works like :class:`~confidence_router.testing.ScriptedBackend`: a ``str``
 matches as a substring of the last user text, a regex with ``search``, a callable receives
@@ -42,6 +74,7 @@ rule's ``times``.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import struct
@@ -91,7 +124,8 @@ BEDROCK_ERROR_STATUS: dict[str, int] = {
     "InternalServerException": 500,
     "ServiceUnavailableException": 503,
 }
-# Error types the ConverseStream output union can carry as in-stream exception events.
+# Error types the ConverseStream and InvokeModelWithResponseStream output unions can carry
+# as in-stream exception events.
 _STREAM_EXCEPTIONS = {
     "InternalServerException": "internalServerException",
     "ModelStreamErrorException": "modelStreamErrorException",
@@ -99,7 +133,14 @@ _STREAM_EXCEPTIONS = {
     "ThrottlingException": "throttlingException",
     "ServiceUnavailableException": "serviceUnavailableException",
 }
-_PATH_RE = re.compile(r"^/model/(?P<model>.+)/(?P<operation>converse|converse-stream)$")
+_PATH_RE = re.compile(
+    r"^/model/(?P<model>.+)/"
+    r"(?P<operation>converse|converse-stream|invoke|invoke-with-response-stream)$"
+)
+#: Operations that answer with an event stream.
+_STREAMING_OPERATIONS = frozenset({"converse-stream", "invoke-with-response-stream"})
+# Converse stop reasons that InvokeModel's Anthropic body spells differently.
+_ANTHROPIC_STOP_REASONS = {"content_filtered": "refusal", "guardrail_intervened": "end_turn"}
 
 
 class RecordedBedrockRequest(TypedDict):
@@ -108,9 +149,11 @@ class RecordedBedrockRequest(TypedDict):
     model_id: str
     """The URL-decoded model id (``"anthropic.claude-3-haiku-20240307-v1:0"``)."""
     operation: str
-    """``"converse"`` or ``"converse-stream"``."""
+    """``"converse"``, ``"converse-stream"``, ``"invoke"`` or ``"invoke-with-response-stream"``."""
     body: Any
-    """The parsed JSON request body (``messages``, ``system``, ``inferenceConfig``, ...)."""
+    """The parsed JSON request body: Converse (``messages``, ``system``, ``inferenceConfig``,
+    ...) or, for the invoke operations, Anthropic's (``anthropic_version``, ``max_tokens``,
+    ``messages``, ``system``, ``tools``, ...)."""
     last_user_text: str
     """Concatenated text blocks of the last user message that has text."""
 
@@ -201,14 +244,43 @@ def _words(text: str) -> int:
     return len(text.split())
 
 
+def _content_words(content: Any) -> int:
+    # A plain string (Anthropic's short form) or a list of blocks with "text" (both APIs).
+    if isinstance(content, str):
+        return _words(content)
+    words = 0
+    for block in content or ():
+        if isinstance(block, Mapping):
+            words += _words(_content_text(block.get("text")))
+    return words
+
+
 def _count_input_tokens(body: Mapping[str, Any]) -> int:
     # Word counts stand in for a tokenizer: deterministic and growing with the prompt.
-    words = sum(_words(_content_text(block.get("text"))) for block in body.get("system") or ())
+    words = _content_words(body.get("system"))
     for message in body.get("messages") or ():
-        for block in message.get("content") or ():
-            if isinstance(block, Mapping):
-                words += _words(_content_text(block.get("text")))
+        if isinstance(message, Mapping):
+            words += _content_words(message.get("content"))
     return max(1, words)
+
+
+def _invoke_body_error(body: Mapping[str, Any]) -> str | None:
+    """What real Bedrock rejects in an Anthropic messages body (``None``: acceptable)."""
+    if not isinstance(body.get("anthropic_version"), str):
+        return "Malformed input request: #: required key [anthropic_version] not found"
+    max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        return "Malformed input request: #/max_tokens: expected a positive integer"
+    for i, message in enumerate(body["messages"]):
+        if not isinstance(message, Mapping) or message.get("role") not in ("user", "assistant"):
+            return f"Malformed input request: #/messages/{i}: role must be user or assistant"
+    return None
+
+
+def _chunk_event(event: Mapping[str, Any]) -> bytes:
+    """An InvokeModelWithResponseStream ``chunk`` frame carrying one Anthropic event."""
+    data = json.dumps(event, separators=(",", ":")).encode("utf-8")
+    return _event("chunk", {"bytes": base64.b64encode(data).decode("ascii")})
 
 
 class _BedrockHandler(_JSONRequestHandler):
@@ -241,6 +313,11 @@ class _BedrockHandler(_JSONRequestHandler):
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             self._error("ValidationException", 400, "messages must be a list")
             return
+        if record["operation"].startswith("invoke"):
+            problem = _invoke_body_error(body)
+            if problem is not None:
+                self._error("ValidationException", 400, problem)
+                return
         try:
             self._serve(record, body)
         except _DISCONNECT_ERRORS:
@@ -260,7 +337,8 @@ class _BedrockHandler(_JSONRequestHandler):
     def _serve(self, record: RecordedBedrockRequest, body: dict[str, Any]) -> None:
         started = time.perf_counter()
         delay, failure, answer = self.owner._resolve(record)
-        streaming = record["operation"] == "converse-stream"
+        operation = record["operation"]
+        streaming = operation in _STREAMING_OPERATIONS
         mid_stream = failure is not None and failure.after_pieces is not None and streaming
         if failure is not None and not mid_stream:
             if delay:
@@ -272,9 +350,10 @@ class _BedrockHandler(_JSONRequestHandler):
             time.sleep(answer.latency + delay)
 
         text = "".join(answer.pieces)
+        id_prefix = "toolu_" if operation.startswith("invoke") else "tooluse_"
         tools = [
             {
-                "toolUseId": block.get("toolUseId") or self.owner._next_tool_use_id(),
+                "toolUseId": block.get("toolUseId") or self.owner._next_tool_use_id(id_prefix),
                 "name": block["name"],
                 "input": block["input"],
             }
@@ -293,6 +372,15 @@ class _BedrockHandler(_JSONRequestHandler):
             "totalTokens": input_tokens + output_tokens,
         }
         headers = {"x-amzn-RequestId": str(uuid.uuid4())}
+        if operation == "invoke":
+            self._send_invoke(record, answer, text, tools, input_tokens, output_tokens, started)
+            return
+        if operation == "invoke-with-response-stream":
+            self._send_invoke_stream(
+                record, answer, tools, input_tokens, output_tokens, started,
+                failure if mid_stream else None,
+            )
+            return
 
         if not streaming:
             content: list[dict[str, Any]] = [{"text": text}] if text or not tools else []
@@ -359,9 +447,139 @@ class _BedrockHandler(_JSONRequestHandler):
         self._write_chunk(_exception_event(_STREAM_EXCEPTIONS[failure.error_type], failure.message))
         self._end_chunked()
 
+    # ---- InvokeModel (Anthropic messages) ------------------------------------------------------
+
+    def _send_invoke(
+        self,
+        record: RecordedBedrockRequest,
+        answer: _BedrockAnswer,
+        text: str,
+        tools: list[dict[str, Any]],
+        input_tokens: int,
+        output_tokens: int,
+        started: float,
+    ) -> None:
+        content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text or not tools else []
+        content.extend(
+            {"type": "tool_use", "id": t["toolUseId"], "name": t["name"], "input": t["input"]}
+            for t in tools
+        )
+        body: dict[str, Any] = {
+            "id": f"msg_bdrk_{uuid.uuid4().hex[:24]}",
+            "type": "message",
+            "role": "assistant",
+            "model": record["model_id"],
+            "content": content,
+            "stop_reason": _ANTHROPIC_STOP_REASONS.get(answer.stop_reason, answer.stop_reason),
+            "stop_sequence": None,
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
+        }
+        if answer.stop_reason == "guardrail_intervened":
+            body["amazon-bedrock-guardrailAction"] = "INTERVENED"
+        latency_ms = int((time.perf_counter() - started) * 1000)
+        self._send_json(
+            200,
+            body,
+            {
+                "x-amzn-RequestId": str(uuid.uuid4()),
+                # ChatBedrock reads the token usage of InvokeModel from these headers.
+                "x-amzn-bedrock-input-token-count": str(input_tokens),
+                "x-amzn-bedrock-output-token-count": str(output_tokens),
+                "x-amzn-bedrock-invocation-latency": str(latency_ms),
+            },
+        )
+
+    def _send_invoke_stream(
+        self,
+        record: RecordedBedrockRequest,
+        answer: _BedrockAnswer,
+        tools: list[dict[str, Any]],
+        input_tokens: int,
+        output_tokens: int,
+        started: float,
+        failure: _BedrockFailure | None,
+    ) -> None:
+        self._start_chunked(
+            "application/vnd.amazon.eventstream",
+            {"x-amzn-RequestId": str(uuid.uuid4()),
+             "X-Amzn-Bedrock-Content-Type": "application/json"},
+        )
+        self._write_chunk(_chunk_event({
+            "type": "message_start",
+            "message": {
+                "id": f"msg_bdrk_{uuid.uuid4().hex[:24]}",
+                "type": "message",
+                "role": "assistant",
+                "model": record["model_id"],
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {"input_tokens": input_tokens, "output_tokens": 1},
+            },
+        }))
+        index = 0
+        first_byte_ms = int((time.perf_counter() - started) * 1000)
+        if answer.pieces:
+            self._write_chunk(_chunk_event({
+                "type": "content_block_start", "index": index,
+                "content_block": {"type": "text", "text": ""},
+            }))
+            for i, piece in enumerate(answer.pieces):
+                if failure is not None and i >= (failure.after_pieces or 0):
+                    self._fail_mid_stream(failure)
+                    return
+                if i and answer.piece_delay:
+                    time.sleep(answer.piece_delay)
+                self._write_chunk(_chunk_event({
+                    "type": "content_block_delta", "index": index,
+                    "delta": {"type": "text_delta", "text": piece},
+                }))
+            self._write_chunk(_chunk_event({"type": "content_block_stop", "index": index}))
+            index += 1
+        if failure is not None:
+            self._fail_mid_stream(failure)
+            return
+        for tool in tools:
+            self._write_chunk(_chunk_event({
+                "type": "content_block_start", "index": index,
+                "content_block": {"type": "tool_use", "id": tool["toolUseId"],
+                                  "name": tool["name"], "input": {}},
+            }))
+            self._write_chunk(_chunk_event({
+                "type": "content_block_delta", "index": index,
+                "delta": {"type": "input_json_delta", "partial_json": json.dumps(tool["input"])},
+            }))
+            self._write_chunk(_chunk_event({"type": "content_block_stop", "index": index}))
+            index += 1
+        delta_event: dict[str, Any] = {
+            "type": "message_delta",
+            "delta": {
+                "stop_reason": _ANTHROPIC_STOP_REASONS.get(answer.stop_reason,
+                                                           answer.stop_reason),
+                "stop_sequence": None,
+            },
+            "usage": {"output_tokens": output_tokens},
+        }
+        if answer.stop_reason == "guardrail_intervened":
+            delta_event["amazon-bedrock-guardrailAction"] = "INTERVENED"
+        self._write_chunk(_chunk_event(delta_event))
+        latency_ms = int((time.perf_counter() - started) * 1000)
+        self._write_chunk(_chunk_event({
+            "type": "message_stop",
+            "amazon-bedrock-invocationMetrics": {
+                "inputTokenCount": input_tokens,
+                "outputTokenCount": output_tokens,
+                "invocationLatency": latency_ms,
+                "firstByteLatency": first_byte_ms,
+            },
+        }))
+        self._end_chunked()
+
 
 class FakeBedrockServer(_BackgroundServer):
-    """A scripted, thread-safe fake of bedrock-runtime's Converse / ConverseStream.
+    """A scripted, thread-safe fake of bedrock-runtime: Converse / ConverseStream (for
+    ``ChatBedrockConverse``) and InvokeModel / InvokeModelWithResponseStream with Anthropic's
+    messages format (for ``ChatBedrock``).
 
     Args:
         host: interface to bind (keep ``127.0.0.1``).
@@ -457,8 +675,9 @@ class FakeBedrockServer(_BackgroundServer):
             status: HTTP status (default from :data:`BEDROCK_ERROR_STATUS`).
             message: the error message (default names the error type).
             times: fire at most this many times (botocore retries count!).
-            after_pieces: for ``converse-stream`` only: stream this many text pieces, then send
-                an in-stream exception event (only the types ConverseStream models:
+            after_pieces: for the streaming operations (``converse-stream``,
+                ``invoke-with-response-stream``) only: stream this many text pieces, then send
+                an in-stream exception event (only the types those streams model:
                 Throttling, ServiceUnavailable, Validation, InternalServer,
                 ModelStreamErrorException); botocore raises ``EventStreamError``.
                 Non-streaming requests fail normally.
@@ -533,7 +752,7 @@ class FakeBedrockServer(_BackgroundServer):
 
     @property
     def requests(self) -> list[RecordedBedrockRequest]:
-        """Snapshot of received Converse / ConverseStream requests, oldest first."""
+        """Snapshot of every received request (all four operations), oldest first."""
         with self._lock:
             return list(self._log)
 
@@ -591,10 +810,10 @@ class FakeBedrockServer(_BackgroundServer):
         with self._lock:
             self._log.append(record)
 
-    def _next_tool_use_id(self) -> str:
+    def _next_tool_use_id(self, prefix: str = "tooluse_") -> str:
         with self._lock:
             self._tool_use_counter += 1
-            return f"tooluse_{self._tool_use_counter:04d}"
+            return f"{prefix}{self._tool_use_counter:04d}"
 
     def _resolve(
         self, record: RecordedBedrockRequest
@@ -606,7 +825,7 @@ class FakeBedrockServer(_BackgroundServer):
             delay: float = delay_rule.payload if delay_rule is not None else 0.0
             failure_rule = self._book.first("fail", record, model_id)
             failure: _BedrockFailure | None = failure_rule.payload if failure_rule else None
-            streaming = record["operation"] == "converse-stream"
+            streaming = record["operation"] in _STREAMING_OPERATIONS
             if failure is not None and not (failure.after_pieces is not None and streaming):
                 # An immediate failure must not use up an answer rule's ``times`` budget.
                 return delay, failure, None
