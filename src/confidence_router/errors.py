@@ -136,5 +136,18 @@ class ReservationStateError(ConfidenceRouterError, RuntimeError):
 
 
 class MissingExtraError(ConfidenceRouterError, ImportError):
-    """A feature needs an optional extra that is not installed; the message names the extra
-    and the command that installs it."""
+    """A feature was used whose pip extra is not installed; the message names the extra and
+    the command that installs it.
+
+    An :class:`ImportError` too, so code that already catches import failures keeps working.
+
+    Attributes:
+        extra: the extra to install (``"gsa"``, ``"llamaindex"``, ``"embedded"``, ...).
+        feature: what needed it, in words.
+        name: the module that is missing (as on every ImportError).
+    """
+
+    def __init__(self, message: str, *, extra: str, feature: str, name: str) -> None:
+        super().__init__(message, name=name)
+        self.extra = extra
+        self.feature = feature

@@ -45,14 +45,13 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-try:
-    from opentelemetry import metrics as otel_metrics
-    from opentelemetry import trace as otel_trace
-    from opentelemetry.trace import SpanKind, Status, StatusCode
-except ImportError as error:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "confidence_router.otel needs OpenTelemetry: pip install 'confidence-router[otel]'"
-    ) from error
+from confidence_router._extras import require_extra
+
+require_extra("otel", "OpenTelemetrySink")
+
+from opentelemetry import metrics as otel_metrics
+from opentelemetry import trace as otel_trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from confidence_router.errors import InvalidTypeError, RoutingConfigError
 

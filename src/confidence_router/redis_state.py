@@ -80,6 +80,9 @@ def redis_client(url: str, **kwargs: Any) -> redis.Redis:
     Raises:
         ImportError: the ``redis`` extra is not installed.
     """
+    from confidence_router._extras import require_extra
+
+    require_extra("redis", "shared state on Redis")
     import redis as redis_lib
 
     options: dict[str, Any] = {

@@ -15,18 +15,19 @@ from langchain_core.embeddings import DeterministicFakeEmbedding
 
 import confidence_router
 from confidence_router import ConfidenceRouterError, MissingExtraError
-from confidence_router._extras import EXTRAS, install_command, require_extra
+from confidence_router._extras import EXTRAS, install_command, missing_extra, require_extra
 
 
 def test_missing_extra_error_is_an_import_error_and_a_router_error() -> None:
-    error = MissingExtraError("gsa", "KnowledgeStore", "chromadb")
+    error = missing_extra("gsa", "KnowledgeStore", "chromadb")
+    assert isinstance(error, MissingExtraError)
     assert isinstance(error, ImportError) and isinstance(error, ConfidenceRouterError)
     assert (error.extra, error.feature, error.name) == ("gsa", "KnowledgeStore", "chromadb")
     assert str(error) == (
         "KnowledgeStore needs the 'gsa' extra (chromadb is not installed): "
         'pip install "confidence-router[gsa]" (from a checkout: pip install -e ".[gsa]")'
     )
-    assert "C/C++ compiler and cmake" in str(MissingExtraError("embedded", "x", "llama_cpp"))
+    assert "C/C++ compiler and cmake" in str(missing_extra("embedded", "x", "llama_cpp"))
 
 
 def test_require_extra_passes_when_installed_and_names_the_first_missing_module(

@@ -336,7 +336,8 @@ def test_missing_opentelemetry_names_the_extra():
         "try:\n"
         "    from confidence_router import OpenTelemetrySink\n"
         "except ImportError as error:\n"
-        "    print(error)\n"
+        "    print(type(error).__name__, error)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "pip install 'confidence-router[otel]'" in out.stdout
+    assert out.stdout.startswith("MissingExtraError")
+    assert 'pip install "confidence-router[otel]"' in out.stdout

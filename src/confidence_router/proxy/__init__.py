@@ -28,6 +28,9 @@ DEFAULT_PORT = 8080
 
 def create_app(router: Any = None, **kwargs: Any) -> Starlette:
     """The proxy's ASGI app; see :func:`confidence_router.proxy.app.create_app`."""
+    from confidence_router._extras import require_extra
+
+    require_extra("proxy", "the routing proxy")
     from confidence_router.proxy.app import create_app as _create_app
 
     return _create_app(router, **kwargs)
@@ -50,6 +53,9 @@ def serve(
         RoutingConfigError: invalid settings or proxy configuration (checked before serving).
         ImportError: the ``proxy`` extra is not installed.
     """
+    from confidence_router._extras import require_extra
+
+    require_extra("proxy", "the routing proxy")
     import uvicorn
 
     from confidence_router.errors import RoutingConfigError
