@@ -157,7 +157,12 @@ def annotate_run(handlers: Iterable[Any], run_id: UUID | None, record: Mapping[s
         run = handler.run_map.get(str(run_id))
         if run is None:
             continue
-        run.extra.setdefault("metadata", {}).update(metadata)
+        run_metadata = run.extra.setdefault("metadata", {})
+        run_metadata.update(metadata)
+        answering = (record.get("models") or {}).get(record.get("decision"))
+        if isinstance(answering, str) and answering:
+            # Known only now: the model whose answer this run returns (not always the local).
+            run_metadata["ls_model_name"] = answering
         run.tags = [*(run.tags or []), *(t for t in tags if t not in (run.tags or []))]
         annotated += 1
     return annotated

@@ -484,3 +484,30 @@ async def test_abandoned_async_cloud_stream_keeps_its_reservation(local, cloud, 
     await anext(stream)
     await stream.aclose()
     assert budget.spent > 0 and budget.reserved == 0
+
+
+def test_parent_run_names_the_answering_model(local, cloud, ollama_backend, bedrock_server):
+    from langchain_core.tracers.base import BaseTracer
+
+    class Collect(BaseTracer):
+        def __init__(self):
+            super().__init__()
+            self.runs = []
+
+        def _persist_run(self, run):
+            self.runs.append(run)
+
+    ollama_backend.add_answer("Kenya", "Jomo", logprobs=-3.0)
+    ollama_backend.add_answer("France", "Paris", logprobs=-0.05)
+    bedrock_server.set_default("Daniel arap Moi")
+    router = ConfidenceRoutedLLM(local=local, cloud=cloud)
+    for question, expected in (("Kenya?", cloud.model_id), ("France?", local.model)):
+        tracer = Collect()
+        router.invoke(question, config={"callbacks": [tracer]})
+        (parent,) = tracer.runs
+        assert parent.extra["metadata"]["ls_model_name"] == expected
+        assert parent.extra["metadata"]["routing_decision"] in ("local", "cloud")
+        # The router's own run reports no token usage: its child runs do.
+        assert not parent.outputs["generations"][0][0]["message"].get("kwargs", {}).get(
+            "usage_metadata"
+        )
