@@ -100,12 +100,13 @@ def last_user_text(messages: Sequence[BaseMessage]) -> str:
     return ""
 
 
-def attach(message: BaseMessage, routing: dict[str, Any]) -> AIMessage:
+def attach(message: BaseMessage, routing: dict[str, Any], *, keep_usage: bool = False) -> AIMessage:
     """The chosen tier's message with the routing record added to its response metadata.
 
     Token usage is left off: the tiers' own (child) runs report it to the callbacks, and the
     router's run reporting it again would count it twice. The router's ``invoke``/``stream``
-    put the answering tier's usage back on what the caller receives.
+    put the answering tier's usage back on what the caller receives. ``keep_usage``: nobody
+    listens to this run (no callbacks), so nothing can count twice.
     """
     metadata = {**message.response_metadata, "routing": routing}
     if isinstance(message, AIMessageChunk):
@@ -116,10 +117,14 @@ def attach(message: BaseMessage, routing: dict[str, Any]) -> AIMessage:
             invalid_tool_calls=message.invalid_tool_calls,
             id=message.id,
             response_metadata=metadata,
+            usage_metadata=message.usage_metadata if keep_usage else None,
         )
         return message
     if isinstance(message, AIMessage):
-        return message.model_copy(update={"response_metadata": metadata, "usage_metadata": None})
+        update: dict[str, Any] = {"response_metadata": metadata}
+        if not keep_usage:
+            update["usage_metadata"] = None
+        return message.model_copy(update=update)
     return AIMessage(content=message.content, response_metadata=metadata)
 
 

@@ -724,7 +724,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
             except StopIteration as stop_:
                 answer: Answer = stop_.value
                 break
-        return _result(answer, call.trace)
+        return _result(answer, call.trace, listened=_listened(run_manager))
 
     async def _agenerate(
         self,
@@ -737,7 +737,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
         out: list[Answer] = []
         async for _ in self._adrive(call, out):
             pass
-        return _result(out[0], call.trace)
+        return _result(out[0], call.trace, listened=_listened(run_manager))
 
     def _stream(
         self,
@@ -968,12 +968,15 @@ def _max_output_tokens(model: Any) -> int | None:
     return int(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
-def _result(answer: Answer, trace: RoutingTrace) -> ChatResult:
+def _result(answer: Answer, trace: RoutingTrace, *, listened: bool = True) -> ChatResult:
     routing = trace.finish()
-    return ChatResult(
-        generations=[ChatGeneration(message=_tiers.attach(answer.message, routing))],
-        llm_output={"routing": routing},
-    )
+    message = _tiers.attach(answer.message, routing, keep_usage=not listened)
+    return ChatResult(generations=[ChatGeneration(message=message)], llm_output={"routing": routing})
+
+
+def _listened(run_manager: Any) -> bool:
+    """Whether callbacks watch the router's run (then its children report the usage)."""
+    return run_manager is None or bool(run_manager.handlers)
 
 
 def _routing_chunk(trace: RoutingTrace) -> ChatGenerationChunk:
@@ -1003,6 +1006,6 @@ def _with_answer_usage(message: Any) -> Any:
     if not isinstance(routing, dict):
         return message
     usage = (routing.get("usage") or {}).get(routing.get("decision"))
-    if not usage:
+    if not usage or message.usage_metadata == usage:
         return message
     return message.model_copy(update={"usage_metadata": usage})
