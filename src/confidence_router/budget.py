@@ -68,9 +68,11 @@ __all__ = [
     "BudgetLike",
     "CloudBudget",
     "Reservation",
+    "ReservationBase",
     "ReservationLike",
     "ReservationStateError",
     "estimate_escalation_cost",
+    "exact_usd",
     "estimate_tokens",
     "upper_bound_input_tokens",
     "upper_bound_request_cost",
@@ -108,7 +110,7 @@ class BudgetLike(Protocol):
         ...
 
 
-def _usd(value: Any, name: str) -> Fraction:
+def exact_usd(value: Any, name: str) -> Fraction:
     """A non-negative finite amount as an exact Fraction of its decimal form."""
     if isinstance(value, bool) or not isinstance(value, (int, float, Fraction)):
         raise InvalidTypeError(f"{name} must be a number of USD, got {value!r}")
@@ -124,26 +126,14 @@ def _usd(value: Any, name: str) -> Fraction:
     return amount
 
 
-class Reservation:
-    """A granted reservation: settle it exactly once with :meth:`commit` or :meth:`release`.
+class ReservationBase:
+    """What every reservation shares: its amount, its state, and the context-manager contract
+    (leaving the block unsettled commits the reserved amount on a normal exit — the money may
+    have been spent — and releases it when an exception escapes). Subclasses settle."""
 
-    Also a context manager: leaving the block without settling commits the reserved amount
-    (the conservative assumption: the money may have been spent) on a normal exit, and
-    releases it when an exception escapes (a failed cloud call is not billed).
+    __slots__ = ("_amount", "_state")
 
-    Example::
-
-        >>> budget = CloudBudget(max_usd=1.0)
-        >>> with budget.hold(0.25) as r:       # hold() raises BudgetExceededError instead
-        ...     r.commit(0.2)                  # of returning None
-        >>> budget.spent
-        0.2
-    """
-
-    __slots__ = ("_amount", "_budget", "_state")
-
-    def __init__(self, budget: CloudBudget, amount: Fraction) -> None:
-        self._budget = budget
+    def __init__(self, amount: Fraction) -> None:
         self._amount = amount
         self._state = "pending"
 
@@ -157,23 +147,11 @@ class Reservation:
         """``"pending"``, ``"committed"`` or ``"released"``."""
         return self._state
 
-    def commit(self, actual_usd: float | None = None) -> None:
-        """Record the actual cost (default: the reserved amount) and free the reservation.
+    def commit(self, actual_usd: float | None = None) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
 
-        Raises:
-            ReservationStateError: already committed or released.
-            TypeError, ValueError: ``actual_usd`` is not a finite amount >= 0.
-        """
-        actual = self._amount if actual_usd is None else _usd(actual_usd, "actual_usd")
-        self._budget._settle(self, actual)
-
-    def release(self) -> None:
-        """Free the reservation without spending anything.
-
-        Raises:
-            ReservationStateError: already committed or released.
-        """
-        self._budget._settle(self, None)
+    def release(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def __enter__(self) -> Self:
         return self
@@ -192,7 +170,46 @@ class Reservation:
             self.release()
 
     def __repr__(self) -> str:
-        return f"Reservation(amount_usd={float(self._amount)!r}, state={self._state!r})"
+        return f"{type(self).__name__}(amount_usd={float(self._amount)!r}, state={self._state!r})"
+
+
+class Reservation(ReservationBase):
+    """A granted reservation: settle it exactly once with :meth:`commit` or :meth:`release`.
+
+    Also a context manager (see :class:`ReservationBase`).
+
+    Example::
+
+        >>> budget = CloudBudget(max_usd=1.0)
+        >>> with budget.hold(0.25) as r:       # hold() raises BudgetExceededError instead
+        ...     r.commit(0.2)                  # of returning None
+        >>> budget.spent
+        0.2
+    """
+
+    __slots__ = ("_budget",)
+
+    def __init__(self, budget: CloudBudget, amount: Fraction) -> None:
+        super().__init__(amount)
+        self._budget = budget
+
+    def commit(self, actual_usd: float | None = None) -> None:
+        """Record the actual cost (default: the reserved amount) and free the reservation.
+
+        Raises:
+            ReservationStateError: already committed or released.
+            TypeError, ValueError: ``actual_usd`` is not a finite amount >= 0.
+        """
+        actual = self._amount if actual_usd is None else exact_usd(actual_usd, "actual_usd")
+        self._budget._settle(self, actual)
+
+    def release(self) -> None:
+        """Free the reservation without spending anything.
+
+        Raises:
+            ReservationStateError: already committed or released.
+        """
+        self._budget._settle(self, None)
 
 
 class CloudBudget:
@@ -222,7 +239,7 @@ class CloudBudget:
         window_s: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._max = _usd(max_usd, "max_usd")
+        self._max = exact_usd(max_usd, "max_usd")
         if isinstance(window_s, bool) or not isinstance(window_s, (int, float)):
             raise InvalidTypeError(f"window_s must be a number of seconds, got {window_s!r}")
         if not math.isfinite(window_s) or window_s <= 0:
@@ -268,7 +285,7 @@ class CloudBudget:
         Raises:
             TypeError, ValueError: ``estimated_usd`` is not a finite amount >= 0.
         """
-        amount = _usd(estimated_usd, "estimated_usd")
+        amount = exact_usd(estimated_usd, "estimated_usd")
         with self._lock:
             self._expire(self._clock())
             if self._spent + self._reserved + amount > self._max:
@@ -302,7 +319,7 @@ class CloudBudget:
     def record_spend(self, actual_usd: float) -> None:
         """Record spend that had no reservation (e.g. a call made outside the router). It
         counts against the cap like committed spend, even if that exceeds it."""
-        amount = _usd(actual_usd, "actual_usd")
+        amount = exact_usd(actual_usd, "actual_usd")
         with self._lock:
             self._add_spend(amount)
 
@@ -448,7 +465,7 @@ class CloudBudget:
             clock,
         )
         if max_usd is None:
-            budget._max = _usd(saved, "'max_usd'")  # keep the saved cap exact
+            budget._max = exact_usd(saved, "'max_usd'")  # keep the saved cap exact
         saved_at = state["saved_at_unix"]
         if isinstance(saved_at, bool) or not isinstance(saved_at, (int, float)):
             raise InvalidTypeError(f"'saved_at_unix' must be a number, got {saved_at!r}")

@@ -41,10 +41,9 @@ import math
 import uuid
 from collections.abc import Mapping
 from fractions import Fraction
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from confidence_router.budget import ReservationStateError, _usd
+from confidence_router.budget import ReservationBase, ReservationStateError, exact_usd
 from confidence_router.errors import (
     BudgetExceededError,
     InvalidArgumentError,
@@ -55,7 +54,6 @@ from confidence_router.stats import RoutingStats, nearest_rank
 
 if TYPE_CHECKING:
     import redis
-    from typing_extensions import Self
 
     from confidence_router.costs import PriceTable
 
@@ -185,32 +183,21 @@ return redis.call('HGETALL', KEYS[1])
 """
 
 
-class RedisReservation:
+class RedisReservation(ReservationBase):
     """A granted reservation on a :class:`RedisCloudBudget`; settle it exactly once.
 
     Same contract as :class:`confidence_router.budget.Reservation`, including the context
     manager (commit on a normal exit, release when an exception escapes).
     """
 
-    __slots__ = ("_amount", "_budget", "_id", "_nano", "_state")
+    __slots__ = ("_budget", "_id", "_nano")
 
     def __init__(self, budget: RedisCloudBudget, reservation_id: str, amount: Fraction,
                  nano: int) -> None:
+        super().__init__(amount)
         self._budget = budget
         self._id = reservation_id
-        self._amount = amount
         self._nano = nano
-        self._state = "pending"
-
-    @property
-    def amount_usd(self) -> float:
-        """The reserved (estimated) amount."""
-        return float(self._amount)
-
-    @property
-    def state(self) -> str:
-        """``"pending"``, ``"committed"`` or ``"released"``."""
-        return self._state
 
     def commit(self, actual_usd: float | None = None) -> None:
         """Record the actual cost (default: the reserved amount) and free the reservation.
@@ -219,7 +206,7 @@ class RedisReservation:
             ReservationStateError: already committed or released.
             TypeError, ValueError: ``actual_usd`` is not a finite amount >= 0.
         """
-        nano = self._nano if actual_usd is None else _nano_up(_usd(actual_usd, "actual_usd"))
+        nano = self._nano if actual_usd is None else _nano_up(exact_usd(actual_usd, "actual_usd"))
         self._settle("committed", nano)
 
     def release(self) -> None:
@@ -235,21 +222,6 @@ class RedisReservation:
             raise ReservationStateError(f"reservation already {self._state}")
         self._state = state
         self._budget._run(self._budget._settle, self._id, nano)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if self._state != "pending":
-            return
-        if exc_type is None:
-            self.commit()
-        else:
-            self.release()
-
-    def __repr__(self) -> str:
-        return f"RedisReservation(amount_usd={float(self._amount)!r}, state={self._state!r})"
 
 
 class RedisCloudBudget:
@@ -286,7 +258,7 @@ class RedisCloudBudget:
         lease_s: float = 900.0,
     ) -> None:
         _check_prefix(prefix, name)
-        self._max = _usd(max_usd, "max_usd")
+        self._max = exact_usd(max_usd, "max_usd")
         self._max_nano = math.floor(self._max * _NANO)
         for label, value in (("window_s", window_s), ("lease_s", lease_s)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -330,7 +302,7 @@ class RedisCloudBudget:
             redis.RedisError: Redis is unreachable (the router then fails the call rather
                 than spend without a cap).
         """
-        amount = _usd(estimated_usd, "estimated_usd")
+        amount = exact_usd(estimated_usd, "estimated_usd")
         nano = _nano_up(amount)
         reservation_id = uuid.uuid4().hex
         granted = self._run(self._reserve, nano, self._max_nano, self._lease_us, reservation_id)
@@ -358,7 +330,7 @@ class RedisCloudBudget:
 
     def record_spend(self, actual_usd: float) -> None:
         """Record spend that had no reservation; it counts against the cap like any other."""
-        nano = _nano_up(_usd(actual_usd, "actual_usd"))
+        nano = _nano_up(exact_usd(actual_usd, "actual_usd"))
         self._run(self._settle, uuid.uuid4().hex, nano)
 
     def _state(self) -> dict[str, int]:
