@@ -72,8 +72,8 @@ __all__ = [
     "ReservationLike",
     "ReservationStateError",
     "estimate_escalation_cost",
-    "exact_usd",
     "estimate_tokens",
+    "exact_usd",
     "upper_bound_input_tokens",
     "upper_bound_request_cost",
 ]

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from confidence_router._extras import require_extra
+from confidence_router.errors import InvalidArgumentError, InvalidTypeError
 from confidence_router.gsa import Hit
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -88,7 +89,7 @@ _M_PROVENANCE = "provenance_json"
 _ID_PREFIX = "kq-"
 
 
-class EmbeddingDimensionError(ValueError):
+class EmbeddingDimensionError(InvalidArgumentError):
     """An embedding's dimension differs from the dimension already stored in the collection.
 
     Usually the embedder changed (e.g. bge-large 1024-d vs nomic-embed-text 768-d). Use a
@@ -158,9 +159,9 @@ def default_knowledge_path() -> Path:
 
 def _require_text(value: Any, name: str) -> str:
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+        raise InvalidTypeError(f"{name} must be a str, got {type(value).__name__}")
     if not value.strip():
-        raise ValueError(f"{name} must be a non-empty, non-whitespace string")
+        raise InvalidArgumentError(f"{name} must be a non-empty, non-whitespace string")
     return value
 
 
@@ -173,13 +174,13 @@ def _check_vector(vector: Sequence[float], what: str) -> list[float]:
     try:
         values = [float(x) for x in vector]
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{what}: embedding is not a sequence of numbers") from exc
+        raise InvalidArgumentError(f"{what}: embedding is not a sequence of numbers") from exc
     if not values:
-        raise ValueError(f"{what}: embedding is empty")
+        raise InvalidArgumentError(f"{what}: embedding is empty")
     if not all(math.isfinite(x) for x in values):
-        raise ValueError(f"{what}: embedding contains NaN or infinite values")
+        raise InvalidArgumentError(f"{what}: embedding contains NaN or infinite values")
     if not any(values):
-        raise ValueError(f"{what}: embedding has zero norm; cosine similarity is undefined")
+        raise InvalidArgumentError(f"{what}: embedding has zero norm; cosine similarity is undefined")
     return values
 
 
@@ -217,7 +218,7 @@ class KnowledgeStore:
         collection: str = DEFAULT_COLLECTION,
     ) -> None:
         if path is not None and client is not None:
-            raise ValueError("pass either path or client, not both")
+            raise InvalidArgumentError("pass either path or client, not both")
         self._embeddings = embeddings
         self._collection_name = collection
         #: The local storage directory, or ``None`` when a ``client`` was supplied.
@@ -246,7 +247,7 @@ class KnowledgeStore:
         )
         space = self._space()
         if space is not None and space != "cosine":
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"knowledge collection {collection!r} exists with distance space {space!r}; "
                 "it must be 'cosine' (the space cannot be changed after creation)"
             )
@@ -334,11 +335,11 @@ class KnowledgeStore:
         if provenance is None:
             provenance = {}
         if not isinstance(provenance, Mapping):
-            raise TypeError(f"provenance must be a mapping, got {type(provenance).__name__}")
+            raise InvalidTypeError(f"provenance must be a mapping, got {type(provenance).__name__}")
         try:
             provenance_json = json.dumps(dict(provenance), sort_keys=True, default=str)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"provenance is not JSON-serialisable: {exc}") from exc
+            raise InvalidArgumentError(f"provenance is not JSON-serialisable: {exc}") from exc
         return entry_id_for_question(question), question, content, source, provenance_json
 
     def add(
@@ -416,13 +417,13 @@ class KnowledgeStore:
         vectors: Sequence[Sequence[float]],
     ) -> list[KnowledgeEntry]:
         if len(vectors) != len(prepared):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"embedder returned {len(vectors)} vectors for {len(prepared)} questions"
             )
         checked = [_check_vector(v, f"question {p[1]!r}") for p, v in zip(prepared, vectors)]
         dims = {len(v) for v in checked}
         if len(dims) > 1:
-            raise ValueError(f"embedder returned vectors of mixed dimensions {sorted(dims)}")
+            raise InvalidArgumentError(f"embedder returned vectors of mixed dimensions {sorted(dims)}")
         dim = dims.pop()
         self._check_dimension(dim)
 
@@ -520,10 +521,10 @@ class KnowledgeStore:
         import numpy as np
 
         if not 0.0 < quantile < 1.0:
-            raise ValueError(f"quantile must be in (0, 1), got {quantile!r}")
+            raise InvalidArgumentError(f"quantile must be in (0, 1), got {quantile!r}")
         vectors = self._collection.get(include=["embeddings"])["embeddings"]
         if vectors is None or len(vectors) < 2:
-            raise ValueError("self_similarity_tau needs at least 2 stored entries")
+            raise InvalidArgumentError("self_similarity_tau needs at least 2 stored entries")
         matrix = np.asarray(vectors, dtype=np.float64)
         matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-10)
         cosine = matrix @ matrix.T
@@ -560,7 +561,7 @@ class KnowledgeStore:
     @staticmethod
     def _check_k(k: Any) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+            raise InvalidArgumentError(f"k must be a positive integer, got {k!r}")
 
     def _query_vector(self, vector: Sequence[float], k: int) -> list[Hit]:
         checked = _check_vector(vector, "query")

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from confidence_router.errors import InvalidArgumentError, InvalidTypeError
 from confidence_router.evaluation.metrics import BootstrapResult, auroc, bootstrap_ci
 
 __all__ = [
@@ -71,11 +72,11 @@ N_FOLDS = 5
 MAX_ITER = 2000
 
 
-class BaselineDataError(ValueError):
+class BaselineDataError(InvalidArgumentError):
     """The training rows cannot train the baseline (too few rows, one class, ...)."""
 
 
-class TrainTestOverlapError(ValueError):
+class TrainTestOverlapError(InvalidArgumentError):
     """An item id appears both in the training rows and in the rows being evaluated."""
 
 
@@ -95,7 +96,7 @@ class LabelledQuestion:
 
     def __post_init__(self) -> None:
         if self.label not in (0, 1):
-            raise ValueError(f"label must be 0 or 1; got {self.label!r} for {self.item_id!r}")
+            raise InvalidArgumentError(f"label must be 0 or 1; got {self.label!r} for {self.item_id!r}")
 
 
 def assert_disjoint(train: Iterable[LabelledQuestion], test: Iterable[LabelledQuestion]) -> None:
@@ -169,9 +170,9 @@ class EmbeddingCache:
 
     def __init__(self, embeddings: Any, *, batch_size: int = 64) -> None:
         if isinstance(embeddings, EmbeddingCache):
-            raise TypeError("wrap a LangChain Embeddings, not another EmbeddingCache")
+            raise InvalidTypeError("wrap a LangChain Embeddings, not another EmbeddingCache")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+            raise InvalidArgumentError(f"batch_size must be >= 1; got {batch_size}")
         self.embeddings = embeddings
         self.batch_size = batch_size
         self._cache: dict[str, NDArray[np.float64]] = {}
@@ -183,7 +184,7 @@ class EmbeddingCache:
             batch = missing[start : start + self.batch_size]
             vectors = self.embeddings.embed_documents(batch)
             if len(vectors) != len(batch):
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"the embeddings returned {len(vectors)} vectors for {len(batch)} texts"
                 )
             for text, vector in zip(batch, vectors):
@@ -192,7 +193,7 @@ class EmbeddingCache:
             return np.zeros((0, 0), dtype=np.float64)
         matrix = np.vstack([self._cache[t] for t in texts])
         if not np.isfinite(matrix).all():
-            raise ValueError("the embeddings contain NaN or infinite values")
+            raise InvalidArgumentError("the embeddings contain NaN or infinite values")
         return matrix
 
 
@@ -351,7 +352,7 @@ class SupervisedBaseline:
         _check_training_rows(rows, min_rows)
         _check_unique_ids(rows, "training")
         if len(cs) == 0:
-            raise ValueError("cs must not be empty")
+            raise InvalidArgumentError("cs must not be empty")
         embedder = _as_cache(embeddings)
         x = embedder.embed([r.question for r in rows])
         y = np.array([r.label for r in rows], dtype=np.int64)
@@ -371,7 +372,7 @@ class SupervisedBaseline:
         """``P(local answer correct)`` for each question (no train/test check: see
         :meth:`score_rows` for evaluation)."""
         if isinstance(questions, str):
-            raise TypeError("score() takes a list of questions, not a single string")
+            raise InvalidTypeError("score() takes a list of questions, not a single string")
         if len(questions) == 0:
             return np.zeros(0, dtype=np.float64)
         x = self.embedder.embed(list(questions))

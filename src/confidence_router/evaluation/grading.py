@@ -29,6 +29,7 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from confidence_router.errors import InvalidArgumentError
 from confidence_router.extraction import message_text as _message_text
 
 __all__ = [
@@ -170,7 +171,7 @@ def substring_grader(question: str, prediction: str, gold_answers: Sequence[str]
     return substring_match(prediction, gold_answers)
 
 
-class JudgeParseError(ValueError):
+class JudgeParseError(InvalidArgumentError):
     """The LLM judge replied with neither YES nor NO.
 
     Raised rather than guessing, so that the harness can exclude the row as a failure and count
@@ -233,7 +234,7 @@ def llm_judge_grader(
     """
     for field in ("{question}", "{gold_answers}", "{prediction}"):
         if field not in prompt_template:
-            raise ValueError(f"prompt_template must contain the placeholder {field}")
+            raise InvalidArgumentError(f"prompt_template must contain the placeholder {field}")
 
     def grade(question: str, prediction: str, gold_answers: Sequence[str]) -> bool:
         answers = _as_answer_list(gold_answers)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol, runtime_checkable
 
+from confidence_router.errors import ConfidenceRouterError, InvalidArgumentError
+
 #: The version ``/api/version`` reports (new enough for logprobs, which need >= 0.12.11).
 OLLAMA_VERSION = "0.13.0"
 #: Ollama accepts ``top_logprobs`` in 0..20.
@@ -66,7 +68,7 @@ class ChatReply:
     tool_calls: Sequence[dict[str, Any]] = ()
 
 
-class BackendError(Exception):
+class BackendError(ConfidenceRouterError):
     """A backend failure that the server reports as an HTTP error with ``{"error": message}``."""
 
     def __init__(self, message: str, status: int = 500) -> None:
@@ -92,7 +94,7 @@ class ChatBackend(Protocol):
         ...
 
 
-class ProtocolError(ValueError):
+class ProtocolError(InvalidArgumentError):
     """A malformed Ollama request body: the server answers 400 with this message."""
 
 

@@ -87,11 +87,11 @@ from dataclasses import dataclass
 from typing import Any, TypedDict, Union
 from urllib.parse import unquote
 
-from confidence_router.serving.ollama_server import (
-    _DISCONNECT_ERRORS,
-    _BackgroundServer,
-    _JSONRequestHandler,
-    _QuietThreadingHTTPServer,
+from confidence_router.serving.http import (
+    DISCONNECT_ERRORS,
+    BackgroundServer,
+    JSONRequestHandler,
+    QuietThreadingHTTPServer,
 )
 from confidence_router.testing.scripted import (
     ScriptedRule,
@@ -283,8 +283,8 @@ def _chunk_event(event: Mapping[str, Any]) -> bytes:
     return _event("chunk", {"bytes": base64.b64encode(data).decode("ascii")})
 
 
-class _BedrockHandler(_JSONRequestHandler):
-    server: _QuietThreadingHTTPServer
+class _BedrockHandler(JSONRequestHandler):
+    server: QuietThreadingHTTPServer
 
     @property
     def owner(self) -> FakeBedrockServer:
@@ -320,7 +320,7 @@ class _BedrockHandler(_JSONRequestHandler):
                 return
         try:
             self._serve(record, body)
-        except _DISCONNECT_ERRORS:
+        except DISCONNECT_ERRORS:
             self.close_connection = True
 
     def do_GET(self) -> None:
@@ -576,7 +576,7 @@ class _BedrockHandler(_JSONRequestHandler):
         self._end_chunked()
 
 
-class FakeBedrockServer(_BackgroundServer):
+class FakeBedrockServer(BackgroundServer):
     """A scripted, thread-safe fake of bedrock-runtime: Converse / ConverseStream (for
     ``ChatBedrockConverse``) and InvokeModel / InvokeModelWithResponseStream with Anthropic's
     messages format (for ``ChatBedrock``).
