@@ -58,6 +58,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -78,6 +79,7 @@ __all__ = [
     "FEW_SHOT_PREFIX",
     "MAX_TOP_LOGPROBS",
     "LlamaCppBackend",
+    "PrefixCacheStats",
     "PromptTemplate",
     "last_logits",
     "log_softmax",
@@ -375,6 +377,24 @@ class LlamaCppBackend:
         stop_at_newline: stop every chat answer at the first newline (the ``Q:``/``A:``
             template is line-based; without it a base model goes on to invent the next
             ``Q:``). :meth:`complete` does not add it.
+        prefix_cache: reuse the KV cache of the longest common token prefix with earlier
+            prompts instead of evaluating every prompt from scratch (default ``True``; see
+            "Prompt-prefix cache" below). ``False`` re-evaluates each prompt in full.
+        prefix_slots: how many earlier prompts' KV states are kept for prefix reuse besides
+            the live one (default 2: e.g. the probe's and the answer's few-shot prefixes,
+            which would otherwise evict each other). 0 keeps only the live state.
+
+    **Prompt-prefix cache.** As llama.cpp's server and Ollama do, a request reuses the KV
+    entries of the longest token prefix its prompt shares with what is in the context (the
+    previous request's prompt and answer), and evaluates only the rest. Because the probe
+    prompt and the answer prompt alternate in the two-stage router, the context alone would
+    keep only their short shared prefix; so the KV state of recent prompts is also saved in
+    ``prefix_slots`` snapshots (a few MB each for short prompts) and restored when one shares a
+    longer prefix with the new prompt than the live context does. Outputs and logprobs are the
+    same with and without the cache (tested token for token). Gemma 3 uses sliding-window
+    attention on most layers; the context is created with a full-size sliding-window cache
+    (``swa_full``) so that no cached position a reused prefix needs is ever dropped, and a
+    prefix is only reused when llama.cpp still holds all its positions.
 
     The model loads in the constructor (``load_seconds`` says how long it took). Requests
     are serialised by a lock, because a llama.cpp context is not thread-safe: a second
@@ -395,7 +415,11 @@ class LlamaCppBackend:
         model_name: str = "gemma3:270m",
         prompt_template: PromptTemplate = render_prompt,
         stop_at_newline: bool = True,
+        prefix_cache: bool = True,
+        prefix_slots: int = 2,
     ) -> None:
+        if prefix_slots < 0:
+            raise ValueError(f"prefix_slots must be >= 0, got {prefix_slots}")
         if n_ctx < 16:
             raise ValueError(f"n_ctx must be at least 16, got {n_ctx}")
         if max_tokens_default < 1:
@@ -410,8 +434,16 @@ class LlamaCppBackend:
         self.model_name = model_name
         self.prompt_template = prompt_template
         self.stop_at_newline = stop_at_newline
+        self.prefix_cache = prefix_cache
+        self.prefix_slots = prefix_slots
+        self.cache_stats = PrefixCacheStats()
+        #: Tokens produced so far (all requests). A client that closes its stream early
+        #: stops the decode loop, so this stops growing (tested through the HTTP server).
+        self.generated_tokens = 0
 
         self._lock = threading.Lock()
+        # Saved KV states of earlier prompts (guarded by _lock), most recently used last.
+        self._snapshots: list[_Snapshot] = []
         self._embed_lock = threading.Lock()
         self._embedder: Llama | None = None
         self._piece_cache: dict[int, str] = {}
@@ -427,6 +459,10 @@ class LlamaCppBackend:
                 # llama-cpp-python's default for prompt batches is every core (see n_threads).
                 n_threads_batch=self._threads(),
                 logits_all=False,  # the fast path reads the last position only
+                # Keep every sliding-window position (no pruning), so a reused prefix always
+                # has the positions its continuation attends to. For n_ctx <= 1024 this is the
+                # size llama.cpp would pick anyway; it only costs memory for larger contexts.
+                swa_full=True,
                 verbose=False,
             )
         except (ValueError, RuntimeError) as exc:  # llama-cpp raises ValueError on a bad file
@@ -609,6 +645,77 @@ class LlamaCppBackend:
         )
         return reply
 
+    def _evaluate_prompt(self, llm: Llama, prompt_ids: list[int]) -> None:
+        """Bring the KV cache to ``prompt_ids`` and evaluate it (caller holds ``_lock``).
+
+        Reuses the longest cached prefix (the live context or a saved snapshot), keeping at
+        least the last prompt token to evaluate: its logits are the first step's.
+        """
+        import numpy as np
+
+        stats = self.cache_stats
+        stats.requests += 1
+        keep = 0
+        if self.prefix_cache:
+            limit = len(prompt_ids) - 1
+            live = _common_prefix(llm.input_ids[: llm.n_tokens], prompt_ids, limit)
+            best = max(
+                self._snapshots,
+                key=lambda snap: _common_prefix(snap.tokens, prompt_ids, limit),
+                default=None,
+            )
+            restored = 0
+            if best is not None:
+                restored = _common_prefix(best.tokens, prompt_ids, limit)
+            if best is not None and restored >= live + _MIN_RESTORE_GAIN:
+                self._snapshots.remove(best)
+                if best.restore(llm):
+                    stats.restores += 1
+                    keep = restored
+                    self._snapshots.append(best)  # most recently used last
+                # else: the context was emptied and the broken snapshot dropped (keep = 0)
+            else:
+                keep = live
+            if keep and not _positions_intact(llm):
+                keep = 0  # llama.cpp dropped positions the prefix needs: evaluate it all
+        if keep:
+            llm.n_tokens = keep  # eval() removes every KV entry from position n_tokens on
+            stats.hits += 1
+        else:
+            llm.reset()
+        stats.reused_tokens += keep
+        stats.evaluated_tokens += len(prompt_ids) - keep
+        try:
+            llm.eval(prompt_ids[keep:])
+        except RuntimeError as exc:
+            llm.reset()  # the cache may hold a partial batch: trust nothing next time
+            raise BackendError(f"llama.cpp failed to evaluate the prompt: {exc}") from exc
+        if self.prefix_cache and self.prefix_slots:
+            self._save_snapshot(llm, np.asarray(prompt_ids, dtype=np.intc))
+
+    def _save_snapshot(self, llm: Llama, tokens: np.ndarray) -> None:
+        """Keep the KV state of this prompt unless a kept snapshot already covers it."""
+        for index, snap in enumerate(self._snapshots):
+            shared = _common_prefix(snap.tokens, tokens, len(tokens))
+            if shared == len(tokens):  # this prompt is a prefix of a kept one
+                self._snapshots.append(self._snapshots.pop(index))
+                return
+            if shared == len(snap.tokens):  # a kept one is a prefix of this prompt: replace
+                del self._snapshots[index]
+                break
+        snapshot = _Snapshot.capture(llm, tokens)
+        if snapshot is None:
+            return
+        self._snapshots.append(snapshot)
+        del self._snapshots[: -self.prefix_slots]
+
+    def clear_prefix_cache(self) -> None:
+        """Forget all cached prompt state (the next request evaluates its prompt in full)."""
+        with self._lock:
+            self._snapshots.clear()
+            if self._llm is not None:
+                self._llm.reset()
+
     def _piece(self, llm: Llama, token: int) -> str:
         # Stand-alone text of one token, for top_logprobs (a partial UTF-8 byte token shows
         # as U+FFFD here). The vocabulary is fixed, so cache it.
@@ -644,11 +751,7 @@ class LlamaCppBackend:
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             stop_filter = _StopFilter(stops)
 
-            llm.reset()  # forget the previous request: eval() then overwrites the KV cache
-            try:
-                llm.eval(prompt_ids)
-            except RuntimeError as exc:
-                raise BackendError(f"llama.cpp failed to evaluate the prompt: {exc}") from exc
+            self._evaluate_prompt(llm, prompt_ids)
 
             for step in range(limit):
                 logits = last_logits(llm)
@@ -661,6 +764,7 @@ class LlamaCppBackend:
                     reply.done_reason = "stop"
                     yield from stop_filter.flush()
                     return
+                self.generated_tokens += 1
                 text = decoder.decode(llm.detokenize([token]))
                 top: tuple[tuple[str, float], ...] = ()
                 if top_k:
@@ -679,6 +783,87 @@ class LlamaCppBackend:
             reply.done_reason = "length"
             # Incomplete UTF-8 bytes at the length limit are dropped (not a character yet).
             yield from stop_filter.flush()
+
+
+# Restoring a snapshot copies its KV state back (~1 ms for a few hundred tokens); it is only
+# worth it when it saves evaluating at least this many prompt tokens.
+_MIN_RESTORE_GAIN = 8
+
+
+@dataclass
+class PrefixCacheStats:
+    """Counters of :class:`LlamaCppBackend`'s prompt-prefix cache (for tests and benchmarks).
+
+    Attributes:
+        requests: prompts evaluated.
+        hits: prompts that reused a cached prefix.
+        restores: hits served from a saved snapshot rather than the live context.
+        reused_tokens: prompt tokens taken from the cache.
+        evaluated_tokens: prompt tokens evaluated by the model.
+    """
+
+    requests: int = 0
+    hits: int = 0
+    restores: int = 0
+    reused_tokens: int = 0
+    evaluated_tokens: int = 0
+
+
+@dataclass
+class _Snapshot:
+    """The saved KV state of one evaluated prompt (sequence 0 of the llama.cpp context)."""
+
+    tokens: np.ndarray
+    state: Any  # a ctypes byte buffer owned by this snapshot
+
+    @classmethod
+    def capture(cls, llm: Llama, tokens: np.ndarray) -> _Snapshot | None:
+        import ctypes
+
+        import llama_cpp
+
+        size = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(llm.ctx, buffer, size, 0)
+        if not 0 < written <= size:
+            return None  # not worth failing a request over: just do not cache it
+        return cls(tokens=tokens.copy(), state=buffer)
+
+    def restore(self, llm: Llama) -> bool:
+        """Replace sequence 0 by this state; ``False`` (and an empty context) on failure."""
+        import ctypes
+
+        import llama_cpp
+
+        size = ctypes.sizeof(self.state)
+        if llama_cpp.llama_state_seq_set_data(llm.ctx, self.state, size, 0) == 0:
+            llm.reset()
+            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llm.ctx), 0, -1, -1)
+            return False
+        count = len(self.tokens)
+        llm.input_ids[:count] = self.tokens
+        llm.n_tokens = count
+        return True
+
+
+def _common_prefix(cached: Sequence[int] | np.ndarray, prompt: Sequence[int], limit: int) -> int:
+    """Length of the common prefix of two token sequences, at most ``limit``."""
+    import numpy as np
+
+    n = min(len(cached), len(prompt), limit)
+    if n <= 0:
+        return 0
+    mismatch = np.flatnonzero(np.asarray(cached[:n]) != np.asarray(prompt[:n]))
+    return int(mismatch[0]) if mismatch.size else n
+
+
+def _positions_intact(llm: Llama) -> bool:
+    # llama.cpp's sliding-window cache may overwrite old positions once it is full. A reused
+    # prefix needs all of them (llama.cpp's server makes the same check); with swa_full=True
+    # this never fails, but it keeps the cache correct for a context built otherwise.
+    import llama_cpp
+
+    return int(llama_cpp.llama_memory_seq_pos_min(llama_cpp.llama_get_memory(llm.ctx), 0)) == 0
 
 
 def _sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
