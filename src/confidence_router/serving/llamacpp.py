@@ -383,6 +383,8 @@ class LlamaCppBackend:
         prefix_slots: how many earlier prompts' KV states are kept for prefix reuse besides
             the live one (default 2: e.g. the probe's and the answer's few-shot prefixes,
             which would otherwise evict each other). 0 keeps only the live state.
+        prompt_batch: prompts are evaluated in batches of this many tokens, aligned to
+            multiples of it, and prefixes are reused in whole batches (default 8). See below.
 
     **Prompt-prefix cache.** As llama.cpp's server and Ollama do, a request reuses the KV
     entries of the longest token prefix its prompt shares with what is in the context (the
@@ -390,8 +392,16 @@ class LlamaCppBackend:
     prompt and the answer prompt alternate in the two-stage router, the context alone would
     keep only their short shared prefix; so the KV state of recent prompts is also saved in
     ``prefix_slots`` snapshots (a few MB each for short prompts) and restored when one shares a
-    longer prefix with the new prompt than the live context does. Outputs and logprobs are the
-    same with and without the cache (tested token for token). Gemma 3 uses sliding-window
+    longer prefix with the new prompt than the live context does.
+
+    Outputs and logprobs are identical with and without the cache (tested token for token)
+    because both evaluate the same batches: llama.cpp's float results for a token depend, in
+    the last bits, on the batch it was computed in (measured on Gemma 3 270M: splitting one
+    prompt differently moves top logprobs by up to ~0.05). So every prompt is evaluated in
+    ``prompt_batch``-token batches at fixed positions (0-7, 8-15, ...), whole batches are
+    reused, and answer tokens (evaluated one by one) are never reused as prompt. This also
+    means logprobs differ slightly from evaluating the prompt in one batch (what
+    ``prompt_batch=n_ctx`` does). Gemma 3 uses sliding-window
     attention on most layers; the context is created with a full-size sliding-window cache
     (``swa_full``) so that no cached position a reused prefix needs is ever dropped, and a
     prefix is only reused when llama.cpp still holds all its positions.
@@ -417,9 +427,12 @@ class LlamaCppBackend:
         stop_at_newline: bool = True,
         prefix_cache: bool = True,
         prefix_slots: int = 2,
+        prompt_batch: int = 8,
     ) -> None:
         if prefix_slots < 0:
             raise ValueError(f"prefix_slots must be >= 0, got {prefix_slots}")
+        if prompt_batch < 1:
+            raise ValueError(f"prompt_batch must be positive, got {prompt_batch}")
         if n_ctx < 16:
             raise ValueError(f"n_ctx must be at least 16, got {n_ctx}")
         if max_tokens_default < 1:
@@ -436,6 +449,7 @@ class LlamaCppBackend:
         self.stop_at_newline = stop_at_newline
         self.prefix_cache = prefix_cache
         self.prefix_slots = prefix_slots
+        self.prompt_batch = prompt_batch
         self.cache_stats = PrefixCacheStats()
         #: Tokens produced so far (all requests). A client that closes its stream early
         #: stops the decode loop, so this stops growing (tested through the HTTP server).
@@ -444,6 +458,8 @@ class LlamaCppBackend:
         self._lock = threading.Lock()
         # Saved KV states of earlier prompts (guarded by _lock), most recently used last.
         self._snapshots: list[_Snapshot] = []
+        # Leading positions of the live context evaluated in whole prompt batches (reusable).
+        self._live_reusable = 0
         self._embed_lock = threading.Lock()
         self._embedder: Llama | None = None
         self._piece_cache: dict[int, str] = {}
@@ -648,25 +664,30 @@ class LlamaCppBackend:
     def _evaluate_prompt(self, llm: Llama, prompt_ids: list[int]) -> None:
         """Bring the KV cache to ``prompt_ids`` and evaluate it (caller holds ``_lock``).
 
-        Reuses the longest cached prefix (the live context or a saved snapshot), keeping at
-        least the last prompt token to evaluate: its logits are the first step's.
+        The prompt is evaluated in batches that start at multiples of ``prompt_batch``
+        positions, with or without the cache: llama.cpp's results for a token depend (in the
+        last bits) on the batch it is evaluated in, so both paths must run the same batches.
+        Only whole batches of an earlier prompt are reused (the live context or a snapshot),
+        and at least the last prompt token is evaluated: its logits are the first step's.
         """
         import numpy as np
 
         stats = self.cache_stats
         stats.requests += 1
+        batch = self.prompt_batch
         keep = 0
         if self.prefix_cache:
             limit = len(prompt_ids) - 1
-            live = _common_prefix(llm.input_ids[: llm.n_tokens], prompt_ids, limit)
+            live = _common_prefix(llm.input_ids[: self._live_reusable], prompt_ids, limit)
             best = max(
                 self._snapshots,
-                key=lambda snap: _common_prefix(snap.tokens, prompt_ids, limit),
+                key=lambda snap: _common_prefix(snap.reusable, prompt_ids, limit),
                 default=None,
             )
             restored = 0
             if best is not None:
-                restored = _common_prefix(best.tokens, prompt_ids, limit)
+                restored = _common_prefix(best.reusable, prompt_ids, limit)
+            live, restored = live // batch * batch, restored // batch * batch
             if best is not None and restored >= live + _MIN_RESTORE_GAIN:
                 self._snapshots.remove(best)
                 if best.restore(llm):
@@ -683,13 +704,17 @@ class LlamaCppBackend:
             stats.hits += 1
         else:
             llm.reset()
+        self._live_reusable = 0  # until the evaluation below has succeeded
         stats.reused_tokens += keep
         stats.evaluated_tokens += len(prompt_ids) - keep
         try:
-            llm.eval(prompt_ids[keep:])
+            for start in range(keep, len(prompt_ids), batch):
+                llm.eval(prompt_ids[start : start + batch])
         except RuntimeError as exc:
             llm.reset()  # the cache may hold a partial batch: trust nothing next time
             raise BackendError(f"llama.cpp failed to evaluate the prompt: {exc}") from exc
+        # Whole batches only: a later, longer prompt evaluates the last one in full.
+        self._live_reusable = len(prompt_ids) // batch * batch
         if self.prefix_cache and self.prefix_slots:
             self._save_snapshot(llm, np.asarray(prompt_ids, dtype=np.intc))
 
@@ -703,7 +728,7 @@ class LlamaCppBackend:
             if shared == len(snap.tokens):  # a kept one is a prefix of this prompt: replace
                 del self._snapshots[index]
                 break
-        snapshot = _Snapshot.capture(llm, tokens)
+        snapshot = _Snapshot.capture(llm, tokens, len(tokens) // self.prompt_batch * self.prompt_batch)
         if snapshot is None:
             return
         self._snapshots.append(snapshot)
@@ -713,6 +738,7 @@ class LlamaCppBackend:
         """Forget all cached prompt state (the next request evaluates its prompt in full)."""
         with self._lock:
             self._snapshots.clear()
+            self._live_reusable = 0
             if self._llm is not None:
                 self._llm.reset()
 
@@ -814,10 +840,11 @@ class _Snapshot:
     """The saved KV state of one evaluated prompt (sequence 0 of the llama.cpp context)."""
 
     tokens: np.ndarray
+    reusable: np.ndarray  # the leading tokens that were evaluated in whole batches
     state: Any  # a ctypes byte buffer owned by this snapshot
 
     @classmethod
-    def capture(cls, llm: Llama, tokens: np.ndarray) -> _Snapshot | None:
+    def capture(cls, llm: Llama, tokens: np.ndarray, reusable: int) -> _Snapshot | None:
         import ctypes
 
         import llama_cpp
@@ -827,7 +854,8 @@ class _Snapshot:
         written = llama_cpp.llama_state_seq_get_data(llm.ctx, buffer, size, 0)
         if not 0 < written <= size:
             return None  # not worth failing a request over: just do not cache it
-        return cls(tokens=tokens.copy(), state=buffer)
+        tokens = tokens.copy()
+        return cls(tokens=tokens, reusable=tokens[:reusable], state=buffer)
 
     def restore(self, llm: Llama) -> bool:
         """Replace sequence 0 by this state; ``False`` (and an empty context) on failure."""
