@@ -3,12 +3,18 @@
 One run on the embedded Gemma 3 270M (through the unchanged ChatOllama and the project's
 Ollama-compatible server), over the same TriviaQA questions, interleaved so that machine noise
 hits every variant alike. For each question it runs the two-stage router's local traffic (the
-GSA YES/NO probe, then the answer) with the prompt-prefix cache off and on, then a live
-early-exit stream. Prints:
+GSA YES/NO probe, then the answer) in three variants of the backend:
 
-* probe / answer median time ratio (cache on; and cache off, the old figure; target <= 0.5);
-* the answer and probe speed-up from the prefix cache (median cache-off / cache-on; target
-  >= 1.3x) and whether every answer and probe score was identical with and without it;
+* ``before``: the previous behaviour (whole prompt in one batch, no cache);
+* ``cache off``: prompts in aligned 8-token batches, no cache (the reference for identity);
+* ``cache on``: the same batches with the prompt-prefix cache (the default now);
+
+then a live early-exit stream. Prints:
+
+* probe / answer median time ratio per variant (target <= 0.5 with the cache);
+* the answer and probe speed-up of the cache over ``before`` and over ``cache off`` (median;
+  target >= 1.3x), whether every answer and probe score was identical with the cache off and
+  on, and how many answers equal the ``before`` ones;
 * early exit on the recorded answers, per signal: how many answers escalate, the share of their
   local decode tokens and time that early exit saves, and how many decisions it changes;
 * a live check: the wall time of answers streamed with early exit (``min_logprob``), the
@@ -83,40 +89,56 @@ def main() -> None:
 
     items = load_dataset("triviaqa", limit=args.n, offset=args.offset)
     print(f"# fast path benchmark: {len(items)} TriviaQA questions, embedded {DEFAULT_MODEL_NAME}")
-    with start_embedded_server(max_tokens_default=args.max_tokens) as server:
+    # Two servers: "before" has its own backend (one-batch prompts, no cache); "cache off" and
+    # "cache on" share one, toggling only prefix_cache (its snapshots survive the toggle).
+    with start_embedded_server(max_tokens_default=args.max_tokens) as server, \
+            start_embedded_server(max_tokens_default=args.max_tokens, prefix_cache=False,
+                                  prompt_batch=1024) as before_server:
         backend = server.backend
         print(f"# model loaded in {backend.load_seconds:.2f} s, {backend._threads()} thread(s)")
-        chat = ChatOllama(base_url=server.url, model=DEFAULT_MODEL_NAME, temperature=0,
-                          logprobs=True, top_logprobs=1)
-        probe = SelfAssessmentProbe(model=ChatOllama(base_url=server.url,
-                                                     model=DEFAULT_MODEL_NAME),
-                                    message_template=YES_NO_TEMPLATE)
+
+        def clients(url: str) -> tuple[ChatOllama, SelfAssessmentProbe]:
+            chat = ChatOllama(base_url=url, model=DEFAULT_MODEL_NAME, temperature=0,
+                              logprobs=True, top_logprobs=1)
+            probe = SelfAssessmentProbe(model=ChatOllama(base_url=url, model=DEFAULT_MODEL_NAME),
+                                        message_template=YES_NO_TEMPLATE)
+            return chat, probe
+
+        chat, probe = clients(server.url)
 
         def live_rule(logprobs: list[float]) -> bool:
             return should_exit_early("min_logprob", args.threshold, logprobs,
                                      max_remaining_tokens=args.max_tokens - len(logprobs))
 
-        probe_s: dict[bool, list[float]] = {False: [], True: []}
-        answer_s: dict[bool, list[float]] = {False: [], True: []}
+        variants = {  # name: (clients, prefix_cache)
+            "before": (clients(before_server.url), False),
+            "cache off": ((chat, probe), False),
+            "cache on": ((chat, probe), True),
+        }
+        probe_s: dict[str, list[float]] = {name: [] for name in variants}
+        answer_s: dict[str, list[float]] = {name: [] for name in variants}
         answers: list[Answer] = []
         live: list[tuple[Answer, Answer]] = []
-        mismatched_answers = mismatched_probes = 0
+        mismatched_answers = mismatched_probes = same_as_before = 0
         started = time.perf_counter()
+        names = list(variants)
         for index, item in enumerate(items):
-            outputs: dict[bool, tuple[float, Answer]] = {}
-            # Alternate which variant goes first, so drifting machine load hits both alike.
-            for cache in ((False, True) if index % 2 == 0 else (True, False)):
+            outputs: dict[str, tuple[float, Answer]] = {}
+            # Rotate which variant goes first, so drifting machine load hits all alike.
+            for name in names[index % 3:] + names[: index % 3]:
+                (variant_chat, variant_probe), cache = variants[name]
                 backend.prefix_cache = cache
-                score = probe.invoke(item.question)
-                answer = stream_answer(chat, item.question)
-                probe_s[cache].append(score.latency_s)
-                answer_s[cache].append(answer.total_s)
-                outputs[cache] = (score.p_yes, answer)
-            backend.prefix_cache = True
-            (p_off, a_off), (p_on, a_on) = outputs[False], outputs[True]
+                score = variant_probe.invoke(item.question)
+                answer = stream_answer(variant_chat, item.question)
+                probe_s[name].append(score.latency_s)
+                answer_s[name].append(answer.total_s)
+                outputs[name] = (score.p_yes, answer)
+            (p_off, a_off), (p_on, a_on) = outputs["cache off"], outputs["cache on"]
             mismatched_probes += p_off != p_on
             mismatched_answers += (a_off.text, a_off.logprobs) != (a_on.text, a_on.logprobs)
+            same_as_before += outputs["before"][1].text == a_on.text
             answers.append(a_on)
+            backend.prefix_cache = True
             live.append((a_on, stream_answer(chat, item.question, exit_rule=live_rule)))
             if (index + 1) % 25 == 0:
                 print(f"#   {index + 1}/{len(items)} questions, "
@@ -125,20 +147,19 @@ def main() -> None:
 
     med = statistics.median
     print("\n## Probe and prefix cache (medians over the same questions)")
-    print("| | probe (s) | answer (s) | probe / answer |")
+    print("| backend | probe (s) | answer (s) | probe / answer |")
     print("| --- | ---: | ---: | ---: |")
-    for cache in (False, True):
-        label = "cache on" if cache else "cache off (before)"
-        p, a = med(probe_s[cache]), med(answer_s[cache])
-        print(f"| {label} | {p:.3f} | {a:.3f} | {p / a:.2f} |")
-    print(f"\nanswer speed-up from the prefix cache: "
-          f"{med(answer_s[False]) / med(answer_s[True]):.2f}x (median), "
-          f"{sum(answer_s[False]) / sum(answer_s[True]):.2f}x (total time)")
-    print(f"probe speed-up from the prefix cache: "
-          f"{med(probe_s[False]) / med(probe_s[True]):.2f}x (median)")
-    print(f"identical outputs with and without the cache: answers "
+    for name in variants:
+        p, a = med(probe_s[name]), med(answer_s[name])
+        print(f"| {name} | {p:.3f} | {a:.3f} | {p / a:.2f} |")
+    for base in ("before", "cache off"):
+        print(f"\ncache on vs {base}: answers {med(answer_s[base]) / med(answer_s['cache on']):.2f}x"
+              f" faster (median; {sum(answer_s[base]) / sum(answer_s['cache on']):.2f}x in total "
+              f"time), probes {med(probe_s[base]) / med(probe_s['cache on']):.2f}x (median)")
+    print(f"\nidentical outputs with the cache off and on: answers "
           f"{len(items) - mismatched_answers}/{len(items)} (text and every logprob), "
-          f"probe scores {len(items) - mismatched_probes}/{len(items)}")
+          f"probe scores {len(items) - mismatched_probes}/{len(items)}; answer text equal to "
+          f"'before' (one-batch prompts): {same_as_before}/{len(items)}")
     print(f"cache: {stats.hits}/{stats.requests} prompts reused a prefix "
           f"({stats.restores} from a snapshot); prompt tokens reused {stats.reused_tokens}, "
           f"evaluated {stats.evaluated_tokens} (cache-off requests included)")

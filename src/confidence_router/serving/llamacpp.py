@@ -383,8 +383,10 @@ class LlamaCppBackend:
         prefix_slots: how many earlier prompts' KV states are kept for prefix reuse besides
             the live one (default 2: e.g. the probe's and the answer's few-shot prefixes,
             which would otherwise evict each other). 0 keeps only the live state.
-        prompt_batch: prompts are evaluated in batches of this many tokens, aligned to
-            multiples of it, and prefixes are reused in whole batches (default 8). See below.
+        prompt_batch: prompt batches are aligned to multiples of this many positions up to
+            ``8 * prompt_batch``, then to multiples of ``8 * prompt_batch``; prefixes are
+            reused in whole batches (default 8: batches 0-7, ..., 56-63, 64-127, 128-191,
+            ...). See below.
 
     **Prompt-prefix cache.** As llama.cpp's server and Ollama do, a request reuses the KV
     entries of the longest token prefix its prompt shares with what is in the context (the
@@ -398,10 +400,11 @@ class LlamaCppBackend:
     because both evaluate the same batches: llama.cpp's float results for a token depend, in
     the last bits, on the batch it was computed in (measured on Gemma 3 270M: splitting one
     prompt differently moves top logprobs by up to ~0.05). So every prompt is evaluated in
-    ``prompt_batch``-token batches at fixed positions (0-7, 8-15, ...), whole batches are
-    reused, and answer tokens (evaluated one by one) are never reused as prompt. This also
-    means logprobs differ slightly from evaluating the prompt in one batch (what
-    ``prompt_batch=n_ctx`` does). Gemma 3 uses sliding-window
+    batches at fixed positions (0-7, 8-15, ..., 56-63, then 64-127, 128-191, ...: fine where
+    prompts share a short few-shot prefix, coarse later because every extra batch costs a pass
+    over the weights), whole batches are reused, and answer tokens (evaluated one by one) are
+    never reused as prompt. This also means logprobs differ slightly from evaluating the
+    prompt in one batch (what ``prompt_batch=n_ctx`` does). Gemma 3 uses sliding-window
     attention on most layers; the context is created with a full-size sliding-window cache
     (``swa_full``) so that no cached position a reused prefix needs is ever dropped, and a
     prefix is only reused when llama.cpp still holds all its positions.
@@ -449,7 +452,7 @@ class LlamaCppBackend:
         self.stop_at_newline = stop_at_newline
         self.prefix_cache = prefix_cache
         self.prefix_slots = prefix_slots
-        self.prompt_batch = prompt_batch
+        self._prompt_batch = prompt_batch
         self.cache_stats = PrefixCacheStats()
         #: Tokens produced so far (all requests). A client that closes its stream early
         #: stops the decode loop, so this stops growing (tested through the HTTP server).
@@ -664,9 +667,9 @@ class LlamaCppBackend:
     def _evaluate_prompt(self, llm: Llama, prompt_ids: list[int]) -> None:
         """Bring the KV cache to ``prompt_ids`` and evaluate it (caller holds ``_lock``).
 
-        The prompt is evaluated in batches that start at multiples of ``prompt_batch``
-        positions, with or without the cache: llama.cpp's results for a token depend (in the
-        last bits) on the batch it is evaluated in, so both paths must run the same batches.
+        The prompt is evaluated in batches between fixed positions (:meth:`_batch_end`), with
+        or without the cache: llama.cpp's results for a token depend (in the last bits) on
+        the batch it is evaluated in, so both paths must run the same batches.
         Only whole batches of an earlier prompt are reused (the live context or a snapshot),
         and at least the last prompt token is evaluated: its logits are the first step's.
         """
@@ -674,11 +677,11 @@ class LlamaCppBackend:
 
         stats = self.cache_stats
         stats.requests += 1
-        batch = self.prompt_batch
         keep = 0
         if self.prefix_cache:
             limit = len(prompt_ids) - 1
-            live = _common_prefix(llm.input_ids[: self._live_reusable], prompt_ids, limit)
+            reusable = min(self._live_reusable, llm.n_tokens)
+            live = _common_prefix(llm.input_ids[:reusable], prompt_ids, limit)
             best = max(
                 self._snapshots,
                 key=lambda snap: _common_prefix(snap.reusable, prompt_ids, limit),
@@ -687,7 +690,7 @@ class LlamaCppBackend:
             restored = 0
             if best is not None:
                 restored = _common_prefix(best.reusable, prompt_ids, limit)
-            live, restored = live // batch * batch, restored // batch * batch
+            live, restored = self._whole_batches(live), self._whole_batches(restored)
             if best is not None and restored >= live + _MIN_RESTORE_GAIN:
                 self._snapshots.remove(best)
                 if best.restore(llm):
@@ -708,13 +711,18 @@ class LlamaCppBackend:
         stats.reused_tokens += keep
         stats.evaluated_tokens += len(prompt_ids) - keep
         try:
-            for start in range(keep, len(prompt_ids), batch):
-                llm.eval(prompt_ids[start : start + batch])
+            start = keep
+            while start < len(prompt_ids):
+                end = min(self._batch_end(start), len(prompt_ids))
+                # Only the last prompt token's logits are read: an intermediate batch that
+                # asked for logits would pay the 262,144-way output projection for nothing.
+                _decode_batch(llm, prompt_ids[start:end], logits=end == len(prompt_ids))
+                start = end
         except RuntimeError as exc:
             llm.reset()  # the cache may hold a partial batch: trust nothing next time
             raise BackendError(f"llama.cpp failed to evaluate the prompt: {exc}") from exc
         # Whole batches only: a later, longer prompt evaluates the last one in full.
-        self._live_reusable = len(prompt_ids) // batch * batch
+        self._live_reusable = self._whole_batches(len(prompt_ids))
         if self.prefix_cache and self.prefix_slots:
             self._save_snapshot(llm, np.asarray(prompt_ids, dtype=np.intc))
 
@@ -728,19 +736,49 @@ class LlamaCppBackend:
             if shared == len(snap.tokens):  # a kept one is a prefix of this prompt: replace
                 del self._snapshots[index]
                 break
-        snapshot = _Snapshot.capture(llm, tokens, len(tokens) // self.prompt_batch * self.prompt_batch)
+        snapshot = _Snapshot.capture(llm, tokens, self._whole_batches(len(tokens)))
         if snapshot is None:
             return
         self._snapshots.append(snapshot)
         del self._snapshots[: -self.prefix_slots]
 
+    def _batch_end(self, start: int) -> int:
+        """The end of the prompt batch that starts at position ``start`` (a batch boundary)."""
+        fine = self._prompt_batch
+        step = fine if start < 8 * fine else 8 * fine
+        return (start // step + 1) * step
+
+    def _whole_batches(self, length: int) -> int:
+        """The last batch boundary at or before ``length`` (the reusable part of a prefix)."""
+        fine = self._prompt_batch
+        step = fine if length < 8 * fine else 8 * fine
+        return length // step * step
+
+    @property
+    def prompt_batch(self) -> int:
+        """Prompt tokens per llama.cpp batch (see the class docstring); settable."""
+        return self._prompt_batch
+
+    @prompt_batch.setter
+    def prompt_batch(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"prompt_batch must be a positive int, got {value!r}")
+        with self._lock:
+            # Cached states were computed in batches of the old size: reusing them would
+            # break "identical with and without the cache".
+            self._forget_cache()
+            self._prompt_batch = value
+
     def clear_prefix_cache(self) -> None:
         """Forget all cached prompt state (the next request evaluates its prompt in full)."""
         with self._lock:
-            self._snapshots.clear()
-            self._live_reusable = 0
-            if self._llm is not None:
-                self._llm.reset()
+            self._forget_cache()
+
+    def _forget_cache(self) -> None:
+        self._snapshots.clear()
+        self._live_reusable = 0
+        if self._llm is not None:
+            self._llm.reset()
 
     def _piece(self, llm: Llama, token: int) -> str:
         # Stand-alone text of one token, for top_logprobs (a partial UTF-8 byte token shows
@@ -872,6 +910,31 @@ class _Snapshot:
         llm.input_ids[:count] = self.tokens
         llm.n_tokens = count
         return True
+
+
+def _decode_batch(llm: Llama, tokens: Sequence[int], *, logits: bool) -> None:
+    """Evaluate ``tokens`` at the next positions of sequence 0, like ``Llama.eval`` (which
+    always computes the last token's logits), with logits for the last token only if asked."""
+    import llama_cpp
+
+    n_past, count = llm.n_tokens, len(tokens)
+    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llm.ctx), -1, n_past, -1)
+    batch = llama_cpp.llama_batch_init(count, 0, 1)
+    try:
+        for i, token in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = n_past + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = logits and i == count - 1
+        batch.n_tokens = count
+        code = llama_cpp.llama_decode(llm.ctx, batch)
+        if code != 0:
+            raise RuntimeError(f"llama_decode returned {code}")
+    finally:
+        llama_cpp.llama_batch_free(batch)
+    llm.input_ids[n_past : n_past + count] = tokens
+    llm.n_tokens = n_past + count
 
 
 def _common_prefix(cached: Sequence[int] | np.ndarray, prompt: Sequence[int], limit: int) -> int:
