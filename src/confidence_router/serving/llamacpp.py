@@ -393,8 +393,8 @@ class LlamaCppBackend:
     previous request's prompt and answer), and evaluates only the rest. Because the probe
     prompt and the answer prompt alternate in the two-stage router, the context alone would
     keep only their short shared prefix; so the KV state of recent prompts is also saved in
-    ``prefix_slots`` snapshots (a few MB each for short prompts) and restored when one shares a
-    longer prefix with the new prompt than the live context does.
+    ``prefix_slots`` snapshots (~0.75 MB for the ~170-token probe prompt on Gemma 3 270M) and
+    restored when one shares a longer prefix with the new prompt than the live context does.
 
     Outputs and logprobs are identical with and without the cache (tested token for token)
     because both evaluate the same batches: llama.cpp's float results for a token depend, in
@@ -404,10 +404,10 @@ class LlamaCppBackend:
     prompts share a short few-shot prefix, coarse later because every extra batch costs a pass
     over the weights), whole batches are reused, and answer tokens (evaluated one by one) are
     never reused as prompt. This also means logprobs differ slightly from evaluating the
-    prompt in one batch (what ``prompt_batch=n_ctx`` does). Gemma 3 uses sliding-window
-    attention on most layers; the context is created with a full-size sliding-window cache
-    (``swa_full``) so that no cached position a reused prefix needs is ever dropped, and a
-    prefix is only reused when llama.cpp still holds all its positions.
+    prompt in one batch (what ``prompt_batch=n_ctx`` does, with the cache off: the behaviour
+    before the cache existed). Gemma 3 uses sliding-window attention on most layers: a prefix
+    is only reused when llama.cpp still holds all its positions (its sliding-window cache
+    covers a whole 1024-token context; larger contexts get a full-size one, ``swa_full``).
 
     The model loads in the constructor (``load_seconds`` says how long it took). Requests
     are serialised by a lock, because a llama.cpp context is not thread-safe: a second
@@ -478,10 +478,12 @@ class LlamaCppBackend:
                 # llama-cpp-python's default for prompt batches is every core (see n_threads).
                 n_threads_batch=self._threads(),
                 logits_all=False,  # the fast path reads the last position only
-                # Keep every sliding-window position (no pruning), so a reused prefix always
-                # has the positions its continuation attends to. For n_ctx <= 1024 this is the
-                # size llama.cpp would pick anyway; it only costs memory for larger contexts.
-                swa_full=True,
+                # llama.cpp sizes the sliding-window cache at n_swa + n_ubatch positions (512 +
+                # 512 for Gemma 3, i.e. all of a 1024-token context) and overwrites the oldest
+                # beyond that. A larger context keeps every position (swa_full, more memory),
+                # so that a reused prefix always has the positions its continuation attends
+                # to; the pos_min check in _evaluate_prompt covers other models.
+                swa_full=n_ctx > 1024,
                 verbose=False,
             )
         except (ValueError, RuntimeError) as exc:  # llama-cpp raises ValueError on a bad file
@@ -937,7 +939,9 @@ def _decode_batch(llm: Llama, tokens: Sequence[int], *, logits: bool) -> None:
     llm.n_tokens = n_past + count
 
 
-def _common_prefix(cached: Sequence[int] | np.ndarray, prompt: Sequence[int], limit: int) -> int:
+def _common_prefix(
+    cached: Sequence[int] | np.ndarray, prompt: Sequence[int] | np.ndarray, limit: int
+) -> int:
     """Length of the common prefix of two token sequences, at most ``limit``."""
     import numpy as np
 
