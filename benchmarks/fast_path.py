@@ -18,7 +18,11 @@ then a live early-exit stream. Prints:
 * early exit on the recorded answers, per signal: how many answers escalate, the share of their
   local decode tokens and time that early exit saves, and how many decisions it changes;
 * a live check: the wall time of answers streamed with early exit (``min_logprob``), the
-  stream closed at the deciding token, against the full answers.
+  stream closed at the deciding token, against the full answers;
+* concurrency (``--concurrency N``): two client threads sending probe + answer for N questions
+  each at the same time, cache off vs on: wall time, cache hits, and whether every answer equals
+  the one-client answer (the backend serialises requests with a lock; snapshots keep both
+  prompt families cached while the clients interleave).
 
 Needs the ``embedded`` and ``eval`` extras and the TriviaQA file (``CONFIDENCE_ROUTER_DATA_DIR``
 or ``../shared/data``). Takes ~10-20 min for 200 questions on 2 cores::
@@ -80,13 +84,63 @@ def escalates(signal: str, threshold: float, logprobs: list[float]) -> bool:
 
 
 def main() -> None:
+    """Parse the arguments and run the sections."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=200, help="TriviaQA questions")
     parser.add_argument("--offset", type=int, default=0)
     parser.add_argument("--threshold", type=float, default=0.7, help="keep-local threshold")
     parser.add_argument("--max-tokens", type=int, default=48, help="answer num_predict")
+    parser.add_argument("--concurrency", type=int, default=30,
+                        help="questions per client in the two-client section (0: skip)")
     args = parser.parse_args()
+    if args.n > 0:
+        main_section(args)
+    if args.concurrency > 0:
+        concurrency_section(args)
 
+
+def concurrency_section(args: argparse.Namespace) -> None:
+    """Two clients at once against one backend, cache off vs on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = load_dataset("triviaqa", limit=2 * args.concurrency, offset=args.offset)
+    halves = [items[: args.concurrency], items[args.concurrency:]]
+    with start_embedded_server(max_tokens_default=args.max_tokens) as server:
+        backend = server.backend
+        chat = ChatOllama(base_url=server.url, model=DEFAULT_MODEL_NAME, temperature=0,
+                          logprobs=True)
+        probe = SelfAssessmentProbe(model=ChatOllama(base_url=server.url,
+                                                     model=DEFAULT_MODEL_NAME),
+                                    message_template=YES_NO_TEMPLATE)
+        reference = {item.question: chat.invoke(item.question).content for item in items}
+
+        def client(part: list[Any]) -> list[tuple[str, str]]:
+            out = []
+            for item in part:
+                probe.invoke(item.question)
+                out.append((item.question, chat.invoke(item.question).content))
+            return out
+
+        print(f"\n## Two concurrent clients ({args.concurrency} probe + answer each)")
+        print("| backend | wall time (s) | prompts reusing a prefix | answers as with one client |")
+        print("| --- | ---: | ---: | ---: |")
+        for cache in (False, True, False, True):
+            backend.prefix_cache = cache
+            backend.clear_prefix_cache()
+            before = backend.cache_stats.requests, backend.cache_stats.hits
+            start = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                results = [f.result() for f in [pool.submit(client, h) for h in halves]]
+            wall = time.perf_counter() - start
+            same = sum(got == reference[q] for r in results for q, got in r)
+            requests = backend.cache_stats.requests - before[0]
+            hits = backend.cache_stats.hits - before[1]
+            print(f"| cache {'on' if cache else 'off'} | {wall:.1f} | {hits}/{requests} "
+                  f"| {same}/{len(items)} |")
+
+
+def main_section(args: argparse.Namespace) -> None:
+    """Probe/answer ratio, cache speed-up, identity, early exit (simulated and live)."""
     items = load_dataset("triviaqa", limit=args.n, offset=args.offset)
     print(f"# fast path benchmark: {len(items)} TriviaQA questions, embedded {DEFAULT_MODEL_NAME}")
     # Two servers: "before" has its own backend (one-batch prompts, no cache); "cache off" and
