@@ -954,8 +954,8 @@ def _common_prefix(
 
 def _positions_intact(llm: Llama) -> bool:
     # llama.cpp's sliding-window cache may overwrite old positions once it is full. A reused
-    # prefix needs all of them (llama.cpp's server makes the same check); with swa_full=True
-    # this never fails, but it keeps the cache correct for a context built otherwise.
+    # prefix needs all of them (llama.cpp's server makes the same check). For Gemma 3 with
+    # n_ctx <= 1024, or with swa_full, this never fails; it keeps other models correct.
     import llama_cpp
 
     return int(llama_cpp.llama_memory_seq_pos_min(llama_cpp.llama_get_memory(llm.ctx), 0)) == 0
