@@ -24,8 +24,9 @@ then a live early-exit stream. Prints:
   the one-client answer (the backend serialises requests with a lock; snapshots keep both
   prompt families cached while the clients interleave).
 
-Needs the ``embedded`` and ``eval`` extras and the TriviaQA file (``CONFIDENCE_ROUTER_DATA_DIR``
-or ``../shared/data``). Takes ~10-20 min for 200 questions on 2 cores::
+Needs the ``embedded`` and ``eval`` extras and the TriviaQA file (the data directory of the
+evaluation harness, e.g. ``CONFIDENCE_ROUTER_DATA_DIR``). Takes ~15-30 min for 200 questions
+on 2 busy cores::
 
     CONFIDENCE_ROUTER_DATA_DIR=/path/to/data python benchmarks/fast_path.py --n 200
 """
