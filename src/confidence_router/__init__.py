@@ -28,6 +28,8 @@ _EXPORTS: dict[str, str] = {
     "confidence_to_logprob": "confidence_router.signals",
     "TokenLogprob": "confidence_router.extraction",
     "token_logprobs": "confidence_router.extraction",
+    "should_exit_early": "confidence_router.early_exit",
+    "early_exit_index": "confidence_router.early_exit",
     "ConfidenceRouterError": "confidence_router.errors",
     "RoutingConfigError": "confidence_router.errors",
     "LocalModelError": "confidence_router.errors",
@@ -90,9 +92,11 @@ __all__ = [
     "calibrate_threshold",
     "compute_signals",
     "confidence_to_logprob",
+    "early_exit_index",
     "logprob_to_confidence",
     "routing_run_metadata",
     "routing_run_tags",
+    "should_exit_early",
     "structured_router",
     "token_logprobs",
 ]
@@ -102,6 +106,7 @@ if TYPE_CHECKING:
     from confidence_router.budget import CloudBudget
     from confidence_router.calibration import RollingQuantileThreshold, calibrate_threshold
     from confidence_router.costs import PriceTable
+    from confidence_router.early_exit import early_exit_index, should_exit_early
     from confidence_router.errors import (
         BudgetExceededError,
         CloudEscalationError,

@@ -1,68 +1,187 @@
-"""Early exit: can a local answer, part-way through, still end up "keep local"?
+"""Early-exit escalation: stop the local answer as soon as it can no longer be kept.
 
-Pure functions over the tokens generated so far (floats or
-:class:`~confidence_router.extraction.TokenLogprob`). With ``early_exit=True`` the router asks
-:func:`can_no_longer_keep` after every streamed token and, when it says so, closes the local
-stream (the server stops generating) and escalates at once.
+Pure Python, no framework imports. While the local answer streams, the router can ask after
+every token whether the final decision can still come out "keep local" (score ``>=``
+threshold, see :func:`confidence_router.policy.decide_after_generation`). If it cannot, the
+rest of the local answer is wasted work: close the stream and escalate now.
 
-* ``min_logprob`` — **exact**: the score is ``sigmoid(2*min+3)`` and the minimum can only go
-  down, so the first token whose own score is below the threshold decides; the decision is
-  identical to generating to the end.
-* ``mean_logprob`` — a **bound**: assume every remaining token is certain (logprob 0) and the
-  answer runs to ``max_tokens`` more tokens; if even then the mean stays below the
-  threshold's equivalent, the answer cannot be kept. With the default horizon this fires only
-  on answers that are hopeless early on; a shorter horizon exits earlier but may change
-  decisions (measure it on your traffic).
-* any other signal: never exits early (no sound rule is known for it).
+Usage::
 
->>> can_no_longer_keep("min_logprob", 0.7, [-0.1, -2.0])
-True
->>> can_no_longer_keep("mean_logprob", 0.7, [-0.1, -0.2])
-False
+    from confidence_router.early_exit import should_exit_early
+
+    seen: list[float] = []
+    for token in local_stream:                     # per-token logprobs as they arrive
+        seen.append(token.logprob)
+        if should_exit_early("min_logprob", 0.7, seen, max_remaining_tokens=limit - len(seen)):
+            local_stream.close()                   # the server stops generating
+            break                                  # ... and escalate
+
+    >>> should_exit_early("min_logprob", 0.7, [-0.01, -2.5])   # sigmoid(2 * -2.5 + 3) = 0.12
+    True
+    >>> should_exit_early("mean_logprob", 0.7, [-0.01, -2.5])  # no cap: more tokens may follow
+    False
+    >>> should_exit_early("mean_logprob", 0.7, [-0.01, -2.5], max_remaining_tokens=0)
+    True
+
+The rule per signal (``threshold`` is the keep-local threshold on the [0, 1] score):
+
+* ``min_logprob`` — **exact.** The final minimum can only go down, so the first token whose own
+  score ``sigmoid(2 * logprob + 3)`` is below the threshold decides; later tokens cannot bring
+  the decision back. ``max_remaining_tokens`` is not needed.
+* ``mean_logprob`` — a **bound**: the best the answer can still do is to continue with
+  ``max_remaining_tokens`` tokens that are all certain (logprob 0), which pulls the mean up
+  towards 0 as far as possible. If even that final mean scores below the threshold, exit. With
+  the true cap (``num_predict`` minus the tokens seen) this is exact; a smaller value (a
+  "plausible" horizon, e.g. 4 more tokens for a short factual answer) exits earlier but can
+  change decisions: an answer that would have ended with many confident tokens is escalated.
+  ``max_remaining_tokens=None`` (no cap known) never exits for the mean: unboundedly many
+  certain tokens could still lift any mean above any threshold below ``sigmoid(3)``.
+* any other signal name (e.g. signals added to
+  :data:`confidence_router.signals.SIGNAL_SCORERS` later) — no early exit (``False``): without a
+  known bound an early stop could change the decision.
+
+Exactness assumes the remaining tokens have valid logprobs (finite, ``<= 0``), which is what a
+backend reports for generated tokens. An invalid value among the tokens *seen so far* makes the
+final confidence unknown (handled by ``on_unknown``), so it never triggers an early exit. To stay
+exact despite float rounding in the logistic map, a score within :data:`SCORE_MARGIN` of the
+threshold does not trigger an exit (the answer then simply runs on and is decided normally).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from confidence_router.signals import confidence_to_logprob
+from confidence_router.errors import RoutingConfigError
+from confidence_router.signals import OFFSET, SLOPE, logprob_to_confidence
 
-#: How many more tokens the mean bound assumes could still come (all certain).
-DEFAULT_HORIZON_TOKENS = 32
+__all__ = [
+    "EXACT_SIGNALS",
+    "SCORE_MARGIN",
+    "early_exit_index",
+    "should_exit_early",
+]
+
+#: A score must be this far below the threshold to trigger an exit. The logistic map is
+#: monotone mathematically but not always in the last bit in floating point; the margin keeps
+#: "exit early" identical to "run to the end" (it only delays exits for scores within 1e-9 of
+#: the threshold).
+SCORE_MARGIN = 1e-9
+
+#: Signals for which early exit never changes the decision (given the true token cap for the
+#: mean).
+EXACT_SIGNALS: tuple[str, ...] = ("min_logprob", "mean_logprob")
+
+# compute_signals accepts tiny positive values from float rounding of log(1) and clamps them.
+_POSITIVE_TOLERANCE = 1e-6
 
 
-def _logprob(token: Any) -> float:
-    return float(getattr(token, "logprob", token))
+def _logprob_of(item: Any) -> float:
+    # A float, or any object with a ``logprob`` (TokenLogprob, GeneratedToken, ollama Logprob),
+    # or a mapping with a "logprob" key (the Ollama wire format).
+    if isinstance(item, (int, float)) and not isinstance(item, bool):
+        return float(item)
+    value = item.get("logprob") if isinstance(item, dict) else getattr(item, "logprob", None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"expected a logprob (float) or an object with a float 'logprob', got {item!r}"
+        )
+    return float(value)
 
 
-def can_no_longer_keep(
+def _valid(values: Sequence[float]) -> bool:
+    return all(not (math.isnan(v) or math.isinf(v)) and v <= _POSITIVE_TOLERANCE for v in values)
+
+
+def _check_threshold(threshold: float) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(
+        threshold
+    ):
+        raise RoutingConfigError(f"threshold must be a number, got {threshold!r}")
+
+
+def should_exit_early(
     signal: str,
     threshold: float,
-    tokens: Sequence[Any],
+    logprobs: Iterable[Any],
     *,
-    horizon: int = DEFAULT_HORIZON_TOKENS,
+    max_remaining_tokens: int | None = None,
+    slope: float = SLOPE,
+    offset: float = OFFSET,
 ) -> bool:
-    """True when no continuation can bring the answer's ``signal`` score up to ``threshold``.
+    """Whether the decision can no longer come out "keep local" (see the module docstring).
 
     Args:
-        signal: the routing signal's name.
-        threshold: the threshold in effect (a confidence in [0, 1]).
-        tokens: the tokens generated so far (logprobs or ``TokenLogprob``).
-        horizon: for mean-type signals, the most further tokens assumed possible.
+        signal: the routing signal name (``"min_logprob"``, ``"mean_logprob"``; any other
+            name returns ``False``).
+        threshold: keep the local answer iff its score ``>= threshold``.
+        logprobs: the generated tokens' logprobs so far, as floats or as objects/mappings with a
+            ``logprob`` (``TokenLogprob``, Ollama's per-token entries).
+        max_remaining_tokens: at most this many tokens can still follow (e.g. ``num_predict``
+            minus the tokens seen). Used by ``mean_logprob`` only.
+        slope, offset: the logistic map (the paper's 2 and 3).
+
+    Returns ``False`` while nothing was generated or when a logprob seen so far is invalid.
+
+    Raises:
+        RoutingConfigError: ``threshold`` is not a number or ``max_remaining_tokens < 0``.
+        TypeError: an item carries no float logprob.
     """
-    if not tokens or threshold <= 0.0:
+    _check_threshold(threshold)
+    if max_remaining_tokens is not None and (
+        isinstance(max_remaining_tokens, bool)
+        or not isinstance(max_remaining_tokens, int)
+        or max_remaining_tokens < 0
+    ):
+        raise RoutingConfigError(
+            f"max_remaining_tokens must be a non-negative int or None, got {max_remaining_tokens!r}"
+        )
+    values = [_logprob_of(item) for item in logprobs]
+    if not values or not _valid(values):
         return False
-    if threshold >= 1.0:
-        return True  # no answer reaches a confidence of 1
-    values = [_logprob(t) for t in tokens]
-    if any(math.isnan(v) for v in values):
-        return False
-    cutoff = confidence_to_logprob(threshold)
+    values = [min(v, 0.0) for v in values]  # the clamp compute_signals applies
     if signal == "min_logprob":
-        return min(values) < cutoff
-    if signal == "mean_logprob":
-        best_mean = math.fsum(min(v, 0.0) for v in values) / (len(values) + horizon)
-        return best_mean < cutoff
-    return False
+        best_final = min(values)
+    elif signal == "mean_logprob":
+        if max_remaining_tokens is None:
+            return False
+        # Certain remaining tokens add 0 to the sum and 1 to the count each.
+        best_final = math.fsum(values) / (len(values) + max_remaining_tokens)
+    else:
+        return False
+    return logprob_to_confidence(best_final, slope, offset) < threshold - SCORE_MARGIN
+
+
+def early_exit_index(
+    signal: str,
+    threshold: float,
+    logprobs: Sequence[Any],
+    *,
+    max_tokens: int | None = None,
+    slope: float = SLOPE,
+    offset: float = OFFSET,
+) -> int | None:
+    """How many tokens a stream with early exit would generate, or ``None`` if it never exits.
+
+    Replays :func:`should_exit_early` token by token over a complete answer (for simulations on
+    stored per-token data). ``max_tokens`` is the answer's token cap (``num_predict``): the
+    remaining-token bound after ``k`` tokens is ``max_tokens - k``. ``None`` means no known cap.
+
+    >>> early_exit_index("min_logprob", 0.7, [-0.1, -0.2, -3.0, -0.1, -0.1])
+    3
+    """
+    if max_tokens is not None and max_tokens < len(logprobs):
+        raise RoutingConfigError(
+            f"max_tokens ({max_tokens}) is smaller than the answer ({len(logprobs)} tokens)"
+        )
+    # Incremental versions of the rules would be O(n); answers are short (<= a few hundred
+    # tokens), and reusing should_exit_early keeps the simulation identical to the live rule.
+    for k in range(1, len(logprobs) + 1):
+        remaining = None if max_tokens is None else max_tokens - k
+        if should_exit_early(
+            signal, threshold, logprobs[:k], max_remaining_tokens=remaining, slope=slope,
+            offset=offset,
+        ):
+            return k
+    return None

@@ -339,7 +339,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
                     if self.budget is not None and self.cloud is not None
                     else None
                 ),
-                early_exit_rule=_early_exit_rule(),
+                early_exit_rule=_early_exit_rule(self.local),
                 confidence_map=self.confidence_map,
             )
         return self._collab
@@ -906,12 +906,21 @@ def _watch(effect: Generate, call: _Call) -> _Watch | None:
     return _Watch(call.trace)
 
 
-def _early_exit_rule() -> Callable[[str, float, Sequence[Any]], bool] | None:
-    try:
-        from confidence_router.early_exit import can_no_longer_keep
-    except ImportError:  # pragma: no cover - the module ships with the package
-        return None
-    return can_no_longer_keep
+def _early_exit_rule(local: Any) -> Callable[[str, float, Sequence[Any]], bool]:
+    """The early-exit test for this local tier: exact for ``min_logprob``; for
+    ``mean_logprob`` it needs the most tokens the answer can still have, known from the
+    tier's ``num_predict`` / ``max_tokens`` (without it, mean-type signals never exit)."""
+    from confidence_router.early_exit import should_exit_early
+
+    inner = tier_clients.unwrap(local)
+    cap = getattr(inner, "num_predict", None) or getattr(inner, "max_tokens", None)
+    cap = cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None
+
+    def rule(signal: str, threshold: float, tokens: Sequence[Any]) -> bool:
+        remaining = None if cap is None else max(cap - len(tokens), 0)
+        return should_exit_early(signal, threshold, tokens, max_remaining_tokens=remaining)
+
+    return rule
 
 
 def _check_input(messages: Sequence[BaseMessage]) -> None:

@@ -59,6 +59,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,7 @@ __all__ = [
     "FEW_SHOT_PREFIX",
     "MAX_TOP_LOGPROBS",
     "LlamaCppBackend",
+    "PrefixCacheStats",
     "PromptTemplate",
     "last_logits",
     "log_softmax",
@@ -414,6 +416,37 @@ class LlamaCppBackend:
         stop_at_newline: stop every chat answer at the first newline (the ``Q:``/``A:``
             template is line-based; without it a base model goes on to invent the next
             ``Q:``). :meth:`complete` does not add it.
+        prefix_cache: reuse the KV cache of the longest common token prefix with earlier
+            prompts instead of evaluating every prompt from scratch (default ``True``; see
+            "Prompt-prefix cache" below). ``False`` re-evaluates each prompt in full.
+        prefix_slots: how many earlier prompts' KV states are kept for prefix reuse besides
+            the live one (default 2: e.g. the probe's and the answer's few-shot prefixes,
+            which would otherwise evict each other). 0 keeps only the live state.
+        prompt_batch: prompt batches are aligned to multiples of this many positions up to
+            ``8 * prompt_batch``, then to multiples of ``8 * prompt_batch``; prefixes are
+            reused in whole batches (default 8: batches 0-7, ..., 56-63, 64-127, 128-191,
+            ...). See below.
+
+    **Prompt-prefix cache.** As llama.cpp's server and Ollama do, a request reuses the KV
+    entries of the longest token prefix its prompt shares with what is in the context (the
+    previous request's prompt and answer), and evaluates only the rest. Because the probe
+    prompt and the answer prompt alternate in the two-stage router, the context alone would
+    keep only their short shared prefix; so the KV state of recent prompts is also saved in
+    ``prefix_slots`` snapshots (~0.75 MB for the ~170-token probe prompt on Gemma 3 270M) and
+    restored when one shares a longer prefix with the new prompt than the live context does.
+
+    Outputs and logprobs are identical with and without the cache (tested token for token)
+    because both evaluate the same batches: llama.cpp's float results for a token depend, in
+    the last bits, on the batch it was computed in (measured on Gemma 3 270M: splitting one
+    prompt differently moves top logprobs by up to ~0.05). So every prompt is evaluated in
+    batches at fixed positions (0-7, 8-15, ..., 56-63, then 64-127, 128-191, ...: fine where
+    prompts share a short few-shot prefix, coarse later because every extra batch costs a pass
+    over the weights), whole batches are reused, and answer tokens (evaluated one by one) are
+    never reused as prompt. This also means logprobs differ slightly from evaluating the
+    prompt in one batch (what ``prompt_batch=n_ctx`` does, with the cache off: the behaviour
+    before the cache existed). Gemma 3 uses sliding-window attention on most layers: a prefix
+    is only reused when llama.cpp still holds all its positions (its sliding-window cache
+    covers a whole 1024-token context; larger contexts get a full-size one, ``swa_full``).
 
     The model loads in the constructor (``load_seconds`` says how long it took). Requests
     are serialised by a lock, because a llama.cpp context is not thread-safe: a second
@@ -434,7 +467,14 @@ class LlamaCppBackend:
         model_name: str = "gemma3:270m",
         prompt_template: PromptTemplate = render_prompt,
         stop_at_newline: bool = True,
+        prefix_cache: bool = True,
+        prefix_slots: int = 2,
+        prompt_batch: int = 8,
     ) -> None:
+        if prefix_slots < 0:
+            raise ValueError(f"prefix_slots must be >= 0, got {prefix_slots}")
+        if prompt_batch < 1:
+            raise ValueError(f"prompt_batch must be positive, got {prompt_batch}")
         if n_ctx < 16:
             raise ValueError(f"n_ctx must be at least 16, got {n_ctx}")
         if max_tokens_default < 1:
@@ -450,8 +490,19 @@ class LlamaCppBackend:
         self.model_name = model_name
         self.prompt_template = prompt_template
         self.stop_at_newline = stop_at_newline
+        self.prefix_cache = prefix_cache
+        self.prefix_slots = prefix_slots
+        self._prompt_batch = prompt_batch
+        self.cache_stats = PrefixCacheStats()
+        #: Tokens produced so far (all requests). A client that closes its stream early
+        #: stops the decode loop, so this stops growing (tested through the HTTP server).
+        self.generated_tokens = 0
 
         self._lock = threading.Lock()
+        # Saved KV states of earlier prompts (guarded by _lock), most recently used last.
+        self._snapshots: list[_Snapshot] = []
+        # Leading positions of the live context evaluated in whole prompt batches (reusable).
+        self._live_reusable = 0
         self._embed_lock = threading.Lock()
         self._embedder: Llama | None = None
         self._piece_cache: dict[int, str] = {}
@@ -467,6 +518,12 @@ class LlamaCppBackend:
                 # llama-cpp-python's default for prompt batches is every core (see n_threads).
                 n_threads_batch=self._threads(),
                 logits_all=False,  # the fast path reads the last position only
+                # llama.cpp sizes the sliding-window cache at n_swa + n_ubatch positions (512 +
+                # 512 for Gemma 3, i.e. all of a 1024-token context) and overwrites the oldest
+                # beyond that. A larger context keeps every position (swa_full, more memory),
+                # so that a reused prefix always has the positions its continuation attends
+                # to; the pos_min check in _evaluate_prompt covers other models.
+                swa_full=n_ctx > 1024,
                 verbose=False,
             )
         except (ValueError, RuntimeError) as exc:  # llama-cpp raises ValueError on a bad file
@@ -649,6 +706,122 @@ class LlamaCppBackend:
         )
         return reply
 
+    def _evaluate_prompt(self, llm: Llama, prompt_ids: list[int]) -> None:
+        """Bring the KV cache to ``prompt_ids`` and evaluate it (caller holds ``_lock``).
+
+        The prompt is evaluated in batches between fixed positions (:meth:`_batch_end`), with
+        or without the cache: llama.cpp's results for a token depend (in the last bits) on
+        the batch it is evaluated in, so both paths must run the same batches.
+        Only whole batches of an earlier prompt are reused (the live context or a snapshot),
+        and at least the last prompt token is evaluated: its logits are the first step's.
+        """
+        import numpy as np
+
+        stats = self.cache_stats
+        stats.requests += 1
+        keep = 0
+        if self.prefix_cache:
+            limit = len(prompt_ids) - 1
+            reusable = min(self._live_reusable, llm.n_tokens)
+            live = _common_prefix(llm.input_ids[:reusable], prompt_ids, limit)
+            best = max(
+                self._snapshots,
+                key=lambda snap: _common_prefix(snap.reusable, prompt_ids, limit),
+                default=None,
+            )
+            restored = 0
+            if best is not None:
+                restored = _common_prefix(best.reusable, prompt_ids, limit)
+            live, restored = self._whole_batches(live), self._whole_batches(restored)
+            if best is not None and restored >= live + _MIN_RESTORE_GAIN:
+                self._snapshots.remove(best)
+                if best.restore(llm):
+                    stats.restores += 1
+                    keep = restored
+                    self._snapshots.append(best)  # most recently used last
+                # else: the context was emptied and the broken snapshot dropped (keep = 0)
+            else:
+                keep = live
+            if keep and not _positions_intact(llm):
+                keep = 0  # llama.cpp dropped positions the prefix needs: evaluate it all
+        if keep:
+            llm.n_tokens = keep  # eval() removes every KV entry from position n_tokens on
+            stats.hits += 1
+        else:
+            llm.reset()
+        self._live_reusable = 0  # until the evaluation below has succeeded
+        stats.reused_tokens += keep
+        stats.evaluated_tokens += len(prompt_ids) - keep
+        try:
+            start = keep
+            while start < len(prompt_ids):
+                end = min(self._batch_end(start), len(prompt_ids))
+                # Only the last prompt token's logits are read: an intermediate batch that
+                # asked for logits would pay the 262,144-way output projection for nothing.
+                _decode_batch(llm, prompt_ids[start:end], logits=end == len(prompt_ids))
+                start = end
+        except RuntimeError as exc:
+            llm.reset()  # the cache may hold a partial batch: trust nothing next time
+            raise BackendError(f"llama.cpp failed to evaluate the prompt: {exc}") from exc
+        # Whole batches only: a later, longer prompt evaluates the last one in full.
+        self._live_reusable = self._whole_batches(len(prompt_ids))
+        if self.prefix_cache and self.prefix_slots:
+            self._save_snapshot(llm, np.asarray(prompt_ids, dtype=np.intc))
+
+    def _save_snapshot(self, llm: Llama, tokens: np.ndarray) -> None:
+        """Keep the KV state of this prompt unless a kept snapshot already covers it."""
+        for index, snap in enumerate(self._snapshots):
+            shared = _common_prefix(snap.tokens, tokens, len(tokens))
+            if shared == len(tokens):  # this prompt is a prefix of a kept one
+                self._snapshots.append(self._snapshots.pop(index))
+                return
+            if shared == len(snap.tokens):  # a kept one is a prefix of this prompt: replace
+                del self._snapshots[index]
+                break
+        snapshot = _Snapshot.capture(llm, tokens, self._whole_batches(len(tokens)))
+        if snapshot is None:
+            return
+        self._snapshots.append(snapshot)
+        del self._snapshots[: -self.prefix_slots]
+
+    def _batch_end(self, start: int) -> int:
+        """The end of the prompt batch that starts at position ``start`` (a batch boundary)."""
+        fine = self._prompt_batch
+        step = fine if start < 8 * fine else 8 * fine
+        return (start // step + 1) * step
+
+    def _whole_batches(self, length: int) -> int:
+        """The last batch boundary at or before ``length`` (the reusable part of a prefix)."""
+        fine = self._prompt_batch
+        step = fine if length < 8 * fine else 8 * fine
+        return length // step * step
+
+    @property
+    def prompt_batch(self) -> int:
+        """Prompt tokens per llama.cpp batch (see the class docstring); settable."""
+        return self._prompt_batch
+
+    @prompt_batch.setter
+    def prompt_batch(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"prompt_batch must be a positive int, got {value!r}")
+        with self._lock:
+            # Cached states were computed in batches of the old size: reusing them would
+            # break "identical with and without the cache".
+            self._forget_cache()
+            self._prompt_batch = value
+
+    def clear_prefix_cache(self) -> None:
+        """Forget all cached prompt state (the next request evaluates its prompt in full)."""
+        with self._lock:
+            self._forget_cache()
+
+    def _forget_cache(self) -> None:
+        self._snapshots.clear()
+        self._live_reusable = 0
+        if self._llm is not None:
+            self._llm.reset()
+
     def _piece(self, llm: Llama, token: int) -> str:
         # Stand-alone text of one token, for top_logprobs (a partial UTF-8 byte token shows
         # as U+FFFD here). The vocabulary is fixed, so cache it.
@@ -684,11 +857,7 @@ class LlamaCppBackend:
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             stop_filter = _StopFilter(stops)
 
-            llm.reset()  # forget the previous request: eval() then overwrites the KV cache
-            try:
-                llm.eval(prompt_ids)
-            except RuntimeError as exc:
-                raise BackendError(f"llama.cpp failed to evaluate the prompt: {exc}") from exc
+            self._evaluate_prompt(llm, prompt_ids)
 
             for step in range(limit):
                 logits = last_logits(llm)
@@ -701,6 +870,7 @@ class LlamaCppBackend:
                     reply.done_reason = "stop"
                     yield from stop_filter.flush()
                     return
+                self.generated_tokens += 1
                 text = decoder.decode(llm.detokenize([token]))
                 top: tuple[tuple[str, float], ...] = ()
                 if top_k:
@@ -719,6 +889,116 @@ class LlamaCppBackend:
             reply.done_reason = "length"
             # Incomplete UTF-8 bytes at the length limit are dropped (not a character yet).
             yield from stop_filter.flush()
+
+
+# Restoring a snapshot copies its KV state back (~1 ms for a few hundred tokens); it is only
+# worth it when it saves evaluating at least this many prompt tokens.
+_MIN_RESTORE_GAIN = 8
+
+
+@dataclass
+class PrefixCacheStats:
+    """Counters of :class:`LlamaCppBackend`'s prompt-prefix cache (for tests and benchmarks).
+
+    Attributes:
+        requests: prompts evaluated.
+        hits: prompts that reused a cached prefix.
+        restores: hits served from a saved snapshot rather than the live context.
+        reused_tokens: prompt tokens taken from the cache.
+        evaluated_tokens: prompt tokens evaluated by the model.
+    """
+
+    requests: int = 0
+    hits: int = 0
+    restores: int = 0
+    reused_tokens: int = 0
+    evaluated_tokens: int = 0
+
+
+@dataclass
+class _Snapshot:
+    """The saved KV state of one evaluated prompt (sequence 0 of the llama.cpp context)."""
+
+    tokens: np.ndarray
+    reusable: np.ndarray  # the leading tokens that were evaluated in whole batches
+    state: Any  # a ctypes byte buffer owned by this snapshot
+
+    @classmethod
+    def capture(cls, llm: Llama, tokens: np.ndarray, reusable: int) -> _Snapshot | None:
+        import ctypes
+
+        import llama_cpp
+
+        size = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(llm.ctx, buffer, size, 0)
+        if not 0 < written <= size:
+            return None  # not worth failing a request over: just do not cache it
+        tokens = tokens.copy()
+        return cls(tokens=tokens, reusable=tokens[:reusable], state=buffer)
+
+    def restore(self, llm: Llama) -> bool:
+        """Replace sequence 0 by this state; ``False`` (and an empty context) on failure."""
+        import ctypes
+
+        import llama_cpp
+
+        size = ctypes.sizeof(self.state)
+        if llama_cpp.llama_state_seq_set_data(llm.ctx, self.state, size, 0) == 0:
+            llm.reset()
+            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llm.ctx), 0, -1, -1)
+            return False
+        count = len(self.tokens)
+        llm.input_ids[:count] = self.tokens
+        llm.n_tokens = count
+        return True
+
+
+def _decode_batch(llm: Llama, tokens: Sequence[int], *, logits: bool) -> None:
+    """Evaluate ``tokens`` at the next positions of sequence 0, like ``Llama.eval`` (which
+    always computes the last token's logits), with logits for the last token only if asked."""
+    import llama_cpp
+
+    n_past, count = llm.n_tokens, len(tokens)
+    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llm.ctx), -1, n_past, -1)
+    batch = llama_cpp.llama_batch_init(count, 0, 1)
+    try:
+        for i, token in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = n_past + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = logits and i == count - 1
+        batch.n_tokens = count
+        code = llama_cpp.llama_decode(llm.ctx, batch)
+        if code != 0:
+            raise RuntimeError(f"llama_decode returned {code}")
+    finally:
+        llama_cpp.llama_batch_free(batch)
+    llm.input_ids[n_past : n_past + count] = tokens
+    llm.n_tokens = n_past + count
+
+
+def _common_prefix(
+    cached: Sequence[int] | np.ndarray, prompt: Sequence[int] | np.ndarray, limit: int
+) -> int:
+    """Length of the common prefix of two token sequences, at most ``limit``."""
+    import numpy as np
+
+    n = min(len(cached), len(prompt), limit)
+    if n <= 0:
+        return 0
+    mismatch = np.flatnonzero(np.asarray(cached[:n]) != np.asarray(prompt[:n]))
+    return int(mismatch[0]) if mismatch.size else n
+
+
+def _positions_intact(llm: Llama) -> bool:
+    # llama.cpp's sliding-window cache may overwrite old positions once it is full. A reused
+    # prefix needs all of them (llama.cpp's server makes the same check). For Gemma 3 with
+    # n_ctx <= 1024, or with swa_full, this never fails; it keeps other models correct.
+    import llama_cpp
+
+    return int(llama_cpp.llama_memory_seq_pos_min(llama_cpp.llama_get_memory(llm.ctx), 0)) == 0
 
 
 def _sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:

@@ -447,6 +447,9 @@ class ScriptedBackend:
         self._embed_requests: list[tuple[str, list[str]]] = []
         self.default_calls = 0
         """How many requests got the default answer."""
+        self.generated_tokens = 0
+        """How many answer tokens were actually produced (pulled from a reply's ``tokens``);
+        a client that stops reading a stream early leaves the rest ungenerated."""
         self.set_default(default_answer, logprobs=default_logprob)
 
     # ---- scripting -------------------------------------------------------------------------
@@ -614,6 +617,7 @@ class ScriptedBackend:
             self._requests.clear()
             self._embed_requests.clear()
             self.default_calls = 0
+            self.generated_tokens = 0
         default_answer, default_logprob = self._initial_default
         self.set_default(default_answer, logprobs=default_logprob)
 
@@ -690,9 +694,8 @@ class ScriptedBackend:
             tool_calls=list(answer.tool_calls),
         )
 
-    @staticmethod
     def _emit(
-        answer: _Answer, extra_latency: float, failure: _Failure | None
+        self, answer: _Answer, extra_latency: float, failure: _Failure | None
     ) -> Iterator[GeneratedToken]:
         latency = answer.latency + extra_latency
         if latency:
@@ -702,6 +705,8 @@ class ScriptedBackend:
                 raise BackendError(failure.message, status=failure.status)
             if i and answer.token_delay:
                 time.sleep(answer.token_delay)
+            with self._lock:
+                self.generated_tokens += 1
             yield token
         if failure is not None:
             # Fewer tokens than ``after_tokens``: still fail, the test asked for a failure.

