@@ -16,7 +16,7 @@ Skips (each decided by a capability flag below, with the reason):
 from __future__ import annotations
 
 import atexit
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from botocore.config import Config
@@ -30,12 +30,27 @@ from confidence_router.testing import FakeBedrockServer, OllamaCompatibleServer,
 
 
 class _ToolFakeChatModel(GenericFakeChatModel):
-    """GenericFakeChatModel with a ``bind_tools`` (the suite checks the router binds tiers)."""
+    """GenericFakeChatModel with ``bind_tools`` and every structured-output method (the suite
+    checks the router binds both tiers for each method; the router refuses a method a tier
+    does not declare)."""
 
     def bind_tools(self, tools, **kwargs):
         from langchain_core.utils.function_calling import convert_to_openai_tool
 
         return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
+
+    def with_structured_output(
+        self,
+        schema=None,
+        *,
+        method: Literal["function_calling", "json_schema", "json_mode"] = "function_calling",
+        **kwargs,
+    ):
+        from langchain_core.output_parsers import JsonOutputParser
+
+        if method == "function_calling":
+            return super().with_structured_output(schema, **kwargs)
+        return self.bind(format="json") | JsonOutputParser()
 
 
 def _endless(text: str, logprob: float):
