@@ -58,6 +58,8 @@ def child_manager(
     """
     if run_manager is None:
         return STREAM_CHILDREN.get()
+    if not run_manager.inheritable_handlers:
+        return None  # nobody traces this call: no child runs to create (the common case)
     manager_cls = (
         AsyncCallbackManager
         if isinstance(run_manager, AsyncCallbackManagerForLLMRun)
@@ -81,13 +83,13 @@ def stream_children(
     return manager
 
 
-def child_config(children: ChildManager | None, stage: str) -> RunnableConfig:
-    """Config for one stage's call: a named, tagged child run of the router's run."""
+def child_config(children: ChildManager | None, stage: str) -> RunnableConfig | None:
+    """Config for one stage's call: a named, tagged child run of the router's run (``None``
+    when nothing traces the call)."""
+    if children is None:
+        return None
     run = TIER_RUNS[stage]
-    config: RunnableConfig = {"run_name": run["name"], "tags": [run["tag"]]}
-    if children is not None:
-        config["callbacks"] = children
-    return config
+    return {"run_name": run["name"], "tags": [run["tag"]], "callbacks": children}
 
 
 # -- messages and chunks --------------------------------------------------------------------

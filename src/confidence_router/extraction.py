@@ -34,7 +34,9 @@ class TokenLogprob:
 
 
 def _field(item: Any, name: str) -> Any:
-    if isinstance(item, Mapping):
+    # dict first, by exact type: the ABC check of isinstance(item, Mapping) is slow, and this
+    # runs for every token of every answer.
+    if type(item) is dict or isinstance(item, Mapping):
         return item.get(name)
     return getattr(item, name, None)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import operator
 import os
 import time
 import uuid
@@ -34,7 +35,6 @@ from langchain_core.tools import BaseTool
 from pydantic import (
     ConfigDict,
     Field,
-    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -73,6 +73,17 @@ ChatRunnable = Runnable[LanguageModelInput, BaseMessage]
 
 #: Guard signature: return a reason (str) to keep the query local, or None to allow escalation.
 EscalationGuard = Callable[[Sequence[BaseMessage]], "str | None"]
+
+_POLICY_CACHE = "_cached_policy"
+_COLLAB_CACHE = "_cached_collaborators"
+#: The fields the call's collaborators are built from (rebuilt when any is replaced).
+_COLLAB_FIELDS = operator.itemgetter(
+    "local", "cloud", "stats", "calibrator", "budget", "escalation_guard", "cloud_retry",
+    "prices", "confidence_map",
+)
+
+#: The knob values of a router's ``__dict__``, as a tuple in RoutingPolicy's order.
+_KNOB_VALUES = operator.itemgetter(*RoutingPolicy.knob_names())
 
 #: Default seconds a local call may go without progress (connect, or the next token).
 DEFAULT_LOCAL_TIMEOUT = 60.0
@@ -240,8 +251,6 @@ class ConfidenceRoutedLLM(BaseChatModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
-    _collab: Collaborators | None = PrivateAttr(default=None)
-    _policy: RoutingPolicy | None = PrivateAttr(default=None)
 
     @field_validator("local_timeout", "cloud_timeout", mode="before")
     @classmethod
@@ -324,25 +333,32 @@ class ConfidenceRoutedLLM(BaseChatModel):
         )
 
     def _collaborators(self) -> Collaborators:
-        if self._collab is None:
-            self._collab = Collaborators(
-                local_model=model_name(self.local),
-                cloud_model=model_name(self.cloud) if self.cloud is not None else None,
-                prices=self.price_table(),
-                stats=self.stats,
-                calibrator=self.calibrator,
-                budget=self.budget if self.cloud is not None else None,
-                guard=self.escalation_guard,
-                cloud_retry=self.cloud_retry,
-                reserve_usd=(
-                    self._reservation_bound()
-                    if self.budget is not None and self.cloud is not None
-                    else None
-                ),
-                early_exit_rule=_early_exit_rule(self.local),
-                confidence_map=self.confidence_map,
-            )
-        return self._collab
+        values = self.__dict__
+        sources = _COLLAB_FIELDS(values)
+        cached = values.get(_COLLAB_CACHE)
+        if cached is not None and all(a is b for a, b in zip(cached[0], sources)):
+            return cached[1]
+        collab = Collaborators(
+            local_model=model_name(self.local),
+            cloud_model=model_name(self.cloud) if self.cloud is not None else None,
+            prices=self.price_table(),
+            stats=self.stats,
+            calibrator=self.calibrator,
+            budget=self.budget if self.cloud is not None else None,
+            guard=self.escalation_guard,
+            cloud_retry=self.cloud_retry,
+            reserve_usd=(
+                self._reservation_bound()
+                if self.budget is not None and self.cloud is not None
+                else None
+            ),
+            early_exit_rule=_early_exit_rule(self.local),
+            confidence_map=self.confidence_map,
+        )
+        # Plain attributes in __dict__ (not pydantic private ones, whose lookup is slow on
+        # the hot path); model_copy() carries them along, which is what we want.
+        object.__setattr__(self, _COLLAB_CACHE, (sources, collab))
+        return collab
 
     # -- construction from plain settings -----------------------------------------------------
 
@@ -465,12 +481,12 @@ class ConfidenceRoutedLLM(BaseChatModel):
 
     def _base_policy(self) -> RoutingPolicy:
         values = self.__dict__
-        knobs = RoutingPolicy.knob_names()
-        policy = self._policy
+        policy = values.get(_POLICY_CACHE)
+        knobs = _KNOB_VALUES(values)
         # Cached, but rebuilt if a knob was assigned after construction.
-        if policy is None or policy._as_tuple != tuple(values[k] for k in knobs):
-            policy = RoutingPolicy(**{knob: values[knob] for knob in knobs})
-            self._policy = policy
+        if policy is None or policy._as_tuple != knobs:
+            policy = RoutingPolicy(**dict(zip(RoutingPolicy.knob_names(), knobs)))
+            object.__setattr__(self, _POLICY_CACHE, policy)
         return policy
 
     def _begin(
@@ -499,9 +515,9 @@ class ConfidenceRoutedLLM(BaseChatModel):
         children = _tiers.child_manager(run_manager)
         trace = RoutingTrace(policy, messages, self._collaborators())
         # The router's own run gets the decision as metadata and tags (filterable in LangSmith).
-        if run_manager is not None:
+        if run_manager is not None and run_manager.handlers:
             trace.run = (run_manager.handlers, run_manager.run_id)
-        elif children is not None:
+        elif run_manager is None and children is not None and children.handlers:
             trace.run = (children.handlers, children.parent_run_id)
         return _Call(messages, stop if stop is not None else self.stop, trace, children,
                      tier_kwargs, streaming)
