@@ -49,6 +49,21 @@ def _embedded_model_name() -> str:
     return str(getattr(embedded, "EMBEDDED_MODEL_NAME", None) or embedded.DEFAULT_MODEL_NAME)
 
 
+def _answer_model(model: str, prompts: str, *, embedded: bool) -> str:
+    """The model name to send answer prompts to.
+
+    A raw prompt set (the few-shot set renders the whole prompt) goes to the embedded server's
+    ``-raw`` variant, which applies no template; on a user's Ollama the given model is used
+    as is (it must apply no template of its own for such a set).
+    """
+    from confidence_router.evaluation.runner import PROMPT_SETS
+    from confidence_router.serving.llamacpp import model_variant
+
+    if embedded and PROMPT_SETS[prompts].raw:
+        return model_variant(model, "raw")
+    return model
+
+
 @contextlib.contextmanager
 def _ollama_endpoint(url: str | None) -> Iterator[str]:
     """Yield ``url``, or start the embedded server for the duration when it is ``None``."""
@@ -98,9 +113,23 @@ def _run_dataset(
     data_dir: str | None,
     gsa: GsaOptions | None = None,
 ) -> str:
-    from confidence_router.evaluation.datasets import load_dataset
+    from confidence_router.evaluation.datasets import (
+        KNOWN_DATASETS,
+        dataset_file,
+        load_dataset,
+    )
     from confidence_router.evaluation.runner import EvalRunner
 
+    path = dataset_file(dataset, data_dir)
+    if dataset in KNOWN_DATASETS and path.name != KNOWN_DATASETS[dataset]:
+        # The packaged sample: label the run by the sample's file, so it never resumes into
+        # (or is compared as) a run on the full file.
+        print(
+            f"using the packaged sample {path.name}; set $CONFIDENCE_ROUTER_DATA_DIR or "
+            f"--data-dir to the directory holding {KNOWN_DATASETS[dataset]} for the full set",
+            file=sys.stderr,
+        )
+        dataset = str(path)
     items = load_dataset(dataset, limit=limit, offset=offset, data_dir=data_dir)
     signals = (
         _gsa_signals(url, model, dataset, db, offset, len(items), gsa, data_dir) if gsa else ()
@@ -183,11 +212,17 @@ def _gsa_signals(
             )
     tau = gsa.tau if gsa.tau is not None else store.self_similarity_tau()
     print(f"GSA v3 strong-hit threshold tau = {tau:.4f}", file=sys.stderr)
-    probe_model = ChatOllama(base_url=url, model=model)
+    from confidence_router.serving.llamacpp import model_variant
+
+    embedded = _embedded_model_name()
     template = None
-    if model == _embedded_model_name():
-        # A base model needs YES/NO demonstrations around the exact GSA prompt bytes.
+    if model in (embedded, model_variant(embedded, "raw")):
+        # A base model needs YES/NO demonstrations around the exact GSA prompt bytes; the
+        # template renders the whole prompt, so it goes to the raw variant.
         from confidence_router.serving.llamacpp import YES_NO_TEMPLATE as template
+
+        model = model_variant(embedded, "raw")
+    probe_model = ChatOllama(base_url=url, model=model)
     fields = ("p_yes", "latency_s", "extraction_mode", "had_retrieval", "n_hits_used", "tau")
     return (
         runnable_signal(
@@ -231,7 +266,7 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--prompts",
-        choices=("few-shot", "instruct"),
+        choices=("few-shot", "instruct"),  # the keys of runner.PROMPT_SETS
         default=None,
         help="answer prompt set (default: few-shot for the embedded base "
         "model, instruct for an Ollama chat model)",
@@ -253,7 +288,9 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--retry-errors", action="store_true", help="re-run items whose stored row is a failure"
     )
-    parser.add_argument("--data-dir", default=None, help="the shared data directory")
+    parser.add_argument("--data-dir", default=None,
+                        help="evaluation data directory (default: $CONFIDENCE_ROUTER_DATA_DIR, "
+                        "else the packaged samples)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument(
         "--gsa", action="store_true",
@@ -273,8 +310,10 @@ def _eval(args: argparse.Namespace) -> int:
             "confidence-router eval: error: --model is required with --ollama-url", file=sys.stderr
         )
         return 2
-    model = args.model or _embedded_model_name()
     prompts = args.prompts or ("instruct" if args.ollama_url else "few-shot")
+    model = args.model or _embedded_model_name()
+    if not args.ollama_url:
+        model = _answer_model(model, prompts, embedded=True)
     try:
         with _ollama_endpoint(args.ollama_url) as url:
             _run_dataset(
@@ -419,7 +458,9 @@ def _all_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--concurrency", type=int, default=1, help="requests in flight")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
-    parser.add_argument("--data-dir", default=None, help="the shared data directory")
+    parser.add_argument("--data-dir", default=None,
+                        help="evaluation data directory (default: $CONFIDENCE_ROUTER_DATA_DIR, "
+                        "else the packaged samples)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--kb-size", type=int, default=500,
                         help="GSA v3 knowledge store on TriviaQA: items after the evaluated "
@@ -433,7 +474,7 @@ def _eval_all(args: argparse.Namespace) -> int:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)
         shutil.rmtree(f"{db}.kb", ignore_errors=True)
-    model = _embedded_model_name()
+    model = _answer_model(_embedded_model_name(), "few-shot", embedded=True)
     try:
         with _ollama_endpoint(None) as url:
             names = [
@@ -458,7 +499,7 @@ def _eval_all(args: argparse.Namespace) -> int:
                 )
                 for dataset in ALL_DATASETS
             ]
-            _write_report(args, str(db), names, args.name, url, model)
+            _write_report(args, str(db), names, args.name, url, _embedded_model_name())
     except ValueError as error:
         print(f"confidence-router eval-all: error: {error}", file=sys.stderr)
         return 2
