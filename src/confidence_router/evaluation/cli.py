@@ -465,6 +465,8 @@ def _all_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kb-size", type=int, default=500,
                         help="GSA v3 knowledge store on TriviaQA: items after the evaluated "
                         "ones, with their gold answers (default 500)")
+    parser.add_argument("--no-gsa", action="store_true",
+                        help="skip the GSA v2/v3 probes on TriviaQA (about half the run time)")
 
 
 @command("eval-all", _all_args)
@@ -494,7 +496,7 @@ def _eval_all(args: argparse.Namespace) -> int:
                     progress=not args.no_progress,
                     data_dir=args.data_dir,
                     gsa=GsaOptions(kb_offset=args.limit, kb_size=args.kb_size)
-                    if dataset in GSA_DATASETS
+                    if dataset in GSA_DATASETS and not args.no_gsa
                     else None,
                 )
                 for dataset in ALL_DATASETS

@@ -77,7 +77,12 @@ from confidence_router.evaluation.datasets import (
     QAItem,
 )
 from confidence_router.evaluation.grading import Grader, match_grader
-from confidence_router.extraction import TokenLogprob, message_token_logprobs
+from confidence_router.extraction import (
+    TokenLogprob,
+    decode_tokens,
+    encode_tokens,
+    message_token_logprobs,
+)
 from confidence_router.extraction import message_text as _message_text
 from confidence_router.signals import (
     SIGNAL_SCORERS,
@@ -633,50 +638,6 @@ def write_row(conn: sqlite3.Connection, run_id: int, row: ResultRow) -> None:
         [run_id, *values, _now()],
     )
     conn.commit()  # one transaction per row: a killed run keeps everything written so far
-
-
-_TOKENS_FORMAT = 1
-
-
-def encode_tokens(tokens: Sequence[TokenLogprob] | None) -> bytes | None:
-    """Compact, exact storage of an answer's tokens: zlib-compressed JSON.
-
-    Layout (format 1): ``{"v": 1, "t": [text, ...], "lp": [logprob, ...], "top": [[[alt,
-    logprob], ...], ...]}``. Floats are written with ``repr`` precision, so decoding gives
-    back the identical values and any signal recomputed from them equals the live one.
-    ``None`` (no token data) stays ``None``.
-
-    >>> toks = (TokenLogprob(" Rome", -0.25, ((" Rome", -0.25), (" Milan", -2.0))),)
-    >>> decode_tokens(encode_tokens(toks)) == toks
-    True
-    """
-    import zlib
-
-    if tokens is None:
-        return None
-    payload = {
-        "v": _TOKENS_FORMAT,
-        "t": [t.token for t in tokens],
-        "lp": [t.logprob for t in tokens],
-        "top": [[[alt, lp] for alt, lp in t.top_logprobs] for t in tokens],
-    }
-    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    return zlib.compress(text.encode("utf-8"), 9)
-
-
-def decode_tokens(blob: bytes | None) -> tuple[TokenLogprob, ...] | None:
-    """Inverse of :func:`encode_tokens` (``None`` for rows without token data)."""
-    import zlib
-
-    if blob is None:
-        return None
-    payload = json.loads(zlib.decompress(bytes(blob)).decode("utf-8"))
-    if payload.get("v") != _TOKENS_FORMAT:
-        raise EvalRunnerError(f"unknown token storage format {payload.get('v')!r}")
-    return tuple(
-        TokenLogprob(str(text), float(lp), tuple((str(a), float(b)) for a, b in top))
-        for text, lp, top in zip(payload["t"], payload["lp"], payload["top"], strict=True)
-    )
 
 
 def _now() -> str:
