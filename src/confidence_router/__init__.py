@@ -41,12 +41,17 @@ _EXPORTS: dict[str, str] = {
     "RollingQuantileThreshold": "confidence_router.calibration",
     "RoutingStats": "confidence_router.stats",
     "calibrate_threshold": "confidence_router.calibration",
+    "ConfidenceCalibration": "confidence_router.correctness",
+    "CalibrationFitError": "confidence_router.correctness",
+    "score_for": "confidence_router.signals",
 }
 
 __all__ = [
     "BudgetExceededError",
+    "CalibrationFitError",
     "CloudBudget",
     "CloudEscalationError",
+    "ConfidenceCalibration",
     "ConfidenceRoutedLLM",
     "ConfidenceRoutedLlamaIndexLLM",
     "ConfidenceRouterError",
@@ -69,12 +74,14 @@ __all__ = [
     "compute_signals",
     "confidence_to_logprob",
     "logprob_to_confidence",
+    "score_for",
     "token_logprobs",
 ]
 
 if TYPE_CHECKING:
     from confidence_router.budget import CloudBudget
     from confidence_router.calibration import RollingQuantileThreshold, calibrate_threshold
+    from confidence_router.correctness import CalibrationFitError, ConfidenceCalibration
     from confidence_router.costs import PriceTable
     from confidence_router.errors import (
         BudgetExceededError,
@@ -97,6 +104,7 @@ if TYPE_CHECKING:
         compute_signals,
         confidence_to_logprob,
         logprob_to_confidence,
+        score_for,
     )
     from confidence_router.stats import RoutingStats
 

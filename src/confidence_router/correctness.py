@@ -21,6 +21,7 @@ From the command line: ``confidence-router calibrate --fit RUN.sqlite --signal s
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -211,7 +212,7 @@ class ConfidenceCalibration:
             if not self.knots_x or len(self.knots_x) != len(self.knots_y):
                 raise CalibrationFitError("an isotonic calibration needs matching knots")
             pairs = list(zip(self.knots_x, self.knots_y))
-            if any(x2 < x1 or y2 < y1 for (x1, y1), (x2, y2) in zip(pairs, pairs[1:])):
+            if any(x2 < x1 or y2 < y1 for (x1, y1), (x2, y2) in itertools.pairwise(pairs)):
                 raise CalibrationFitError("isotonic knots must be non-decreasing")
             if any(not 0.0 <= v <= 1.0 for v in (*self.knots_x, *self.knots_y)):
                 raise CalibrationFitError("isotonic knots must lie in [0, 1]")

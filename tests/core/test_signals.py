@@ -94,8 +94,8 @@ def test_inverse_roundtrip(c):
 
 # ---- Signals v2: the library over tokens with top-k alternatives ---------------------------------
 
-from confidence_router.extraction import TokenLogprob  # noqa: E402
-from confidence_router.signals import (  # noqa: E402
+from confidence_router.extraction import TokenLogprob
+from confidence_router.signals import (
     PAPER_SIGNAL,
     SIGNAL_DESCRIPTIONS,
     SIGNAL_SCORERS,
@@ -110,7 +110,7 @@ def _tok(lp: float, *alts: float, text: str = "x") -> TokenLogprob:
 
 
 def test_every_scorer_is_described_and_the_paper_signal_is_first():
-    assert list(SIGNAL_SCORERS)[0] == PAPER_SIGNAL == "mean_logprob"
+    assert next(iter(SIGNAL_SCORERS)) == PAPER_SIGNAL == "mean_logprob"
     assert set(SIGNAL_DESCRIPTIONS) == set(SIGNAL_SCORERS)
 
 

@@ -25,7 +25,6 @@ from confidence_router.evaluation.datasets import (
 )
 
 
-
 def _write_jsonl(path: Path, records: list[Any]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -122,7 +123,7 @@ def test_fitted_maps_are_bounded_and_monotone(rows, method):
     grid = [cal.p_correct(x / 50) for x in range(51)]
     assert all(0.0 <= p <= 1.0 for p in grid)
     if method == "isotonic" or cal.a >= 0:
-        assert all(a <= b + 1e-12 for a, b in zip(grid, grid[1:]))
+        assert all(a <= b + 1e-12 for a, b in itertools.pairwise(grid))
     if method == "isotonic":
         # in-sample the isotonic fit is calibrated on average: mean p equals accuracy
         fitted = [cal.p_correct(s) for s, _ in rows]
