@@ -67,7 +67,13 @@ from confidence_router.evaluation.metrics import (
     operating_points,
     paired_bootstrap_delta,
 )
-from confidence_router.evaluation.runner import RANK_SIGNALS, RunData, list_runs, load_run
+from confidence_router.evaluation.runner import (
+    BUILTIN_SIGNALS,
+    RANK_SIGNALS,
+    RunData,
+    list_runs,
+    load_run,
+)
 from confidence_router.signals import PAPER_SIGNAL, SIGNAL_DESCRIPTIONS, SIGNAL_SCORERS
 
 __all__ = [
@@ -93,7 +99,7 @@ DEFAULT_FRACTIONS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
 """Escalation budgets of the operating-point tables ("escalate the bottom k%")."""
 CPT_TARGETS: tuple[float, ...] = (0.2, 0.5, 0.8)
 MIN_ROWS_PER_SIGNAL = 10
-"""A per-signal AUROC needs at least this many rows (method.md §6.4)."""
+"""A per-signal AUROC needs at least this many rows."""
 
 _LABELS = {
     "mean_logprob": "logprob (mean token, σ(2ℓ̄+3))",
@@ -432,6 +438,18 @@ def _train_baseline(
     )
 
 
+def _reported_signals(run: RunData) -> list[str]:
+    """The run's signals, minus the token-only built-ins when no row has token data (a run
+    written before tokens were stored): those would be empty columns, not findings."""
+    if any(tokens is not None for tokens in run.tokens):
+        return list(run.info.score_signals)
+    return [
+        s
+        for s in run.info.score_signals
+        if s not in BUILTIN_SIGNALS or BUILTIN_SIGNALS[s] is not None
+    ]
+
+
 def _dataset_report(
     run: RunData,
     baseline: _BaselineScores | None,
@@ -440,7 +458,7 @@ def _dataset_report(
     n_resamples: int,
     seed: int,
 ) -> DatasetReport:
-    signals = run.info.score_signals
+    signals = _reported_signals(run)
     arrays = {s: run.signal(s) for s in signals}
     labels_by_id = {run.item_ids[i]: int(run.correct[i]) for i in np.flatnonzero(run.ok)}
     results = [

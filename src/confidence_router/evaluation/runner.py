@@ -249,7 +249,7 @@ newline."""
 
 INSTRUCT_PROMPTS = PromptSet(
     name="instruct-v1",
-    # The paper's TriviaQA local prompt, exact bytes (method.md §6.2).
+    # The paper's TriviaQA local prompt, exact bytes.
     question="Answer this trivia question in a few words.\n\nQuestion: {question}\nAnswer:",
     completion="Complete the sentence with a few words.\n\nSentence: {question}\nCompletion:",
     stop=(),
@@ -412,7 +412,7 @@ def prepare_chat_model(
     ``top_logprobs=5`` (:data:`TOP_LOGPROBS`: the paper uses only the chosen token; the
     alternatives feed the top-k signals and are stored with the run),
     ``num_predict=num_predict`` and ``stop`` (if given). Per-call kwargs cannot do this:
-    ChatOllama forwards unknown invoke kwargs to the client (integration notes §1). The copy
+    ChatOllama forwards unknown invoke kwargs to its HTTP client, which rejects them. The copy
     gets fresh HTTP clients, because an async client keeps connections bound to the event loop
     that opened them, and every :meth:`EvalRunner.run` uses a new loop.
 
