@@ -64,7 +64,7 @@ def _check_rows(scores: Sequence[float], labels: Sequence[int]) -> tuple[list[fl
             raise CalibrationFitError(f"scores must be numbers, got {score!r}")
         if not 0.0 <= score <= 1.0:
             raise CalibrationFitError(f"scores must lie in [0, 1], got {score!r}")
-        if label not in (0, 1) or isinstance(label, float) and not label.is_integer():
+        if isinstance(label, bool) or label not in (0, 1):
             raise CalibrationFitError(f"labels must be 0 or 1, got {label!r}")
         xs.append(float(score))
         ys.append(int(label))
@@ -244,21 +244,20 @@ class ConfidenceCalibration:
         labels other than 0/1, no rows, or a single class.
         """
         xs, ys = _check_rows(scores, labels)
-        common = {
-            "signal": signal,
-            "method": method,
-            "n_train": len(xs),
-            "n_train_correct": sum(ys),
-            "source": dict(source or {}),
-        }
+        if method not in CALIBRATION_METHODS:
+            raise CalibrationFitError(
+                f"method must be one of {CALIBRATION_METHODS}, got {method!r}"
+            )
+        knots_x: tuple[float, ...] = ()
+        knots_y: tuple[float, ...] = ()
+        a = b = None
         if method == "isotonic":
             knots_x, knots_y = _isotonic(xs, ys)
-            return cls(knots_x=knots_x, knots_y=knots_y, **common)
-        if method == "platt":
+        else:
             a, b = _platt(xs, ys)
-            return cls(a=a, b=b, **common)
-        raise CalibrationFitError(
-            f"method must be one of {CALIBRATION_METHODS}, got {method!r}"
+        return cls(
+            signal=signal, method=method, knots_x=knots_x, knots_y=knots_y, a=a, b=b,
+            n_train=len(xs), n_train_correct=sum(ys), source=dict(source or {}),
         )
 
     # ---- use ---------------------------------------------------------------------------------
