@@ -17,7 +17,7 @@ Usage::
         ChatOllama(base_url="http://127.0.0.1:11434", model="qwen2.5:7b"),
         db_path="eval-runs.sqlite",
         dataset="triviaqa",
-        prompts="instruct",          # or "few-shot" for a base model (the embedded Gemma)
+        prompts="instruct",          # or "few-shot" for a base model served raw
         concurrency=2,
     )
     summary = runner.run(items)      # resumable; returns counts
@@ -806,7 +806,7 @@ class EvalRunner:
 
     Example::
 
-        runner = EvalRunner(ChatOllama(base_url=url, model="gemma3:270m"),
+        runner = EvalRunner(ChatOllama(base_url=url, model="gemma3:270m-raw"),
                             db_path="runs.sqlite", dataset="wikidata", prompts="few-shot")
         summary = runner.run(load_dataset("wikidata", limit=100))
     """
@@ -1346,7 +1346,7 @@ class RunData:
 
         Example::
 
-            s = load_run("runs.sqlite", "wikidata__gemma3:270m__few-shot-qa-v1").signal(
+            s = load_run("runs.sqlite", "wikidata__gemma3:270m-raw__few-shot-v2").signal(
                 "min_logprob")
             auroc(s.labels, s.scores)
         """
