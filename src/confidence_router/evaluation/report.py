@@ -930,9 +930,10 @@ def render_markdown(
         "number is reproducible from those rows (bootstrap and baseline seeds are fixed)."
     )
     out += ["", "## Conclusion", ""]
+    label = signal_label(data.recommendation)
     out.append(
-        f"**Default signal supported by these measurements: `{data.recommendation}` "
-        f"({signal_label(data.recommendation)}).**"
+        f"**Default signal supported by these measurements: `{data.recommendation}`"
+        + (f" ({label}).**" if label != data.recommendation else ".**")
     )
     out.append("")
     out.extend(f"- {line}" for line in data.recommendation_lines)
