@@ -53,6 +53,9 @@ _EXPORTS: dict[str, str] = {
     "RedisRoutingStats": "confidence_router.redis_state",
     "RedisRollingQuantileThreshold": "confidence_router.redis_state",
     "ProxyConfig": "confidence_router.proxy",
+    "ConfidenceCalibration": "confidence_router.correctness",
+    "CalibrationFitError": "confidence_router.correctness",
+    "score_for": "confidence_router.signals",
 }
 
 # LangChain names chat models ``Chat*``: the same class under its LangChain-style name.
@@ -60,9 +63,11 @@ _ALIASES: dict[str, str] = {"ChatConfidenceRouter": "ConfidenceRoutedLLM"}
 
 __all__ = [
     "BudgetExceededError",
+    "CalibrationFitError",
     "ChatConfidenceRouter",
     "CloudBudget",
     "CloudEscalationError",
+    "ConfidenceCalibration",
     "ConfidenceRoutedLLM",
     "ConfidenceRoutedLlamaIndexLLM",
     "ConfidenceRouterError",
@@ -96,6 +101,7 @@ __all__ = [
     "logprob_to_confidence",
     "routing_run_metadata",
     "routing_run_tags",
+    "score_for",
     "should_exit_early",
     "structured_router",
     "token_logprobs",
@@ -105,6 +111,7 @@ if TYPE_CHECKING:
     __version__: str
     from confidence_router.budget import CloudBudget
     from confidence_router.calibration import RollingQuantileThreshold, calibrate_threshold
+    from confidence_router.correctness import CalibrationFitError, ConfidenceCalibration
     from confidence_router.costs import PriceTable
     from confidence_router.early_exit import early_exit_index, should_exit_early
     from confidence_router.errors import (
@@ -137,6 +144,7 @@ if TYPE_CHECKING:
         compute_signals,
         confidence_to_logprob,
         logprob_to_confidence,
+        score_for,
     )
     from confidence_router.stats import MultiSink, RoutingStats, StatsSink
     from confidence_router.structured import structured_router

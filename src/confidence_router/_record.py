@@ -35,7 +35,7 @@ from confidence_router.retry import (
     may_have_been_billed,
     refusal_reason,
 )
-from confidence_router.signals import UNKNOWN_EMPTY_ANSWER, compute_signals, unknown_signals
+from confidence_router.signals import answer_signals, compute_signals, score_for
 
 logger = logging.getLogger("confidence_router")
 
@@ -59,8 +59,9 @@ class Collaborators:
     """The upper bound on one cloud request's cost (set when there is a budget)."""
     early_exit_rule: Callable[[str, float, Sequence[Any]], bool] | None = None
     """``rule(signal, threshold, tokens_so_far) -> stop?`` used when ``early_exit`` is on."""
-    confidence_map: Any = None
-    """A fitted calibration (``p_correct(score)``) that adds ``p_correct`` to the record."""
+    confidence_calibration: Any = None
+    """A fitted :class:`~confidence_router.correctness.ConfidenceCalibration` that adds
+    ``p_correct`` to the record."""
 
 
 class RoutingTrace:
@@ -162,22 +163,24 @@ class RoutingTrace:
             self.record["early_exit"] = early_exit
         if early_exit and early_exit.get("exited"):
             # Stopped mid-generation because the answer could no longer reach the threshold.
-            signals = compute_signals(_logprobs(tokens))
-            decision = rules.Decision(True, Reason.EARLY_EXIT, rules.decide_after_generation(
-                self.policy, signals).score)
+            signals = compute_signals(tokens)
+            decision = rules.Decision(
+                True, Reason.EARLY_EXIT, rules.decide_after_generation(self.policy, signals).score
+            )
         else:
-            if not message_text(message).strip() and not has_tool_calls:
-                # Nothing (or only whitespace) was answered: there is nothing to score.
-                signals = unknown_signals(UNKNOWN_EMPTY_ANSWER)
-            else:
-                signals = compute_signals(_logprobs(tokens))
+            # A blank answer (without tool calls) has nothing to score, whatever its logprobs.
+            text = None if has_tool_calls else message_text(message)
+            signals = answer_signals(text, tokens)
             decision = rules.decide_after_generation(self.policy, signals)
         self.record["signals"] = _signals_dict(signals)
         self.record["confidence"] = decision.score
         self.record["reason"] = decision.reason
         self.record["usage"]["local"] = _usage_of(message)
-        if self.collab.confidence_map is not None and decision.score is not None:
-            self.record["p_correct"] = float(self.collab.confidence_map.p_correct(decision.score))
+        calibration = self.collab.confidence_calibration
+        if calibration is not None:
+            # The map was fitted on one signal's scores: read that signal, not the routed one.
+            score = score_for(signals, getattr(calibration, "signal", self.policy.signal))
+            self.record["p_correct"] = None if score is None else calibration.p_correct(score)
         if rules.serve_local_when_unknown(self.policy, decision):
             self.record["flagged"] = True  # kept although nothing says it is right
         calibrator = self.collab.calibrator
@@ -462,10 +465,6 @@ class RoutingTrace:
 def _signals_dict(signals: Any) -> dict[str, Any]:
     # A shallow dict of the dataclass (dataclasses.asdict deep-copies: slow on the hot path).
     return {name: getattr(signals, name) for name in signals.__dataclass_fields__}
-
-
-def _logprobs(tokens: Sequence[Any] | None) -> list[float] | None:
-    return None if tokens is None else [t.logprob for t in tokens]
 
 
 def _usage_of(message: BaseMessage | None) -> dict[str, Any] | None:

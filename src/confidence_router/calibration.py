@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 from confidence_router.errors import InvalidStateError
+from confidence_router.extraction import decode_tokens
+from confidence_router.signals import SIGNAL_SCORERS, answer_signals, score_for
 
 __all__ = [
     "CalibrationResult",
@@ -716,12 +718,14 @@ def calibrate_threshold(
 # Evaluation-run adapter (SQLite written by confidence_router.evaluation.runner)
 # --------------------------------------------------------------------------------------------
 
-#: Signal names of the runner mapped to the ``results`` column holding their [0, 1] score
-#: (the same mapping as ``confidence_router.evaluation.runner.BUILTIN_SIGNALS``). The raw
-#: ``mean_logprob`` / ``min_logprob`` columns are not on the router's [0, 1] scale.
-_SIGNAL_COLUMNS: Mapping[str, str] = {
-    "confidence": "confidence",
-    "min_confidence": "min_confidence",
+#: Column names accepted as signal names, and the router signal whose [0, 1] score they hold.
+#: The raw ``mean_logprob`` / ``min_logprob`` columns are not on the router's [0, 1] scale.
+_COLUMN_ALIASES: Mapping[str, str] = {
+    "confidence": "mean_logprob",
+    "min_confidence": "min_logprob",
+}
+#: Router signals with a stored score column, for rows written before tokens were stored.
+_LEGACY_COLUMNS: Mapping[str, str] = {
     "mean_logprob": "confidence",
     "min_logprob": "min_confidence",
 }
@@ -795,9 +799,12 @@ def load_scores_from_run(
 
     Args:
         path: the ``.sqlite`` file.
-        signal: ``confidence`` (= ``mean_logprob``, the paper's score), ``min_confidence``
-            (= ``min_logprob``), or an extra signal field ``"<name>.<field>"`` such as
-            ``"gsa.p_yes"``.
+        signal: any router signal (:data:`confidence_router.signals.SIGNAL_SCORERS`, e.g.
+            ``mean_logprob``, the paper's score, or ``sum_logprob``), recomputed from each
+            row's stored tokens (rows without tokens: the stored ``confidence`` /
+            ``min_confidence`` column for the paper's pair, else missing); the column names
+            ``confidence`` / ``min_confidence`` as aliases; or an extra signal field
+            ``"<name>.<field>"`` such as ``"gsa.p_yes"``.
         run: run name or id; may be omitted when the database holds exactly one run.
 
     Raises:
@@ -817,18 +824,30 @@ def load_scores_from_run(
         if "correct" not in columns:
             raise ValueError(f"{os.fspath(path)}: table 'results' lacks the 'correct' column")
         extra_key: tuple[str, str] | None = None
-        if signal in _SIGNAL_COLUMNS:
-            column = _SIGNAL_COLUMNS[signal]
-            if column not in columns:
-                raise ValueError(f"{os.fspath(path)}: table 'results' lacks column {column!r}")
+        router_signal = _COLUMN_ALIASES.get(signal, signal)
+        if router_signal in SIGNAL_SCORERS:
+            legacy = _LEGACY_COLUMNS.get(router_signal)
+            if "tokens" not in columns and (legacy is None or legacy not in columns):
+                raise ValueError(
+                    f"{os.fspath(path)}: table 'results' has no per-token data (column "
+                    f"'tokens') to compute {router_signal!r} from"
+                )
+            column = ", ".join(
+                [
+                    legacy if legacy is not None and legacy in columns else "NULL",
+                    "tokens" if "tokens" in columns else "NULL",
+                    "answer" if "answer" in columns else "NULL",
+                ]
+            )
         elif "." in signal and "extras" in columns:
             name, _, field = signal.partition(".")
             extra_key = (name, field)
             column = "extras"
         else:
             raise ValueError(
-                f"unknown signal {signal!r}: use one of {sorted(_SIGNAL_COLUMNS)} or "
-                "'<extra signal>.<field>' (e.g. 'gsa.p_yes')"
+                f"unknown signal {signal!r}: use one of {sorted(SIGNAL_SCORERS)} (or the "
+                f"columns {sorted(_COLUMN_ALIASES)}) or '<extra signal>.<field>' "
+                "(e.g. 'gsa.p_yes')"
             )
         run_id, run_name = _pick_run(conn, run)
         has = columns.__contains__
@@ -851,12 +870,14 @@ def load_scores_from_run(
     labels: list[int | None] = []
     cloud: list[int | None] = []
     n_errors = 0
-    for raw, correct, error, cloud_correct, cloud_error in rows:
+    for *values, correct, error, cloud_correct, cloud_error in rows:
         if error is not None:
             n_errors += 1
             continue
         if extra_key is not None:
-            raw = _extra_value(raw, *extra_key)
+            raw = _extra_value(values[0], *extra_key)
+        else:
+            raw = _token_score(router_signal, *values)
         score = float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else None
         scores.append(None if score is None or math.isnan(score) else score)
         labels.append(None if correct is None else int(correct))
@@ -872,6 +893,13 @@ def load_scores_from_run(
         run=run_name,
         n_errors=n_errors,
     )
+
+
+def _token_score(signal: str, stored: Any, tokens: Any, answer: Any) -> float | None:
+    """The router signal's score of one row: from its tokens, else from its stored column."""
+    if tokens is not None:
+        return score_for(answer_signals(answer, decode_tokens(tokens)), signal)
+    return stored
 
 
 def _extra_value(raw: Any, name: str, field: str) -> Any:

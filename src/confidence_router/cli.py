@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from confidence_router.errors import ConfidenceRouterError
+from confidence_router.policy import DEFAULT_POLICY
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -144,27 +145,52 @@ def _describe_bind_error(host: str, port: int, error: OSError) -> str:
 
 
 def _calibrate_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_db", metavar="RUN.sqlite", help="an evaluation run database")
-    target = parser.add_mutually_exclusive_group(required=True)
+    from confidence_router.signals import SIGNAL_SCORERS
+
+    parser.description = (
+        "Pick a threshold from a labelled evaluation run for a target call rate or accuracy, "
+        "or (--fit) fit a map from a signal's score to P(correct) and save it."
+    )
+    parser.add_argument("run_db", metavar="RUN.sqlite", nargs="?", default=None,
+                        help="an evaluation run database (threshold mode)")
+    parser.add_argument("--fit", metavar="RUN.sqlite", default=None,
+                        help="fit a calibration (isotonic or Platt) on this run instead")
+    target = parser.add_mutually_exclusive_group()
     target.add_argument("--target-rate", type=float, help="cloud-call rate to aim for, e.g. 0.3")
     target.add_argument("--target-accuracy", type=float,
-                        help="accuracy to reach at the lowest call rate, e.g. 0.8")
-    parser.add_argument("--signal", default="confidence",
-                        help="score column: confidence (mean logprob), min_confidence, ...")
+                        help="accuracy to reach at the lowest call rate, e.g. 0.8 (with --fit: "
+                        "the P(correct) floor the printed threshold keeps)")
+    parser.add_argument("--signal", default=None,
+                        help=f"signal: {', '.join(SIGNAL_SCORERS)}, or an extra field such as "
+                        "gsa.p_yes (default: mean_logprob)")
     parser.add_argument("--run", default=None, help="run name or id when the file has several")
+    parser.add_argument("--method", choices=("isotonic", "platt"), default="isotonic",
+                        help="--fit: the monotone map (default isotonic)")
+    parser.add_argument("--out", default="confidence-calibration.json",
+                        help="--fit: where to save the calibration (JSON)")
+    parser.add_argument("--holdout", type=float, default=0.3,
+                        help="--fit: share of rows held out for ECE/Brier (default 0.3)")
+    parser.add_argument("--seed", type=int, default=0, help="--fit: held-out split seed")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 @command("calibrate", _calibrate_args,
          "pick a threshold from an evaluation run for a target cloud-call rate or accuracy")
 def _calibrate(args: argparse.Namespace) -> int:
-    """Pick a threshold from a labelled evaluation run for a target call rate or accuracy."""
+    """Pick a threshold from a labelled evaluation run, or fit P(correct) (--fit)."""
+    if args.fit is not None:
+        return _calibrate_fit(args)
+    if args.run_db is None or (args.target_rate is None and args.target_accuracy is None):
+        print("confidence-router calibrate: error: give RUN.sqlite and --target-rate or "
+              "--target-accuracy, or --fit RUN.sqlite", file=sys.stderr)
+        return 2
     import json
     import math
 
     from confidence_router.calibration import calibrate_run
 
-    result = calibrate_run(args.run_db, signal=args.signal, run=args.run,
+    signal = args.signal or DEFAULT_POLICY.signal
+    result = calibrate_run(args.run_db, signal=signal, run=args.run,
                            target_rate=args.target_rate, target_accuracy=args.target_accuracy)
     values = result.as_dict()
     if isinstance(values.get("threshold"), float) and math.isinf(values["threshold"]):
@@ -174,7 +200,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     elif not result.reachable:
         print(f"target not reachable: {result.note}")
     else:
-        print(f"threshold {values['threshold']}  (signal {args.signal}, n={result.n})")
+        print(f"threshold {values['threshold']}  (signal {signal}, n={result.n})")
         print(f"expected call rate {result.expected_call_rate:.3f}, "
               f"expected accuracy {result.expected_accuracy:.3f} ({result.accuracy_kind})")
         if result.note:
@@ -191,12 +217,71 @@ def _proxy_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="router settings file (TOML or JSON)")
 
 
-@command("proxy", _proxy_args)
+@command("proxy", _proxy_args, "an OpenAI- and Ollama-compatible routing proxy (HTTP); needs the proxy extra")
 def _proxy(args: argparse.Namespace) -> int:
     """Serve the routing proxy (needs the 'proxy' extra)."""
     from confidence_router.proxy import serve
 
     serve(host=args.host, port=args.port, workers=args.workers, settings_path=args.config)
+    return 0
+
+
+def _calibrate_fit(args: argparse.Namespace) -> int:
+    """Fit ConfidenceCalibration on the training rows, report ECE/Brier on held-out rows."""
+    import json
+
+    from confidence_router.calibration import load_scores_from_run
+    from confidence_router.correctness import ConfidenceCalibration, split_holdout
+    from confidence_router.evaluation.metrics import brier, ece
+
+    if args.target_rate is not None:
+        raise ValueError("--fit takes --target-accuracy (a P(correct) floor), not --target-rate")
+    signal = args.signal or DEFAULT_POLICY.signal
+    data = load_scores_from_run(args.fit, signal, run=args.run)
+    if data.labels is None:
+        raise ValueError(f"{args.fit}: rows lack labels; a calibration needs them")
+    rows = [(s, y) for s, y in zip(data.scores, data.labels) if s is not None and y is not None]
+    if len(rows) < 20:
+        raise ValueError(f"{args.fit}: {len(rows)} labelled rows with a {signal} score; "
+                         "need at least 20")
+    train_idx, held_idx = split_holdout(len(rows), args.holdout, seed=args.seed)
+    train = [rows[i] for i in train_idx]
+    held = [rows[i] for i in held_idx]
+    calibration = ConfidenceCalibration.fit(
+        [s for s, _ in train], [y for _, y in train], signal=signal, method=args.method,
+        source={"run_db": str(args.fit), "run": data.run, "holdout": args.holdout,
+                "seed": args.seed, "n_heldout": len(held)},
+    )
+    held_scores = [s for s, _ in held]
+    held_labels = [y for _, y in held]
+    calibrated = [calibration.p_correct(s) for s in held_scores]
+    report = {
+        "signal": signal,
+        "method": args.method,
+        "run": data.run,
+        "n_train": len(train),
+        "n_heldout": len(held),
+        "ece_before": ece(held_labels, held_scores),
+        "ece_after": ece(held_labels, calibrated),
+        "brier_before": brier(held_labels, held_scores),
+        "brier_after": brier(held_labels, calibrated),
+        "saved": str(calibration.save(args.out)),
+    }
+    if args.target_accuracy is not None:
+        report["target_accuracy"] = args.target_accuracy
+        report["threshold"] = calibration.threshold_for_accuracy(args.target_accuracy)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"fitted {args.method} P(correct) for signal {signal} on {len(train)} rows "
+          f"of {data.run or args.fit}; held out {len(held)} rows")
+    print(f"held-out ECE   {report['ece_before']:.4f} -> {report['ece_after']:.4f}")
+    print(f"held-out Brier {report['brier_before']:.4f} -> {report['brier_after']:.4f}")
+    if args.target_accuracy is not None:
+        threshold = report["threshold"]
+        print(f"threshold for P(correct) >= {args.target_accuracy:g}: "
+              + ("not reachable" if threshold is None else f"{threshold:.6g}"))
+    print(f"saved {report['saved']}")
     return 0
 
 

@@ -36,6 +36,10 @@ The rule per signal (``threshold`` is the keep-local threshold on the [0, 1] sco
   change decisions: an answer that would have ended with many confident tokens is escalated.
   ``max_remaining_tokens=None`` (no cap known) never exits for the mean: unboundedly many
   certain tokens could still lift any mean above any threshold below ``sigmoid(3)``.
+* ``mean_min`` (the default signal) — a **bound** that needs no cap: the average of the
+  mean score (at best that of certain remaining tokens up to the cap, or of a mean of 0
+  without one) and the min score (which can only fall). Sound: it never exits on an answer
+  that would have been kept.
 * any other signal name (e.g. signals added to
   :data:`confidence_router.signals.SIGNAL_SCORERS` later) — no early exit (``False``): without a
   known bound an early stop could change the decision.
@@ -142,15 +146,32 @@ def should_exit_early(
         return False
     values = [min(v, 0.0) for v in values]  # the clamp compute_signals applies
     if signal == "min_logprob":
-        best_final = min(values)
+        best_score = logprob_to_confidence(min(values), slope, offset)
     elif signal == "mean_logprob":
         if max_remaining_tokens is None:
             return False
-        # Certain remaining tokens add 0 to the sum and 1 to the count each.
-        best_final = math.fsum(values) / (len(values) + max_remaining_tokens)
+        best_score = logprob_to_confidence(
+            _best_mean(values, max_remaining_tokens), slope, offset
+        )
+    elif signal == "mean_min":
+        # The average of the mean and min scores: the min score can only fall, and the mean
+        # score is at most that of certain remaining tokens (without a cap: of a mean of 0).
+        best_mean = 0.0 if max_remaining_tokens is None else _best_mean(
+            values, max_remaining_tokens
+        )
+        best_score = (
+            logprob_to_confidence(best_mean, slope, offset)
+            + logprob_to_confidence(min(values), slope, offset)
+        ) / 2
     else:
         return False
-    return logprob_to_confidence(best_final, slope, offset) < threshold - SCORE_MARGIN
+    return best_score < threshold - SCORE_MARGIN
+
+
+def _best_mean(values: Sequence[float], max_remaining_tokens: int) -> float:
+    """The highest final mean: every remaining token certain (adds 0 to the sum, 1 to the
+    count)."""
+    return math.fsum(values) / (len(values) + max_remaining_tokens)
 
 
 def early_exit_index(

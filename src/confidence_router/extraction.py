@@ -19,6 +19,8 @@ True
 
 from __future__ import annotations
 
+import json
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -109,3 +111,47 @@ def message_text(message: Any) -> str:
                 parts.append(str(block.get("text", "")))
         return "".join(parts)
     return "" if content is None else str(content)
+
+
+_TOKENS_FORMAT = 1
+
+
+def encode_tokens(tokens: Sequence[TokenLogprob] | None) -> bytes | None:
+    """Compact, exact storage of an answer's tokens: zlib-compressed JSON (evaluation runs).
+
+    Layout (format 1): ``{"v": 1, "t": [text, ...], "lp": [logprob, ...], "top": [[[alt,
+    logprob], ...], ...]}``. Floats are written with ``repr`` precision, so decoding gives
+    back the identical values and any signal recomputed from them equals the live one.
+    ``None`` (no token data) stays ``None``.
+
+    >>> toks = (TokenLogprob(" Rome", -0.25, ((" Rome", -0.25), (" Milan", -2.0))),)
+    >>> decode_tokens(encode_tokens(toks)) == toks
+    True
+    """
+    if tokens is None:
+        return None
+    payload = {
+        "v": _TOKENS_FORMAT,
+        "t": [t.token for t in tokens],
+        "lp": [t.logprob for t in tokens],
+        "top": [[[alt, lp] for alt, lp in t.top_logprobs] for t in tokens],
+    }
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return zlib.compress(text.encode("utf-8"), 9)
+
+
+def decode_tokens(blob: bytes | None) -> tuple[TokenLogprob, ...] | None:
+    """Inverse of :func:`encode_tokens` (``None`` for rows without token data).
+
+    Raises ``ValueError`` for a blob in an unknown format.
+    """
+    if blob is None:
+        return None
+    payload = json.loads(zlib.decompress(bytes(blob)).decode("utf-8"))
+    if not isinstance(payload, dict) or payload.get("v") != _TOKENS_FORMAT:
+        version = payload.get("v") if isinstance(payload, dict) else None
+        raise ValueError(f"unknown token storage format {version!r}")
+    return tuple(
+        TokenLogprob(str(text), float(lp), tuple((str(a), float(b)) for a, b in top))
+        for text, lp, top in zip(payload["t"], payload["lp"], payload["top"], strict=True)
+    )

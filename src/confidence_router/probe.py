@@ -159,9 +159,11 @@ class SelfAssessmentProbe(RunnableSerializable[ProbeInput, GsaScore]):
             if you pass an already configured probe model.
         message_template: For base models without a chat template only: the user message is
             this text with ``{prompt}`` replaced by the GSA prompt (e.g. few-shot YES/NO
-            demonstrations, see :data:`confidence_router.serving.llamacpp.YES_NO_TEMPLATE`).
-            The GSA prompt inside keeps its exact bytes, so v3-without-strong-hits still equals
-            v2. Default ``None``: the GSA prompt is the whole message (chat models).
+            demonstrations, see :data:`confidence_router.serving.llamacpp.YES_NO_TEMPLATE`;
+            such a template is the whole prompt, so serve it raw, e.g. the embedded model's
+            ``gemma3:270m-raw``). The GSA prompt inside keeps its exact bytes, so
+            v3-without-strong-hits still equals v2. Default ``None``: the GSA prompt is the
+            whole message (chat models).
 
     Errors from the model or the store propagate; an unreadable answer does not raise but
     yields ``extraction_mode="neutral"`` (p = 0.5) with a warning.

@@ -79,7 +79,7 @@ _COLLAB_CACHE = "_cached_collaborators"
 #: The fields the call's collaborators are built from (rebuilt when any is replaced).
 _COLLAB_FIELDS = operator.itemgetter(
     "local", "cloud", "stats", "calibrator", "budget", "escalation_guard", "cloud_retry",
-    "prices", "confidence_map",
+    "prices", "confidence_calibration",
 )
 
 #: The knob values of a router's ``__dict__``, as a tuple in RoutingPolicy's order.
@@ -215,9 +215,16 @@ class ConfidenceRoutedLLM(BaseChatModel):
     follows a rolling quantile of recent confidences so the cloud-call rate tracks a target
     (a per-call ``threshold`` still wins)."""
 
-    confidence_map: Any = None
-    """A fitted confidence calibration (anything with ``p_correct(score) -> float``): adds
-    ``p_correct`` to the routing record."""
+    confidence_calibration: Any = None
+    """A fitted :class:`~confidence_router.correctness.ConfidenceCalibration` (from
+    ``confidence-router calibrate --fit RUN``; ``ConfidenceCalibration.load(path)``): adds
+    ``p_correct``, the estimated probability that the local answer is right, to the routing
+    record. With ``target_accuracy`` it also sets the threshold."""
+
+    target_accuracy: float | None = Field(default=None, gt=0.0, le=1.0)
+    """With ``confidence_calibration``: keep local answers whose estimated P(correct) reaches
+    this, i.e. route on the calibration's signal at the threshold where P(correct) >= target
+    (replaces ``threshold`` and ``signal``)."""
 
     prices: Any = None
     """A :class:`~confidence_router.costs.PriceTable` (default: the built-in Bedrock prices)."""
@@ -273,6 +280,22 @@ class ConfidenceRoutedLLM(BaseChatModel):
             super().__init__(**kwargs)
         except ValidationError as error:
             raise RoutingConfigError(f"invalid ConfidenceRoutedLLM: {error}") from error
+
+    @model_validator(mode="before")
+    @classmethod
+    def _threshold_from_target_accuracy(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("target_accuracy") is None:
+            return data
+        calibration = data.get("confidence_calibration")
+        if calibration is None:
+            raise RoutingConfigError("target_accuracy needs a confidence_calibration")
+        threshold = calibration.threshold_for_accuracy(data["target_accuracy"])
+        if threshold is None:
+            raise RoutingConfigError(
+                f"target_accuracy={data['target_accuracy']} is not reachable with this "
+                "calibration (no score reaches it)"
+            )
+        return {**data, "threshold": threshold, "signal": calibration.signal}
 
     @model_validator(mode="after")
     def _setup(self) -> ConfidenceRoutedLLM:
@@ -353,7 +376,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
                 else None
             ),
             early_exit_rule=_early_exit_rule(self.local),
-            confidence_map=self.confidence_map,
+            confidence_calibration=self.confidence_calibration,
         )
         # Plain attributes in __dict__ (not pydantic private ones, whose lookup is slow on
         # the hot path); model_copy() carries them along, which is what we want.

@@ -40,6 +40,9 @@ __all__ = [
     "with_logprobs",
 ]
 
+#: Alternatives per generated token requested from the local tier (for the top-k signals).
+TOP_LOGPROBS = 5
+
 #: Seconds to wait for a TCP connection before giving up (capped by the tier's timeout).
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
@@ -92,15 +95,22 @@ def _rebuild(model: Any, **changes: Any) -> Any:
 def with_logprobs(model: Any) -> Any:
     """``model`` set up to report per-token logprobs.
 
-    ``ChatOllama`` and ``ChatOpenAI`` both expose a ``logprobs`` field; when it is unset we take
-    a cheap copy with it switched on. Other models are returned unchanged: their confidence is
+    ``ChatOllama`` and ``ChatOpenAI`` both expose ``logprobs`` and ``top_logprobs`` fields;
+    when they are unset we take a cheap copy with logprobs on and the top
+    :data:`TOP_LOGPROBS` alternatives per token requested. Other models are returned unchanged: their confidence is
     then unknown, and the ``on_unknown`` policy applies.
     """
     inner = unwrap(model)
     model_fields = getattr(type(inner), "model_fields", {})
+    update: dict[str, Any] = {}
     if "logprobs" in model_fields and not getattr(inner, "logprobs", None):
-        return _rewrap(model, inner.model_copy(update={"logprobs": True}))
-    return model
+        update["logprobs"] = True
+    if "top_logprobs" in model_fields and not getattr(inner, "top_logprobs", None):
+        # The margin and entropy signals read the top alternatives of each token.
+        update["top_logprobs"] = TOP_LOGPROBS
+    if not update:
+        return model
+    return _rewrap(model, inner.model_copy(update=update))
 
 
 def configure_local(model: Any, timeout: float | None) -> Any:

@@ -147,3 +147,22 @@ def test_bad_arguments_raise_typed_errors():
 @given(values=answers, threshold=thresholds)
 def test_no_cap_mean_never_exits(values, threshold):
     assert early_exit_index("mean_logprob", threshold, values) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    prefix=st.lists(st.floats(-8.0, 0.0), min_size=1, max_size=12),
+    rest=st.lists(st.floats(-8.0, 0.0), max_size=12),
+    threshold=st.floats(0.05, 0.95),
+    capped=st.booleans(),
+)
+def test_mean_min_bound_never_exits_on_an_answer_that_would_be_kept(prefix, rest, threshold,
+                                                                    capped):
+    """Sound: when the rule exits after ``prefix``, no continuation (within the cap) reaches
+    the threshold."""
+    from confidence_router.signals import compute_signals, score_for
+
+    cap = len(rest) if capped else None
+    if should_exit_early("mean_min", threshold, prefix, max_remaining_tokens=cap):
+        final = score_for(compute_signals(prefix + rest), "mean_min")
+        assert final < threshold

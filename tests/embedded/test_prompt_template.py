@@ -10,9 +10,15 @@ import sys
 import pytest
 
 from confidence_router.serving.llamacpp import (
+    COMPLETION_FEW_SHOT_PREFIX,
     FEW_SHOT_PREFIX,
+    PROMPT_TEMPLATE_VERSIONS,
+    PROMPT_TEMPLATES,
     _StopFilter,
+    model_variant,
+    render_completion_prompt,
     render_prompt,
+    render_raw_prompt,
 )
 from confidence_router.serving.protocol import GeneratedToken
 
@@ -66,16 +72,72 @@ def test_content_parts_list_uses_text_parts():
     assert prompt.endswith("Q: Capital of Chile?\nA:")
 
 
-def test_prerendered_prompt_is_used_verbatim():
+def test_text_never_selects_a_template():
+    # A message that looks pre-rendered is still an ordinary (one-line) Q:/A: turn: only the
+    # model name chooses the template, never the message text.
     raw = FEW_SHOT_PREFIX + "Q: Who discovered penicillin?\nA:"
-    assert render_prompt([{"role": "user", "content": raw}]) == raw
-    # ...but only as the sole message: in a conversation it is an ordinary (one-line) turn.
-    rendered = render_prompt([{"role": "system", "content": "x"}, {"role": "user", "content": raw}])
-    assert rendered != raw and "\nQ: Q: What" in rendered
+    rendered = render_prompt([{"role": "user", "content": raw}])
+    assert rendered != raw
+    assert rendered == FEW_SHOT_PREFIX + "Q: " + " ".join(raw.split()) + "\nA:"
 
 
 def test_custom_prefix():
     assert render_prompt([{"role": "user", "content": "2+2?"}], few_shot_prefix="") == "Q: 2+2?\nA:"
+
+
+# ---- completion and raw templates -------------------------------------------------------------
+
+
+def test_completion_prompt_uses_plain_sentences():
+    prompt = render_completion_prompt([{"role": "user", "content": "The capital of Kenya is"}])
+    assert prompt == COMPLETION_FEW_SHOT_PREFIX + "The capital of Kenya is"
+    assert "Q:" not in prompt and "A:" not in prompt
+    # Every demonstration is a full sentence on its own line, ending with a full stop.
+    assert all(line.endswith(".") for line in COMPLETION_FEW_SHOT_PREFIX.splitlines())
+
+
+def test_completion_prompt_conversation_system_and_prefill():
+    messages = [
+        {"role": "system", "content": "Facts\nonly."},
+        {"role": "user", "content": "The capital of Kenya is"},
+        {"role": "assistant", "content": "Nairobi."},
+        {"role": "user", "content": "The capital  of\nPeru is"},
+    ]
+    assert render_completion_prompt(messages) == (
+        "Facts only.\n" + COMPLETION_FEW_SHOT_PREFIX
+        + "The capital of Kenya is Nairobi.\nThe capital of Peru is"
+    )
+    prefill = [{"role": "user", "content": "The capital of Kenya is"},
+               {"role": "assistant", "content": "Nai"}]
+    assert render_completion_prompt(prefill).endswith("\nThe capital of Kenya is Nai")
+    two_users = [{"role": "user", "content": "A is"}, {"role": "user", "content": "B is"}]
+    assert render_completion_prompt(two_users).endswith(".\nA is\nB is")
+
+
+def test_raw_prompt_is_the_text_byte_for_byte():
+    text = "  Line one\n\nQ: odd   spacing\nA:"
+    assert render_raw_prompt([{"role": "user", "content": text}]) == text
+    assert render_raw_prompt(
+        [{"role": "user", "content": "The capital of Kenya is"},
+         {"role": "assistant", "content": " Nai"}]
+    ) == "The capital of Kenya is Nai"
+
+
+@pytest.mark.parametrize(
+    "messages", [[], [{"role": "user", "content": ""}], [{"role": "wizard", "content": "x"}]]
+)
+def test_raw_prompt_rejects_empty_and_unknown_roles(messages):
+    with pytest.raises(ValueError):
+        render_raw_prompt(messages)
+
+
+def test_model_variants_name_the_templates():
+    assert model_variant("gemma3:270m", "raw") == "gemma3:270m-raw"
+    assert model_variant("gemma3:latest", "completion") == "gemma3-completion"
+    assert set(PROMPT_TEMPLATES) == set(PROMPT_TEMPLATE_VERSIONS) == {"qa", "completion", "raw"}
+    assert PROMPT_TEMPLATES["qa"] is render_prompt
+    with pytest.raises(ValueError, match="unknown prompt template"):
+        model_variant("gemma3:270m", "chat")
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from langchain_ollama import ChatOllama
 
 from confidence_router import ConfidenceRoutedLLM, SelfAssessmentProbe
 from confidence_router.embedded import DEFAULT_MODEL_NAME, start_embedded_server
-from confidence_router.serving.llamacpp import YES_NO_TEMPLATE
+from confidence_router.serving.llamacpp import YES_NO_TEMPLATE, model_variant
 
 UNIFORM = -12.477  # what a broken logprob path reports (ln 1/262144)
 
@@ -74,7 +74,8 @@ def test_stream_replays_the_same_local_answer(router):
 
 def test_precheck_probe_reads_real_yes_no_logprobs(gemma, router):
     probe = SelfAssessmentProbe(
-        model=ChatOllama(model=DEFAULT_MODEL_NAME, base_url=gemma.url),
+        # The template renders the whole prompt: the raw variant applies no template.
+        model=ChatOllama(model=model_variant(DEFAULT_MODEL_NAME, "raw"), base_url=gemma.url),
         message_template=YES_NO_TEMPLATE,
     )
     two_stage = router.model_copy(update={"precheck": probe, "precheck_threshold": 0.0})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -10,17 +11,18 @@ from typing import Any
 
 import pytest
 
+from confidence_router.evaluation import datasets as datasets_module
 from confidence_router.evaluation.datasets import (
     DATA_DIR_ENV,
     KNOWN_DATASETS,
+    SAMPLE_DATASETS,
     QAItem,
+    dataset_file,
     load_dataset,
     load_hf_dataset,
     question_hash_id,
     resolve_data_dir,
 )
-
-SHARED_DATA = Path("/work/shared/data")
 
 
 def _write_jsonl(path: Path, records: list[Any]) -> Path:
@@ -172,30 +174,28 @@ def test_bad_window_arguments(tmp_path: Path, limit: Any, offset: Any) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _fake_shared(root: Path) -> Path:
-    data = root / "shared" / "data"
+def _fake_data_dir(root: Path) -> Path:
+    data = root / "data"
     data.mkdir(parents=True)
     _write_jsonl(data / KNOWN_DATASETS["wikidata"], [{"prompt": "X is", "answer": "y"}])
     return data
 
 
-def test_resolve_explicit_then_env_then_walk_up(
+def test_resolve_explicit_then_env_then_none(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    data = _fake_shared(tmp_path)
-    repo_sub = tmp_path / "main" / "tests" / "deep"
-    repo_sub.mkdir(parents=True)
+    data = _fake_data_dir(tmp_path)
     other = tmp_path / "other"
     other.mkdir()
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
-    monkeypatch.chdir(repo_sub)
-    # walk up: <cwd ancestor>/../shared/data, found from main/tests/deep via main
+    monkeypatch.chdir(tmp_path)
+    assert resolve_data_dir() is None  # nothing configured: no directory guessing
+    monkeypatch.setenv(DATA_DIR_ENV, str(data))
     assert resolve_data_dir() == data
     assert load_dataset("wikidata")[0].id == f"{KNOWN_DATASETS['wikidata'][:-6]}:1"
-    # the environment variable wins over the walk
     monkeypatch.setenv(DATA_DIR_ENV, str(other))
     assert resolve_data_dir() == other
-    # and the explicit argument wins over both
+    # the explicit argument wins over the variable
     assert resolve_data_dir(data) == data
     assert load_dataset("wikidata", data_dir=data)[0].answers == ("y",)
 
@@ -204,33 +204,63 @@ def test_resolve_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match=DATA_DIR_ENV):
         resolve_data_dir()
+    # a configured but missing directory is an error, not a silent fallback to the samples
+    with pytest.raises(FileNotFoundError, match=DATA_DIR_ENV):
+        load_dataset("wikidata")
     with pytest.raises(FileNotFoundError, match="not a directory"):
         resolve_data_dir(tmp_path / "missing")
     monkeypatch.delenv(DATA_DIR_ENV)
-    isolated = tmp_path / "a" / "b"
-    isolated.mkdir(parents=True)
-    monkeypatch.chdir(isolated)
-    if any((d.parent / "shared" / "data").is_dir() for d in (isolated, *isolated.parents)):
-        pytest.skip("a real ../shared/data exists above the temporary directory")
-    with pytest.raises(FileNotFoundError, match=f"data_dir=.*{DATA_DIR_ENV}"):
-        load_dataset("triviaqa")
+    # nq_open has no packaged sample: the message says how to point at the full file
+    with pytest.raises(FileNotFoundError, match=f"data_dir=.*{DATA_DIR_ENV}.*nq_open_dev"):
+        load_dataset("nq_open")
 
 
 def test_known_file_missing_in_data_dir(tmp_path: Path) -> None:
-    data = _fake_shared(tmp_path)
+    data = _fake_data_dir(tmp_path)
     with pytest.raises(FileNotFoundError, match="nq_open_dev.jsonl"):
         load_dataset("nq_open", data_dir=data)
 
 
 # ----------------------------------------------------------------------------------------------
-# Real shared files
+# Packaged samples
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared data directory absent")
+@pytest.mark.parametrize("name", sorted(SAMPLE_DATASETS))
+def test_packaged_samples_load_without_a_data_dir(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    path = dataset_file(name)
+    assert path.name == SAMPLE_DATASETS[name] and path.parent.name == "data"
+    items = load_dataset(name)
+    assert 200 <= len(items) <= 500  # "a few hundred rows"
+    assert len({i.id for i in items}) == len(items)
+    assert all(i.id.startswith(f"{name}_sample:") for i in items)
+    assert all(i.question and i.answers for i in items)
+    assert {i.prompt_style for i in items} == {
+        "completion" if name == "wikidata" else "question"
+    }
+    assert load_dataset(name, limit=3, offset=2) == items[2:5]
+    # attribution and licence travel with the data
+    notes = (path.parent / "README.md").read_text(encoding="utf-8")
+    assert SAMPLE_DATASETS[name] in notes and "Apache-2.0" in notes
+
+
+# ----------------------------------------------------------------------------------------------
+# Full files (when $CONFIDENCE_ROUTER_DATA_DIR points at them)
+# ----------------------------------------------------------------------------------------------
+
+FULL_DATA = os.environ.get(DATA_DIR_ENV)
+
+
+@pytest.mark.skipif(
+    not (FULL_DATA and (Path(FULL_DATA) / KNOWN_DATASETS["wikidata"]).is_file()),
+    reason=f"${DATA_DIR_ENV} does not point at the full evaluation files",
+)
 @pytest.mark.parametrize("name", sorted(KNOWN_DATASETS))
-def test_real_shared_files_load(name: str) -> None:
-    items = load_dataset(name, limit=5, data_dir=SHARED_DATA)
+def test_real_full_files_load(name: str) -> None:
+    items = load_dataset(name, limit=5, data_dir=FULL_DATA)
     assert len(items) == 5
     assert len({i.id for i in items}) == 5
     for item in items:
@@ -238,7 +268,15 @@ def test_real_shared_files_load(name: str) -> None:
         assert not item.question.startswith("Question:")
         assert not item.question.endswith("Answer:")
         assert item.prompt_style == ("completion" if name == "wikidata" else "question")
-    assert load_dataset(name, limit=2, offset=3, data_dir=SHARED_DATA) == items[3:5]
+    assert load_dataset(name, limit=2, offset=3, data_dir=FULL_DATA) == items[3:5]
+    if name in SAMPLE_DATASETS:
+        # the packaged sample is the full file's last rows, unchanged
+        sample_path = Path(datasets_module.__file__).parent.parent / "data" / SAMPLE_DATASETS[name]
+        sample = load_dataset(sample_path)
+        full = load_dataset(name, data_dir=FULL_DATA)
+        assert [(i.question, i.answers) for i in full[-len(sample):]] == [
+            (i.question, i.answers) for i in sample
+        ]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from langchain_ollama import ChatOllama
 
 from confidence_router.evaluation.datasets import QAItem
 from confidence_router.evaluation.runner import (
+    BUILTIN_SIGNALS,
     FEW_SHOT_PROMPTS,
     INSTRUCT_PROMPTS,
     EvalRunner,
@@ -29,7 +30,11 @@ from confidence_router.evaluation.runner import (
     list_runs,
     load_run,
 )
-from confidence_router.serving.llamacpp import FEW_SHOT_PREFIX, render_prompt
+from confidence_router.serving.llamacpp import (
+    COMPLETION_FEW_SHOT_PREFIX,
+    FEW_SHOT_PREFIX,
+    render_raw_prompt,
+)
 
 
 def sigmoid(x: float) -> float:
@@ -111,15 +116,23 @@ def test_rows_hold_hand_computed_signals(ollama_backend, ollama_server, tmp_path
     assert bodies[france]["options"]["num_predict"] == 50
     assert bodies[france]["options"]["stop"] == ["\n"]
     assert bodies[france]["logprobs"] is True
-    completion = FEW_SHOT_PROMPTS.render(ITEMS[2])
-    assert completion in bodies and completion.startswith(FEW_SHOT_PREFIX)
-    # The embedded backend uses such a prompt verbatim (no second template around it).
-    assert render_prompt([{"role": "user", "content": completion}]) == completion
+    assert bodies[france]["top_logprobs"] == 5  # the alternatives are recorded
+    # A completion prompt gets plain completion demonstrations, never Q:/A: pairs.
+    completion = COMPLETION_FEW_SHOT_PREFIX + "The country of Novosibirsk is"
+    assert FEW_SHOT_PROMPTS.render(ITEMS[2]) == completion and completion in bodies
+    assert "Q:" not in completion
+    # The set renders the whole prompt: the embedded server's raw variant uses it unchanged.
+    assert FEW_SHOT_PROMPTS.raw
+    assert render_raw_prompt([{"role": "user", "content": completion}]) == completion
 
     info = list_runs(tmp_path / "runs.sqlite")[0]
-    assert info.name == r.run_name == "toy__scripted-local__few-shot-qa-v1"
-    assert info.model == "scripted-local" and info.prompt_set == "few-shot-qa-v1"
+    assert info.name == r.run_name == "toy__scripted-local__few-shot-v2"
+    assert info.model == "scripted-local" and info.prompt_set == "few-shot-v2"
     assert info.prompt_templates["question"] == FEW_SHOT_PROMPTS.question
+    assert info.prompt_templates["completion"] == completion.replace(
+        "The country of Novosibirsk is", "{question}"
+    )
+    assert info.prompt_templates["raw"] is True
     assert info.library_version and info.started_at and info.grader == "match_grader"
 
 
@@ -226,7 +239,7 @@ def test_extra_signals_and_cloud_labels(ollama_backend, ollama_server, tmp_path)
     )
     r.run(ITEMS)
     data = load_run(tmp_path / "runs.sqlite", r.run_name)
-    assert data.info.score_signals == ["mean_logprob", "min_logprob", "gsa.p_yes", "toy.score"]
+    assert data.info.score_signals == [*BUILTIN_SIGNALS, "gsa.p_yes", "toy.score"]
     assert data.extras["gsa.p_yes"].tolist() == [0.75, 0.25, 0.75, 0.75]
     assert data.extra_values["gsa.mode"][0] == "logprob_softmax"
     assert data.extras["gsa.latency_s"][0] >= 0

@@ -50,6 +50,21 @@ def _embedded_model_name() -> str:
     return str(getattr(embedded, "EMBEDDED_MODEL_NAME", None) or embedded.DEFAULT_MODEL_NAME)
 
 
+def _answer_model(model: str, prompts: str, *, embedded: bool) -> str:
+    """The model name to send answer prompts to.
+
+    A raw prompt set (the few-shot set renders the whole prompt) goes to the embedded server's
+    ``-raw`` variant, which applies no template; on a user's Ollama the given model is used
+    as is (it must apply no template of its own for such a set).
+    """
+    from confidence_router.evaluation.runner import PROMPT_SETS
+    from confidence_router.serving.llamacpp import model_variant
+
+    if embedded and PROMPT_SETS[prompts].raw:
+        return model_variant(model, "raw")
+    return model
+
+
 @contextlib.contextmanager
 def _ollama_endpoint(url: str | None) -> Iterator[str]:
     """Yield ``url``, or start the embedded server for the duration when it is ``None``."""
@@ -100,9 +115,23 @@ def _run_dataset(
     gsa: GsaOptions | None = None,
     items: list[Any] | None = None,
 ) -> str:
-    from confidence_router.evaluation.datasets import load_dataset
+    from confidence_router.evaluation.datasets import (
+        KNOWN_DATASETS,
+        dataset_file,
+        load_dataset,
+    )
     from confidence_router.evaluation.runner import EvalRunner
 
+    path = dataset_file(dataset, data_dir)
+    if dataset in KNOWN_DATASETS and path.name != KNOWN_DATASETS[dataset]:
+        # The packaged sample: label the run by the sample's file, so it never resumes into
+        # (or is compared as) a run on the full file.
+        print(
+            f"using the packaged sample {path.name}; set $CONFIDENCE_ROUTER_DATA_DIR or "
+            f"--data-dir to the directory holding {KNOWN_DATASETS[dataset]} for the full set",
+            file=sys.stderr,
+        )
+        dataset = str(path)
     if items is None:
         items = load_dataset(dataset, limit=limit, offset=offset, data_dir=data_dir)
     signals = (
@@ -186,11 +215,17 @@ def _gsa_signals(
             )
     tau = gsa.tau if gsa.tau is not None else store.self_similarity_tau()
     print(f"GSA v3 strong-hit threshold tau = {tau:.4f}", file=sys.stderr)
-    probe_model = ChatOllama(base_url=url, model=model)
+    from confidence_router.serving.llamacpp import model_variant
+
+    embedded = _embedded_model_name()
     template = None
-    if model == _embedded_model_name():
-        # A base model needs YES/NO demonstrations around the exact GSA prompt bytes.
+    if model in (embedded, model_variant(embedded, "raw")):
+        # A base model needs YES/NO demonstrations around the exact GSA prompt bytes; the
+        # template renders the whole prompt, so it goes to the raw variant.
         from confidence_router.serving.llamacpp import YES_NO_TEMPLATE as template
+
+        model = model_variant(embedded, "raw")
+    probe_model = ChatOllama(base_url=url, model=model)
     fields = ("p_yes", "latency_s", "extraction_mode", "had_retrieval", "n_hits_used", "tau")
     return (
         runnable_signal(
@@ -234,7 +269,7 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--prompts",
-        choices=("few-shot", "instruct"),
+        choices=("few-shot", "instruct"),  # the keys of runner.PROMPT_SETS
         default=None,
         help="answer prompt set (default: few-shot for the embedded base "
         "model, instruct for an Ollama chat model)",
@@ -256,7 +291,9 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--retry-errors", action="store_true", help="re-run items whose stored row is a failure"
     )
-    parser.add_argument("--data-dir", default=None, help="the shared data directory")
+    parser.add_argument("--data-dir", default=None,
+                        help="evaluation data directory (default: $CONFIDENCE_ROUTER_DATA_DIR, "
+                        "else the packaged samples)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument(
         "--gsa", action="store_true",
@@ -280,8 +317,10 @@ def _eval(args: argparse.Namespace) -> int:
     require_extra("eval", "confidence-router eval")
     if args.gsa:
         require_extra("gsa", "confidence-router eval --gsa")
-    model = args.model or _embedded_model_name()
     prompts = args.prompts or ("instruct" if args.ollama_url else "few-shot")
+    model = args.model or _embedded_model_name()
+    if not args.ollama_url:
+        model = _answer_model(model, prompts, embedded=True)
     try:
         # Read the dataset first: a typo in --dataset fails at once, before a model loads.
         items = _load_items(args)
@@ -438,11 +477,15 @@ def _all_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--concurrency", type=int, default=1, help="requests in flight")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
-    parser.add_argument("--data-dir", default=None, help="the shared data directory")
+    parser.add_argument("--data-dir", default=None,
+                        help="evaluation data directory (default: $CONFIDENCE_ROUTER_DATA_DIR, "
+                        "else the packaged samples)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--kb-size", type=int, default=500,
                         help="GSA v3 knowledge store on TriviaQA: items after the evaluated "
                         "ones, with their gold answers (default 500)")
+    parser.add_argument("--no-gsa", action="store_true",
+                        help="skip the GSA v2/v3 probes on TriviaQA (about half the run time)")
 
 
 @command("eval-all", _all_args,
@@ -456,7 +499,7 @@ def _eval_all(args: argparse.Namespace) -> int:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)
         shutil.rmtree(f"{db}.kb", ignore_errors=True)
-    model = _embedded_model_name()
+    model = _answer_model(_embedded_model_name(), "few-shot", embedded=True)
     try:
         with _ollama_endpoint(None) as url:
             names = [
@@ -476,12 +519,12 @@ def _eval_all(args: argparse.Namespace) -> int:
                     progress=not args.no_progress,
                     data_dir=args.data_dir,
                     gsa=GsaOptions(kb_offset=args.limit, kb_size=args.kb_size)
-                    if dataset in GSA_DATASETS
+                    if dataset in GSA_DATASETS and not args.no_gsa
                     else None,
                 )
                 for dataset in ALL_DATASETS
             ]
-            _write_report(args, str(db), names, args.name, url, model)
+            _write_report(args, str(db), names, args.name, url, _embedded_model_name())
     except ValueError as error:
         print(f"confidence-router eval-all: error: {error}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Question-answering evaluation sets: the offline JSONL files and Hugging Face datasets.
 
-Known names (files in the shared data directory, see ``data/README.md``):
+Known names (files in the evaluation data directory):
 
 ============  ==========================  ==========================================
 name          file                        schema
@@ -14,10 +14,12 @@ Any other JSONL file is loaded by path with the schema detected from its first r
 generic schema is ``{"question", "answers": [...]}`` with optional ``"id"`` and
 ``"prompt_style"``.
 
-The data directory is resolved in this order: the ``data_dir`` argument, the environment
-variable ``CONFIDENCE_ROUTER_DATA_DIR``, then ``../shared/data`` relative to the current
-working directory or any of its ancestors (so it works from the repository root and from its
-subdirectories). The files are read in place, never copied.
+The data directory is the ``data_dir`` argument, else the environment variable
+``CONFIDENCE_ROUTER_DATA_DIR``. With neither, ``wikidata`` and ``triviaqa`` are read from the
+small samples shipped inside the package (:data:`SAMPLE_DATASETS`: 300 rows each, with their
+attribution and licence in ``confidence_router/data/README.md``), so a plain ``pip install``
+can run an evaluation; their item ids (``wikidata_sample:<line>``) never collide with the full
+files'. The files are read in place, never copied.
 
 Example::
 
@@ -40,7 +42,9 @@ from typing import Any
 __all__ = [
     "DATA_DIR_ENV",
     "KNOWN_DATASETS",
+    "SAMPLE_DATASETS",
     "QAItem",
+    "dataset_file",
     "load_dataset",
     "load_hf_dataset",
     "question_hash_id",
@@ -54,7 +58,13 @@ KNOWN_DATASETS: Mapping[str, str] = {
     "triviaqa": "triviaqa_3000.jsonl",
     "nq_open": "nq_open_dev.jsonl",
 }
-"""Known dataset names and their file names in the shared data directory."""
+"""Known dataset names and their file names in the evaluation data directory."""
+
+SAMPLE_DATASETS: Mapping[str, str] = {
+    "wikidata": "wikidata_sample.jsonl",
+    "triviaqa": "triviaqa_sample.jsonl",
+}
+"""Known names with a small sample shipped in the package (``confidence_router/data``)."""
 
 PROMPT_STYLE_COMPLETION = "completion"
 """The question text is a sentence to complete ("The country of X is")."""
@@ -89,16 +99,14 @@ class QAItem:
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Find the shared data directory.
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """The configured evaluation data directory, or ``None`` when none is configured.
 
-    Order: ``data_dir`` if given; else ``$CONFIDENCE_ROUTER_DATA_DIR``; else the first existing
-    ``<d>/../shared/data`` for ``d`` = the current working directory and each of its ancestors.
-    An explicitly given directory (argument or variable) must exist: it is never silently
-    replaced by a fallback.
+    Order: ``data_dir`` if given; else ``$CONFIDENCE_ROUTER_DATA_DIR``. A configured directory
+    must exist: it is never silently replaced by the packaged samples.
 
     Raises:
-        FileNotFoundError: nothing found; the message says how to point at the directory.
+        FileNotFoundError: the given directory (argument or variable) does not exist.
     """
     if data_dir is not None:
         path = Path(data_dir).expanduser()
@@ -111,16 +119,52 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
         if not path.is_dir():
             raise FileNotFoundError(f"${DATA_DIR_ENV}={env!r} is not a directory")
         return path
-    cwd = Path.cwd()
-    for d in (cwd, *cwd.parents):
-        candidate = d.parent / "shared" / "data"
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(
-        "cannot find the evaluation data directory (looked for ../shared/data from "
-        f"{str(cwd)!r} and its parents). Pass data_dir=..., or set the environment variable "
-        f"{DATA_DIR_ENV} to the directory holding {', '.join(KNOWN_DATASETS.values())}."
-    )
+    return None
+
+
+def _package_data() -> Path:
+    return Path(__file__).resolve().parent.parent / "data"
+
+
+def dataset_file(
+    name_or_path: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """The JSONL file that :func:`load_dataset` reads for a known name or a path.
+
+    A known name resolves in the configured data directory (:func:`resolve_data_dir`), else
+    to its packaged sample (:data:`SAMPLE_DATASETS`).
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+        FileNotFoundError: the file does not exist, or no data directory is configured for a
+            name without a packaged sample (the message names ``$CONFIDENCE_ROUTER_DATA_DIR``).
+
+    >>> dataset_file("wikidata").name                               # doctest: +SKIP
+    'wikidata_sample.jsonl'
+    """
+    name = os.fspath(name_or_path)
+    if name in KNOWN_DATASETS:
+        directory = resolve_data_dir(data_dir)
+        if directory is not None:
+            path = directory / KNOWN_DATASETS[name]
+        elif name in SAMPLE_DATASETS:
+            path = _package_data() / SAMPLE_DATASETS[name]
+        else:
+            raise FileNotFoundError(
+                f"dataset {name!r} is not shipped with the package; pass data_dir=... or set "
+                f"the environment variable {DATA_DIR_ENV} to the directory holding "
+                f"{KNOWN_DATASETS[name]}"
+            )
+    elif Path(name).is_file() or _is_path_like(name):
+        path = Path(name)
+    else:
+        raise ValueError(
+            f"unknown dataset {name!r}; known names: {', '.join(sorted(KNOWN_DATASETS))} "
+            "(or pass a path to a .jsonl file)"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {str(path)!r}")
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,11 +330,13 @@ def load_dataset(
 
     Args:
         name_or_path: one of :data:`KNOWN_DATASETS` (``"wikidata"``, ``"triviaqa"``,
-            ``"nq_open"``), resolved in the shared data directory; or a path to a JSONL file
-            in any supported schema (detected from its first record).
+            ``"nq_open"``), resolved by :func:`dataset_file` (the data directory, else the
+            packaged sample); or a path to a JSONL file in any supported schema (detected
+            from its first record).
         limit: at most this many items (``None`` = all).
         offset: skip this many items first (records, not physical lines).
-        data_dir: the shared data directory, for known names (see :func:`resolve_data_dir`).
+        data_dir: the evaluation data directory, for known names (see
+            :func:`resolve_data_dir`).
 
     Returns:
         Items in file order (deterministic), ``items[offset : offset + limit]``. Records after
@@ -307,18 +353,7 @@ def load_dataset(
         >>> test = load_dataset("triviaqa", offset=100, limit=500)        # doctest: +SKIP
     """
     _check_window(limit, offset)
-    name = os.fspath(name_or_path)
-    if name in KNOWN_DATASETS:
-        path = resolve_data_dir(data_dir) / KNOWN_DATASETS[name]
-    elif Path(name).is_file() or _is_path_like(name):
-        path = Path(name)
-    else:
-        raise ValueError(
-            f"unknown dataset {name!r}; known names: {', '.join(sorted(KNOWN_DATASETS))} "
-            "(or pass a path to a .jsonl file)"
-        )
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset file not found: {str(path)!r}")
+    path = dataset_file(name_or_path, data_dir)
     items: list[QAItem] = []
     if limit == 0:
         return items

@@ -67,7 +67,14 @@ from confidence_router.evaluation.metrics import (
     operating_points,
     paired_bootstrap_delta,
 )
-from confidence_router.evaluation.runner import RunData, list_runs, load_run
+from confidence_router.evaluation.runner import (
+    BUILTIN_SIGNALS,
+    RANK_SIGNALS,
+    RunData,
+    list_runs,
+    load_run,
+)
+from confidence_router.signals import PAPER_SIGNAL, SIGNAL_DESCRIPTIONS, SIGNAL_SCORERS
 
 __all__ = [
     "BASELINE",
@@ -92,12 +99,22 @@ DEFAULT_FRACTIONS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
 """Escalation budgets of the operating-point tables ("escalate the bottom k%")."""
 CPT_TARGETS: tuple[float, ...] = (0.2, 0.5, 0.8)
 MIN_ROWS_PER_SIGNAL = 10
-"""A per-signal AUROC needs at least this many rows (method.md §6.4)."""
+"""A per-signal AUROC needs at least this many rows."""
 
 _LABELS = {
     "mean_logprob": "logprob (mean token, σ(2ℓ̄+3))",
     "min_logprob": "min-token logprob",
     BASELINE: "supervised baseline (LR on query embeddings)",
+}
+
+_DESCRIPTIONS = {
+    **SIGNAL_DESCRIPTIONS,
+    **{
+        name: "label-free rank combination over the run: mean normalised rank of "
+        + ", ".join(parts)
+        + " (report only: one answer has no rank)"
+        for name, parts in RANK_SIGNALS.items()
+    },
 }
 
 
@@ -398,7 +415,7 @@ def _train_baseline(
     curve = learning_curve(train, cache, sizes=sizes, test_rows=test)
     reference: dict[str, float] = {}
     held_ids = {r.item_id for r in test}
-    for signal in ("mean_logprob", "min_logprob"):
+    for signal in ("mean_logprob", "min_logprob"):  # the paper's pair, as a reference
         arrays = first.signal(signal)
         keep = [i for i, item in enumerate(arrays.item_ids) if item in held_ids]
         if keep:
@@ -421,6 +438,18 @@ def _train_baseline(
     )
 
 
+def _reported_signals(run: RunData) -> list[str]:
+    """The run's signals, minus the token-only built-ins when no row has token data (a run
+    written before tokens were stored): those would be empty columns, not findings."""
+    if any(tokens is not None for tokens in run.tokens):
+        return list(run.info.score_signals)
+    return [
+        s
+        for s in run.info.score_signals
+        if s not in BUILTIN_SIGNALS or BUILTIN_SIGNALS[s] is not None
+    ]
+
+
 def _dataset_report(
     run: RunData,
     baseline: _BaselineScores | None,
@@ -429,7 +458,7 @@ def _dataset_report(
     n_resamples: int,
     seed: int,
 ) -> DatasetReport:
-    signals = run.info.score_signals
+    signals = _reported_signals(run)
     arrays = {s: run.signal(s) for s in signals}
     labels_by_id = {run.item_ids[i]: int(run.correct[i]) for i in np.flatnonzero(run.ok)}
     results = [
@@ -461,7 +490,7 @@ def _dataset_report(
         if d is not None:
             deltas.append(d)
 
-    primary = "mean_logprob"
+    primary = PAPER_SIGNAL
     for s in signals:
         if s != primary:
             add_delta(
@@ -597,50 +626,58 @@ def _recommend(
     distribution) is checked against the paired deltas.
     """
     lines: list[str] = []
-    primary = "mean_logprob"
+    primary = PAPER_SIGNAL
     main = datasets[0]
-    candidates = [r for r in main.signals if r.auroc is not None]
-    if not candidates:
+    if not any(r.auroc is not None for r in main.signals):
         return primary, ["No signal has a defined AUROC on the main dataset; nothing to compare."]
-    best = max(candidates, key=lambda r: r.auroc.estimate if r.auroc else -1.0)
-    lines.append(
-        f"On {main.dataset} (main set) the highest zero-shot AUROC is "
-        f"{best.label}: {_fmt_ci(best.auroc)}."
-    )
-    for delta in main.deltas:
-        if delta.b == primary:
-            lines.append(f"On {main.dataset}: {_delta_sentence(delta)}.")
-    choice = primary
-    d_best = _find_delta(main, best.signal, primary)
-    if (
-        best.signal != primary
-        and d_best is not None
-        and d_best.result.significant
-        and (d_best.result.delta > 0)
-    ):
-        worse_elsewhere = []
-        for other in datasets[1:]:
-            od = _find_delta(other, best.signal, primary)
-            if od is not None:
-                lines.append(f"On {other.dataset}: {_delta_sentence(od)}.")
-                if od.result.significant and od.result.delta < 0:
-                    worse_elsewhere.append(other.dataset)
-        if worse_elsewhere:
-            lines.append(
-                f"{best.label} is significantly better on {main.dataset} but significantly worse "
-                f"on {', '.join(worse_elsewhere)}, so the paper's mean-logprob signal stays the "
-                "default."
-            )
+    for ds in datasets:
+        defined = [r for r in ds.signals if r.auroc is not None]
+        if not defined:
+            continue
+        best = max(defined, key=lambda r: r.auroc.estimate if r.auroc else -1.0)
+        sentence = (
+            f"On {ds.dataset} the highest AUROC is {best.label}: {_fmt_ci(best.auroc)}"
+        )
+        d_best = _find_delta(ds, best.signal, primary)
+        if best.signal == primary:
+            sentence += " (the paper's signal itself)."
+        elif d_best is not None:
+            sentence += f"; against the mean logprob: {_delta_sentence(d_best)}."
         else:
-            choice = best.signal
-            lines.append(
-                f"{best.label} is significantly better than the mean logprob on {main.dataset} "
-                "and not significantly worse elsewhere, so it is the supported default."
-            )
-    else:
+            sentence += "."
+        lines.append(sentence)
+    # A new default must be significantly better than the paper's signal on EVERY dataset
+    # (the main and the shifted set), and usable per answer by the router.
+    supported: list[tuple[float, str]] = []
+    for signal in SIGNAL_SCORERS:
+        if signal == primary:
+            continue
+        found = [_find_delta(ds, signal, primary) for ds in datasets]
+        if found and all(
+            d is not None and d.result.significant and d.result.delta > 0 for d in found
+        ):
+            aurocs = [
+                r.auroc.estimate
+                for ds in datasets
+                for r in ds.signals
+                if r.signal == signal and r.auroc is not None
+            ]
+            supported.append((float(np.mean(aurocs)) if aurocs else 0.0, signal))
+    names = ", ".join(d.dataset for d in datasets)
+    if supported:
+        supported.sort(reverse=True)
+        choice = supported[0][1]
+        also = [signal_label(s) for _, s in supported[1:]]
         lines.append(
-            f"No signal is significantly better than the mean logprob on {main.dataset}, so the "
-            "paper's mean-logprob signal stays the default."
+            f"{signal_label(choice)} is significantly better than the mean logprob on every "
+            f"set ({names}), so it is the supported default"
+            + (f" (also significantly better everywhere: {', '.join(also)})." if also else ".")
+        )
+    else:
+        choice = primary
+        lines.append(
+            "No router signal is significantly better than the mean logprob on every set "
+            f"({names}), so the paper's mean-logprob signal stays the default."
         )
 
     if not baseline.trained:
@@ -802,9 +839,90 @@ def _operating_table(results: Sequence[SignalResult], fractions: Sequence[float]
     return _table(header, rows)
 
 
-def render_markdown(data: ReportData, figures: dict[str, str] | None = None) -> str:
+def _summary_table(data: ReportData) -> list[str]:
+    """Every signal on every dataset: AUROC with its CI and the paired delta vs the mean."""
+    header = ["signal"]
+    for ds in data.datasets:
+        header += [f"{ds.dataset} AUROC [95% CI]", f"{ds.dataset} Δ vs mean [95% CI]"]
+    header.append("better than the mean on every set")
+    order = list(dict.fromkeys(r.signal for ds in data.datasets for r in ds.signals))
+    rows = []
+    for signal in order:
+        cells = [f"`{signal}`"]
+        everywhere = signal != PAPER_SIGNAL
+        for ds in data.datasets:
+            result = next((r for r in ds.signals if r.signal == signal), None)
+            cells.append(_fmt_ci(result.auroc) if result is not None else "n/a")
+            d = _find_delta(ds, signal, PAPER_SIGNAL)
+            if signal == PAPER_SIGNAL:
+                cells.append("(reference)")
+            elif d is None:
+                cells.append("n/a")
+                everywhere = False
+            else:
+                r = d.result
+                mark = " ✓" if r.significant and r.delta > 0 else (" ✗" if r.significant else "")
+                cells.append(f"{r.delta:+.3f} [{r.low:+.3f}, {r.high:+.3f}]{mark}")
+                everywhere = everywhere and r.significant and r.delta > 0
+        if signal == PAPER_SIGNAL:
+            cells.append("—")
+        elif signal in RANK_SIGNALS:
+            cells.append(("yes" if everywhere else "no") + " (report only)")
+        elif signal not in SIGNAL_SCORERS:
+            cells.append(("yes" if everywhere else "no") + " (extra signal)")
+        else:
+            cells.append("**yes**" if everywhere else "no")
+        rows.append(cells)
+    return _table(header, rows)
+
+
+def _did_not_work(data: ReportData) -> list[str]:
+    """Measured failures, stated plainly: worse than the mean, or no better than chance."""
+    lines: list[str] = []
+    for ds in data.datasets:
+        worse = [
+            d for d in ds.deltas
+            if d.b == PAPER_SIGNAL and d.result.significant and d.result.delta < 0
+        ]
+        for d in worse:
+            lines.append(
+                f"On {ds.dataset}, `{d.a}` is significantly worse than the mean logprob: "
+                f"Δ = {d.result.delta:+.3f} [{d.result.low:+.3f}, {d.result.high:+.3f}]."
+            )
+        chance = [r for r in ds.signals if r.auroc is not None and r.auroc.low <= 0.5]
+        for r in chance:
+            lines.append(
+                f"On {ds.dataset}, `{r.signal}` is not distinguishable from chance: AUROC "
+                f"{_fmt_ci(r.auroc)}."
+            )
+        undefined = [r for r in ds.signals if r.auroc is None]
+        for r in undefined:
+            lines.append(f"On {ds.dataset}, `{r.signal}` has no AUROC: {r.note or 'no rows'}.")
+    return lines
+
+
+def _focus_signals(ds: DatasetReport, recommendation: str) -> list[SignalResult]:
+    """The signals worth a column in wide tables: the paper's, the recommendation, this
+    dataset's three best by AUROC, and every extra (non-built-in) signal."""
+    defined = sorted(
+        (r for r in ds.signals if r.auroc is not None),
+        key=lambda r: -r.auroc.estimate,  # type: ignore[union-attr]
+    )
+    wanted = {PAPER_SIGNAL, recommendation, *(r.signal for r in defined[:3])}
+    wanted |= {
+        r.signal
+        for r in ds.signals
+        if r.signal not in SIGNAL_SCORERS and r.signal not in RANK_SIGNALS
+    }
+    return [r for r in ds.signals if r.signal in wanted]
+
+
+def render_markdown(
+    data: ReportData, figures: dict[str, str] | None = None, notes: str | None = None
+) -> str:
     """The report as Markdown; ``figures`` maps figure keys (``roc``, ``operating``,
-    ``learning_curve``) to relative paths to embed."""
+    ``learning_curve``) to relative paths to embed; ``notes`` (Markdown written by a person,
+    e.g. measurements made outside these runs) is included verbatim before the figures."""
     figures = figures or {}
     out: list[str] = [f"# Evaluation report: {data.name}", ""]
     out.append(
@@ -812,12 +930,28 @@ def render_markdown(data: ReportData, figures: dict[str, str] | None = None) -> 
         "number is reproducible from those rows (bootstrap and baseline seeds are fixed)."
     )
     out += ["", "## Conclusion", ""]
+    label = signal_label(data.recommendation)
     out.append(
-        f"**Default signal supported by these measurements: `{data.recommendation}` "
-        f"({signal_label(data.recommendation)}).**"
+        f"**Default signal supported by these measurements: `{data.recommendation}`"
+        + (f" ({label}).**" if label != data.recommendation else ".**")
     )
     out.append("")
     out.extend(f"- {line}" for line in data.recommendation_lines)
+
+    out += ["", "## Every signal on every dataset", ""]
+    out.append(
+        "AUROC with its 95% bootstrap CI, and the paired bootstrap difference against the "
+        "paper's mean logprob on the rows both scored (✓ significantly better, ✗ significantly "
+        "worse). Only a router signal that is significantly better on every set may become the "
+        "default."
+    )
+    out.append("")
+    out += _summary_table(data)
+    out += ["", "### What did not work (measured here)", ""]
+    failures = _did_not_work(data)
+    out.extend(f"- {line}" for line in failures) if failures else out.append(
+        "- Every signal beat chance and none was significantly worse than the mean logprob."
+    )
 
     out += ["", "## Setup", ""]
     setup_rows = []
@@ -889,7 +1023,23 @@ def render_markdown(data: ReportData, figures: dict[str, str] | None = None) -> 
         out.append(f"question:   {templates.get('question', '')!r}")
         out.append(f"completion: {templates.get('completion', '')!r}")
         out.append(f"stop:       {templates.get('stop', [])!r}")
+        out.append(f"raw:        {templates.get('raw', False)!r}")
         out += ["```", "", "</details>"]
+
+    present = list(
+        dict.fromkeys(
+            r.signal for ds in data.datasets for r in ds.signals if r.signal in _DESCRIPTIONS
+        )
+    )
+    if present:
+        out += ["", "### Signals", ""]
+        out.append(
+            "Every score is oriented 'higher = more likely correct' and computed from the "
+            "tokens stored with each row (top-5 alternatives per token); see "
+            "`confidence_router.signals`."
+        )
+        out.append("")
+        out += _table(["signal", "definition"], [[f"`{s}`", _DESCRIPTIONS[s]] for s in present])
 
     for ds in data.datasets:
         out += ["", f"## Dataset: {ds.dataset}", ""]
@@ -961,7 +1111,7 @@ def render_markdown(data: ReportData, figures: dict[str, str] | None = None) -> 
             "escalation keeps that accuracy in expectation."
         )
         out.append("")
-        out += _operating_table(ds.signals, data.fractions)
+        out += _operating_table(_focus_signals(ds, data.recommendation), data.fractions)
         with_cloud = [r for r in ds.signals if r.apgr is not None]
         if with_cloud:
             out += ["", "### Cascade with the cloud labels (APGR, CPT)", ""]
@@ -1017,6 +1167,9 @@ def render_markdown(data: ReportData, figures: dict[str, str] | None = None) -> 
                 ["N train", "correct", "mean CV AUROC (paper)", "held-out AUROC", "note"], rows
             )
 
+    if notes:
+        out += ["", notes.strip()]
+
     if figures:
         out += ["", "## Figures", ""]
         titles = {
@@ -1057,7 +1210,9 @@ def write_figures(data: ReportData, out_dir: Path) -> dict[str, Path]:
 
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.8), squeeze=False)
     for ax, ds in zip(axes[0], data.datasets):
-        curves = list(ds.signals) + [r for r in ds.heldout_signals if r.signal == BASELINE]
+        curves = _focus_signals(ds, data.recommendation) + [
+            r for r in ds.heldout_signals if r.signal == BASELINE
+        ]
         for r in curves:
             if r.roc is None or r.auroc is None:
                 continue
@@ -1083,7 +1238,8 @@ def write_figures(data: ReportData, out_dir: Path) -> dict[str, Path]:
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.8), squeeze=False)
     grid = tuple(i / 20 for i in range(20))  # 0%, 5%, ..., 95% escalated
     for ax, ds in zip(axes[0], data.datasets):
-        arrays = {s: ds.run.signal(s) for s in ds.run.info.score_signals}
+        focus = [r.signal for r in _focus_signals(ds, data.recommendation)]
+        arrays = {s: ds.run.signal(s) for s in focus}
         for s, a in arrays.items():
             if a.labels.size < MIN_ROWS_PER_SIGNAL:
                 continue
@@ -1162,6 +1318,9 @@ def build_report(
 ) -> Report:
     """Compute the report for loaded runs and write ``<out_dir>/<name>.md`` plus PNGs.
 
+    A file ``<out_dir>/<name>.notes.md`` (hand-written Markdown, e.g. what was tried and did
+    not work outside these runs) is included in the report when it exists.
+
     ``compute_kwargs`` go to :func:`compute_report` (``n_resamples``, ``seed``, ``fractions``,
     ``test_fraction``, ``learning_curve_sizes``).
     """
@@ -1171,7 +1330,10 @@ def build_report(
         runs, name=name, embeddings=embeddings, embeddings_name=embeddings_name, **compute_kwargs
     )
     figure_paths = write_figures(data, out)
-    markdown = render_markdown(data, {k: p.name for k, p in figure_paths.items()})
+    # Notes written by a person live beside the report and survive regeneration.
+    notes_path = out / f"{name}.notes.md"
+    notes = notes_path.read_text(encoding="utf-8") if notes_path.is_file() else None
+    markdown = render_markdown(data, {k: p.name for k, p in figure_paths.items()}, notes)
     md_path = out / f"{name}.md"
     md_path.write_text(markdown, encoding="utf-8")
     return Report(markdown=markdown, markdown_path=md_path, figure_paths=figure_paths, data=data)

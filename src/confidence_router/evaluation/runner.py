@@ -17,7 +17,7 @@ Usage::
         ChatOllama(base_url="http://127.0.0.1:11434", model="qwen2.5:7b"),
         db_path="eval-runs.sqlite",
         dataset="triviaqa",
-        prompts="instruct",          # or "few-shot" for a base model (the embedded Gemma)
+        prompts="instruct",          # or "few-shot" for a base model served raw
         concurrency=2,
     )
     summary = runner.run(items)      # resumable; returns counts
@@ -62,6 +62,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -76,13 +77,18 @@ from confidence_router.evaluation.datasets import (
     QAItem,
 )
 from confidence_router.evaluation.grading import Grader, match_grader
+from confidence_router.extraction import (
+    TokenLogprob,
+    decode_tokens,
+    encode_tokens,
+    message_token_logprobs,
+)
 from confidence_router.extraction import message_text as _message_text
-from confidence_router.extraction import message_token_logprobs
 from confidence_router.signals import (
-    UNKNOWN_EMPTY_ANSWER,
+    SIGNAL_SCORERS,
     LogprobSignals,
-    compute_signals,
-    unknown_signals,
+    answer_signals,
+    score_for,
 )
 
 __all__ = [
@@ -103,6 +109,8 @@ __all__ = [
     "SignalArrays",
     "connect",
     "dataset_label",
+    "decode_tokens",
+    "encode_tokens",
     "list_runs",
     "load_run",
     "prepare_chat_model",
@@ -112,9 +120,12 @@ __all__ = [
     "write_row",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""Version 2 added ``results.tokens``; version-1 files are upgraded in place on open."""
 DEFAULT_NUM_PREDICT = 50
-"""Answer length limit; the paper used 50 tokens for TriviaQA (method.md §2.1)."""
+"""Answer length limit; the paper used 50 tokens for TriviaQA."""
+TOP_LOGPROBS = 5
+"""Alternatives recorded per answer token (the top-k signals need k >= 2)."""
 
 
 class EvalRunnerError(ConfidenceRouterError):
@@ -138,15 +149,6 @@ class RunNotFoundError(EvalRunnerError, LookupError):
 # --------------------------------------------------------------------------------------------
 
 
-def _few_shot_prefix() -> str:
-    # Single source of truth: the embedded backend uses a user message verbatim when it starts
-    # with its FEW_SHOT_PREFIX, so the harness must send exactly the same prefix. The import is
-    # stdlib-only at module level (llama_cpp and numpy load lazily there).
-    from confidence_router.serving.llamacpp import FEW_SHOT_PREFIX
-
-    return FEW_SHOT_PREFIX
-
-
 @dataclass(frozen=True)
 class PromptSet:
     """Answer-prompt templates, one per dataset ``prompt_style``.
@@ -164,6 +166,10 @@ class PromptSet:
         description: one line for reports.
         one_line: collapse white space (including newlines) in the question to single spaces;
             line-based few-shot templates break on a newline inside a question.
+        raw: the templates render the *whole* prompt for a base model, so the model must
+            apply no template of its own (Ollama's ``raw`` semantics: on the embedded server,
+            the ``-raw`` model variant; on Ollama, a model whose Modelfile ``TEMPLATE`` is
+            ``{{ .Prompt }}``).
 
     Example::
 
@@ -178,6 +184,7 @@ class PromptSet:
     stop: tuple[str, ...] = ()
     description: str = ""
     one_line: bool = False
+    raw: bool = False
 
     def __post_init__(self) -> None:
         for style, template in (("question", self.question), ("completion", self.completion)):
@@ -211,38 +218,38 @@ class PromptSet:
             "stop": list(self.stop),
             "description": self.description,
             "one_line": self.one_line,
+            "raw": self.raw,
         }
 
 
 def _build_few_shot() -> PromptSet:
-    prefix = _few_shot_prefix()
-    # Completion prompts: after the backend's Q:/A: prefix (which makes the embedded server use
-    # the text verbatim), two plain completion sentences, then the sentence to complete; the
-    # model continues it and stops at the newline. Measured on 150 held-out Wikidata rows
-    # (lines 14001-14150, outside any evaluation window) with the embedded Gemma 3 270M: 45%
-    # correct, mean-logprob AUROC 0.78; wrapping the sentence as "Q: <sentence>\nA:" instead
-    # gave 27-32% correct, mean-logprob AUROC 0.44 and ~12-token rambling answers. Neither
-    # example sentence is a row of the Wikidata file (nor is its relation, "author of" /
-    # "chemical symbol of").
+    # The demonstrations live with the embedded backend's templates (one source of truth);
+    # that module imports only the standard library at module level.
+    from confidence_router.serving.llamacpp import COMPLETION_FEW_SHOT_PREFIX, FEW_SHOT_PREFIX
+
+    # One style per dataset: Q:/A: pairs before a question, plain completion sentences before
+    # a sentence to complete. Mixing them (v1: Q:/A: pairs, then two sentences, then the
+    # Wikidata prompt) cost accuracy and AUROC on Wikidata; see the committed report.
     return PromptSet(
-        name="few-shot-qa-v1",
-        question=prefix + "Q: {question}\nA:",
-        completion=prefix + "The author of Don Quixote is Miguel de Cervantes.\n"
-        "The chemical symbol of gold is Au.\n{question}",
+        name="few-shot-v2",
+        question=FEW_SHOT_PREFIX + "Q: {question}\nA:",
+        completion=COMPLETION_FEW_SHOT_PREFIX + "{question}",
         stop=("\n",),
-        description="few-shot Q:/A: prompt for base models (the embedded Gemma 3 270M)",
+        description="few-shot prompts for base models (the embedded Gemma 3 270M): Q:/A: "
+        "pairs for questions, plain sentences for completions; sent raw",
         one_line=True,
+        raw=True,
     )
 
 
 FEW_SHOT_PROMPTS: PromptSet = _build_few_shot()
-"""For base (non-chat) models such as the embedded Gemma 3 270M: a few-shot ``Q:``/``A:``
-prompt, identical to what the embedded server renders for a bare question, stopped at the
+"""For base (non-chat) models such as the embedded Gemma 3 270M: the whole few-shot prompt in
+the question's style, sent raw (the embedded server's ``gemma3:270m-raw``), stopped at the
 newline."""
 
 INSTRUCT_PROMPTS = PromptSet(
     name="instruct-v1",
-    # The paper's TriviaQA local prompt, exact bytes (method.md §6.2).
+    # The paper's TriviaQA local prompt, exact bytes.
     question="Answer this trivia question in a few words.\n\nQuestion: {question}\nAnswer:",
     completion="Complete the sentence with a few words.\n\nSentence: {question}\nCompletion:",
     stop=(),
@@ -392,15 +399,20 @@ async def _call_signal(signal: ExtraSignal, item: QAItem) -> dict[str, Any]:
 
 
 def prepare_chat_model(
-    model: Any, *, num_predict: int = DEFAULT_NUM_PREDICT, stop: Sequence[str] = ()
+    model: Any,
+    *,
+    num_predict: int = DEFAULT_NUM_PREDICT,
+    stop: Sequence[str] = (),
+    top_logprobs: int = TOP_LOGPROBS,
 ) -> Any:
     """Configure a chat model for confidence measurement; other models are returned unchanged.
 
     A ``ChatOllama`` is **copied** (the caller's instance keeps its settings) with
     ``temperature=0`` (greedy: confidence is defined on the greedy answer), ``logprobs=True``,
-    ``top_logprobs=1`` (the paper's setting; only the chosen token is used),
+    ``top_logprobs=5`` (:data:`TOP_LOGPROBS`: the paper uses only the chosen token; the
+    alternatives feed the top-k signals and are stored with the run),
     ``num_predict=num_predict`` and ``stop`` (if given). Per-call kwargs cannot do this:
-    ChatOllama forwards unknown invoke kwargs to the client (integration notes §1). The copy
+    ChatOllama forwards unknown invoke kwargs to its HTTP client, which rejects them. The copy
     gets fresh HTTP clients, because an async client keeps connections bound to the event loop
     that opened them, and every :meth:`EvalRunner.run` uses a new loop.
 
@@ -413,7 +425,7 @@ def prepare_chat_model(
     update: dict[str, Any] = {
         "temperature": 0.0,
         "logprobs": True,
-        "top_logprobs": 1,
+        "top_logprobs": int(top_logprobs),
         "num_predict": int(num_predict),
     }
     if stop:
@@ -481,7 +493,9 @@ class ResultRow:
     ``correct`` is ``None`` exactly when ``error`` is set (a failure row). ``confidence`` is
     ``sigmoid(2 * mean_logprob + 3)`` and ``min_confidence`` ``sigmoid(2 * min_logprob + 3)``;
     all four are ``None`` when the signal is unknown (``signal_unknown_reason`` says why).
-    ``extras`` maps each extra signal name to its recorded fields.
+    ``extras`` maps each extra signal name to its recorded fields. ``tokens`` are the answer's
+    tokens with their logprobs and top alternatives (``None``: not recorded, e.g. no logprobs
+    or a run written by an older version).
     """
 
     item_id: str
@@ -507,6 +521,7 @@ class ResultRow:
     cloud_output_tokens: int | None = None
     cloud_latency_s: float | None = None
     cloud_error: str | None = None
+    tokens: tuple[TokenLogprob, ...] | None = None
 
 
 _SCHEMA = """
@@ -556,6 +571,7 @@ CREATE TABLE IF NOT EXISTS results (
     cloud_latency_s REAL,
     cloud_error TEXT,
     completed_at TEXT NOT NULL,
+    tokens BLOB,
     PRIMARY KEY (run_id, item_id)
 );
 """
@@ -564,7 +580,7 @@ _RESULT_COLUMNS = (
     "item_id", "position", "dataset", "question", "gold_answers", "answer", "correct",
     "token_count", "mean_logprob", "min_logprob", "confidence", "min_confidence", "latency_s",
     "signal_unknown_reason", "error", "extras", "done_reason", "cloud_answer", "cloud_correct",
-    "cloud_input_tokens", "cloud_output_tokens", "cloud_latency_s", "cloud_error",
+    "cloud_input_tokens", "cloud_output_tokens", "cloud_latency_s", "cloud_error", "tokens",
 )  # fmt: skip
 
 
@@ -589,6 +605,15 @@ def connect(db_path: str | os.PathLike[str]) -> sqlite3.Connection:
             "INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
         conn.commit()
+    elif int(row["value"]) == 1:
+        # Version 1 had no per-token data: add the column; old rows keep NULL (= unknown).
+        columns = {r["name"] for r in conn.execute("PRAGMA table_info(results)")}
+        if "tokens" not in columns:
+            conn.execute("ALTER TABLE results ADD COLUMN tokens BLOB")
+        conn.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+        )
+        conn.commit()
     elif int(row["value"]) != SCHEMA_VERSION:
         conn.close()
         raise EvalRunnerError(
@@ -607,7 +632,7 @@ def write_row(conn: sqlite3.Connection, run_id: int, row: ResultRow) -> None:
         row.latency_s, row.signal_unknown_reason, row.error,
         json.dumps(row.extras, ensure_ascii=False, sort_keys=True), row.done_reason,
         row.cloud_answer, row.cloud_correct, row.cloud_input_tokens, row.cloud_output_tokens,
-        row.cloud_latency_s, row.cloud_error,
+        row.cloud_latency_s, row.cloud_error, encode_tokens(row.tokens),
     ]  # fmt: skip
     placeholders = ", ".join("?" for _ in range(len(_RESULT_COLUMNS) + 2))
     # REPLACE: only reached for a retried failure row (completed rows are never re-run).
@@ -785,7 +810,7 @@ class EvalRunner:
 
     Example::
 
-        runner = EvalRunner(ChatOllama(base_url=url, model="gemma3:270m"),
+        runner = EvalRunner(ChatOllama(base_url=url, model="gemma3:270m-raw"),
                             db_path="runs.sqlite", dataset="wikidata", prompts="few-shot")
         summary = runner.run(load_dataset("wikidata", limit=100))
     """
@@ -998,14 +1023,8 @@ class EvalRunner:
         latency = time.perf_counter() - start
         answer = _message_text(message)
         token_lps = message_token_logprobs(message)
-        signals: LogprobSignals
-        if not answer.strip():
-            # An empty answer has no confidence to speak of (method.md §2.1: "missing").
-            signals = unknown_signals(UNKNOWN_EMPTY_ANSWER)
-        else:
-            signals = compute_signals(
-                [t.logprob for t in token_lps] if token_lps is not None else None
-            )
+        # An empty answer has no confidence to speak of: unknown, never 0.5.
+        signals: LogprobSignals = answer_signals(answer, token_lps)
         _, output_tokens = _usage(message)
         token_count = signals.token_count if signals.known else output_tokens
         metadata = getattr(message, "response_metadata", None) or {}
@@ -1035,6 +1054,7 @@ class EvalRunner:
             signal_unknown_reason=signals.unknown_reason,
             error=error,
             done_reason=str(done_reason) if done_reason is not None else None,
+            tokens=tuple(token_lps) if token_lps else None,
             **cloud,
         )
 
@@ -1096,12 +1116,27 @@ def run_eval(
 # Loading runs back (pure helpers for the metrics)
 # --------------------------------------------------------------------------------------------
 
-BUILTIN_SIGNALS: Mapping[str, str] = {
+_LEGACY_COLUMNS: Mapping[str, str] = {
     "mean_logprob": "confidence",
     "min_logprob": "min_confidence",
 }
-"""Built-in zero-shot signals and the ``results`` column holding their [0, 1] score:
-``mean_logprob`` -> ``sigmoid(2 * mean + 3)``, ``min_logprob`` -> ``sigmoid(2 * min + 3)``."""
+
+RANK_SIGNALS: Mapping[str, tuple[str, ...]] = {
+    "rank_avg": ("sum_logprob", "min_logprob", "min_margin", "max_entropy"),
+}
+"""Label-free rank combinations, computed over a whole run (mean normalised rank of the
+listed signals, :func:`confidence_router.signals.rank_average`): report-only, because a
+single answer has no rank."""
+
+BUILTIN_SIGNALS: Mapping[str, str | None] = {
+    **{name: _LEGACY_COLUMNS.get(name) for name in SIGNAL_SCORERS},
+    **{name: None for name in RANK_SIGNALS},
+}
+"""Built-in zero-shot signals (every :data:`confidence_router.signals.SIGNAL_SCORERS` name,
+then the :data:`RANK_SIGNALS`) and the ``results`` column that holds the [0, 1] score of
+rows without token data (runs written before tokens were stored), if any: ``mean_logprob``
+-> ``confidence`` = ``sigmoid(2 * mean + 3)``, ``min_logprob`` -> ``min_confidence``. Rows
+with tokens have every signal recomputed from them."""
 
 
 @dataclass(frozen=True)
@@ -1218,6 +1253,7 @@ class RunData:
     cloud_input_tokens: NDArray[np.float64]
     cloud_output_tokens: NDArray[np.float64]
     cloud_errors: tuple[str | None, ...]
+    tokens: tuple[tuple[TokenLogprob, ...] | None, ...] = ()
 
     @property
     def n(self) -> int:
@@ -1251,10 +1287,46 @@ class RunData:
         """Whether any row has a cloud label."""
         return bool((~np.isnan(self.cloud_correct)).any())
 
+    def token_signals(self, index: int) -> LogprobSignals | None:
+        """The signals of row ``index`` recomputed from its stored tokens (``None``: no tokens)."""
+        return self._token_signals[index]
+
+    @cached_property
+    def _token_signals(self) -> tuple[LogprobSignals | None, ...]:
+        out: list[LogprobSignals | None] = []
+        for i in range(self.n):
+            tokens = self.tokens[i] if i < len(self.tokens) else None
+            if tokens is None or self.errors[i] is not None:
+                out.append(None)
+            else:
+                out.append(answer_signals(self.answers[i], tokens))
+        return tuple(out)
+
     def score_column(self, signal: str) -> NDArray[np.float64]:
-        """The raw score array of ``signal`` (``NaN`` = missing), for every stored row."""
+        """The raw score array of ``signal`` (``NaN`` = missing), for every stored row.
+
+        Built-in signals are recomputed from each row's stored tokens; rows without tokens
+        fall back to the signal's stored column (``mean_logprob`` and ``min_logprob`` only),
+        else they are missing.
+        """
+        if signal in RANK_SIGNALS:
+            from confidence_router.signals import rank_average
+
+            columns = [self.score_column(name) for name in RANK_SIGNALS[signal]]
+            ranked = rank_average(
+                [[None if math.isnan(v) else float(v) for v in column] for column in columns]
+            )
+            return _floats(ranked)
         if signal in BUILTIN_SIGNALS:
-            return getattr(self, BUILTIN_SIGNALS[signal])
+            legacy = _LEGACY_COLUMNS.get(signal)
+            values = np.full(self.n, np.nan)
+            for i, signals in enumerate(self._token_signals):
+                if signals is not None:
+                    score = score_for(signals, signal)
+                    values[i] = np.nan if score is None else score
+                elif legacy is not None:
+                    values[i] = getattr(self, legacy)[i]
+            return values
         if signal in self.extras:
             return self.extras[signal]
         known = [*BUILTIN_SIGNALS, *self.extras]
@@ -1262,7 +1334,11 @@ class RunData:
 
     def _missing_reason(self, signal: str, index: int) -> str:
         if signal in BUILTIN_SIGNALS:
-            return self.signal_unknown_reason[index] or "unknown"
+            if self.signal_unknown_reason[index]:
+                return self.signal_unknown_reason[index]  # type: ignore[return-value]
+            if index >= len(self.tokens) or self.tokens[index] is None:
+                return "no_token_data"
+            return "not computable (needs top-k alternatives)"
         name = signal.split(".", 1)[0]
         error = self.extra_values.get(f"{name}.error", ())
         if error and error[index]:
@@ -1274,7 +1350,7 @@ class RunData:
 
         Example::
 
-            s = load_run("runs.sqlite", "wikidata__gemma3:270m__few-shot-qa-v1").signal(
+            s = load_run("runs.sqlite", "wikidata__gemma3:270m-raw__few-shot-v2").signal(
                 "min_logprob")
             auroc(s.labels, s.scores)
         """
@@ -1379,4 +1455,5 @@ def load_run(db_path: str | os.PathLike[str], run: str | int) -> RunData:
         cloud_input_tokens=_floats(r["cloud_input_tokens"] for r in rows),
         cloud_output_tokens=_floats(r["cloud_output_tokens"] for r in rows),
         cloud_errors=tuple(r["cloud_error"] for r in rows),
+        tokens=tuple(decode_tokens(r["tokens"]) for r in rows),
     )

@@ -23,10 +23,20 @@ Usage::
     tokens = list(reply.tokens)
 
 **Prompt rendering.** A base model has no chat template, so chat messages are rendered into a
-few-shot ``Q:``/``A:`` prompt by :func:`render_prompt` (see its docstring for the exact rules)
-and generation stops at the first newline. A request whose only message is a user message that
-already starts with :data:`FEW_SHOT_PREFIX` is used verbatim (the caller rendered it), and
-:meth:`LlamaCppBackend.complete` takes any raw prompt.
+few-shot prompt and generation stops at the first newline. Which template is used is chosen
+explicitly by the *model name* of the request, as an Ollama Modelfile binds a ``TEMPLATE`` to a
+model tag (:data:`PROMPT_TEMPLATES`):
+
+* ``gemma3:270m`` -- the backend's ``prompt_template`` (default :func:`render_prompt`:
+  ``Q:``/``A:`` demonstrations, for questions);
+* ``gemma3:270m-qa`` -- :func:`render_prompt`, whatever the default is;
+* ``gemma3:270m-completion`` -- :func:`render_completion_prompt` (plain completion sentences,
+  for prompts such as "The capital of Kenya is");
+* ``gemma3:270m-raw`` -- :func:`render_raw_prompt`: Ollama's ``raw`` semantics, the messages'
+  text is the prompt, byte for byte (the caller rendered it, e.g. the evaluation harness).
+
+The text of a message never selects a template. :meth:`LlamaCppBackend.complete` takes any raw
+prompt without HTTP.
 
 **Token texts are kept exactly as the model produces them**: an answer usually starts with a
 space (``" Paris"``) because the prompt ends with ``"A:"``. Nothing is stripped, so the
@@ -77,27 +87,46 @@ if TYPE_CHECKING:  # numpy and llama_cpp are optional (the "embedded" extra): im
     from typing_extensions import Self
 
 __all__ = [
+    "COMPLETION_FEW_SHOT_PREFIX",
     "FEW_SHOT_PREFIX",
     "MAX_TOP_LOGPROBS",
+    "PROMPT_TEMPLATES",
+    "PROMPT_TEMPLATE_VERSIONS",
     "LlamaCppBackend",
     "PrefixCacheStats",
     "PromptTemplate",
     "last_logits",
     "log_softmax",
+    "model_variant",
+    "render_completion_prompt",
     "render_prompt",
+    "render_raw_prompt",
 ]
 
-#: The constant few-shot prefix that teaches the base model the ``Q:``/``A:`` format
-#: (short, factual, one line). Measured on TriviaQA with it: ~11% correct (integration notes §10).
+#: The constant few-shot prefix that teaches the base model the ``Q:``/``A:`` format for
+#: questions (short, factual, one line). Measured on 1000 TriviaQA questions: ~10% correct.
 FEW_SHOT_PREFIX = (
     "Q: What is the capital of Italy?\nA: Rome\nQ: Who wrote Hamlet?\nA: William Shakespeare\n"
 )
 
-#: The GSA self-assessment probe for this base model: the trivia few-shot prefix (so the
-#: backend uses the message verbatim), two YES/NO demonstrations in the exact GSA v2 format, then
-#: the probe prompt. A base model has no chat template to follow "Respond with exactly one
-#: token: YES or NO"; without demonstrations Gemma 3 270M answers " A" (unreadable, neutral).
-#: Use with ``SelfAssessmentProbe(message_template=YES_NO_TEMPLATE)``.
+#: Plain completion demonstrations for prompts that are sentences to complete ("The capital
+#: of Kenya is"): one fact per line, each ending with a full stop, so the model answers in
+#: the same shape and stops at the newline. None of the three is a row of the Wikidata
+#: evaluation set. Measured with the embedded Gemma 3 270M, completion prompts answered after
+#: plain sentences are more often right, and their logprobs separate right from wrong better,
+#: than after ``Q:``/``A:`` pairs (see docs/results/embedded-gemma3-270m.md).
+COMPLETION_FEW_SHOT_PREFIX = (
+    "The country of Big Ben is United Kingdom.\n"
+    "The author of Hamlet is William Shakespeare.\n"
+    "The chemical symbol of gold is Au.\n"
+)
+
+#: The GSA self-assessment probe for this base model: the trivia few-shot prefix, two YES/NO
+#: demonstrations in the exact GSA v2 format, then the probe prompt. A base model has no chat
+#: template to follow "Respond with exactly one token: YES or NO"; without demonstrations
+#: Gemma 3 270M answers " A" (unreadable, neutral). The rendered text is the whole prompt: send
+#: it to the raw variant of the model, ``SelfAssessmentProbe(model=ChatOllama(model=
+#: model_variant("gemma3:270m", "raw"), ...), message_template=YES_NO_TEMPLATE)``.
 YES_NO_TEMPLATE = (
     FEW_SHOT_PREFIX
     + "Q: The user has asked the following question:\nWhat is the capital of France?\n\n"
@@ -187,16 +216,32 @@ def _one_line(text: str) -> str:
     return _WHITESPACE.sub(" ", text).strip()
 
 
+def _conversation(messages: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Split messages into header lines (system/tool) and ``(role, one-line text)`` turns."""
+    header: list[str] = []
+    turns: list[tuple[str, str]] = []
+    for message in messages:
+        role = message.get("role")
+        text = _one_line(_message_text(message))
+        if role in ("system", "tool"):
+            if text:
+                header.append(text + "\n")
+        elif role in ("user", "assistant"):
+            turns.append((str(role), text))
+        else:
+            raise ValueError(f"unsupported message role {role!r}")
+    if not any(role == "user" for role, _ in turns):
+        raise ValueError("the conversation has no user message")
+    return header, turns
+
+
 def render_prompt(
     messages: Sequence[Mapping[str, Any]], *, few_shot_prefix: str = FEW_SHOT_PREFIX
 ) -> str:
-    """Render chat messages into a few-shot ``Q:``/``A:`` prompt for a base model.
+    """Render chat messages into a few-shot ``Q:``/``A:`` prompt for a base model (questions).
 
     Rules, in order:
 
-    * **Verbatim:** if the only message is a user message whose content already starts with
-      ``few_shot_prefix``, its content is returned unchanged (the caller rendered the prompt,
-      e.g. an evaluation harness sending ``FEW_SHOT_PREFIX + "Q: ...\\nA:"``).
     * ``system`` messages (and ``tool`` results) become plain lines *before* the few-shot
       prefix, in order.
     * Then the few-shot prefix, then the conversation: each ``user`` message is a
@@ -207,44 +252,104 @@ def render_prompt(
       continues that partial answer (Ollama's "prefill").
 
     Inside a turn, white space runs (including newlines) collapse to one space, because a
-    newline would break the line-based format. Unknown roles raise ``ValueError``, as does a
-    conversation without any user message.
+    newline would break the line-based format. The message text is never inspected to pick
+    another template (use :func:`render_raw_prompt` for a prompt the caller rendered). Unknown
+    roles raise ``ValueError``, as does a conversation without any user message.
 
     >>> render_prompt([{"role": "user", "content": "Who painted the Mona Lisa?"}])[-44:]
     'Shakespeare\\nQ: Who painted the Mona Lisa?\\nA:'
     """
-    if (
-        few_shot_prefix  # with an empty prefix every message would "start with" it
-        and len(messages) == 1
-        and messages[0].get("role") == "user"
-        and _message_text(messages[0]).startswith(few_shot_prefix)
-    ):
-        return _message_text(messages[0])
+    header, turns = _conversation(messages)
+    lines = [f"Q: {text}\n" if role == "user" else f"A: {text}\n" for role, text in turns]
+    if turns[-1][0] == "assistant":
+        lines[-1] = lines[-1].rstrip("\n")  # prefill: let the model continue this answer
+    else:
+        lines.append("A:")
+    return "".join(header) + few_shot_prefix + "".join(lines)
 
-    header: list[str] = []
-    turns: list[str] = []
-    has_user = False
+
+def render_completion_prompt(
+    messages: Sequence[Mapping[str, Any]], *, few_shot_prefix: str = COMPLETION_FEW_SHOT_PREFIX
+) -> str:
+    """Render chat messages into a plain-completion prompt for a base model.
+
+    For prompts that are sentences to complete ("The capital of Kenya is"): the system lines,
+    then ``few_shot_prefix`` (plain demonstration sentences, one per line), then the
+    conversation as sentences: each ``user`` message starts a line and a following
+    ``assistant`` message continues it (``"{user} {assistant}"``). The last user message is
+    left open for the model to continue; if the conversation ends with an ``assistant``
+    message, the model continues that text (prefill). White space collapses as in
+    :func:`render_prompt`; unknown roles and conversations without a user message raise
+    ``ValueError``.
+
+    >>> render_completion_prompt([{"role": "user", "content": "The capital of Kenya is"}])[-58:]
+    'The chemical symbol of gold is Au.\\nThe capital of Kenya is'
+    """
+    header, turns = _conversation(messages)
+    sentences: list[str] = []
+    sentence_open = False  # the last sentence is a user message not yet continued
+    for role, text in turns:
+        if role == "assistant" and sentence_open:
+            sentences[-1] = f"{sentences[-1]} {text}".rstrip()
+            sentence_open = False
+        else:
+            sentences.append(text)
+            sentence_open = role == "user"
+    # The last sentence stays open (no newline): the model continues it.
+    return "".join(header) + few_shot_prefix + "\n".join(sentences)
+
+
+def render_raw_prompt(messages: Sequence[Mapping[str, Any]]) -> str:
+    """Ollama's ``raw`` semantics: the prompt is the messages' text, unchanged.
+
+    The texts of all messages are concatenated in order with nothing added or removed (no
+    few-shot prefix, no white-space folding), so a caller that renders its own complete
+    prompt -- the evaluation harness, the GSA probe's :data:`YES_NO_TEMPLATE` -- gets exactly
+    those bytes evaluated. Unknown roles raise ``ValueError``; so does an empty prompt.
+
+    >>> render_raw_prompt([{"role": "user", "content": "The capital of Kenya is"}])
+    'The capital of Kenya is'
+    """
+    parts = []
     for message in messages:
         role = message.get("role")
-        text = _one_line(_message_text(message))
-        if role in ("system", "tool"):
-            if text:
-                header.append(text + "\n")
-        elif role == "user":
-            has_user = True
-            turns.append(f"Q: {text}\n")
-        elif role == "assistant":
-            turns.append(f"A: {text}\n")
-        else:
+        if role not in ("system", "user", "assistant", "tool"):
             raise ValueError(f"unsupported message role {role!r}")
-    if not has_user:
-        raise ValueError("the conversation has no user message")
+        parts.append(_message_text(message))
+    prompt = "".join(parts)
+    if not prompt:
+        raise ValueError("the raw prompt is empty")
+    return prompt
 
-    if messages[-1].get("role") == "assistant":
-        turns[-1] = turns[-1].rstrip("\n")  # prefill: let the model continue this answer
-    else:
-        turns.append("A:")
-    return "".join(header) + few_shot_prefix + "".join(turns)
+
+#: The prompt templates by name. The backend serves its model under its plain name (with its
+#: ``prompt_template``) and under ``model_variant(name, template)`` for each of these.
+PROMPT_TEMPLATES: Mapping[str, PromptTemplate] = {
+    "qa": render_prompt,
+    "completion": render_completion_prompt,
+    "raw": render_raw_prompt,
+}
+
+#: Version of each named template's text; bump it whenever the rendered bytes change.
+PROMPT_TEMPLATE_VERSIONS: Mapping[str, str] = {
+    "qa": "qa-v1",
+    "completion": "completion-v1",
+    "raw": "raw-v1",
+}
+
+
+def model_variant(model_name: str, template: str) -> str:
+    """The model name that selects prompt template ``template`` on a :class:`LlamaCppBackend`.
+
+    >>> model_variant("gemma3:270m", "completion")
+    'gemma3:270m-completion'
+    """
+    if template not in PROMPT_TEMPLATES:
+        raise ValueError(
+            f"unknown prompt template {template!r}; choose one of {sorted(PROMPT_TEMPLATES)}"
+        )
+    base = model_name.removesuffix(":latest")
+    return f"{base}-{template}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,9 +515,11 @@ class LlamaCppBackend:
             stalls badly (measured on 2 shared cores: 2 threads had 26 s worst-case answers
             where 1 thread had 2.6 s).
         max_tokens_default: answer length limit when a request sets no ``num_predict``.
-        model_name: the one model name served (``/api/tags``); requests for another name get
-            404 like Ollama (as in Ollama, an untagged ``"x"`` means ``"x:latest"``).
-        prompt_template: renders chat messages to a prompt (default :func:`render_prompt`).
+        model_name: the model name served (``/api/tags``), with one variant per prompt
+            template (:func:`model_variant`); requests for another name get 404 like Ollama
+            (as in Ollama, an untagged ``"x"`` means ``"x:latest"``).
+        prompt_template: renders chat messages to a prompt for the plain ``model_name``
+            (default :func:`render_prompt`); the variants use :data:`PROMPT_TEMPLATES`.
         stop_at_newline: stop every chat answer at the first newline (the ``Q:``/``A:``
             template is line-based; without it a base model goes on to invent the next
             ``Q:``). :meth:`complete` does not add it.
@@ -533,8 +640,19 @@ class LlamaCppBackend:
     # ---- ChatBackend -----------------------------------------------------------------------
 
     def models(self) -> list[str]:
-        """The served model name."""
-        return [self.model_name]
+        """The served model names: the plain name, then one variant per prompt template."""
+        return [self.model_name, *(model_variant(self.model_name, t) for t in PROMPT_TEMPLATES)]
+
+    def template_for(self, model: str) -> PromptTemplate:
+        """The prompt template that a request for ``model`` uses (404 for an unknown name)."""
+        if _model_matches(model, self.model_name):
+            return self.prompt_template
+        for name, template in PROMPT_TEMPLATES.items():
+            if _model_matches(model, model_variant(self.model_name, name)):
+                return template
+        raise BackendError(
+            f"model '{model}' not found (this server serves {', '.join(self.models())})", 404
+        )
 
     def chat(self, request: ChatRequest) -> ChatReply:
         """Answer a chat request; the returned ``tokens`` generate lazily (streaming).
@@ -542,7 +660,7 @@ class LlamaCppBackend:
         ``prompt_tokens`` is set immediately; ``done_reason`` (``"stop"`` or ``"length"``)
         is final once ``tokens`` is exhausted.
         """
-        self._check_model(request.model)
+        template = self.template_for(request.model)
         if request.tools:
             raise BackendError(f"{request.model} does not support tools", status=400)
         if request.format:
@@ -550,7 +668,7 @@ class LlamaCppBackend:
                 f"{request.model} does not support structured output (format)", status=400
             )
         try:
-            prompt = self.prompt_template(request.messages)
+            prompt = template(request.messages)
         except ValueError as exc:
             raise BackendError(str(exc), status=400) from exc
         stops = _stop_option(request.options)
@@ -646,10 +764,7 @@ class LlamaCppBackend:
         return self._llm
 
     def _check_model(self, model: str) -> None:
-        if not _model_matches(model, self.model_name):
-            raise BackendError(
-                f"model '{model}' not found (this server serves '{self.model_name}')", 404
-            )
+        self.template_for(model)  # every variant embeds with the same weights
 
     def _get_embedder(self) -> Llama:
         if self._embedder is None:
