@@ -16,48 +16,18 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Sequence
 
+from confidence_router import commands
+from confidence_router.commands import command
 from confidence_router.errors import ConfidenceRouterError
 from confidence_router.policy import DEFAULT_POLICY
-
-Command = Callable[[argparse.Namespace], int]
 
 #: Shown by ``confidence-router --help`` above the list of commands (plain text).
 DESCRIPTION = (
     "Route LLM queries: answer with a cheap local model, escalate to a cloud model only when "
     "the local answer's confidence (from its token logprobs) is below a threshold."
 )
-
-
-class _Registered(NamedTuple):
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Command
-    summary: str
-
-
-_COMMANDS: dict[str, _Registered] = {}
-
-
-def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None],
-            summary: str | None = None):
-    """Register a sub-command (keeps each command's options next to its code).
-
-    Args:
-        name: the command word.
-        add_arguments: adds the command's options to its parser.
-        summary: one line of plain text for ``confidence-router --help``; default: the first
-            line of the command function's docstring.
-    """
-
-    def register(run: Command) -> Command:
-        doc_line = (run.__doc__ or "").strip().splitlines()[:1]
-        text = summary or (doc_line[0].rstrip(".") if doc_line else name)
-        _COMMANDS[name] = _Registered(add_arguments, run, text)
-        return run
-
-    return register
 
 
 def _demo_args(parser: argparse.ArgumentParser) -> None:
@@ -296,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                         version=f"%(prog)s {_package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, title="commands",
                                 metavar="COMMAND")
-    for name, registered in _COMMANDS.items():
+    for name, registered in commands.COMMANDS.items():
         command_parser = sub.add_parser(name, help=registered.summary,
                                         description=registered.summary)
         registered.add_arguments(command_parser)
@@ -324,7 +294,7 @@ def _load_optional_commands() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``confidence-router`` script."""
     args = build_parser().parse_args(argv)
-    run = _COMMANDS[args.command].run
+    run = commands.COMMANDS[args.command].run
     try:
         return run(args)
     except (ConfidenceRouterError, ImportError, FileNotFoundError, ValueError) as error:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from confidence_router.cli import _COMMANDS, build_parser, main
+from confidence_router.cli import build_parser, main
+from confidence_router.commands import COMMANDS as _COMMANDS
 from confidence_router.demo import DemoRow, guidance, print_table, run_demo, shorten
 from confidence_router.settings import RouterSettings
 
@@ -229,11 +230,11 @@ def test_print_table_labels_routes() -> None:
 
 
 def test_a_command_without_a_summary_uses_its_docstring(monkeypatch) -> None:
-    from confidence_router import cli
+    from confidence_router import cli, commands
 
-    monkeypatch.setattr(cli, "_COMMANDS", dict(cli._COMMANDS))
+    monkeypatch.setattr(commands, "COMMANDS", dict(commands.COMMANDS))
 
-    @cli.command("hello-test", lambda parser: None)
+    @commands.command("hello-test", lambda parser: None)
     def _hello(args) -> int:
         """Say hello to the test.
 
@@ -241,7 +242,7 @@ def test_a_command_without_a_summary_uses_its_docstring(monkeypatch) -> None:
         """
         return 0
 
-    assert cli._COMMANDS["hello-test"].summary == "Say hello to the test"
+    assert commands.COMMANDS["hello-test"].summary == "Say hello to the test"
     help_text = " ".join(cli.build_parser().format_help().split())
     assert "hello-test Say hello to the test" in help_text
     assert cli.main(["hello-test"]) == 0

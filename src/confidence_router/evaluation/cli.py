@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from confidence_router._extras import require_extra
-from confidence_router.cli import command
+from confidence_router.commands import command
 
 DEFAULT_DB = "eval-runs.sqlite"
 DEFAULT_REPORT_NAME = "embedded-gemma3-270m"

@@ -74,6 +74,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from confidence_router._extras import missing_extra
+from confidence_router.errors import InvalidArgumentError
 from confidence_router.serving.protocol import (
     BackendError,
     ChatReply,
@@ -207,7 +209,7 @@ def _message_text(message: Mapping[str, Any]) -> str:
             elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
                 parts.append(part["text"])
         return " ".join(parts)
-    raise ValueError(f"message content must be a string, got {type(content).__name__}")
+    raise InvalidArgumentError(f"message content must be a string, got {type(content).__name__}")
 
 
 def _one_line(text: str) -> str:
@@ -229,9 +231,9 @@ def _conversation(messages: Sequence[Mapping[str, Any]]) -> tuple[list[str], lis
         elif role in ("user", "assistant"):
             turns.append((str(role), text))
         else:
-            raise ValueError(f"unsupported message role {role!r}")
+            raise InvalidArgumentError(f"unsupported message role {role!r}")
     if not any(role == "user" for role, _ in turns):
-        raise ValueError("the conversation has no user message")
+        raise InvalidArgumentError("the conversation has no user message")
     return header, turns
 
 
@@ -314,11 +316,11 @@ def render_raw_prompt(messages: Sequence[Mapping[str, Any]]) -> str:
     for message in messages:
         role = message.get("role")
         if role not in ("system", "user", "assistant", "tool"):
-            raise ValueError(f"unsupported message role {role!r}")
+            raise InvalidArgumentError(f"unsupported message role {role!r}")
         parts.append(_message_text(message))
     prompt = "".join(parts)
     if not prompt:
-        raise ValueError("the raw prompt is empty")
+        raise InvalidArgumentError("the raw prompt is empty")
     return prompt
 
 
@@ -345,7 +347,7 @@ def model_variant(model_name: str, template: str) -> str:
     'gemma3:270m-completion'
     """
     if template not in PROMPT_TEMPLATES:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"unknown prompt template {template!r}; choose one of {sorted(PROMPT_TEMPLATES)}"
         )
     base = model_name.removesuffix(":latest")
@@ -505,9 +507,9 @@ class LlamaCppBackend:
     """A :class:`ChatBackend` running a GGUF model in-process with llama.cpp.
 
     Args:
-        model_path: the GGUF file; ``None`` uses
-            :func:`confidence_router.embedded.default_model_path` (assembles Gemma 3 270M
-            into the user cache on first use).
+        model_path: the GGUF file (for the embedded Gemma 3 270M:
+            :func:`confidence_router.embedded.load_embedded_backend`, which assembles it into
+            the user cache on first use).
         n_ctx: context window in tokens (prompt + answer). Longer prompts are rejected (400).
         n_threads: threads for prompt evaluation and generation. ``None`` uses half the CPU
             cores, at least 1 and at most 4: a 270M model gains little beyond that, and
@@ -579,18 +581,26 @@ class LlamaCppBackend:
         prompt_batch: int = 8,
     ) -> None:
         if prefix_slots < 0:
-            raise ValueError(f"prefix_slots must be >= 0, got {prefix_slots}")
+            raise InvalidArgumentError(f"prefix_slots must be >= 0, got {prefix_slots}")
         if prompt_batch < 1:
-            raise ValueError(f"prompt_batch must be positive, got {prompt_batch}")
+            raise InvalidArgumentError(f"prompt_batch must be positive, got {prompt_batch}")
         if n_ctx < 16:
-            raise ValueError(f"n_ctx must be at least 16, got {n_ctx}")
+            raise InvalidArgumentError(f"n_ctx must be at least 16, got {n_ctx}")
         if max_tokens_default < 1:
-            raise ValueError(f"max_tokens_default must be positive, got {max_tokens_default}")
-        from confidence_router.embedded import _require_embedded, default_model_path
-
-        llama_cpp = _require_embedded(need_model_package=model_path is None)
+            raise InvalidArgumentError(f"max_tokens_default must be positive, got {max_tokens_default}")
+        if model_path is None:
+            raise InvalidArgumentError(
+                "model_path is required (the embedded default model: "
+                "confidence_router.embedded.load_embedded_backend())"
+            )
+        try:
+            import llama_cpp
+        except ImportError as exc:
+            raise missing_extra(
+                "embedded", "the llama.cpp backend (llama-cpp-python)", "llama_cpp"
+            ) from exc
         route_llama_cpp_logs(llama_cpp)
-        self.model_path = str(default_model_path() if model_path is None else model_path)
+        self.model_path = str(model_path)
         self.n_ctx = n_ctx
         self.n_threads = n_threads
         self.max_tokens_default = max_tokens_default
@@ -634,7 +644,7 @@ class LlamaCppBackend:
                 verbose=False,
             )
         except (ValueError, RuntimeError) as exc:  # llama-cpp raises ValueError on a bad file
-            raise ValueError(f"could not load model {self.model_path}: {exc}") from exc
+            raise InvalidArgumentError(f"could not load model {self.model_path}: {exc}") from exc
         self.load_seconds = time.perf_counter() - start
 
     # ---- ChatBackend -----------------------------------------------------------------------
@@ -919,7 +929,7 @@ class LlamaCppBackend:
     @prompt_batch.setter
     def prompt_batch(self, value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"prompt_batch must be a positive int, got {value!r}")
+            raise InvalidArgumentError(f"prompt_batch must be a positive int, got {value!r}")
         with self._lock:
             # Cached states were computed in batches of the old size: reusing them would
             # break "identical with and without the cache".
