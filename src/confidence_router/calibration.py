@@ -6,10 +6,10 @@ Two tools, both for the policy **escalate iff score < threshold** (the router's 
 * :class:`RollingQuantileThreshold` - online and label-free. It keeps the last ``window`` known
   confidence scores and sets the threshold to their ``target_rate``-quantile, so that about a
   ``target_rate`` share of queries is escalated whatever the score distribution of the traffic
-  is (evaluation.md section 6, "label-free threshold and call-rate drift"). It reports the
+  is (docs/how-it-works.md §5.2, "call-rate drift"). It reports the
   realised call rate of its own decisions and the drift from the target.
 * :func:`calibrate_threshold` - offline, from an evaluation run: the threshold for a target call
-  rate, or the lowest call rate whose accuracy reaches a target (evaluation.md section 4, "call
+  rate, or the lowest call rate whose accuracy reaches a target (docs/how-it-works.md §5.2, "operating
   rate at a quality target"). An unreachable target is reported as such, never replaced by a
   silent best effort. :func:`load_scores_from_run` reads the arrays from an evaluation database
   written by :mod:`confidence_router.evaluation.runner`.
@@ -171,7 +171,7 @@ class RollingQuantileThreshold:
     ``score < threshold`` with the threshold in force just before the observation.
     ``realised_rate`` is the escalated share of the window and ``drift = realised - target``:
     this measures the controller on the traffic it actually saw, e.g. a burst of
-    out-of-distribution queries (evaluation.md section 6).
+    out-of-distribution queries (docs/how-it-works.md §5.2).
 
     **Concurrency.** Every method takes one ``threading.Lock`` for O(window) work at most (an
     insertion into a sorted list); ``threshold`` is O(1). Nothing awaits or blocks on I/O, so it
@@ -567,7 +567,7 @@ def calibrate_threshold(
 ) -> CalibrationResult:
     """Choose the threshold for a target call rate or a target accuracy.
 
-    The sweep (evaluation.md sections 1 and 4): under "escalate iff s < tau", the candidates
+    The sweep (docs/how-it-works.md §5): under "escalate iff s < tau", the candidates
     ``tau`` in ``{distinct s} U {+inf}`` reach every achievable call rate (``tau = min(s)``
     escalates nothing, ``+inf`` everything).
 

@@ -90,7 +90,7 @@ class Price:
 
 
 _ANTHROPIC = "Anthropic list price; Bedrock on-demand is the same"
-_METHOD = "docs/method.md section 3.2 (the paper's run)"
+_METHOD = "docs/how-it-works.md §3 (the paper's run)"
 _NOVA = "AWS Bedrock on-demand list price, us-east-1"
 
 DEFAULT_PRICES: Mapping[str, Price] = {

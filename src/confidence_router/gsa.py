@@ -5,7 +5,7 @@ probe's first-token top logprobs (or its text) into a score. The LangChain wrapp
 actually calls a model is :class:`confidence_router.probe.SelfAssessmentProbe`; the store
 that produces retrieval hits is :class:`confidence_router.knowledge.KnowledgeStore`.
 
-Two prompt versions (method spec §2.3 and §2.4), both kept **byte for byte** as in the paper:
+Two prompt versions (docs/how-it-works.md §2.3), both kept **byte for byte** as in the paper:
 
 * ``gsa-v2-confidence`` — always the bare prompt :data:`GSA_V2_PROMPT_TEMPLATE`.
 * ``gsa-v3-retrieval-conditional`` (default) — shows retrieved knowledge only when at least
@@ -92,7 +92,7 @@ MAX_HITS_USED = 5
 #: Logprob assigned to a YES/NO side that is absent from the top-k list.
 MISSING_SIDE_LOGPROB = -20.0
 
-# Exact prompt bytes from the paper (method spec §2.3/§2.4). Do not reformat these strings:
+# Exact prompt bytes from the paper (docs/how-it-works.md §2.3). Do not reformat these strings:
 # the v3 fallback must equal the v2 prompt byte for byte, and both are part of the method.
 GSA_V2_PROMPT_TEMPLATE = (
     "The user has asked the following question:\n{query}\n\n"
@@ -106,7 +106,7 @@ GSA_V3_PROMPT_TEMPLATE = (
     "Respond with exactly one token: YES or NO."
 )
 
-# Truncation limits of the hits block (spec §2.4).
+# Truncation limits of the hits block (docs/how-it-works.md §2.3).
 _QUESTION_MAX_CHARS = 120
 _CONTENT_MAX_CHARS = 400
 
@@ -189,7 +189,7 @@ def is_strong_hit(hit: Hit, tau: float = DEFAULT_TAU) -> bool:
 
 
 def _render_hit(index: int, hit: Hit, *, quote: bool) -> str:
-    # Order matters (spec §2.4): content is cut to 400 chars THEN stripped; the question is
+    # Order matters (docs/how-it-works.md §2.3): content is cut to 400 chars THEN stripped; the question is
     # stripped THEN cut to 120 chars.
     content = hit.content[:_CONTENT_MAX_CHARS].strip()
     if quote:
@@ -442,7 +442,7 @@ def extract_p_yes(
             recognized=True,
         )
 
-    # Not silent (spec §2.1/§8): the neutral 0.5 once hid a total extraction failure.
+    # Not silent (docs/how-it-works.md §2.2): the neutral 0.5 once hid a total extraction failure.
     message = (
         f"GSA probe answer could not be read as YES/NO (text={text!r}, "
         f"{len(items)} top logprobs); using neutral p_yes=0.5"
@@ -465,7 +465,7 @@ def extract_p_yes(
 
 @dataclass(frozen=True)
 class GsaScore:
-    """Everything recorded for one probe call (spec §2.2: score, tier, raw text, prompt info).
+    """Everything recorded for one probe call (docs/how-it-works.md §2.3: score, tier, raw text, prompt info).
 
     ``p_yes`` is the confidence score: higher = the local answer is more likely correct.
     ``latency_s`` is the client-side wall time of the model call; ``retrieval_latency_s`` the

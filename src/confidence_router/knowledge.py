@@ -1,4 +1,4 @@
-"""The knowledge store: cloud escalations become knowledge (method spec §4).
+"""The knowledge store: cloud escalations become knowledge (docs/how-it-works.md §2.3).
 
 :class:`KnowledgeStore` keeps ``(question, content)`` entries in a Chroma collection. The
 retrieval key is the embedding of the **question** (question-to-question retrieval); the
@@ -507,7 +507,7 @@ class KnowledgeStore:
         return self.get(entry_id_for_question(_require_text(question, "question")))
 
     def self_similarity_tau(self, quantile: float = 0.975) -> float:
-        """A strong-hit threshold calibrated for this store's embedder (method spec §2.4).
+        """A strong-hit threshold calibrated for this store's embedder (docs/how-it-works.md §2.3).
 
         Cosine levels differ between embedders (bge-large runs ~0.15 below nomic-embed-text),
         so the paper's 0.70 only fits bge-large. This returns the ``quantile`` of each stored

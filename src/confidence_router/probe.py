@@ -31,7 +31,7 @@ Model handling:
   max_tokens=1`` on Bedrock). Without logprobs (Bedrock has none) the ``text_hard`` tier
   reads YES/NO from the text.
 
-The probe sends one user message and no system prompt (method spec §2.2).
+The probe sends one user message and no system prompt (docs/how-it-works.md §2.3).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ False
 >>> RetryPolicy(max_attempts=4, base_delay=0.5, jitter=False).delays()
 [0.5, 1.0, 2.0]
 
-What is retried follows the paper's Bedrock client (method.md section 3.2): throttling
+What is retried follows the paper's Bedrock client (docs/how-it-works.md §3): throttling
 (``ThrottlingException``, ``TooManyRequestsException``), transient service errors
 (``ServiceUnavailableException``, ``ModelErrorException``, ``InternalServerException``),
 connection errors and timeouts. Never retried: ``AccessDeniedException``,
@@ -352,7 +352,7 @@ class RetryPolicy:
 
     Example::
 
-        >>> PAPER_BEDROCK_RETRY.delays()            # method.md 3.2: 6 attempts
+        >>> PAPER_BEDROCK_RETRY.delays()            # the paper's: 6 attempts
         [1.0, 2.0, 4.0, 8.0, 16.0]
         >>> calls = []
         >>> def flaky():
@@ -499,7 +499,7 @@ def _annotate(exc: Exception, attempts: int, kind: ErrorKind, text: str) -> None
 
 
 PAPER_BEDROCK_RETRY = RetryPolicy(max_attempts=6, base_delay=1.0, max_delay=16.0, jitter=False)
-"""The paper's Bedrock schedule (method.md section 3.2): 6 attempts, backoff 1, 2, 4, 8, 16 s."""
+"""The paper's Bedrock schedule (docs/how-it-works.md §3): 6 attempts, backoff 1, 2, 4, 8, 16 s."""
 
 
 # --------------------------------------------------------------------------------------------

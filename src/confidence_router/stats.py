@@ -118,7 +118,7 @@ def _is_sink(value: Any) -> bool:
 
 
 def nearest_rank(sorted_values: list[float], p: float) -> float | None:
-    """Nearest-rank percentile (evaluation.md section 6): the value at rank ``ceil(p * n)``.
+    """Nearest-rank percentile (docs/how-it-works.md §5.2): the value at rank ``ceil(p * n)``.
 
     Example::
 

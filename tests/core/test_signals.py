@@ -16,7 +16,7 @@ logprob = st.floats(min_value=-50.0, max_value=0.0, allow_nan=False)
 
 @pytest.mark.parametrize(
     ("mean", "expected"),
-    # The paper's table (method.md section 2.1).
+    # The paper's table (docs/how-it-works.md §2.1).
     [(0, 0.9526), (-0.25, 0.9241), (-0.5, 0.8808), (-0.75, 0.8176), (-1.0, 0.7311),
      (-1.5, 0.5), (-2.0, 0.2689), (-2.5, 0.1192), (-3.0, 0.0474), (-4.0, 0.0067)],
 )

@@ -293,7 +293,7 @@ def test_negative_similarity_not_clamped(tmp_path: Path) -> None:
 
 
 def test_known_pair_cosine_0875(tmp_path: Path) -> None:
-    # integration-notes §7: unit vectors with cos 0.875 -> cosine distance 0.125
+    # unit vectors with cos 0.875 -> cosine distance 0.125
     table = {"k?": [1.0, 0.0, 0.0], "q": [0.875, float(np.sqrt(1 - 0.875**2)), 0.0]}
     store = KnowledgeStore(FixedEmbeddings(table), path=tmp_path / "kb")
     store.add("k?", "content")

@@ -1,6 +1,6 @@
 """The RouteLLM-style supervised baseline: logistic regression on query embeddings.
 
-The paper's comparison point (method.md §5): an L2 logistic regression on the embedding of
+The paper's comparison point (docs/how-it-works.md §4): an L2 logistic regression on the embedding of
 the question alone predicts whether the **local** answer is correct (cloud correctness is
 ignored). Hyper-parameters as in the paper: 5-fold stratified CV over 10 values of ``C``
 (``np.logspace(-4, 4, 10)``), ROC-AUC scoring, ``max_iter=2000``, seed 43; at least 50 rows
@@ -209,7 +209,7 @@ class CrossValidation:
         cs: the C values tried.
         fold_auroc: ``(n_folds, n_cs)`` validation-fold AUROC.
         mean_auroc: the mean over **all folds and all C values** -- the paper's learning-curve
-            number (method.md §5), not an evaluation-set AUROC.
+            number (docs/how-it-works.md §4), not an evaluation-set AUROC.
         best_c: the C with the highest mean fold AUROC (the refit model uses it).
         best_c_auroc: mean fold AUROC at ``best_c`` (optimistically biased: C was chosen on it).
     """

@@ -139,7 +139,7 @@ def is_correct(prediction: str, gold_answers: Sequence[str] | str) -> bool:
 
 
 def substring_match(prediction: str, gold_answers: Sequence[str] | str) -> bool:
-    """The paper's TriviaQA rule (method.md section 6.3), for reproducing its numbers.
+    """The paper's TriviaQA rule (docs/how-it-works.md §5.1), for reproducing its numbers.
 
     Correct iff some ``gold.strip().lower()`` is a raw **substring** of ``prediction.lower()``:
     no punctuation/article normalisation and no word boundaries (so "rome" *is* found in
@@ -175,7 +175,7 @@ class JudgeParseError(InvalidArgumentError):
     """The LLM judge replied with neither YES nor NO.
 
     Raised rather than guessing, so that the harness can exclude the row as a failure and count
-    it (evaluation.md section 1) instead of silently labelling it wrong.
+    it (docs/how-it-works.md §5.1) instead of silently labelling it wrong.
     """
 
 

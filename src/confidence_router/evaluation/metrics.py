@@ -1,8 +1,8 @@
 """Pure evaluation metrics for local-to-cloud routing (numpy only).
 
 Every function takes plain array-likes, validates them, and returns floats or small frozen
-dataclasses. Formulas follow ``docs/evaluation.md`` (sections 2-5 and 7) and ``docs/method.md``
-section 6.4. Conventions shared by all functions:
+dataclasses. Formulas are described in ``docs/how-it-works.md`` (section 5).
+Conventions shared by all functions:
 
 * ``labels`` (``y``): 1 if the **local** answer is correct, else 0 (bool, int or float 0/1).
 * ``cloud_labels`` (``z``): 1 if the **cloud** answer is correct, else 0.

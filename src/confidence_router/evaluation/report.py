@@ -349,7 +349,7 @@ def _paired(
 
 
 def _latency_summary(values: NDArray[np.float64]) -> tuple[float, float, float, int] | None:
-    """(mean, p50, p95, n) with nearest-rank percentiles (evaluation.md §6)."""
+    """(mean, p50, p95, n) with nearest-rank percentiles (docs/how-it-works.md §5.2)."""
     v = np.sort(values[~np.isnan(values)])
     if v.size == 0:
         return None

@@ -2,7 +2,7 @@
 
 The unchanged ``ChatOllama`` / ``OllamaEmbeddings`` / ``ollama.Client`` talk to it through
 ``base_url``; it speaks the subset of Ollama's native API that they use, including per-token
-``logprobs`` (Ollama >= 0.12.11 wire format, see docs/integration-notes.md §2).
+``logprobs`` (Ollama >= 0.12.11 wire format, see docs/how-it-works.md §3).
 
 Usage::
 
