@@ -502,7 +502,7 @@ def _dataset_report(
                 arrays[primary].item_ids,
                 arrays[primary].scores,
             )
-    # GSA v3 is judged against the bare v2 probe it extends (method spec, Table VIII).
+    # GSA v3 is judged against the bare v2 probe it extends (as in the paper).
     for v3, v2 in (("gsa_v3.p_yes", "gsa_v2.p_yes"),):
         if v3 in arrays and v2 in arrays:
             add_delta(v3, v2, "all labelled rows", arrays[v3].item_ids, arrays[v3].scores,
