@@ -20,8 +20,18 @@ def test_keep_at_or_above_threshold():
 
 def test_min_signal_routes_on_worst_token():
     signals = compute_signals([-0.01, -0.01, -3.0])  # mean -1.0 (0.73) but min -3 (0.047)
-    assert not decide_after_generation(RoutingPolicy(), signals).escalate
+    assert not decide_after_generation(RoutingPolicy(signal="mean_logprob"), signals).escalate
     assert decide_after_generation(RoutingPolicy(signal="min_logprob"), signals).escalate
+    # The default, mean_min, averages the two: (0.728 + 0.047) / 2 = 0.39 < 0.7.
+    default = decide_after_generation(RoutingPolicy(), signals)
+    assert default.escalate and default.score == pytest.approx((0.7284 + 0.0474) / 2, abs=1e-3)
+
+
+def test_default_signal_equals_the_papers_mean_when_tokens_are_equally_sure():
+    signals = compute_signals([-0.4, -0.4, -0.4])
+    default = decide_after_generation(RoutingPolicy(), signals)
+    paper = decide_after_generation(RoutingPolicy(signal="mean_logprob"), signals)
+    assert default == paper
 
 
 def test_unknown_policy():
