@@ -25,6 +25,8 @@ from confidence_router.serving.llamacpp import FEW_SHOT_PREFIX, YES_NO_TEMPLATE
 from confidence_router.serving.protocol import BackendError, ChatRequest
 
 MODEL = "gemma3:270m"
+#: The probe renders its own prompt (YES_NO_TEMPLATE): it is sent raw, as the router's probe does.
+RAW_MODEL = "gemma3:270m-raw"
 QUESTIONS = [
     "What is the capital of France?",
     "Who wrote Romeo and Juliet?",
@@ -53,8 +55,9 @@ def probe_text(question: str) -> str:
 
 
 def answer(backend, content: str, *, top_logprobs: int = 5, **options):
+    model = RAW_MODEL if content.startswith(YES_NO_TEMPLATE[:40]) else MODEL
     reply = backend.chat(
-        ChatRequest(model=MODEL, messages=[{"role": "user", "content": content}],
+        ChatRequest(model=model, messages=[{"role": "user", "content": content}],
                     options=options, logprobs=True, top_logprobs=top_logprobs)
     )
     return [(t.text, t.logprob, tuple(t.top_logprobs)) for t in reply.tokens]

@@ -36,7 +36,9 @@ def cloud(bedrock_chat):
 
 @pytest.fixture
 def router(local, cloud):
-    return ConfidenceRoutedLLM(local=local, cloud=cloud)
+    # The paper's signal, so the expected confidences below are sigmoid(2 * mean + 3); the
+    # default signal (mean_min) is tested in test_router_signals.py.
+    return ConfidenceRoutedLLM(local=local, cloud=cloud, signal="mean_logprob")
 
 
 @pytest.fixture
