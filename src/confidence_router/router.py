@@ -542,8 +542,12 @@ class ConfidenceRoutedLLM(BaseChatModel):
             trace.run = (run_manager.handlers, run_manager.run_id)
         elif run_manager is None and children is not None and children.handlers:
             trace.run = (children.handlers, children.parent_run_id)
-        return _Call(messages, stop if stop is not None else self.stop, trace, children,
+        call = _Call(messages, stop if stop is not None else self.stop, trace, children,
                      tier_kwargs, streaming)
+        call.local_kwargs = {
+            **tier_kwargs, **tier_clients.top_logprobs_kwargs(self.local, policy.signal)
+        }
+        return call
 
     def _flow(self, call: _Call) -> Generator[Any, Any, Answer]:
         precheck_query = None
@@ -623,16 +627,17 @@ class ConfidenceRoutedLLM(BaseChatModel):
     def _answer(self, effect: Generate, call: _Call) -> Generator[ChatGenerationChunk, None, Answer]:
         model, timeout = self._tier(effect.tier)
         config = _tiers.child_config(call.children, effect.tier)
+        kwargs = call.local_kwargs if effect.tier == "local" else call.kwargs
         started = time.perf_counter()
         watch = _watch(effect, call)
         try:
             if not call.streaming and watch is None:
                 # The client's own timeout (httpx / botocore) bounds the call and cancels it.
-                return Answer(model.invoke(call.messages, config, stop=call.stop, **call.kwargs))
+                return Answer(model.invoke(call.messages, config, stop=call.stop, **kwargs))
             # Streamed: the stream is closed on every exit, so the server stops generating.
             deadline = None if timeout is None else started + timeout
             chunks: list[AIMessageChunk] = []
-            stream = iter(model.stream(call.messages, config, stop=call.stop, **call.kwargs))
+            stream = iter(model.stream(call.messages, config, stop=call.stop, **kwargs))
             try:
                 for raw in stream:
                     chunk = _tiers.as_chunk(raw)
@@ -710,16 +715,17 @@ class ConfidenceRoutedLLM(BaseChatModel):
         model, timeout = self._tier(effect.tier)
         model = tier_clients.per_loop(model)
         config = _tiers.child_config(call.children, effect.tier)
+        kwargs = call.local_kwargs if effect.tier == "local" else call.kwargs
         started = time.perf_counter()
         watch = _watch(effect, call)
         try:
             if not call.streaming and watch is None:
-                call_ = model.ainvoke(call.messages, config, stop=call.stop, **call.kwargs)
+                call_ = model.ainvoke(call.messages, config, stop=call.stop, **kwargs)
                 out.append(Answer(await _within(call_, timeout, effect.tier)))
                 return
             deadline = None if timeout is None else started + timeout
             chunks: list[AIMessageChunk] = []
-            stream = aiter(model.astream(call.messages, config, stop=call.stop, **call.kwargs))
+            stream = aiter(model.astream(call.messages, config, stop=call.stop, **kwargs))
             try:
                 while True:
                     remaining = None if deadline is None else deadline - time.perf_counter()
@@ -900,7 +906,7 @@ ChatConfidenceRouter = ConfidenceRoutedLLM
 class _Call:
     """The arguments every stage of one call needs."""
 
-    __slots__ = ("children", "kwargs", "messages", "stop", "streaming", "trace")
+    __slots__ = ("children", "kwargs", "local_kwargs", "messages", "stop", "streaming", "trace")
 
     def __init__(
         self,
@@ -916,6 +922,7 @@ class _Call:
         self.trace = trace
         self.children = children
         self.kwargs = kwargs
+        self.local_kwargs = kwargs
         self.streaming = streaming
 
 

@@ -294,6 +294,12 @@ SIGNAL_DESCRIPTIONS: Mapping[str, str] = {
 }
 
 
+#: The signals that read each token's top alternatives (the local tier is asked for them).
+NEEDS_TOP_LOGPROBS = frozenset(
+    {"mean_margin", "min_margin", "mean_entropy", "max_entropy", "margin_sum"}
+)
+
+
 def score_for(signals: LogprobSignals, signal: str) -> float | None:
     """The [0, 1] score of the named signal (one of :data:`SIGNAL_SCORERS`), ``None`` if unknown."""
     try:

@@ -36,6 +36,7 @@ __all__ = [
     "is_ollama",
     "model_name",
     "per_loop",
+    "top_logprobs_kwargs",
     "unwrap",
     "with_logprobs",
 ]
@@ -95,9 +96,9 @@ def _rebuild(model: Any, **changes: Any) -> Any:
 def with_logprobs(model: Any) -> Any:
     """``model`` set up to report per-token logprobs.
 
-    ``ChatOllama`` and ``ChatOpenAI`` both expose ``logprobs`` and ``top_logprobs`` fields;
-    when they are unset we take a cheap copy with logprobs on and the top
-    :data:`TOP_LOGPROBS` alternatives per token requested. Other models are returned unchanged: their confidence is
+    ``ChatOllama`` and ``ChatOpenAI`` both expose a ``logprobs`` field; when it is unset we take
+    a cheap copy with it switched on (the top alternatives are asked for per call, only when
+    the routing signal needs them: :func:`top_logprobs_kwargs`). Other models are returned unchanged: their confidence is
     then unknown, and the ``on_unknown`` policy applies.
     """
     inner = unwrap(model)
@@ -105,12 +106,22 @@ def with_logprobs(model: Any) -> Any:
     update: dict[str, Any] = {}
     if "logprobs" in model_fields and not getattr(inner, "logprobs", None):
         update["logprobs"] = True
-    if "top_logprobs" in model_fields and not getattr(inner, "top_logprobs", None):
-        # The margin and entropy signals read the top alternatives of each token.
-        update["top_logprobs"] = TOP_LOGPROBS
     if not update:
         return model
     return _rewrap(model, inner.model_copy(update=update))
+
+
+def top_logprobs_kwargs(model: Any, signal: str) -> dict[str, Any]:
+    """Extra call kwargs for the local tier: the top alternatives per token when ``signal``
+    reads them (margins, entropies) and the model can return them but was not set up to."""
+    from confidence_router.signals import NEEDS_TOP_LOGPROBS
+
+    inner = unwrap(model)
+    if signal not in NEEDS_TOP_LOGPROBS or getattr(inner, "top_logprobs", None):
+        return {}
+    if "top_logprobs" not in getattr(type(inner), "model_fields", {}):
+        return {}
+    return {"top_logprobs": TOP_LOGPROBS}
 
 
 def configure_local(model: Any, timeout: float | None) -> Any:

@@ -10,7 +10,7 @@ from confidence_router import ConfidenceRoutedLLM
 from confidence_router.correctness import ConfidenceCalibration
 from confidence_router.errors import RoutingConfigError
 from confidence_router.policy import DEFAULT_POLICY
-from confidence_router.signals import SIGNAL_SCORERS
+from confidence_router.signals import NEEDS_TOP_LOGPROBS, SIGNAL_SCORERS
 
 
 @pytest.fixture
@@ -30,8 +30,10 @@ def test_every_signal_is_known_through_the_router(signal, ollama_chat, bedrock_c
     routing = router.invoke("Second president of Kenya?").response_metadata["routing"]
     assert routing["signal"] == signal
     assert routing["confidence"] is not None and 0.0 <= routing["confidence"] <= 1.0
-    # Top alternatives were requested from the local server (for margins and entropies).
-    assert ollama_server.requests[-1]["body"]["top_logprobs"] >= 2
+    # Top alternatives are requested from the local server only for the signals that read
+    # them (margins and entropies): the others do not pay for them.
+    requested = ollama_server.requests[-1]["body"].get("top_logprobs") or 0
+    assert (requested >= 2) == (signal in NEEDS_TOP_LOGPROBS)
 
 
 def test_default_signal_is_the_evaluated_best(ollama_chat):
