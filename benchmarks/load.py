@@ -82,8 +82,28 @@ def our_threads() -> set[str]:
     return {t.name for t in threading.enumerate() if not _is_server_handler(t)}
 
 
-def server_handlers() -> int:
-    return sum(1 for t in threading.enumerate() if _is_server_handler(t))
+def server_handlers(port: int | None = None) -> int:
+    """Request handlers (of the server on ``port``, or of all servers) that are *working*:
+    a handler idle on a kept-alive connection, waiting for the next request line, is not."""
+    import sys
+    import traceback
+
+    frames = sys._current_frames()
+    count = 0
+    for thread in threading.enumerate():
+        if not _is_server_handler(thread):
+            continue
+        frame = frames.get(thread.ident)
+        names = [f.name for f in traceback.extract_stack(frame)[-2:]] if frame else []
+        if names == ["handle_one_request", "readinto"]:
+            continue  # idle keep-alive connection
+        sock = (getattr(thread, "_args", None) or (None,))[0]
+        try:
+            if port is None or (sock is not None and sock.getsockname()[1] == port):
+                count += 1
+        except OSError:
+            continue
+    return count
 
 
 def _is_server_handler(thread: threading.Thread) -> bool:
@@ -165,7 +185,6 @@ def main() -> None:
         )
         snapshot = router.stats.snapshot()
         leftover_threads = sorted(our_threads() - threads_before)
-        handlers_left = server_handlers()
         cloud_requests = len(bedrock.requests)
         # Time to fall back after a local hang: how long the local stage took on hung queries.
         hung_local_s = [
@@ -174,6 +193,15 @@ def main() -> None:
             if int(q.split()[1][1:-1]) % 20 == 1 and not isinstance(r, BaseException)
         ]
         budget = router.budget
+        # Server-side work left: close the router's kept-alive connections (idle handlers
+        # waiting for a next request are not work), then count handlers still busy.
+        del router
+        import gc
+
+        gc.collect()
+        time.sleep(1.0)
+        handlers_left = server_handlers(o_server.port)
+        cloud_handlers_left = server_handlers(bedrock.port)
 
     outcomes = collections.Counter(outcome(q.split()[1][:-1], r) for q, r in zip(questions, results))
     completed = sum(n for k, n in outcomes.items() if k.startswith("ok:"))
@@ -193,7 +221,8 @@ def main() -> None:
     print(f"stats     calls {snapshot['calls']}, escalation rate {snapshot['escalation_rate']:.3f},"
           f" errors {snapshot['errors']}")
     print(f"after run our threads {len(leftover_threads)} {leftover_threads}, asyncio tasks {leftover_tasks} (must be 0);"
-          f" server handlers still sleeping on hung requests {handlers_left}")
+          f" server-side work 1 s after the run: local handlers busy {handlers_left}, fake-cloud"
+          f" handlers busy {cloud_handlers_left} (idle kept-alive connections not counted)")
     print(f"budget    spent ${budget.spent:.4f} of ${budget.max_usd:.2f} cap "
           f"({'OK' if budget.spent <= budget.max_usd + 1e-12 else 'EXCEEDED'}), reserved "
           f"${budget.reserved:.4f}; cloud requests sent {cloud_requests}")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -229,7 +228,7 @@ class _WireGuard:
 
 # -- one async client per event loop ---------------------------------------------------------
 
-_PER_LOOP: weakref.WeakKeyDictionary[Any, dict[int, Any]] = weakref.WeakKeyDictionary()
+_LOOP_ATTRIBUTE = "_confidence_router_clients"
 
 
 def per_loop(model: Any) -> Any:
@@ -237,17 +236,23 @@ def per_loop(model: Any) -> Any:
 
     An httpx ``AsyncClient`` keeps connections bound to the loop that opened them; after that
     loop closes (a second ``asyncio.run()``), they fail. ``ChatOllama`` copies get fresh
-    clients per loop (created once per loop, dropped with it).
+    clients per loop, created once per loop and kept on the loop object itself, so they go
+    away with it (a weak mapping would never drop them: the client refers to its loop).
     """
     if not is_ollama(model):
         return model
     loop = asyncio.get_running_loop()
-    copies = _PER_LOOP.setdefault(loop, {})
+    copies = getattr(loop, _LOOP_ATTRIBUTE, None)
+    if copies is None:
+        copies = {}
+        try:
+            setattr(loop, _LOOP_ATTRIBUTE, copies)
+        except AttributeError:  # a loop class with __slots__: no caching on it
+            return _rewrap(model, _rebuild(unwrap(model)))
     key = id(model)
     entry = copies.get(key)
     if entry is None or entry[0] is not model:
-        inner = unwrap(model)
-        entry = (model, _rewrap(model, _rebuild(inner)))
+        entry = (model, _rewrap(model, _rebuild(unwrap(model))))
         copies[key] = entry
     return entry[1]
 

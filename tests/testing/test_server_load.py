@@ -6,6 +6,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import ollama
+import pytest
 
 from confidence_router.testing import OllamaCompatibleServer, ScriptedBackend
 
@@ -47,3 +48,44 @@ def test_over_capacity_gets_503_not_a_reset(monkeypatch):
             list(pool.map(one, range(8)))
         assert len(statuses) == 8  # every client got an answer
         assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses
+
+
+def test_a_hung_up_client_stops_the_servers_work():
+    """Scripted latency is the model 'thinking': when the client gives up (a router timeout),
+    the server stops at once instead of working for nobody, and generates nothing."""
+    import time
+
+    import httpx
+
+    backend = ScriptedBackend()
+    backend.set_default("late answer", latency=5.0)
+    with OllamaCompatibleServer(backend) as server:
+        client = ollama.Client(host=server.url, timeout=httpx.Timeout(0.3))
+        started = time.perf_counter()
+        for _ in range(4):
+            with pytest.raises(httpx.TimeoutException):
+                client.chat(model="scripted-local", messages=[{"role": "user", "content": "q"}])
+        deadline = time.time() + 2.0
+        while _handlers(server.port) and time.time() < deadline:
+            time.sleep(0.05)
+        assert _handlers(server.port) == 0  # every handler returned well before the 5 s latency
+        assert time.perf_counter() - started < 4.0
+        assert backend.generated_tokens == 0
+        assert len(server.requests_to("/api/chat")) == 4
+
+
+def _handlers(port: int) -> int:
+    """Live request-handler threads of the server on ``port``."""
+    import threading
+
+    count = 0
+    for thread in threading.enumerate():
+        if getattr(getattr(thread, "_target", None), "__name__", "") != "process_request_thread":
+            continue
+        sock = (getattr(thread, "_args", None) or (None,))[0]
+        try:
+            if sock is not None and sock.getsockname()[1] == port:
+                count += 1
+        except OSError:
+            continue  # closed meanwhile
+    return count

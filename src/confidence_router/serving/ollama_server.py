@@ -28,9 +28,12 @@ streamed is sent as an ``{"error": ...}`` line (``ResponseError`` with status ``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -226,6 +229,14 @@ class _OllamaHandler(JSONRequestHandler):
         request = self._parse_generation(body, messages)
         self._run_generation(request, chat=False, preload=not prompt)
 
+    def _client_gone(self) -> bool:
+        """Whether the client closed its connection (EOF), without consuming its data."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
     def _run_generation(self, request: ChatRequest, *, chat: bool, preload: bool) -> None:
         timer = _Timer()
         created = now_iso()
@@ -243,6 +254,7 @@ class _OllamaHandler(JSONRequestHandler):
             self._send_json(200, final)
             return
 
+        request = dataclasses.replace(request, client_gone=self._client_gone)
         reply: ChatReply = self.owner.backend.chat(request)
         tokens: Iterator[GeneratedToken] = iter(reply.tokens)
         # Pull the first token before sending headers, so a failure or the latency before it

@@ -11,7 +11,7 @@ soon as the iterator yields it).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol, runtime_checkable
@@ -52,6 +52,9 @@ class ChatRequest:
     stream: bool = True
     tools: Sequence[dict[str, Any]] = ()
     format: Any = None
+    client_gone: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
+    """Set by the server: returns True once the client has hung up, so a backend that waits
+    (injected latency) can stop instead of working for nobody."""
 
 
 @dataclass

@@ -161,6 +161,23 @@ def _check_times(times: int | None) -> None:
         raise ValueError(f"times must be a positive integer or None (unlimited), got {times!r}")
 
 
+def _wait(seconds: float, request: ChatRequest) -> bool:
+    """Sleep ``seconds`` like a model working, but stop early (returning False) when the
+    server says the client has hung up, as a real server stops work for a gone client."""
+    gone = request.client_gone
+    if gone is None:
+        time.sleep(seconds)
+        return True
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return True
+        if gone():
+            return False
+        time.sleep(min(left, 0.05))
+
+
 def _check_seconds(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
@@ -674,7 +691,7 @@ class ScriptedBackend:
 
         if failure is not None and failure.after_tokens == 0:
             if extra_latency:
-                time.sleep(extra_latency)
+                _wait(extra_latency, request)
             raise BackendError(failure.message, status=failure.status)
         if answer is None:
             raise BackendError(
@@ -688,18 +705,22 @@ class ScriptedBackend:
             else _count_prompt_tokens(request.messages)
         )
         return ChatReply(
-            tokens=self._emit(answer, extra_latency, failure),
+            tokens=self._emit(answer, extra_latency, failure, request),
             prompt_tokens=prompt_tokens,
             done_reason=answer.done_reason,
             tool_calls=list(answer.tool_calls),
         )
 
     def _emit(
-        self, answer: _Answer, extra_latency: float, failure: _Failure | None
+        self,
+        answer: _Answer,
+        extra_latency: float,
+        failure: _Failure | None,
+        request: ChatRequest,
     ) -> Iterator[GeneratedToken]:
         latency = answer.latency + extra_latency
-        if latency:
-            time.sleep(latency)
+        if latency and not _wait(latency, request):
+            return  # the client hung up while we "thought": generate nothing
         for i, token in enumerate(answer.tokens):
             if failure is not None and i >= failure.after_tokens:
                 raise BackendError(failure.message, status=failure.status)
