@@ -227,13 +227,12 @@ def test_hung_local_model_falls_back_without_leaking_threads(
     bedrock_server.set_default("cloud answer")
     router = ConfidenceRoutedLLM(local=local, cloud=cloud, local_timeout=0.3)
     baseline = _client_threads()
-    started = time.perf_counter()
     # More hung calls than the old shared timeout pool had threads (64).
     results = router.batch(["hang please"] * 80, config={"max_concurrency": 80})
-    elapsed = time.perf_counter() - started
     assert [r.content for r in results] == ["cloud answer"] * 80
     assert all(r.response_metadata["routing"]["local_error_kind"] == "timeout" for r in results)
-    assert elapsed < 3.0  # nobody waited for the hung model
+    # Nobody waited for the hung model (3 s): each local stage ended at its 0.3 s timeout.
+    assert max(r.response_metadata["routing"]["latency_s"]["local"] for r in results) < 2.0
     assert len(bedrock_server.requests) == 80
     # Nothing of ours keeps running after a timeout: no abandoned worker threads.
     assert _client_threads() <= baseline
@@ -253,10 +252,9 @@ async def test_hung_local_model_async_cancels(local, cloud, ollama_backend, bedr
     bedrock_server.set_default("cloud answer")
     router = ConfidenceRoutedLLM(local=local, cloud=cloud, local_timeout=0.3)
     before = len(asyncio.all_tasks())
-    started = time.perf_counter()
     results = await asyncio.gather(*(router.ainvoke("hang") for _ in range(30)))
-    assert time.perf_counter() - started < 2.5
     assert {r.content for r in results} == {"cloud answer"}
+    assert max(r.response_metadata["routing"]["latency_s"]["local"] for r in results) < 2.0
     assert len(asyncio.all_tasks()) == before
 
 
@@ -403,7 +401,7 @@ def test_early_exit_min_logprob_stops_at_the_deciding_token(local, cloud, ollama
     bedrock_server.set_default("cloud answer")
     router = ConfidenceRoutedLLM(local=local, cloud=cloud, signal="min_logprob")
     full = router.invoke("an obscure question").response_metadata["routing"]
-    started = time.perf_counter()
+    generated_before = ollama_backend.generated_tokens
     def streamed(question, **kwargs):
         chunks = list(router.stream(question, **kwargs))
         total = chunks[0]
@@ -418,8 +416,9 @@ def test_early_exit_min_logprob_stops_at_the_deciding_token(local, cloud, ollama
         assert routing["reason"] == Reason.EARLY_EXIT
         assert routing["early_exit"] == {"exited": True, "tokens": 4}
         assert routing["decision"] == full["decision"] == "cloud"  # same decision as the end
-    # Stopped after 4 of 9 tokens, twice: well under two full generations (~1.6 s each).
-    assert time.perf_counter() - started < 2 * 1.6
+    # Stopped after the 4th of 9 tokens, twice: the server stopped generating too (it may
+    # have produced a token or two more before it saw the closed stream).
+    assert ollama_backend.generated_tokens - generated_before <= 2 * 6
 
 
 def test_early_exit_never_truncates_an_answer_that_will_be_served(local, cloud, ollama_backend,
