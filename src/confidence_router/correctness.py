@@ -319,7 +319,7 @@ class ConfidenceCalibration:
             threshold = _sigmoid(z)
             if threshold >= 1.0 - _EPS:
                 return None if self.p_correct(1.0) < target else 1.0  # type: ignore[operator]
-            return 0.0 if threshold <= _EPS else threshold
+            return 0.0 if threshold <= _EPS else self._lowest_reaching(threshold, target, 1.0)
         xs, ys = self.knots_x, self.knots_y
         if ys[0] >= target:
             return 0.0
@@ -328,8 +328,17 @@ class ConfidenceCalibration:
                 x1, x2, y1, y2 = xs[i - 1], xs[i], ys[i - 1], ys[i]
                 if y2 == y1 or x2 == x1:
                     return x2
-                return x1 + (target - y1) * (x2 - x1) / (y2 - y1)
+                return self._lowest_reaching(x1 + (target - y1) * (x2 - x1) / (y2 - y1), target, x2)
         return None
+
+    def _lowest_reaching(self, estimate: float, target: float, upper: float) -> float:
+        # Interpolation rounds: between two knots 1e-16 apart the estimate can land on the lower
+        # knot, whose p_correct is below the target. Step up one float at a time (one or two
+        # steps in practice) so the returned score really reaches the target.
+        threshold = min(estimate, upper)
+        while threshold < upper and self.p_correct(threshold) < target:  # type: ignore[operator]
+            threshold = math.nextafter(threshold, upper)
+        return threshold
 
     # ---- storage -----------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import math
 import random
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from confidence_router.cli import main
@@ -132,6 +132,8 @@ def test_fitted_maps_are_bounded_and_monotone(rows, method):
 
 @given(st.lists(st.tuples(st.floats(0.0, 1.0), st.integers(0, 1)), min_size=2, max_size=60),
        st.floats(0.05, 0.95))
+# two knots one float apart: interpolation used to round down onto the lower knot (p = 0)
+@example(rows=[(1.0, 1), (0.9999999999999999, 0)], target=0.25)
 def test_threshold_keeps_exactly_the_answers_reaching_the_target(rows, target):
     labels = [y for _, y in rows]
     if len(set(labels)) < 2:
