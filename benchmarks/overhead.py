@@ -1,23 +1,28 @@
 """Latency overhead of the router over a direct ChatOllama call (local answer accepted).
 
 Both run against the same scripted Ollama-compatible server on 127.0.0.1, interleaved so
-machine noise hits both alike. For each scripted answer latency (default: 0 ms, i.e. pure
+machine noise hits both alike. The server runs in its own process, as a real Ollama does: in
+the client's process its threads would compete with the client for the GIL and inflate every
+client-side microsecond (``--in-process`` measures that set-up too). For each scripted answer latency (default: 0 ms, i.e. pure
 client + HTTP overhead, and 20 ms, faster than any real local model), prints the median latency
 of each, the absolute overhead and the ratios to the direct call — of the router and of a bare
 pass-through ``BaseChatModel`` (LangChain's own floor for any wrapper). Target: the router's
 ratio within 5% of the bare wrapper's. Then whether importing the package pulls in heavy
 stacks.
 
-    python benchmarks/overhead.py [--n 300] [--latencies 0,0.02]
+    python benchmarks/overhead.py [--n 300] [--latencies 0,0.02] [--in-process]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
@@ -48,18 +53,48 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=300, help="calls per variant")
     parser.add_argument("--latencies", default="0,0.02",
                         help="scripted answer latencies in seconds, comma-separated")
+    parser.add_argument("--in-process", action="store_true",
+                        help="serve from a thread of this process instead of a child process")
     args = parser.parse_args()
     for latency in (float(x) for x in args.latencies.split(",")):
-        measure(args.n, latency)
+        measure(args.n, latency, in_process=args.in_process)
     report_imports()
 
 
-def measure(n: int, latency: float) -> None:
+def _scripted_server(latency: float) -> OllamaCompatibleServer:
     backend = ScriptedBackend(default_answer="Paris is the capital of France.",
                               default_logprob=-0.05)
     backend.delay(None, latency)
-    with OllamaCompatibleServer(backend) as server:
-        direct = ChatOllama(model="scripted-local", base_url=server.url, logprobs=True)
+    return OllamaCompatibleServer(backend)
+
+
+def _serve(latency: float, urls: Any, stop: Any) -> None:
+    with _scripted_server(latency) as server:
+        urls.put(server.url)
+        stop.wait()
+
+
+@contextlib.contextmanager
+def scripted_server_url(latency: float, *, in_process: bool) -> Iterator[str]:
+    """URL of a scripted Ollama-compatible server, in a child process unless ``in_process``."""
+    if in_process:
+        with _scripted_server(latency) as server:
+            yield server.url
+        return
+    context = multiprocessing.get_context("spawn")
+    urls, stop = context.Queue(), context.Event()
+    process = context.Process(target=_serve, args=(latency, urls, stop), daemon=True)
+    process.start()
+    try:
+        yield urls.get(timeout=60)
+    finally:
+        stop.set()
+        process.join(10)
+
+
+def measure(n: int, latency: float, *, in_process: bool = False) -> None:
+    with scripted_server_url(latency, in_process=in_process) as url:
+        direct = ChatOllama(model="scripted-local", base_url=url, logprobs=True)
         router = ConfidenceRoutedLLM(local=direct)
         floor = PassThrough(inner=direct)
         question = "What is the capital of France?"
@@ -76,7 +111,8 @@ def measure(n: int, latency: float) -> None:
             assert message.response_metadata["routing"]["decision"] == "local"
     d, f, r = (statistics.median(times[k]) for k in ("direct", "floor", "router"))
     within = (r / d) / (f / d)
-    print(f"scripted latency {latency * 1e3:.0f} ms (n={n}): direct ChatOllama.invoke median "
+    where = "in-process server" if in_process else "server in a child process"
+    print(f"scripted latency {latency * 1e3:.0f} ms, {where} (n={n}): direct ChatOllama.invoke median "
           f"{d * 1e3:.2f} ms, router {r * 1e3:.2f} ms (ratio {r / d:.3f}), bare pass-through "
           f"wrapper {f * 1e3:.2f} ms (ratio {f / d:.3f}); router / wrapper {within:.3f} "
           f"(target <= 1.05: {'OK' if within <= 1.05 else 'ABOVE TARGET'}), router overhead "

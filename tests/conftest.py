@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings as hypothesis_settings
+
+# Property tests: the default profile keeps the suite quick; HYPOTHESIS_PROFILE=thorough searches
+# 20x harder (run it before a release, or after touching a pure function).
+hypothesis_settings.register_profile("thorough", max_examples=2000, deadline=None)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 from confidence_router.testing import FakeBedrockServer, OllamaCompatibleServer, ScriptedBackend
 

@@ -447,14 +447,15 @@ class RoutingTrace:
             except Exception:
                 logger.exception("confidence_router: stats sink failed")
         # Decision facts only: never the prompt, the answers or any credential.
-        logger.debug(
-            "routed decision=%s reason=%s confidence=%s threshold=%s cloud_attempts=%s",
-            self.record["decision"],
-            self.record["reason"],
-            self.record["confidence"],
-            self.record["threshold"],
-            self.record["cloud_attempts"],
-        )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "routed decision=%s reason=%s confidence=%s threshold=%s cloud_attempts=%s",
+                self.record["decision"],
+                self.record["reason"],
+                self.record["confidence"],
+                self.record["threshold"],
+                self.record["cloud_attempts"],
+            )
         return self.record
 
     def decision_event(self) -> dict[str, Any]:
@@ -463,8 +464,9 @@ class RoutingTrace:
 
 
 def _signals_dict(signals: Any) -> dict[str, Any]:
-    # A shallow dict of the dataclass (dataclasses.asdict deep-copies: slow on the hot path).
-    return {name: getattr(signals, name) for name in signals.__dataclass_fields__}
+    # A shallow copy of the dataclass's fields (dataclasses.asdict deep-copies: slow on the hot
+    # path); LogprobSignals keeps exactly its fields in __dict__.
+    return dict(vars(signals))
 
 
 def _usage_of(message: BaseMessage | None) -> dict[str, Any] | None:

@@ -35,21 +35,36 @@ class TokenLogprob:
     top_logprobs: tuple[tuple[str, float], ...] = ()
 
 
+# Whether a type is a Mapping, per type: the ABC check of isinstance(item, Mapping) is slow,
+# and this runs for every token of every answer.
+_IS_MAPPING: dict[type, bool] = {dict: True}
+
+
+def _is_mapping(item: Any) -> bool:
+    kind = type(item)
+    is_mapping = _IS_MAPPING.get(kind)
+    if is_mapping is None:
+        is_mapping = _IS_MAPPING[kind] = isinstance(item, Mapping)
+    return is_mapping
+
+
 def _field(item: Any, name: str) -> Any:
-    # dict first, by exact type: the ABC check of isinstance(item, Mapping) is slow, and this
-    # runs for every token of every answer.
-    if type(item) is dict or isinstance(item, Mapping):
-        return item.get(name)
-    return getattr(item, name, None)
+    return item.get(name) if _is_mapping(item) else getattr(item, name, None)
 
 
 def _parse_item(item: Any) -> TokenLogprob | None:
-    logprob = _field(item, "logprob")
+    if _is_mapping(item):
+        logprob, token, raw_tops = item.get("logprob"), item.get("token"), item.get("top_logprobs")
+    else:
+        logprob = getattr(item, "logprob", None)
+        token = getattr(item, "token", None)
+        raw_tops = getattr(item, "top_logprobs", None)
     if logprob is None:
         return None
-    token = _field(item, "token")
+    if not raw_tops:  # the common case on the routing path: no alternatives were asked for
+        return TokenLogprob(str(token or ""), float(logprob))
     tops = []
-    for top in _field(item, "top_logprobs") or ():
+    for top in raw_tops:
         top_lp = _field(top, "logprob")
         if top_lp is not None:
             tops.append((str(_field(top, "token") or ""), float(top_lp)))
@@ -80,8 +95,13 @@ def token_logprobs(response_metadata: Mapping[str, Any] | None) -> list[TokenLog
     items = _items(response_metadata.get("logprobs"))
     if items is None:
         return None
-    parsed = [_parse_item(item) for item in items if item is not None]
-    return [p for p in parsed if p is not None]
+    parsed = []
+    for item in items:
+        if item is not None:
+            token = _parse_item(item)
+            if token is not None:
+                parsed.append(token)
+    return parsed
 
 
 def message_token_logprobs(message: Any) -> list[TokenLogprob] | None:

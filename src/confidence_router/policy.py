@@ -108,8 +108,10 @@ class RoutingPolicy:
     def with_overrides(self, overrides: dict[str, Any]) -> RoutingPolicy:
         """A copy with some knobs replaced (validated; unknown names raise
         :class:`~confidence_router.errors.RoutingConfigError`)."""
+        if not overrides:
+            return self
         check_knob_names(overrides)
-        return replace(self, **overrides) if overrides else self
+        return replace(self, **overrides)
 
     def as_dict(self) -> dict[str, Any]:
         """The knobs as a plain dict (a fresh copy)."""

@@ -28,6 +28,7 @@ from langchain_core.callbacks import (
     CallbackManagerForLLMRun,
 )
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
@@ -359,7 +360,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
         values = self.__dict__
         sources = _COLLAB_FIELDS(values)
         cached = values.get(_COLLAB_CACHE)
-        if cached is not None and all(a is b for a, b in zip(cached[0], sources)):
+        if cached is not None and all(map(operator.is_, cached[0], sources)):
             return cached[1]
         collab = Collaborators(
             local_model=model_name(self.local),
@@ -457,11 +458,17 @@ class ConfidenceRoutedLLM(BaseChatModel):
                 **self._base_policy().as_dict()}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
-        params = super()._get_ls_params(stop=stop, **kwargs)
         # Which model answers is decided during the call; the tiers' child runs carry the
-        # real model names (and the token usage).
-        params["ls_provider"] = "confidence-router"
-        params["ls_model_name"] = kwargs.get("model") or "confidence-router"
+        # real model names, sampling settings and token usage. Built here rather than by the
+        # base class, whose probing of attributes the router lacks (temperature, max_tokens)
+        # costs more than the rest of the routing record on every call.
+        params = LangSmithParams(
+            ls_provider="confidence-router",
+            ls_model_type="chat",
+            ls_model_name=kwargs.get("model") or "confidence-router",
+        )
+        if stop:
+            params["ls_stop"] = stop
         return params
 
     def bind_tools(
@@ -524,14 +531,17 @@ class ConfidenceRoutedLLM(BaseChatModel):
         """Validate the input and the call's kwargs (before any request) and open its record."""
         _check_input(messages)
         knobs = RoutingPolicy.knob_names()
-        unknown = set(kwargs) - set(knobs) - TIER_KWARGS
-        if unknown:
-            raise RoutingConfigError(
-                unknown_names_message(unknown, knobs + tuple(sorted(TIER_KWARGS)),
-                                      what="call kwarg")
-            )
-        overrides = {k: kwargs[k] for k in knobs if k in kwargs}
-        tier_kwargs = {k: v for k, v in kwargs.items() if k not in knobs}
+        overrides: dict[str, Any] = {}
+        tier_kwargs: dict[str, Any] = {}
+        if kwargs:
+            unknown = set(kwargs) - set(knobs) - TIER_KWARGS
+            if unknown:
+                raise RoutingConfigError(
+                    unknown_names_message(unknown, knobs + tuple(sorted(TIER_KWARGS)),
+                                          what="call kwarg")
+                )
+            overrides = {k: kwargs[k] for k in knobs if k in kwargs}
+            tier_kwargs = {k: v for k, v in kwargs.items() if k not in knobs}
         if self.calibrator is not None and "threshold" not in overrides:
             overrides["threshold"] = self.calibrator.threshold
         policy = self._base_policy().with_overrides(overrides)

@@ -140,9 +140,12 @@ def unknown_signals(reason: str) -> LogprobSignals:
     return LogprobSignals(None, None, 0, None, None, unknown_reason=reason)
 
 
+#: A tiny positive logprob can come from float rounding of log(1); anything larger is garbage.
+_ROUNDING_SLACK = 1e-6
+
+
 def _valid_logprob(value: float) -> bool:
-    # A tiny positive value can come from float rounding of log(1); anything larger is garbage.
-    return not (math.isnan(value) or math.isinf(value) or value > 1e-6)
+    return math.isfinite(value) and value <= _ROUNDING_SLACK
 
 
 def _position_stats(alternatives: Sequence[Any]) -> tuple[float | None, float] | None:
@@ -198,21 +201,26 @@ def compute_signals(
     tops: list[Sequence[Any]] = []
     for item in items:
         if isinstance(item, (int, float)) and not isinstance(item, bool):
-            values.append(float(item))
-            tops.append(())
-            continue
-        value = getattr(item, "logprob", None)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            value = float(item)
+            top: Sequence[Any] = ()
+        else:
+            raw = getattr(item, "logprob", None)
+            if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+                return unknown_signals(UNKNOWN_INVALID_LOGPROBS)
+            value = float(raw)
+            top = getattr(item, "top_logprobs", None) or ()
+            if not isinstance(top, (tuple, list)):
+                top = tuple(top)  # read twice below
+        if not (math.isfinite(value) and value <= _ROUNDING_SLACK):  # _valid_logprob, inlined
             return unknown_signals(UNKNOWN_INVALID_LOGPROBS)
-        values.append(float(value))
-        tops.append(tuple(getattr(item, "top_logprobs", None) or ()))
-    if not all(_valid_logprob(v) for v in values):
-        return unknown_signals(UNKNOWN_INVALID_LOGPROBS)
-    values = [min(v, 0.0) for v in values]
+        values.append(min(value, 0.0))
+        tops.append(top)
     mean = math.fsum(values) / len(values)
     low = min(values)
 
-    stats = [_position_stats(top) for top in tops]
+    # Without alternatives (the routing path asks for none unless the signal reads them) the
+    # top-k signals are unknown: skip the per-position work.
+    stats = [_position_stats(top) if top else None for top in tops]
     margins = [s[0] for s in stats if s is not None]
     entropies = [s[1] for s in stats if s is not None]
     every_position = all(s is not None for s in stats)
