@@ -1371,7 +1371,7 @@ class RunData:
 
         Example::
 
-            s = load_run("runs.sqlite", "wikidata__gemma3:270m-raw__few-shot-v2").signal(
+            s = load_run("runs.sqlite", "wikidata__gemma3:270m-raw__few-shot-v3").signal(
                 "min_logprob")
             auroc(s.labels, s.scores)
         """
