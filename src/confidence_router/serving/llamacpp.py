@@ -117,7 +117,7 @@ FEW_SHOT_PREFIX = (
 #: ``Question:``/``Answer:`` form TriviaQA itself uses. Chosen on TriviaQA rows 1000-1399 over
 #: the two ``Q:``/``A:`` pairs of :data:`FEW_SHOT_PREFIX` (the answers get shorter, so the
 #: answer-probability signals separate right from wrong better) and confirmed on rows
-#: 1400-1999; none of the eight is a question of the TriviaQA evaluation file.
+#: 1400-2999 and the report's rows 0-999; none of the eight is a TriviaQA question.
 TRIVIA_FEW_SHOT_PREFIX = (
     "Question: Which planet is known as the Red Planet?\nAnswer: Mars\n"
     "Question: Who wrote Hamlet?\nAnswer: William Shakespeare\n"
