@@ -23,7 +23,9 @@ from confidence_router.evaluation.datasets import QAItem
 from confidence_router.evaluation.runner import (
     BUILTIN_SIGNALS,
     FEW_SHOT_PROMPTS,
+    FEW_SHOT_V2_PROMPTS,
     INSTRUCT_PROMPTS,
+    PROMPT_SETS,
     EvalRunner,
     ExtraSignal,
     RunConfigMismatchError,
@@ -33,6 +35,7 @@ from confidence_router.evaluation.runner import (
 from confidence_router.serving.llamacpp import (
     COMPLETION_FEW_SHOT_PREFIX,
     FEW_SHOT_PREFIX,
+    TRIVIA_FEW_SHOT_PREFIX,
     render_raw_prompt,
 )
 
@@ -111,7 +114,8 @@ def test_rows_hold_hand_computed_signals(ollama_backend, ollama_server, tmp_path
         m["messages"][0]["content"]: m
         for m in (q["body"] for q in ollama_server.requests_to("/api/chat"))
     }
-    france = FEW_SHOT_PREFIX + "Q: What is the capital of France?\nA:"
+    # A question gets the eight trivia demonstrations of few-shot-v3, then the question.
+    france = TRIVIA_FEW_SHOT_PREFIX + "Question: What is the capital of France?\nAnswer:"
     assert bodies[france]["options"]["temperature"] == 0
     assert bodies[france]["options"]["num_predict"] == 50
     assert bodies[france]["options"]["stop"] == ["\n"]
@@ -126,14 +130,34 @@ def test_rows_hold_hand_computed_signals(ollama_backend, ollama_server, tmp_path
     assert render_raw_prompt([{"role": "user", "content": completion}]) == completion
 
     info = list_runs(tmp_path / "runs.sqlite")[0]
-    assert info.name == r.run_name == "toy__scripted-local__few-shot-v2"
-    assert info.model == "scripted-local" and info.prompt_set == "few-shot-v2"
+    assert info.name == r.run_name == "toy__scripted-local__few-shot-v3"
+    assert info.model == "scripted-local" and info.prompt_set == "few-shot-v3"
     assert info.prompt_templates["question"] == FEW_SHOT_PROMPTS.question
     assert info.prompt_templates["completion"] == completion.replace(
         "The country of Novosibirsk is", "{question}"
     )
     assert info.prompt_templates["raw"] is True
     assert info.library_version and info.started_at and info.grader == "match_grader"
+
+
+def test_few_shot_v2_stays_reproducible_by_name(ollama_backend, ollama_server, tmp_path):
+    # v3 changed only the question template; v2's bytes are kept under their own name, and a
+    # run with either set is recorded under its version.
+    assert PROMPT_SETS["few-shot"] is FEW_SHOT_PROMPTS
+    assert PROMPT_SETS["few-shot-v2"] is FEW_SHOT_V2_PROMPTS
+    assert FEW_SHOT_V2_PROMPTS.question == FEW_SHOT_PREFIX + "Q: {question}\nA:"
+    assert FEW_SHOT_PROMPTS.completion == FEW_SHOT_V2_PROMPTS.completion
+    assert FEW_SHOT_PROMPTS.question != FEW_SHOT_V2_PROMPTS.question
+    assert TRIVIA_FEW_SHOT_PREFIX.count("Question: ") == 8
+    assert TRIVIA_FEW_SHOT_PREFIX.count("\nAnswer: ") == 8
+    script(ollama_backend)
+    r = runner(ollama_server, tmp_path, prompts="few-shot-v2")
+    r.run(ITEMS[:1])
+    sent = [q["body"]["messages"][0]["content"] for q in ollama_server.requests_to("/api/chat")]
+    assert sent == [FEW_SHOT_PREFIX + "Q: What is the capital of France?\nA:"]
+    info = list_runs(tmp_path / "runs.sqlite")[0]
+    assert info.name == "toy__scripted-local__few-shot-v2" and info.prompt_set == "few-shot-v2"
+    assert info.prompt_templates["question"] == FEW_SHOT_V2_PROMPTS.question
 
 
 def test_failures_are_recorded_and_excluded(ollama_backend, ollama_server, tmp_path):

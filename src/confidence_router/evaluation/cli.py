@@ -269,7 +269,7 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--prompts",
-        choices=("few-shot", "instruct"),  # the keys of runner.PROMPT_SETS
+        choices=("few-shot", "few-shot-v2", "instruct"),  # the keys of runner.PROMPT_SETS
         default=None,
         help="answer prompt set (default: few-shot for the embedded base "
         "model, instruct for an Ollama chat model)",

@@ -94,6 +94,7 @@ from confidence_router.signals import (
 __all__ = [
     "BUILTIN_SIGNALS",
     "FEW_SHOT_PROMPTS",
+    "FEW_SHOT_V2_PROMPTS",
     "INSTRUCT_PROMPTS",
     "PROMPT_SETS",
     "EvalRunner",
@@ -222,15 +223,19 @@ class PromptSet:
         }
 
 
-def _build_few_shot() -> PromptSet:
+def _build_few_shot() -> tuple[PromptSet, PromptSet]:
     # The demonstrations live with the embedded backend's templates (one source of truth);
     # that module imports only the standard library at module level.
-    from confidence_router.serving.llamacpp import COMPLETION_FEW_SHOT_PREFIX, FEW_SHOT_PREFIX
+    from confidence_router.serving.llamacpp import (
+        COMPLETION_FEW_SHOT_PREFIX,
+        FEW_SHOT_PREFIX,
+        TRIVIA_FEW_SHOT_PREFIX,
+    )
 
-    # One style per dataset: Q:/A: pairs before a question, plain completion sentences before
-    # a sentence to complete. Mixing them (v1: Q:/A: pairs, then two sentences, then the
-    # Wikidata prompt) cost accuracy and AUROC on Wikidata; see the committed report.
-    return PromptSet(
+    # One style per dataset: demonstrations in the question's own form before a question,
+    # plain completion sentences before a sentence to complete. Mixing them (v1: Q:/A: pairs,
+    # then two sentences, then the Wikidata prompt) cost accuracy and AUROC on Wikidata.
+    v2 = PromptSet(
         name="few-shot-v2",
         question=FEW_SHOT_PREFIX + "Q: {question}\nA:",
         completion=COMPLETION_FEW_SHOT_PREFIX + "{question}",
@@ -240,12 +245,27 @@ def _build_few_shot() -> PromptSet:
         one_line=True,
         raw=True,
     )
+    # v3 changes only the question template: eight trivia demonstrations with short entity
+    # answers instead of two Q:/A: pairs (the completion template keeps v2's bytes). Measured
+    # on TriviaQA rows the committed report does not use; see docs/signals.md.
+    v3 = PromptSet(
+        name="few-shot-v3",
+        question=TRIVIA_FEW_SHOT_PREFIX + "Question: {question}\nAnswer:",
+        completion=v2.completion,
+        stop=v2.stop,
+        description="few-shot prompts for base models (the embedded Gemma 3 270M): eight "
+        "Question:/Answer: trivia pairs for questions, plain sentences for completions; sent raw",
+        one_line=True,
+        raw=True,
+    )
+    return v3, v2
 
 
-FEW_SHOT_PROMPTS: PromptSet = _build_few_shot()
-"""For base (non-chat) models such as the embedded Gemma 3 270M: the whole few-shot prompt in
-the question's style, sent raw (the embedded server's ``gemma3:270m-raw``), stopped at the
-newline."""
+FEW_SHOT_PROMPTS, FEW_SHOT_V2_PROMPTS = _build_few_shot()
+"""``FEW_SHOT_PROMPTS`` (``few-shot-v3``) is for base (non-chat) models such as the embedded
+Gemma 3 270M: the whole few-shot prompt in the question's style, sent raw (the embedded
+server's ``gemma3:270m-raw``), stopped at the newline. ``FEW_SHOT_V2_PROMPTS`` is the previous
+version (two ``Q:``/``A:`` pairs before a question), kept so older runs can be reproduced."""
 
 INSTRUCT_PROMPTS = PromptSet(
     name="instruct-v1",
@@ -259,6 +279,7 @@ INSTRUCT_PROMPTS = PromptSet(
 
 PROMPT_SETS: Mapping[str, PromptSet] = {
     "few-shot": FEW_SHOT_PROMPTS,
+    "few-shot-v2": FEW_SHOT_V2_PROMPTS,
     "instruct": INSTRUCT_PROMPTS,
 }
 """Built-in prompt sets by short name."""
@@ -1350,7 +1371,7 @@ class RunData:
 
         Example::
 
-            s = load_run("runs.sqlite", "wikidata__gemma3:270m-raw__few-shot-v2").signal(
+            s = load_run("runs.sqlite", "wikidata__gemma3:270m-raw__few-shot-v3").signal(
                 "min_logprob")
             auroc(s.labels, s.scores)
         """

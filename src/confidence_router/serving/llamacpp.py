@@ -91,6 +91,7 @@ if TYPE_CHECKING:  # numpy and llama_cpp are optional (the "embedded" extra): im
 __all__ = [
     "COMPLETION_FEW_SHOT_PREFIX",
     "FEW_SHOT_PREFIX",
+    "TRIVIA_FEW_SHOT_PREFIX",
     "MAX_TOP_LOGPROBS",
     "PROMPT_TEMPLATES",
     "PROMPT_TEMPLATE_VERSIONS",
@@ -109,6 +110,23 @@ __all__ = [
 #: questions (short, factual, one line). Measured on 1000 TriviaQA questions: ~10% correct.
 FEW_SHOT_PREFIX = (
     "Q: What is the capital of Italy?\nA: Rome\nQ: Who wrote Hamlet?\nA: William Shakespeare\n"
+)
+
+#: Trivia-style demonstrations for questions in the evaluation harness's ``few-shot-v3`` set:
+#: eight short questions with short entity answers (a name, a place, a year, a thing), in the
+#: ``Question:``/``Answer:`` form TriviaQA itself uses. Chosen on TriviaQA rows 1000-1399 over
+#: the two ``Q:``/``A:`` pairs of :data:`FEW_SHOT_PREFIX` (the answers get shorter, so the
+#: answer-probability signals separate right from wrong better) and confirmed on rows
+#: 1400-2999 and the report's rows 0-999; none of the eight is a TriviaQA question.
+TRIVIA_FEW_SHOT_PREFIX = (
+    "Question: Which planet is known as the Red Planet?\nAnswer: Mars\n"
+    "Question: Who wrote Hamlet?\nAnswer: William Shakespeare\n"
+    "Question: What is the capital of Italy?\nAnswer: Rome\n"
+    "Question: Which element has the chemical symbol Fe?\nAnswer: Iron\n"
+    "Question: In which country is the Taj Mahal?\nAnswer: India\n"
+    "Question: Who painted the ceiling of the Sistine Chapel?\nAnswer: Michelangelo\n"
+    "Question: In which year did the First World War begin?\nAnswer: 1914\n"
+    "Question: Which animal is known as the ship of the desert?\nAnswer: Camel\n"
 )
 
 #: Plain completion demonstrations for prompts that are sentences to complete ("The capital
