@@ -101,3 +101,60 @@ def test_runs_without_tokens_report_only_the_stored_pair(tmp_path):
     report = generate_report(db, name="old", out_dir=tmp_path / "o", n_resamples=N_BOOT)
     reported = [r.signal for r in report.data.datasets[0].signals]
     assert reported == ["mean_logprob", "min_logprob"]
+
+
+# ---- the recommendation rule, on hand-written paired results --------------------------------
+
+def _delta(a: str, b: str, low: float, high: float):
+    from confidence_router.evaluation.metrics import PairedBootstrapResult
+    from confidence_router.evaluation.report import DeltaResult
+
+    result = PairedBootstrapResult(delta=(low + high) / 2, low=low, high=high, p_value=0.01,
+                                   significant=low > 0 or high < 0, n_resamples_used=200,
+                                   n_dropped=0)
+    return DeltaResult(a, b, "all labelled rows", 500, result)
+
+
+def _dataset(name: str, aurocs: dict[str, float], deltas: list):
+    from types import SimpleNamespace
+
+    from confidence_router.evaluation.metrics import BootstrapResult
+
+    signals = tuple(
+        SimpleNamespace(signal=s, label=s, auroc=BootstrapResult(estimate=v, low=v - 0.03,
+                                                                 high=v + 0.03,
+                                                                 n_resamples_used=200,
+                                                                 n_dropped=0))
+        for s, v in aurocs.items()
+    )
+    return SimpleNamespace(dataset=name, signals=signals, deltas=tuple(deltas))
+
+
+def _recommendation(sum_vs_default: tuple[float, float]) -> tuple[str, list[str]]:
+    from confidence_router.evaluation.report import ROUTER_DEFAULT_SIGNAL, BaselineReport, _recommend
+
+    default = ROUTER_DEFAULT_SIGNAL
+    assert default not in ("mean_logprob", "sum_logprob")
+    datasets = [
+        _dataset(name, {"mean_logprob": 0.70, default: 0.74, "sum_logprob": 0.76}, [
+            _delta(default, "mean_logprob", 0.01, 0.07),       # both beat the mean ...
+            _delta("sum_logprob", "mean_logprob", 0.02, 0.10),
+            _delta("sum_logprob", default, *sum_vs_default),    # ... and sum vs the default
+        ])
+        for name in ("main_set", "shifted_set")
+    ]
+    return _recommend(datasets, BaselineReport(trained=False, train_dataset="main_set",
+                                               note="not needed here"))
+
+
+def test_the_router_default_stays_unless_another_signal_beats_it_on_every_set():
+    from confidence_router.evaluation.report import ROUTER_DEFAULT_SIGNAL
+
+    # sum_logprob has the higher AUROC but is not significantly better than the default
+    choice, lines = _recommendation((-0.01, 0.05))
+    assert choice == ROUTER_DEFAULT_SIGNAL
+    assert any("stays the supported default" in line for line in lines)
+    # significantly better than the default on every set: it is named instead
+    choice, lines = _recommendation((0.005, 0.04))
+    assert choice == "sum_logprob"
+    assert any("significantly better than the router's default" in line for line in lines)

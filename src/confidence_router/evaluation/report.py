@@ -74,6 +74,7 @@ from confidence_router.evaluation.runner import (
     list_runs,
     load_run,
 )
+from confidence_router.policy import DEFAULT_POLICY
 from confidence_router.signals import PAPER_SIGNAL, SIGNAL_DESCRIPTIONS, SIGNAL_SCORERS
 
 __all__ = [
@@ -490,18 +491,25 @@ def _dataset_report(
         if d is not None:
             deltas.append(d)
 
-    primary = PAPER_SIGNAL
-    for s in signals:
-        if s != primary:
-            add_delta(
-                s,
-                primary,
-                "all labelled rows",
-                arrays[s].item_ids,
-                arrays[s].scores,
-                arrays[primary].item_ids,
-                arrays[primary].scores,
-            )
+    # Every signal against the paper's mean and, when the router's default is another signal,
+    # against that default too (a new default must beat the one in use, not only the mean).
+    references = [PAPER_SIGNAL]
+    if ROUTER_DEFAULT_SIGNAL != PAPER_SIGNAL and ROUTER_DEFAULT_SIGNAL in arrays:
+        references.append(ROUTER_DEFAULT_SIGNAL)
+    for reference in references:
+        if reference not in arrays:
+            continue
+        for s in signals:
+            if s not in (reference, PAPER_SIGNAL):
+                add_delta(
+                    s,
+                    reference,
+                    "all labelled rows",
+                    arrays[s].item_ids,
+                    arrays[s].scores,
+                    arrays[reference].item_ids,
+                    arrays[reference].scores,
+                )
     # GSA v3 is judged against the bare v2 probe it extends (as in the paper).
     for v3, v2 in (("gsa_v3.p_yes", "gsa_v2.p_yes"),):
         if v3 in arrays and v2 in arrays:
@@ -597,6 +605,10 @@ def _delta_sentence(d: DeltaResult) -> str:
     )
 
 
+#: The signal the router routes on by default (what a report's recommendation is checked against).
+ROUTER_DEFAULT_SIGNAL = DEFAULT_POLICY.signal
+
+
 def _find_delta(ds: DatasetReport, a: str, b: str) -> DeltaResult | None:
     for d in ds.deltas:
         if d.a == a and d.b == b:
@@ -618,9 +630,11 @@ def _recommend(
 ) -> tuple[str, list[str]]:
     """Pick the default signal the measurements support, with the reasoning as sentences.
 
-    Rule: candidates are the zero-shot signals. The paper's signal (``mean_logprob``) stays the
-    default unless another signal has a significantly higher AUROC (paired CI excludes 0) on
-    the main (first) dataset and is not significantly worse on any other dataset. Then each
+    Rule: candidates are the router signals significantly better (paired CI excludes 0) than
+    the paper's mean logprob on every dataset; without one, the paper's signal is the default.
+    The router's current default stays while it is a candidate, unless another candidate is
+    significantly better than it on every dataset; otherwise the candidate with the highest
+    mean AUROC is named. Then each
     dataset's comparison with the supervised baseline is stated, and the paper's central
     claim (zero-shot logprob matches or beats the baseline in distribution, and beats it out of
     distribution) is checked against the paired deltas.
@@ -666,13 +680,42 @@ def _recommend(
     names = ", ".join(d.dataset for d in datasets)
     if supported:
         supported.sort(reverse=True)
-        choice = supported[0][1]
-        also = [signal_label(s) for _, s in supported[1:]]
-        lines.append(
-            f"{signal_label(choice)} is significantly better than the mean logprob on every "
-            f"set ({names}), so it is the supported default"
-            + (f" (also significantly better everywhere: {', '.join(also)})." if also else ".")
-        )
+        candidates = [signal for _, signal in supported]
+        current = ROUTER_DEFAULT_SIGNAL
+        # Defaults do not churn on noise: the router's current default stays while it is
+        # supported, unless another candidate is significantly better than it on every set.
+        beats_current = [
+            signal for signal in candidates
+            if signal != current and all(
+                (d := _find_delta(ds, signal, current)) is not None
+                and d.result.significant and d.result.delta > 0
+                for ds in datasets
+            )
+        ]
+        if current in candidates and not beats_current:
+            choice = current
+            others = [signal_label(s) for s in candidates if s != current]
+            lines.append(
+                f"{signal_label(choice)} (the router's default) is significantly better than "
+                f"the mean logprob on every set ({names}), and no signal is significantly "
+                "better than it on every set, so it stays the supported default"
+                + (f" (also significantly better than the mean everywhere: "
+                   f"{', '.join(others)})." if others else ".")
+            )
+        else:
+            choice = beats_current[0] if beats_current else candidates[0]
+            also = [signal_label(s) for s in candidates if s != choice]
+            why = (
+                f"and significantly better than the router's default {signal_label(current)} "
+                "on every set" if beats_current else
+                f"while the router's default {signal_label(current)} is not"
+            )
+            lines.append(
+                f"{signal_label(choice)} is significantly better than the mean logprob on every "
+                f"set ({names}), {why}, so it is the supported default"
+                + (f" (also significantly better than the mean everywhere: "
+                   f"{', '.join(also)})." if also else ".")
+            )
     else:
         choice = primary
         lines.append(
