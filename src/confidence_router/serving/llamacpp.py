@@ -584,8 +584,10 @@ class LlamaCppBackend:
             prompts instead of evaluating every prompt from scratch (default ``True``; see
             "Prompt-prefix cache" below). ``False`` re-evaluates each prompt in full.
         prefix_slots: how many earlier prompts' KV states are kept for prefix reuse besides
-            the live one (default 2: e.g. the probe's and the answer's few-shot prefixes,
-            which would otherwise evict each other). 0 keeps only the live state.
+            the live one (default 3: e.g. the probe's and the answer's few-shot prefixes,
+            which would otherwise evict each other, and one more prompt family). A prompt
+            restored from a snapshot replaces it, so one family keeps one slot. 0 keeps only
+            the live state.
         prompt_batch: a prompt batch ends at every multiple of this many positions
             (default 32), so no batch is longer. See below.
         batch_at_newlines: a prompt batch also ends after every token that contains a
@@ -639,7 +641,7 @@ class LlamaCppBackend:
         prompt_template: PromptTemplate = render_prompt,
         stop_at_newline: bool = True,
         prefix_cache: bool = True,
-        prefix_slots: int = 2,
+        prefix_slots: int = 3,
         prompt_batch: int = 32,
         batch_at_newlines: bool = True,
     ) -> None:
