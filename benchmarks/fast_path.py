@@ -48,8 +48,8 @@ from langchain_ollama import ChatOllama
 from confidence_router.early_exit import early_exit_index, should_exit_early
 from confidence_router.embedded import DEFAULT_MODEL_NAME, start_embedded_server
 from confidence_router.evaluation.datasets import load_dataset
-from confidence_router.policy import RoutingPolicy, decide_after_generation
 from confidence_router.gsa import GSA_V2_QUESTION_LAST_VERSION, GSA_V2_VERSION, GSA_VERSIONS
+from confidence_router.policy import RoutingPolicy, decide_after_generation
 from confidence_router.probe import SelfAssessmentProbe
 from confidence_router.serving.llamacpp import model_variant, yes_no_template
 from confidence_router.signals import SIGNAL_SCORERS, compute_signals
