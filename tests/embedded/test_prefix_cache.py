@@ -247,15 +247,23 @@ def test_a_question_last_probe_evaluates_only_its_question(backend):
 
 def test_batches_end_at_newlines_and_at_fixed_positions(backend):
     llm = backend._model()
-    content = question_last_probe(QUESTIONS[2])
-    prompt = raw_prompt(content)
-    ids = llm.tokenize(prompt.encode(), add_bos=True, special=False)
-    newline_ends = {i + 1 for i, t in enumerate(ids[:-1]) if b"\n" in llm.detokenize([t])}
-    fixed = set(range(backend.prompt_batch, len(ids), backend.prompt_batch))
-    backend.clear_prefix_cache()
+    for content, model in ((question_last_probe(QUESTIONS[2]), RAW_MODEL),
+                           (QUESTIONS[2], MODEL)):
+        prompt = backend.template_for(model)([{"role": "user", "content": content}])
+        ids = llm.tokenize(prompt.encode(), add_bos=True, special=False)
+        newline_ends = {i + 1 for i, t in enumerate(ids) if b"\n" in llm.detokenize([t])}
+        fixed = set(range(backend.prompt_batch, len(ids), backend.prompt_batch))
+        # no boundary within the last 4 tokens: the answer's "A:" joins its question line
+        ends = {e for e in newline_ends | fixed if e < len(ids) - 4}
+        backend.clear_prefix_cache()
+        before = backend.cache_stats.batches
+        answer(backend, content)
+        assert backend.cache_stats.batches - before == len(ends) + 1
+        assert backend._live_ends == sorted(ends) + [len(ids)]
+    # A cached answer then evaluates its whole question line, "A:" included, in one batch.
     before = backend.cache_stats.batches
-    answer(backend, content)
-    assert backend.cache_stats.batches - before == len(newline_ends | fixed) + 1
+    answer(backend, QUESTIONS[3])
+    assert backend.cache_stats.batches - before == 1
 
 
 def test_one_batch_without_newline_boundaries_as_before_the_cache(server):
@@ -270,7 +278,7 @@ def test_one_batch_without_newline_boundaries_as_before_the_cache(server):
         assert backend.cache_stats.batches - before == 1
     finally:
         backend.batch_at_newlines = True
-        backend.prompt_batch = 32
+        backend.prompt_batch = 256
     # The same answer token, logprobs equal only to llama.cpp's last bits across batchings.
     assert [t for t, _, _ in one_batch] == [t for t, _, _ in reference]
     assert one_batch[0][1] == pytest.approx(reference[0][1], abs=0.1)

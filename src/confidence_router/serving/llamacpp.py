@@ -62,7 +62,6 @@ neither; Ollama also answers 400 "does not support tools").
 
 from __future__ import annotations
 
-import bisect
 import codecs
 import logging
 import math
@@ -589,7 +588,7 @@ class LlamaCppBackend:
             restored from a snapshot replaces it, so one family keeps one slot. 0 keeps only
             the live state.
         prompt_batch: a prompt batch ends at every multiple of this many positions
-            (default 32), so no batch is longer. See below.
+            (default 256), so no batch is longer. See below.
         batch_at_newlines: a prompt batch also ends after every token that contains a
             newline (default ``True``), so that a cached prefix is reused up to the start of
             the first line that differs. ``False`` with a ``prompt_batch`` of at least
@@ -608,16 +607,16 @@ class LlamaCppBackend:
     the last bits, on the batch it was computed in (measured on Gemma 3 270M: splitting one
     prompt differently moves top logprobs by up to ~0.05). So every prompt is split at fixed
     boundaries: after every token containing a newline, and at every multiple of
-    ``prompt_batch`` positions. Whether a boundary lies before a position depends only on the
-    tokens before it, so two prompts sharing a prefix share its boundaries, and the cache
-    reuses the shared prefix up to its last boundary: for few-shot prompts, everything up to
-    the first line that differs (nothing is re-evaluated for alignment's sake). Answer tokens
+    ``prompt_batch`` positions, except within its last 4 tokens (a few-shot prompt's final
+    ``"A:"`` joins the line before it: each batch costs ~10 ms on top of its tokens). The
+    batch ends of every cached prompt are kept, and a new prompt reuses the batches that
+    ended at the same positions in both and lie in their common prefix: for few-shot prompts,
+    everything up to the first line that differs (nothing is re-evaluated for alignment). Answer tokens
     (evaluated one by one) are never reused as prompt. Logprobs therefore differ slightly
     from evaluating the prompt in one batch (``batch_at_newlines=False,
     prompt_batch=n_ctx`` with the cache off: the behaviour before the cache existed).
-    Batches of a few tokens cost little more per token than long ones on this model (one
-    thread: ~7 ms per prompt token either way, ~25 ms more for the batch that computes the
-    262,144-way logits). Gemma 3 uses sliding-window attention on most layers: a prefix is
+    Measured on one busy core: ~5-7 ms per prompt token, ~10 ms per batch, ~25 ms more for
+    the batch that computes the 262,144-way logits, ~35 ms per generated token. Gemma 3 uses sliding-window attention on most layers: a prefix is
     only reused when llama.cpp still holds all its positions (its sliding-window cache
     covers a whole 1024-token context; larger contexts get a full-size one, ``swa_full``).
 
@@ -642,7 +641,7 @@ class LlamaCppBackend:
         stop_at_newline: bool = True,
         prefix_cache: bool = True,
         prefix_slots: int = 3,
-        prompt_batch: int = 32,
+        prompt_batch: int = 256,
         batch_at_newlines: bool = True,
     ) -> None:
         if prefix_slots < 0:
@@ -685,8 +684,8 @@ class LlamaCppBackend:
         self._lock = threading.Lock()
         # Saved KV states of earlier prompts (guarded by _lock), most recently used last.
         self._snapshots: list[_Snapshot] = []
-        # Leading positions of the live context evaluated in whole prompt batches (reusable).
-        self._live_reusable = 0
+        # The batch ends of the prompt evaluated in the live context (its reusable batches).
+        self._live_ends: list[int] = []
         self._embed_lock = threading.Lock()
         self._embedder: Llama | None = None
         self._piece_cache: dict[int, str] = {}
@@ -916,19 +915,16 @@ class LlamaCppBackend:
         restored_from: _Snapshot | None = None
         if self.prefix_cache:
             limit = len(prompt_ids) - 1
-            reusable = min(self._live_reusable, llm.n_tokens)
-            live = _common_prefix(llm.input_ids[:reusable], prompt_ids, limit)
-            best = max(
-                self._snapshots,
-                key=lambda snap: _common_prefix(snap.reusable, prompt_ids, limit),
-                default=None,
+            n_live = llm.n_tokens
+            live = _shared_batches(
+                llm.input_ids[:n_live], [e for e in self._live_ends if e <= n_live],
+                prompt_ids, boundaries, limit,
             )
-            restored = 0
-            if best is not None:
-                restored = _common_prefix(best.reusable, prompt_ids, limit)
-            # Boundaries depend only on the tokens before them, so a boundary of this prompt
-            # inside the shared prefix is also one of the earlier prompt: whole batches.
-            live, restored = _last_at_most(boundaries, live), _last_at_most(boundaries, restored)
+            scored = [
+                (_shared_batches(snap.tokens, snap.ends, prompt_ids, boundaries, limit), snap)
+                for snap in self._snapshots
+            ]
+            restored, best = max(scored, key=lambda pair: pair[0], default=(0, None))
             if best is not None and restored >= live + _MIN_RESTORE_GAIN:
                 self._snapshots.remove(best)
                 if best.restore(llm):
@@ -945,7 +941,7 @@ class LlamaCppBackend:
             stats.hits += 1
         else:
             llm.reset()
-        self._live_reusable = 0  # until the evaluation below has succeeded
+        self._live_ends = []  # until the evaluation below has succeeded
         stats.reused_tokens += keep
         stats.evaluated_tokens += len(prompt_ids) - keep
         try:
@@ -961,21 +957,16 @@ class LlamaCppBackend:
         except RuntimeError as exc:
             llm.reset()  # the cache may hold a partial batch: trust nothing next time
             raise BackendError(f"llama.cpp failed to evaluate the prompt: {exc}") from exc
-        # Whole batches only: the last one (ending with the prompt) is reusable only if it
-        # ends at a boundary, since a longer prompt would evaluate its tokens with more.
-        ends_on_boundary = self._is_boundary(llm, prompt_ids, len(prompt_ids))
-        self._live_reusable = (
-            len(prompt_ids) if ends_on_boundary else _last_at_most(boundaries, len(prompt_ids))
-        )
+        self._live_ends = [*boundaries, len(prompt_ids)]
         if self.prefix_cache and self.prefix_slots:
             self._save_snapshot(
-                llm, np.asarray(prompt_ids, dtype=np.intc), self._live_reusable, restored_from
+                llm, np.asarray(prompt_ids, dtype=np.intc), self._live_ends, restored_from
             )
         elif restored_from is not None:
             self._snapshots.append(restored_from)
 
     def _save_snapshot(
-        self, llm: Llama, tokens: np.ndarray, reusable: int, replaces: _Snapshot | None
+        self, llm: Llama, tokens: np.ndarray, ends: list[int], replaces: _Snapshot | None
     ) -> None:
         """Keep the KV state of this prompt unless a kept snapshot already covers it.
 
@@ -995,7 +986,7 @@ class LlamaCppBackend:
                 break
         if replaces is not None and replaces in self._snapshots:
             self._snapshots.remove(replaces)
-        snapshot = _Snapshot.capture(llm, tokens, reusable)
+        snapshot = _Snapshot.capture(llm, tokens, ends)
         if snapshot is None:
             return
         self._snapshots.append(snapshot)
@@ -1011,8 +1002,15 @@ class LlamaCppBackend:
         return self.batch_at_newlines and self._ends_line(llm, prompt_ids[position - 1])
 
     def _boundaries(self, llm: Llama, prompt_ids: Sequence[int]) -> list[int]:
-        """The batch boundaries strictly inside the prompt, ascending."""
-        return [p for p in range(1, len(prompt_ids)) if self._is_boundary(llm, prompt_ids, p)]
+        """The batch boundaries strictly inside the prompt, ascending.
+
+        Boundaries within the last ``_SHORT_FINAL_BATCH`` tokens are left out: a batch costs
+        ~10 ms more than its tokens, and the final line of a few-shot prompt (``"A:"``) is that
+        short. Whether a prompt reuses an earlier one's batches is decided on the batch ends
+        both really used (:func:`_shared_batches`), so this exception stays exact.
+        """
+        last = len(prompt_ids) - _SHORT_FINAL_BATCH
+        return [p for p in range(1, last) if self._is_boundary(llm, prompt_ids, p)]
 
     def _ends_line(self, llm: Llama, token: int) -> bool:
         # Whether the token's text contains a newline (a fixed property of the vocabulary).
@@ -1055,7 +1053,7 @@ class LlamaCppBackend:
 
     def _forget_cache(self) -> None:
         self._snapshots.clear()
-        self._live_reusable = 0
+        self._live_ends = []
         if self._llm is not None:
             self._llm.reset()
 
@@ -1128,6 +1126,9 @@ class LlamaCppBackend:
             yield from stop_filter.flush()
 
 
+# Boundaries this close to the end of a prompt are left out (see LlamaCppBackend._boundaries).
+_SHORT_FINAL_BATCH = 4
+
 # Restoring a snapshot copies its KV state back (~1 ms for a few hundred tokens); it is only
 # worth it when it saves evaluating at least this many prompt tokens.
 _MIN_RESTORE_GAIN = 8
@@ -1159,11 +1160,11 @@ class _Snapshot:
     """The saved KV state of one evaluated prompt (sequence 0 of the llama.cpp context)."""
 
     tokens: np.ndarray
-    reusable: np.ndarray  # the leading tokens that were evaluated in whole batches
+    ends: list[int]  # where the prompt's batches ended (the last one: the prompt's length)
     state: Any  # a ctypes byte buffer owned by this snapshot
 
     @classmethod
-    def capture(cls, llm: Llama, tokens: np.ndarray, reusable: int) -> _Snapshot | None:
+    def capture(cls, llm: Llama, tokens: np.ndarray, ends: list[int]) -> _Snapshot | None:
         import ctypes
 
         import llama_cpp
@@ -1174,7 +1175,7 @@ class _Snapshot:
         if not 0 < written <= size:
             return None  # not worth failing a request over: just do not cache it
         tokens = tokens.copy()
-        return cls(tokens=tokens, reusable=tokens[:reusable], state=buffer)
+        return cls(tokens=tokens, ends=list(ends), state=buffer)
 
     def restore(self, llm: Llama) -> bool:
         """Replace sequence 0 by this state; ``False`` (and an empty context) on failure."""
@@ -1218,10 +1219,26 @@ def _decode_batch(llm: Llama, tokens: Sequence[int], *, logits: bool) -> None:
     llm.n_tokens = n_past + count
 
 
-def _last_at_most(boundaries: Sequence[int], limit: int) -> int:
-    """The largest boundary ``<= limit`` (0 if none): the reusable part of a shared prefix."""
-    index = bisect.bisect_right(boundaries, limit)
-    return boundaries[index - 1] if index else 0
+def _shared_batches(
+    cached: Sequence[int] | np.ndarray,
+    cached_ends: Sequence[int],
+    prompt: Sequence[int],
+    boundaries: Sequence[int],
+    limit: int,
+) -> int:
+    """How much of an evaluated prompt a new one can reuse: whole batches only.
+
+    The longest run of batches that ended at the same positions in both prompts and lies in
+    their common token prefix (at most ``limit``): those batches held the same tokens, so
+    reusing them gives exactly what evaluating the new prompt in its own batches would.
+    """
+    shared = _common_prefix(cached, prompt, limit)
+    keep = 0
+    for new_end, old_end in zip(boundaries, cached_ends):
+        if new_end != old_end or new_end > shared:
+            break
+        keep = new_end
+    return keep
 
 
 def _common_prefix(
