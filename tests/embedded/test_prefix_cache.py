@@ -225,7 +225,7 @@ def test_question_last_probes_are_identical_with_and_without_the_cache(backend):
     reference = {c: uncached(backend, c) for c in set(contents)}
     for content in contents:
         assert answer(backend, content) == reference[content], content
-    assert all(reference[c][0][0].strip() in ("YES", "NO") for c in contents if "(YES" in c)
+    assert all(reference[c][0][0].strip() in ("YES", "NO") for c in contents if is_probe(c))
 
 
 def test_a_question_last_probe_evaluates_only_its_question(backend):
@@ -240,7 +240,7 @@ def test_a_question_last_probe_evaluates_only_its_question(backend):
     ids = llm.tokenize(content.encode(), add_bos=True, special=False)
     head_ids = llm.tokenize(head.encode(), add_bos=True, special=False)
     assert ids[: len(head_ids)] == head_ids
-    # Exactly the question and the " (YES or NO):" cue, nothing re-evaluated for alignment.
+    # Exactly the question and the " Confident:" cue, nothing re-evaluated for alignment.
     assert stats.evaluated_tokens - evaluated == len(ids) - len(head_ids) < 20
     assert stats.restores == restores + 1
 

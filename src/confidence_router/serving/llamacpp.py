@@ -159,19 +159,20 @@ _YES_NO_DEMONSTRATIONS = (
 
 #: :data:`YES_NO_TEMPLATE` for the question-last GSA versions (``gsa-v2-question-last`` /
 #: ``gsa-v3-question-last``): the same few-shot prefix and demonstrations, each rendered in
-#: that order and answered after a short cue on the question's own line, ``" (YES or NO):"``.
+#: that order and answered after a short cue on the question's own line, ``" Confident:"``.
 #: Everything before the final question is constant, so the embedded backend's prefix cache
-#: evaluates only the question and the cue per probe (~22 tokens on TriviaQA), instead of the
-#: question and the paper's fixed GSA tail (~40). The cue is needed: after ``"\nA:"`` alone,
-#: Gemma 3 270M answered the question itself in 13 of 30 TriviaQA probes (measured).
+#: evaluates only the question and the cue per probe (~20 tokens on TriviaQA), instead of the
+#: question and the paper's fixed GSA tail (~40). A cue is needed: after ``"\nA:"`` alone,
+#: Gemma 3 270M answered the question itself in 13 of 30 TriviaQA probes; after
+#: ``" Confident:"`` all of 60 answers were YES or NO (measured).
 YES_NO_QUESTION_LAST_TEMPLATE = (
     FEW_SHOT_PREFIX
     + "".join(
-        f"Q: {GSA_V2_QUESTION_LAST_PROMPT_TEMPLATE.format(query=question)} (YES or NO): "
+        f"Q: {GSA_V2_QUESTION_LAST_PROMPT_TEMPLATE.format(query=question)} Confident: "
         f"{answer}\n"
         for question, answer in _YES_NO_DEMONSTRATIONS
     )
-    + "Q: {prompt} (YES or NO):"
+    + "Q: {prompt} Confident:"
 )
 
 
