@@ -611,13 +611,14 @@ class LlamaCppBackend:
     ``prompt_batch`` positions, except within its last 4 tokens (a few-shot prompt's final
     ``"A:"`` joins the line before it: each batch costs ~10 ms on top of its tokens). The
     batch ends of every cached prompt are kept, and a new prompt reuses the batches that
-    ended at the same positions in both and lie in their common prefix: for few-shot prompts,
-    everything up to the first line that differs (nothing is re-evaluated for alignment). Answer tokens
-    (evaluated one by one) are never reused as prompt. Logprobs therefore differ slightly
-    from evaluating the prompt in one batch (``batch_at_newlines=False,
-    prompt_batch=n_ctx`` with the cache off: the behaviour before the cache existed).
-    Measured on one busy core: ~5-7 ms per prompt token, ~10 ms per batch, ~25 ms more for
-    the batch that computes the 262,144-way logits, ~35 ms per generated token. Gemma 3 uses sliding-window attention on most layers: a prefix is
+    ended at the same positions in both and lie in their common prefix: for few-shot
+    prompts, everything up to the first line that differs (nothing is re-evaluated for
+    alignment). Answer tokens (evaluated one by one) are never reused as prompt. Logprobs
+    therefore differ slightly from evaluating the prompt in one batch
+    (``batch_at_newlines=False, prompt_batch=n_ctx`` with the cache off: the behaviour before
+    the cache existed). Measured on one busy core: ~5-7 ms per prompt token, ~10 ms per
+    batch, ~25 ms more for the batch that computes the 262,144-way logits, ~35 ms per
+    generated token. Gemma 3 uses sliding-window attention on most layers: a prefix is
     only reused when llama.cpp still holds all its positions (its sliding-window cache
     covers a whole 1024-token context; larger contexts get a full-size one, ``swa_full``).
 
