@@ -3,13 +3,17 @@
 One run on the embedded Gemma 3 270M (through the unchanged ChatOllama and the project's
 Ollama-compatible server), over the same TriviaQA questions, interleaved so that machine noise
 hits every variant alike. For each question it runs the two-stage router's local traffic (the
-GSA YES/NO probe, then the answer) in three variants of the backend:
+GSA YES/NO probe, sent raw with its YES/NO demonstrations, then the answer) in three variants
+of the backend:
 
-* ``before``: the previous behaviour (whole prompt in one batch, no cache);
-* ``cache off``: prompts in aligned 8-token batches, no cache (the reference for identity);
-* ``cache on``: the same batches with the prompt-prefix cache (the default now);
+* ``before``: the previous behaviour (whole prompt in one batch, no cache) with the paper's
+  probe order (``gsa-v2-confidence``);
+* ``cache off``: prompts in line-aligned batches, no cache (the reference for identity), with
+  the probe of ``--gsa-version`` (default the cache-friendly ``gsa-v2-question-last``);
+* ``cache on``: the same batches and probe with the prompt-prefix cache (the default now);
 
-then a live early-exit stream. Prints:
+plus, with the cache on, the paper-order probe (``cache on, paper order``), then a live
+early-exit stream. Prints:
 
 * probe / answer median time ratio per variant (target <= 0.5 with the cache);
 * the answer and probe speed-up of the cache over ``before`` and over ``cache off`` (median;
@@ -44,9 +48,10 @@ from langchain_ollama import ChatOllama
 from confidence_router.early_exit import early_exit_index, should_exit_early
 from confidence_router.embedded import DEFAULT_MODEL_NAME, start_embedded_server
 from confidence_router.evaluation.datasets import load_dataset
+from confidence_router.gsa import GSA_V2_QUESTION_LAST_VERSION, GSA_V2_VERSION, GSA_VERSIONS
 from confidence_router.policy import RoutingPolicy, decide_after_generation
 from confidence_router.probe import SelfAssessmentProbe
-from confidence_router.serving.llamacpp import YES_NO_TEMPLATE
+from confidence_router.serving.llamacpp import model_variant, yes_no_template
 from confidence_router.signals import SIGNAL_SCORERS, compute_signals
 
 
@@ -91,6 +96,8 @@ def main() -> None:
     parser.add_argument("--offset", type=int, default=0)
     parser.add_argument("--threshold", type=float, default=0.7, help="keep-local threshold")
     parser.add_argument("--max-tokens", type=int, default=48, help="answer num_predict")
+    parser.add_argument("--gsa-version", default=GSA_V2_QUESTION_LAST_VERSION,
+                        choices=GSA_VERSIONS, help="probe prompt of 'cache off' and 'cache on'")
     parser.add_argument("--concurrency", type=int, default=30,
                         help="questions per client in the two-client section (0: skip)")
     args = parser.parse_args()
@@ -98,6 +105,14 @@ def main() -> None:
         main_section(args)
     if args.concurrency > 0:
         concurrency_section(args)
+
+
+def make_probe(url: str, version: str) -> SelfAssessmentProbe:
+    """The GSA probe of ``version`` for the embedded base model: YES/NO demonstrations in the
+    same order around the prompt, sent to the raw variant (the template is the whole prompt)."""
+    raw = ChatOllama(base_url=url, model=model_variant(DEFAULT_MODEL_NAME, "raw"))
+    return SelfAssessmentProbe(model=raw, version=version,
+                               message_template=yes_no_template(version))
 
 
 def concurrency_section(args: argparse.Namespace) -> None:
@@ -110,9 +125,7 @@ def concurrency_section(args: argparse.Namespace) -> None:
         backend = server.backend
         chat = ChatOllama(base_url=server.url, model=DEFAULT_MODEL_NAME, temperature=0,
                           logprobs=True)
-        probe = SelfAssessmentProbe(model=ChatOllama(base_url=server.url,
-                                                     model=DEFAULT_MODEL_NAME),
-                                    message_template=YES_NO_TEMPLATE)
+        probe = make_probe(server.url, args.gsa_version)
         reference = {item.question: chat.invoke(item.question).content for item in items}
 
         def client(part: list[Any]) -> list[tuple[str, str]]:
@@ -146,31 +159,35 @@ def main_section(args: argparse.Namespace) -> None:
     print(f"# fast path benchmark: {len(items)} TriviaQA questions, embedded {DEFAULT_MODEL_NAME}")
     # Two servers: "before" has its own backend (one-batch prompts, no cache); "cache off" and
     # "cache on" share one, toggling only prefix_cache (its snapshots survive the toggle).
-    with start_embedded_server(max_tokens_default=args.max_tokens) as server, \
+    print(f"# probe: {args.gsa_version} ('before': {GSA_V2_VERSION}, one-batch prompts, no cache)")
+    # Four snapshot slots: answers (whose new prompts each take a slot), the probe and the
+    # paper-order probe (each restored from and replacing its own snapshot).
+    with start_embedded_server(max_tokens_default=args.max_tokens, prefix_slots=4) as server, \
             start_embedded_server(max_tokens_default=args.max_tokens, prefix_cache=False,
-                                  prompt_batch=1024) as before_server:
+                                  prompt_batch=1024, batch_at_newlines=False) as before_server:
         backend = server.backend
-        print(f"# model loaded in {backend.load_seconds:.2f} s, {backend._threads()} thread(s)")
+        print(f"# model loaded in {backend.load_seconds:.2f} s, {backend._threads()} thread(s), "
+              f"{backend.prefix_slots} snapshot slots")
 
-        def clients(url: str) -> tuple[ChatOllama, SelfAssessmentProbe]:
+        def clients(url: str, version: str) -> tuple[ChatOllama, SelfAssessmentProbe]:
             chat = ChatOllama(base_url=url, model=DEFAULT_MODEL_NAME, temperature=0,
                               logprobs=True, top_logprobs=1)
-            probe = SelfAssessmentProbe(model=ChatOllama(base_url=url, model=DEFAULT_MODEL_NAME),
-                                        message_template=YES_NO_TEMPLATE)
-            return chat, probe
+            return chat, make_probe(url, version)
 
-        chat, probe = clients(server.url)
+        chat, probe = clients(server.url, args.gsa_version)
+        paper_probe = make_probe(server.url, GSA_V2_VERSION)
 
         def live_rule(logprobs: list[float]) -> bool:
             return should_exit_early("min_logprob", args.threshold, logprobs,
                                      max_remaining_tokens=args.max_tokens - len(logprobs))
 
         variants = {  # name: (clients, prefix_cache)
-            "before": (clients(before_server.url), False),
+            "before": (clients(before_server.url, GSA_V2_VERSION), False),
             "cache off": ((chat, probe), False),
             "cache on": ((chat, probe), True),
         }
         probe_s: dict[str, list[float]] = {name: [] for name in variants}
+        paper_probe_s: list[float] = []
         answer_s: dict[str, list[float]] = {name: [] for name in variants}
         answers: list[Answer] = []
         live: list[tuple[Answer, Answer]] = []
@@ -194,6 +211,7 @@ def main_section(args: argparse.Namespace) -> None:
             same_as_before += outputs["before"][1].text == a_on.text
             answers.append(a_on)
             backend.prefix_cache = True
+            paper_probe_s.append(paper_probe.invoke(item.question).latency_s)
             live.append((a_on, stream_answer(chat, item.question, exit_rule=live_rule)))
             if (index + 1) % 25 == 0:
                 print(f"#   {index + 1}/{len(items)} questions, "
@@ -207,6 +225,8 @@ def main_section(args: argparse.Namespace) -> None:
     for name in variants:
         p, a = med(probe_s[name]), med(answer_s[name])
         print(f"| {name} | {p:.3f} | {a:.3f} | {p / a:.2f} |")
+    p, a = med(paper_probe_s), med(answer_s["cache on"])
+    print(f"| cache on, paper order ({GSA_V2_VERSION}) | {p:.3f} | {a:.3f} | {p / a:.2f} |")
     for base in ("before", "cache off"):
         print(f"\ncache on vs {base}: answers {med(answer_s[base]) / med(answer_s['cache on']):.2f}x"
               f" faster (median; {sum(answer_s[base]) / sum(answer_s['cache on']):.2f}x in total "

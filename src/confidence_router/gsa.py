@@ -13,6 +13,17 @@ Two prompt versions (docs/how-it-works.md §2.3), both kept **byte for byte** as
   otherwise **byte-identical** to the v2 prompt, so the model cannot tell "nothing strong was
   found" from "retrieval never ran" (absence language primes the model toward NO).
 
+and the same two in a cache-friendly order, for local models with a prompt-prefix cache:
+
+* ``gsa-v2-question-last`` / ``gsa-v3-question-last`` — the same sentences, but the
+  instruction comes first and the question last (:data:`GSA_V2_QUESTION_LAST_PROMPT_TEMPLATE`,
+  :data:`GSA_V3_QUESTION_LAST_PROMPT_TEMPLATE`), with nothing after it. Every probe prompt
+  then starts with the same constant text (:data:`GSA_QUESTION_LAST_HEAD`, ending in a
+  newline), which a prefix cache evaluates once; only the question is new per request.
+  Injected knowledge goes between that head and the question, so it never changes the cached
+  head, and without a strong hit v3 is again byte-identical to its v2. The paper's order is
+  the default; the measured AUROC of both orders on the embedded model is in the README.
+
 Usage::
 
     from confidence_router.gsa import Hit, build_gsa_prompt, extract_p_yes
@@ -50,15 +61,21 @@ from typing import Any, Literal
 __all__ = [
     "DEFAULT_GSA_VERSION",
     "DEFAULT_TAU",
+    "GSA_QUESTION_LAST_HEAD",
     "GSA_V2_PROMPT_TEMPLATE",
+    "GSA_V2_QUESTION_LAST_PROMPT_TEMPLATE",
+    "GSA_V2_QUESTION_LAST_VERSION",
     "GSA_V2_VERSION",
     "GSA_V3_PROMPT_TEMPLATE",
+    "GSA_V3_QUESTION_LAST_PROMPT_TEMPLATE",
+    "GSA_V3_QUESTION_LAST_VERSION",
     "GSA_V3_VERSION",
     "GSA_VERSIONS",
     "MAX_HITS_USED",
     "MISSING_SIDE_LOGPROB",
     "NO_TOKENS",
     "QUOTED_SUFFIX",
+    "RETRIEVAL_CONDITIONAL_VERSIONS",
     "YES_TOKENS",
     "ExtractionMode",
     "GsaExtraction",
@@ -78,9 +95,22 @@ logger = logging.getLogger(__name__)
 
 GSA_V2_VERSION = "gsa-v2-confidence"
 GSA_V3_VERSION = "gsa-v3-retrieval-conditional"
+GSA_V2_QUESTION_LAST_VERSION = "gsa-v2-question-last"
+GSA_V3_QUESTION_LAST_VERSION = "gsa-v3-question-last"
 DEFAULT_GSA_VERSION = GSA_V3_VERSION
-GSA_VERSIONS: tuple[str, ...] = (GSA_V3_VERSION, GSA_V2_VERSION)
-GsaVersion = Literal["gsa-v3-retrieval-conditional", "gsa-v2-confidence"]
+GSA_VERSIONS: tuple[str, ...] = (
+    GSA_V3_VERSION, GSA_V2_VERSION, GSA_V3_QUESTION_LAST_VERSION, GSA_V2_QUESTION_LAST_VERSION
+)
+#: The versions that show strong retrieval hits (the others ignore hits).
+RETRIEVAL_CONDITIONAL_VERSIONS: frozenset[str] = frozenset(
+    {GSA_V3_VERSION, GSA_V3_QUESTION_LAST_VERSION}
+)
+GsaVersion = Literal[
+    "gsa-v3-retrieval-conditional",
+    "gsa-v2-confidence",
+    "gsa-v3-question-last",
+    "gsa-v2-question-last",
+]
 
 #: Appended to the version string when the opt-in ``quote_hits=True`` rendering is used.
 QUOTED_SUFFIX = "+quoted"
@@ -105,6 +135,34 @@ GSA_V3_PROMPT_TEMPLATE = (
     "Are you confident you can answer this question correctly? "
     "Respond with exactly one token: YES or NO."
 )
+
+# The cache-friendly order (not from the paper; its own versions): the paper's sentences with
+# the instruction first and the question last. Do not reformat these strings either: the v3
+# fallback must equal the v2 prompt byte for byte, and every probe must start with the head.
+#: The constant start of every question-last probe prompt (ends with a newline, where a
+#: line-aligned prefix cache can stop reusing).
+GSA_QUESTION_LAST_HEAD = (
+    "Are you confident you can answer the question below correctly? "
+    "Respond with exactly one token: YES or NO.\n\n"
+)
+GSA_V2_QUESTION_LAST_PROMPT_TEMPLATE = (
+    GSA_QUESTION_LAST_HEAD + "The user has asked the following question:\n{query}"
+)
+GSA_V3_QUESTION_LAST_PROMPT_TEMPLATE = (
+    GSA_QUESTION_LAST_HEAD
+    + "Here is what you recall from your knowledge base:\n{hits_block}\n\n"
+    "The user has asked the following question:\n{query}"
+)
+
+# version: (the bare prompt, the prompt with knowledge or None if the version ignores hits)
+_TEMPLATES: dict[str, tuple[str, str | None]] = {
+    GSA_V2_VERSION: (GSA_V2_PROMPT_TEMPLATE, None),
+    GSA_V3_VERSION: (GSA_V2_PROMPT_TEMPLATE, GSA_V3_PROMPT_TEMPLATE),
+    GSA_V2_QUESTION_LAST_VERSION: (GSA_V2_QUESTION_LAST_PROMPT_TEMPLATE, None),
+    GSA_V3_QUESTION_LAST_VERSION: (
+        GSA_V2_QUESTION_LAST_PROMPT_TEMPLATE, GSA_V3_QUESTION_LAST_PROMPT_TEMPLATE
+    ),
+}
 
 # Truncation limits of the hits block (docs/how-it-works.md §2.3).
 _QUESTION_MAX_CHARS = 120
@@ -233,14 +291,17 @@ def build_gsa_prompt(
         query: The user question (for MCQ benchmarks: the stem only). It is stripped.
         hits: Retrieval hits in retrieval order (best first), normally the unfiltered top-5.
             Ignored by ``gsa-v2-confidence``.
-        version: ``"gsa-v3-retrieval-conditional"`` (default) or ``"gsa-v2-confidence"``.
+        version: ``"gsa-v3-retrieval-conditional"`` (default), ``"gsa-v2-confidence"``,
+            or their question-last forms ``"gsa-v3-question-last"`` and
+            ``"gsa-v2-question-last"`` (see the module docstring).
         tau: Strong-hit threshold (inclusive). Embedder-specific; recalibrate per embedder.
         max_hits: Cap on injected strong hits (the paper: 5).
         quote_hits: Opt-in stronger delimiting of injected content (changes the bytes; the
             returned version gets :data:`QUOTED_SUFFIX`). Default ``False`` = paper bytes.
 
     Returns:
-        A :class:`GsaPrompt`. With no strong hit the text is exactly the v2 prompt.
+        A :class:`GsaPrompt`. With no strong hit the text is exactly the bare (v2) prompt of
+        the same order.
 
     Raises:
         ValueError: empty/whitespace ``query``, unknown ``version``, NaN/infinite ``tau`` or
@@ -263,21 +324,22 @@ def build_gsa_prompt(
     if isinstance(max_hits, bool) or not isinstance(max_hits, int) or max_hits < 1:
         raise ValueError(f"max_hits must be a positive integer, got {max_hits!r}")
 
-    if version == GSA_V3_VERSION:
+    bare_template, knowledge_template = _TEMPLATES[version]
+    if knowledge_template is not None:
         strong = [hit for hit in hits if is_strong_hit(hit, tau)][:max_hits]
     else:
         strong = []  # v2 ignores hits by definition
 
     reported_version = version
-    if quote_hits and version == GSA_V3_VERSION:
+    if quote_hits and knowledge_template is not None:
         reported_version = version + QUOTED_SUFFIX
-    if not strong:
+    if not strong or knowledge_template is None:
         # "Never reveal retrieval absence": exactly the v2 bytes, no placeholder text.
-        text = GSA_V2_PROMPT_TEMPLATE.format(query=stripped)
+        text = bare_template.format(query=stripped)
         return GsaPrompt(text=text, version=reported_version, had_retrieval=False, n_hits_used=0)
     # str.format does not re-interpret braces inside substituted values, so queries or
     # contents containing "{...}" are safe.
-    text = GSA_V3_PROMPT_TEMPLATE.format(
+    text = knowledge_template.format(
         query=stripped, hits_block=build_hits_block(strong, quote=quote_hits)
     )
     return GsaPrompt(

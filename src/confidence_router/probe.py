@@ -51,9 +51,9 @@ from confidence_router.extraction import message_text
 from confidence_router.gsa import (
     DEFAULT_GSA_VERSION,
     DEFAULT_TAU,
-    GSA_V2_VERSION,
     GSA_VERSIONS,
     MAX_HITS_USED,
+    RETRIEVAL_CONDITIONAL_VERSIONS,
     GsaPrompt,
     GsaScore,
     Hit,
@@ -151,7 +151,9 @@ class SelfAssessmentProbe(RunnableSerializable[ProbeInput, GsaScore]):
             modified, see :func:`prepare_probe_model`).
         store: Optional knowledge store searched (top-``k``) for v3.
         tau: Strong-hit threshold, inclusive. Embedder-specific (0.70 for bge-large-en-v1.5).
-        version: ``"gsa-v3-retrieval-conditional"`` (default) or ``"gsa-v2-confidence"``.
+        version: ``"gsa-v3-retrieval-conditional"`` (default), ``"gsa-v2-confidence"``, or
+            their question-last forms ``"gsa-v3-question-last"`` / ``"gsa-v2-question-last"``
+            (same sentences, question at the end: cheaper behind a prompt-prefix cache).
         k: Number of hits retrieved (the paper: 5, no similarity floor).
         quote_hits: Opt-in non-paper quoting of injected knowledge (see
             :mod:`confidence_router.gsa`).
@@ -162,7 +164,8 @@ class SelfAssessmentProbe(RunnableSerializable[ProbeInput, GsaScore]):
             demonstrations, see :data:`confidence_router.serving.llamacpp.YES_NO_TEMPLATE`;
             such a template is the whole prompt, so serve it raw, e.g. the embedded model's
             ``gemma3:270m-raw``). The GSA prompt inside keeps its exact bytes, so
-            v3-without-strong-hits still equals v2. Default ``None``: the GSA prompt is the
+            v3-without-strong-hits still equals v2 (for the question-last versions, use
+            the matching template, :func:`confidence_router.serving.llamacpp.yes_no_template`). Default ``None``: the GSA prompt is the
             whole message (chat models).
 
     Errors from the model or the store propagate; an unreadable answer does not raise but
@@ -253,7 +256,7 @@ class SelfAssessmentProbe(RunnableSerializable[ProbeInput, GsaScore]):
         return HumanMessage(content=self.message_template.replace("{prompt}", prompt.text))
 
     def _needs_search(self, hits: list[Hit] | None) -> bool:
-        return hits is None and self.store is not None and self.version != GSA_V2_VERSION
+        return hits is None and self.store is not None and self.version in RETRIEVAL_CONDITIONAL_VERSIONS
 
     def _prompt(self, query: str, hits: Sequence[Hit]) -> GsaPrompt:
         return build_gsa_prompt(

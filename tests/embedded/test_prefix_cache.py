@@ -20,8 +20,14 @@ pytest.importorskip(
 )
 
 from confidence_router.embedded import load_embedded_backend, start_embedded_server
-from confidence_router.gsa import build_gsa_prompt
-from confidence_router.serving.llamacpp import FEW_SHOT_PREFIX, YES_NO_TEMPLATE
+from confidence_router.gsa import GSA_V3_QUESTION_LAST_VERSION, Hit, build_gsa_prompt
+from confidence_router.serving.llamacpp import (
+    FEW_SHOT_PREFIX,
+    YES_NO_QUESTION_LAST_TEMPLATE,
+    YES_NO_TEMPLATE,
+    render_raw_prompt,
+    yes_no_template,
+)
 from confidence_router.serving.protocol import BackendError, ChatRequest
 
 MODEL = "gemma3:270m"
@@ -54,8 +60,16 @@ def probe_text(question: str) -> str:
     return YES_NO_TEMPLATE.replace("{prompt}", build_gsa_prompt(question, []).text)
 
 
+def is_probe(content: str) -> bool:
+    return content.startswith((YES_NO_TEMPLATE[:200], YES_NO_QUESTION_LAST_TEMPLATE[:200]))
+
+
+def raw_prompt(content: str) -> str:  # the prompt the raw model variant evaluates
+    return render_raw_prompt([{"role": "user", "content": content}])
+
+
 def answer(backend, content: str, *, top_logprobs: int = 5, **options):
-    model = RAW_MODEL if content.startswith(YES_NO_TEMPLATE[:40]) else MODEL
+    model = RAW_MODEL if is_probe(content) else MODEL
     reply = backend.chat(
         ChatRequest(model=model, messages=[{"role": "user", "content": content}],
                     options=options, logprobs=True, top_logprobs=top_logprobs)
@@ -192,5 +206,94 @@ def test_prompts_longer_than_the_sliding_window_are_identical():
         for v in variants + variants[::-1]:
             assert answer(backend, v, num_predict=8) == reference[v]
         assert backend.cache_stats.reused_tokens > 5 * 550
+    finally:
+        backend.close()
+
+
+def question_last_probe(question: str, hits=()) -> str:
+    version = GSA_V3_QUESTION_LAST_VERSION
+    return yes_no_template(version).replace(
+        "{prompt}", build_gsa_prompt(question, list(hits), version=version).text)
+
+
+def test_question_last_probes_are_identical_with_and_without_the_cache(backend):
+    knowledge = [Hit("Paris is the capital of France.", 0.93, question=QUESTIONS[0])]
+    contents = []
+    for question in QUESTIONS:
+        contents += [question_last_probe(question), question]
+    contents += [question_last_probe(QUESTIONS[0], knowledge), question_last_probe(QUESTIONS[1])]
+    reference = {c: uncached(backend, c) for c in set(contents)}
+    for content in contents:
+        assert answer(backend, content) == reference[content], content
+    assert all(reference[c][0][0].strip() in ("YES", "NO") for c in contents if is_probe(c))
+
+
+def test_a_question_last_probe_evaluates_only_its_question(backend):
+    llm = backend._model()
+    answer(backend, question_last_probe(QUESTIONS[0]))
+    answer(backend, QUESTIONS[0])  # the live context now holds the answer prompt
+    stats = backend.cache_stats
+    evaluated, restores = stats.evaluated_tokens, stats.restores
+    content = question_last_probe(QUESTIONS[1])
+    answer(backend, content)
+    head = content[: content.rindex("\n") + 1]  # everything before the question's line
+    ids = llm.tokenize(content.encode(), add_bos=True, special=False)
+    head_ids = llm.tokenize(head.encode(), add_bos=True, special=False)
+    assert ids[: len(head_ids)] == head_ids
+    # Exactly the question and the " Confident:" cue, nothing re-evaluated for alignment.
+    assert stats.evaluated_tokens - evaluated == len(ids) - len(head_ids) < 20
+    assert stats.restores == restores + 1
+
+
+def test_batches_end_at_newlines_and_at_fixed_positions(backend):
+    llm = backend._model()
+    for content, model in ((question_last_probe(QUESTIONS[2]), RAW_MODEL),
+                           (QUESTIONS[2], MODEL)):
+        prompt = backend.template_for(model)([{"role": "user", "content": content}])
+        ids = llm.tokenize(prompt.encode(), add_bos=True, special=False)
+        newline_ends = {i + 1 for i, t in enumerate(ids) if b"\n" in llm.detokenize([t])}
+        fixed = set(range(backend.prompt_batch, len(ids), backend.prompt_batch))
+        # no boundary within the last 4 tokens: the answer's "A:" joins its question line
+        ends = {e for e in newline_ends | fixed if e < len(ids) - 4}
+        backend.clear_prefix_cache()
+        before = backend.cache_stats.batches
+        answer(backend, content)
+        assert backend.cache_stats.batches - before == len(ends) + 1
+        assert backend._live_ends == sorted(ends) + [len(ids)]
+    # A cached answer then evaluates its whole question line, "A:" included, in one batch.
+    before = backend.cache_stats.batches
+    answer(backend, QUESTIONS[3])
+    assert backend.cache_stats.batches - before == 1
+
+
+def test_one_batch_without_newline_boundaries_as_before_the_cache(server):
+    backend = server.backend
+    content = question_last_probe(QUESTIONS[3])
+    reference = uncached(backend, content)
+    try:
+        backend.batch_at_newlines = False
+        backend.prompt_batch = backend.n_ctx
+        before = backend.cache_stats.batches
+        one_batch = uncached(backend, content)
+        assert backend.cache_stats.batches - before == 1
+    finally:
+        backend.batch_at_newlines = True
+        backend.prompt_batch = 256
+    # The same answer token, logprobs equal only to llama.cpp's last bits across batchings.
+    assert [t for t, _, _ in one_batch] == [t for t, _, _ in reference]
+    assert one_batch[0][1] == pytest.approx(reference[0][1], abs=0.1)
+    assert uncached(backend, content) == reference  # the setting change forgot nothing wrong
+
+
+def test_router_traffic_keeps_one_snapshot_per_prompt_family():
+    # Probe, answer, probe, answer ... with only two snapshot slots: each probe restores the
+    # previous probe's snapshot and replaces it, so answers never evict the probe family.
+    backend = load_embedded_backend(prefix_slots=2, max_tokens_default=4)
+    try:
+        for question in QUESTIONS + QUESTIONS[:2]:
+            answer(backend, question_last_probe(question))
+            answer(backend, question)
+        assert backend.cache_stats.restores >= len(QUESTIONS) + 1
+        assert len(backend._snapshots) == 2
     finally:
         backend.close()

@@ -248,3 +248,59 @@ def test_missing_llama_cpp_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     with pytest.raises(ImportError, match=r"llama-cpp-python.*\[embedded\]"):
         load_embedded_backend()
+
+
+# ---- YES/NO demonstration templates of the GSA probe ------------------------------------------
+
+
+def test_yes_no_templates_have_demonstrations_in_the_probe_order():
+    from confidence_router.gsa import (
+        GSA_V2_PROMPT_TEMPLATE,
+        GSA_V2_QUESTION_LAST_PROMPT_TEMPLATE,
+        GSA_VERSIONS,
+        build_gsa_prompt,
+    )
+    from confidence_router.serving.llamacpp import (
+        YES_NO_QUESTION_LAST_TEMPLATE,
+        YES_NO_TEMPLATE,
+        yes_no_template,
+    )
+
+    demos = [("What is the capital of France?", "YES"),
+             ("What was the maiden name of the grandmother of the 9th-century poet Abu Tammam?",
+              "NO")]
+    # The paper-order template is unchanged, byte for byte.
+    assert YES_NO_TEMPLATE == FEW_SHOT_PREFIX + "".join(
+        f"Q: {GSA_V2_PROMPT_TEMPLATE.format(query=q)}\nA: {a}\n" for q, a in demos
+    ) + "Q: {prompt}\nA:"
+    assert YES_NO_QUESTION_LAST_TEMPLATE == FEW_SHOT_PREFIX + "".join(
+        f"Q: {GSA_V2_QUESTION_LAST_PROMPT_TEMPLATE.format(query=q)} Confident: {a}\n"
+        for q, a in demos
+    ) + "Q: {prompt} Confident:"
+    by_version = {v: yes_no_template(v) for v in GSA_VERSIONS}
+    assert by_version == {
+        "gsa-v2-confidence": YES_NO_TEMPLATE,
+        "gsa-v3-retrieval-conditional": YES_NO_TEMPLATE,
+        "gsa-v2-question-last": YES_NO_QUESTION_LAST_TEMPLATE,
+        "gsa-v3-question-last": YES_NO_QUESTION_LAST_TEMPLATE,
+    }
+    # Rendered question-last probes of two questions share everything up to the question.
+    first, second = (
+        YES_NO_QUESTION_LAST_TEMPLATE.replace(
+            "{prompt}", build_gsa_prompt(q, version="gsa-v3-question-last").text)
+        for q in ("Who wrote Hamlet?", "Where is Rome?")
+    )
+    shared = YES_NO_QUESTION_LAST_TEMPLATE.split("{prompt}")[0] + (
+        "Are you confident you can answer the question below correctly? Respond with exactly "
+        "one token: YES or NO.\n\nThe user has asked the following question:\n")
+    assert first.startswith(shared) and second.startswith(shared)
+    assert first[len(shared):] == "Who wrote Hamlet? Confident:"
+
+
+@pytest.mark.parametrize("version", ["gsa-v4", "", "GSA-V2-CONFIDENCE"])
+def test_yes_no_template_rejects_unknown_versions(version):
+    from confidence_router.errors import InvalidArgumentError
+    from confidence_router.serving.llamacpp import yes_no_template
+
+    with pytest.raises(InvalidArgumentError, match="unknown GSA version"):
+        yes_no_template(version)

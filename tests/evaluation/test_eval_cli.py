@@ -106,3 +106,51 @@ def test_calibrate_command_on_an_eval_run(ollama_backend, ollama_server, tmp_pat
     out = capsys.readouterr().out
     assert "expected call rate 0.500" in out  # keep only the 20 right answers
     assert main(["calibrate", str(tmp_path / "none.sqlite"), "--target-rate", "0.3"]) == 2
+
+
+def test_eval_gsa_order_both_records_both_probe_orders(ollama_backend, ollama_server, tmp_path,
+                                                       monkeypatch, capsys):
+    from confidence_router.gsa import GSA_QUESTION_LAST_HEAD
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    data = tmp_path / "order.jsonl"
+    rows = [{"question": f"Which shape is item {i}?", "answers": [f"shape {i}"]}
+            for i in range(16)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    ollama_backend.set_default(" no idea", logprobs=-1.0)
+    paper = "Are you confident you can answer this question correctly?"
+    question_last = "Are you confident you can answer the question below correctly?"
+    ollama_backend.add_probe(paper, {"YES": -0.2, "NO": -1.8})
+    ollama_backend.add_probe(question_last, {"YES": -1.8, "NO": -0.2})
+    db = tmp_path / "order.sqlite"
+    args = ["eval", "--dataset", str(data), "--ollama-url", ollama_server.url,
+            "--model", "scripted-local", "--db", str(db), "--limit", "6", "--gsa",
+            "--kb-offset", "6", "--kb-size", "10", "--tau", "0.99", "--no-progress",
+            "--gsa-order", "both"]
+    assert main(args) == 0
+    (run,) = list_runs(db)
+    loaded = load_run(db, run.name)
+    high, low = 1 / (1 + math.exp(-1.6)), 1 / (1 + math.exp(1.6))
+    assert loaded.signal("gsa_v2.p_yes").scores.tolist() == pytest.approx([high] * 6)
+    assert loaded.signal("gsa_v3.p_yes").scores.tolist() == pytest.approx([high] * 6)
+    assert loaded.signal("gsa_v2_question_last.p_yes").scores.tolist() == pytest.approx([low] * 6)
+    assert loaded.signal("gsa_v3_question_last.p_yes").scores.tolist() == pytest.approx([low] * 6)
+    chat = [r["body"]["messages"][-1]["content"] for r in ollama_server.requests
+            if r["path"] == "/api/chat"]
+    last = [text for text in chat if text.startswith(GSA_QUESTION_LAST_HEAD)]
+    assert len(last) == 12 and sum(paper in text for text in chat) == 12  # v2 + v3 per item
+    questions = {row["question"] for row in rows[:6]}
+    # question last, nothing after it; tau 0.99: no knowledge, so v3 == v2 byte for byte
+    assert {text.rsplit("\n", 1)[1] for text in last} == questions
+    assert len(set(last)) == 6
+
+    # only one order: the default is the paper's, --gsa-order question-last the other
+    db2 = tmp_path / "order2.sqlite"
+    assert main([*args[:8], str(db2), *args[9:-1], "question-last"]) == 0
+    (run2,) = list_runs(db2)
+    names = set(load_run(db2, run2.name).extras)
+    assert {"gsa_v2_question_last.p_yes", "gsa_v3_question_last.p_yes"} <= names
+    assert not {"gsa_v2.p_yes", "gsa_v3.p_yes"} & names
+    with pytest.raises(SystemExit):
+        main([*args[:-1], "sideways"])
+    assert "invalid choice: 'sideways'" in capsys.readouterr().err

@@ -11,11 +11,18 @@ from hypothesis import strategies as st
 from confidence_router.gsa import (
     DEFAULT_GSA_VERSION,
     DEFAULT_TAU,
+    GSA_QUESTION_LAST_HEAD,
     GSA_V2_PROMPT_TEMPLATE,
+    GSA_V2_QUESTION_LAST_PROMPT_TEMPLATE,
+    GSA_V2_QUESTION_LAST_VERSION,
     GSA_V2_VERSION,
     GSA_V3_PROMPT_TEMPLATE,
+    GSA_V3_QUESTION_LAST_PROMPT_TEMPLATE,
+    GSA_V3_QUESTION_LAST_VERSION,
     GSA_V3_VERSION,
+    GSA_VERSIONS,
     QUOTED_SUFFIX,
+    RETRIEVAL_CONDITIONAL_VERSIONS,
     Hit,
     build_gsa_prompt,
     build_hits_block,
@@ -244,3 +251,101 @@ def test_property_fallback_and_injection(
     for rank, index in enumerate(strong, start=1):
         assert f"{rank}. " in block
         assert hits[index].content[:400].strip() in block
+
+
+# ------------------------------------------------------------------ question-last versions
+
+QL_HEAD_EXPECTED = (
+    "Are you confident you can answer the question below correctly? "
+    "Respond with exactly one token: YES or NO.\n\n"
+)
+V2_QL_EXPECTED = QL_HEAD_EXPECTED + "The user has asked the following question:\n{query}"
+V3_QL_EXPECTED = (
+    QL_HEAD_EXPECTED + "Here is what you recall from your knowledge base:\n{hits_block}\n\n"
+    "The user has asked the following question:\n{query}"
+)
+
+
+def test_question_last_constants_are_their_own_versioned_bytes() -> None:
+    assert GSA_QUESTION_LAST_HEAD == QL_HEAD_EXPECTED
+    assert GSA_V2_QUESTION_LAST_PROMPT_TEMPLATE == V2_QL_EXPECTED
+    assert GSA_V3_QUESTION_LAST_PROMPT_TEMPLATE == V3_QL_EXPECTED
+    assert GSA_V2_QUESTION_LAST_VERSION == "gsa-v2-question-last"
+    assert GSA_V3_QUESTION_LAST_VERSION == "gsa-v3-question-last"
+    # The paper's versions are unchanged and still the default.
+    assert GSA_VERSIONS[:2] == (GSA_V3_VERSION, GSA_V2_VERSION)
+    assert set(GSA_VERSIONS) == {GSA_V3_VERSION, GSA_V2_VERSION, GSA_V3_QUESTION_LAST_VERSION,
+                                 GSA_V2_QUESTION_LAST_VERSION}
+    assert RETRIEVAL_CONDITIONAL_VERSIONS == {GSA_V3_VERSION, GSA_V3_QUESTION_LAST_VERSION}
+    assert DEFAULT_GSA_VERSION == GSA_V3_VERSION
+
+
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [
+        (GSA_V2_VERSION, V2_EXPECTED),
+        (GSA_V3_VERSION, V2_EXPECTED),
+        (GSA_V2_QUESTION_LAST_VERSION, V2_QL_EXPECTED),
+        (GSA_V3_QUESTION_LAST_VERSION, V2_QL_EXPECTED),
+    ],
+)
+def test_each_version_is_selected_by_name(version: str, expected: str) -> None:
+    prompt = build_gsa_prompt("  Who wrote Hamlet? ", [Hit("Shakespeare.", 0.5)], version=version)
+    assert prompt.text == expected.format(query="Who wrote Hamlet?")
+    assert prompt.version == version and not prompt.had_retrieval
+
+
+def test_question_last_puts_the_question_at_the_very_end() -> None:
+    query = "Which planet is known as the Red Planet?"
+    for hits in ([], [Hit("Mars.", 0.95, question="Red planet?")]):
+        prompt = build_gsa_prompt(query, hits, version=GSA_V3_QUESTION_LAST_VERSION)
+        assert prompt.text.startswith(QL_HEAD_EXPECTED)
+        assert prompt.text.endswith("\n" + query)  # nothing after the question
+    assert prompt.had_retrieval and prompt.n_hits_used == 1
+    assert prompt.text == V3_QL_EXPECTED.format(
+        query=query, hits_block="1. (memory of: Red planet?)\n   Mars."
+    )
+
+
+def test_question_last_v2_ignores_hits_and_quoting_is_versioned() -> None:
+    hits = [Hit("Mars.", 0.95)]
+    v2 = build_gsa_prompt("Q?", hits, version=GSA_V2_QUESTION_LAST_VERSION, quote_hits=True)
+    assert v2.text == V2_QL_EXPECTED.format(query="Q?") and not v2.had_retrieval
+    assert v2.version == GSA_V2_QUESTION_LAST_VERSION  # nothing quoted: no suffix
+    v3 = build_gsa_prompt("Q?", hits, version=GSA_V3_QUESTION_LAST_VERSION, quote_hits=True)
+    assert v3.version == GSA_V3_QUESTION_LAST_VERSION + QUOTED_SUFFIX
+    assert "   > Mars." in v3.text and v3.text.startswith(QL_HEAD_EXPECTED)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    query=_query,
+    raw_hits=st.lists(_raw_hit, max_size=8),
+    tau=st.sampled_from([0.5, 0.6, 0.7, 0.9]),
+)
+def test_property_question_last_fallback_and_cached_head(
+    query: str, raw_hits: list[tuple[str, float | None, str | None]], tau: float
+) -> None:
+    hits = [
+        Hit(content=f"§{i}§{tail}", score=score, question=question)
+        for i, (tail, score, question) in enumerate(raw_hits)
+    ]
+    v3 = build_gsa_prompt(query, hits, tau=tau, version=GSA_V3_QUESTION_LAST_VERSION)
+    v2 = build_gsa_prompt(query, hits, tau=tau, version=GSA_V2_QUESTION_LAST_VERSION)
+    assert v2.text == V2_QL_EXPECTED.format(query=query.strip())
+    # Every prompt, with or without knowledge, starts with the constant head a cache keeps.
+    assert v3.text.startswith(QL_HEAD_EXPECTED) and v2.text.startswith(QL_HEAD_EXPECTED)
+    tail = "The user has asked the following question:\n" + query.strip()
+    assert v3.text.endswith(tail)
+
+    strong = [i for i, h in enumerate(hits) if h.score is not None and h.score >= tau][:5]
+    if not strong:
+        # Absence is never signalled: byte for byte the bare prompt of the same order.
+        assert v3.text.encode("utf-8") == v2.text.encode("utf-8")
+        assert not v3.had_retrieval and v3.n_hits_used == 0
+        return
+    assert v3.had_retrieval and v3.n_hits_used == len(strong)
+    knowledge = QL_HEAD_EXPECTED + "Here is what you recall from your knowledge base:\n"
+    assert v3.text.startswith(knowledge)
+    block = v3.text[len(knowledge) : -len(tail)]
+    assert [int(m) for m in block.split("§")[1::2]] == strong

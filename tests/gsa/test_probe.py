@@ -374,3 +374,58 @@ def test_message_template_wraps_exact_prompt_bytes(backend: ScriptedBackend, gsa
     assert sent == template.replace("{prompt}", GSA_V2_PROMPT_TEMPLATE.format(query=FRANCE))
     with pytest.raises(ValidationError, match="placeholder"):
         SelfAssessmentProbe(model=ChatOllama(model=MODEL), message_template="no slot")
+
+
+# ---------------------------------------------------------------------- question-last order
+
+
+def test_question_last_version_sends_its_own_bytes_with_and_without_knowledge(
+    backend: ScriptedBackend,
+    gsa_server: OllamaCompatibleServer,
+    local: ChatOllama,
+    store: KnowledgeStore,
+) -> None:
+    from confidence_router.gsa import (
+        GSA_QUESTION_LAST_HEAD,
+        GSA_V2_QUESTION_LAST_PROMPT_TEMPLATE,
+        GSA_V3_QUESTION_LAST_VERSION,
+    )
+
+    store.add(FRANCE, "Paris is the capital of France.")
+    backend.add_probe("Paris is the capital", {"YES": -0.05, "NO": -4.0})
+    probe = SelfAssessmentProbe(model=local, store=store, version=GSA_V3_QUESTION_LAST_VERSION)
+    gsa_server.clear_requests()
+
+    strong = probe.invoke(FRANCE)  # the stored question: a strong hit
+    weak = probe.invoke(SPIDER)  # nothing strong in the store
+
+    assert strong.prompt_version == weak.prompt_version == GSA_V3_QUESTION_LAST_VERSION
+    assert strong.had_retrieval and not weak.had_retrieval
+    assert strong.p_yes > 0.9 and weak.p_yes < 0.5  # the script saw the knowledge only once
+    first, second = (body["messages"][0]["content"] for body in _chat_bodies(gsa_server))
+    assert first == (
+        GSA_QUESTION_LAST_HEAD + "Here is what you recall from your knowledge base:\n"
+        "1. (memory of: What is the capital of France?)\n   Paris is the capital of France.\n\n"
+        "The user has asked the following question:\nWhat is the capital of France?"
+    )
+    # No strong hit: byte for byte the bare question-last prompt (absence is not signalled).
+    assert second == GSA_V2_QUESTION_LAST_PROMPT_TEMPLATE.format(query=SPIDER)
+    assert [r["path"] for r in gsa_server.requests].count("/api/embed") == 2  # both searched
+
+
+def test_question_last_v2_never_searches_and_unknown_versions_are_refused(
+    backend: ScriptedBackend,
+    gsa_server: OllamaCompatibleServer,
+    local: ChatOllama,
+    store: KnowledgeStore,
+) -> None:
+    from confidence_router.gsa import GSA_V2_QUESTION_LAST_VERSION
+
+    store.add(FRANCE, "Paris.")
+    gsa_server.clear_requests()
+    score = SelfAssessmentProbe(model=local, store=store,
+                                version=GSA_V2_QUESTION_LAST_VERSION).invoke(FRANCE)
+    assert score.prompt_version == GSA_V2_QUESTION_LAST_VERSION and not score.had_retrieval
+    assert [r["path"] for r in gsa_server.requests] == ["/api/chat"]
+    with pytest.raises(ValidationError, match="unknown GSA version"):
+        SelfAssessmentProbe(model=local, version="gsa-v3-question-first")

@@ -41,6 +41,8 @@ ALL_DATASETS = ("wikidata", "triviaqa")
 """The committed report: main set (baseline training) first, then the shifted set."""
 GSA_DATASETS = ("triviaqa",)
 """Where eval-all also measures GSA v2 vs v3 (the issue's TriviaQA measurement)."""
+GSA_ORDERS = ("paper", "question-last", "both")
+"""``--gsa-order``: the paper's probe prompts, the cache-friendly question-last ones, or both."""
 
 
 def _embedded_model_name() -> str:
@@ -167,12 +169,15 @@ class GsaOptions:
     same dataset, with their gold answers as content; that slice must not overlap the
     evaluated items. ``tau=None`` calibrates the strong-hit threshold from the store's
     self-similarity (:meth:`KnowledgeStore.self_similarity_tau`), since the paper's 0.70 is
-    specific to bge-large.
+    specific to bge-large. ``order`` picks the probe prompts (:data:`GSA_ORDERS`): the paper's
+    (signals ``gsa_v2`` and ``gsa_v3``), the question-last ones (``gsa_v2_question_last`` and
+    ``gsa_v3_question_last``), or ``"both"`` (all four, on the same items).
     """
 
     kb_offset: int = 1000
     kb_size: int = 1000
     tau: float | None = None
+    order: str = "paper"
 
 
 def _gsa_signals(
@@ -189,10 +194,17 @@ def _gsa_signals(
 
     from confidence_router.evaluation.datasets import load_dataset
     from confidence_router.evaluation.runner import runnable_signal
-    from confidence_router.gsa import GSA_V2_VERSION, GSA_V3_VERSION
+    from confidence_router.gsa import (
+        GSA_V2_QUESTION_LAST_VERSION,
+        GSA_V2_VERSION,
+        GSA_V3_QUESTION_LAST_VERSION,
+        GSA_V3_VERSION,
+    )
     from confidence_router.knowledge import KnowledgeStore
     from confidence_router.probe import SelfAssessmentProbe
 
+    if gsa.order not in GSA_ORDERS:
+        raise ValueError(f"unknown GSA order {gsa.order!r}; choose one of {GSA_ORDERS}")
     kb_end, eval_end = gsa.kb_offset + gsa.kb_size, offset + n_items
     if gsa.kb_offset < eval_end and offset < kb_end:
         raise ValueError(
@@ -215,35 +227,42 @@ def _gsa_signals(
             )
     tau = gsa.tau if gsa.tau is not None else store.self_similarity_tau()
     print(f"GSA v3 strong-hit threshold tau = {tau:.4f}", file=sys.stderr)
-    from confidence_router.serving.llamacpp import model_variant
+    from confidence_router.serving.llamacpp import model_variant, yes_no_template
 
     embedded = _embedded_model_name()
-    template = None
-    if model in (embedded, model_variant(embedded, "raw")):
+    base_model = model in (embedded, model_variant(embedded, "raw"))
+    if base_model:
         # A base model needs YES/NO demonstrations around the exact GSA prompt bytes; the
         # template renders the whole prompt, so it goes to the raw variant.
-        from confidence_router.serving.llamacpp import YES_NO_TEMPLATE as template
-
         model = model_variant(embedded, "raw")
     probe_model = ChatOllama(base_url=url, model=model)
     fields = ("p_yes", "latency_s", "extraction_mode", "had_retrieval", "n_hits_used", "tau")
-    return (
-        runnable_signal(
-            "gsa_v2",
-            SelfAssessmentProbe(
-                model=probe_model, version=GSA_V2_VERSION, message_template=template
+    pairs = {  # signal suffix: (bare version, retrieval-conditional version)
+        "paper": ("", GSA_V2_VERSION, GSA_V3_VERSION),
+        "question-last": ("_question_last", GSA_V2_QUESTION_LAST_VERSION,
+                          GSA_V3_QUESTION_LAST_VERSION),
+    }
+    orders = ("paper", "question-last") if gsa.order == "both" else (gsa.order,)
+    signals: list[Any] = []
+    for order in orders:
+        suffix, bare, conditional = pairs[order]
+        template = yes_no_template(bare) if base_model else None
+        signals += [
+            runnable_signal(
+                f"gsa_v2{suffix}",
+                SelfAssessmentProbe(model=probe_model, version=bare, message_template=template),
+                fields=fields,
             ),
-            fields=fields,
-        ),
-        runnable_signal(
-            "gsa_v3",
-            SelfAssessmentProbe(
-                model=probe_model, store=store, tau=tau, version=GSA_V3_VERSION,
-                message_template=template,
+            runnable_signal(
+                f"gsa_v3{suffix}",
+                SelfAssessmentProbe(
+                    model=probe_model, store=store, tau=tau, version=conditional,
+                    message_template=template,
+                ),
+                fields=(*fields, "retrieval_latency_s"),
             ),
-            fields=(*fields, "retrieval_latency_s"),
-        ),
-    )
+        ]
+    return tuple(signals)
 
 
 # ---- eval ------------------------------------------------------------------------------------
@@ -304,6 +323,10 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kb-size", type=int, default=1000, help="GSA store slice size")
     parser.add_argument("--tau", type=float, default=None,
                         help="GSA v3 strong-hit threshold (default: calibrated on the store)")
+    parser.add_argument("--gsa-order", choices=GSA_ORDERS, default="paper",
+                        help="GSA probe prompts: the paper's (question first; signals gsa_v2, "
+                        "gsa_v3), question-last (instruction first, cheap behind a prefix "
+                        "cache; signals gsa_v2_question_last, gsa_v3_question_last) or both")
 
 
 @command("eval", _eval_args,
@@ -340,7 +363,8 @@ def _eval(args: argparse.Namespace) -> int:
                 retry_errors=args.retry_errors,
                 progress=not args.no_progress,
                 data_dir=args.data_dir,
-                gsa=GsaOptions(args.kb_offset, args.kb_size, args.tau) if args.gsa else None,
+                gsa=GsaOptions(args.kb_offset, args.kb_size, args.tau, args.gsa_order)
+                if args.gsa else None,
                 items=items,
             )
     except ValueError as error:

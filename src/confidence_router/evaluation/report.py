@@ -511,7 +511,8 @@ def _dataset_report(
                     arrays[reference].scores,
                 )
     # GSA v3 is judged against the bare v2 probe it extends (as in the paper).
-    for v3, v2 in (("gsa_v3.p_yes", "gsa_v2.p_yes"),):
+    for v3, v2 in (("gsa_v3.p_yes", "gsa_v2.p_yes"),
+                   ("gsa_v3_question_last.p_yes", "gsa_v2_question_last.p_yes")):
         if v3 in arrays and v2 in arrays:
             add_delta(v3, v2, "all labelled rows", arrays[v3].item_ids, arrays[v3].scores,
                       arrays[v2].item_ids, arrays[v2].scores)

@@ -76,6 +76,14 @@ from typing import TYPE_CHECKING, Any
 
 from confidence_router._extras import missing_extra
 from confidence_router.errors import InvalidArgumentError
+from confidence_router.gsa import (
+    GSA_V2_QUESTION_LAST_PROMPT_TEMPLATE,
+    GSA_V2_QUESTION_LAST_VERSION,
+    GSA_V2_VERSION,
+    GSA_V3_QUESTION_LAST_VERSION,
+    GSA_V3_VERSION,
+    GSA_VERSIONS,
+)
 from confidence_router.serving.protocol import (
     BackendError,
     ChatReply,
@@ -95,6 +103,8 @@ __all__ = [
     "MAX_TOP_LOGPROBS",
     "PROMPT_TEMPLATES",
     "PROMPT_TEMPLATE_VERSIONS",
+    "YES_NO_QUESTION_LAST_TEMPLATE",
+    "YES_NO_TEMPLATE",
     "LlamaCppBackend",
     "PrefixCacheStats",
     "PromptTemplate",
@@ -104,6 +114,7 @@ __all__ = [
     "render_completion_prompt",
     "render_prompt",
     "render_raw_prompt",
+    "yes_no_template",
 ]
 
 #: The constant few-shot prefix that teaches the base model the ``Q:``/``A:`` format for
@@ -157,6 +168,50 @@ YES_NO_TEMPLATE = (
     "this question correctly? Respond with exactly one token: YES or NO.\nA: NO\n"
     "Q: {prompt}\nA:"
 )
+
+# The demonstrations of YES_NO_TEMPLATE, with the question and its answer.
+_YES_NO_DEMONSTRATIONS = (
+    ("What is the capital of France?", "YES"),
+    ("What was the maiden name of the grandmother of the 9th-century poet Abu Tammam?", "NO"),
+)
+
+#: :data:`YES_NO_TEMPLATE` for the question-last GSA versions (``gsa-v2-question-last`` /
+#: ``gsa-v3-question-last``): the same few-shot prefix and demonstrations, each rendered in
+#: that order and answered after a short cue on the question's own line, ``" Confident:"``.
+#: Everything before the final question is constant, so the embedded backend's prefix cache
+#: evaluates only the question and the cue per probe (~20 tokens on TriviaQA), instead of the
+#: question and the paper's fixed GSA tail (~40). A cue is needed: after ``"\nA:"`` alone,
+#: Gemma 3 270M answered the question itself in 13 of 30 TriviaQA probes; after
+#: ``" Confident:"`` all of 60 answers were YES or NO (measured).
+YES_NO_QUESTION_LAST_TEMPLATE = (
+    FEW_SHOT_PREFIX
+    + "".join(
+        f"Q: {GSA_V2_QUESTION_LAST_PROMPT_TEMPLATE.format(query=question)} Confident: "
+        f"{answer}\n"
+        for question, answer in _YES_NO_DEMONSTRATIONS
+    )
+    + "Q: {prompt} Confident:"
+)
+
+
+def yes_no_template(gsa_version: str) -> str:
+    """The YES/NO demonstration template for a GSA prompt version (the embedded base model).
+
+    :data:`YES_NO_TEMPLATE` for the paper's versions, :data:`YES_NO_QUESTION_LAST_TEMPLATE`
+    for the question-last ones, so the demonstrations are in the probe's own format. Pass it
+    as ``SelfAssessmentProbe(version=..., message_template=yes_no_template(version))`` and
+    send it to the raw variant of the model (:func:`model_variant`).
+
+    >>> yes_no_template("gsa-v3-question-last") == YES_NO_QUESTION_LAST_TEMPLATE
+    True
+    """
+    if gsa_version in (GSA_V2_VERSION, GSA_V3_VERSION):
+        return YES_NO_TEMPLATE
+    if gsa_version in (GSA_V2_QUESTION_LAST_VERSION, GSA_V3_QUESTION_LAST_VERSION):
+        return YES_NO_QUESTION_LAST_TEMPLATE
+    raise InvalidArgumentError(
+        f"unknown GSA version {gsa_version!r}; expected one of {GSA_VERSIONS}"
+    )
 
 #: Ollama accepts ``top_logprobs`` in 0..20.
 MAX_TOP_LOGPROBS = 20
@@ -547,12 +602,16 @@ class LlamaCppBackend:
             prompts instead of evaluating every prompt from scratch (default ``True``; see
             "Prompt-prefix cache" below). ``False`` re-evaluates each prompt in full.
         prefix_slots: how many earlier prompts' KV states are kept for prefix reuse besides
-            the live one (default 2: e.g. the probe's and the answer's few-shot prefixes,
-            which would otherwise evict each other). 0 keeps only the live state.
-        prompt_batch: prompt batches are aligned to multiples of this many positions up to
-            ``8 * prompt_batch``, then to multiples of ``8 * prompt_batch``; prefixes are
-            reused in whole batches (default 8: batches 0-7, ..., 56-63, 64-127, 128-191,
-            ...). See below.
+            the live one (default 3: e.g. the probe's and the answer's few-shot prefixes,
+            which would otherwise evict each other, and one more prompt family). A prompt
+            restored from a snapshot replaces it, so one family keeps one slot. 0 keeps only
+            the live state.
+        prompt_batch: a prompt batch ends at every multiple of this many positions
+            (default 256), so no batch is longer. See below.
+        batch_at_newlines: a prompt batch also ends after every token that contains a
+            newline (default ``True``), so that a cached prefix is reused up to the start of
+            the first line that differs. ``False`` with a ``prompt_batch`` of at least
+            ``n_ctx`` evaluates each prompt in one batch (the behaviour before the cache).
 
     **Prompt-prefix cache.** As llama.cpp's server and Ollama do, a request reuses the KV
     entries of the longest token prefix its prompt shares with what is in the context (the
@@ -565,14 +624,20 @@ class LlamaCppBackend:
     Outputs and logprobs are identical with and without the cache (tested token for token)
     because both evaluate the same batches: llama.cpp's float results for a token depend, in
     the last bits, on the batch it was computed in (measured on Gemma 3 270M: splitting one
-    prompt differently moves top logprobs by up to ~0.05). So every prompt is evaluated in
-    batches at fixed positions (0-7, 8-15, ..., 56-63, then 64-127, 128-191, ...: fine where
-    prompts share a short few-shot prefix, coarse later because every extra batch costs a pass
-    over the weights), whole batches are reused, and answer tokens (evaluated one by one) are
-    never reused as prompt. This also means logprobs differ slightly from evaluating the
-    prompt in one batch (what ``prompt_batch=n_ctx`` does, with the cache off: the behaviour
-    before the cache existed). Gemma 3 uses sliding-window attention on most layers: a prefix
-    is only reused when llama.cpp still holds all its positions (its sliding-window cache
+    prompt differently moves top logprobs by up to ~0.05). So every prompt is split at fixed
+    boundaries: after every token containing a newline, and at every multiple of
+    ``prompt_batch`` positions, except within its last 4 tokens (a few-shot prompt's final
+    ``"A:"`` joins the line before it: each batch costs ~10 ms on top of its tokens). The
+    batch ends of every cached prompt are kept, and a new prompt reuses the batches that
+    ended at the same positions in both and lie in their common prefix: for few-shot
+    prompts, everything up to the first line that differs (nothing is re-evaluated for
+    alignment). Answer tokens (evaluated one by one) are never reused as prompt. Logprobs
+    therefore differ slightly from evaluating the prompt in one batch
+    (``batch_at_newlines=False, prompt_batch=n_ctx`` with the cache off: the behaviour before
+    the cache existed). Measured on one busy core: ~5-7 ms per prompt token, ~10 ms per
+    batch, ~25 ms more for the batch that computes the 262,144-way logits, ~35 ms per
+    generated token. Gemma 3 uses sliding-window attention on most layers: a prefix is
+    only reused when llama.cpp still holds all its positions (its sliding-window cache
     covers a whole 1024-token context; larger contexts get a full-size one, ``swa_full``).
 
     The model loads in the constructor (``load_seconds`` says how long it took). Requests
@@ -595,8 +660,9 @@ class LlamaCppBackend:
         prompt_template: PromptTemplate = render_prompt,
         stop_at_newline: bool = True,
         prefix_cache: bool = True,
-        prefix_slots: int = 2,
-        prompt_batch: int = 8,
+        prefix_slots: int = 3,
+        prompt_batch: int = 256,
+        batch_at_newlines: bool = True,
     ) -> None:
         if prefix_slots < 0:
             raise InvalidArgumentError(f"prefix_slots must be >= 0, got {prefix_slots}")
@@ -628,6 +694,8 @@ class LlamaCppBackend:
         self.prefix_cache = prefix_cache
         self.prefix_slots = prefix_slots
         self._prompt_batch = prompt_batch
+        self._batch_at_newlines = bool(batch_at_newlines)
+        self._newline_cache: dict[int, bool] = {}
         self.cache_stats = PrefixCacheStats()
         #: Tokens produced so far (all requests). A client that closes its stream early
         #: stops the decode loop, so this stops growing (tested through the HTTP server).
@@ -636,8 +704,8 @@ class LlamaCppBackend:
         self._lock = threading.Lock()
         # Saved KV states of earlier prompts (guarded by _lock), most recently used last.
         self._snapshots: list[_Snapshot] = []
-        # Leading positions of the live context evaluated in whole prompt batches (reusable).
-        self._live_reusable = 0
+        # The batch ends of the prompt evaluated in the live context (its reusable batches).
+        self._live_ends: list[int] = []
         self._embed_lock = threading.Lock()
         self._embedder: Llama | None = None
         self._piece_cache: dict[int, str] = {}
@@ -852,36 +920,37 @@ class LlamaCppBackend:
     def _evaluate_prompt(self, llm: Llama, prompt_ids: list[int]) -> None:
         """Bring the KV cache to ``prompt_ids`` and evaluate it (caller holds ``_lock``).
 
-        The prompt is evaluated in batches between fixed positions (:meth:`_batch_end`), with
-        or without the cache: llama.cpp's results for a token depend (in the last bits) on
-        the batch it is evaluated in, so both paths must run the same batches.
-        Only whole batches of an earlier prompt are reused (the live context or a snapshot),
-        and at least the last prompt token is evaluated: its logits are the first step's.
+        The prompt is evaluated in batches that end at fixed boundaries (:meth:`_boundaries`),
+        with or without the cache: llama.cpp's results for a token depend (in the last bits)
+        on the batch it is evaluated in, so both paths must run the same batches. Only whole
+        batches of an earlier prompt are reused (the live context or a snapshot), and at
+        least the last prompt token is evaluated: its logits are the first step's.
         """
         import numpy as np
 
         stats = self.cache_stats
         stats.requests += 1
+        boundaries = self._boundaries(llm, prompt_ids)
         keep = 0
+        restored_from: _Snapshot | None = None
         if self.prefix_cache:
             limit = len(prompt_ids) - 1
-            reusable = min(self._live_reusable, llm.n_tokens)
-            live = _common_prefix(llm.input_ids[:reusable], prompt_ids, limit)
-            best = max(
-                self._snapshots,
-                key=lambda snap: _common_prefix(snap.reusable, prompt_ids, limit),
-                default=None,
+            n_live = llm.n_tokens
+            live = _shared_batches(
+                llm.input_ids[:n_live], [e for e in self._live_ends if e <= n_live],
+                prompt_ids, boundaries, limit,
             )
-            restored = 0
-            if best is not None:
-                restored = _common_prefix(best.reusable, prompt_ids, limit)
-            live, restored = self._whole_batches(live), self._whole_batches(restored)
+            scored = [
+                (_shared_batches(snap.tokens, snap.ends, prompt_ids, boundaries, limit), snap)
+                for snap in self._snapshots
+            ]
+            restored, best = max(scored, key=lambda pair: pair[0], default=(0, None))
             if best is not None and restored >= live + _MIN_RESTORE_GAIN:
                 self._snapshots.remove(best)
                 if best.restore(llm):
                     stats.restores += 1
                     keep = restored
-                    self._snapshots.append(best)  # most recently used last
+                    restored_from = best
                 # else: the context was emptied and the broken snapshot dropped (keep = 0)
             else:
                 keep = live
@@ -892,27 +961,41 @@ class LlamaCppBackend:
             stats.hits += 1
         else:
             llm.reset()
-        self._live_reusable = 0  # until the evaluation below has succeeded
+        self._live_ends = []  # until the evaluation below has succeeded
         stats.reused_tokens += keep
         stats.evaluated_tokens += len(prompt_ids) - keep
         try:
             start = keep
-            while start < len(prompt_ids):
-                end = min(self._batch_end(start), len(prompt_ids))
+            for end in boundaries + [len(prompt_ids)]:
+                if end <= start:
+                    continue
                 # Only the last prompt token's logits are read: an intermediate batch that
                 # asked for logits would pay the 262,144-way output projection for nothing.
                 _decode_batch(llm, prompt_ids[start:end], logits=end == len(prompt_ids))
+                stats.batches += 1
                 start = end
         except RuntimeError as exc:
             llm.reset()  # the cache may hold a partial batch: trust nothing next time
             raise BackendError(f"llama.cpp failed to evaluate the prompt: {exc}") from exc
-        # Whole batches only: a later, longer prompt evaluates the last one in full.
-        self._live_reusable = self._whole_batches(len(prompt_ids))
+        self._live_ends = [*boundaries, len(prompt_ids)]
         if self.prefix_cache and self.prefix_slots:
-            self._save_snapshot(llm, np.asarray(prompt_ids, dtype=np.intc))
+            self._save_snapshot(
+                llm, np.asarray(prompt_ids, dtype=np.intc), self._live_ends, restored_from
+            )
+        elif restored_from is not None:
+            self._snapshots.append(restored_from)
 
-    def _save_snapshot(self, llm: Llama, tokens: np.ndarray) -> None:
-        """Keep the KV state of this prompt unless a kept snapshot already covers it."""
+    def _save_snapshot(
+        self, llm: Llama, tokens: np.ndarray, ends: list[int], replaces: _Snapshot | None
+    ) -> None:
+        """Keep the KV state of this prompt unless a kept snapshot already covers it.
+
+        ``replaces`` is the snapshot this prompt was restored from (taken out of the list):
+        the new one serves that prompt family at least as well (it shares the restored
+        prefix), so it takes its place instead of evicting another family's snapshot.
+        """
+        if replaces is not None:
+            self._snapshots.append(replaces)  # most recently used last
         for index, snap in enumerate(self._snapshots):
             shared = _common_prefix(snap.tokens, tokens, len(tokens))
             if shared == len(tokens):  # this prompt is a prefix of a kept one
@@ -921,27 +1004,45 @@ class LlamaCppBackend:
             if shared == len(snap.tokens):  # a kept one is a prefix of this prompt: replace
                 del self._snapshots[index]
                 break
-        snapshot = _Snapshot.capture(llm, tokens, self._whole_batches(len(tokens)))
+        if replaces is not None and replaces in self._snapshots:
+            self._snapshots.remove(replaces)
+        snapshot = _Snapshot.capture(llm, tokens, ends)
         if snapshot is None:
             return
         self._snapshots.append(snapshot)
         del self._snapshots[: -self.prefix_slots]
 
-    def _batch_end(self, start: int) -> int:
-        """The end of the prompt batch that starts at position ``start`` (a batch boundary)."""
-        fine = self._prompt_batch
-        step = fine if start < 8 * fine else 8 * fine
-        return (start // step + 1) * step
+    def _is_boundary(self, llm: Llama, prompt_ids: Sequence[int], position: int) -> bool:
+        """Whether a prompt batch ends before ``position`` (depends on ``prompt_ids[:position]``
+        only, so every prompt sharing that prefix has the same boundaries inside it)."""
+        if position <= 0:
+            return False
+        if position % self._prompt_batch == 0:
+            return True
+        return self.batch_at_newlines and self._ends_line(llm, prompt_ids[position - 1])
 
-    def _whole_batches(self, length: int) -> int:
-        """The last batch boundary at or before ``length`` (the reusable part of a prefix)."""
-        fine = self._prompt_batch
-        step = fine if length < 8 * fine else 8 * fine
-        return length // step * step
+    def _boundaries(self, llm: Llama, prompt_ids: Sequence[int]) -> list[int]:
+        """The batch boundaries strictly inside the prompt, ascending.
+
+        Boundaries within the last ``_SHORT_FINAL_BATCH`` tokens are left out: a batch costs
+        ~10 ms more than its tokens, and the final line of a few-shot prompt (``"A:"``) is that
+        short. Whether a prompt reuses an earlier one's batches is decided on the batch ends
+        both really used (:func:`_shared_batches`), so this exception stays exact.
+        """
+        last = len(prompt_ids) - _SHORT_FINAL_BATCH
+        return [p for p in range(1, last) if self._is_boundary(llm, prompt_ids, p)]
+
+    def _ends_line(self, llm: Llama, token: int) -> bool:
+        # Whether the token's text contains a newline (a fixed property of the vocabulary).
+        ends = self._newline_cache.get(token)
+        if ends is None:
+            ends = b"\n" in llm.detokenize([token])
+            self._newline_cache[token] = ends
+        return ends
 
     @property
     def prompt_batch(self) -> int:
-        """Prompt tokens per llama.cpp batch (see the class docstring); settable."""
+        """The longest prompt batch in tokens (see the class docstring); settable."""
         return self._prompt_batch
 
     @prompt_batch.setter
@@ -954,6 +1055,17 @@ class LlamaCppBackend:
             self._forget_cache()
             self._prompt_batch = value
 
+    @property
+    def batch_at_newlines(self) -> bool:
+        """Whether a prompt batch also ends after every token containing a newline; settable."""
+        return self._batch_at_newlines
+
+    @batch_at_newlines.setter
+    def batch_at_newlines(self, value: bool) -> None:
+        with self._lock:
+            self._forget_cache()  # cached states were computed in other batches
+            self._batch_at_newlines = bool(value)
+
     def clear_prefix_cache(self) -> None:
         """Forget all cached prompt state (the next request evaluates its prompt in full)."""
         with self._lock:
@@ -961,7 +1073,7 @@ class LlamaCppBackend:
 
     def _forget_cache(self) -> None:
         self._snapshots.clear()
-        self._live_reusable = 0
+        self._live_ends = []
         if self._llm is not None:
             self._llm.reset()
 
@@ -1034,6 +1146,9 @@ class LlamaCppBackend:
             yield from stop_filter.flush()
 
 
+# Boundaries this close to the end of a prompt are left out (see LlamaCppBackend._boundaries).
+_SHORT_FINAL_BATCH = 4
+
 # Restoring a snapshot copies its KV state back (~1 ms for a few hundred tokens); it is only
 # worth it when it saves evaluating at least this many prompt tokens.
 _MIN_RESTORE_GAIN = 8
@@ -1049,6 +1164,7 @@ class PrefixCacheStats:
         restores: hits served from a saved snapshot rather than the live context.
         reused_tokens: prompt tokens taken from the cache.
         evaluated_tokens: prompt tokens evaluated by the model.
+        batches: llama.cpp batches those prompt tokens were evaluated in.
     """
 
     requests: int = 0
@@ -1056,18 +1172,19 @@ class PrefixCacheStats:
     restores: int = 0
     reused_tokens: int = 0
     evaluated_tokens: int = 0
+    batches: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the fields hold numpy arrays
 class _Snapshot:
     """The saved KV state of one evaluated prompt (sequence 0 of the llama.cpp context)."""
 
     tokens: np.ndarray
-    reusable: np.ndarray  # the leading tokens that were evaluated in whole batches
+    ends: list[int]  # where the prompt's batches ended (the last one: the prompt's length)
     state: Any  # a ctypes byte buffer owned by this snapshot
 
     @classmethod
-    def capture(cls, llm: Llama, tokens: np.ndarray, reusable: int) -> _Snapshot | None:
+    def capture(cls, llm: Llama, tokens: np.ndarray, ends: list[int]) -> _Snapshot | None:
         import ctypes
 
         import llama_cpp
@@ -1078,7 +1195,7 @@ class _Snapshot:
         if not 0 < written <= size:
             return None  # not worth failing a request over: just do not cache it
         tokens = tokens.copy()
-        return cls(tokens=tokens, reusable=tokens[:reusable], state=buffer)
+        return cls(tokens=tokens, ends=list(ends), state=buffer)
 
     def restore(self, llm: Llama) -> bool:
         """Replace sequence 0 by this state; ``False`` (and an empty context) on failure."""
@@ -1120,6 +1237,28 @@ def _decode_batch(llm: Llama, tokens: Sequence[int], *, logits: bool) -> None:
         llama_cpp.llama_batch_free(batch)
     llm.input_ids[n_past : n_past + count] = tokens
     llm.n_tokens = n_past + count
+
+
+def _shared_batches(
+    cached: Sequence[int] | np.ndarray,
+    cached_ends: Sequence[int],
+    prompt: Sequence[int],
+    boundaries: Sequence[int],
+    limit: int,
+) -> int:
+    """How much of an evaluated prompt a new one can reuse: whole batches only.
+
+    The longest run of batches that ended at the same positions in both prompts and lies in
+    their common token prefix (at most ``limit``): those batches held the same tokens, so
+    reusing them gives exactly what evaluating the new prompt in its own batches would.
+    """
+    shared = _common_prefix(cached, prompt, limit)
+    keep = 0
+    for new_end, old_end in zip(boundaries, cached_ends):
+        if new_end != old_end or new_end > shared:
+            break
+        keep = new_end
+    return keep
 
 
 def _common_prefix(
