@@ -104,15 +104,20 @@ def measure(n: int, latency: float, *, in_process: bool = False, batch: int = 10
             direct.invoke(question)
             floor.invoke(question)
             router.invoke(question)
-        # Per-call time of each batch; batches interleaved so machine noise hits all alike.
+        # Per-call time of each batch; batches interleaved (in rotating order) so machine noise
+        # hits all alike.
         times: dict[str, list[float]] = {"direct": [], "floor": [], "router": []}
-        for _ in range(max(1, n // batch)):
-            for name, model in (("direct", direct), ("floor", floor), ("router", router)):
+        variants = [("direct", direct), ("floor", floor), ("router", router)]
+        for round_ in range(max(1, n // batch)):
+            # Rotate the order each round: no variant always runs right after another.
+            shift = round_ % len(variants)
+            for name, model in variants[shift:] + variants[:shift]:
                 t = time.perf_counter()
                 for _ in range(batch):
                     message = model.invoke(question)
                 times[name].append((time.perf_counter() - t) / batch)
-            assert message.response_metadata["routing"]["decision"] == "local"
+                if model is router:
+                    assert message.response_metadata["routing"]["decision"] == "local"
     where = "in-process server" if in_process else "server in a child process"
     print(f"scripted latency {latency * 1e3:.0f} ms, {where}, {n} calls each in batches of "
           f"{batch}:")

@@ -215,24 +215,29 @@ def compute_signals(
             return unknown_signals(UNKNOWN_INVALID_LOGPROBS)
         values.append(min(value, 0.0))
         tops.append(top)
-    mean = math.fsum(values) / len(values)
+    total = math.fsum(values)
+    mean = total / len(values)
     low = min(values)
-
-    # Without alternatives (the routing path asks for none unless the signal reads them) the
-    # top-k signals are unknown: skip the per-position work.
-    stats = [_position_stats(top) if top else None for top in tops]
+    base = {
+        "mean_logprob": mean,
+        "min_logprob": low,
+        "token_count": len(values),
+        "confidence": logprob_to_confidence(mean, slope, offset),
+        "min_confidence": logprob_to_confidence(low, slope, offset),
+        "sum_logprob": total,
+        "first_logprob": values[0],
+    }
+    if not all(tops):
+        # A position without alternatives leaves every top-k signal unknown (the routing path
+        # asks for none unless its signal reads them): skip the per-position work.
+        return LogprobSignals(**base)
+    stats = [_position_stats(top) for top in tops]
     margins = [s[0] for s in stats if s is not None]
     entropies = [s[1] for s in stats if s is not None]
     every_position = all(s is not None for s in stats)
     has_margins = every_position and all(m is not None for m in margins)
     return LogprobSignals(
-        mean_logprob=mean,
-        min_logprob=low,
-        token_count=len(values),
-        confidence=logprob_to_confidence(mean, slope, offset),
-        min_confidence=logprob_to_confidence(low, slope, offset),
-        sum_logprob=math.fsum(values),
-        first_logprob=values[0],
+        **base,
         mean_margin=math.fsum(margins) / len(margins) if has_margins else None,  # type: ignore[arg-type]
         min_margin=min(margins) if has_margins else None,  # type: ignore[type-var]
         mean_entropy=math.fsum(entropies) / len(entropies) if every_position else None,
