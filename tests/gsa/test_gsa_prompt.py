@@ -215,19 +215,28 @@ _score = st.one_of(
 _raw_hit = st.tuples(_text, _score, st.one_of(st.none(), _text))
 
 
-@settings(max_examples=300, deadline=None)
-@given(
+#: A query, what the store returned for it, and the similarity threshold.
+_prompt_cases = given(
     query=_query,
     raw_hits=st.lists(_raw_hit, max_size=8),
     tau=st.sampled_from([0.5, 0.6, 0.7, 0.9]),
 )
-def test_property_fallback_and_injection(
-    query: str, raw_hits: list[tuple[str, float | None, str | None]], tau: float
-) -> None:
-    hits = [
+
+
+def _hits(raw_hits: list[tuple[str, float | None, str | None]]) -> list[Hit]:
+    # Each content is tagged with its index, so an injected hit is traceable in the prompt.
+    return [
         Hit(content=f"§{i}§{tail}", score=score, question=question)
         for i, (tail, score, question) in enumerate(raw_hits)
     ]
+
+
+@settings(max_examples=300, deadline=None)
+@_prompt_cases
+def test_property_fallback_and_injection(
+    query: str, raw_hits: list[tuple[str, float | None, str | None]], tau: float
+) -> None:
+    hits = _hits(raw_hits)
     v3 = build_gsa_prompt(query, hits, tau=tau)
     v2 = build_gsa_prompt(query, hits, version=GSA_V2_VERSION, tau=tau)
     assert v2.text == V2_EXPECTED.format(query=query.strip())
@@ -318,18 +327,11 @@ def test_question_last_v2_ignores_hits_and_quoting_is_versioned() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    query=_query,
-    raw_hits=st.lists(_raw_hit, max_size=8),
-    tau=st.sampled_from([0.5, 0.6, 0.7, 0.9]),
-)
+@_prompt_cases
 def test_property_question_last_fallback_and_cached_head(
     query: str, raw_hits: list[tuple[str, float | None, str | None]], tau: float
 ) -> None:
-    hits = [
-        Hit(content=f"§{i}§{tail}", score=score, question=question)
-        for i, (tail, score, question) in enumerate(raw_hits)
-    ]
+    hits = _hits(raw_hits)
     v3 = build_gsa_prompt(query, hits, tau=tau, version=GSA_V3_QUESTION_LAST_VERSION)
     v2 = build_gsa_prompt(query, hits, tau=tau, version=GSA_V2_QUESTION_LAST_VERSION)
     assert v2.text == V2_QL_EXPECTED.format(query=query.strip())

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from confidence_router.gsa import (
     GSA_V2_PROMPT_TEMPLATE,
+    GSA_V2_QUESTION_LAST_VERSION,
     GSA_V2_VERSION,
     GSA_V3_VERSION,
     GsaExtractionWarning,
@@ -193,16 +194,18 @@ def test_weak_hit_sends_the_bare_prompt(
     assert body["messages"][0]["content"] == build_gsa_prompt(query, version=GSA_V2_VERSION).text
 
 
+@pytest.mark.parametrize("version", [GSA_V2_VERSION, GSA_V2_QUESTION_LAST_VERSION])
 def test_v2_never_searches(
     backend: ScriptedBackend,
     gsa_server: OllamaCompatibleServer,
     local: ChatOllama,
     store: KnowledgeStore,
+    version: str,
 ) -> None:
     store.add(FRANCE, "Paris.")
     gsa_server.clear_requests()
-    score = SelfAssessmentProbe(model=local, store=store, version=GSA_V2_VERSION).invoke(FRANCE)
-    assert score.prompt_version == GSA_V2_VERSION and not score.had_retrieval
+    score = SelfAssessmentProbe(model=local, store=store, version=version).invoke(FRANCE)
+    assert score.prompt_version == version and not score.had_retrieval
     assert [r["path"] for r in gsa_server.requests] == ["/api/chat"]
 
 
@@ -413,19 +416,6 @@ def test_question_last_version_sends_its_own_bytes_with_and_without_knowledge(
     assert [r["path"] for r in gsa_server.requests].count("/api/embed") == 2  # both searched
 
 
-def test_question_last_v2_never_searches_and_unknown_versions_are_refused(
-    backend: ScriptedBackend,
-    gsa_server: OllamaCompatibleServer,
-    local: ChatOllama,
-    store: KnowledgeStore,
-) -> None:
-    from confidence_router.gsa import GSA_V2_QUESTION_LAST_VERSION
-
-    store.add(FRANCE, "Paris.")
-    gsa_server.clear_requests()
-    score = SelfAssessmentProbe(model=local, store=store,
-                                version=GSA_V2_QUESTION_LAST_VERSION).invoke(FRANCE)
-    assert score.prompt_version == GSA_V2_QUESTION_LAST_VERSION and not score.had_retrieval
-    assert [r["path"] for r in gsa_server.requests] == ["/api/chat"]
+def test_unknown_versions_are_refused(local: ChatOllama) -> None:
     with pytest.raises(ValidationError, match="unknown GSA version"):
         SelfAssessmentProbe(model=local, version="gsa-v3-question-first")
