@@ -19,8 +19,37 @@ from confidence_router.serving.llamacpp import (
     render_completion_prompt,
     render_prompt,
     render_raw_prompt,
+    render_trivia_prompt,
 )
 from confidence_router.serving.protocol import GeneratedToken
+
+# ---- render_trivia_prompt: the evaluation's question prompt, served as a chat template -----
+
+
+def test_trivia_template_equals_the_evaluation_question_prompt():
+    from confidence_router.evaluation.runner import PROMPT_SETS
+
+    question = "Which river flows through Cairo?"
+    harness = PROMPT_SETS["few-shot"].question.format(question=question)
+    assert render_trivia_prompt([{"role": "user", "content": question}]) == harness
+
+
+def test_trivia_template_conversation_rules():
+    prompt = render_trivia_prompt([
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Capital of\nPeru?"},
+        {"role": "assistant", "content": "Lima"},
+        {"role": "user", "content": "And of Chile?"},
+    ])
+    assert prompt.startswith("Answer briefly.\nQuestion: Which planet")
+    assert prompt.endswith("Question: Capital of Peru?\nAnswer: Lima\n"
+                           "Question: And of Chile?\nAnswer:")
+    prefill = render_trivia_prompt([{"role": "user", "content": "Capital of Peru?"},
+                                    {"role": "assistant", "content": "Li"}])
+    assert prefill.endswith("Question: Capital of Peru?\nAnswer: Li")
+    with pytest.raises(ValueError):
+        render_trivia_prompt([{"role": "assistant", "content": "no question"}])
+
 
 # ---- render_prompt -------------------------------------------------------------------------
 
@@ -134,8 +163,11 @@ def test_raw_prompt_rejects_empty_and_unknown_roles(messages):
 def test_model_variants_name_the_templates():
     assert model_variant("gemma3:270m", "raw") == "gemma3:270m-raw"
     assert model_variant("gemma3:latest", "completion") == "gemma3-completion"
-    assert set(PROMPT_TEMPLATES) == set(PROMPT_TEMPLATE_VERSIONS) == {"qa", "completion", "raw"}
+    assert set(PROMPT_TEMPLATES) == set(PROMPT_TEMPLATE_VERSIONS) == {
+        "qa", "trivia", "completion", "raw"}
     assert PROMPT_TEMPLATES["qa"] is render_prompt
+    assert PROMPT_TEMPLATES["trivia"] is render_trivia_prompt
+    assert model_variant("gemma3:270m", "trivia") == "gemma3:270m-trivia"
     with pytest.raises(ValueError, match="unknown prompt template"):
         model_variant("gemma3:270m", "chat")
 

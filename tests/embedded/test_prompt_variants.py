@@ -1,6 +1,7 @@
 """The embedded server's prompt templates, chosen by model name, on the real Gemma 3 270M.
 
-``gemma3:270m`` (Q:/A: for questions), ``-qa``, ``-completion`` (plain sentences) and ``-raw``
+``gemma3:270m`` (Q:/A: for questions), ``-qa``, ``-trivia`` (the evaluation's question prompt),
+``-completion`` (plain sentences) and ``-raw``
 (Ollama's raw semantics: the text is the prompt). The message text never selects a template.
 """
 
@@ -28,6 +29,7 @@ from confidence_router.serving.llamacpp import (
     model_variant,
     render_completion_prompt,
     render_prompt,
+    render_trivia_prompt,
 )
 from confidence_router.serving.protocol import BackendError, ChatRequest
 
@@ -65,6 +67,8 @@ def test_each_variant_evaluates_exactly_its_template(server):
         (DEFAULT_MODEL_NAME, render_prompt([{"role": "user", "content": sentence}])),
         (model_variant(DEFAULT_MODEL_NAME, "qa"),
          render_prompt([{"role": "user", "content": sentence}])),
+        (model_variant(DEFAULT_MODEL_NAME, "trivia"),
+         render_trivia_prompt([{"role": "user", "content": sentence}])),
         (model_variant(DEFAULT_MODEL_NAME, "completion"),
          render_completion_prompt([{"role": "user", "content": sentence}])),
         (model_variant(DEFAULT_MODEL_NAME, "raw"), sentence),
@@ -91,6 +95,22 @@ def test_completion_variant_answers_a_sentence_through_chatollama(server):
     message = llm.invoke("The capital of France is")
     assert "Paris" in message.content and "\n" not in message.content
     assert all(len(t["top_logprobs"]) == 5 for t in message.response_metadata["logprobs"])
+
+
+def test_trivia_variant_answers_as_the_evaluation_measured(server):
+    """Routing through ``-trivia`` gives the answer and logprobs of the evaluation's raw run."""
+    from confidence_router.evaluation.runner import PROMPT_SETS
+
+    question = "Which planet is closest to the Sun?"
+    trivia = ChatOllama(base_url=server.url, model=model_variant(DEFAULT_MODEL_NAME, "trivia"),
+                        temperature=0, logprobs=True)
+    raw = ChatOllama(base_url=server.url, model=model_variant(DEFAULT_MODEL_NAME, "raw"),
+                     temperature=0, logprobs=True, stop=["\n"])
+    routed = trivia.invoke(question)
+    measured = raw.invoke(PROMPT_SETS["few-shot"].question.format(question=question))
+    assert routed.content == measured.content and routed.content.strip()
+    assert ([t["logprob"] for t in routed.response_metadata["logprobs"]]
+            == [t["logprob"] for t in measured.response_metadata["logprobs"]])
 
 
 def test_an_unknown_variant_is_404(server):

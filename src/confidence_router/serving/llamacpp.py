@@ -30,6 +30,8 @@ model tag (:data:`PROMPT_TEMPLATES`):
 * ``gemma3:270m`` -- the backend's ``prompt_template`` (default :func:`render_prompt`:
   ``Q:``/``A:`` demonstrations, for questions);
 * ``gemma3:270m-qa`` -- :func:`render_prompt`, whatever the default is;
+* ``gemma3:270m-trivia`` -- :func:`render_trivia_prompt`: the evaluation's ``few-shot-v3``
+  question prompt (eight short trivia ``Question:``/``Answer:`` demonstrations);
 * ``gemma3:270m-completion`` -- :func:`render_completion_prompt` (plain completion sentences,
   for prompts such as "The capital of Kenya is");
 * ``gemma3:270m-raw`` -- :func:`render_raw_prompt`: Ollama's ``raw`` semantics, the messages'
@@ -114,6 +116,7 @@ __all__ = [
     "render_completion_prompt",
     "render_prompt",
     "render_raw_prompt",
+    "render_trivia_prompt",
     "yes_no_template",
 ]
 
@@ -334,12 +337,35 @@ def render_prompt(
     >>> render_prompt([{"role": "user", "content": "Who painted the Mona Lisa?"}])[-44:]
     'Shakespeare\\nQ: Who painted the Mona Lisa?\\nA:'
     """
+    return _render_labelled(messages, few_shot_prefix, "Q:", "A:")
+
+
+def render_trivia_prompt(
+    messages: Sequence[Mapping[str, Any]], *, few_shot_prefix: str = TRIVIA_FEW_SHOT_PREFIX
+) -> str:
+    """Render chat messages as the evaluation's ``few-shot-v3`` question prompt: eight short
+    trivia demonstrations, then ``Question: {text}`` / ``Answer:`` lines.
+
+    The rules are those of :func:`render_prompt` with the labels ``Question:`` and
+    ``Answer:``. For one user message the bytes equal the evaluation harness's question
+    template, so routing through the ``-trivia`` model variant uses the prompt the committed
+    report measured.
+
+    >>> render_trivia_prompt([{"role": "user", "content": "Who painted the Mona Lisa?"}])[-50:]
+    'Camel\\nQuestion: Who painted the Mona Lisa?\\nAnswer:'
+    """
+    return _render_labelled(messages, few_shot_prefix, "Question:", "Answer:")
+
+
+def _render_labelled(
+    messages: Sequence[Mapping[str, Any]], few_shot_prefix: str, question: str, answer: str
+) -> str:
     header, turns = _conversation(messages)
-    lines = [f"Q: {text}\n" if role == "user" else f"A: {text}\n" for role, text in turns]
+    lines = [f"{question if role == 'user' else answer} {text}\n" for role, text in turns]
     if turns[-1][0] == "assistant":
         lines[-1] = lines[-1].rstrip("\n")  # prefill: let the model continue this answer
     else:
-        lines.append("A:")
+        lines.append(answer)
     return "".join(header) + few_shot_prefix + "".join(lines)
 
 
@@ -401,6 +427,7 @@ def render_raw_prompt(messages: Sequence[Mapping[str, Any]]) -> str:
 #: ``prompt_template``) and under ``model_variant(name, template)`` for each of these.
 PROMPT_TEMPLATES: Mapping[str, PromptTemplate] = {
     "qa": render_prompt,
+    "trivia": render_trivia_prompt,
     "completion": render_completion_prompt,
     "raw": render_raw_prompt,
 }
@@ -408,6 +435,7 @@ PROMPT_TEMPLATES: Mapping[str, PromptTemplate] = {
 #: Version of each named template's text; bump it whenever the rendered bytes change.
 PROMPT_TEMPLATE_VERSIONS: Mapping[str, str] = {
     "qa": "qa-v1",
+    "trivia": "trivia-v1",
     "completion": "completion-v1",
     "raw": "raw-v1",
 }
