@@ -510,3 +510,29 @@ def test_parent_run_names_the_answering_model(local, cloud, ollama_backend, bedr
         assert not parent.outputs["generations"][0][0]["message"].get("kwargs", {}).get(
             "usage_metadata"
         )
+
+
+def test_parent_run_langsmith_params(local, ollama_backend):
+    """The router builds its own LangSmith params (no probing of attributes it lacks)."""
+    from langchain_core.tracers.base import BaseTracer
+
+    class Collect(BaseTracer):
+        def __init__(self):
+            super().__init__()
+            self.runs = []
+
+        def _persist_run(self, run):
+            self.runs.append(run)
+
+    ollama_backend.add_answer("France", "Paris", logprobs=-0.05)
+    router = ConfidenceRoutedLLM(local=local)
+    tracer = Collect()
+    router.invoke("France?", config={"callbacks": [tracer]}, stop=["\n\n"])
+    (parent,) = tracer.runs
+    metadata = parent.extra["metadata"]
+    assert metadata["ls_provider"] == "confidence-router"
+    assert metadata["ls_model_type"] == "chat"
+    assert metadata["ls_stop"] == ["\n\n"]
+    assert not {"ls_temperature", "ls_max_tokens"} & set(metadata)  # they belong to the tiers
+    assert router._get_ls_params(model="my-deployment")["ls_model_name"] == "my-deployment"
+    assert "ls_stop" not in router._get_ls_params()
