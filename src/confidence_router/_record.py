@@ -19,13 +19,14 @@ from typing import Any
 from langchain_core.messages import BaseMessage
 
 from confidence_router import policy as rules
+from confidence_router.costs import routing_costs
 from confidence_router.errors import (
     BudgetExceededError,
     CloudEscalationError,
     EscalationBlockedError,
     LocalModelError,
 )
-from confidence_router.extraction import message_text, message_token_logprobs
+from confidence_router.extraction import chosen_logprobs, message_text, token_logprobs
 from confidence_router.policy import RoutingPolicy
 from confidence_router.record import Reason
 from confidence_router.retry import (
@@ -157,7 +158,11 @@ class RoutingTrace:
         return float(self.record["threshold"])
 
     def _score_local(self, message: BaseMessage, early_exit: dict[str, Any] | None) -> rules.Decision:
-        tokens = message_token_logprobs(message)
+        meta = getattr(message, "response_metadata", None)
+        # Without alternatives the chosen logprobs are all the signals need (faster).
+        tokens: Sequence[Any] | None = chosen_logprobs(meta)
+        if tokens is None:
+            tokens = token_logprobs(meta)
         has_tool_calls = bool(getattr(message, "tool_calls", None))
         if early_exit is not None:
             self.record["early_exit"] = early_exit
@@ -423,8 +428,6 @@ class RoutingTrace:
         if self.reservation is not None:  # the call ended without settling (cancelled)
             self.cancelled()
         self.record["latency_s"]["total"] = time.perf_counter() - self.started
-        from confidence_router.costs import routing_costs
-
         self.record.update(routing_costs(self.record, self.collab.prices, self.collab.cloud_model))
         if self._committed_unknown_usd and self.record.get("cloud_cost_usd") is not None:
             # Requests that may have been billed (timeouts) count at their reserved bound.

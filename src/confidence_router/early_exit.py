@@ -145,6 +145,10 @@ def should_exit_early(
     if not values or not _valid(values):
         return False
     values = [min(v, 0.0) for v in values]  # the clamp compute_signals applies
+    try:
+        math.fsum(values)
+    except OverflowError:  # as compute_signals: absurd logprobs (~-1e308) are invalid
+        return False
     if signal == "min_logprob":
         best_score = logprob_to_confidence(min(values), slope, offset)
     elif signal == "mean_logprob":

@@ -104,6 +104,40 @@ def token_logprobs(response_metadata: Mapping[str, Any] | None) -> list[TokenLog
     return parsed
 
 
+def chosen_logprobs(response_metadata: Mapping[str, Any] | None) -> list[float] | None:
+    """Only the chosen tokens' logprobs, when no token carries top alternatives.
+
+    The routing hot path: the signals of such an answer need nothing else, and building a
+    :class:`TokenLogprob` per token costs more than the signals. Returns ``None`` when the
+    metadata has no logprobs **or** any token has alternatives: call :func:`token_logprobs`
+    then. Tokens without a logprob are skipped, as there.
+
+    >>> chosen_logprobs({"logprobs": [{"token": "Rome", "logprob": -0.2}]})
+    [-0.2]
+    >>> chosen_logprobs({"logprobs": [{"token": "Rome", "logprob": -0.2,
+    ...                               "top_logprobs": [{"token": "Rome", "logprob": -0.2}]}]})
+    """
+    if not response_metadata:
+        return None
+    items = _items(response_metadata.get("logprobs"))
+    if items is None:
+        return None
+    values = []
+    for item in items:
+        if item is None:
+            continue
+        if _is_mapping(item):
+            logprob, tops = item.get("logprob"), item.get("top_logprobs")
+        else:
+            logprob, tops = getattr(item, "logprob", None), getattr(item, "top_logprobs", None)
+        if logprob is None:
+            continue
+        if tops:
+            return None
+        values.append(float(logprob))
+    return values
+
+
 def message_token_logprobs(message: Any) -> list[TokenLogprob] | None:
     """:func:`token_logprobs` of a LangChain message (anything with ``response_metadata``)."""
     return token_logprobs(getattr(message, "response_metadata", None))

@@ -199,7 +199,12 @@ def compute_signals(
         return unknown_signals(UNKNOWN_NO_LOGPROBS)
     values: list[float] = []
     tops: list[Sequence[Any]] = []
-    for item in items:
+    if all(type(item) is float for item in items):
+        # Plain logprobs (the routing path): no alternatives, so no top-k signals.
+        if not all(math.isfinite(v) and v <= _ROUNDING_SLACK for v in items):
+            return unknown_signals(UNKNOWN_INVALID_LOGPROBS)
+        values = [min(v, 0.0) for v in items]
+    for item in () if values else items:
         if isinstance(item, (int, float)) and not isinstance(item, bool):
             value = float(item)
             top: Sequence[Any] = ()
@@ -215,7 +220,10 @@ def compute_signals(
             return unknown_signals(UNKNOWN_INVALID_LOGPROBS)
         values.append(min(value, 0.0))
         tops.append(top)
-    total = math.fsum(values)
+    try:
+        total = math.fsum(values)
+    except OverflowError:  # finite but absurd logprobs (~-1e308) that no model reports
+        return unknown_signals(UNKNOWN_INVALID_LOGPROBS)
     mean = total / len(values)
     low = min(values)
     base = {
@@ -227,7 +235,7 @@ def compute_signals(
         "sum_logprob": total,
         "first_logprob": values[0],
     }
-    if not all(tops):
+    if not tops or not all(tops):
         # A position without alternatives leaves every top-k signal unknown (the routing path
         # asks for none unless its signal reads them): skip the per-position work.
         return LogprobSignals(**base)

@@ -122,6 +122,10 @@ def test_unknown_signals_and_invalid_values_never_exit():
     # An invalid value makes the final confidence unknown (on_unknown decides), so no exit.
     for bad in (math.nan, -math.inf, 0.5):
         assert not should_exit_early("min_logprob", 0.7, [-10.0, bad])
+    # So does a sum that overflows a float (compute_signals says invalid_logprobs).
+    huge = [-8.98846567431158e307] * 2
+    for signal in ("min_logprob", "mean_logprob", "mean_min"):
+        assert not should_exit_early(signal, 0.7, huge, max_remaining_tokens=3)
 
 
 def test_threshold_edges_agree_with_the_full_decision():

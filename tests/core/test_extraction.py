@@ -1,8 +1,12 @@
+from types import SimpleNamespace
+
+from hypothesis import given
+from hypothesis import strategies as st
 from langchain_core.messages import AIMessage, AIMessageChunk
 from ollama._types import Logprob
 from ollama._types import TokenLogprob as OllamaTop
 
-from confidence_router.extraction import message_token_logprobs, token_logprobs
+from confidence_router.extraction import chosen_logprobs, message_token_logprobs, token_logprobs
 
 
 def test_ollama_dict_layout():
@@ -55,3 +59,39 @@ def test_missing_metadata():
 
 def test_present_but_empty():
     assert token_logprobs({"logprobs": []}) == []
+
+
+_item = st.one_of(
+    st.none(),
+    st.fixed_dictionaries(
+        {"token": st.text(max_size=3)},
+        optional={
+            "logprob": st.one_of(st.none(), st.floats(min_value=-20, max_value=0)),
+            "top_logprobs": st.one_of(
+                st.none(), st.just([]),
+                st.lists(st.fixed_dictionaries({"token": st.text(max_size=2),
+                                                "logprob": st.floats(-20, 0)}),
+                         min_size=1, max_size=2),
+            ),
+        },
+    ),
+)
+
+
+@given(st.lists(_item, max_size=8), st.booleans(), st.booleans())
+def test_chosen_logprobs_agrees_with_token_logprobs(items, as_objects, openai_layout):
+    if as_objects:  # attribute access, as ollama's pydantic objects
+        items = [None if i is None else SimpleNamespace(**i) for i in items]
+    meta = {"logprobs": {"content": items} if openai_layout else items}
+    tokens = token_logprobs(meta)
+    values = chosen_logprobs(meta)
+    if any(t.top_logprobs for t in tokens):
+        assert values is None  # alternatives: only token_logprobs keeps them
+    else:
+        assert values == [t.logprob for t in tokens]
+
+
+def test_chosen_logprobs_without_logprobs_is_none():
+    assert chosen_logprobs(None) is None
+    assert chosen_logprobs({"model": "m"}) is None
+    assert chosen_logprobs({"logprobs": []}) == []

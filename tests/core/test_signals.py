@@ -273,3 +273,26 @@ def test_rank_average_is_bounded_and_order_preserving_for_one_column(rows):
         for j in range(len(rows)):
             if columns[0][i] < columns[0][j]:
                 assert single[i] < single[j]
+
+
+# Any float a client might report (NaN, infinities, positives, -0.0) and ints: the fast path
+# for plain floats must give exactly what the per-token path gives.
+_any_value = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=-30.0, max_value=1e-5),
+    st.just(-0.0),
+    st.integers(min_value=-5, max_value=1),
+)
+
+
+@given(st.lists(_any_value, min_size=1, max_size=12))
+def test_plain_float_path_equals_the_token_path(values):
+    from_values = compute_signals(values)
+    from_tokens = compute_signals([TokenLogprob("t", float(v)) for v in values])
+    assert repr(from_values) == repr(from_tokens)  # repr: NaN-safe and keeps -0.0 apart
+
+
+def test_logprobs_whose_sum_overflows_are_invalid_not_a_crash():
+    huge = -8.98846567431158e307  # finite, but two of them overflow a float sum
+    assert compute_signals([huge, huge]).unknown_reason == "invalid_logprobs"
+    assert compute_signals([TokenLogprob("a", huge)] * 2).unknown_reason == "invalid_logprobs"

@@ -131,7 +131,11 @@ def _dataset(name: str, aurocs: dict[str, float], deltas: list):
 
 
 def _recommendation(sum_vs_default: tuple[float, float]) -> tuple[str, list[str]]:
-    from confidence_router.evaluation.report import ROUTER_DEFAULT_SIGNAL, BaselineReport, _recommend
+    from confidence_router.evaluation.report import (
+        ROUTER_DEFAULT_SIGNAL,
+        BaselineReport,
+        _recommend,
+    )
 
     default = ROUTER_DEFAULT_SIGNAL
     assert default not in ("mean_logprob", "sum_logprob")

@@ -101,10 +101,10 @@ if TYPE_CHECKING:  # numpy and llama_cpp are optional (the "embedded" extra): im
 __all__ = [
     "COMPLETION_FEW_SHOT_PREFIX",
     "FEW_SHOT_PREFIX",
-    "TRIVIA_FEW_SHOT_PREFIX",
     "MAX_TOP_LOGPROBS",
     "PROMPT_TEMPLATES",
     "PROMPT_TEMPLATE_VERSIONS",
+    "TRIVIA_FEW_SHOT_PREFIX",
     "YES_NO_QUESTION_LAST_TEMPLATE",
     "YES_NO_TEMPLATE",
     "LlamaCppBackend",
