@@ -8,8 +8,8 @@ client + HTTP overhead, and 20 ms, faster than any real local model), prints the
 of each, the absolute overhead and the ratios to the direct call — of the router and of a bare
 pass-through ``BaseChatModel`` (LangChain's own floor for any wrapper). Target: the router's
 ratio within 5% of the bare wrapper's, judged on the median over rounds of the ratio within a
-round (each round times one batch of every variant, in rotating order, so a slow stretch of
-this shared machine hits all three alike and cancels in the ratio).
+round (in each round the three variants take turns call by call, in rotating order, so a slow
+stretch of this shared machine hits all three alike and cancels in the ratio).
 Then whether importing the package pulls in heavy stacks.
 
     python benchmarks/overhead.py [--n 300] [--latencies 0,0.02] [--in-process]
@@ -105,20 +105,25 @@ def measure(n: int, latency: float, *, in_process: bool = False, batch: int = 10
             direct.invoke(question)
             floor.invoke(question)
             router.invoke(question)
-        # Per-call time of each batch; batches interleaved (in rotating order) so machine noise
-        # hits all alike.
+        # Mean per-call time of each variant per round. Within a round the variants take turns
+        # call by call (in an order rotated every step), so a burst of load from other
+        # processes on this shared machine hits all three alike rather than one variant's batch.
         times: dict[str, list[float]] = {"direct": [], "floor": [], "router": []}
         variants = [("direct", direct), ("floor", floor), ("router", router)]
+        clock = time.perf_counter
         for round_ in range(max(1, n // batch)):
-            # Rotate the order each round: no variant always runs right after another.
-            shift = round_ % len(variants)
-            for name, model in variants[shift:] + variants[:shift]:
-                t = time.perf_counter()
-                for _ in range(batch):
+            spent = dict.fromkeys(times, 0.0)
+            for step in range(batch):
+                # Rotate the order: no variant always runs right after another.
+                shift = (round_ + step) % len(variants)
+                for name, model in variants[shift:] + variants[:shift]:
+                    t = clock()
                     message = model.invoke(question)
-                times[name].append((time.perf_counter() - t) / batch)
-                if model is router:
-                    assert message.response_metadata["routing"]["decision"] == "local"
+                    spent[name] += clock() - t
+                    if model is router:
+                        assert message.response_metadata["routing"]["decision"] == "local"
+            for name, total in spent.items():
+                times[name].append(total / batch)
     where = "in-process server" if in_process else "server in a child process"
     rounds = len(times["router"])
     print(f"scripted latency {latency * 1e3:.0f} ms, {where}, {rounds} rounds of {batch} calls "

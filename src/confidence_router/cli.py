@@ -224,7 +224,8 @@ def _calibrate_fit(args: argparse.Namespace) -> int:
     )
     held_scores = [s for s, _ in held]
     held_labels = [y for _, y in held]
-    calibrated = [calibration.p_correct(s) for s in held_scores]
+    # Held-out scores are known (rows without a score were left out), so each maps to a p.
+    calibrated = [float(calibration.p_correct(s)) for s in held_scores]  # type: ignore[arg-type]
     report = {
         "signal": signal,
         "method": args.method,

@@ -18,8 +18,15 @@ import operator
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterator,
+    Sequence,
+)
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from langchain_core.callbacks import (
     AsyncCallbackManager,
@@ -502,7 +509,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
         schema: dict[str, Any] | type | None = None,
         *,
         include_raw: bool = False,
-        method: str = "function_calling",
+        method: Literal["function_calling", "json_mode", "json_schema"] = "function_calling",
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, Any]:
         """Structured output through both tiers, each with its own mechanism for ``method``
@@ -682,7 +689,9 @@ class ConfidenceRoutedLLM(BaseChatModel):
 
     # -- the async driver -----------------------------------------------------------------------
 
-    async def _adrive(self, call: _Call, out: list[Answer]) -> AsyncIterator[ChatGenerationChunk]:
+    async def _adrive(
+        self, call: _Call, out: list[Answer]
+    ) -> AsyncGenerator[ChatGenerationChunk, None]:
         """Async :meth:`_drive`; the answer is appended to ``out``."""
         flow = self._flow(call)
         result: Any = None
@@ -730,7 +739,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
 
     async def _aanswer(
         self, effect: Generate, call: _Call, out: list[Answer]
-    ) -> AsyncIterator[ChatGenerationChunk]:
+    ) -> AsyncGenerator[ChatGenerationChunk, None]:
         model, timeout = self._tier(effect.tier)
         model = tier_clients.per_loop(model)
         config = _tiers.child_config(call.children, effect.tier)
@@ -872,7 +881,11 @@ class ConfidenceRoutedLLM(BaseChatModel):
         run_id = config.get("run_id") or uuid.uuid4()
         token = STREAM_CHILDREN.set(_tiers.stream_children(config, run_id, CallbackManager))
         try:
-            chunks = super().stream(input, {**config, "run_id": run_id}, stop=stop, **kwargs)
+            # A generator (closed below), typed as an iterator by the base class.
+            chunks = cast(
+                Generator[AIMessageChunk, None, None],
+                super().stream(input, {**config, "run_id": run_id}, stop=stop, **kwargs),
+            )
             first = next(chunks, None)
         finally:
             STREAM_CHILDREN.reset(token)
@@ -899,7 +912,10 @@ class ConfidenceRoutedLLM(BaseChatModel):
         drivers: list[Any] = []
         drivers_token = _tiers.OPEN_DRIVERS.set(drivers)
         try:
-            chunks = super().astream(input, {**config, "run_id": run_id}, stop=stop, **kwargs)
+            chunks = cast(
+                AsyncGenerator[AIMessageChunk, None],
+                super().astream(input, {**config, "run_id": run_id}, stop=stop, **kwargs),
+            )
             first = await anext(chunks, None)
         finally:
             STREAM_CHILDREN.reset(token)

@@ -226,7 +226,7 @@ def compute_signals(
         return unknown_signals(UNKNOWN_INVALID_LOGPROBS)
     mean = total / len(values)
     low = min(values)
-    base = {
+    base: dict[str, Any] = {
         "mean_logprob": mean,
         "min_logprob": low,
         "token_count": len(values),

@@ -536,3 +536,35 @@ def test_parent_run_langsmith_params(local, ollama_backend):
     assert not {"ls_temperature", "ls_max_tokens"} & set(metadata)  # they belong to the tiers
     assert router._get_ls_params(model="my-deployment")["ls_model_name"] == "my-deployment"
     assert "ls_stop" not in router._get_ls_params()
+
+
+def test_invocation_params_follow_knobs_and_tiers_changed_after_construction(
+    local, ollama_backend
+):
+    """The run's invocation params (cached per call path) reflect later assignments."""
+    from langchain_core.tracers.base import BaseTracer
+    from langchain_ollama import ChatOllama
+
+    class Collect(BaseTracer):
+        def __init__(self):
+            super().__init__()
+            self.runs = []
+
+        def _persist_run(self, run):
+            self.runs.append(run)
+
+    def params_of_a_call(router):
+        tracer = Collect()
+        router.invoke("France?", config={"callbacks": [tracer]})
+        (parent,) = tracer.runs
+        return parent.extra["invocation_params"]
+
+    ollama_backend.add_answer("France", "Paris", logprobs=-0.05)
+    router = ConfidenceRoutedLLM(local=local, threshold=0.6)
+    first = params_of_a_call(router)
+    assert first["threshold"] == 0.6 and first["local"] == local.model
+    router.threshold = 0.9
+    assert params_of_a_call(router)["threshold"] == 0.9
+    router.local = ChatOllama(model="other-local", base_url=local.base_url, logprobs=True)
+    assert router._identifying_params["local"] == "other-local"
+    assert first["threshold"] == 0.6  # what an earlier run recorded is not changed

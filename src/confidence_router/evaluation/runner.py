@@ -467,7 +467,7 @@ def _model_name(model: Any) -> str:
 
 
 def _model_options(model: Any) -> dict[str, Any]:
-    options = {}
+    options: dict[str, Any] = {}
     for attr in (
         "temperature",
         "num_predict",
