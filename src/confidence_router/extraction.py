@@ -71,7 +71,11 @@ def _parse_item(item: Any) -> TokenLogprob | None:
     return TokenLogprob(str(token or ""), float(logprob), tuple(tops))
 
 
-def _items(raw: Any) -> Sequence[Any] | None:
+def _items(response_metadata: Mapping[str, Any] | None) -> Sequence[Any] | None:
+    """The per-token entries of either layout, ``None`` when there are no logprobs."""
+    if not response_metadata:
+        return None
+    raw = response_metadata.get("logprobs")
     if raw is None:
         return None
     if isinstance(raw, Mapping) or (not isinstance(raw, (list, tuple)) and hasattr(raw, "content")):
@@ -90,9 +94,7 @@ def token_logprobs(response_metadata: Mapping[str, Any] | None) -> list[TokenLog
     endpoint without logprobs, a cloud model): the caller must treat confidence as unknown.
     Returns an empty list when the layout is present but holds no tokens.
     """
-    if not response_metadata:
-        return None
-    items = _items(response_metadata.get("logprobs"))
+    items = _items(response_metadata)
     if items is None:
         return None
     parsed = []
@@ -117,9 +119,7 @@ def chosen_logprobs(response_metadata: Mapping[str, Any] | None) -> list[float] 
     >>> chosen_logprobs({"logprobs": [{"token": "Rome", "logprob": -0.2,
     ...                               "top_logprobs": [{"token": "Rome", "logprob": -0.2}]}]})
     """
-    if not response_metadata:
-        return None
-    items = _items(response_metadata.get("logprobs"))
+    items = _items(response_metadata)
     if items is None:
         return None
     values = []

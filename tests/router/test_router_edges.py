@@ -14,6 +14,7 @@ import time
 import pytest
 from langchain_core.callbacks import UsageMetadataCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.tracers.base import BaseTracer
 
 from confidence_router import ConfidenceRoutedLLM
 from confidence_router.budget import CloudBudget, upper_bound_request_cost
@@ -485,23 +486,24 @@ async def test_abandoned_async_cloud_stream_keeps_its_reservation(local, cloud, 
     assert budget.spent > 0 and budget.reserved == 0
 
 
+class _RunCollector(BaseTracer):
+    """A tracer that keeps the finished runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.runs = []
+
+    def _persist_run(self, run):
+        self.runs.append(run)
+
+
 def test_parent_run_names_the_answering_model(local, cloud, ollama_backend, bedrock_server):
-    from langchain_core.tracers.base import BaseTracer
-
-    class Collect(BaseTracer):
-        def __init__(self):
-            super().__init__()
-            self.runs = []
-
-        def _persist_run(self, run):
-            self.runs.append(run)
-
     ollama_backend.add_answer("Kenya", "Jomo", logprobs=-3.0)
     ollama_backend.add_answer("France", "Paris", logprobs=-0.05)
     bedrock_server.set_default("Daniel arap Moi")
     router = ConfidenceRoutedLLM(local=local, cloud=cloud)
     for question, expected in (("Kenya?", cloud.model_id), ("France?", local.model)):
-        tracer = Collect()
+        tracer = _RunCollector()
         router.invoke(question, config={"callbacks": [tracer]})
         (parent,) = tracer.runs
         assert parent.extra["metadata"]["ls_model_name"] == expected
@@ -514,19 +516,9 @@ def test_parent_run_names_the_answering_model(local, cloud, ollama_backend, bedr
 
 def test_parent_run_langsmith_params(local, ollama_backend):
     """The router builds its own LangSmith params (no probing of attributes it lacks)."""
-    from langchain_core.tracers.base import BaseTracer
-
-    class Collect(BaseTracer):
-        def __init__(self):
-            super().__init__()
-            self.runs = []
-
-        def _persist_run(self, run):
-            self.runs.append(run)
-
     ollama_backend.add_answer("France", "Paris", logprobs=-0.05)
     router = ConfidenceRoutedLLM(local=local)
-    tracer = Collect()
+    tracer = _RunCollector()
     router.invoke("France?", config={"callbacks": [tracer]}, stop=["\n\n"])
     (parent,) = tracer.runs
     metadata = parent.extra["metadata"]
@@ -542,19 +534,10 @@ def test_invocation_params_follow_knobs_and_tiers_changed_after_construction(
     local, ollama_backend
 ):
     """The run's invocation params (cached per call path) reflect later assignments."""
-    from langchain_core.tracers.base import BaseTracer
     from langchain_ollama import ChatOllama
 
-    class Collect(BaseTracer):
-        def __init__(self):
-            super().__init__()
-            self.runs = []
-
-        def _persist_run(self, run):
-            self.runs.append(run)
-
     def params_of_a_call(router):
-        tracer = Collect()
+        tracer = _RunCollector()
         router.invoke("France?", config={"callbacks": [tracer]})
         (parent,) = tracer.runs
         return parent.extra["invocation_params"]
