@@ -199,11 +199,16 @@ def compute_signals(
         return unknown_signals(UNKNOWN_NO_LOGPROBS)
     values: list[float] = []
     tops: list[Sequence[Any]] = []
-    if all(type(item) is float for item in items):
-        # Plain logprobs (the routing path): no alternatives, so no top-k signals.
-        if not all(math.isfinite(v) and v <= _ROUNDING_SLACK for v in items):
+    # Plain float logprobs (the routing path): no alternatives, so no top-k signals. One
+    # loop without per-item type dispatch; anything else takes the general loop below.
+    isfinite = math.isfinite
+    for item in items:
+        if type(item) is not float:
+            values = []
+            break
+        if not (isfinite(item) and item <= _ROUNDING_SLACK):
             return unknown_signals(UNKNOWN_INVALID_LOGPROBS)
-        values = [min(v, 0.0) for v in items]
+        values.append(item if item < 0.0 else min(item, 0.0))
     for item in () if values else items:
         if isinstance(item, (int, float)) and not isinstance(item, bool):
             value = float(item)
@@ -271,7 +276,7 @@ def _entropy_score(entropy: float | None, top_k: int) -> float | None:
 
 
 def _mean_of(*scores: float | None) -> float | None:
-    if any(s is None for s in scores):
+    if None in scores:
         return None
     return math.fsum(scores) / len(scores)  # type: ignore[arg-type]
 
