@@ -249,11 +249,15 @@ def main_section(args: argparse.Namespace) -> None:
         ("mean_logprob", "exact (true cap)", lambda n, k: args.max_tokens - k),
         ("mean_logprob", "horizon 4 tokens", lambda n, k: 4),
         ("mean_logprob", "horizon 2 tokens", lambda n, k: 2),
+        # The router's default signal: its bound needs no cap (sound without one).
+        ("mean_min", "bound, no cap", lambda n, k: None),
+        ("mean_min", "bound, true cap", lambda n, k: args.max_tokens - k),
+        ("mean_min", "horizon 2 tokens", lambda n, k: 2),
     ]
     for signal, label, remaining in rules:
         simulate(answers, signal, label, remaining, args.threshold)
     for signal in SIGNAL_SCORERS:
-        if signal not in ("min_logprob", "mean_logprob"):
+        if signal not in {rule[0] for rule in rules}:
             print(f"| {signal} | - | no early-exit rule (never exits) | | | 0 |")
 
     print("\n## Live early exit (min_logprob): answers streamed and closed at the deciding "
@@ -289,8 +293,9 @@ def simulate(answers: list[Answer], signal: str, label: str, remaining: Any,
             continue
         exit_at = None
         for k in range(1, n + 1):
+            left = remaining(n, k)  # None: no cap known
             if should_exit_early(signal, threshold, answer.logprobs[:k],
-                                 max_remaining_tokens=max(0, remaining(n, k))):
+                                 max_remaining_tokens=None if left is None else max(0, left)):
                 exit_at = k
                 break
         full_escalates = escalates(signal, threshold, answer.logprobs)
