@@ -146,7 +146,7 @@ def should_exit_early(
         return False
     values = [min(v, 0.0) for v in values]  # the clamp compute_signals applies
     try:
-        math.fsum(values)
+        total = math.fsum(values)
     except OverflowError:  # as compute_signals: absurd logprobs (~-1e308) are invalid
         return False
     if signal == "min_logprob":
@@ -155,13 +155,13 @@ def should_exit_early(
         if max_remaining_tokens is None:
             return False
         best_score = logprob_to_confidence(
-            _best_mean(values, max_remaining_tokens), slope, offset
+            _best_mean(total, len(values), max_remaining_tokens), slope, offset
         )
     elif signal == "mean_min":
         # The average of the mean and min scores: the min score can only fall, and the mean
         # score is at most that of certain remaining tokens (without a cap: of a mean of 0).
         best_mean = 0.0 if max_remaining_tokens is None else _best_mean(
-            values, max_remaining_tokens
+            total, len(values), max_remaining_tokens
         )
         best_score = (
             logprob_to_confidence(best_mean, slope, offset)
@@ -172,10 +172,10 @@ def should_exit_early(
     return best_score < threshold - SCORE_MARGIN
 
 
-def _best_mean(values: Sequence[float], max_remaining_tokens: int) -> float:
-    """The highest final mean: every remaining token certain (adds 0 to the sum, 1 to the
-    count)."""
-    return math.fsum(values) / (len(values) + max_remaining_tokens)
+def _best_mean(total: float, count: int, max_remaining_tokens: int) -> float:
+    """The highest final mean of ``count`` tokens summing to ``total``: every remaining token
+    certain (adds 0 to the sum, 1 to the count)."""
+    return total / (count + max_remaining_tokens)
 
 
 def early_exit_index(

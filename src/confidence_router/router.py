@@ -71,7 +71,6 @@ from confidence_router.errors import (
 from confidence_router.extraction import token_logprobs
 from confidence_router.policy import DEFAULT_POLICY, RoutingPolicy, unknown_names_message
 from confidence_router.retry import ErrorKind, RetryPolicy
-from confidence_router.signals import NEEDS_TOP_LOGPROBS
 from confidence_router.tier_clients import model_name
 
 if TYPE_CHECKING:
@@ -85,7 +84,6 @@ EscalationGuard = Callable[[Sequence[BaseMessage]], "str | None"]
 
 _POLICY_CACHE = "_cached_policy"
 _COLLAB_CACHE = "_cached_collaborators"
-_PARAMS_CACHE = "_cached_identifying_params"
 #: The fields the call's collaborators are built from (rebuilt when any is replaced).
 _COLLAB_FIELDS = operator.itemgetter(
     "local", "cloud", "stats", "calibrator", "budget", "escalation_guard", "cloud_retry",
@@ -462,15 +460,9 @@ class ConfidenceRoutedLLM(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        # Read by LangChain on every call (it copies the dict): cached with its sources.
-        collab, policy = self._collaborators(), self._base_policy()
-        cached = self.__dict__.get(_PARAMS_CACHE)
-        if cached is None or cached[0] is not collab or cached[1] is not policy:
-            params = {"local": collab.local_model, "cloud": collab.cloud_model,
-                      **policy.as_dict()}
-            cached = (collab, policy, params)
-            object.__setattr__(self, _PARAMS_CACHE, cached)
-        return cached[2]
+        collab = self._collaborators()
+        return {"local": collab.local_model, "cloud": collab.cloud_model,
+                **self._base_policy().as_dict()}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
         # Which model answers is decided during the call; the tiers' child runs carry the
@@ -569,10 +561,9 @@ class ConfidenceRoutedLLM(BaseChatModel):
             trace.run = (children.handlers, children.parent_run_id)
         call = _Call(messages, stop if stop is not None else self.stop, trace, children,
                      tier_kwargs, streaming)
-        if policy.signal in NEEDS_TOP_LOGPROBS:
-            call.local_kwargs = {
-                **tier_kwargs, **tier_clients.top_logprobs_kwargs(self.local, policy.signal)
-            }
+        top_kwargs = tier_clients.top_logprobs_kwargs(self.local, policy.signal)
+        if top_kwargs:
+            call.local_kwargs = {**tier_kwargs, **top_kwargs}
         return call
 
     def _flow(self, call: _Call) -> Generator[Any, Any, Answer]:

@@ -199,17 +199,7 @@ def compute_signals(
         return unknown_signals(UNKNOWN_NO_LOGPROBS)
     values: list[float] = []
     tops: list[Sequence[Any]] = []
-    # Plain float logprobs (the routing path): no alternatives, so no top-k signals. One
-    # loop without per-item type dispatch; anything else takes the general loop below.
-    isfinite = math.isfinite
     for item in items:
-        if type(item) is not float:
-            values = []
-            break
-        if not (isfinite(item) and item <= _ROUNDING_SLACK):
-            return unknown_signals(UNKNOWN_INVALID_LOGPROBS)
-        values.append(item if item < 0.0 else min(item, 0.0))
-    for item in () if values else items:
         if isinstance(item, (int, float)) and not isinstance(item, bool):
             value = float(item)
             top: Sequence[Any] = ()
@@ -221,7 +211,7 @@ def compute_signals(
             top = getattr(item, "top_logprobs", None) or ()
             if not isinstance(top, (tuple, list)):
                 top = tuple(top)  # read twice below
-        if not (math.isfinite(value) and value <= _ROUNDING_SLACK):  # _valid_logprob, inlined
+        if not _valid_logprob(value):
             return unknown_signals(UNKNOWN_INVALID_LOGPROBS)
         values.append(min(value, 0.0))
         tops.append(top)
@@ -240,7 +230,7 @@ def compute_signals(
         "sum_logprob": total,
         "first_logprob": values[0],
     }
-    if not tops or not all(tops):
+    if not all(tops):
         # A position without alternatives leaves every top-k signal unknown (the routing path
         # asks for none unless its signal reads them): skip the per-position work.
         return LogprobSignals(**base)

@@ -26,6 +26,7 @@ from typing import Any
 from langchain_core.runnables import RunnableBinding
 
 from confidence_router.errors import EscalationBlockedError
+from confidence_router.signals import NEEDS_TOP_LOGPROBS
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -113,8 +114,6 @@ def with_logprobs(model: Any) -> Any:
 def top_logprobs_kwargs(model: Any, signal: str) -> dict[str, Any]:
     """Extra call kwargs for the local tier: the top alternatives per token when ``signal``
     reads them (margins, entropies) and the model can return them but was not set up to."""
-    from confidence_router.signals import NEEDS_TOP_LOGPROBS
-
     inner = unwrap(model)
     if signal not in NEEDS_TOP_LOGPROBS or getattr(inner, "top_logprobs", None):
         return {}
