@@ -98,6 +98,10 @@ class RoutingTrace:
             "cloud_attempts": 0,
             "models": {"local": collab.local_model, "cloud": collab.cloud_model},
         }
+        if policy.early_exit:
+            # On every path, also when no local answer comes (skipped by the pre-check, failed):
+            # the local answer's watch replaces it with what it saw.
+            self.record["early_exit"] = {"exited": False, "tokens": 0}
 
     def timed(self, stage: str, started: float) -> None:
         self.record["latency_s"][stage] = time.perf_counter() - started

@@ -105,7 +105,9 @@ class RoutingRecord(TypedDict, total=False):
     local_error_kind: str
     """``timeout``, ``transient``, ``throttled``, ``permanent`` or ``unknown``."""
     early_exit: dict[str, Any]
-    """``{"exited": bool, "tokens": int}`` when ``early_exit`` was on."""
+    """``{"exited": bool, "tokens": int}`` whenever ``early_exit`` was on: whether the local
+    answer was stopped early and how many of its tokens were seen (``{"exited": False,
+    "tokens": 0}`` when no local answer came: skipped by the pre-check, or failed)."""
     precheck: dict[str, Any]
     """The probe's ``p_yes``, threshold and extraction details (or its error)."""
     cloud_error: str

@@ -452,6 +452,30 @@ async def test_early_exit_async_stream(local, cloud, ollama_backend, bedrock_ser
     assert message.response_metadata["routing"]["reason"] == Reason.EARLY_EXIT
 
 
+def test_early_exit_field_is_in_the_record_when_the_local_answer_failed(local, cloud,
+                                                                       ollama_backend,
+                                                                       bedrock_server):
+    ollama_backend.fail(None, status=500, after_tokens=2)
+    bedrock_server.set_default("cloud answer")
+    router = ConfidenceRoutedLLM(local=local, cloud=cloud, signal="min_logprob", early_exit=True)
+    for message in (router.invoke("anything"), _merged(router.stream("anything"))):
+        routing = message.response_metadata["routing"]
+        assert message.text == "cloud answer"
+        assert routing["reason"] == Reason.LOCAL_ERROR
+        assert routing["early_exit"] == {"exited": False, "tokens": 0}
+    # Off: no early-exit entry at all.
+    off = router.invoke("anything", early_exit=False).response_metadata["routing"]
+    assert "early_exit" not in off
+
+
+def _merged(chunks):
+    chunks = list(chunks)
+    total = chunks[0]
+    for chunk in chunks[1:]:
+        total = total + chunk
+    return total
+
+
 def test_retries_of_a_client_the_router_cannot_configure_are_counted(
     local, bedrock_server, ollama_backend, bedrock_chat
 ):

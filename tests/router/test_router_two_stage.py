@@ -83,6 +83,13 @@ def test_precheck_no_escalates_without_local_generation(router, scripted, ollama
     assert requests[0]["body"]["options"]["num_predict"] == 1
 
 
+def test_precheck_no_with_early_exit_records_no_local_tokens(router, scripted, ollama_server):
+    routing = router.invoke(KENYA, early_exit=True).response_metadata["routing"]
+    assert routing["reason"] == "precheck"
+    assert routing["early_exit"] == {"exited": False, "tokens": 0}
+    assert len(_chat_requests(ollama_server)) == 1  # only the probe
+
+
 def test_precheck_yes_then_logprob_check(router, scripted, ollama_server, bedrock_server):
     message = router.invoke(FRANCE)
     routing = message.response_metadata["routing"]
