@@ -156,8 +156,8 @@ if TYPE_CHECKING:
     from confidence_router.otel import OpenTelemetrySink
     from confidence_router.policy import Decision, RoutingPolicy
     from confidence_router.probe import SelfAssessmentProbe
-    from confidence_router.record import Reason, RoutingRecord, TierUsage
     from confidence_router.proxy import ProxyConfig
+    from confidence_router.record import Reason, RoutingRecord, TierUsage
     from confidence_router.redis_state import (
         RedisCloudBudget,
         RedisRollingQuantileThreshold,

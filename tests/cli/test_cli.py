@@ -53,11 +53,12 @@ def test_help_lists_every_command_with_its_one_line_summary() -> None:
     for name, registered in _COMMANDS.items():
         summary = registered.summary
         assert "\n" not in summary and summary.strip() == summary and summary
-        # argparse may wrap a long summary: compare with whitespace collapsed.
+        # argparse may wrap a long summary (also after a hyphen, as textwrap does): compare
+        # with whitespace collapsed and hyphen breaks joined.
         listed = re.search(rf"^\s+{re.escape(name)}\s+(.+?)(?=^\s{{4}}\S|\Z)", text,
                            re.MULTILINE | re.DOTALL)
         assert listed is not None, (name, text)
-        assert " ".join(listed.group(1).split()) == summary
+        assert re.sub(r"-\n\s+", "-", listed.group(1)).split() == summary.split()
     assert "``" not in text and ":func:" not in text and "::" not in text  # no reST markup
     assert "--version" in text
 

@@ -553,3 +553,61 @@ def _eval_all(args: argparse.Namespace) -> int:
         print(f"confidence-router eval-all: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+# ---- eval-early-exit ---------------------------------------------------------------------------
+
+EXIT_SIGNALS = ("min_logprob", "mean_min", "mean_logprob")
+"""The signals with an early-exit rule (the exact one, the default signal's bound, the mean)."""
+
+
+def _early_exit_args(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Replay early exit on stored evaluation runs: decode tokens and estimated time saved "
+        "on escalated answers, decisions changed, AUROC with and without early exit."
+    )
+    parser.add_argument("--db", default=DEFAULT_DB, help=f"SQLite file (default {DEFAULT_DB})")
+    parser.add_argument("--run", action="append", default=None, dest="runs",
+                        help="run name (repeatable); default: every run in the database")
+    parser.add_argument("--threshold", type=float, default=0.7, help="keep-local threshold")
+    parser.add_argument("--signal", action="append", default=None, dest="signals",
+                        help=f"signal (repeatable); default: {', '.join(EXIT_SIGNALS)}")
+    parser.add_argument("--horizon", type=int, action="append", default=None, dest="horizons",
+                        help="also replay with this many remaining tokens assumed instead of "
+                        "the run's num_predict cap (repeatable)")
+
+
+@command("eval-early-exit", _early_exit_args,
+         "replay early exit on stored eval runs: tokens and time saved, decisions changed")
+def _eval_early_exit(args: argparse.Namespace) -> int:
+    require_extra("eval", "confidence-router eval-early-exit")
+    from confidence_router.evaluation.exit_replay import replay_early_exit
+    from confidence_router.evaluation.runner import list_runs, load_run
+
+    if not Path(args.db).is_file():
+        raise FileNotFoundError(f"evaluation database not found: {args.db!r}")
+    names = args.runs or [info.name for info in list_runs(args.db)]
+    print("| run | signal | bound | escalated | exited | tokens saved | est. time saved "
+          "| decisions changed | AUROC full -> early |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    try:
+        for name in names:
+            run = load_run(args.db, name)
+            for signal in args.signals or EXIT_SIGNALS:
+                for horizon in [None, *(args.horizons or ())]:
+                    r = replay_early_exit(run, signal, args.threshold, horizon=horizon)
+                    print(f"| {r.run} | {r.signal} | {r.bound} | {r.escalated}/{r.answers} "
+                          f"| {r.exited} | {r.tokens_saved}/{r.tokens_escalated} "
+                          f"({_share(r.token_share_saved)}) | {r.time_saved_s:.1f} s "
+                          f"({_share(r.time_share_saved)}) | {r.decisions_changed} "
+                          f"| {r.auroc_full:.3f} -> {r.auroc_early:.3f} |")
+    except (ValueError, LookupError) as error:
+        print(f"confidence-router eval-early-exit: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _share(value: float) -> str:
+    import math
+
+    return "-" if math.isnan(value) else f"{value:.0%}"  # NaN: nothing to share
