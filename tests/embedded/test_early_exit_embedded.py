@@ -8,7 +8,6 @@ server-side in the decode loop, not by the client).
 
 import asyncio
 import math
-import time
 
 import pytest
 
@@ -39,16 +38,6 @@ SLACK = 3
 def gemma():
     with start_embedded_server(stop_at_newline=False) as server:
         yield server
-
-
-def idle_count(backend, timeout=60.0):
-    """The produced-token count once the decode loop has released the model."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if backend._lock.acquire(timeout=0.1):
-            backend._lock.release()
-            return backend.generated_tokens
-    raise AssertionError("the model is still generating")
 
 
 def local_model(gemma):
@@ -123,7 +112,7 @@ def test_the_full_run_escalates_on_the_same_decision(router, full_answer, bedroc
 
 @pytest.mark.parametrize("path", ["invoke", "stream", "ainvoke", "astream", "batch", "abatch"])
 async def test_early_exit_stops_the_embedded_model_at_the_deciding_token(
-    router, gemma, full_answer, bedrock_server, path
+    router, gemma, full_answer, bedrock_server, path, idle_count
 ):
     _, _, expected = full_answer
     backend = gemma.backend

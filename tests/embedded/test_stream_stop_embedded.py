@@ -1,7 +1,6 @@
 """Closing a ChatOllama stream stops the embedded model's decode loop (counted server-side)."""
 
 import asyncio
-import time
 
 import pytest
 
@@ -30,22 +29,12 @@ def server():
         yield srv
 
 
-def idle_count(backend, timeout=30.0):
-    """The produced-token count once the decode loop has released the model."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if backend._lock.acquire(timeout=0.1):
-            backend._lock.release()
-            return backend.generated_tokens
-    raise AssertionError("the model is still generating")
-
-
 def llm(server):
     return ChatOllama(base_url=server.url, model=MODEL, num_predict=LONG, temperature=0,
                       logprobs=True)
 
 
-def test_closing_a_sync_stream_stops_the_model(server):
+def test_closing_a_sync_stream_stops_the_model(server, idle_count):
     backend = server.backend
     start = idle_count(backend)
     stream = llm(server).stream("Once upon a time, in a land far away,")
@@ -58,7 +47,7 @@ def test_closing_a_sync_stream_stops_the_model(server):
     assert produced < LONG // 4
 
 
-async def test_closing_an_async_stream_stops_the_model(server):
+async def test_closing_an_async_stream_stops_the_model(server, idle_count):
     backend = server.backend
     start = await asyncio.to_thread(idle_count, backend)
     stream = llm(server).astream("Once upon a time, in a land far away,")
@@ -71,7 +60,7 @@ async def test_closing_an_async_stream_stops_the_model(server):
     assert produced < LONG // 4
 
 
-def test_a_full_stream_generates_everything(server):
+def test_a_full_stream_generates_everything(server, idle_count):
     backend = server.backend
     start = idle_count(backend)
     chunks = list(ChatOllama(base_url=server.url, model=MODEL, num_predict=40,
