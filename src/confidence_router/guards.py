@@ -245,7 +245,8 @@ def _walk(value: Any, strings: list[str], unreadable: list[str]) -> None:
         run: list[str] = []
         for item in value:
             _walk(item, strings, unreadable)
-            text = _block_text(item)
+            # Text blocks only: a list of plain strings (enum values, arguments) is not prose.
+            text = _block_text(item) if isinstance(item, dict) else None
             if text is not None:
                 run.append(text)
                 continue
