@@ -30,7 +30,9 @@ from confidence_router.errors import InvalidArgumentError
 # Unicode-aware (``\w`` matches any letter): internationalised addresses such as
 # ``josé@exemplo.com.br`` or ``用户@例子.公司`` are emails too. A line break right after the
 # ``@`` still reads as one address (Converse joins consecutive user messages with one).
-_EMAIL = re.compile(r"[\w.%+'-]+@(?:\r?\n)?(?:[\w-]+\.)+[\w-]{2,}")
+# The look-behind starts a match only where a run of address characters starts: without it a
+# long run with no "@" (base64, minified JSON) costs quadratic time.
+_EMAIL = re.compile(r"(?<![\w.%+'-])[\w.%+'-]+@(?:\r?\n)?(?:[\w-]+\.)+[\w-]{2,}")
 # Card numbers as people write them: compact (13-19 digits), or in groups of four (16 or 19
 # digits) or 4-6-5 / 4-6-4 (Amex, Diners), separated by up to two spaces, dots, dashes or
 # line breaks; never a piece of a longer alphanumeric token ("IPv4 192...", hashes).

@@ -157,3 +157,11 @@ def test_normalise_leaves_plain_text_alone():
     text = "What is the capital of France? 2 + 2 = 4"
     assert normalise(text) is text
     assert normalise("\uff21\uff22\u200b\uff23") == "ABC"
+
+
+@pytest.mark.parametrize("run", ["a" * 200_000, "1" * 200_000, "ab1-" * 50_000, "a." * 100_000])
+def test_long_runs_without_personal_data_are_answered(run):
+    """A long token without an "@" (base64, minified JSON) used to cost the email pattern
+    quadratic time (minutes for 200 kB, holding the request); see
+    benchmarks/guard_scaling.py for the measured ratio."""
+    assert PIIGuard().find(run) is None

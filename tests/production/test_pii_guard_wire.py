@@ -413,3 +413,27 @@ def test_plain_callable_guard_tool_definitions(api, cloud, unsure, bedrock_serve
     routing = _routing(router.bind_tools([_tool_with_pii_description()]).invoke, QUESTION)
     assert EMAIL not in _sent(bedrock_server)
     _assert_kept_local(routing, bedrock_server, "email address")
+
+
+def test_precheck_escalation_is_guarded(api, cloud, ollama_chat, ollama_backend, bedrock_server):
+    """The self-assessment probe sends a query to the cloud without a local answer: the guard
+    judges that escalation too, on the messages and on the wire."""
+    from confidence_router.probe import SelfAssessmentProbe
+
+    def is_probe(request):
+        return "Respond with exactly one token" in request.messages[-1]["content"]
+
+    ollama_backend.add_probe(is_probe, {"NO": -0.1, "YES": -2.5})  # "no": escalate at once
+    ollama_backend.set_default("not sure", logprobs=-3.0)
+    bedrock_server.set_default("cloud answer")
+    local = ollama_chat()
+    router = ConfidenceRoutedLLM(local=local, cloud=cloud, escalation_guard=PIIGuard(),
+                                 precheck=SelfAssessmentProbe(model=local),
+                                 precheck_threshold=0.5)
+    in_message = router.invoke(f"Who wrote to {EMAIL}?").response_metadata["routing"]
+    _assert_kept_local(in_message, bedrock_server, "email address")
+    tooled = router.bind_tools([_tool_with_pii_description()]).invoke("Who was Jomo Kenyatta?")
+    _assert_kept_local(tooled.response_metadata["routing"], bedrock_server, "email address")
+    clean = router.invoke("Who was Jomo Kenyatta?").response_metadata["routing"]
+    assert clean["decision"] == "cloud" and clean["reason"] == "precheck"
+    assert len(bedrock_server.requests) == 1
