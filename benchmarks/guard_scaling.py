@@ -49,8 +49,8 @@ def main() -> None:
     print(f"{'input':<24} {'n':>8} {'t(n) ms':>9} {'t(10n) ms':>10} {'ratio':>6}")
     for name, make in SHAPES.items():
         small, large = make(args.size), make(args.size * 10)
-        t_small = _median_seconds(lambda: guard.find(small), args.repeat)
-        t_large = _median_seconds(lambda: guard.find(large), args.repeat)
+        t_small = _median_seconds(lambda text=small: guard.find(text), args.repeat)
+        t_large = _median_seconds(lambda text=large: guard.find(text), args.repeat)
         print(f"{name:<24} {args.size:>8} {t_small * 1e3:>9.2f} {t_large * 1e3:>10.2f} "
               f"{t_large / t_small:>6.1f}")
     turn = "Which treaty ended the Thirty Years' War in 1648, and who signed it? " * 4

@@ -76,7 +76,7 @@ _FORMAT_CHARS = (
     + list(range(0xFE00, 0xFE10))
     + list(range(0xFFF9, 0xFFFC))
 )
-_UNHIDE = {code: None for code in _FORMAT_CHARS}
+_UNHIDE: dict[int, int | None] = {code: None for code in _FORMAT_CHARS}
 _UNHIDE.update({0xE0000 + code: code for code in range(0x20, 0x7F)})
 _UNHIDE.update({code: None for code in (0xE0001, 0xE007F)})
 _NEEDS_NORMALISING = re.compile(r"[^\x00-\x7f]|&")
@@ -268,6 +268,13 @@ class PIIGuard:
     Detects, in every message of the conversation: email addresses, credit-card numbers
     (Luhn-checked), IBANs, US social security numbers and phone numbers. Choose a subset with
     ``kinds``; add your own patterns with ``extra`` (name -> regex).
+
+    Text is judged as a reader sees it: invisible characters (zero-width spaces and joiners,
+    soft hyphens, Unicode tag characters), fullwidth forms and HTML character references hide
+    nothing, nor do line breaks inside a number or data split across adjacent text blocks or
+    consecutive messages. Content it cannot read keeps the query local: images, documents,
+    files, audio, video and redacted (encrypted) reasoning. Text is not decoded further: data
+    you base64-encode yourself inside a text block is not recognised.
 
     Example:
         .. code-block:: python

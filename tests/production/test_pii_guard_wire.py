@@ -437,3 +437,15 @@ def test_precheck_escalation_is_guarded(api, cloud, ollama_chat, ollama_backend,
     clean = router.invoke("Who was Jomo Kenyatta?").response_metadata["routing"]
     assert clean["decision"] == "cloud" and clean["reason"] == "precheck"
     assert len(bedrock_server.requests) == 1
+
+
+def test_chatbedrock_on_the_converse_api_is_judged_on_the_wire(bedrock_invoke_chat, unsure,
+                                                               bedrock_server):
+    """``ChatBedrock(beta_use_converse_api=True)`` sends through an inner Converse client: the
+    wire check covers it too."""
+    cloud = bedrock_invoke_chat(max_tokens=50, beta_use_converse_api=True)
+    router = ConfidenceRoutedLLM(local=unsure, cloud=cloud, escalation_guard=PIIGuard())
+    routing = _routing(router.bind_tools([_tool_with_pii_description()]).invoke, QUESTION)
+    _assert_kept_local(routing, bedrock_server, "email address")
+    assert router.invoke(QUESTION).response_metadata["routing"]["decision"] == "cloud"
+    assert [r["operation"] for r in bedrock_server.requests] == ["converse"]
