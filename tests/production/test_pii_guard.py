@@ -165,3 +165,21 @@ def test_long_runs_without_personal_data_are_answered(run):
     quadratic time (minutes for 200 kB, holding the request); see
     benchmarks/guard_scaling.py for the measured ratio."""
     assert PIIGuard().find(run) is None
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "EqQBCkgIARABGAIiQNr/AB12CDEF3456GHIJ/xyz+Zq",  # IBAN-shaped base64 segments
+        "sig+Kx42Lm9Qp0rStUvWx/end",
+        "DE88370400440532013000",  # wrong check digits
+    ],
+)
+def test_iban_shaped_tokens_are_not_ibans(token):
+    """About one extended-thinking signature in nine used to be read as an IBAN (a base64
+    segment such as "AB12CDEF3456GHIJ"), keeping whole conversations local; IBANs are now
+    checked by their check digits."""
+    assert PIIGuard().find(token) is None
+    thinking = AIMessage(content=[{"type": "thinking", "thinking": "fine", "signature": token},
+                                  {"type": "text", "text": "hi"}])
+    assert PIIGuard()([HumanMessage("hello"), thinking, HumanMessage("and?")]) is None
