@@ -63,7 +63,7 @@ _PHONE_AFTER_WORD = re.compile(
     re.IGNORECASE,
 )
 _IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}|\d{2}\.\d{2}\.\d{4}")
+_DATE = re.compile(r"(?<!\d)(?:\d{4}([-./])\d{2}\1\d{2}|\d{2}([-./])\d{2}\2\d{4})(?!\d)")
 
 # Invisible characters a reader (or a model) skips but a pattern does not: zero-width spaces
 # and joiners, soft hyphens, direction marks, BOMs, ... (Unicode category Cf) are dropped;

@@ -104,6 +104,7 @@ def test_obfuscated_and_reformatted(text, kind):
         "Timestamps 1700000000 1700000060 1700000120",
         "Meeting on 2024-05-17 10:00-11:30, room 4.21",
         "Released 10.05.2024 12:00 UTC",
+        "shop v3.11.2, build 2024.05.17-1432, paid on 17/05/2024 12:30",
         "sha256 e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
         "UUID 123e4567-e89b-12d3-a456-426614174000",
         "Matrix:\n1 0 0\n0 1 0\n0 0 1",

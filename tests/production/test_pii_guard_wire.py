@@ -449,3 +449,46 @@ def test_chatbedrock_on_the_converse_api_is_judged_on_the_wire(bedrock_invoke_ch
     _assert_kept_local(routing, bedrock_server, "email address")
     assert router.invoke(QUESTION).response_metadata["routing"]["decision"] == "cloud"
     assert [r["operation"] for r in bedrock_server.requests] == ["converse"]
+
+
+# -- 6. ordinary requests still escalate --------------------------------------------------------
+
+
+def test_ordinary_tool_conversation_escalates(api, cloud, unsure, bedrock_server):
+    """A realistic request full of numbers, dates, versions and code (system prompt, tools,
+    tool calls and results, reasoning with a signature) is not personal data: it escalates,
+    as serialised by either client."""
+
+    @tool
+    def order_status(order_id: str, since: str = "2024-01-01") -> str:
+        """Status of an order by id (e.g. "ORD-2024-000123"), with events since a date."""
+        return "shipped"
+
+    system = SystemMessage(
+        "You are a support bot for shop v3.11.2 (build 2024.05.17-1432). Prices in EUR, "
+        "timestamps in UTC (e.g. 1715950800). Use tools; never guess order data."
+    )
+    history = [
+        system,
+        HumanMessage("Where is order ORD-2024-000123? I paid 1,249.99 on 17.05.2024 at 14:30."),
+        AIMessage(
+            content=[{"type": "text", "text": "Let me check."}],
+            tool_calls=[{"name": "order_status",
+                         "args": {"order_id": "ORD-2024-000123", "since": "2024-05-17"},
+                         "id": "toolu_01A09q90qw90lq917835lq9"}],
+        ),
+        ToolMessage(
+            content=[{"type": "text", "text": json.dumps({
+                "status": "shipped", "carrier_ref": "1Z 999 AA1 01 2345 6784",
+                "weight_kg": 2.35, "events": ["2024-05-17 10:00-11:30 packed",
+                                              "2024-05-18 08:15 left hub 4.21"]})}],
+            tool_call_id="toolu_01A09q90qw90lq917835lq9",
+        ),
+        HumanMessage("Also: my script fails with `pip install numpy==1.26.4` on Python "
+                     "3.11.9, CUDA 12.1:\n```\nfor i in range(10):\n    x[i] = i * 1000\n```"),
+    ]
+    router = ConfidenceRoutedLLM(local=unsure, cloud=cloud, escalation_guard=PIIGuard())
+    routing = router.bind_tools([order_status]).invoke(history).response_metadata["routing"]
+    assert routing["decision"] == "cloud", routing
+    assert len(bedrock_server.requests) == 1
+    assert "ORD-2024-000123" in _sent(bedrock_server)
