@@ -19,24 +19,83 @@ defence, not a PII classifier; plug a real detector in the same way when you nee
 
 from __future__ import annotations
 
+import html
 import re
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
 from confidence_router.errors import InvalidArgumentError
 
 # Unicode-aware (``\w`` matches any letter): internationalised addresses such as
-# ``josé@exemplo.com.br`` or ``用户@例子.公司`` are emails too.
-_EMAIL = re.compile(r"[\w.%+'-]+@(?:[\w-]+\.)+[\w-]{2,}")
-_PHONE = re.compile(r"(?<!\w)\+?\d[\d\s().-]{7,}\d(?!\w)")
-# 13-19 digits, any run of up to two separators (space, dot, dash, no-break space) between
-# them: "4111.1111.1111.1111" and "4111  1111 1111 1111" are cards too (Luhn-checked below).
-_CARD = re.compile(r"(?<!\d)(?:\d[ .\-\u00a0]{0,2}){12,18}\d(?!\d)")
-# Case-insensitive, compact or grouped by spaces: "de89370400440532013000" is an IBAN.
+# ``josé@exemplo.com.br`` or ``用户@例子.公司`` are emails too. A line break right after the
+# ``@`` still reads as one address (Converse joins consecutive user messages with one).
+# The look-behind starts a match only where a run of address characters starts: without it a
+# long run with no "@" (base64, minified JSON) costs quadratic time.
+_EMAIL = re.compile(r"(?<![\w.%+'-])[\w.%+'-]+@(?:\r?\n)?(?:[\w-]+\.)+[\w-]{2,}")
+# Card numbers as people write them: compact (13-19 digits), or in groups of four (16 or 19
+# digits) or 4-6-5 / 4-6-4 (Amex, Diners), separated by up to two spaces, dots, dashes or
+# line breaks; never a piece of a longer alphanumeric token ("IPv4 192...", hashes).
+_CARD_SEP = r"[\s.\-]{1,2}"
+_CARD = re.compile(
+    r"(?<![\w.\-])(?:\d{13,19}"
+    rf"|\d{{4}}(?:{_CARD_SEP}\d{{4}}){{3}}(?:{_CARD_SEP}\d{{3}})?"
+    rf"|\d{{4}}{_CARD_SEP}\d{{6}}{_CARD_SEP}\d{{4,5}})(?!\d)"
+)
+_YEAR = re.compile(r"(?:1[89]|20)\d\d")
+# Case-insensitive, compact or grouped by spaces or line breaks: "de89370400440532013000" and
+# "DE89\n3704..." are IBANs.
 _IBAN = re.compile(
-    r"(?<![\w])[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]{4}){2,7}(?:[ ]?[A-Z0-9]{1,4})?(?![\w])", re.IGNORECASE
+    r"(?<![\w])[A-Z]{2}\d{2}(?:\s?[A-Z0-9]{4}){2,7}(?:\s?[A-Z0-9]{1,4})?(?![\w])", re.IGNORECASE
 )
 _US_SSN = re.compile(r"\b\d{3}-\d{2}-\d{4}\b")
+# Phone numbers: international ("+44 20 7946 0958", "+447946095800"); national ones grouped
+# ("(202) 555-0123", "020 7946 0958", "06 12 34 56 78"); or any 9-15 digit number right after
+# a word such as "phone" or "call". Not versions, dates and times, IP addresses, decimals or
+# pieces of longer numbers ("2024-05-17 10:00", "10.0.19045", "3.14159265").
+_PHONE_INTERNATIONAL = re.compile(r"(?<![\w+])\+\d[\d\s().\-]{6,}\d(?!\d)")
+_PHONE_GROUPED = re.compile(
+    r"(?<![\w.,:/+\-])(?<!\d )(?:\(\d{2,5}\)|\d{2,5})(?:[ .\-]{1,2}\d{2,5}){1,5}"
+    r"(?![\w.,:/\-]?\d)"
+)
+_PHONE_AFTER_WORD = re.compile(
+    r"\b(?:phone|telephone|tel|mobile|cell|fax|whatsapp|call|sms)\b\W{0,5}(\d{9,15})(?!\d)",
+    re.IGNORECASE,
+)
+_IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
+_DATE = re.compile(r"(?<!\d)(?:\d{4}([-./])\d{2}\1\d{2}|\d{2}([-./])\d{2}\2\d{4})(?!\d)")
+
+# Invisible characters a reader (or a model) skips but a pattern does not: zero-width spaces
+# and joiners, soft hyphens, direction marks, BOMs, ... (Unicode category Cf) are dropped;
+# Unicode "tag" characters, which spell ASCII invisibly, become that ASCII.
+_FORMAT_CHARS = (
+    [0x00AD, 0x061C, 0x180E, 0xFEFF, 0x034F]
+    + list(range(0x200B, 0x2010))
+    + list(range(0x202A, 0x202F))
+    + list(range(0x2060, 0x2070))
+    + list(range(0xFE00, 0xFE10))
+    + list(range(0xFFF9, 0xFFFC))
+)
+_UNHIDE: dict[int, int | None] = {code: None for code in _FORMAT_CHARS}
+_UNHIDE.update({0xE0000 + code: code for code in range(0x20, 0x7F)})
+_UNHIDE.update({code: None for code in (0xE0001, 0xE007F)})
+_NEEDS_NORMALISING = re.compile(r"[^\x00-\x7f]|&")
+
+
+def normalise(text: str) -> str:
+    """``text`` as a reader sees it: invisible characters removed, Unicode compatibility forms
+    folded (fullwidth ``＠`` and digits become ``@`` and ASCII digits), HTML character
+    references decoded (``&#64;`` is ``@``). Plain ASCII text without ``&`` is returned as is.
+
+    >>> normalise("jane\u200b.doe\uff20example.com")
+    'jane.doe@example.com'
+    """
+    if not _NEEDS_NORMALISING.search(text):
+        return text
+    text = unicodedata.normalize("NFKC", text.translate(_UNHIDE))
+    if "&" in text:
+        text = html.unescape(text)
+    return text
 
 
 def _luhn_ok(number: str) -> bool:
@@ -51,13 +110,55 @@ def _luhn_ok(number: str) -> bool:
     return checksum % 10 == 0
 
 
-#: Content block types whose payload is binary or remote: a text guard cannot read them.
+def _is_card(candidate: str) -> bool:
+    groups = re.split(r"[\s.\-]+", candidate)
+    if len(groups) > 1 and all(_YEAR.fullmatch(g) for g in groups):
+        return False  # a list of years ("1914 1918 1939 1945")
+    return _luhn_ok(candidate)
+
+
+def _iban_checksum_ok(compact: str) -> bool:
+    """ISO 13616 check digits: the number with its first four characters moved to the end and
+    letters as 10..35 is 1 modulo 97."""
+    rearranged = compact[4:] + compact[:4]
+    try:
+        return int("".join(str(int(c, 36)) for c in rearranged)) % 97 == 1
+    except ValueError:
+        return False
+
+
+def _is_iban(candidate: str) -> bool:
+    """A valid IBAN (check digits): random tokens that merely look like one ("Ab12..." in a
+    base64 reasoning signature) are not. A word run on after the number may have been taken
+    as its last group, so that group is also tried without."""
+    groups = candidate.split()
+    compact = "".join(groups).upper()
+    if _iban_checksum_ok(compact):
+        return True
+    if len(groups) > 2:
+        return _iban_checksum_ok("".join(groups[:-1]).upper())
+    return False
+
+
+def _is_phone(candidate: str) -> bool:
+    digits = sum(c.isdigit() for c in candidate)
+    if not 9 <= digits <= 15:
+        return False
+    return not (_IPV4.fullmatch(candidate) or _DATE.search(candidate))
+
+
+#: Content block types whose payload is binary, remote or encrypted: a text guard cannot read
+#: them (redacted reasoning is the provider's encrypted text: nobody here can judge it).
 UNREADABLE_BLOCK_TYPES = frozenset(
-    {"image", "image_url", "input_image", "document", "file", "audio", "input_audio", "video"}
+    {"image", "image_url", "input_image", "document", "file", "audio", "input_audio", "video",
+     "text-plain", "redacted_thinking", "redacted_reasoning"}
 )
 # Keys of binary payloads in provider-native blocks (Bedrock ``{"image": {"source":
 # {"bytes": ...}}}``): their values are not text.
 _BINARY_KEYS = frozenset({"bytes", "image", "document", "video", "audio"})
+# Keys whose value is opaque even when it is a string: serialised ``bytes`` (base64 on the
+# wire) and Bedrock's encrypted ``redactedContent`` reasoning.
+_OPAQUE_KEYS = frozenset({"bytes", "redactedContent", "redacted_content"})
 # Message fields that never reach a provider (our own metadata, LangChain bookkeeping).
 _NOT_SENT = frozenset({"response_metadata", "usage_metadata", "id", "type", "artifact"})
 
@@ -69,25 +170,59 @@ def outgoing_texts(messages: Sequence[Any]) -> tuple[list[str], list[str]]:
     type (``text``, ``reasoning``/``thinking``, tool use and results, provider-native blocks
     without a ``type`` such as Bedrock's ``{"text": ...}``), tool calls and their arguments,
     invalid tool calls, ``additional_kwargs`` (e.g. ``reasoning_content``), names and tool call
-    ids. Returns ``(strings, unreadable)``; ``unreadable`` names binary or remote content
-    (images, documents, audio, video) that a text guard cannot judge.
+    ids, dictionary keys included. Adjacent text blocks, and the texts of consecutive
+    messages, are also given joined, as the model reads them. Returns ``(strings,
+    unreadable)``; ``unreadable`` names binary, remote or encrypted content (images,
+    documents, audio, video, redacted reasoning) that a text guard cannot judge.
 
-    >>> from langchain_core.messages import AIMessage
+    >>> from langchain_core.messages import AIMessage, HumanMessage
     >>> msg = AIMessage(content=[{"text": "hi"}], tool_calls=[
     ...     {"name": "send", "args": {"to": "a@b.io"}, "id": "c1"}])
-    >>> sorted(outgoing_texts([msg])[0])
-    ['a@b.io', 'c1', 'hi', 'send', 'to']
+    >>> strings, unreadable = outgoing_texts([msg])
+    >>> "a@b.io" in strings, unreadable
+    (True, [])
+    >>> split = HumanMessage(content=[{"type": "text", "text": "jane@"}, {"text": "ex.com"}])
+    >>> "jane@ex.com" in outgoing_texts([split])[0]
+    True
     """
     strings: list[str] = []
     unreadable: list[str] = []
+    texts: list[str] = []
     for message in messages:
         if isinstance(message, str):
             strings.append(message)
+            texts.append(message)
             continue
-        for name, value in _message_fields(message).items():
+        fields = _message_fields(message)
+        for name, value in fields.items():
             if name not in _NOT_SENT:
                 _walk(value, strings, unreadable)
+        texts.append(_content_text(fields.get("content")))
+    if len(texts) > 1:
+        # Clients merge consecutive messages (Converse joins user turns with a line break):
+        # personal data split across two messages is whole in the request.
+        strings.append("\n".join(texts))
     return strings, unreadable
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(t for t in map(_block_text, content) if t is not None)
+    return ""
+
+
+def _block_text(block: Any) -> str | None:
+    """The text of a text block (a string, ``{"type": "text", "text": ...}`` or Bedrock's
+    ``{"text": ...}``), else ``None``."""
+    if isinstance(block, str):
+        return block
+    if isinstance(block, dict) and block.get("type", "text") == "text":
+        text = block.get("text")
+        if isinstance(text, str):
+            return text
+    return None
 
 
 def _message_fields(message: Any) -> dict[str, Any]:
@@ -124,19 +259,28 @@ def _walk(value: Any, strings: list[str], unreadable: list[str]) -> None:
             unreadable.append(f"{block_type} block")
             return
         for key, item in value.items():
-            if key in _BINARY_KEYS and not isinstance(item, str):
+            if key in _OPAQUE_KEYS or (key in _BINARY_KEYS and not isinstance(item, str)):
                 unreadable.append(f"{key} block")
-                continue
-            if key == "bytes":
-                unreadable.append("bytes block")
                 continue
             if isinstance(key, str) and key != "type":
                 strings.append(key)
             _walk(item, strings, unreadable)
         return
     if isinstance(value, (list, tuple, set, frozenset)):
+        run: list[str] = []
         for item in value:
             _walk(item, strings, unreadable)
+            # Text blocks only: a list of plain strings (enum values, arguments) is not prose.
+            text = _block_text(item) if isinstance(item, dict) else None
+            if text is not None:
+                run.append(text)
+                continue
+            if len(run) > 1:
+                strings.append("".join(run))
+            run = []
+        if len(run) > 1:
+            # Adjacent text blocks read as one text: "jane.doe@" + "example.com" is an email.
+            strings.append("".join(run))
         return
     strings.append(str(value))
 
@@ -147,6 +291,13 @@ class PIIGuard:
     Detects, in every message of the conversation: email addresses, credit-card numbers
     (Luhn-checked), IBANs, US social security numbers and phone numbers. Choose a subset with
     ``kinds``; add your own patterns with ``extra`` (name -> regex).
+
+    Text is judged as a reader sees it: invisible characters (zero-width spaces and joiners,
+    soft hyphens, Unicode tag characters), fullwidth forms and HTML character references hide
+    nothing, nor do line breaks inside a number or data split across adjacent text blocks or
+    consecutive messages. Content it cannot read keeps the query local: images, documents,
+    files, audio, video and redacted (encrypted) reasoning. Text is not decoded further: data
+    you base64-encode yourself inside a text block is not recognised.
 
     Example:
         .. code-block:: python
@@ -184,20 +335,30 @@ class PIIGuard:
         return None
 
     def find(self, text: str) -> str | None:
-        """The first kind of personal data found in ``text``, or ``None``."""
-        if "email address" in self.kinds and _EMAIL.search(text):
+        """The first kind of personal data found in ``text``, or ``None``.
+
+        ``text`` is judged as a reader sees it (:func:`normalise`): zero-width characters,
+        fullwidth forms and HTML character references do not hide anything.
+        """
+        text = normalise(text)
+        kinds = self.kinds
+        if "email address" in kinds and _EMAIL.search(text):
             return "email address"
-        if "credit card number" in self.kinds and any(
-            _luhn_ok(m.group()) for m in _CARD.finditer(text)
+        if "credit card number" in kinds and any(
+            _is_card(m.group()) for m in _CARD.finditer(text)
         ):
             return "credit card number"
-        if "IBAN" in self.kinds and _IBAN.search(text):
+        if "IBAN" in kinds and any(_is_iban(m.group()) for m in _IBAN.finditer(text)):
             return "IBAN"
-        if "US SSN" in self.kinds and _US_SSN.search(text):
+        if "US SSN" in kinds and _US_SSN.search(text):
             return "US SSN"
-        if "phone number" in self.kinds and any(
-            # 9-15 digits: phone-length, unlike years ("1939-1945") or short numbers.
-            9 <= sum(c.isdigit() for c in m.group()) <= 15 for m in _PHONE.finditer(text)
+        if "phone number" in kinds and (
+            any(
+                8 <= sum(c.isdigit() for c in m.group()) <= 15
+                for m in _PHONE_INTERNATIONAL.finditer(text)
+            )
+            or any(_is_phone(m.group()) for m in _PHONE_GROUPED.finditer(text))
+            or _PHONE_AFTER_WORD.search(text)
         ):
             return "phone number"
         for name, pattern in self.extra.items():
