@@ -127,17 +127,29 @@ def _iban_checksum_ok(compact: str) -> bool:
         return False
 
 
-def _is_iban(candidate: str) -> bool:
-    """A valid IBAN (check digits): random tokens that merely look like one ("Ab12..." in a
-    base64 reasoning signature) are not. A word run on after the number may have been taken
-    as its last group, so that group is also tried without."""
+def _is_iban(match: re.Match[str]) -> bool:
+    """An IBAN as people write it, or any token with valid check digits.
+
+    A compact IBAN-shaped token between base64 characters (``/``, ``+``, ``=``), such as
+    "Ab12..." in a reasoning signature, counts only with valid check digits: one random
+    signature in nine holds such a token. Anywhere else the shape is enough, so that an IBAN
+    with a typo (or an invented one) is still kept from the cloud. A word run on after the
+    number may have been taken as its last group, so that group is also tried without.
+    """
+    candidate, text = match.group(), match.string
     groups = candidate.split()
     compact = "".join(groups).upper()
     if _iban_checksum_ok(compact):
         return True
-    if len(groups) > 2:
-        return _iban_checksum_ok("".join(groups[:-1]).upper())
-    return False
+    if len(groups) > 2 and _iban_checksum_ok("".join(groups[:-1]).upper()):
+        return True
+    before = text[match.start() - 1] if match.start() > 0 else ""
+    after = text[match.end()] if match.end() < len(text) else ""
+    return before not in _BASE64_ONLY and after not in _BASE64_ONLY
+
+
+# Characters that appear next to an alphanumeric run inside base64 but rarely in prose.
+_BASE64_ONLY = frozenset("/+=")
 
 
 def _is_phone(candidate: str) -> bool:
@@ -348,7 +360,7 @@ class PIIGuard:
             _is_card(m.group()) for m in _CARD.finditer(text)
         ):
             return "credit card number"
-        if "IBAN" in kinds and any(_is_iban(m.group()) for m in _IBAN.finditer(text)):
+        if "IBAN" in kinds and any(_is_iban(m) for m in _IBAN.finditer(text)):
             return "IBAN"
         if "US SSN" in kinds and _US_SSN.search(text):
             return "US SSN"

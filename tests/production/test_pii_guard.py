@@ -169,17 +169,31 @@ def test_long_runs_without_personal_data_are_answered(run):
 
 
 @pytest.mark.parametrize(
+    "text",
+    [
+        "Pay to DE88 3704 0044 0532 0130 00 please",  # wrong check digits (a typo)
+        "iban: de88370400440532013000.",
+        "GB00 WEST 1234 5698 7654 32",  # invented
+        "DE89370400440532013000",  # valid
+        "sig/DE89370400440532013000=",  # valid, even inside base64
+    ],
+)
+def test_ibans_as_people_write_them_are_caught_with_or_without_valid_check_digits(text):
+    assert PIIGuard().find(text) == "IBAN"
+
+
+@pytest.mark.parametrize(
     "token",
     [
         "EqQBCkgIARABGAIiQNr/AB12CDEF3456GHIJ/xyz+Zq",  # IBAN-shaped base64 segments
         "sig+Kx42Lm9Qp0rStUvWx/end",
-        "DE88370400440532013000",  # wrong check digits
+        "sig/DE88370400440532013000=",  # wrong check digits, between base64 characters
     ],
 )
 def test_iban_shaped_tokens_are_not_ibans(token):
     """About one extended-thinking signature in nine used to be read as an IBAN (a base64
-    segment such as "AB12CDEF3456GHIJ"), keeping whole conversations local; IBANs are now
-    checked by their check digits."""
+    segment such as "AB12CDEF3456GHIJ"), keeping whole conversations local; between base64
+    characters an IBAN-shaped token now needs valid check digits."""
     assert PIIGuard().find(token) is None
     thinking = AIMessage(content=[{"type": "thinking", "thinking": "fine", "signature": token},
                                   {"type": "text", "text": "hi"}])
