@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import BaseMessage, HumanMessage
 
 from confidence_router import policy as rules
 from confidence_router.costs import routing_costs
@@ -27,6 +27,7 @@ from confidence_router.errors import (
     LocalModelError,
 )
 from confidence_router.extraction import chosen_logprobs, message_text, token_logprobs
+from confidence_router.guards import json_strings
 from confidence_router.policy import RoutingPolicy
 from confidence_router.record import Reason
 from confidence_router.retry import (
@@ -63,17 +64,26 @@ class Collaborators:
     confidence_calibration: Any = None
     """A fitted :class:`~confidence_router.correctness.ConfidenceCalibration` that adds
     ``p_correct`` to the record."""
+    cloud_extras: Sequence[Any] = ()
+    """What every cloud request carries besides the messages (see
+    :func:`~confidence_router.tier_clients.request_extras`): the guard judges it too."""
 
 
 class RoutingTrace:
     """Accumulates the routing record of one call."""
 
     def __init__(
-        self, policy: RoutingPolicy, messages: Sequence[BaseMessage], collab: Collaborators
+        self,
+        policy: RoutingPolicy,
+        messages: Sequence[BaseMessage],
+        collab: Collaborators,
+        cloud_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self.policy = policy
         self.messages = messages
         self.collab = collab
+        self.cloud_kwargs: Mapping[str, Any] = cloud_kwargs or {}
+        """This call's kwargs for the tiers (tools, formats, ...): sent to the cloud too."""
         self.started = time.perf_counter()
         self.local_error: BaseException | None = None
         self.reservation: Any = None
@@ -230,6 +240,12 @@ class RoutingTrace:
             return None
         try:
             verdict = guard(self.messages)
+            # The request carries more than the messages: bound tools, schemas, model fields
+            # and this call's tier kwargs. (A wire check on the serialised body, where the
+            # client allows one, comes on top.)
+            extras = [*self.collab.cloud_extras, *self.cloud_kwargs.values()]
+            if not verdict and extras:
+                verdict = _judge_extras(guard, extras)
         except Exception as error:  # noqa: BLE001 - a broken guard fails closed (privacy)
             return f"failed ({type(error).__name__}: {error})"
         return verdict or None
@@ -479,3 +495,18 @@ def _signals_dict(signals: Any) -> dict[str, Any]:
 def _usage_of(message: BaseMessage | None) -> dict[str, Any] | None:
     usage = getattr(message, "usage_metadata", None)
     return dict(usage) if usage else None
+
+
+def _judge_extras(guard: Callable[..., Any], extras: Sequence[Any]) -> str | None:
+    """The guard's verdict on what a request carries besides its messages.
+
+    A guard with ``check_request`` (as :class:`~confidence_router.guards.PIIGuard`) judges the
+    strings; a plain function is shown them as one more message. Binary parts fail closed.
+    """
+    strings, unreadable = json_strings(extras)
+    check = getattr(guard, "check_request", None)
+    if callable(check):
+        return check(strings, unreadable)  # type: ignore[no-any-return]
+    if unreadable:
+        return f"unreadable content ({unreadable[0]})"
+    return guard([HumanMessage("\n".join(strings))]) if strings else None

@@ -385,6 +385,11 @@ class ConfidenceRoutedLLM(BaseChatModel):
             ),
             early_exit_rule=_early_exit_rule(self.local),
             confidence_calibration=self.confidence_calibration,
+            cloud_extras=(
+                tier_clients.request_extras(self.cloud)
+                if self.cloud is not None and self.escalation_guard is not None
+                else ()
+            ),
         )
         # Plain attributes in __dict__ (not pydantic private ones, whose lookup is slow on
         # the hot path); model_copy() carries them along, which is what we want.
@@ -553,7 +558,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
             overrides["threshold"] = self.calibrator.threshold
         policy = self._base_policy().with_overrides(overrides)
         children = _tiers.child_manager(run_manager)
-        trace = RoutingTrace(policy, messages, self._collaborators())
+        trace = RoutingTrace(policy, messages, self._collaborators(), tier_kwargs)
         # The router's own run gets the decision as metadata and tags (filterable in LangSmith).
         if run_manager is not None and run_manager.handlers:
             trace.run = (run_manager.handlers, run_manager.run_id)
@@ -1003,11 +1008,21 @@ def _check_input(messages: Sequence[BaseMessage]) -> None:
         if message.text.strip() or getattr(message, "tool_calls", None):
             return
         content = message.content
-        if isinstance(content, list) and any(
-            isinstance(block, dict) and block.get("type") not in (None, "text") for block in content
-        ):
-            return  # an image, a document, a tool result ...
+        if isinstance(content, list) and any(map(_has_content, content)):
+            return  # an image, a document, a tool result, Bedrock-native text ...
     raise InvalidInputError("every message is empty or whitespace: there is nothing to answer")
+
+
+def _has_content(block: Any) -> bool:
+    """A content block other than blank text (a block without a ``type`` is provider-native:
+    Bedrock's ``{"text": ...}`` is text, anything else is content)."""
+    if not isinstance(block, dict):
+        return isinstance(block, str) and bool(block.strip())
+    kind = block.get("type")
+    if kind not in (None, "text"):
+        return True
+    text = block.get("text")
+    return bool(text.strip()) if isinstance(text, str) else kind is None
 
 
 def _timeout(tier: str, timeout: float | None) -> TierTimeoutError:

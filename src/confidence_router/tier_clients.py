@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from langchain_core.runnables import RunnableBinding
+from langchain_core.runnables.base import RunnableBindingBase
+from langchain_core.runnables.fallbacks import RunnableWithFallbacks
 
 from confidence_router.errors import EscalationBlockedError
 from confidence_router.signals import NEEDS_TOP_LOGPROBS
@@ -51,6 +53,40 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 def unwrap(model: Any) -> Any:
     """The model inside a ``bind()`` / ``bind_tools()`` wrapper (or the model itself)."""
     return model.bound if isinstance(model, RunnableBinding) else model
+
+
+#: Fields of a chat model whose values go into every request body (a system prompt, extra
+#: request fields): besides the messages, what a request may carry from settings.
+_REQUEST_FIELDS = ("model_kwargs", "additional_model_request_fields", "system")
+
+
+def request_extras(model: Any) -> list[Any]:
+    """What every request of ``model`` carries besides the messages, as JSON-like values.
+
+    The kwargs bound at every level of wrappers (``bind``/``bind_tools``/
+    ``with_structured_output`` and ``with_retry``; every model of ``with_fallbacks``): tools,
+    tool choice, response formats and schemas; and the models' own request fields
+    (``model_kwargs``, ``additional_model_request_fields``, ``system``). The escalation guard
+    judges these with the messages, whatever client sends them.
+    """
+    extras: list[Any] = []
+    pending, seen = [model], set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, RunnableBindingBase):
+            if current.kwargs:
+                extras.append(dict(current.kwargs))
+            pending.append(current.bound)
+        elif isinstance(current, RunnableWithFallbacks):
+            pending.extend([current.runnable, *current.fallbacks])
+        else:
+            extras.extend(
+                value for name in _REQUEST_FIELDS if (value := getattr(current, name, None))
+            )
+    return extras
 
 
 def _rewrap(model: Any, inner: Any) -> Any:

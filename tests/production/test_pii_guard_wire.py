@@ -379,12 +379,10 @@ def test_cloud_model_kwargs_are_judged_on_the_wire(unsure, bedrock_invoke_chat, 
                        "email address")
 
 
-@pytest.mark.xfail(strict=True, reason="known leak: tier_clients.configure_cloud installs the "
-                   "wire check only on clients it builds itself (needs a lead change)")
 def test_own_boto3_client_tool_definitions(unsure, bedrock_server):
-    """A ChatBedrockConverse built around your own boto3 client keeps that client as it is,
-    so the request body is not checked on the wire: only the messages are judged, and a tool
-    definition carrying personal data is sent (1 request)."""
+    """A ChatBedrockConverse built around your own boto3 client keeps that client as it is
+    (no wire check on it); the tools bound to the router are still judged before the
+    escalation (before the fix: a tool definition carrying personal data was sent)."""
     import boto3
     from langchain_aws import ChatBedrockConverse
 
@@ -399,11 +397,9 @@ def test_own_boto3_client_tool_definitions(unsure, bedrock_server):
     _assert_kept_local(routing, bedrock_server, "email address")
 
 
-@pytest.mark.xfail(strict=True, reason="known leak: a guard without check_request judges the "
-                   "messages only; bound tools are not shown to it (needs a lead change)")
 def test_plain_callable_guard_tool_definitions(api, cloud, unsure, bedrock_server):
-    """A guard that is a plain function judges the messages only; the tools bound to the
-    router are part of what the cloud receives, and are sent (1 request per API)."""
+    """A guard that is a plain function is also shown the tools bound to the router: they are
+    part of what the cloud receives (before the fix: sent, 1 request per API)."""
     guard = PIIGuard()
 
     def my_guard(messages):
@@ -502,13 +498,10 @@ def test_tools_bound_on_the_cloud_model_itself_are_judged(api, cloud, unsure, be
     _assert_kept_local(_routing(router.invoke, QUESTION), bedrock_server, "email address")
 
 
-@pytest.mark.xfail(strict=True, reason="known leak: tier_clients.unwrap sees through bind() only; "
-                   "a cloud wrapped in with_retry()/with_fallbacks() gets no wire check "
-                   "(needs a lead change)")
 @pytest.mark.parametrize("wrap", ["with_retry", "with_fallbacks"])
 def test_wrapped_cloud_model_kwargs(wrap, bedrock_invoke_chat, unsure, bedrock_server):
     """The body fields a wrapped cloud model adds (here Anthropic's ``metadata.user_id``) are
-    sent: 1 request."""
+    judged through the wrapper (before the fix: sent, 1 request)."""
     cloud = bedrock_invoke_chat(max_tokens=50, model_kwargs={"metadata": {"user_id": EMAIL}})
     cloud = cloud.with_retry(stop_after_attempt=1) if wrap == "with_retry" \
         else cloud.with_fallbacks([cloud])
@@ -516,3 +509,51 @@ def test_wrapped_cloud_model_kwargs(wrap, bedrock_invoke_chat, unsure, bedrock_s
     routing = _routing(router.invoke, QUESTION)
     assert EMAIL not in _sent(bedrock_server)
     _assert_kept_local(routing, bedrock_server, "email address")
+
+
+def test_tools_passed_with_the_call_are_judged(api, cloud, unsure, bedrock_server):
+    """Tools given as a per-call kwarg go to both tiers: the guard judges them before the
+    escalation, for a PIIGuard and for a plain function."""
+    from functools import partial
+
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    tool_spec = convert_to_openai_tool(_tool_with_pii_description())
+    guard = PIIGuard()
+    for escalation_guard in (guard, lambda messages: guard(messages)):
+        router = ConfidenceRoutedLLM(local=unsure, cloud=cloud,
+                                     escalation_guard=escalation_guard)
+        routing = _routing(partial(router.invoke, tools=[tool_spec]), QUESTION)
+        _assert_kept_local(routing, bedrock_server, "email address")
+
+
+def test_clean_tools_and_fields_still_escalate(api, cloud, unsure, bedrock_server):
+    """Judging the tools and model fields does not block an ordinary tool definition."""
+
+    @tool
+    def get_weather(city: str, unit: str = "celsius") -> str:
+        """Get the weather for a city, in celsius or fahrenheit (version 2.1, 2024-05-17)."""
+        return "sunny"
+
+    for escalation_guard in (PIIGuard(), lambda messages: PIIGuard()(messages)):
+        router = ConfidenceRoutedLLM(local=unsure, cloud=cloud,
+                                     escalation_guard=escalation_guard)
+        routing = _routing(router.bind_tools([get_weather]).invoke, QUESTION)
+        assert routing["decision"] == "cloud", routing
+    assert len(bedrock_server.requests) == 2
+
+
+def test_bedrock_native_text_blocks_are_input(bedrock_chat, unsure, bedrock_server):
+    """A message made only of blocks without a ``type`` (Bedrock-native ``{"text": ...}``,
+    which ChatBedrockConverse sends) has content: it is routed, not rejected as empty; a blank
+    one still is."""
+    from langchain_core.messages import HumanMessage
+
+    from confidence_router.errors import InvalidInputError
+
+    router = ConfidenceRoutedLLM(local=unsure, cloud=bedrock_chat(max_tokens=50))
+    message = router.invoke([HumanMessage(content=[{"text": "what is an obscure fact?"}])])
+    assert message.response_metadata["routing"]["decision"] == "cloud"
+    with pytest.raises(InvalidInputError):
+        router.invoke([HumanMessage(content=[{"text": "   "}])])
+    assert len(bedrock_server.requests) == 1
