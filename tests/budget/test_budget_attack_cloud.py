@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from langchain_core.messages import HumanMessage
@@ -22,8 +23,10 @@ from langchain_core.messages import HumanMessage
 from confidence_router import ConfidenceRoutedLLM
 from confidence_router.budget import CloudBudget, upper_bound_input_tokens, upper_bound_request_cost
 from confidence_router.costs import Price
+from confidence_router.errors import RoutingConfigError
 from confidence_router.record import Reason
 from confidence_router.retry import ErrorKind, RetryPolicy
+from confidence_router.testing.bedrock_server import encode_event_frame
 
 SONNET_PRICE = Price(3.0, 15.0)
 MAX_TOKENS = 50
@@ -368,3 +371,120 @@ async def test_async_throttle_timeout_mix_counts_every_request_and_holds_the_cap
     assert budget.spent == pytest.approx(2 * one) and budget.spent <= budget.max_usd
     assert budget.reserved == 0
     assert routing["cloud_cost_usd"] == pytest.approx(2 * one)
+
+
+# -- a cloud response that reports no usage ---------------------------------------------------
+
+
+class _NoUsageConverse(BaseHTTPRequestHandler):
+    """Answers Converse and ConverseStream like Bedrock, but never reports token usage."""
+
+    received: list[str]
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.received.append(self.path)  # type: ignore[attr-defined]
+        if self.path.endswith("/converse-stream"):
+            frames = [
+                ("messageStart", {"role": "assistant"}),
+                ("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": "cloud "}}),
+                ("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": "answer"}}),
+                ("contentBlockStop", {"contentBlockIndex": 0}),
+                ("messageStop", {"stopReason": "end_turn"}),
+            ]
+            body = b"".join(
+                encode_event_frame({":event-type": kind, ":content-type": "application/json",
+                                    ":message-type": "event"}, json.dumps(payload).encode())
+                for kind, payload in frames
+            )
+            content_type = "application/vnd.amazon.eventstream"
+        else:
+            body = json.dumps({
+                "output": {"message": {"role": "assistant",
+                                       "content": [{"text": "cloud answer"}]}},
+                "stopReason": "end_turn",
+            }).encode()
+            content_type = "application/json"
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def no_usage_cloud():
+    """A ChatBedrockConverse on a Converse endpoint that omits ``usage``; ``.received`` lists
+    the requests it got."""
+    from langchain_aws import ChatBedrockConverse
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NoUsageConverse)
+    server.received = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    cloud = ChatBedrockConverse(
+        model="us.anthropic.claude-sonnet-4-5-20250929-v1:0", region_name="us-east-1",
+        endpoint_url=f"http://127.0.0.1:{server.server_address[1]}",
+        aws_access_key_id="test", aws_secret_access_key="test", max_retries=0,
+        max_tokens=MAX_TOKENS,
+    )
+    yield cloud, server.received
+    server.shutdown()
+    server.server_close()
+
+
+def test_answer_without_usage_is_spent_at_its_bound_and_not_retried(
+    no_usage_cloud, ollama_chat, unsure
+):
+    cloud, received = no_usage_cloud
+    budget = CloudBudget(max_usd=1.0)
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud, budget=budget,
+                                 on_cloud_error="local")
+    routing = router.invoke(QUESTION).response_metadata["routing"]
+    # The request was processed (the client choked on the missing usage): billed, at most the
+    # bound; the failure is not retried into a second billed request.
+    assert len(received) == 1 == routing["cloud_attempts"]
+    assert budget.spent == pytest.approx(bound()) and budget.reserved == 0
+    assert routing["cloud_cost_usd"] == pytest.approx(budget.spent)
+
+
+@pytest.mark.xfail(strict=True, reason="needs router change: a successful cloud answer without "
+                   "usage is committed at its bound, but RoutingTrace.finish() leaves "
+                   "cloud_cost_usd None, so the record disagrees with the budget")
+def test_streamed_answer_without_usage_is_priced_at_what_the_budget_committed(
+    no_usage_cloud, ollama_chat, unsure
+):
+    cloud, received = no_usage_cloud
+    budget = CloudBudget(max_usd=1.0)
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud, budget=budget)
+    chunks = list(router.stream(QUESTION))
+    routing = chunks[-1].response_metadata["routing"]
+    assert "".join(c.text for c in chunks) == "cloud answer"
+    assert len(received) == 1
+    assert budget.spent == pytest.approx(bound()) and budget.reserved == 0
+    assert routing["cloud_cost_usd"] == pytest.approx(budget.spent)
+
+
+# -- max_tokens set, yet not sent -------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="needs router change: with reasoningConfig high effort "
+                   "ChatBedrockConverse drops maxTokens from the request, so the reservation "
+                   "(from max_tokens) is no upper bound; construction must refuse it")
+def test_budget_refuses_a_cloud_tier_that_does_not_send_its_max_tokens(
+    ollama_chat, bedrock_chat, unsure, bedrock_server
+):
+    cloud = bedrock_chat(max_tokens=MAX_TOKENS, additional_model_request_fields={
+        "reasoningConfig": {"type": "enabled", "maxReasoningEffort": "high"}})
+    try:
+        router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud,
+                                     budget=CloudBudget(max_usd=1.0))
+    except RoutingConfigError as refused:  # the fix may refuse at construction ...
+        assert "max_tokens" in str(refused)
+        return
+    router.invoke(QUESTION)  # ... or make sure the limit reaches the wire
+    (sent,) = bedrock_server.requests
+    assert sent["body"]["inferenceConfig"].get("maxTokens") == MAX_TOKENS
