@@ -379,9 +379,7 @@ async def test_async_throttle_timeout_mix_counts_every_request_and_holds_the_cap
 class _NoUsageConverse(BaseHTTPRequestHandler):
     """Answers Converse and ConverseStream like Bedrock, but never reports token usage."""
 
-    received: list[str]
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.server.received.append(self.path)  # type: ignore[attr-defined]
         if self.path.endswith("/converse-stream"):
@@ -466,6 +464,50 @@ def test_streamed_answer_without_usage_is_priced_at_what_the_budget_committed(
     assert len(received) == 1
     assert budget.spent == pytest.approx(bound()) and budget.reserved == 0
     assert routing["cloud_cost_usd"] == pytest.approx(budget.spent)
+
+
+# -- the connection drops after the request went out -----------------------------------------
+
+
+class _DropsAfterReading(BaseHTTPRequestHandler):
+    """Reads the whole request, then closes the connection without answering: the service may
+    have run (and billed) it."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.received.append(self.path)  # type: ignore[attr-defined]
+        self.close_connection = True
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_connection_dropped_after_sending_is_not_retried_into_more_billed_requests(
+    ollama_chat, unsure
+):
+    from langchain_aws import ChatBedrockConverse
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _DropsAfterReading)
+    server.received = []  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cloud = ChatBedrockConverse(
+            model="us.anthropic.claude-sonnet-4-5-20250929-v1:0", region_name="us-east-1",
+            endpoint_url=f"http://127.0.0.1:{server.server_address[1]}",
+            aws_access_key_id="test", aws_secret_access_key="test", max_retries=0,
+            max_tokens=MAX_TOKENS,
+        )
+        budget = CloudBudget(max_usd=1.0)
+        router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud, budget=budget,
+                                     on_cloud_error="local")  # the default cloud_retry
+        routing = router.invoke(QUESTION).response_metadata["routing"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    # One request that may have been billed, counted as spent, and not sent again.
+    assert len(server.received) == 1 == routing["cloud_attempts"]
+    assert routing["cloud_error_kind"] == "disconnected"
+    assert budget.spent == pytest.approx(bound()) and budget.reserved == 0
 
 
 # -- max_tokens set, yet not sent -------------------------------------------------------------
