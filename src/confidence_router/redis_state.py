@@ -33,7 +33,9 @@ nothing (``None``: the router serves the local answer flagged, or raises
 ``BudgetExceededError``, as ``on_budget_exceeded`` says) and ``remaining`` reads 0. A
 reservation whose settlement cannot reach Redis stays held until its lease runs out and is
 then charged as above, so the caller still gets the answer it paid for and the cap holds.
-Both are logged as warnings on the ``confidence_router`` logger.
+The calibrator routes with its ``initial_threshold`` and drops observations meanwhile, and
+the stats sink's errors are logged by the router, so a call still gets an answer. All of it
+is logged as warnings on the ``confidence_router`` logger.
 
 **Key prefix.** Every key starts with ``prefix`` (one per deployment) and the component's
 ``name``, e.g. ``prod:budget:default:state``; two deployments on one Redis never mix.
@@ -754,6 +756,7 @@ class RedisRollingQuantileThreshold:
 
     def observe(self, score: float | None, *, escalated: bool | None = None) -> None:
         """Record one query's confidence (``None`` = unknown); see the in-process class.
+        Dropped (logged) while Redis cannot be reached.
 
         Raises:
             ValueError: ``score`` is NaN or infinite, or ``escalated`` is not a bool/None.
@@ -766,13 +769,29 @@ class RedisRollingQuantileThreshold:
         if escalated is not None and not isinstance(escalated, bool):
             raise InvalidArgumentError(f"escalated must be a bool or None, got {escalated!r}")
         flag = "" if escalated is None else ("1" if escalated else "0")
-        self._observe(keys=self._keys,
-                      args=self._args("" if score is None else repr(float(score)), flag))
+        try:
+            self._observe(keys=self._keys,
+                          args=self._args("" if score is None else repr(float(score)), flag))
+        except Exception as error:
+            if not _redis_unreachable(error):
+                raise
+            # One lost observation barely moves a quantile; failing the routed call would.
+            logger.warning("confidence_router: calibrator observation dropped, Redis "
+                           "unreachable (%s: %s)", type(error).__name__, error)
 
     @property
     def threshold(self) -> float:
-        """The threshold to route with now (from every process's observations)."""
-        return float(self._threshold(keys=self._keys, args=self._args()))
+        """The threshold to route with now (from every process's observations); the
+        ``initial_threshold`` while Redis cannot be reached (logged)."""
+        try:
+            return float(self._threshold(keys=self._keys, args=self._args()))
+        except Exception as error:
+            if not _redis_unreachable(error):
+                raise
+            logger.warning("confidence_router: calibrator unavailable, Redis unreachable "
+                           "(%s: %s); routing with the initial threshold %g",
+                           type(error).__name__, error, self._initial)
+            return self._initial
 
     def _read(self, tau: float | None = None) -> dict[str, Any]:
         threshold, n, n_obs, below, meta = self._snapshot(

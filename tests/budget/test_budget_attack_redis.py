@@ -231,3 +231,25 @@ def test_reserving_from_many_threads_while_redis_disappears_never_overspends(
         for f in futures:
             f.result()
     assert 10 <= len(granted) <= 20  # never more than the cap allows, no exception escaped
+
+
+def test_redis_gone_with_all_shared_state_still_answers_locally(
+    own_redis, ollama_chat, bedrock_chat, unsure, bedrock_server, caplog
+):
+    from confidence_router.redis_state import RedisRollingQuantileThreshold, RedisRoutingStats
+
+    client = redis_client(own_redis.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    router = ConfidenceRoutedLLM(
+        local=ollama_chat(), cloud=bedrock_chat(max_tokens=MAX_TOKENS),
+        budget=RedisCloudBudget(client, max_usd=1.0), stats=RedisRoutingStats(client),
+        calibrator=RedisRollingQuantileThreshold(client, target_rate=0.3, min_samples=5),
+    )
+    assert router.invoke(QUESTION).response_metadata["routing"]["decision"] == "cloud"
+    own_redis.stop()
+    message = router.invoke(QUESTION)  # budget, stats and calibrator all unreachable
+    routing = message.response_metadata["routing"]
+    assert message.text == "unsure" and routing["flagged"] is True
+    assert routing["reason"] == Reason.BUDGET_EXCEEDED
+    assert routing["threshold"] == 0.7  # the calibrator's initial threshold
+    assert len(bedrock_server.requests) == 1
+    assert "calibrator unavailable" in caplog.text
