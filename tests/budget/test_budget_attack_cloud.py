@@ -171,6 +171,27 @@ async def test_async_stream_dropped_without_aclose_settles_on_garbage_collection
     assert len(bedrock_server.requests) == 1
 
 
+def test_event_loop_ending_with_a_cloud_stream_open_settles_it(
+    cloud_factory, ollama_chat, unsure, bedrock_server
+):
+    bedrock_server.add_answer(None, "a b c d e f g h", piece_delay=0.05)
+    budget = CloudBudget(max_usd=1.0)
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud_factory(max_tokens=MAX_TOKENS),
+                                 budget=budget)
+    kept = []
+
+    async def main() -> None:
+        stream = router.astream(QUESTION)
+        await anext(stream)
+        await anext(stream)
+        kept.append(stream)  # still referenced, never closed, when the loop ends
+
+    asyncio.run(main())
+    assert budget.reserved == 0  # asyncio.run closed the open stream with its loop
+    assert budget.spent == pytest.approx(bound())
+    assert len(bedrock_server.requests) == 1
+
+
 def test_sync_stream_dropped_without_close_settles_on_garbage_collection(
     cloud_factory, ollama_chat, unsure, bedrock_server
 ):
