@@ -130,6 +130,28 @@ async def test_cancelled_ainvoke_record_prices_what_the_budget_committed(
     assert record["cloud_cost_estimated"] is True
 
 
+async def test_16_tasks_cancelled_mid_escalation_never_undercount(
+    ollama_chat, bedrock_chat, unsure, bedrock_server
+):
+    bedrock_server.set_default("late cloud answer", latency=0.6)
+    budget = CloudBudget(max_usd=1.0)
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(max_tokens=MAX_TOKENS),
+                                 budget=budget)
+    tasks = [asyncio.create_task(router.ainvoke(QUESTION)) for _ in range(16)]
+    await _until(lambda: len(bedrock_server.requests) >= 4)  # some in flight, some queued
+    for task in tasks:
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert budget.reserved == 0 and budget.snapshot()["pending"] == 0
+    await asyncio.sleep(1.0)  # whatever was sent finishes on the server
+    answered = sum(not isinstance(r, BaseException) for r in results)
+    cancelled = sum(isinstance(r, asyncio.CancelledError) for r in results)
+    assert answered + cancelled == 16 and cancelled > 0
+    sent = len(bedrock_server.requests)
+    # Every request that reached the cloud and whose caller went away counts at its bound.
+    assert budget.spent >= (sent - answered) * bound() - 1e-12
+
+
 async def test_cancelled_astream_mid_cloud_stream_counts_as_spent(
     cloud_factory, ollama_chat, unsure, bedrock_server
 ):
