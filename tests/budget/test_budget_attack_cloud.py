@@ -21,9 +21,14 @@ import pytest
 from langchain_core.messages import HumanMessage
 
 from confidence_router import ConfidenceRoutedLLM
-from confidence_router.budget import CloudBudget, upper_bound_input_tokens, upper_bound_request_cost
+from confidence_router.budget import (
+    IMAGE_BLOCK_TOKENS,
+    CloudBudget,
+    upper_bound_input_tokens,
+    upper_bound_request_cost,
+)
 from confidence_router.costs import Price
-from confidence_router.errors import RoutingConfigError
+from confidence_router.errors import InvalidInputError, RoutingConfigError
 from confidence_router.record import Reason
 from confidence_router.retry import ErrorKind, RetryPolicy
 from confidence_router.testing.bedrock_server import encode_event_frame
@@ -364,6 +369,46 @@ def test_reservation_covers_the_tool_definitions_that_are_sent(
     # Everything sent can be billed, at up to one token per byte (the bound's own rule).
     sent_bytes = len(json.dumps(sent["body"], ensure_ascii=False).encode("utf-8"))
     assert routing["budget_reserved_usd"] >= SONNET_PRICE.cost(sent_bytes, MAX_TOKENS)
+
+
+_PNG_1X1 = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJ"
+            "RU5ErkJggg==")
+
+
+def test_reservation_covers_an_image_at_its_billed_size(
+    ollama_chat, bedrock_chat, unsure, bedrock_server
+):
+    text = "what does this picture show?"
+    image = {"type": "image", "source_type": "base64", "mime_type": "image/png", "data": _PNG_1X1}
+    question = HumanMessage(content=[{"type": "text", "text": text}, image])
+    # Billed as Claude bills a full-size image (about 1,600 tokens) plus the text.
+    billed_in = IMAGE_BLOCK_TOKENS + upper_bound_input_tokens([HumanMessage(text)])
+    bedrock_server.add_answer(None, "a cat", input_tokens=billed_in, output_tokens=MAX_TOKENS)
+    worst = SONNET_PRICE.cost(billed_in, MAX_TOKENS)
+    budget = CloudBudget(max_usd=worst * 1.5)  # one such request fits, two do not
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(max_tokens=MAX_TOKENS),
+                                 budget=budget)
+    routing = router.invoke([question]).response_metadata["routing"]
+    assert routing["decision"] == "cloud"
+    assert routing["budget_reserved_usd"] >= worst  # the image is inside the bound
+    assert budget.snapshot()["overruns"] == 0
+    assert router.invoke([question]).response_metadata["routing"]["reason"] == (
+        Reason.BUDGET_EXCEEDED)
+    assert len(bedrock_server.requests) == 1
+    assert budget.spent <= budget.max_usd
+
+
+def test_document_without_a_cost_bound_is_never_escalated_under_a_budget(
+    ollama_chat, bedrock_chat, unsure, bedrock_server
+):
+    document = {"type": "file", "source_type": "base64", "mime_type": "application/pdf",
+                "data": "JVBERi0xLjQK"}
+    question = HumanMessage(content=[{"type": "text", "text": "summarise this"}, document])
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(max_tokens=MAX_TOKENS),
+                                 budget=CloudBudget(max_usd=1.0))
+    with pytest.raises(InvalidInputError, match="no known upper bound"):
+        router.invoke([question])
+    assert bedrock_server.requests == []  # pages are billed as images: no cap could hold
 
 
 # -- throttling and timeouts mixed with retries ----------------------------------------------
