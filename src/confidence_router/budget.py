@@ -41,6 +41,7 @@ Pure stdlib.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CHARS_PER_TOKEN",
     "IMAGE_BLOCK_TOKENS",
+    "TOOL_USE_PROMPT_TOKENS",
     "BudgetLike",
     "CloudBudget",
     "Reservation",
@@ -601,20 +603,26 @@ TEMPLATE_TOKENS_PER_REQUEST = 64
 #: Pass a larger ``image_tokens`` for a model that bills images differently.
 IMAGE_BLOCK_TOKENS = 1600
 
+#: Input tokens allowed for the system prompt a provider adds when tools are sent (Anthropic
+#: documents 346 for Claude 4 models; rounded up), on top of the tool definitions' bytes.
+TOOL_USE_PROMPT_TOKENS = 400
+
 #: Names (from :func:`confidence_router.guards.outgoing_texts`) of the content blocks counted
 #: as one image each.
 _IMAGE_BLOCKS = frozenset({"image block", "image_url block", "input_image block"})
 
 
 def upper_bound_input_tokens(
-    messages: Sequence[Any], *, image_tokens: int = IMAGE_BLOCK_TOKENS
+    messages: Sequence[Any], *, tools: Sequence[Any] = (), image_tokens: int = IMAGE_BLOCK_TOKENS
 ) -> int:
     """An upper bound on the input tokens a request for ``messages`` is billed.
 
     Every string a client can send for them (text, tool calls and arguments, reasoning, ...:
     :func:`confidence_router.guards.outgoing_texts`) counted at one token per UTF-8 byte —
     byte-level tokenizers never produce more tokens than bytes — plus ``image_tokens`` per
-    image and a fixed allowance per message and per request for the chat template.
+    image and a fixed allowance per message and per request for the chat template. ``tools``
+    (the tool definitions or output schemas sent with the request, in any JSON-serialisable
+    form) count at the bytes of their JSON plus :data:`TOOL_USE_PROMPT_TOKENS`.
 
     Raises:
         InvalidInputError: the messages hold content whose billed tokens have no known bound
@@ -638,13 +646,17 @@ def upper_bound_input_tokens(
         )
     content = sum(len(s.encode("utf-8")) for s in strings)
     media = image_tokens * len(unreadable)
-    return (content + media + TEMPLATE_TOKENS_PER_MESSAGE * len(messages)
+    tool_tokens = 0
+    if tools:
+        definitions = json.dumps(list(tools), ensure_ascii=False, default=str)
+        tool_tokens = len(definitions.encode("utf-8")) + TOOL_USE_PROMPT_TOKENS
+    return (content + media + tool_tokens + TEMPLATE_TOKENS_PER_MESSAGE * len(messages)
             + TEMPLATE_TOKENS_PER_REQUEST)
 
 
 def upper_bound_request_cost(
     messages: Sequence[Any], *, max_output_tokens: int, price: Price,
-    image_tokens: int = IMAGE_BLOCK_TOKENS,
+    tools: Sequence[Any] = (), image_tokens: int = IMAGE_BLOCK_TOKENS,
 ) -> float:
     """The most one cloud request for ``messages`` can cost: :func:`upper_bound_input_tokens`
     at the input price plus ``max_output_tokens`` (the cloud model's ``max_tokens``) at the
@@ -654,5 +666,5 @@ def upper_bound_request_cost(
     Raises:
         InvalidInputError: content without a known bound (see :func:`upper_bound_input_tokens`).
     """
-    return price.cost(upper_bound_input_tokens(messages, image_tokens=image_tokens),
-                      max_output_tokens)
+    tokens = upper_bound_input_tokens(messages, tools=tools, image_tokens=image_tokens)
+    return price.cost(tokens, max_output_tokens)

@@ -411,6 +411,25 @@ def test_document_without_a_cost_bound_is_never_escalated_under_a_budget(
     assert bedrock_server.requests == []  # pages are billed as images: no cap could hold
 
 
+def test_bound_given_the_tool_definitions_covers_every_byte_sent(
+    ollama_chat, bedrock_chat, unsure, bedrock_server
+):
+    """What the router needs to pass (see the xfail above): the bound with ``tools=``."""
+
+    def lookup(query: str) -> str:
+        """Look a fact up."""
+        return query
+
+    lookup.__doc__ = "Look a fact up in the archive. " + "Rules of use: be precise. " * 300
+    cloud = bedrock_chat(max_tokens=MAX_TOKENS).bind_tools([lookup])
+    ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud).invoke(QUESTION)
+    (sent,) = bedrock_server.requests
+    sent_bytes = len(json.dumps(sent["body"], ensure_ascii=False).encode("utf-8"))
+    messages = [HumanMessage(QUESTION)]
+    assert upper_bound_input_tokens(messages) < sent_bytes  # without the tools: too small
+    assert upper_bound_input_tokens(messages, tools=cloud.kwargs["tools"]) >= sent_bytes
+
+
 # -- throttling and timeouts mixed with retries ----------------------------------------------
 
 
