@@ -203,6 +203,7 @@ def test_hung_local_model_sync_invoke_stops_the_server_side_generation(
                    "without local_timeout (_probe/_aprobe, and the probe's own ChatOllama copy "
                    "has no httpx timeout), so a hung local server holds the call for the whole "
                    "hang before the local stage or the cloud is reached")
+@pytest.mark.filterwarnings("ignore::confidence_router.gsa.GsaExtractionWarning")
 @pytest.mark.parametrize("entry", ["invoke", "ainvoke"])
 async def test_hung_local_server_behind_a_precheck_probe_falls_back_at_the_deadline(
     entry, ollama_chat, cloud, backend, bedrock_server
