@@ -610,6 +610,11 @@ TOOL_USE_PROMPT_TOKENS = 400
 #: Names (from :func:`confidence_router.guards.outgoing_texts`) of the content blocks counted
 #: as one image each.
 _IMAGE_BLOCKS = frozenset({"image block", "image_url block", "input_image block"})
+#: Content billed by pages or duration, which no byte count bounds.
+_UNBOUNDED_BLOCKS = frozenset(
+    {"document block", "file block", "audio block", "input_audio block", "video block",
+     "binary data", "bytes block"}
+)
 
 
 def upper_bound_input_tokens(
@@ -638,20 +643,30 @@ def upper_bound_input_tokens(
     if isinstance(image_tokens, bool) or not isinstance(image_tokens, int) or image_tokens < 0:
         raise InvalidArgumentError(f"image_tokens must be an int >= 0, got {image_tokens!r}")
     strings, unreadable = outgoing_texts(messages)
-    unbounded = sorted({name for name in unreadable if name not in _IMAGE_BLOCKS})
+    unbounded = sorted(set(unreadable) & _UNBOUNDED_BLOCKS)
     if unbounded:
         raise InvalidInputError(
             f"the cost of sending {', '.join(unbounded)} has no known upper bound (billed by "
             "pages or duration, not by bytes), so a capped cloud budget cannot admit it"
         )
     content = sum(len(s.encode("utf-8")) for s in strings)
-    media = image_tokens * len(unreadable)
+    images = sum(1 for name in unreadable if name in _IMAGE_BLOCKS)
+    media = image_tokens * images
+    if images < len(unreadable):
+        # Opaque text (e.g. encrypted reasoning sent back): at most one token per byte of
+        # everything the messages hold.
+        media += sum(_serialised_bytes(message) for message in messages)
     tool_tokens = 0
     if tools:
         definitions = json.dumps(list(tools), ensure_ascii=False, default=str)
         tool_tokens = len(definitions.encode("utf-8")) + TOOL_USE_PROMPT_TOKENS
     return (content + media + tool_tokens + TEMPLATE_TOKENS_PER_MESSAGE * len(messages)
             + TEMPLATE_TOKENS_PER_REQUEST)
+
+
+def _serialised_bytes(message: Any) -> int:
+    content = message if isinstance(message, (str, dict)) else getattr(message, "content", message)
+    return len(json.dumps(content, ensure_ascii=False, default=str).encode("utf-8"))
 
 
 def upper_bound_request_cost(
