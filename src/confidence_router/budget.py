@@ -41,6 +41,7 @@ Pure stdlib.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -56,6 +57,7 @@ from confidence_router.costs import Price
 from confidence_router.errors import (
     BudgetExceededError,
     InvalidArgumentError,
+    InvalidInputError,
     InvalidTypeError,
     ReservationStateError,
 )
@@ -65,6 +67,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHARS_PER_TOKEN",
+    "IMAGE_BLOCK_TOKENS",
+    "TOOL_USE_PROMPT_TOKENS",
     "BudgetLike",
     "CloudBudget",
     "Reservation",
@@ -594,14 +598,40 @@ def estimate_escalation_cost(
 TEMPLATE_TOKENS_PER_MESSAGE = 16
 TEMPLATE_TOKENS_PER_REQUEST = 64
 
+#: Input tokens one image is billed at most: Claude models scale an image down to about 1.15
+#: megapixels before reading it, and bill ``width * height / 750`` tokens, so about 1,600.
+#: Pass a larger ``image_tokens`` for a model that bills images differently.
+IMAGE_BLOCK_TOKENS = 1600
 
-def upper_bound_input_tokens(messages: Sequence[Any]) -> int:
+#: Input tokens allowed for the system prompt a provider adds when tools are sent (Anthropic
+#: documents 346 for Claude 4 models; rounded up), on top of the tool definitions' bytes.
+TOOL_USE_PROMPT_TOKENS = 400
+
+#: Names (from :func:`confidence_router.guards.outgoing_texts`) of the content blocks counted
+#: as one image each.
+_IMAGE_BLOCKS = frozenset({"image block", "image_url block", "input_image block"})
+#: Content billed by pages or duration, which no byte count bounds.
+_UNBOUNDED_BLOCKS = frozenset(
+    {"document block", "file block", "audio block", "input_audio block", "video block",
+     "binary data", "bytes block"}
+)
+
+
+def upper_bound_input_tokens(
+    messages: Sequence[Any], *, tools: Sequence[Any] = (), image_tokens: int = IMAGE_BLOCK_TOKENS
+) -> int:
     """An upper bound on the input tokens a request for ``messages`` is billed.
 
     Every string a client can send for them (text, tool calls and arguments, reasoning, ...:
     :func:`confidence_router.guards.outgoing_texts`) counted at one token per UTF-8 byte —
-    byte-level tokenizers never produce more tokens than bytes — plus a fixed allowance per
-    message and per request for the chat template.
+    byte-level tokenizers never produce more tokens than bytes — plus ``image_tokens`` per
+    image and a fixed allowance per message and per request for the chat template. ``tools``
+    (the tool definitions or output schemas sent with the request, in any JSON-serialisable
+    form) count at the bytes of their JSON plus :data:`TOOL_USE_PROMPT_TOKENS`.
+
+    Raises:
+        InvalidInputError: the messages hold content whose billed tokens have no known bound
+            (documents, audio, video, raw bytes): a capped budget cannot admit them.
 
     Example::
 
@@ -610,16 +640,46 @@ def upper_bound_input_tokens(messages: Sequence[Any]) -> int:
     """
     from confidence_router.guards import outgoing_texts
 
-    strings, _ = outgoing_texts(messages)
+    if isinstance(image_tokens, bool) or not isinstance(image_tokens, int) or image_tokens < 0:
+        raise InvalidArgumentError(f"image_tokens must be an int >= 0, got {image_tokens!r}")
+    strings, unreadable = outgoing_texts(messages)
+    unbounded = sorted(set(unreadable) & _UNBOUNDED_BLOCKS)
+    if unbounded:
+        raise InvalidInputError(
+            f"the cost of sending {', '.join(unbounded)} has no known upper bound (billed by "
+            "pages or duration, not by bytes), so a capped cloud budget cannot admit it"
+        )
     content = sum(len(s.encode("utf-8")) for s in strings)
-    return content + TEMPLATE_TOKENS_PER_MESSAGE * len(messages) + TEMPLATE_TOKENS_PER_REQUEST
+    images = sum(1 for name in unreadable if name in _IMAGE_BLOCKS)
+    media = image_tokens * images
+    if images < len(unreadable):
+        # Opaque text (e.g. encrypted reasoning sent back): at most one token per byte of
+        # everything the messages hold.
+        media += sum(_serialised_bytes(message) for message in messages)
+    tool_tokens = 0
+    if tools:
+        definitions = json.dumps(list(tools), ensure_ascii=False, default=str)
+        tool_tokens = len(definitions.encode("utf-8")) + TOOL_USE_PROMPT_TOKENS
+    return (content + media + tool_tokens + TEMPLATE_TOKENS_PER_MESSAGE * len(messages)
+            + TEMPLATE_TOKENS_PER_REQUEST)
+
+
+def _serialised_bytes(message: Any) -> int:
+    content = message if isinstance(message, (str, dict)) else getattr(message, "content", message)
+    return len(json.dumps(content, ensure_ascii=False, default=str).encode("utf-8"))
 
 
 def upper_bound_request_cost(
-    messages: Sequence[Any], *, max_output_tokens: int, price: Price
+    messages: Sequence[Any], *, max_output_tokens: int, price: Price,
+    tools: Sequence[Any] = (), image_tokens: int = IMAGE_BLOCK_TOKENS,
 ) -> float:
     """The most one cloud request for ``messages`` can cost: :func:`upper_bound_input_tokens`
     at the input price plus ``max_output_tokens`` (the cloud model's ``max_tokens``) at the
     output price. This is what the router reserves per attempt, so a budget's cap holds even
-    when every answer is as long as allowed."""
-    return price.cost(upper_bound_input_tokens(messages), max_output_tokens)
+    when every answer is as long as allowed.
+
+    Raises:
+        InvalidInputError: content without a known bound (see :func:`upper_bound_input_tokens`).
+    """
+    tokens = upper_bound_input_tokens(messages, tools=tools, image_tokens=image_tokens)
+    return price.cost(tokens, max_output_tokens)

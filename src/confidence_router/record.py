@@ -103,7 +103,8 @@ class RoutingRecord(TypedDict, total=False):
     """The local answer's text, kept when the query escalated."""
     local_error: str
     local_error_kind: str
-    """``timeout``, ``transient``, ``throttled``, ``permanent`` or ``unknown``."""
+    """``timeout``, ``transient``, ``disconnected``, ``throttled``, ``permanent`` or
+    ``unknown``."""
     early_exit: dict[str, Any]
     """``{"exited": bool, "tokens": int}`` whenever ``early_exit`` was on: whether the local
     answer was stopped early and how many of its tokens were seen (``{"exited": False,

@@ -23,8 +23,19 @@ extra escalation through. Time is the Redis server's clock (``TIME``), so worker
 with skewed clocks still agree on the window.
 
 **Crashed workers.** A reservation is a lease (default 15 minutes, longer than any cloud
-call): if the worker holding it dies before settling, the next reservation frees it. A
-commit that arrives after its lease expired is still counted as spend (the money was spent).
+call). If the worker holding it dies before settling, its cloud call may still have been
+billed, so when the lease runs out the reserved amount is charged as spend (from the lease's
+expiry, for ``window_s``), never simply freed. A settlement that arrives after its lease ran
+out replaces that charge with the real amount (a release refunds it).
+
+**Redis unreachable.** The budget fails closed: :meth:`RedisCloudBudget.reserve` grants
+nothing (``None``: the router serves the local answer flagged, or raises
+``BudgetExceededError``, as ``on_budget_exceeded`` says) and ``remaining`` reads 0. A
+reservation whose settlement cannot reach Redis stays held until its lease runs out and is
+then charged as above, so the caller still gets the answer it paid for and the cap holds.
+The calibrator routes with its ``initial_threshold`` and drops observations meanwhile, and
+the stats sink's errors are logged by the router, so a call still gets an answer. All of it
+is logged as warnings on the ``confidence_router`` logger.
 
 **Key prefix.** Every key starts with ``prefix`` (one per deployment) and the component's
 ``name``, e.g. ``prod:budget:default:state``; two deployments on one Redis never mix.
@@ -37,6 +48,7 @@ share between threads.
 
 from __future__ import annotations
 
+import logging
 import math
 import uuid
 from collections.abc import Mapping
@@ -67,6 +79,7 @@ __all__ = [
 ]
 
 DEFAULT_PREFIX = "confidence-router"
+logger = logging.getLogger("confidence_router")
 _NANO = 10**9
 _EPS = 1e-9
 
@@ -106,33 +119,52 @@ def _nano_up(amount: Fraction) -> int:
     return math.ceil(amount * _NANO)
 
 
+def _redis_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says Redis cannot be reached (connection refused or lost, timed out).
+    Other Redis errors (a script error, a wrong type) are bugs and propagate. The ``redis``
+    package is imported only once a client exists."""
+    import redis
+
+    return isinstance(error, (redis.ConnectionError, redis.TimeoutError))
+
+
 # ---------------------------------------------------------------------------------------------
 # Budget
 # ---------------------------------------------------------------------------------------------
 
 # KEYS: 1 state hash, 2 spend zset (member "<id>:<nano>", score = commit time in us),
-#       3 lease zset (member reservation id, score = lease expiry in us), 4 reservations hash.
-# Shared prologue: the server time and the expiry of old spend and abandoned reservations.
+#       3 lease zset (member reservation id, score = lease expiry in us), 4 reservations hash
+#       (field reservation id -> nano held; field "charged:<id>" -> nano charged when the
+#       lease of <id> ran out, kept while that charge is inside the window).
+# Shared prologue: the server time, the charge of leases that ran out (their calls may have
+# been billed) and the expiry of old spend.
 _BUDGET_PROLOGUE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local horizon = now - tonumber(ARGV[1])
-local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', horizon)
-for _, member in ipairs(old) do
-  redis.call('HINCRBY', KEYS[1], 'spent', -tonumber(string.match(member, ':(%d+)$')))
-end
-if #old > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', horizon) end
-local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
-for _, id in ipairs(dead) do
+local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'WITHSCORES')
+for i = 1, #dead, 2 do
+  local id = dead[i]
   local held = redis.call('HGET', KEYS[4], id)
   if held then
     redis.call('HINCRBY', KEYS[1], 'reserved', -tonumber(held))
     redis.call('HINCRBY', KEYS[1], 'pending', -1)
     redis.call('HINCRBY', KEYS[1], 'expired', 1)
     redis.call('HDEL', KEYS[4], id)
+    if tonumber(held) > 0 then
+      redis.call('ZADD', KEYS[2], dead[i + 1], id .. ':' .. held)
+      redis.call('HINCRBY', KEYS[1], 'spent', tonumber(held))
+      redis.call('HSET', KEYS[4], 'charged:' .. id, held)
+    end
   end
 end
 if #dead > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now) end
+local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', horizon)
+for _, member in ipairs(old) do
+  redis.call('HINCRBY', KEYS[1], 'spent', -tonumber(string.match(member, ':(%d+)$')))
+  redis.call('HDEL', KEYS[4], 'charged:' .. string.match(member, '^([^:]+):'))
+end
+if #old > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', horizon) end
 """
 
 # ARGV: 1 window_us, 2 amount, 3 max, 4 lease_us, 5 reservation id. Returns 1 granted, 0 not.
@@ -153,7 +185,8 @@ return 1
 """
 
 # ARGV: 1 window_us, 2 reservation id, 3 actual (-1: release). Returns 1 settled, 0 lease had
-# expired (a commit is still recorded as spend).
+# run out (its charge, if still in the window, is replaced: a commit records the actual spend,
+# a release refunds it).
 _SETTLE = _BUDGET_PROLOGUE + """
 local actual = tonumber(ARGV[3])
 local held = redis.call('HGET', KEYS[4], ARGV[2])
@@ -164,11 +197,19 @@ if held then
   redis.call('ZREM', KEYS[3], ARGV[2])
   redis.call('HINCRBY', KEYS[1], 'reserved', -held)
   redis.call('HINCRBY', KEYS[1], 'pending', -1)
-  if actual > held then
-    redis.call('HINCRBY', KEYS[1], 'overruns', 1)
-    redis.call('HINCRBY', KEYS[1], 'overrun', actual - held)
-  end
   result = 1
+else
+  held = redis.call('HGET', KEYS[4], 'charged:' .. ARGV[2])
+  if held then
+    redis.call('HDEL', KEYS[4], 'charged:' .. ARGV[2])
+    redis.call('ZREM', KEYS[2], ARGV[2] .. ':' .. held)
+    held = tonumber(held)
+    redis.call('HINCRBY', KEYS[1], 'spent', -held)
+  end
+end
+if held and actual > held then
+  redis.call('HINCRBY', KEYS[1], 'overruns', 1)
+  redis.call('HINCRBY', KEYS[1], 'overrun', actual - held)
 end
 if actual > 0 then
   redis.call('ZADD', KEYS[2], now, ARGV[2] .. ':' .. ARGV[3])
@@ -221,7 +262,18 @@ class RedisReservation(ReservationBase):
         if self._state != "pending":
             raise ReservationStateError(f"reservation already {self._state}")
         self._state = state
-        self._budget._run(self._budget._settle, self._id, nano)
+        try:
+            self._budget._run(self._budget._settle, self._id, nano)
+        except Exception as error:
+            if not _redis_unreachable(error):
+                raise
+            # Fails closed: the lease stays held in Redis and is charged as spend when it runs
+            # out, so the cap holds; the caller keeps the answer it already paid for.
+            logger.warning(
+                "confidence_router: could not settle a cloud budget reservation (%s: %s); "
+                "it stays held and is charged as spent when its %g s lease runs out",
+                type(error).__name__, error, self._budget.lease_s,
+            )
 
 
 class RedisCloudBudget:
@@ -297,15 +349,27 @@ class RedisCloudBudget:
         """Reserve ``estimated_usd`` (rounded up to a nano-dollar) if committed spend plus
         outstanding reservations plus it stays within ``max_usd``; otherwise ``None``.
 
+        Returns ``None`` as well when Redis cannot be reached (fails closed, logged).
+
         Raises:
             TypeError, ValueError: ``estimated_usd`` is not a finite amount >= 0.
-            redis.RedisError: Redis is unreachable (the router then fails the call rather
-                than spend without a cap).
         """
         amount = exact_usd(estimated_usd, "estimated_usd")
         nano = _nano_up(amount)
         reservation_id = uuid.uuid4().hex
-        granted = self._run(self._reserve, nano, self._max_nano, self._lease_us, reservation_id)
+        try:
+            granted = self._run(self._reserve, nano, self._max_nano, self._lease_us,
+                                reservation_id)
+        except Exception as error:
+            if not _redis_unreachable(error):
+                raise
+            # Fails closed: without Redis no spend can be checked against the cap, so no
+            # escalation is allowed (the router then applies on_budget_exceeded).
+            logger.warning(
+                "confidence_router: cloud budget unavailable (%s: %s); escalation refused",
+                type(error).__name__, error,
+            )
+            return None
         if not int(granted):
             return None
         return RedisReservation(self, reservation_id, amount, nano)
@@ -349,14 +413,21 @@ class RedisCloudBudget:
 
     @property
     def remaining(self) -> float:
-        """What a new reservation may still take (never < 0)."""
-        state = self._state()
+        """What a new reservation may still take (never < 0; 0 while Redis cannot be reached,
+        as :meth:`reserve` then grants nothing)."""
+        try:
+            state = self._state()
+        except Exception as error:
+            if not _redis_unreachable(error):
+                raise
+            return 0.0
         free = self._max_nano - state.get("spent", 0) - state.get("reserved", 0)
         return max(0, free) / _NANO
 
     def snapshot(self) -> dict[str, Any]:
         """The same counters as ``CloudBudget.snapshot()``, over all processes, plus
-        ``expired`` (reservations reclaimed from crashed workers)."""
+        ``expired`` (reservations whose lease ran out unsettled, e.g. of crashed workers,
+        and were charged as spent)."""
         s = self._state()
         spent, reserved = s.get("spent", 0), s.get("reserved", 0)
         return {
@@ -685,6 +756,7 @@ class RedisRollingQuantileThreshold:
 
     def observe(self, score: float | None, *, escalated: bool | None = None) -> None:
         """Record one query's confidence (``None`` = unknown); see the in-process class.
+        Dropped (logged) while Redis cannot be reached.
 
         Raises:
             ValueError: ``score`` is NaN or infinite, or ``escalated`` is not a bool/None.
@@ -697,13 +769,29 @@ class RedisRollingQuantileThreshold:
         if escalated is not None and not isinstance(escalated, bool):
             raise InvalidArgumentError(f"escalated must be a bool or None, got {escalated!r}")
         flag = "" if escalated is None else ("1" if escalated else "0")
-        self._observe(keys=self._keys,
-                      args=self._args("" if score is None else repr(float(score)), flag))
+        try:
+            self._observe(keys=self._keys,
+                          args=self._args("" if score is None else repr(float(score)), flag))
+        except Exception as error:
+            if not _redis_unreachable(error):
+                raise
+            # One lost observation barely moves a quantile; failing the routed call would.
+            logger.warning("confidence_router: calibrator observation dropped, Redis "
+                           "unreachable (%s: %s)", type(error).__name__, error)
 
     @property
     def threshold(self) -> float:
-        """The threshold to route with now (from every process's observations)."""
-        return float(self._threshold(keys=self._keys, args=self._args()))
+        """The threshold to route with now (from every process's observations); the
+        ``initial_threshold`` while Redis cannot be reached (logged)."""
+        try:
+            return float(self._threshold(keys=self._keys, args=self._args()))
+        except Exception as error:
+            if not _redis_unreachable(error):
+                raise
+            logger.warning("confidence_router: calibrator unavailable, Redis unreachable "
+                           "(%s: %s); routing with the initial threshold %g",
+                           type(error).__name__, error, self._initial)
+            return self._initial
 
     def _read(self, tau: float | None = None) -> dict[str, Any]:
         threshold, n, n_obs, below, meta = self._snapshot(

@@ -23,6 +23,12 @@ connection errors and timeouts. Never retried: ``AccessDeniedException``,
 HTTP 5xx and 429 from Ollama (``ResponseError.status_code``) are retried too; the paper
 suggested it.
 
+A connection lost *after* the request was sent (reset, closed before the response, a
+truncated read) is its own kind, :attr:`ErrorKind.DISCONNECTED`: like a read timeout, the
+request may have run and been billed, so the router's default retry policy (throttled and
+transient only) does not send it again; one that could not be made at all (refused, DNS,
+no route) is ``TRANSIENT``.
+
 A **refusal** is not an error: the call succeeded and the model (or a guardrail) declined.
 :func:`is_refusal` reads it from the response metadata so the router can tell the two apart.
 """
@@ -62,9 +68,14 @@ class ErrorKind(str, Enum):
     THROTTLED = "throttled"
     """Rate limited (Bedrock throttling, HTTP 429): retry after backing off."""
     TRANSIENT = "transient"
-    """Server-side or connection failure (HTTP 5xx, connection refused/reset): retry."""
+    """The service answered with a server-side error (HTTP 5xx), or no connection could be
+    made (refused, unreachable endpoint): nothing ran, retry."""
     TIMEOUT = "timeout"
-    """Connect/read timeout: retry."""
+    """Connect/read timeout: retry (a read timeout may have been billed)."""
+    DISCONNECTED = "disconnected"
+    """The connection was lost after the request was sent (reset, closed before a complete
+    response): it may have run and been billed. Retried by :class:`RetryPolicy`'s default,
+    not by the router's default cloud retries."""
     PERMANENT = "permanent"
     """Will fail again (bad request, access denied, unknown model, no credentials)."""
     UNKNOWN = "unknown"
@@ -77,7 +88,7 @@ class ErrorKind(str, Enum):
 
 
 RETRYABLE_KINDS: frozenset[ErrorKind] = frozenset(
-    {ErrorKind.THROTTLED, ErrorKind.TRANSIENT, ErrorKind.TIMEOUT}
+    {ErrorKind.THROTTLED, ErrorKind.TRANSIENT, ErrorKind.TIMEOUT, ErrorKind.DISCONNECTED}
 )
 
 # botocore ClientError codes (response["Error"]["Code"]).
@@ -220,7 +231,9 @@ def _classify_one(exc: BaseException) -> ErrorKind:
     if status is not None:
         return _kind_of_status(status)
     if isinstance(exc, ConnectionError) or names & _CONNECTION_NAMES:
-        return ErrorKind.TRANSIENT
+        if names & _NOT_SENT_NAMES:
+            return ErrorKind.TRANSIENT  # never connected: nothing ran
+        return ErrorKind.DISCONNECTED  # lost after sending: it may have run
     return ErrorKind.UNKNOWN
 
 
@@ -238,12 +251,16 @@ def classify_error(exc: BaseException) -> ErrorKind:
     * builtin ``TimeoutError`` / ``ConnectionError`` and, by class name, httpx
       (``TimeoutException``, ``ConnectError``, ``RemoteProtocolError``, ...), botocore
       (``ReadTimeoutError``, ``EndpointConnectionError``, ``NoCredentialsError``, ...) and
-      OpenAI-style (``RateLimitError``, ``APITimeoutError``) errors.
+      OpenAI-style (``RateLimitError``, ``APITimeoutError``) errors. A connection error is
+      ``TRANSIENT`` when no connection was made (refused, unreachable endpoint) and
+      ``DISCONNECTED`` when it was lost after the request went out.
 
     Example::
 
-        >>> classify_error(TimeoutError()), classify_error(ConnectionResetError())
+        >>> classify_error(TimeoutError()), classify_error(ConnectionRefusedError())
         (<ErrorKind.TIMEOUT: 'timeout'>, <ErrorKind.TRANSIENT: 'transient'>)
+        >>> classify_error(ConnectionResetError())
+        <ErrorKind.DISCONNECTED: 'disconnected'>
         >>> classify_error(KeyError("x"))
         <ErrorKind.UNKNOWN: 'unknown'>
     """
@@ -348,7 +365,7 @@ class RetryPolicy:
         max_delay: cap on any delay.
         jitter: randomise delays as above.
         seed: seed of the jitter.
-        retry_on: the kinds retried (default throttled, transient, timeout).
+        retry_on: the kinds retried (default throttled, transient, timeout, disconnected).
 
     Example::
 

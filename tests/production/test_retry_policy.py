@@ -90,8 +90,8 @@ def test_status_code_attribute(status, kind):
     [
         (TimeoutError("read"), ErrorKind.TIMEOUT),
         (ConnectionRefusedError("refused"), ErrorKind.TRANSIENT),
-        (ConnectionResetError("reset"), ErrorKind.TRANSIENT),
-        (BrokenPipeError(), ErrorKind.TRANSIENT),
+        (ConnectionResetError("reset"), ErrorKind.DISCONNECTED),  # lost after sending
+        (BrokenPipeError(), ErrorKind.DISCONNECTED),
         (ValueError("bug"), ErrorKind.UNKNOWN),
         (KeyError("bug"), ErrorKind.UNKNOWN),
     ],
@@ -111,7 +111,8 @@ def _named(name: str, *bases: type) -> type:
         ("ReadTimeout", ErrorKind.TIMEOUT),
         ("ConnectTimeoutError", ErrorKind.TIMEOUT),
         ("ConnectError", ErrorKind.TRANSIENT),
-        ("RemoteProtocolError", ErrorKind.TRANSIENT),
+        ("RemoteProtocolError", ErrorKind.DISCONNECTED),
+        ("ConnectionClosedError", ErrorKind.DISCONNECTED),
         ("EndpointConnectionError", ErrorKind.TRANSIENT),
         ("RateLimitError", ErrorKind.THROTTLED),
         ("NoCredentialsError", ErrorKind.PERMANENT),
@@ -138,7 +139,7 @@ def test_walks_cause_and_context():
         except ConnectionResetError:
             raise ValueError("while handling")  # implicit __context__
     except ValueError as outer:
-        assert classify_error(outer) is ErrorKind.TRANSIENT
+        assert classify_error(outer) is ErrorKind.DISCONNECTED
     try:
         try:
             raise ConnectionResetError("reset")
@@ -171,9 +172,13 @@ def test_real_library_exceptions():
         "transient"
     )
     assert classify_error(botocore_exceptions.NoCredentialsError()) is ErrorKind.PERMANENT
+    closed = botocore_exceptions.ConnectionClosedError(endpoint_url="u")
+    assert classify_error(closed) is ErrorKind.DISCONNECTED
     request = httpx.Request("POST", "http://127.0.0.1:11434/api/chat")
     assert classify_error(httpx.ConnectError("refused", request=request)) is ErrorKind.TRANSIENT
     assert classify_error(httpx.ReadTimeout("slow", request=request)) is ErrorKind.TIMEOUT
+    dropped = httpx.RemoteProtocolError("Server disconnected", request=request)
+    assert classify_error(dropped) is ErrorKind.DISCONNECTED
     status = httpx.HTTPStatusError(
         "503", request=request, response=httpx.Response(503, request=request)
     )
