@@ -57,8 +57,9 @@ class Collaborators:
     budget: Any = None
     guard: Callable[[Sequence[BaseMessage]], str | None] | None = None
     cloud_retry: RetryPolicy | None = None
-    reserve_usd: Callable[[Sequence[BaseMessage]], float] | None = None
-    """The upper bound on one cloud request's cost (set when there is a budget)."""
+    reserve_usd: Callable[..., float] | None = None
+    """``reserve_usd(messages, tools=extras)``: the upper bound on one cloud request's cost
+    (set when there is a budget)."""
     early_exit_rule: Callable[[str, float, Sequence[Any]], bool] | None = None
     """``rule(signal, threshold, tokens_so_far) -> stop?`` used when ``early_exit`` is on."""
     confidence_calibration: Any = None
@@ -66,7 +67,8 @@ class Collaborators:
     ``p_correct`` to the record."""
     cloud_extras: Sequence[Any] = ()
     """What every cloud request carries besides the messages (see
-    :func:`~confidence_router.tier_clients.request_extras`): the guard judges it too."""
+    :func:`~confidence_router.tier_clients.request_extras`): the guard judges it and the
+    budget's bound counts it."""
 
 
 class RoutingTrace:
@@ -87,6 +89,8 @@ class RoutingTrace:
         self.started = time.perf_counter()
         self.local_error: BaseException | None = None
         self.reservation: Any = None
+        self._attempt_in_flight = False
+        """A cloud attempt started and is not settled: it may be billed."""
         self._committed_unknown_usd = 0.0
         self._may_escalate: bool | None = None
         self.run: tuple[Any, Any] | None = None
@@ -285,7 +289,9 @@ class RoutingTrace:
 
     def _estimate(self) -> float:
         assert self.collab.reserve_usd is not None
-        return float(self.collab.reserve_usd(self.messages))
+        # Everything sent is billed as input: tool definitions, schemas and model fields too.
+        extras = [*self.collab.cloud_extras, *self.cloud_kwargs.values()]
+        return float(self.collab.reserve_usd(self.messages, tools=extras))
 
     def _reserve(self) -> bool:
         budget = self.collab.budget
@@ -308,6 +314,7 @@ class RoutingTrace:
 
     def cloud_attempt_started(self) -> None:
         self.record["cloud_attempts"] += 1
+        self._attempt_in_flight = True
 
     def blocked_on_the_wire(self, error: EscalationBlockedError) -> None:
         """The guard stopped the serialised request before it was sent: nothing was billed."""
@@ -316,6 +323,7 @@ class RoutingTrace:
         self._serve_local_instead(None, f"escalation guard: {error}")
 
     def _settle(self, *, billed: bool, actual_usd: float | None = None) -> None:
+        self._attempt_in_flight = False
         if self.reservation is None:
             return
         reservation, self.reservation = self.reservation, None
@@ -365,9 +373,10 @@ class RoutingTrace:
         return delay
 
     def cancelled(self) -> None:
-        """The caller went away mid-call (stream closed, task cancelled): the cloud may still
-        bill the request, so its reservation counts as spent."""
-        self._settle(billed=True)
+        """The caller went away mid-call (stream closed, task cancelled): a request in flight
+        may still be billed, so its reservation counts as spent; one reserved for an attempt
+        not yet sent (cancelled during a retry's back-off) is released."""
+        self._settle(billed=self._attempt_in_flight)
 
     def _count_client_retries(self, response: Any) -> None:
         # A client the router could not configure (your own boto3 client) may retry on its
@@ -449,11 +458,13 @@ class RoutingTrace:
             self.cancelled()
         self.record["latency_s"]["total"] = time.perf_counter() - self.started
         self.record.update(routing_costs(self.record, self.collab.prices, self.collab.cloud_model))
-        if self._committed_unknown_usd and self.record.get("cloud_cost_usd") is not None:
-            # Requests that may have been billed (timeouts) count at their reserved bound.
-            self.record["cloud_cost_usd"] += self._committed_unknown_usd
-            if self.record.get("cost_usd") is not None:
-                self.record["cost_usd"] += self._committed_unknown_usd
+        if self._committed_unknown_usd:
+            # Requests that may have been billed without usage (timeouts, cancellations, an
+            # answer that reported none) count at their reserved bound, as in the budget.
+            cloud = (self.record.get("cloud_cost_usd") or 0.0) + self._committed_unknown_usd
+            local = self.record.get("local_cost_usd")
+            self.record["cloud_cost_usd"] = cloud
+            self.record["cost_usd"] = None if local is None else local + cloud
             self.record["cloud_cost_estimated"] = True
         self._finished = self.record
         if self.run is not None:

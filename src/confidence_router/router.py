@@ -90,6 +90,11 @@ _COLLAB_FIELDS = operator.itemgetter(
     "prices", "confidence_calibration",
 )
 
+#: Fields whose assignment re-runs the tiers' set-up (:meth:`ConfidenceRoutedLLM._configure_tiers`).
+_TIER_SETTINGS = frozenset(
+    {"local", "cloud", "precheck", "local_timeout", "cloud_timeout", "escalation_guard", "budget"}
+)
+
 #: The knob values of a router's ``__dict__``, as a tuple in RoutingPolicy's order.
 _KNOB_VALUES = operator.itemgetter(*RoutingPolicy.knob_names())
 
@@ -313,18 +318,42 @@ class ConfidenceRoutedLLM(BaseChatModel):
         object.__setattr__(self, "stats", as_sink(self.stats))  # a list: every sink is fed
         if self.learn_from_escalations and self.knowledge_store is None:
             raise RoutingConfigError("learn_from_escalations=True needs a knowledge_store")
+        self._configure_tiers()
+        return self
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in _TIER_SETTINGS:
+            # A tier (or its timeout, guard, budget) assigned after construction is set up
+            # like one given to the constructor: timeouts, retries off, the wire check.
+            self._configure_tiers()
+
+    def _configure_tiers(self) -> None:
+        """Set the tiers (and the pre-check probe's model) up as the router uses them."""
         object.__setattr__(
             self, "local", tier_clients.configure_local(self.local, self.local_timeout)
         )
-        if self.cloud is not None:
+        if self.precheck is not None:
             object.__setattr__(
-                self,
-                "cloud",
-                tier_clients.configure_cloud(self.cloud, self.cloud_timeout, self._wire_guard()),
+                self, "precheck", tier_clients.configure_probe(self.precheck, self.local_timeout)
             )
+        if self.cloud is not None:
+            configured = tier_clients.configure_cloud(
+                self.cloud, self.cloud_timeout, self._wire_guard()
+            )
+            object.__setattr__(self, "cloud", configured)
+            if self.budget is not None:
+                attempts = tier_clients.client_attempts(configured)
+                if attempts != 1:
+                    raise RoutingConfigError(
+                        "a budget needs one HTTP request per reservation, but the cloud model "
+                        "is built on your own boto3 client, whose retries resend requests "
+                        "(each may be billed): give it "
+                        "Config(retries={'total_max_attempts': 1}) (the router retries "
+                        "itself, within the budget), or build the model from settings"
+                    )
         if self.budget is not None and self.cloud is not None:
             self._reservation_bound()  # fails here when no upper bound exists
-        return self
 
     def _wire_guard(self) -> Callable[[list[str], list[str]], str | None] | None:
         guard = self.escalation_guard
@@ -341,7 +370,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
             return self.prices
         return _default_prices()
 
-    def _reservation_bound(self) -> Callable[[Sequence[BaseMessage]], float]:
+    def _reservation_bound(self) -> Callable[..., float]:
         """The function giving an upper bound on one cloud request's cost."""
         from confidence_router.budget import upper_bound_request_cost
 
@@ -353,6 +382,14 @@ class ConfidenceRoutedLLM(BaseChatModel):
                 "add it with prices=PriceTable({...})"
             )
         max_tokens = _max_output_tokens(self.cloud)
+        if _drops_max_tokens(getattr(tier_clients.unwrap(self.cloud),
+                                     "additional_model_request_fields", None)):
+            raise RoutingConfigError(
+                "a budget needs the cloud model's max_tokens in every request, but with "
+                "reasoningConfig maxReasoningEffort='high' ChatBedrockConverse leaves "
+                "max_tokens out: one answer's cost has no upper bound, so the cap could not be "
+                "guaranteed (use a lower effort, or no budget)"
+            )
         if max_tokens is None:
             raise RoutingConfigError(
                 "a budget needs the cloud model's max_tokens (e.g. ChatBedrockConverse(..., "
@@ -386,9 +423,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
             early_exit_rule=_early_exit_rule(self.local),
             confidence_calibration=self.confidence_calibration,
             cloud_extras=(
-                tier_clients.request_extras(self.cloud)
-                if self.cloud is not None and self.escalation_guard is not None
-                else ()
+                tier_clients.request_extras(self.cloud) if self.cloud is not None else ()
             ),
         )
         # Plain attributes in __dict__ (not pydantic private ones, whose lookup is slow on
@@ -729,7 +764,10 @@ class ConfidenceRoutedLLM(BaseChatModel):
         started = time.perf_counter()
         try:
             config = _tiers.child_config(call.children, "precheck")
-            return await self.precheck.ainvoke(effect.query, config)  # type: ignore[union-attr]
+            return await _within(
+                self.precheck.ainvoke(effect.query, config),  # type: ignore[union-attr]
+                self.local_timeout, "precheck",
+            )
         finally:
             call.trace.timed("precheck", started)
 
@@ -1056,12 +1094,25 @@ async def _aemit(children: ChildManager | None, trace: RoutingTrace) -> None:
 
 def _max_output_tokens(model: Any) -> int | None:
     inner = tier_clients.unwrap(model)
+    if _drops_max_tokens(getattr(inner, "additional_model_request_fields", None)):
+        return None
     value = getattr(inner, "max_tokens", None)
     if value is None:
         value = (getattr(inner, "model_kwargs", None) or {}).get("max_tokens")
     if isinstance(model, Runnable) and hasattr(model, "kwargs"):
         value = (getattr(model, "kwargs", None) or {}).get("max_tokens", value)
     return int(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def _drops_max_tokens(fields: Any) -> bool:
+    """ChatBedrockConverse leaves ``maxTokens`` out of the request with high-effort reasoning
+    (``reasoningConfig`` enabled, ``maxReasoningEffort="high"``): no limit reaches the wire."""
+    config = fields.get("reasoningConfig") if isinstance(fields, dict) else None
+    return (
+        isinstance(config, dict)
+        and config.get("type") == "enabled"
+        and config.get("maxReasoningEffort") == "high"
+    )
 
 
 def _result(answer: Answer, trace: RoutingTrace, *, listened: bool = True) -> ChatResult:

@@ -174,6 +174,40 @@ def configure_local(model: Any, timeout: float | None) -> Any:
     return _rewrap(model, _rebuild(inner, client_kwargs=client_kwargs))
 
 
+def configure_probe(probe: Any, timeout: float | None) -> Any:
+    """The pre-check probe with the local tier's timeout on its ``ChatOllama`` (the same
+    server as the local tier: a hung one fails the probe instead of holding the call)."""
+    model = getattr(probe, "model", None)
+    if timeout is None or model is None or not is_ollama(model):
+        return probe
+    configured = configure_local(model, timeout)
+    if configured is model or not hasattr(probe, "model_post_init"):
+        return probe
+    probe = probe.model_copy(update={"model": configured})
+    probe.model_post_init(None)  # the probe builds its own copy of the model there
+    return probe
+
+
+def client_attempts(model: Any) -> int | None:
+    """How many HTTP attempts the Bedrock client of ``model`` makes per call, if it sets it.
+
+    1 for the clients the router configures (botocore retries off). For your own boto3
+    client, its ``Config(retries=...)``: ``total_max_attempts``, or ``max_attempts`` + 1;
+    ``None`` when it relies on botocore's defaults (several attempts). Models other than
+    Bedrock's: 1 (no client retries the router knows of).
+    """
+    inner = unwrap(model)
+    if not is_bedrock(inner):
+        return 1
+    config = getattr(getattr(getattr(inner, "client", None), "meta", None), "config", None)
+    retries = getattr(config, "retries", None) or {}
+    total = retries.get("total_max_attempts")
+    if isinstance(total, int):
+        return total
+    extra = retries.get("max_attempts")
+    return extra + 1 if isinstance(extra, int) else None
+
+
 def _httpx_timeout(timeout: float) -> Any:
     import httpx
 

@@ -113,9 +113,6 @@ async def test_cancelled_ainvoke_mid_cloud_request_counts_as_spent(
     assert len(bedrock_server.requests) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="needs router change: RoutingTrace.finish() leaves "
-                   "cloud_cost_usd None for a cancelled escalation whose reservation it "
-                   "committed, so stats disagree with the budget")
 async def test_cancelled_ainvoke_record_prices_what_the_budget_committed(
     ollama_chat, bedrock_chat, unsure, bedrock_server
 ):
@@ -351,9 +348,6 @@ def test_cloud_answering_beyond_max_tokens_is_recorded_in_full_and_stops_escalat
     assert len(bedrock_server.requests) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="needs router change: the reservation bound counts the "
-                   "messages only, not the tool definitions bound to the cloud tier, which "
-                   "are sent and billed as input tokens")
 def test_reservation_covers_the_tool_definitions_that_are_sent(
     ollama_chat, bedrock_chat, unsure, bedrock_server
 ):
@@ -424,7 +418,7 @@ def test_document_without_a_cost_bound_is_never_escalated_under_a_budget(
 def test_bound_given_the_tool_definitions_covers_every_byte_sent(
     ollama_chat, bedrock_chat, unsure, bedrock_server
 ):
-    """What the router needs to pass (see the xfail above): the bound with ``tools=``."""
+    """What the router passes (see the test above): the bound with ``tools=``."""
 
     def lookup(query: str) -> str:
         """Look a fact up."""
@@ -490,9 +484,6 @@ async def test_async_throttle_timeout_mix_counts_every_request_and_holds_the_cap
     assert routing["cloud_cost_usd"] == pytest.approx(2 * one)
 
 
-@pytest.mark.xfail(strict=True, reason="needs router change: RoutingTrace.retry_delay() "
-                   "reserves the next attempt before the backoff sleep, and a call cancelled "
-                   "during that sleep commits it as spent although nothing was sent")
 async def test_cancelled_during_retry_backoff_charges_nothing_that_was_not_sent(
     ollama_chat, bedrock_chat, unsure, bedrock_server
 ):
@@ -533,9 +524,6 @@ def _timing_out_cloud(bedrock_server, bedrock_chat, *, own_client: bool):
                         endpoint_url=None, aws_access_key_id=None, aws_secret_access_key=None)
 
 
-@pytest.mark.xfail(strict=True, reason="needs router change: a cloud tier assigned after "
-                   "construction is not configured (botocore retries stay on), so botocore "
-                   "resends a timed-out request the budget reserved once")
 def test_cloud_tier_assigned_after_construction_cannot_multiply_billed_requests(
     ollama_chat, bedrock_chat, unsure, bedrock_server
 ):
@@ -551,10 +539,6 @@ def test_cloud_tier_assigned_after_construction_cannot_multiply_billed_requests(
     assert budget.spent >= sent * bound()  # every request that may be billed is counted
 
 
-@pytest.mark.xfail(strict=True, reason="needs router change: with a budget, a cloud tier built "
-                   "on the caller's own boto3 client keeps botocore's retries, which resend "
-                   "timed-out requests under one reservation; reserve per botocore attempt or "
-                   "refuse at construction")
 def test_own_boto3_client_retries_cannot_multiply_billed_requests_under_a_budget(
     ollama_chat, bedrock_chat, unsure, bedrock_server
 ):
@@ -650,9 +634,6 @@ def test_answer_without_usage_is_spent_at_its_bound_and_not_retried(
     assert routing["cloud_cost_usd"] == pytest.approx(budget.spent)
 
 
-@pytest.mark.xfail(strict=True, reason="needs router change: a successful cloud answer without "
-                   "usage is committed at its bound, but RoutingTrace.finish() leaves "
-                   "cloud_cost_usd None, so the record disagrees with the budget")
 def test_streamed_answer_without_usage_is_priced_at_what_the_budget_committed(
     no_usage_cloud, ollama_chat, unsure
 ):
@@ -714,9 +695,6 @@ def test_connection_dropped_after_sending_is_not_retried_into_more_billed_reques
 # -- max_tokens set, yet not sent -------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="needs router change: with reasoningConfig high effort "
-                   "ChatBedrockConverse drops maxTokens from the request, so the reservation "
-                   "(from max_tokens) is no upper bound; construction must refuse it")
 def test_budget_refuses_a_cloud_tier_that_does_not_send_its_max_tokens(
     ollama_chat, bedrock_chat, unsure, bedrock_server
 ):

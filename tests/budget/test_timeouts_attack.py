@@ -153,9 +153,9 @@ async def test_crawling_local_model_falls_back_at_the_deadline(
     assert backend.generated_tokens < 40
 
 
-@pytest.mark.xfail(strict=True, reason="needs router change: sync invoke bounds only each read "
-                   "of the local answer (httpx read timeout), not the whole answer, so a model "
-                   "that keeps producing tokens slowly holds the call far past local_timeout")
+@pytest.mark.xfail(strict=True, reason="documented limit: a sync invoke bounds each read of the "
+                   "local answer (httpx read timeout: a hung model fails at local_timeout), "
+                   "not the whole answer; streams and async calls have a whole-answer deadline")
 def test_crawling_local_model_sync_invoke_falls_back_at_the_deadline(
     ollama_chat, cloud, backend, bedrock_server
 ):
@@ -199,10 +199,6 @@ def test_hung_local_model_sync_invoke_stops_the_server_side_generation(
     assert _live_threads() <= baseline
 
 
-@pytest.mark.xfail(strict=True, reason="needs router change: the pre-check probe is invoked "
-                   "without local_timeout (_probe/_aprobe, and the probe's own ChatOllama copy "
-                   "has no httpx timeout), so a hung local server holds the call for the whole "
-                   "hang before the local stage or the cloud is reached")
 @pytest.mark.filterwarnings("ignore::confidence_router.gsa.GsaExtractionWarning")
 @pytest.mark.parametrize("entry", ["invoke", "ainvoke"])
 async def test_hung_local_server_behind_a_precheck_probe_falls_back_at_the_deadline(
