@@ -46,6 +46,9 @@ from confidence_router.errors import (
     BudgetExceededError,
     CloudEscalationError,
     ConfidenceRouterError,
+    InvalidArgumentError,
+    InvalidInputError,
+    InvalidTypeError,
     LocalModelError,
     RoutingConfigError,
 )
@@ -203,6 +206,12 @@ def _from_router_error(error: BaseException) -> _HTTPError:
         return _HTTPError(502, str(error), code="local_error", type_="upstream_error")
     if isinstance(error, RoutingConfigError):
         return _HTTPError(400, str(error), code="invalid_routing_knob")
+    if isinstance(error, InvalidInputError):
+        # Nothing to answer (e.g. only whitespace): the client's mistake, rejected before any
+        # model was called, so a 4xx and not an upstream 502.
+        return _HTTPError(400, str(error), code="invalid_input")
+    if isinstance(error, (InvalidArgumentError, InvalidTypeError)):
+        return _HTTPError(400, str(error), code="invalid_request")
     if type(error).__module__.split(".")[0] == "redis":
         # The shared budget/calibrator is unreachable: refuse rather than spend without a cap.
         return _HTTPError(503, "shared routing state (Redis) is unavailable",
@@ -541,9 +550,15 @@ class _Proxy:
         runnable = self._runnable(formats.tool_specs(parsed.tools) if parsed.tools else [],
                                   None, schema)
         stop = parsed.options.get("stop")
+        if isinstance(stop, str):
+            stop = [stop]
+        if stop is not None and (
+            not isinstance(stop, list) or not all(isinstance(s, str) for s in stop)
+        ):
+            raise formats.RequestError("options.stop must be a string or a list of strings")
         kwargs: dict[str, Any] = dict(knobs)
-        if isinstance(stop, list) and stop:
-            kwargs["stop"] = [str(s) for s in stop]
+        if stop:
+            kwargs["stop"] = stop
         started = time.perf_counter_ns()
         created = now_iso()
         if parsed.stream and schema is None:
