@@ -36,9 +36,7 @@ def _nothing_sent(ollama_server, bedrock_server):
     assert bedrock_server.requests == []
 
 
-@pytest.mark.parametrize(
-    ("body", "param", "needle"),
-    [
+OPENAI_BAD = [
         # Was a 502 "routing_error": the client's whitespace is not an upstream failure.
         ({"messages": [{"role": "user", "content": "  \n"}]}, None, "nothing to answer"),
         ({"messages": [{"role": "user", "content": "  "}], "stream": True}, None,
@@ -75,22 +73,22 @@ def _nothing_sent(ollama_server, bedrock_server):
         # A misspelt knob used to be ignored: the request was routed with the default.
         ({"messages": USER, "threshhold": 0.99}, "threshhold", "did you mean"),
         ({"messages": USER, "allow_escalaton": False}, "allow_escalaton", "allow_escalation"),
-    ],
-)
-def test_openai_bad_bodies_are_400_before_any_model(proxy, ollama_server, bedrock_server, body,
-                                                    param, needle):
-    reply = _openai(proxy, {"model": "m", **body})
-    assert reply.status_code == 400, reply.text
-    error = reply.json()["error"]
-    assert needle in error["message"]
-    assert error["param"] == param
-    assert error["type"] == "invalid_request_error"
+]
+
+
+def test_openai_bad_bodies_are_400_before_any_model(proxy, ollama_server, bedrock_server):
+    # One test over all bodies: starting a proxy dominates a test's time.
+    for body, param, needle in OPENAI_BAD:
+        reply = _openai(proxy, {"model": "m", **body})
+        assert reply.status_code == 400, (body, reply.text)
+        error = reply.json()["error"]
+        assert needle in error["message"], body
+        assert error["param"] == param, body
+        assert error["type"] == "invalid_request_error"
     _nothing_sent(ollama_server, bedrock_server)
 
 
-@pytest.mark.parametrize(
-    ("body", "needle"),
-    [
+OLLAMA_BAD = [
         ({"messages": [{"role": "user", "content": " "}]}, "nothing to answer"),
         ({"messages": [{"role": "user", "content": " "}], "stream": True}, "nothing to answer"),
         ({"messages": USER, "stream": "no"}, "stream must be true or false"),  # was streamed
@@ -109,13 +107,14 @@ def test_openai_bad_bodies_are_400_before_any_model(proxy, ollama_server, bedroc
          "only user messages"),
         ({"messages": USER, "options": {"stop": 5}}, "options.stop"),
         ({"messages": USER, "threshhold": 0.9}, "did you mean"),
-    ],
-)
-def test_ollama_bad_bodies_are_400_before_any_model(proxy, ollama_server, bedrock_server, body,
-                                                    needle):
-    reply = _ollama(proxy, {"model": "m", **body})
-    assert reply.status_code == 400, reply.text
-    assert needle in reply.json()["error"]
+]
+
+
+def test_ollama_bad_bodies_are_400_before_any_model(proxy, ollama_server, bedrock_server):
+    for body, needle in OLLAMA_BAD:
+        reply = _ollama(proxy, {"model": "m", **body})
+        assert reply.status_code == 400, (body, reply.text)
+        assert needle in reply.json()["error"], body
     _nothing_sent(ollama_server, bedrock_server)
 
 

@@ -149,10 +149,10 @@ def _parse_arguments(raw: Any, param: str) -> dict[str, Any]:
 _OPENAI_PART_TYPES = ("text", "image_url")
 
 
-def _openai_parts(parts: list[Any], where: str, role: Any) -> list[dict[str, Any]]:
+def _openai_parts(parts: list[Any], where: str, role: Any) -> list[str | dict[str, Any]]:
     """Validate a list of OpenAI content parts (text and images; an assistant's refusal is
     kept as text)."""
-    checked: list[dict[str, Any]] = []
+    checked: list[str | dict[str, Any]] = []
     for j, part in enumerate(parts):
         here = f"{where}.content[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
@@ -181,14 +181,15 @@ def _openai_message(raw: Any, i: int) -> BaseMessage:
     if not isinstance(raw, dict):
         raise RequestError(f"{where} must be an object", param=where)
     role = raw.get("role")
-    content = raw.get("content")
-    if content is None:
-        content = ""
-    if not isinstance(content, (str, list)):
+    raw_content = raw.get("content")
+    if raw_content is None:
+        raw_content = ""
+    if not isinstance(raw_content, (str, list)):
         raise RequestError(f"{where}.content must be a string or a list of parts",
                            param=f"{where}.content")
-    if isinstance(content, list):
-        content = _openai_parts(content, where, role)
+    content: str | list[str | dict[str, Any]] = (
+        _openai_parts(raw_content, where, role) if isinstance(raw_content, list) else raw_content
+    )
     if role in ("system", "developer"):
         return SystemMessage(content=content)
     if role == "user":

@@ -251,10 +251,10 @@ class JSONRequestHandler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
 
     def setup(self) -> None:
-        # StreamRequestHandler applies ``timeout`` to the socket: every read (request line,
-        # headers, body) and write then fails after that many silent seconds.
-        self.timeout = getattr(self.server, "read_timeout", None)
         super().setup()
+        # Every read (request line, headers, body) and write fails after this many silent
+        # seconds; BaseHTTPRequestHandler then closes the connection.
+        self.connection.settimeout(getattr(self.server, "read_timeout", None))
 
     def log_message(self, format: str, *args: Any) -> None:
         # The default writes every request line to stderr.
