@@ -5,9 +5,14 @@ reaches neither tier; odd but valid shapes are answered. Counts what the fake se
 from __future__ import annotations
 
 import base64
+import socket
+import time
 
 import httpx
 import pytest
+
+from confidence_router.errors import RoutingConfigError
+from confidence_router.proxy.config import ProxyConfig
 
 # A 1x1 PNG.
 PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5E"
@@ -171,3 +176,34 @@ def test_ollama_stop_as_a_string_is_honoured(proxy, ollama_server):
     reply = _ollama(proxy, {"model": "m", "messages": USER, "options": {"stop": "\n"}})
     assert reply.status_code == 200
     assert ollama_server.requests_to("/api/chat")[-1]["body"]["options"]["stop"] == ["\n"]
+
+
+def test_half_a_body_then_silence_is_a_408_and_blocks_nobody(make_proxy, ollama_backend,
+                                                             ollama_server):
+    ollama_backend.set_default("Paris", logprobs=-0.05)
+    proxy = make_proxy(config=ProxyConfig(timeout_s=1.0))
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as stalled:
+        stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"mo")
+        started = time.monotonic()
+        reply = _openai(proxy, {"model": "m", "messages": USER})
+        assert reply.status_code == 200 and time.monotonic() - started < 0.9
+        # The stalled request used to wait forever; it now ends with the proxy's time limit.
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            piece = stalled.recv(65536)
+            if not piece:
+                break
+            answer += piece
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    assert b"request_timeout" in body
+    assert len(ollama_server.requests_to("/api/chat")) == 1
+
+
+@pytest.mark.parametrize("keys", [",", " , ,"])
+def test_api_keys_variable_without_a_key_is_an_error_not_an_open_proxy(keys):
+    with pytest.raises(RoutingConfigError, match="holds no key"):
+        ProxyConfig.from_env({"CONFIDENCE_ROUTER_PROXY_API_KEYS": keys})
+    assert ProxyConfig.from_env({"CONFIDENCE_ROUTER_PROXY_API_KEYS": "k1, "}).api_keys == ("k1",)
+    assert ProxyConfig.from_env({"CONFIDENCE_ROUTER_PROXY_API_KEYS": ""}).api_keys == ()

@@ -69,6 +69,7 @@ __all__ = ["SharedState", "build_router", "create_app", "create_app_from_env"]
 logger = logging.getLogger("confidence_router.proxy")
 
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+_REQUEST_ERROR_CODES = {413: "request_too_large", 408: "request_timeout"}
 _LEASE_MARGIN_S = 30.0
 
 
@@ -256,7 +257,7 @@ def _endpoint(
             response = _error_response(
                 request.url.path,
                 _HTTPError(status, str(error), param=getattr(error, "param", None),
-                           code="request_too_large" if status == 413 else "invalid_request"),
+                           code=_REQUEST_ERROR_CODES.get(status, "invalid_request")),
             )
         except Exception as error:  # noqa: BLE001 - every failure becomes an HTTP answer
             http_error = _from_router_error(error)
@@ -360,12 +361,23 @@ class _Proxy:
         if declared and declared.isdigit() and int(declared) > limit:
             raise formats.RequestError(f"request body larger than {limit} bytes", status=413)
         chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise formats.RequestError(f"request body larger than {limit} bytes", status=413)
-            chunks.append(chunk)
+
+        async def receive() -> None:
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise formats.RequestError(f"request body larger than {limit} bytes",
+                                               status=413)
+                chunks.append(chunk)
+
+        try:
+            # A client that sends half a body and stalls must not hold the request forever.
+            await asyncio.wait_for(receive(), self.config.timeout_s)
+        except asyncio.TimeoutError:
+            raise formats.RequestError(
+                f"request body not received within {self.config.timeout_s:g} s", status=408
+            ) from None
         raw = b"".join(chunks)
         try:
             body = json.loads(raw)
