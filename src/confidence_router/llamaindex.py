@@ -486,6 +486,12 @@ class ConfidenceRoutedLlamaIndexLLM(FunctionCallingLLM):
         if not tools or choice == "none":
             return self.router, call
         specs = [_openai_tool(tool) for tool in tools]
+        names = {(spec.get("function") or {}).get("name") for spec in specs}
+        if choice not in (None, "any", "none") and choice not in names:
+            # A tier that ignores tool_choice would answer as if it had not been asked.
+            raise RoutingConfigError(
+                f"tool_choice names {choice!r}, which is not one of the tools {sorted(map(str, names))}"
+            )
         return self.router.bind_tools(specs, tool_choice=choice), call
 
     def _policy(self, kwargs: dict[str, Any]) -> RoutingPolicy:
@@ -765,7 +771,9 @@ def _openai_tool(tool: Any) -> dict[str, Any]:
         return dict(metadata.to_openai_tool())
     if isinstance(tool, dict):
         return tool
-    raise TypeError(f"expected a LlamaIndex tool (with .metadata), got {type(tool).__name__}")
+    raise InvalidTypeError(
+        f"expected a LlamaIndex tool (with .metadata), got {type(tool).__name__}"
+    )
 
 
 def _noted(response: ChatResponse) -> ChatResponse:

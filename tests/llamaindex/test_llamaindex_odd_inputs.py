@@ -12,6 +12,7 @@ import pytest
 from langchain_ollama import ChatOllama
 from llama_index.core.base.llms.types import AudioBlock, ImageBlock, TextBlock
 from llama_index.core.llms import ChatMessage, MessageRole
+from llama_index.core.tools import FunctionTool
 
 from confidence_router import ConfidenceRoutedLLM
 from confidence_router.errors import InvalidInputError, InvalidTypeError, RoutingConfigError
@@ -190,3 +191,28 @@ def test_knobs_and_tier_kwargs_in_router_kwargs_and_per_call(router, ollama_back
     reply = strict.complete("hi", threshold=0.5, config={"tags": ["t"]})
     assert reply.text == "Paris"
     assert json.loads(json.dumps(reply.additional_kwargs["routing"]["policy"]))["threshold"] == 0.5
+
+
+def test_bad_tools_and_tool_choices_are_typed_errors_before_any_request(llm, ollama_server,
+                                                                        bedrock_server):
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return "sunny"
+
+    tool = FunctionTool.from_defaults(get_weather)
+    with pytest.raises(InvalidTypeError, match="LlamaIndex tool"):   # was a plain TypeError
+        llm.chat_with_tools([5], user_msg="weather in Paris?")
+    with pytest.raises(InvalidTypeError, match="LlamaIndex tool"):
+        llm.chat(HI, tools=["get_weather"])
+    # A tool the call does not offer: the local tier ignored the choice and answered.
+    with pytest.raises(RoutingConfigError, match="not one of the tools"):
+        llm.chat_with_tools([tool], user_msg="weather in Paris?", tool_choice="get_wether")
+    with pytest.raises(InvalidInputError):
+        llm.chat_with_tools([tool], user_msg="   ")
+    with pytest.raises(InvalidInputError):
+        llm.predict_and_call([tool], user_msg="")
+    _nothing_sent(ollama_server, bedrock_server)
+    # A named choice that is one of the tools goes through.
+    llm.chat_with_tools([tool], user_msg="weather in Paris?", tool_choice="get_weather")
+    assert ollama_server.requests_to("/api/chat")[-1]["body"]["tools"][0]["function"]["name"] == (
+        "get_weather")
