@@ -134,11 +134,14 @@ class ConfidenceRoutedLlamaIndexLLM(FunctionCallingLLM):
     is on every ``AgentOutput.raw["routing"]``. ``as_structured_llm(Model)`` keeps the
     routing record in the structured response's ``additional_kwargs["routing"]``.
 
-    Per-call knobs go in the call's kwargs and are validated before anything is sent
-    (:class:`~confidence_router.errors.RoutingConfigError` on a bad value): ``threshold``,
-    ``signal``, ``on_unknown``, ``on_cloud_error``, ``precheck_threshold``,
-    ``allow_escalation``. ``config=`` is passed on as the LangChain ``RunnableConfig``
-    (callbacks, tags); any other kwarg goes to both tiers (e.g. ``stop``).
+    Per-call knobs go in the call's kwargs (or, for every call, in ``router_kwargs``) and are
+    validated when the call is made, streams included, before anything is sent
+    (:class:`~confidence_router.errors.RoutingConfigError` on a bad value or an unknown or
+    misspelt name): ``threshold``, ``signal``, ``on_unknown``, ``on_cloud_error``,
+    ``precheck_threshold``, ``allow_escalation``, ``on_budget_exceeded``, ``early_exit``.
+    ``config=`` is passed on as the LangChain ``RunnableConfig`` (callbacks, tags); ``stop``
+    and the router's tier kwargs (``format``, ``tool_choice``, ...) go to both tiers. User
+    messages may carry images (``ImageBlock`` with bytes or a local path).
 
     Example:
         .. code-block:: python
