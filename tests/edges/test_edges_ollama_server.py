@@ -167,3 +167,11 @@ def test_slow_loris_is_dropped_and_never_blocks_other_clients(server, backend):
 def test_server_limits_are_validated(backend, kwargs):
     with pytest.raises(InvalidArgumentError):
         OllamaCompatibleServer(backend, **kwargs)
+
+
+def test_json_nested_too_deeply_is_a_400_not_a_dropped_connection(server, backend):
+    # json.loads raises RecursionError (not a ValueError): the connection used to close
+    # without an answer.
+    reply = httpx.post(server.url + "/api/chat", content=b"[" * 3000, timeout=5)
+    assert reply.status_code == 400 and "nested too deeply" in reply.json()["error"]
+    assert backend.requests == []

@@ -207,3 +207,12 @@ def test_api_keys_variable_without_a_key_is_an_error_not_an_open_proxy(keys):
         ProxyConfig.from_env({"CONFIDENCE_ROUTER_PROXY_API_KEYS": keys})
     assert ProxyConfig.from_env({"CONFIDENCE_ROUTER_PROXY_API_KEYS": "k1, "}).api_keys == ("k1",)
     assert ProxyConfig.from_env({"CONFIDENCE_ROUTER_PROXY_API_KEYS": ""}).api_keys == ()
+
+
+def test_json_nested_too_deeply_is_a_400_on_both_fronts(proxy, ollama_server, bedrock_server):
+    # RecursionError from json.loads used to be a 500.
+    for path in ("/v1/chat/completions", "/api/chat"):
+        reply = httpx.post(proxy.url + path, content=b"[" * 100_000, timeout=10)
+        assert reply.status_code == 400, reply.text
+        assert "nested too deeply" in reply.text
+    _nothing_sent(ollama_server, bedrock_server)

@@ -383,6 +383,8 @@ class _Proxy:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as error:
             raise formats.RequestError(f"invalid JSON body: {error}") from None
+        except RecursionError:  # e.g. "[[[[..." nested deeper than the parser's stack
+            raise formats.RequestError("invalid JSON body: nested too deeply") from None
         if not isinstance(body, dict):
             raise formats.RequestError("the request body must be a JSON object")
         return body

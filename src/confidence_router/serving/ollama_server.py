@@ -171,6 +171,8 @@ class _OllamaHandler(JSONRequestHandler):
                 body = json.loads(raw)
             except ValueError as exc:
                 parse_error = f"invalid JSON body: {exc}"
+            except RecursionError:  # e.g. "[[[[..." nested deeper than the parser's stack
+                parse_error = "invalid JSON body: nested too deeply"
         self.owner._record(RecordedRequest(method=method, path=path, body=body))
 
         routes: dict[tuple[str, str], Callable[[Any], None]] = {
