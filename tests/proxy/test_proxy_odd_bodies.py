@@ -66,6 +66,8 @@ OPENAI_BAD = [
         ({"messages": USER, "tools": [TOOL], "tool_choice": {"function": "get_weather"}},
          "tool_choice", "tool_choice must be"),
         ({"messages": USER, "tools": [TOOL], "tool_choice": 7}, "tool_choice", "tool_choice"),
+        # Was answered without any tool.
+        ({"messages": USER, "tool_choice": "required"}, "tool_choice", "needs tools"),
         ({"messages": USER, "tools": [TOOL],
           "tool_choice": {"type": "function", "function": {"name": "other"}}},
          "tool_choice", "not in tools"),

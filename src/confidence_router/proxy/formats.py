@@ -284,6 +284,8 @@ def parse_openai_request(body: Any) -> OpenAIRequest:
 def _check_tool_choice(choice: Any, tools: list[dict[str, Any]]) -> None:
     """``tool_choice``: ``none``, ``auto``, ``required`` or ``{"type": "function",
     "function": {"name": <one of tools>}}``."""
+    if choice == "required" and not tools:
+        raise RequestError('tool_choice "required" needs tools', param="tool_choice")
     if choice is None or choice in ("none", "auto", "required"):
         return
     function = choice.get("function") if isinstance(choice, dict) else None
