@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 
 import httpx
@@ -175,3 +176,68 @@ def test_json_nested_too_deeply_is_a_400_not_a_dropped_connection(server, backen
     reply = httpx.post(server.url + "/api/chat", content=b"[" * 3000, timeout=5)
     assert reply.status_code == 400 and "nested too deeply" in reply.json()["error"]
     assert backend.requests == []
+
+
+def test_stalled_clients_at_capacity_are_evicted_so_others_get_served(server, backend,
+                                                                      monkeypatch):
+    """With every slot taken by silent clients, newcomers get a 503; the silent ones used to
+    keep their slots forever, now they are dropped after read_timeout."""
+    monkeypatch.setattr(server._httpd, "max_active", 2)
+    stalled = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(2)]
+    try:
+        for sock in stalled:
+            sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.1)
+        assert httpx.post(server.url + "/api/chat", json=CHAT, timeout=5).status_code == 503
+        deadline = time.monotonic() + 5
+        while True:
+            reply = httpx.post(server.url + "/api/chat", json=CHAT, timeout=5)
+            if reply.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert reply.status_code == 200 and reply.json()["message"]["content"] == "Paris"
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+class _OneAtATimeBackend(ScriptedBackend):
+    """A backend that, like the embedded llama.cpp one, holds one lock while it streams the
+    tokens of an answer (a model context serves one request at a time)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._model_lock = threading.Lock()
+
+    def chat(self, request):
+        reply = super().chat(request)
+        tokens = reply.tokens
+
+        def locked():
+            with self._model_lock:
+                yield from tokens
+
+        reply.tokens = locked()
+        return reply
+
+
+def test_a_client_that_stops_reading_a_stream_does_not_block_the_next_one():
+    backend = _OneAtATimeBackend()
+    backend.set_default(["x" * 2000] * 10_000)   # 20 MB: far more than socket buffers hold
+    backend.add_answer("second", "served")
+    with OllamaCompatibleServer(backend, read_timeout=0.5) as server:
+        body = json.dumps({"model": "scripted-local", "stream": True,
+                           "messages": [{"role": "user", "content": "first"}]}).encode()
+        with socket.socket() as reader:
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting
+            reader.connect(("127.0.0.1", server.port))
+            reader.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                           % (len(body), body))
+            time.sleep(0.3)   # the server is now blocked writing to a client that never reads
+            started = time.monotonic()
+            reply = httpx.post(server.url + "/api/chat", timeout=10, json={
+                "model": "scripted-local", "stream": False,
+                "messages": [{"role": "user", "content": "second"}]})
+            # Without a write timeout the lock was held for as long as the reader stalled.
+            assert reply.json()["message"]["content"] == "served"
+            assert time.monotonic() - started < 5
