@@ -59,6 +59,10 @@ OPENAI_BAD = [
          "messages[0].content[0]", "text must be a string"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
          "messages[0].content[0]", "image_url.url"),
+        # Was a 502 after both tiers refused to fetch it (nothing was sent).
+        ({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.invalid/a.png"}}]}]},
+         "messages[0].content[0]", "not fetched"),
         # Was a 500 TypeError.
         ({"messages": [{"role": "assistant", "content": "x", "tool_calls": 5}, *USER]},
          "messages[0].tool_calls", "must be a list"),

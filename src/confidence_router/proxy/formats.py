@@ -172,6 +172,11 @@ def _openai_parts(parts: list[Any], where: str, role: Any) -> list[str | dict[st
             url = image.get("url") if isinstance(image, dict) else image
             if not isinstance(url, str) or not url:
                 raise RequestError(f"{here}.image_url.url must be a string", param=here)
+            if not url.startswith("data:image/") or ";base64," not in url:
+                # Neither tier fetches URLs: both would refuse it, after the local attempt.
+                raise RequestError(
+                    f"{here}.image_url.url must be a data:image/...;base64,... URL (images "
+                    "are not fetched)", param=here)
         checked.append(part)
     return checked
 
