@@ -123,10 +123,12 @@ def test_fields_of_the_wrong_type_are_400_before_the_backend(server, backend, ch
     assert backend.requests == []
 
 
-def test_generate_images_must_be_strings(server, backend):
+@pytest.mark.parametrize(("change", "needle"),
+                         [({"images": 5}, "images"), ({"system": 5}, "system must be a string")])
+def test_generate_fields_of_the_wrong_type_are_400(server, backend, change, needle):
     reply = httpx.post(server.url + "/api/generate",
-                       json={"model": "scripted-local", "prompt": "hi", "images": 5, "stream": False})
-    assert reply.status_code == 400 and "images" in reply.json()["error"]
+                       json={"model": "scripted-local", "prompt": "hi", "stream": False, **change})
+    assert reply.status_code == 400 and needle in reply.json()["error"]
     assert backend.requests == []
 
 

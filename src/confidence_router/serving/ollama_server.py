@@ -228,6 +228,8 @@ class _OllamaHandler(JSONRequestHandler):
         system = body.get("system")
         if not isinstance(prompt, str):
             raise _BadRequest("prompt must be a string")
+        if system is not None and not isinstance(system, str):
+            raise _BadRequest("system must be a string")  # was silently dropped
         messages: list[dict[str, Any]] = []
         if isinstance(system, str) and system:
             messages.append({"role": "system", "content": system})
