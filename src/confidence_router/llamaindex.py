@@ -61,6 +61,7 @@ from llama_index.core.base.llms.types import (
     CompletionResponse,
     CompletionResponseAsyncGen,
     CompletionResponseGen,
+    ImageBlock,
     LLMMetadata,
     MessageRole,
     TextBlock,
@@ -71,11 +72,11 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.llms.structured_llm import StructuredLLM
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from confidence_router.errors import RoutingConfigError
-from confidence_router.policy import RoutingPolicy
-from confidence_router.router import ConfidenceRoutedLLM
+from confidence_router.errors import InvalidInputError, InvalidTypeError, RoutingConfigError
+from confidence_router.policy import RoutingPolicy, unknown_names_message
+from confidence_router.router import TIER_KWARGS, ConfidenceRoutedLLM, _check_input
 from confidence_router.tier_clients import model_name as _model_name
 
 if TYPE_CHECKING:
@@ -105,6 +106,10 @@ _ASSISTANT_ROLES = (MessageRole.ASSISTANT, MessageRole.CHATBOT, MessageRole.MODE
 # FUNCTION is LlamaIndex's legacy name for a tool result; both become a ToolMessage.
 _TOOL_ROLES = (MessageRole.TOOL, MessageRole.FUNCTION)
 
+#: Call kwargs that are neither knobs nor tier kwargs but legitimate: ``stop`` (both tiers)
+#: and ``config`` (the LangChain RunnableConfig).
+_CALL_KWARGS = frozenset({"stop", "config"})
+
 
 # Routing records of the calls made while a RoutedStructuredLLM call runs (see _capture).
 _CAPTURED: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar(
@@ -129,11 +134,14 @@ class ConfidenceRoutedLlamaIndexLLM(FunctionCallingLLM):
     is on every ``AgentOutput.raw["routing"]``. ``as_structured_llm(Model)`` keeps the
     routing record in the structured response's ``additional_kwargs["routing"]``.
 
-    Per-call knobs go in the call's kwargs and are validated before anything is sent
-    (:class:`~confidence_router.errors.RoutingConfigError` on a bad value): ``threshold``,
-    ``signal``, ``on_unknown``, ``on_cloud_error``, ``precheck_threshold``,
-    ``allow_escalation``. ``config=`` is passed on as the LangChain ``RunnableConfig``
-    (callbacks, tags); any other kwarg goes to both tiers (e.g. ``stop``).
+    Per-call knobs go in the call's kwargs (or, for every call, in ``router_kwargs``) and are
+    validated when the call is made, streams included, before anything is sent
+    (:class:`~confidence_router.errors.RoutingConfigError` on a bad value or an unknown or
+    misspelt name): ``threshold``, ``signal``, ``on_unknown``, ``on_cloud_error``,
+    ``precheck_threshold``, ``allow_escalation``, ``on_budget_exceeded``, ``early_exit``.
+    ``config=`` is passed on as the LangChain ``RunnableConfig`` (callbacks, tags); ``stop``
+    and the router's tier kwargs (``format``, ``tool_choice``, ...) go to both tiers. User
+    messages may carry images (``ImageBlock`` with bytes or a local path).
 
     Example:
         .. code-block:: python
@@ -182,10 +190,40 @@ class ConfidenceRoutedLlamaIndexLLM(FunctionCallingLLM):
         default=None, gt=0, description="Answer token budget; default: local num_predict."
     )
 
+    def __init__(self, **data: Any) -> None:
+        # Invalid fields are a RoutingConfigError naming the problem (pydantic would wrap it
+        # in a ValidationError), as for ConfidenceRoutedLLM.
+        try:
+            super().__init__(**data)
+        except ValidationError as error:
+            for detail in error.errors():
+                cause = (detail.get("ctx") or {}).get("error")
+                if isinstance(cause, RoutingConfigError):
+                    raise cause from None
+            raise RoutingConfigError(f"invalid ConfidenceRoutedLlamaIndexLLM: {error}") from error
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_fields(cls, data: Any) -> Any:
+        # LlamaIndex LLMs ignore unknown fields; here ``threshold=0.9`` would silently route
+        # at the default threshold. Knobs go in ``router_kwargs`` (or on the router).
+        if isinstance(data, dict):
+            unknown = set(data) - set(cls.model_fields) - {"class_name"}
+            if unknown:
+                message = unknown_names_message(
+                    unknown, sorted(cls.model_fields), what="ConfidenceRoutedLlamaIndexLLM field"
+                )
+                knobs = sorted(unknown & set(RoutingPolicy.knob_names()))
+                if knobs:
+                    message += (f"; routing knobs go in router_kwargs={{{knobs[0]!r}: ...}} "
+                                "or on the router")
+                raise RoutingConfigError(message)
+        return data
+
     @model_validator(mode="after")
     def _check_router_kwargs(self) -> ConfidenceRoutedLlamaIndexLLM:
-        # Bad defaults fail at construction, not at the first query.
-        self._policy(self.router_kwargs)
+        # Bad defaults (values and names) fail at construction, not at the first query.
+        self._call_kwargs({})
         return self
 
     @classmethod
@@ -266,7 +304,7 @@ class ConfidenceRoutedLlamaIndexLLM(FunctionCallingLLM):
                 part.additional_kwargs["routing"]["decision"]
         """
         # Convert and validate now, so bad input raises here and not at the first next().
-        lc_messages = to_langchain_messages(messages)
+        lc_messages = _checked(to_langchain_messages(messages))
         model, call = self._target(kwargs)
 
         def gen() -> ChatResponseGen:
@@ -283,7 +321,7 @@ class ConfidenceRoutedLlamaIndexLLM(FunctionCallingLLM):
         self, messages: Sequence[ChatMessage], **kwargs: Any
     ) -> ChatResponseAsyncGen:
         """Async :meth:`stream_chat` (``router.astream``)."""
-        lc_messages = to_langchain_messages(messages)
+        lc_messages = _checked(to_langchain_messages(messages))
         model, call = self._target(kwargs)
 
         async def gen() -> ChatResponseAsyncGen:
@@ -306,7 +344,7 @@ class ConfidenceRoutedLlamaIndexLLM(FunctionCallingLLM):
         Example: ``llm.complete("Capital of France?", threshold=0.9).additional_kwargs["routing"]``
         """
         call = self._call_kwargs(kwargs)
-        return _completion_response(self.router.invoke([HumanMessage(content=prompt)], **call))
+        return _completion_response(self.router.invoke(_prompt_messages(prompt), **call))
 
     @llm_completion_callback()
     async def acomplete(
@@ -314,7 +352,7 @@ class ConfidenceRoutedLlamaIndexLLM(FunctionCallingLLM):
     ) -> CompletionResponse:
         """Async :meth:`complete` (``router.ainvoke``)."""
         call = self._call_kwargs(kwargs)
-        message = await self.router.ainvoke([HumanMessage(content=prompt)], **call)
+        message = await self.router.ainvoke(_prompt_messages(prompt), **call)
         return _completion_response(message)
 
     @llm_completion_callback()
@@ -323,10 +361,11 @@ class ConfidenceRoutedLlamaIndexLLM(FunctionCallingLLM):
     ) -> CompletionResponseGen:
         """Stream a completion; the last response has ``delta == ""`` and the routing."""
         call = self._call_kwargs(kwargs)
+        lc_messages = _checked(_prompt_messages(prompt))
 
         def gen() -> CompletionResponseGen:
             stream = _Stream()
-            for chunk in self.router.stream([HumanMessage(content=prompt)], **call):
+            for chunk in self.router.stream(lc_messages, **call):
                 if stream.add(chunk):
                     yield stream.completion_delta(chunk)
             yield stream.completion_final()
@@ -339,10 +378,11 @@ class ConfidenceRoutedLlamaIndexLLM(FunctionCallingLLM):
     ) -> CompletionResponseAsyncGen:
         """Async :meth:`stream_complete` (``router.astream``)."""
         call = self._call_kwargs(kwargs)
+        lc_messages = _checked(_prompt_messages(prompt))
 
         async def gen() -> CompletionResponseAsyncGen:
             stream = _Stream()
-            async for chunk in self.router.astream([HumanMessage(content=prompt)], **call):
+            async for chunk in self.router.astream(lc_messages, **call):
                 if stream.add(chunk):
                     yield stream.completion_delta(chunk)
             yield stream.completion_final()
@@ -449,6 +489,12 @@ class ConfidenceRoutedLlamaIndexLLM(FunctionCallingLLM):
         if not tools or choice == "none":
             return self.router, call
         specs = [_openai_tool(tool) for tool in tools]
+        names = {(spec.get("function") or {}).get("name") for spec in specs}
+        if choice not in (None, "any", "none") and choice not in names:
+            # A tier that ignores tool_choice would answer as if it had not been asked.
+            raise RoutingConfigError(
+                f"tool_choice names {choice!r}, which is not one of the tools {sorted(map(str, names))}"
+            )
         return self.router.bind_tools(specs, tool_choice=choice), call
 
     def _policy(self, kwargs: dict[str, Any]) -> RoutingPolicy:
@@ -462,9 +508,31 @@ class ConfidenceRoutedLlamaIndexLLM(FunctionCallingLLM):
         return base.with_overrides({k: v for k, v in kwargs.items() if k in knobs})
 
     def _call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``router_kwargs`` with the call's kwargs on top, validated (names and knob values)
+        here, so that streams fail at the call rather than at the first ``next()``."""
         merged = {**self.router_kwargs, **kwargs}
+        knobs = RoutingPolicy.knob_names()
+        unknown = set(merged) - set(knobs) - TIER_KWARGS - _CALL_KWARGS
+        if unknown:
+            raise RoutingConfigError(unknown_names_message(
+                unknown, sorted({*knobs, *TIER_KWARGS, *_CALL_KWARGS}), what="call kwarg"
+            ))
         self._policy(merged)
         return merged
+
+
+def _prompt_messages(prompt: Any) -> list[BaseMessage]:
+    """A completion prompt as one user message."""
+    if not isinstance(prompt, str):
+        raise InvalidTypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    return [HumanMessage(content=prompt)]
+
+
+def _checked(messages: list[BaseMessage]) -> list[BaseMessage]:
+    """``messages``, after the router's own input check (nothing to answer is an
+    InvalidInputError), run at the call so that a stream fails before it is returned."""
+    _check_input(messages)
+    return messages
 
 
 # -- message conversion ------------------------------------------------------------------------
@@ -478,34 +546,54 @@ def to_langchain_messages(messages: Sequence[ChatMessage]) -> list[BaseMessage]:
     tool/function -> ``ToolMessage`` (needs ``additional_kwargs["tool_call_id"]``).
     Text blocks are joined with newlines, as ``ChatMessage.content`` does.
 
+    Images (``ImageBlock`` with bytes or a local ``path``) become LangChain image blocks,
+    which both tiers send (Ollama's ``images``, Bedrock's image content block).
+
     Raises:
-        ValueError: a non-text block (image, audio, document, ...) or a tool result without a
+        InvalidInputError (a ``ValueError``): a block the tiers cannot take (audio, video,
+            document, an image given only by URL) or a tool result without a
             ``tool_call_id``: dropping them silently would change the question.
-        TypeError: a tool call whose arguments are not a JSON object.
+        InvalidTypeError (a ``TypeError``): ``messages`` is not a sequence of
+            ``ChatMessage``, or a tool call whose arguments are not a JSON object.
     """
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise InvalidTypeError(
+            f"messages must be a sequence of ChatMessage, got {type(messages).__name__}"
+        )
+    for i, message in enumerate(messages):
+        if not isinstance(message, ChatMessage):
+            raise InvalidTypeError(
+                f"messages[{i}] must be a ChatMessage, got {type(message).__name__}"
+            )
     return [_to_langchain(message) for message in messages]
 
 
 def _to_langchain(message: ChatMessage) -> BaseMessage:
     texts: list[str] = []
+    images: list[dict[str, Any]] = []
     tool_calls: list[ToolCall] = []
     for block in message.blocks:
         if isinstance(block, TextBlock):
             texts.append(block.text)
+        elif isinstance(block, ImageBlock) and message.role in _USER_ROLES:
+            images.append(_image(block))
         elif isinstance(block, ToolCallBlock) and message.role in _ASSISTANT_ROLES:
             tool_calls.append(_tool_call(block))
         elif isinstance(block, (ThinkingBlock, CachePoint)):
             # Earlier reasoning and provider cache hints are not part of what is asked.
             continue
         else:
-            raise ValueError(
-                f"ConfidenceRoutedLlamaIndexLLM sends text only; a {message.role.value} message "
-                f"has a {type(block).__name__}"
+            raise InvalidInputError(
+                f"ConfidenceRoutedLlamaIndexLLM sends text (and images in user messages) "
+                f"only; a {message.role.value} message has a {type(block).__name__}"
             )
     text = "\n".join(texts)
     role = message.role
     if role in _SYSTEM_ROLES:
         return SystemMessage(content=text)
+    if role in _USER_ROLES and images:
+        blocks: list[str | dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+        return HumanMessage(content=[*blocks, *images])
     if role in _USER_ROLES:
         return HumanMessage(content=text)
     if role in _ASSISTANT_ROLES:
@@ -513,13 +601,31 @@ def _to_langchain(message: ChatMessage) -> BaseMessage:
     if role in _TOOL_ROLES:
         tool_call_id = message.additional_kwargs.get("tool_call_id")
         if not tool_call_id:
-            raise ValueError(
+            raise InvalidInputError(
                 f"a {role.value} message needs additional_kwargs['tool_call_id'] (the id of "
                 "the tool call it answers)"
             )
         name = message.additional_kwargs.get("name")
         return ToolMessage(content=text, tool_call_id=str(tool_call_id), name=name)
-    raise ValueError(f"unsupported message role {role.value!r}")
+    raise InvalidInputError(f"unsupported message role {role.value!r}")
+
+
+def _image(block: ImageBlock) -> dict[str, Any]:
+    """A LangChain image block (base64 data) from a LlamaIndex ``ImageBlock``."""
+    if block.image is None and block.path is None:
+        # resolve_image() would download it here; neither tier fetches URLs either.
+        raise InvalidInputError(
+            "an ImageBlock given only by url cannot be sent: give its bytes (image=...) or a "
+            "local path (path=...)"
+        )
+    try:
+        data = block.resolve_image(as_base64=True).read()
+    except (OSError, ValueError) as error:
+        raise InvalidInputError(f"cannot read the ImageBlock: {error}") from error
+    mime = block.image_mimetype
+    if not mime:
+        raise InvalidInputError("the ImageBlock's image type is unknown: set image_mimetype")
+    return {"type": "image", "base64": data.decode("ascii"), "mime_type": mime}
 
 
 def _tool_call(block: ToolCallBlock) -> ToolCall:
@@ -529,9 +635,13 @@ def _tool_call(block: ToolCallBlock) -> ToolCall:
         try:
             args = json.loads(args) if args.strip() else {}
         except json.JSONDecodeError as error:
-            raise ValueError(f"tool call {block.tool_name!r} has invalid JSON args") from error
+            raise InvalidInputError(
+                f"tool call {block.tool_name!r} has invalid JSON args"
+            ) from error
     if not isinstance(args, dict):
-        raise TypeError(f"tool call {block.tool_name!r} args must be an object, got {args!r}")
+        raise InvalidTypeError(
+            f"tool call {block.tool_name!r} args must be an object, got {args!r}"
+        )
     return ToolCall(name=block.tool_name, args=args, id=block.tool_call_id, type="tool_call")
 
 
@@ -664,7 +774,9 @@ def _openai_tool(tool: Any) -> dict[str, Any]:
         return dict(metadata.to_openai_tool())
     if isinstance(tool, dict):
         return tool
-    raise TypeError(f"expected a LlamaIndex tool (with .metadata), got {type(tool).__name__}")
+    raise InvalidTypeError(
+        f"expected a LlamaIndex tool (with .metadata), got {type(tool).__name__}"
+    )
 
 
 def _noted(response: ChatResponse) -> ChatResponse:

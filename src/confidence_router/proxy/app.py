@@ -46,6 +46,9 @@ from confidence_router.errors import (
     BudgetExceededError,
     CloudEscalationError,
     ConfidenceRouterError,
+    InvalidArgumentError,
+    InvalidInputError,
+    InvalidTypeError,
     LocalModelError,
     RoutingConfigError,
 )
@@ -66,6 +69,7 @@ __all__ = ["SharedState", "build_router", "create_app", "create_app_from_env"]
 logger = logging.getLogger("confidence_router.proxy")
 
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+_REQUEST_ERROR_CODES = {413: "request_too_large", 408: "request_timeout"}
 _LEASE_MARGIN_S = 30.0
 
 
@@ -203,6 +207,12 @@ def _from_router_error(error: BaseException) -> _HTTPError:
         return _HTTPError(502, str(error), code="local_error", type_="upstream_error")
     if isinstance(error, RoutingConfigError):
         return _HTTPError(400, str(error), code="invalid_routing_knob")
+    if isinstance(error, InvalidInputError):
+        # Nothing to answer (e.g. only whitespace): the client's mistake, rejected before any
+        # model was called, so a 4xx and not an upstream 502.
+        return _HTTPError(400, str(error), code="invalid_input")
+    if isinstance(error, (InvalidArgumentError, InvalidTypeError)):
+        return _HTTPError(400, str(error), code="invalid_request")
     if type(error).__module__.split(".")[0] == "redis":
         # The shared budget/calibrator is unreachable: refuse rather than spend without a cap.
         return _HTTPError(503, "shared routing state (Redis) is unavailable",
@@ -247,7 +257,7 @@ def _endpoint(
             response = _error_response(
                 request.url.path,
                 _HTTPError(status, str(error), param=getattr(error, "param", None),
-                           code="request_too_large" if status == 413 else "invalid_request"),
+                           code=_REQUEST_ERROR_CODES.get(status, "invalid_request")),
             )
         except Exception as error:  # noqa: BLE001 - every failure becomes an HTTP answer
             http_error = _from_router_error(error)
@@ -351,17 +361,30 @@ class _Proxy:
         if declared and declared.isdigit() and int(declared) > limit:
             raise formats.RequestError(f"request body larger than {limit} bytes", status=413)
         chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise formats.RequestError(f"request body larger than {limit} bytes", status=413)
-            chunks.append(chunk)
+
+        async def receive() -> None:
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise formats.RequestError(f"request body larger than {limit} bytes",
+                                               status=413)
+                chunks.append(chunk)
+
+        try:
+            # A client that sends half a body and stalls must not hold the request forever.
+            await asyncio.wait_for(receive(), self.config.timeout_s)
+        except asyncio.TimeoutError:
+            raise formats.RequestError(
+                f"request body not received within {self.config.timeout_s:g} s", status=408
+            ) from None
         raw = b"".join(chunks)
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as error:
             raise formats.RequestError(f"invalid JSON body: {error}") from None
+        except RecursionError:  # e.g. "[[[[..." nested deeper than the parser's stack
+            raise formats.RequestError("invalid JSON body: nested too deeply") from None
         if not isinstance(body, dict):
             raise formats.RequestError("the request body must be a JSON object")
         return body
@@ -541,9 +564,15 @@ class _Proxy:
         runnable = self._runnable(formats.tool_specs(parsed.tools) if parsed.tools else [],
                                   None, schema)
         stop = parsed.options.get("stop")
+        if isinstance(stop, str):
+            stop = [stop]
+        if stop is not None and (
+            not isinstance(stop, list) or not all(isinstance(s, str) for s in stop)
+        ):
+            raise formats.RequestError("options.stop must be a string or a list of strings")
         kwargs: dict[str, Any] = dict(knobs)
-        if isinstance(stop, list) and stop:
-            kwargs["stop"] = [str(s) for s in stop]
+        if stop:
+            kwargs["stop"] = stop
         started = time.perf_counter_ns()
         created = now_iso()
         if parsed.stream and schema is None:

@@ -126,6 +126,13 @@ class ProxyConfig:
         keys = get("PROXY_API_KEYS")
         if keys:
             values["api_keys"] = tuple(k.strip() for k in keys.split(",") if k.strip())
+            if not values["api_keys"]:
+                # Set, but only separators (e.g. an empty template substitution): serving
+                # without authentication would be the silent result.
+                raise RoutingConfigError(
+                    f"{_ENV}PROXY_API_KEYS is set but holds no key (comma-separated keys); "
+                    "unset it to serve without API keys"
+                )
         if (raw := get("PROXY_MAX_BODY_BYTES")) is not None:
             values["max_body_bytes"] = _parse(int, "PROXY_MAX_BODY_BYTES", raw)
         for name, key in (

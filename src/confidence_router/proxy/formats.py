@@ -7,6 +7,8 @@ the same code the test-bed Ollama server speaks). No HTTP framework here.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import time
@@ -142,24 +144,67 @@ def _parse_arguments(raw: Any, param: str) -> dict[str, Any]:
     return args
 
 
+#: OpenAI content part types the router's tiers can take (others are a 400, not a 502 after
+#: both tiers refused them).
+_OPENAI_PART_TYPES = ("text", "image_url")
+
+
+def _openai_parts(parts: list[Any], where: str, role: Any) -> list[str | dict[str, Any]]:
+    """Validate a list of OpenAI content parts (text and images; an assistant's refusal is
+    kept as text)."""
+    checked: list[str | dict[str, Any]] = []
+    for j, part in enumerate(parts):
+        here = f"{where}.content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "refusal" and role == "assistant" and isinstance(part.get("refusal"), str):
+            checked.append({"type": "text", "text": part["refusal"]})
+            continue
+        if kind not in _OPENAI_PART_TYPES:
+            raise RequestError(
+                f"{here} must be a content part with type one of {list(_OPENAI_PART_TYPES)}, "
+                f"got {kind if kind is not None else part!r}"[:300],
+                param=here,
+            )
+        if kind == "text" and not isinstance(part.get("text"), str):
+            raise RequestError(f"{here}.text must be a string", param=here)
+        if kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str) or not url:
+                raise RequestError(f"{here}.image_url.url must be a string", param=here)
+            if not url.startswith("data:image/") or ";base64," not in url:
+                # Neither tier fetches URLs: both would refuse it, after the local attempt.
+                raise RequestError(
+                    f"{here}.image_url.url must be a data:image/...;base64,... URL (images "
+                    "are not fetched)", param=here)
+        checked.append(part)
+    return checked
+
+
 def _openai_message(raw: Any, i: int) -> BaseMessage:
     where = f"messages[{i}]"
     if not isinstance(raw, dict):
         raise RequestError(f"{where} must be an object", param=where)
     role = raw.get("role")
-    content = raw.get("content")
-    if content is None:
-        content = ""
-    if not isinstance(content, (str, list)):
+    raw_content = raw.get("content")
+    if raw_content is None:
+        raw_content = ""
+    if not isinstance(raw_content, (str, list)):
         raise RequestError(f"{where}.content must be a string or a list of parts",
                            param=f"{where}.content")
+    content: str | list[str | dict[str, Any]] = (
+        _openai_parts(raw_content, where, role) if isinstance(raw_content, list) else raw_content
+    )
     if role in ("system", "developer"):
         return SystemMessage(content=content)
     if role == "user":
         return HumanMessage(content=content)
     if role == "assistant":
         tool_calls = []
-        for j, call in enumerate(raw.get("tool_calls") or []):
+        raw_calls = raw.get("tool_calls") or []
+        if not isinstance(raw_calls, list):
+            raise RequestError(f"{where}.tool_calls must be a list", param=f"{where}.tool_calls")
+        for j, call in enumerate(raw_calls):
             fn = call.get("function") if isinstance(call, dict) else None
             if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
                 raise RequestError(f"{where}.tool_calls[{j}] needs function.name",
@@ -197,7 +242,7 @@ def parse_openai_request(body: Any) -> OpenAIRequest:
         raise RequestError("messages must be a non-empty list", param="messages")
     messages = [_openai_message(m, i) for i, m in enumerate(raw_messages)]
     n = body.get("n", 1)
-    if n not in (None, 1):
+    if n is not None and (isinstance(n, bool) or n != 1):
         raise RequestError("only n=1 is supported (one routed answer per request)", param="n")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -213,6 +258,14 @@ def parse_openai_request(body: Any) -> OpenAIRequest:
     ):
         raise RequestError("tools must be a list of {type: function, function: {name, ...}}",
                            param="tools")
+    for i, tool in enumerate(tools):
+        if tool["function"].get("parameters") is not None and not isinstance(
+            tool["function"]["parameters"], dict
+        ):
+            raise RequestError(f"tools[{i}].function.parameters must be a JSON schema object",
+                               param="tools")
+    tool_choice = body.get("tool_choice")
+    _check_tool_choice(tool_choice, tools)
     response_format = body.get("response_format")
     if response_format is not None:
         structured_schema(response_format)  # validates
@@ -227,10 +280,28 @@ def parse_openai_request(body: Any) -> OpenAIRequest:
         stream=stream,
         include_usage=bool(options.get("include_usage")),
         tools=tools,
-        tool_choice=body.get("tool_choice"),
+        tool_choice=tool_choice,
         response_format=response_format,
         stop=stop or None,
     )
+
+
+def _check_tool_choice(choice: Any, tools: list[dict[str, Any]]) -> None:
+    """``tool_choice``: ``none``, ``auto``, ``required`` or ``{"type": "function",
+    "function": {"name": <one of tools>}}``."""
+    if choice == "required" and not tools:
+        raise RequestError('tool_choice "required" needs tools', param="tool_choice")
+    if choice is None or choice in ("none", "auto", "required"):
+        return
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise RequestError(
+            'tool_choice must be "none", "auto", "required" or {"type": "function", '
+            '"function": {"name": ...}}', param="tool_choice")
+    if name not in {t["function"]["name"] for t in tools}:
+        raise RequestError(f"tool_choice names {name!r}, which is not in tools",
+                           param="tool_choice")
 
 
 def structured_schema(response_format: Any) -> dict[str, Any] | None:
@@ -387,8 +458,18 @@ def ollama_messages(request: ChatRequest) -> list[BaseMessage]:
         content = raw.get("content") or ""
         if not isinstance(content, str):
             raise RequestError(f"messages[{i}].content must be a string")
+        images = raw.get("images") or []
+        if images and role != "user":
+            raise RequestError(f"messages[{i}].images: only user messages can carry images")
         if role == "system":
             messages.append(SystemMessage(content=content))
+        elif role == "user" and images:
+            # Both tiers take LangChain's standard image blocks (Ollama: "images"; Bedrock:
+            # an image content block), so the picture is never silently dropped.
+            blocks: list[str | dict[str, Any]] = [{"type": "text", "text": content}] if content else []
+            blocks += [_image_block(image, f"messages[{i}].images[{j}]")
+                       for j, image in enumerate(images)]
+            messages.append(HumanMessage(content=blocks))
         elif role == "user":
             messages.append(HumanMessage(content=content))
         elif role == "assistant":
@@ -412,6 +493,25 @@ def ollama_messages(request: ChatRequest) -> list[BaseMessage]:
     if not messages:
         raise RequestError("messages must not be empty")
     return messages
+
+
+#: Leading bytes of the image formats both tiers accept (Bedrock: png, jpeg, gif, webp).
+_IMAGE_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"),
+                     (b"GIF87a", "image/gif"), (b"GIF89a", "image/gif"))
+
+
+def _image_block(data: str, where: str) -> dict[str, Any]:
+    """A LangChain image block from an Ollama ``images`` entry (base64, format sniffed)."""
+    try:
+        head = base64.b64decode(data[:64], validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"{where} is not base64") from None
+    mime = next((m for sig, m in _IMAGE_SIGNATURES if head.startswith(sig)), None)
+    if mime is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        mime = "image/webp"
+    if mime is None:
+        raise RequestError(f"{where} is not a PNG, JPEG, GIF or WebP image")
+    return {"type": "image", "base64": data, "mime_type": mime}
 
 
 def ollama_tool_calls(message: BaseMessage) -> list[dict[str, Any]]:

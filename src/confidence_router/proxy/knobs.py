@@ -95,6 +95,22 @@ def _check(knob: str, value: Any, param: str) -> Any:
     return value
 
 
+def _reject_misspelt_knobs(body: Mapping[str, Any]) -> None:
+    """A top-level field that is nearly a knob's name (``threshhold``, ``allow_escalaton``)
+    is a typo, not one of the API's other fields: ignoring it would route with the default
+    the client meant to override."""
+    import difflib
+
+    for name in body:
+        if not isinstance(name, str) or name in _known():
+            continue
+        close = difflib.get_close_matches(name.lower().replace("-", "_"), _known(), n=1,
+                                          cutoff=0.8)
+        if close:
+            raise KnobError(f"unknown field {name!r} (did you mean the routing knob "
+                            f"{close[0]!r}?)", param=name)
+
+
 def parse_knobs(body: Mapping[str, Any], headers: Mapping[str, str]) -> dict[str, Any]:
     """The routing knobs of one request, validated (headers win over the body).
 
@@ -105,12 +121,14 @@ def parse_knobs(body: Mapping[str, Any], headers: Mapping[str, str]) -> dict[str
 
     Raises:
         KnobError: an unknown knob in the ``confidence_router`` object or in an
-            ``x-confidence-router-*`` header, or a knob with an invalid type or value.
+            ``x-confidence-router-*`` header, a top-level field that is a near miss of a
+            knob's name (``threshhold``), or a knob with an invalid type or value.
     """
     knobs: dict[str, Any] = {}
     for knob in _known():
         if knob in body:
             knobs[knob] = _check(knob, body[knob], knob)
+    _reject_misspelt_knobs(body)
     nested = body.get(BODY_KNOBS_FIELD)
     if nested is not None:
         if not isinstance(nested, Mapping):

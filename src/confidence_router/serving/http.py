@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import socket
 import sys
 import threading
@@ -17,14 +18,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from confidence_router.errors import InvalidArgumentError
+
 if TYPE_CHECKING:
     from typing_extensions import Self
 
 __all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_READ_TIMEOUT_S",
     "DISCONNECT_ERRORS",
     "BackgroundServer",
     "JSONRequestHandler",
     "QuietThreadingHTTPServer",
+    "RequestBodyError",
     "dumps_json",
 ]
 
@@ -33,6 +39,25 @@ logger = logging.getLogger("confidence_router.serving")
 # Errors that mean "the client went away": expected when a client times out or stops
 # reading a stream early; never worth a traceback.
 DISCONNECT_ERRORS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
+
+#: Largest request body accepted (413 above): base64 images make Ollama bodies large, but a
+#: client must not make the server allocate whatever a ``Content-Length`` claims.
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+#: Seconds a connection may stay silent while the server waits for (the rest of) a request;
+#: then it is closed. Without it a client that sends half a request and stalls (slow loris)
+#: holds a handler thread forever, and enough of them fill ``max_active``.
+DEFAULT_READ_TIMEOUT_S = 60.0
+
+
+class RequestBodyError(Exception):
+    """The request's body framing is invalid (bad ``Content-Length`` or chunk size) or the
+    body is too large. The handler has already answered (400 / 413) and closes the
+    connection."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 class QuietThreadingHTTPServer(ThreadingHTTPServer):
@@ -47,9 +72,18 @@ class QuietThreadingHTTPServer(ThreadingHTTPServer):
     request_queue_size = 1024
     max_active = 512
 
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        *,
+        read_timeout: float | None = DEFAULT_READ_TIMEOUT_S,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ) -> None:
         super().__init__(address, handler)
         self.owner: Any = None
+        self.read_timeout = read_timeout
+        self.max_body_bytes = max_body_bytes
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
 
@@ -92,6 +126,9 @@ class QuietThreadingHTTPServer(ThreadingHTTPServer):
         if isinstance(exc, OSError):  # includes all DISCONNECT_ERRORS
             logger.debug("client %s disconnected: %r", client_address, exc)
             return
+        if isinstance(exc, RequestBodyError):  # already answered with 400 / 413
+            logger.debug("bad request body from %s: %s", client_address, exc)
+            return
         logger.exception("unhandled error while serving %s", client_address)
 
 
@@ -105,9 +142,31 @@ class BackgroundServer:
     _handler_class: type[BaseHTTPRequestHandler]
     _thread_name = "fake-http-server"
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        read_timeout: float | None = DEFAULT_READ_TIMEOUT_S,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ) -> None:
+        if read_timeout is not None and (
+            isinstance(read_timeout, bool)
+            or not isinstance(read_timeout, (int, float))
+            or not math.isfinite(read_timeout)
+            or read_timeout <= 0
+        ):
+            raise InvalidArgumentError(
+                f"read_timeout must be a finite number of seconds > 0 or None, got {read_timeout!r}"
+            )
+        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or (
+            max_body_bytes < 1
+        ):
+            raise InvalidArgumentError(f"max_body_bytes must be an int >= 1, got {max_body_bytes!r}")
         self._host = host
         self._requested_port = port
+        self._read_timeout = read_timeout
+        self._max_body_bytes = max_body_bytes
         self._httpd: QuietThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._state_lock = threading.Lock()
@@ -118,7 +177,8 @@ class BackgroundServer:
             if self._httpd is not None:
                 return self
             httpd = QuietThreadingHTTPServer(
-                (self._host, self._requested_port), self._handler_class
+                (self._host, self._requested_port), self._handler_class,
+                read_timeout=self._read_timeout, max_body_bytes=self._max_body_bytes,
             )
             httpd.owner = self
             thread = threading.Thread(
@@ -190,23 +250,58 @@ class JSONRequestHandler(BaseHTTPRequestHandler):
     # ACK (Nagle); that would add 40 ms to every measured latency.
     disable_nagle_algorithm = True
 
+    def setup(self) -> None:
+        super().setup()
+        # Every read (request line, headers, body) and write fails after this many silent
+        # seconds; BaseHTTPRequestHandler then closes the connection.
+        self.connection.settimeout(getattr(self.server, "read_timeout", None))
+
     def log_message(self, format: str, *args: Any) -> None:
         # The default writes every request line to stderr.
         logger.debug("%s - %s", self.address_string(), format % args)
 
+    def _body_error(self, status: int, message: str) -> RequestBodyError:
+        """Answer ``status`` now (the rest of the body cannot be trusted: close the
+        connection) and return the error to raise."""
+        self.close_connection = True
+        self._send_json(status, {"error": message}, {"Connection": "close"})
+        return RequestBodyError(status, message)
+
     def _read_body(self) -> bytes:
+        """The request body, at most the server's ``max_body_bytes``.
+
+        Raises:
+            RequestBodyError: an invalid ``Content-Length`` or chunk size (400) or a body
+                larger than the limit (413); the client has been answered.
+        """
+        limit = int(getattr(self.server, "max_body_bytes", DEFAULT_MAX_BODY_BYTES))
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             chunks: list[bytes] = []
+            total = 0
             while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                line = self.rfile.readline(1024).split(b";")[0].strip()
+                try:
+                    size = int(line or b"0", 16)
+                except ValueError:
+                    raise self._body_error(400, f"invalid chunk size {line[:40]!r}") from None
+                if size < 0:
+                    raise self._body_error(400, f"invalid chunk size {line[:40]!r}")
                 if size == 0:
                     # Skip optional trailers up to the blank line.
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
                         pass
                     return b"".join(chunks)
+                total += size
+                if total > limit:
+                    raise self._body_error(413, f"request body larger than {limit} bytes")
                 chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.readline(1024)
+        declared = (self.headers.get("Content-Length") or "0").strip()
+        if not declared.isdigit():  # also rejects "-5", which would read until EOF
+            raise self._body_error(400, f"invalid Content-Length {declared[:40]!r}")
+        length = int(declared)
+        if length > limit:
+            raise self._body_error(413, f"request body larger than {limit} bytes")
         return self.rfile.read(length) if length else b""
 
     def _send_bytes(

@@ -40,10 +40,13 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypedDict
 
 from confidence_router.serving.http import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_READ_TIMEOUT_S,
     DISCONNECT_ERRORS,
     BackgroundServer,
     JSONRequestHandler,
     QuietThreadingHTTPServer,
+    RequestBodyError,
     dumps_json,
 )
 from confidence_router.serving.protocol import (
@@ -54,6 +57,7 @@ from confidence_router.serving.protocol import (
     ChatRequest,
     GeneratedToken,
     ProtocolError,
+    check_message,
     model_card,
     now_iso,
     ollama_chunk,
@@ -156,7 +160,10 @@ class _OllamaHandler(JSONRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
-        raw = self._read_body()
+        try:
+            raw = self._read_body()
+        except RequestBodyError:
+            return  # answered (400 / 413); the connection closes
         body: Any = None
         parse_error: str | None = None
         if raw:
@@ -164,6 +171,8 @@ class _OllamaHandler(JSONRequestHandler):
                 body = json.loads(raw)
             except ValueError as exc:
                 parse_error = f"invalid JSON body: {exc}"
+            except RecursionError:  # e.g. "[[[[..." nested deeper than the parser's stack
+                parse_error = "invalid JSON body: nested too deeply"
         self.owner._record(RecordedRequest(method=method, path=path, body=body))
 
         routes: dict[tuple[str, str], Callable[[Any], None]] = {
@@ -219,12 +228,15 @@ class _OllamaHandler(JSONRequestHandler):
         system = body.get("system")
         if not isinstance(prompt, str):
             raise _BadRequest("prompt must be a string")
+        if system is not None and not isinstance(system, str):
+            raise _BadRequest("system must be a string")  # was silently dropped
         messages: list[dict[str, Any]] = []
         if isinstance(system, str) and system:
             messages.append({"role": "system", "content": system})
         user: dict[str, Any] = {"role": "user", "content": prompt}
         if body.get("images"):
             user["images"] = body["images"]
+            check_message(user, "request")  # images: a list of base64 strings
         messages.append(user)
         request = self._parse_generation(body, messages)
         self._run_generation(request, chat=False, preload=not prompt)
@@ -429,6 +441,10 @@ class OllamaCompatibleServer(BackgroundServer):
         host: interface to bind; keep the default ``127.0.0.1`` for tests.
         port: TCP port; ``0`` picks a free ephemeral port (read it from :attr:`url`).
         version: what ``/api/version`` reports.
+        read_timeout: seconds a connection may stay silent while a request is expected or
+            being received (then it is closed, so stalled clients cannot pile up); ``None``
+            waits forever.
+        max_body_bytes: larger request bodies are answered 413 without being read.
 
     Use as a context manager (``with OllamaCompatibleServer(b) as server: ...``) or call
     :meth:`start` / :meth:`stop`. The :attr:`backend` may be swapped while running, which lets
@@ -446,13 +462,15 @@ class OllamaCompatibleServer(BackgroundServer):
         port: int = 0,
         *,
         version: str = OLLAMA_VERSION,
+        read_timeout: float | None = DEFAULT_READ_TIMEOUT_S,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         if not isinstance(backend, ChatBackend):
             raise TypeError(
                 "backend must implement ChatBackend (chat, embed, models), "
                 f"got {type(backend).__name__}"
             )
-        super().__init__(host, port)
+        super().__init__(host, port, read_timeout=read_timeout, max_body_bytes=max_body_bytes)
         self._backend = backend
         self.version = version
         self._log: list[RecordedRequest] = []

@@ -108,11 +108,16 @@ def parse_generation_request(
 
     Raises:
         ProtocolError: missing ``model``, ``top_logprobs`` out of 0..20, ``options`` not an
-            object.
+            object, ``stream`` / ``logprobs`` not booleans, ``tools`` not a list of
+            ``{"type": "function", "function": {"name": ...}}`` objects (as Ollama, which
+            rejects a body whose fields have the wrong JSON type).
     """
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ProtocolError("model is required")
+    for flag in ("stream", "logprobs"):
+        if body.get(flag) is not None and not isinstance(body[flag], bool):
+            raise ProtocolError(f"{flag} must be true or false, got {body[flag]!r}")
     top_logprobs = body.get("top_logprobs") or 0
     if (
         isinstance(top_logprobs, bool)
@@ -124,6 +129,18 @@ def parse_generation_request(
     if not isinstance(options, dict):
         raise ProtocolError("options must be an object")
     tools = body.get("tools") or ()
+    if not isinstance(tools, (list, tuple)):
+        raise ProtocolError("tools must be a list")
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ProtocolError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": "
+                                "{\"name\": ..., \"parameters\": {...}}}")
+        if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
+            raise ProtocolError(f"tools[{i}].function.parameters must be an object")
+    fmt = body.get("format")
+    if fmt is not None and not isinstance(fmt, (str, dict)):
+        raise ProtocolError(f"format must be \"json\" or a JSON schema object, got {fmt!r}")
     stream = body.get("stream")
     return ChatRequest(
         model=model,
@@ -146,13 +163,39 @@ def parse_chat_request(body: Mapping[str, Any]) -> ChatRequest:
         True
 
     Raises:
-        ProtocolError: ``messages`` is not a list of objects, or see
-            :func:`parse_generation_request`.
+        ProtocolError: ``messages`` is not a list of objects with a string ``role``, string
+            (or null) ``content``, a list of base64 strings as ``images`` and a list of
+            objects as ``tool_calls``; or see :func:`parse_generation_request`.
     """
     messages = body.get("messages") or []
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise ProtocolError("messages must be a list of objects")
+    for i, message in enumerate(messages):
+        check_message(message, f"messages[{i}]")
     return parse_generation_request(body, messages)
+
+
+def check_message(message: Mapping[str, Any], where: str) -> None:
+    """Validate the field types of one Ollama chat message (``where`` names it in errors).
+
+    Raises:
+        ProtocolError: a field of the wrong type.
+    """
+    if not isinstance(message.get("role"), str):
+        raise ProtocolError(f"{where}.role must be a string, got {message.get('role')!r}")
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        raise ProtocolError(f"{where}.content must be a string")
+    images = message.get("images")
+    if images is not None and (
+        not isinstance(images, list) or not all(isinstance(x, str) for x in images)
+    ):
+        raise ProtocolError(f"{where}.images must be a list of base64 strings")
+    calls = message.get("tool_calls")
+    if calls is not None and (
+        not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls)
+    ):
+        raise ProtocolError(f"{where}.tool_calls must be a list of objects")
 
 
 def now_iso() -> str:
