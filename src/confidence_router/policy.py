@@ -145,11 +145,12 @@ def unknown_names_message(unknown: Any, known: Any, *, what: str) -> str:
     import difflib
 
     unknown = sorted(unknown)
+    by_lower = {str(k).lower(): k for k in known}  # a wrong case is a near miss too
     hints = []
     for name in unknown:
-        close = difflib.get_close_matches(str(name), list(known), n=1)
+        close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1)
         if close:
-            hints.append(f"{name!r} -> did you mean {close[0]!r}?")
+            hints.append(f"{name!r} -> did you mean {by_lower[close[0]]!r}?")
     hint = f" ({'; '.join(hints)})" if hints else ""
     return f"unknown {what}(s) {unknown}{hint}; known: {sorted(known)}"
 

@@ -65,6 +65,7 @@ from confidence_router._tiers import STREAM_CHILDREN, ChildManager
 from confidence_router.errors import (
     InvalidArgumentError,
     InvalidInputError,
+    InvalidTypeError,
     RoutingConfigError,
     TierTimeoutError,
 )
@@ -275,10 +276,24 @@ class ConfidenceRoutedLLM(BaseChatModel):
     @field_validator("local_timeout", "cloud_timeout", mode="before")
     @classmethod
     def _finite_timeout(cls, value: Any) -> Any:
+        if value is None:
+            return value
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if is_number and (not math.isfinite(value) or value <= 0):
+        if not is_number or not math.isfinite(value) or value <= 0:
+            # Strict: "5" or True is a mistake, not 5.0 or 1.0 seconds.
             raise InvalidArgumentError(f"must be a finite number of seconds > 0, got {value!r}")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strict_knobs(cls, data: Any) -> Any:
+        """The knobs as given (before pydantic would coerce ``"0.5"`` or ``1``) pass the same
+        checks as per-call knobs: a wrong type is an error, never converted."""
+        if isinstance(data, dict):
+            given = {k: data[k] for k in RoutingPolicy.knob_names() if k in data}
+            if given:
+                RoutingPolicy(**given)
+        return data
 
     def __init__(self, **kwargs: Any) -> None:
         # Unknown fields and invalid values are RoutingConfigError (a ValueError) naming the
@@ -577,6 +592,10 @@ class ConfidenceRoutedLLM(BaseChatModel):
     ) -> _Call:
         """Validate the input and the call's kwargs (before any request) and open its record."""
         _check_input(messages)
+        if stop is not None and (
+            not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop)
+        ):
+            raise RoutingConfigError(f"stop must be a list of strings, got {stop!r}")
         knobs = RoutingPolicy.knob_names()
         overrides: dict[str, Any] = {}
         tier_kwargs: dict[str, Any] = {}
@@ -880,6 +899,14 @@ class ConfidenceRoutedLLM(BaseChatModel):
             yield chunk
 
     # -- public entry points: the answering tier's usage back on what the caller gets --------
+
+    def _convert_input(self, model_input: LanguageModelInput) -> Any:
+        try:
+            return super()._convert_input(model_input)
+        except (ValueError, TypeError, NotImplementedError) as error:
+            raise InvalidTypeError(
+                f"cannot read the input as chat messages ({type(model_input).__name__}): {error}"
+            ) from error
 
     def invoke(
         self,

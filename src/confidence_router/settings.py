@@ -98,6 +98,11 @@ class RouterSettings:
     early_exit: bool = DEFAULT_POLICY.early_exit
 
     def __post_init__(self) -> None:
+        for name in ("local_model", "ollama_host", "aws_region", "cloud_model", "bedrock_endpoint"):
+            value = getattr(self, name)
+            optional = name in ("cloud_model", "bedrock_endpoint")
+            if not isinstance(value, str) and not (optional and value is None):
+                raise RoutingConfigError(f"{name} must be a string, got {value!r}")
         if not self.local_model.strip():
             raise RoutingConfigError("local_model must not be empty")
         if not self.ollama_host.startswith(("http://", "https://")):
@@ -221,17 +226,15 @@ def _env_values(env: Mapping[str, str]) -> dict[str, str]:
     """The settings that the environment sets, as raw strings."""
     names = {f.name.upper() for f in fields(RouterSettings)}
     stray = {
-        key[len(ENV_PREFIX):].lower()
+        key
         for key in env
         if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):] not in names | OTHER_ENV_VARS
     }
     if stray:
+        # Reported as set (CONFIDENCE_ROUTER_threshold), with the right spelling as the hint.
         raise RoutingConfigError(
-            unknown_names_message(
-                {ENV_PREFIX + s.upper() for s in stray},
-                {ENV_PREFIX + n for n in names},
-                what="environment variable",
-            )
+            unknown_names_message(stray, {ENV_PREFIX + n for n in names},
+                                  what="environment variable")
         )
     values = {
         f.name: env[ENV_PREFIX + f.name.upper()]

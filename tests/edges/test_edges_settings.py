@@ -1,6 +1,5 @@
 """Settings (environment variables, files) attacked with values of the wrong kind: every one is
-a RoutingConfigError naming the setting, raised by ``from_settings`` before any request.
-xfail(strict) tests document broken promises whose fix belongs in settings.py."""
+a RoutingConfigError naming the setting, raised by ``from_settings`` before any request."""
 
 from __future__ import annotations
 
@@ -53,11 +52,6 @@ def test_bad_file_values_are_routing_config_errors(tmp_path, values):
         RouterSettings.from_file(path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "needs settings change: RouterSettings.__post_init__ calls str methods on local_model / "
-    "ollama_host without a type check (AttributeError: 'int' object has no attribute "
-    "'strip'), and accepts any type for cloud_model, aws_region, bedrock_endpoint; check "
-    "each str field with isinstance and raise RoutingConfigError naming it"))
 @pytest.mark.parametrize(
     "values",
     [{"local_model": 5}, {"ollama_host": 5}, {"cloud_model": 5}, {"aws_region": ["us"]},
@@ -70,10 +64,6 @@ def test_string_settings_of_the_wrong_type_are_routing_config_errors(tmp_path, v
         RouterSettings.from_file(path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "needs settings change: _env_values upper-cases a stray variable's name before reporting "
-    "it, so CONFIDENCE_ROUTER_threshold is reported as 'unknown CONFIDENCE_ROUTER_THRESHOLD "
-    "(did you mean CONFIDENCE_ROUTER_THRESHOLD?)'; report the name as it was set"))
 def test_unknown_variable_is_reported_as_it_was_spelt():
     with pytest.raises(RoutingConfigError, match="CONFIDENCE_ROUTER_threshold"):
         RouterSettings.from_env({"CONFIDENCE_ROUTER_threshold": "0.5"})
