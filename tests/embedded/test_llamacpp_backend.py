@@ -202,6 +202,23 @@ def test_errors_map_to_ollama_statuses(backend, server):
     assert http_exc.value.status_code == 404
 
 
+def test_a_request_with_images_is_refused_not_answered_blind(backend, server):
+    """Gemma 3 270M reads text only: answering without the picture would look like an answer
+    (and could be confident), so the backend refuses it and the client gets a 400."""
+    import ollama
+
+    pixel = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQ"
+             "AAAABJRU5ErkJggg==")
+    generated = backend.generated_tokens
+    client = ollama.Client(host=server.url)
+    with pytest.raises(ollama.ResponseError) as http_exc:
+        client.chat(model=MODEL, messages=[{"role": "user", "content": "What is shown?",
+                                            "images": [pixel]}])
+    assert http_exc.value.status_code == 400
+    assert "text only" in str(http_exc.value)
+    assert backend.generated_tokens == generated  # nothing was generated
+
+
 def test_multibyte_characters_are_never_split(backend):
     # Rare CJK / emoji text makes Gemma fall back to byte tokens: a token can carry half a
     # character; the text stream must still be valid, with no replacement characters.

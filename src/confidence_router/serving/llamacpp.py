@@ -791,6 +791,11 @@ class LlamaCppBackend:
             raise BackendError(
                 f"{request.model} does not support structured output (format)", status=400
             )
+        if any(message.get("images") for message in request.messages):
+            # Answering without seeing the picture would look like a real answer (and could
+            # be confident): refuse, so a router escalates it as a local error.
+            raise BackendError(f"{request.model} reads text only (the request has images)",
+                               status=400)
         try:
             prompt = template(request.messages)
         except ValueError as exc:
