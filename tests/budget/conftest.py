@@ -3,29 +3,17 @@ test may stop it to see how the router fails), started on a free loopback port."
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 
-from confidence_router.testing.processes import RedisServerProcess, ServerProcessError
-
-
-def _start_redis() -> RedisServerProcess:
-    server = RedisServerProcess()
-    try:
-        server.start()
-    except ServerProcessError as error:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(error))
-    return server
+from confidence_router.testing.processes import RedisServerProcess, start_or_skip
 
 
 @pytest.fixture(scope="module")
 def shared_redis() -> Iterator[RedisServerProcess]:
     """A redis-server for this module's tests (flushed by ``redis_url``)."""
-    server = _start_redis()
+    server = start_or_skip(RedisServerProcess())
     yield server
     server.stop()
 
@@ -44,6 +32,6 @@ def redis_url(shared_redis: RedisServerProcess) -> str:
 @pytest.fixture
 def own_redis() -> Iterator[RedisServerProcess]:
     """A redis-server for one test alone: the test may stop it midway (stopped again after)."""
-    server = _start_redis()
+    server = start_or_skip(RedisServerProcess())
     yield server
     server.stop()

@@ -3,7 +3,6 @@ uvicorn on a free loopback port, and a router built from settings pointed at the
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,7 +11,7 @@ from typing import Any
 import pytest
 
 from confidence_router.testing import FakeBedrockServer, OllamaCompatibleServer
-from confidence_router.testing.processes import RedisServerProcess, ServerProcessError
+from confidence_router.testing.processes import RedisServerProcess, start_or_skip
 
 SONNET = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
 
@@ -21,13 +20,7 @@ SONNET = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
 def redis_process() -> Iterator[RedisServerProcess]:
     """A real redis-server for the session (skipped, not faked, where it is not installed;
     CI installs it, and there a missing server fails)."""
-    server = RedisServerProcess()
-    try:
-        server.start()
-    except ServerProcessError as error:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(error))
+    server = start_or_skip(RedisServerProcess())
     yield server
     server.stop()
 

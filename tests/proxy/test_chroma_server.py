@@ -3,23 +3,16 @@ against a real ``chroma run`` process, shared by two routers (as two workers wou
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 
-from confidence_router.testing.processes import ChromaServerProcess, ServerProcessError
+from confidence_router.testing.processes import ChromaServerProcess, start_or_skip
 
 
 @pytest.fixture(scope="module")
 def chroma_server() -> Iterator[ChromaServerProcess]:
-    server = ChromaServerProcess()
-    try:
-        server.start()
-    except ServerProcessError as error:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(error))
+    server = start_or_skip(ChromaServerProcess())
     yield server
     server.stop()
 
