@@ -337,11 +337,19 @@ class ConfidenceRoutedLLM(BaseChatModel):
         return self
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name not in _TIER_SETTINGS:
+            super().__setattr__(name, value)
+            return
+        # A tier (or its timeout, guard, budget) assigned after construction is set up like
+        # one given to the constructor: timeouts, retries off, the wire check. A combination
+        # that cannot work raises and leaves the router as it was.
+        before = {key: self.__dict__[key] for key in _TIER_SETTINGS}
         super().__setattr__(name, value)
-        if name in _TIER_SETTINGS:
-            # A tier (or its timeout, guard, budget) assigned after construction is set up
-            # like one given to the constructor: timeouts, retries off, the wire check.
+        try:
             self._configure_tiers()
+        except Exception:
+            self.__dict__.update(before)
+            raise
 
     def _configure_tiers(self) -> None:
         """Set the tiers (and the pre-check probe's model) up as the router uses them."""

@@ -709,3 +709,15 @@ def test_budget_refuses_a_cloud_tier_that_does_not_send_its_max_tokens(
     router.invoke(QUESTION)  # ... or make sure the limit reaches the wire
     (sent,) = bedrock_server.requests
     assert sent["body"]["inferenceConfig"].get("maxTokens") == MAX_TOKENS
+
+
+def test_a_budget_assigned_later_is_checked_and_a_refusal_leaves_the_router_as_it_was(
+    ollama_chat, bedrock_chat, unsure, bedrock_server
+):
+    bedrock_server.set_default("cloud answer")
+    cloud = _timing_out_cloud(bedrock_server, bedrock_chat, own_client=True)
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud)  # no budget: fine
+    with pytest.raises(RoutingConfigError, match="retries"):
+        router.budget = CloudBudget(max_usd=1.0)
+    assert router.budget is None
+    assert router.invoke(QUESTION).response_metadata["routing"]["decision"] == "cloud"
