@@ -19,7 +19,9 @@ streamed chunks and by asyncio cancellation only).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -171,7 +173,27 @@ def configure_local(model: Any, timeout: float | None) -> Any:
     if isinstance(own, (int, float)) and not isinstance(own, bool) and 0 < own < timeout:
         timeout = float(own)  # the client's own, stricter timeout stays in force
     client_kwargs["timeout"] = _httpx_timeout(timeout)
-    return _rewrap(model, _rebuild(inner, client_kwargs=client_kwargs))
+    # The sync client also gets a deadline for the whole answer (the async paths have one of
+    # their own): a model that keeps producing tokens slowly cannot hold a sync invoke past
+    # the timeout either.
+    sync_kwargs = dict(inner.sync_client_kwargs or {})
+    hooks: dict[str, list[Any]] = {"request": [], "response": []}
+    # The sync client's hooks replace the shared ones: carry yours over (each once, also
+    # when a model is configured again, which gets one deadline, the new one).
+    for source in (client_kwargs.get("event_hooks"), sync_kwargs.get("event_hooks")):
+        for event, callbacks in (source or {}).items():
+            kept = hooks.setdefault(event, [])
+            kept.extend(
+                c for c in callbacks
+                if c not in kept and not isinstance(getattr(c, "__self__", None), _AnswerDeadline)
+            )
+    deadline = _AnswerDeadline(timeout)
+    hooks["request"].append(deadline.start)
+    hooks["response"].append(deadline.watch)
+    sync_kwargs["event_hooks"] = hooks
+    return _rewrap(
+        model, _rebuild(inner, client_kwargs=client_kwargs, sync_client_kwargs=sync_kwargs)
+    )
 
 
 def configure_probe(probe: Any, timeout: float | None) -> Any:
@@ -206,6 +228,53 @@ def client_attempts(model: Any) -> int | None:
         return total
     extra = retries.get("max_attempts")
     return extra + 1 if isinstance(extra, int) else None
+
+
+class _AnswerDeadline:
+    """httpx event hooks: a response body still streaming ``timeout`` seconds after its
+    request started fails with ``httpx.ReadTimeout`` (closing the connection, so the server
+    stops generating)."""
+
+    _KEY = "confidence_router_deadline"
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+
+    def start(self, request: Any) -> None:
+        request.extensions[self._KEY] = time.monotonic() + self.timeout
+
+    def watch(self, response: Any) -> None:
+        deadline = response.request.extensions.get(self._KEY)
+        if deadline is not None:
+            response.stream = _deadline_stream_class()(
+                response.stream, deadline, self.timeout, response.request
+            )
+
+
+@functools.cache
+def _deadline_stream_class() -> type:
+    """``_DeadlineStream``, built on first use (httpx is imported only then)."""
+    import httpx
+
+    class _DeadlineStream(httpx.SyncByteStream):
+        """A sync response byte stream that raises ``httpx.ReadTimeout`` past its deadline."""
+
+        def __init__(self, stream: Any, deadline: float, timeout: float, request: Any) -> None:
+            self._stream, self._deadline = stream, deadline
+            self._timeout, self._request = timeout, request
+
+        def __iter__(self) -> Any:
+            for chunk in self._stream:
+                if time.monotonic() > self._deadline:
+                    raise httpx.ReadTimeout(
+                        f"no complete answer within {self._timeout:g} s", request=self._request
+                    )
+                yield chunk
+
+        def close(self) -> None:
+            self._stream.close()
+
+    return _DeadlineStream
 
 
 def _httpx_timeout(timeout: float) -> Any:

@@ -153,9 +153,6 @@ async def test_crawling_local_model_falls_back_at_the_deadline(
     assert backend.generated_tokens < 40
 
 
-@pytest.mark.xfail(strict=True, reason="documented limit: a sync invoke bounds each read of the "
-                   "local answer (httpx read timeout: a hung model fails at local_timeout), "
-                   "not the whole answer; streams and async calls have a whole-answer deadline")
 def test_crawling_local_model_sync_invoke_falls_back_at_the_deadline(
     ollama_chat, cloud, backend, bedrock_server
 ):
@@ -218,3 +215,25 @@ async def test_hung_local_server_behind_a_precheck_probe_falls_back_at_the_deadl
     elapsed = time.perf_counter() - started
     assert message.text == "cloud answer"
     assert elapsed < 2 * FALLBACK_LIMIT  # probe and local stage each bounded by the timeout
+
+
+def test_the_answer_deadline_keeps_your_event_hooks_and_is_set_up_once(ollama_chat, backend):
+    """The sync client's whole-answer deadline is an httpx event hook: your own hooks still
+    run, and a model configured again (a router rebuilt, a timeout assigned) gets one
+    deadline, the new one."""
+    from confidence_router import tier_clients
+
+    seen: list[str] = []
+    mine = ollama_chat().model_copy(
+        update={"client_kwargs": {"event_hooks": {"request": [lambda r: seen.append("req")]}}}
+    )
+    once = tier_clients.configure_local(mine, 5.0)
+    twice = tier_clients.configure_local(once, LOCAL_TIMEOUT)
+    hooks = twice.sync_client_kwargs["event_hooks"]
+    assert len(hooks["request"]) == 2 and len(hooks["response"]) == 1  # yours + one deadline
+    backend.add_answer("crawl", " slow" * 40, logprobs=-0.05, token_delay=0.15)
+    started = time.perf_counter()
+    with pytest.raises(Exception, match="no complete answer within 0.3 s"):
+        twice.invoke("crawl please")
+    assert time.perf_counter() - started < FALLBACK_LIMIT
+    assert seen == ["req"]
