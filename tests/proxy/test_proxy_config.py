@@ -147,8 +147,9 @@ def test_cli_rejects_bad_configuration(monkeypatch, capsys):
 def test_redis_down_is_not_ready_and_escalations_fail_closed(make_proxy, ollama_backend,
                                                             bedrock_server):
     """A dead Redis: /readyz says 503; confident local answers still flow (stats failures are
-    logged by the router); an escalation needing the shared budget is refused with 503, never
-    sent to the cloud without a cap."""
+    logged by the router); an escalation needing the shared budget is refused — the local
+    answer is served, flagged, as when the budget is used up — never sent to the cloud
+    without a cap."""
     import openai
 
     ollama_backend.add_answer("France", " Paris", logprobs=-0.05)
@@ -161,11 +162,11 @@ def test_redis_down_is_not_ready_and_escalations_fail_closed(make_proxy, ollama_
     local = client.chat.completions.create(
         model="m", messages=[{"role": "user", "content": "Capital of France?"}])
     assert local.choices[0].message.content == " Paris"
-    with pytest.raises(openai.APIStatusError) as caught:
-        client.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "Capital of Australia?"}])
-    assert caught.value.status_code == 503
-    assert caught.value.body["code"] == "shared_state_unavailable"
+    refused = client.chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": "Capital of Australia?"}])
+    assert refused.parse().choices[0].message.content == " Sydney"
+    assert refused.headers["x-confidence-router-decision"] == "local"
+    assert refused.headers["x-confidence-router-reason"] == "budget_exceeded"
     assert bedrock_server.requests == []
 
 
