@@ -244,10 +244,8 @@ class RoutingTrace:
             return None
         try:
             verdict = guard(self.messages)
-            # The request carries more than the messages: bound tools, schemas, model fields
-            # and this call's tier kwargs. (A wire check on the serialised body, where the
-            # client allows one, comes on top.)
-            extras = [*self.collab.cloud_extras, *self.cloud_kwargs.values()]
+            # (A wire check on the serialised body, where the client allows one, comes on top.)
+            extras = self._request_extras()
             if not verdict and extras:
                 verdict = _judge_extras(guard, extras)
         except Exception as error:  # noqa: BLE001 - a broken guard fails closed (privacy)
@@ -290,8 +288,12 @@ class RoutingTrace:
     def _estimate(self) -> float:
         assert self.collab.reserve_usd is not None
         # Everything sent is billed as input: tool definitions, schemas and model fields too.
-        extras = [*self.collab.cloud_extras, *self.cloud_kwargs.values()]
-        return float(self.collab.reserve_usd(self.messages, tools=extras))
+        return float(self.collab.reserve_usd(self.messages, tools=self._request_extras()))
+
+    def _request_extras(self) -> list[Any]:
+        """What the cloud request carries besides the messages: bound tools, schemas, model
+        fields, and this call's tier kwargs (judged by the guard, counted by the budget)."""
+        return [*self.collab.cloud_extras, *self.cloud_kwargs.values()]
 
     def _reserve(self) -> bool:
         budget = self.collab.budget

@@ -184,6 +184,7 @@ def early_exit_index(
     logprobs: Sequence[Any],
     *,
     max_tokens: int | None = None,
+    horizon: int | None = None,
     slope: float = SLOPE,
     offset: float = OFFSET,
 ) -> int | None:
@@ -192,6 +193,8 @@ def early_exit_index(
     Replays :func:`should_exit_early` token by token over a complete answer (for simulations on
     stored per-token data). ``max_tokens`` is the answer's token cap (``num_predict``): the
     remaining-token bound after ``k`` tokens is ``max_tokens - k``. ``None`` means no known cap.
+    ``horizon`` replaces that bound by a fixed guess of the tokens still to come (exits earlier,
+    may change decisions).
 
     >>> early_exit_index("min_logprob", 0.7, [-0.1, -0.2, -3.0, -0.1, -0.1])
     3
@@ -202,8 +205,13 @@ def early_exit_index(
         )
     # Incremental versions of the rules would be O(n); answers are short (<= a few hundred
     # tokens), and reusing should_exit_early keeps the simulation identical to the live rule.
+    if horizon is not None and (isinstance(horizon, bool) or horizon < 0):
+        raise RoutingConfigError(f"horizon must be a non-negative int, got {horizon!r}")
     for k in range(1, len(logprobs) + 1):
-        remaining = None if max_tokens is None else max_tokens - k
+        if horizon is not None:
+            remaining: int | None = horizon
+        else:
+            remaining = None if max_tokens is None else max_tokens - k
         if should_exit_early(
             signal, threshold, logprobs[:k], max_remaining_tokens=remaining, slope=slope,
             offset=offset,

@@ -76,7 +76,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from confidence_router.errors import InvalidInputError, InvalidTypeError, RoutingConfigError
 from confidence_router.policy import RoutingPolicy, unknown_names_message
-from confidence_router.router import TIER_KWARGS, ConfidenceRoutedLLM, _check_input
+from confidence_router.router import ConfidenceRoutedLLM, check_call_kwargs, check_input
 from confidence_router.tier_clients import model_name as _model_name
 
 if TYPE_CHECKING:
@@ -511,12 +511,7 @@ class ConfidenceRoutedLlamaIndexLLM(FunctionCallingLLM):
         """``router_kwargs`` with the call's kwargs on top, validated (names and knob values)
         here, so that streams fail at the call rather than at the first ``next()``."""
         merged = {**self.router_kwargs, **kwargs}
-        knobs = RoutingPolicy.knob_names()
-        unknown = set(merged) - set(knobs) - TIER_KWARGS - _CALL_KWARGS
-        if unknown:
-            raise RoutingConfigError(unknown_names_message(
-                unknown, sorted({*knobs, *TIER_KWARGS, *_CALL_KWARGS}), what="call kwarg"
-            ))
+        check_call_kwargs(merged, _CALL_KWARGS)
         self._policy(merged)
         return merged
 
@@ -531,7 +526,7 @@ def _prompt_messages(prompt: Any) -> list[BaseMessage]:
 def _checked(messages: list[BaseMessage]) -> list[BaseMessage]:
     """``messages``, after the router's own input check (nothing to answer is an
     InvalidInputError), run at the call so that a stream fails before it is returned."""
-    _check_input(messages)
+    check_input(messages)
     return messages
 
 

@@ -404,15 +404,14 @@ class ConfidenceRoutedLLM(BaseChatModel):
                 f"a budget needs a price for the cloud model {cloud_name!r}: "
                 "add it with prices=PriceTable({...})"
             )
-        max_tokens = _max_output_tokens(self.cloud)
-        if _drops_max_tokens(getattr(tier_clients.unwrap(self.cloud),
-                                     "additional_model_request_fields", None)):
+        if _drops_max_tokens(self.cloud):
             raise RoutingConfigError(
                 "a budget needs the cloud model's max_tokens in every request, but with "
                 "reasoningConfig maxReasoningEffort='high' ChatBedrockConverse leaves "
                 "max_tokens out: one answer's cost has no upper bound, so the cap could not be "
                 "guaranteed (use a lower effort, or no budget)"
             )
+        max_tokens = _max_output_tokens(self.cloud)
         if max_tokens is None:
             raise RoutingConfigError(
                 "a budget needs the cloud model's max_tokens (e.g. ChatBedrockConverse(..., "
@@ -599,7 +598,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
         streaming: bool,
     ) -> _Call:
         """Validate the input and the call's kwargs (before any request) and open its record."""
-        _check_input(messages)
+        check_input(messages)
         if stop is not None and (
             not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop)
         ):
@@ -608,12 +607,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
         overrides: dict[str, Any] = {}
         tier_kwargs: dict[str, Any] = {}
         if kwargs:
-            unknown = set(kwargs) - set(knobs) - TIER_KWARGS
-            if unknown:
-                raise RoutingConfigError(
-                    unknown_names_message(unknown, knobs + tuple(sorted(TIER_KWARGS)),
-                                          what="call kwarg")
-                )
+            check_call_kwargs(kwargs)
             overrides = {k: kwargs[k] for k in knobs if k in kwargs}
             tier_kwargs = {k: v for k, v in kwargs.items() if k not in knobs}
         if self.calibrator is not None and "threshold" not in overrides:
@@ -1073,8 +1067,21 @@ def _early_exit_rule(local: Any) -> Callable[[str, float, Sequence[Any]], bool]:
     return rule
 
 
-def _check_input(messages: Sequence[BaseMessage]) -> None:
-    """Nothing to answer is an error before any request (and never a cloud call)."""
+def check_call_kwargs(names: Any, also: frozenset[str] = frozenset()) -> None:
+    """Raise :class:`~confidence_router.errors.RoutingConfigError` naming any call kwarg that
+    is neither a knob, a tier kwarg (:data:`TIER_KWARGS`) nor one of ``also`` (with a hint for
+    a near miss such as ``allow_escalaton``), before any request."""
+    knobs = RoutingPolicy.knob_names()
+    unknown = set(names) - set(knobs) - TIER_KWARGS - also
+    if unknown:
+        raise RoutingConfigError(unknown_names_message(
+            unknown, sorted({*knobs, *TIER_KWARGS, *also}), what="call kwarg"
+        ))
+
+
+def check_input(messages: Sequence[BaseMessage]) -> None:
+    """Nothing to answer is an error before any request (and never a cloud call): raises
+    :class:`~confidence_router.errors.InvalidInputError` (also used by the LlamaIndex LLM)."""
     if not messages:
         raise InvalidInputError("no messages: there is nothing to answer")
     for message in messages:
@@ -1129,8 +1136,6 @@ async def _aemit(children: ChildManager | None, trace: RoutingTrace) -> None:
 
 def _max_output_tokens(model: Any) -> int | None:
     inner = tier_clients.unwrap(model)
-    if _drops_max_tokens(getattr(inner, "additional_model_request_fields", None)):
-        return None
     value = getattr(inner, "max_tokens", None)
     if value is None:
         value = (getattr(inner, "model_kwargs", None) or {}).get("max_tokens")
@@ -1139,9 +1144,10 @@ def _max_output_tokens(model: Any) -> int | None:
     return int(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
-def _drops_max_tokens(fields: Any) -> bool:
+def _drops_max_tokens(model: Any) -> bool:
     """ChatBedrockConverse leaves ``maxTokens`` out of the request with high-effort reasoning
     (``reasoningConfig`` enabled, ``maxReasoningEffort="high"``): no limit reaches the wire."""
+    fields = getattr(tier_clients.unwrap(model), "additional_model_request_fields", None)
     config = fields.get("reasoningConfig") if isinstance(fields, dict) else None
     return (
         isinstance(config, dict)

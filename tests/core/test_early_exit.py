@@ -170,3 +170,13 @@ def test_mean_min_bound_never_exits_on_an_answer_that_would_be_kept(prefix, rest
     if should_exit_early("mean_min", threshold, prefix, max_remaining_tokens=cap):
         final = score_for(compute_signals(prefix + rest), "mean_min")
         assert final < threshold
+
+
+def test_early_exit_index_with_a_horizon_exits_earlier_than_with_the_cap():
+    from confidence_router.errors import RoutingConfigError
+
+    logprobs = [-1.5, -0.01, -0.01, -0.01, -0.01, -0.01]  # kept: mean -0.258 scores 0.92
+    assert early_exit_index("mean_logprob", 0.7, logprobs, max_tokens=8) is None
+    assert early_exit_index("mean_logprob", 0.7, logprobs, horizon=0) == 1  # a wrong guess
+    with pytest.raises(RoutingConfigError, match="horizon"):
+        early_exit_index("mean_logprob", 0.7, logprobs, horizon=-1)

@@ -32,14 +32,13 @@ or ``confidence-router eval-early-exit --db eval-runs.sqlite`` for a table over 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-from confidence_router.early_exit import should_exit_early
+from confidence_router.early_exit import early_exit_index
 from confidence_router.errors import InvalidArgumentError
 from confidence_router.evaluation.metrics import auroc
 from confidence_router.evaluation.runner import RunData
@@ -179,7 +178,11 @@ def replay_early_exit(
         logprobs = [token.logprob for token in tokens]
         full = answer_signals(run.answers[i], tokens)
         escalates = decide_after_generation(policy, full).escalate
-        exit_at = _exit_point(signal, threshold, logprobs, cap=cap, horizon=horizon)
+        # A cap below an answer's length (an inconsistent row) bounds nothing.
+        exit_at = early_exit_index(
+            signal, threshold, logprobs, horizon=horizon,
+            max_tokens=cap if cap is not None and cap >= len(logprobs) else None,
+        )
         if exit_at is not None:
             exited += 1
             changed += not escalates
@@ -214,23 +217,6 @@ def replay_early_exit(
         auroc_full=_auroc_or_nan(labels, full_scores),
         auroc_early=_auroc_or_nan(labels, early_scores),
     )
-
-
-def _exit_point(
-    signal: str, threshold: float, logprobs: Sequence[float], *, cap: int | None,
-    horizon: int | None,
-) -> int | None:
-    """How many tokens a stream with early exit generates (``None``: it never exits)."""
-    for k in range(1, len(logprobs) + 1):
-        if horizon is not None:
-            remaining: int | None = horizon
-        elif cap is not None:
-            remaining = max(0, cap - k)
-        else:
-            remaining = None
-        if should_exit_early(signal, threshold, logprobs[:k], max_remaining_tokens=remaining):
-            return k
-    return None
 
 
 def _auroc_or_nan(labels: list[int], scores: list[float]) -> float:
