@@ -126,7 +126,7 @@ def chosen_logprobs(response_metadata: Mapping[str, Any] | None) -> list[float] 
     for item in items:
         if item is None:
             continue
-        if _is_mapping(item):
+        if type(item) is dict or _is_mapping(item):
             logprob, tops = item.get("logprob"), item.get("top_logprobs")
         else:
             logprob, tops = getattr(item, "logprob", None), getattr(item, "top_logprobs", None)

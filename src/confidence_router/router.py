@@ -85,6 +85,7 @@ EscalationGuard = Callable[[Sequence[BaseMessage]], "str | None"]
 
 _POLICY_CACHE = "_cached_policy"
 _COLLAB_CACHE = "_cached_collaborators"
+_PARAMS_CACHE = "_cached_identifying_params"
 #: The fields the call's collaborators are built from (rebuilt when any is replaced).
 _COLLAB_FIELDS = operator.itemgetter(
     "local", "cloud", "stats", "calibrator", "budget", "escalation_guard", "cloud_retry",
@@ -522,9 +523,16 @@ class ConfidenceRoutedLLM(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        collab = self._collaborators()
-        return {"local": collab.local_model, "cloud": collab.cloud_model,
-                **self._base_policy().as_dict()}
+        # Read on every call (LangChain's invocation params): rebuilt only when the policy or
+        # the collaborators (both cached objects) changed.
+        collab, policy = self._collaborators(), self._base_policy()
+        cached = self.__dict__.get(_PARAMS_CACHE)
+        if cached is None or cached[0] is not collab or cached[1] is not policy:
+            params = {"local": collab.local_model, "cloud": collab.cloud_model,
+                      **policy.as_dict()}
+            cached = (collab, policy, params)
+            object.__setattr__(self, _PARAMS_CACHE, cached)
+        return dict(cached[2])
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
         # Which model answers is decided during the call; the tiers' child runs carry the

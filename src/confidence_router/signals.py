@@ -175,6 +175,42 @@ def _position_stats(alternatives: Sequence[Any]) -> tuple[float | None, float] |
     return margin, max(0.0, entropy)
 
 
+def _chosen_fields(values: list[float], slope: float, offset: float) -> dict[str, Any] | None:
+    """The fields that need only the chosen tokens' logprobs (clamped to <= 0); ``None`` when
+    their sum is not finite (a NaN, or absurd logprobs near -1e308 that no model reports)."""
+    try:
+        total = math.fsum(values)
+    except (OverflowError, ValueError):  # ValueError: inf + -inf
+        return None
+    if not math.isfinite(total):  # a NaN the caller's min/max let through
+        return None
+    mean = total / len(values)
+    low = min(values)
+    return {
+        "mean_logprob": mean,
+        "min_logprob": low,
+        "token_count": len(values),
+        "confidence": sigmoid(slope * mean + offset),
+        "min_confidence": sigmoid(slope * low + offset),
+        "sum_logprob": total,
+        "first_logprob": values[0],
+    }
+
+
+def _chosen_signals(values: list[float], slope: float, offset: float) -> LogprobSignals:
+    """:func:`compute_signals` of plain float logprobs (no alternatives)."""
+    low, high = min(values), max(values)
+    # min/max can step over a NaN (it compares false both ways): the sum catches it.
+    if not (math.isfinite(low) and math.isfinite(high) and high <= _ROUNDING_SLACK):
+        return unknown_signals(UNKNOWN_INVALID_LOGPROBS)
+    if high > 0.0:
+        values = [min(value, 0.0) for value in values]
+    base = _chosen_fields(values, slope, offset)
+    if base is None:
+        return unknown_signals(UNKNOWN_INVALID_LOGPROBS)
+    return LogprobSignals(**base)
+
+
 def compute_signals(
     logprobs: Iterable[float] | Iterable[Any] | None,
     *,
@@ -197,6 +233,10 @@ def compute_signals(
     items = list(logprobs)
     if not items:
         return unknown_signals(UNKNOWN_NO_LOGPROBS)
+    if set(map(type, items)) == {float}:
+        # The routing hot path (chosen logprobs only): the same checks, without a Python-level
+        # step per token.
+        return _chosen_signals(items, slope, offset)
     values: list[float] = []
     tops: list[Sequence[Any]] = []
     for item in items:
@@ -215,21 +255,9 @@ def compute_signals(
             return unknown_signals(UNKNOWN_INVALID_LOGPROBS)
         values.append(min(value, 0.0))
         tops.append(top)
-    try:
-        total = math.fsum(values)
-    except OverflowError:  # finite but absurd logprobs (~-1e308) that no model reports
+    base = _chosen_fields(values, slope, offset)
+    if base is None:
         return unknown_signals(UNKNOWN_INVALID_LOGPROBS)
-    mean = total / len(values)
-    low = min(values)
-    base: dict[str, Any] = {
-        "mean_logprob": mean,
-        "min_logprob": low,
-        "token_count": len(values),
-        "confidence": logprob_to_confidence(mean, slope, offset),
-        "min_confidence": logprob_to_confidence(low, slope, offset),
-        "sum_logprob": total,
-        "first_logprob": values[0],
-    }
     if not all(tops):
         # A position without alternatives leaves every top-k signal unknown (the routing path
         # asks for none unless its signal reads them): skip the per-position work.

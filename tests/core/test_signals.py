@@ -296,3 +296,13 @@ def test_logprobs_whose_sum_overflows_are_invalid_not_a_crash():
     huge = -8.98846567431158e307  # finite, but two of them overflow a float sum
     assert compute_signals([huge, huge]).unknown_reason == "invalid_logprobs"
     assert compute_signals([TokenLogprob("a", huge)] * 2).unknown_reason == "invalid_logprobs"
+
+
+@given(st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                          st.floats(min_value=-30.0, max_value=1e-5), st.just(-0.0)),
+                min_size=1, max_size=12))
+def test_all_float_fast_path_equals_the_token_path(values):
+    # Only floats: compute_signals takes its vectorised path (the routing hot path).
+    from_values = compute_signals(values)
+    from_tokens = compute_signals([TokenLogprob("t", v) for v in values])
+    assert repr(from_values) == repr(from_tokens)
