@@ -24,6 +24,7 @@ from confidence_router.errors import (
     BudgetExceededError,
     CloudEscalationError,
     EscalationBlockedError,
+    InvalidInputError,
     LocalModelError,
 )
 from confidence_router.extraction import chosen_logprobs, message_text, token_logprobs
@@ -268,13 +269,23 @@ class RoutingTrace:
     def reserve_budget(self, local_message: BaseMessage | None) -> bool:
         """Reserve the upper bound of one cloud request's cost; False when the budget cannot
         cover it and the policy serves the local answer (``on_budget_exceeded="local"``)."""
-        if self._reserve():
-            return True
-        self._serve_local_instead(Reason.BUDGET_EXCEEDED, "cloud budget exhausted")
+        try:
+            if self._reserve():
+                return True
+            estimate: float | None = self._estimate()
+            unavailable = getattr(self.collab.budget, "unavailable", None)
+            why = ("cloud budget exhausted" if not unavailable
+                   else f"cloud budget unavailable: {unavailable}")
+        except InvalidInputError as error:
+            # Content billed by pages or duration (a document, audio): no bound can be
+            # reserved, so no capped budget can admit it; the local answer is not lost.
+            estimate, why = None, f"cloud budget cannot admit this request: {error}"
+        self._serve_local_instead(Reason.BUDGET_EXCEEDED, why)
         if self.policy.on_budget_exceeded == "raise":
-            budget, estimate = self.collab.budget, self._estimate()
+            budget = self.collab.budget
+            needs = "an unbounded amount" if estimate is None else f"up to ${estimate:.6f}"
             raise BudgetExceededError(
-                f"cloud budget exhausted: an escalation needs up to ${estimate:.6f}, "
+                f"{why}: an escalation needs {needs}, "
                 f"${budget.remaining:.6f} of ${budget.max_usd:g} left in the window",
                 requested_usd=estimate,
                 remaining_usd=budget.remaining,

@@ -326,6 +326,13 @@ class RedisCloudBudget:
         self._reserve = client.register_script(_RESERVE)
         self._settle = client.register_script(_SETTLE)
         self._read = client.register_script(_READ)
+        self._unavailable: str | None = None
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why the last :meth:`reserve` could not check the cap (Redis unreachable), else
+        ``None``; the router's record says it instead of "cloud budget exhausted"."""
+        return self._unavailable
 
     def _run(self, script: Any, *args: Any) -> Any:
         return script(keys=self._keys, args=[self._window_us, *args])
@@ -365,11 +372,13 @@ class RedisCloudBudget:
                 raise
             # Fails closed: without Redis no spend can be checked against the cap, so no
             # escalation is allowed (the router then applies on_budget_exceeded).
+            self._unavailable = f"Redis unreachable ({type(error).__name__}: {error})"
             logger.warning(
                 "confidence_router: cloud budget unavailable (%s: %s); escalation refused",
                 type(error).__name__, error,
             )
             return None
+        self._unavailable = None
         if not int(granted):
             return None
         return RedisReservation(self, reservation_id, amount, nano)

@@ -28,7 +28,11 @@ from confidence_router.budget import (
     upper_bound_request_cost,
 )
 from confidence_router.costs import Price
-from confidence_router.errors import InvalidInputError, RoutingConfigError
+from confidence_router.errors import (
+    BudgetExceededError,
+    LocalModelError,
+    RoutingConfigError,
+)
 from confidence_router.record import Reason
 from confidence_router.retry import ErrorKind, RetryPolicy
 from confidence_router.testing.bedrock_server import encode_event_frame
@@ -408,11 +412,52 @@ def test_document_without_a_cost_bound_is_never_escalated_under_a_budget(
     document = {"type": "file", "source_type": "base64", "mime_type": "application/pdf",
                 "data": "JVBERi0xLjQK"}
     question = HumanMessage(content=[{"type": "text", "text": "summarise this"}, document])
+    budget = CloudBudget(max_usd=1.0)
     router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(max_tokens=MAX_TOKENS),
-                                 budget=CloudBudget(max_usd=1.0))
-    with pytest.raises(InvalidInputError, match="no known upper bound"):
+                                 budget=budget)
+    # ChatOllama cannot send a file block (the local tier fails), and the budget cannot
+    # admit it, as an exhausted one could not: a typed error naming both, with the record.
+    with pytest.raises(LocalModelError, match="no known upper bound") as failed:
         router.invoke([question])
+    assert failed.value.routing["reason"] == Reason.BUDGET_EXCEEDED
+    assert "no known upper bound" in failed.value.routing["escalation_skipped"]
+    # on_budget_exceeded="raise": the budget's own error.
+    with pytest.raises(BudgetExceededError, match="no known upper bound") as refused:
+        router.invoke([question], on_budget_exceeded="raise")
+    assert refused.value.requested_usd is None
     assert bedrock_server.requests == []  # pages are billed as images: no cap could hold
+    assert budget.snapshot()["reserved_usd"] == 0 and budget.spent == 0
+
+
+def test_document_the_local_tier_answers_is_served_when_the_budget_cannot_admit_it(
+    bedrock_chat, bedrock_server
+):
+    """A local tier that reads documents (any LangChain chat model can be one) answers; the
+    escalation the budget cannot bound is refused like an exhausted budget's: the local answer
+    is served, flagged (it was lost to an InvalidInputError raised after generating it)."""
+    from langchain_core.language_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+
+    unsure_answer = AIMessage("It is about cats.", response_metadata={
+        "logprobs": [{"token": "It", "logprob": -3.0}, {"token": " is", "logprob": -2.5}]})
+    local = GenericFakeChatModel(messages=iter([unsure_answer] * 2))
+    document = {"type": "file", "source_type": "base64", "mime_type": "application/pdf",
+                "data": "JVBERi0xLjQK"}
+    question = HumanMessage(content=[{"type": "text", "text": "summarise this"}, document])
+    budget = CloudBudget(max_usd=1.0)
+    router = ConfidenceRoutedLLM(local=local, cloud=bedrock_chat(max_tokens=MAX_TOKENS),
+                                 budget=budget)
+    message = router.invoke([question])
+    routing = message.response_metadata["routing"]
+    assert (routing["decision"], routing["reason"], routing["flagged"]) == (
+        "local", Reason.BUDGET_EXCEEDED, True)
+    assert "no known upper bound" in routing["escalation_skipped"]
+    assert message.content == "It is about cats."
+    with pytest.raises(BudgetExceededError) as refused:
+        router.invoke([question], on_budget_exceeded="raise")
+    assert refused.value.local_message is not None
+    assert bedrock_server.requests == []
+    assert budget.snapshot()["reserved_usd"] == 0
 
 
 def test_bound_given_the_tool_definitions_covers_every_byte_sent(

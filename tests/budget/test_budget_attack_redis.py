@@ -250,6 +250,9 @@ def test_redis_gone_with_all_shared_state_still_answers_locally(
     routing = message.response_metadata["routing"]
     assert message.text == "unsure" and routing["flagged"] is True
     assert routing["reason"] == Reason.BUDGET_EXCEEDED
+    # Said as it is: the budget could not be checked, not "exhausted".
+    assert routing["escalation_skipped"].startswith(
+        "cloud budget unavailable: Redis unreachable"), routing["escalation_skipped"]
     assert routing["threshold"] == 0.7  # the calibrator's initial threshold
     assert len(bedrock_server.requests) == 1
     assert "calibrator unavailable" in caplog.text
