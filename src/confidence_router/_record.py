@@ -70,6 +70,9 @@ class Collaborators:
     """What every cloud request carries besides the messages (see
     :func:`~confidence_router.tier_clients.request_extras`): the guard judges it and the
     budget's bound counts it."""
+    answer_checks: Sequence[Callable[[BaseMessage], str | None]] = ()
+    """Checks of a local answer the decision would keep: each returns why it cannot be used
+    (it then escalates, reason ``unusable_answer``) or ``None``."""
 
 
 class RoutingTrace:
@@ -196,6 +199,11 @@ class RoutingTrace:
             text = None if has_tool_calls else message_text(message)
             signals = answer_signals(text, tokens)
             decision = rules.decide_after_generation(self.policy, signals)
+            if self.collab.answer_checks and not decision.escalate:
+                unusable = _unusable(self.collab.answer_checks, message)
+                decision = rules.decide_on_usability(decision, unusable)
+                if unusable is not None:
+                    self.record["unusable_answer"] = unusable
         self.record["signals"] = _signals_dict(signals)
         self.record["confidence"] = decision.score
         self.record["reason"] = decision.reason
@@ -519,6 +527,19 @@ def _signals_dict(signals: Any) -> dict[str, Any]:
 def _usage_of(message: BaseMessage | None) -> dict[str, Any] | None:
     usage = getattr(message, "usage_metadata", None)
     return dict(usage) if usage else None
+
+
+def _unusable(checks: Sequence[Callable[[BaseMessage], str | None]], message: BaseMessage) -> str | None:
+    """The first check's reason why ``message`` cannot be used, ``None`` when all pass. A check
+    that raises rejects the answer (the cloud is asked instead)."""
+    for check in checks:
+        try:
+            verdict = check(message)
+        except Exception as error:  # noqa: BLE001 - a broken check must not serve the answer
+            return f"answer check failed ({type(error).__name__}: {error})"
+        if verdict:
+            return str(verdict)
+    return None
 
 
 def _judge_extras(guard: Callable[..., Any], extras: Sequence[Any]) -> str | None:

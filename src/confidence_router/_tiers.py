@@ -102,6 +102,30 @@ def last_user_text(messages: Sequence[BaseMessage]) -> str:
     return ""
 
 
+#: Content blocks holding a model's reasoning (Converse, Anthropic, LangChain standard).
+REASONING_BLOCKS = frozenset({"reasoning", "reasoning_content", "thinking", "redacted_thinking"})
+
+
+def without_reasoning(messages: list[BaseMessage]) -> list[BaseMessage]:
+    """``messages`` with the reasoning blocks of earlier AI turns left out (the same list when
+    there are none). A turn left with only text blocks becomes that text."""
+    out: list[BaseMessage] | None = None
+    for index, message in enumerate(messages):
+        content = message.content
+        if message.type != "ai" or not isinstance(content, list) or not any(
+            isinstance(b, dict) and b.get("type") in REASONING_BLOCKS for b in content
+        ):
+            continue
+        kept = [b for b in content if not (isinstance(b, dict) and b.get("type") in REASONING_BLOCKS)]
+        if all(isinstance(b, str) or (isinstance(b, dict) and b.get("type") == "text") for b in kept):
+            kept_content: Any = "".join(b if isinstance(b, str) else str(b.get("text", "")) for b in kept)
+        else:
+            kept_content = kept
+        out = list(messages) if out is None else out
+        out[index] = message.model_copy(update={"content": kept_content})
+    return messages if out is None else out
+
+
 def attach(message: BaseMessage, routing: dict[str, Any], *, keep_usage: bool = False) -> AIMessage:
     """The chosen tier's message with the routing record added to its response metadata.
 
@@ -111,6 +135,11 @@ def attach(message: BaseMessage, routing: dict[str, Any], *, keep_usage: bool = 
     listens to this run (no callbacks), so nothing can count twice.
     """
     metadata = {**message.response_metadata, "routing": routing}
+    logprobs = metadata.get("logprobs")
+    if isinstance(logprobs, list) and logprobs and type(logprobs[0]) is not dict:
+        # ollama's Logprob objects (the router turned logprobs on): plain JSON, as the rest of
+        # the metadata, so callers can log or store it.
+        metadata["logprobs"] = [_plain_token(item) for item in logprobs]
     if isinstance(message, AIMessageChunk):
         message = AIMessage(
             content=message.content,
@@ -130,11 +159,30 @@ def attach(message: BaseMessage, routing: dict[str, Any], *, keep_usage: bool = 
     return AIMessage(content=message.content, response_metadata=metadata)
 
 
+def _plain_token(item: Any) -> Any:
+    """One token's logprob entry as a dict (``token``, ``logprob``, ``top_logprobs``)."""
+    if isinstance(item, dict) or not hasattr(item, "logprob"):
+        return item
+    tops = getattr(item, "top_logprobs", None)
+    return {
+        "token": getattr(item, "token", None),
+        "logprob": item.logprob,
+        "top_logprobs": None if tops is None else [_plain_token(top) for top in tops],
+    }
+
+
 def without_usage(chunk: AIMessageChunk) -> AIMessageChunk:
-    """``chunk`` without ``usage_metadata`` (see :func:`attach`)."""
-    if chunk.usage_metadata is None:
-        return chunk
-    return chunk.model_copy(update={"usage_metadata": None})
+    """``chunk`` as the caller gets it: without ``usage_metadata`` (see :func:`attach`), its
+    logprobs as plain JSON."""
+    update: dict[str, Any] = {}
+    if chunk.usage_metadata is not None:
+        update["usage_metadata"] = None
+    logprobs = chunk.response_metadata.get("logprobs")
+    if isinstance(logprobs, list) and logprobs and type(logprobs[0]) is not dict:
+        update["response_metadata"] = {
+            **chunk.response_metadata, "logprobs": [_plain_token(item) for item in logprobs]
+        }
+    return chunk.model_copy(update=update) if update else chunk
 
 
 def as_chunk(message: BaseMessage) -> AIMessageChunk:

@@ -177,6 +177,14 @@ def decide_after_generation(policy: RoutingPolicy, signals: LogprobSignals) -> D
     return Decision(True, Reason.LOW_CONFIDENCE, score)
 
 
+def decide_on_usability(decision: Decision, unusable: str | None) -> Decision:
+    """A local answer the decision would keep, but that does not do what the request requires
+    (``unusable`` says why), escalates: a confident answer of the wrong shape is still wrong."""
+    if unusable is None or decision.escalate:
+        return decision
+    return Decision(True, Reason.UNUSABLE_ANSWER, decision.score)
+
+
 def decide_precheck(policy: RoutingPolicy, p_yes: float) -> Decision:
     """Pre-generation decision: escalate without generating iff P(YES) < precheck_threshold."""
     if p_yes < policy.precheck_threshold:

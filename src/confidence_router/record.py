@@ -38,6 +38,10 @@ class Reason:
     """The cloud failed and ``on_cloud_error="local"`` served the local answer, flagged."""
     BUDGET_EXCEEDED = "budget_exceeded"
     """The cloud budget could not cover the escalation: the local answer, flagged."""
+    UNUSABLE_ANSWER = "unusable_answer"
+    """The local answer does not do what the request requires, however confident (a forced
+    tool call it did not make, output that does not parse into the requested schema, or an
+    ``answer_check`` that rejected it; why in ``routing["unusable_answer"]``): escalated."""
 
     ALL = (
         CONFIDENT,
@@ -48,6 +52,7 @@ class Reason:
         EARLY_EXIT,
         CLOUD_ERROR,
         BUDGET_EXCEEDED,
+        UNUSABLE_ANSWER,
     )
 
 
@@ -99,6 +104,10 @@ class RoutingRecord(TypedDict, total=False):
     escalation_skipped: str
     """Why an escalation did not happen (``allow_escalation=False``, ``no cloud configured``,
     ``escalation guard: <reason>``, ``cloud budget exhausted``)."""
+    unusable_answer: str
+    """Why the local answer could not be used whatever its confidence (reason
+    ``unusable_answer``): ``"no call of the forced tool 'get_weather'"``, the parse error of
+    a structured answer, or what your ``answer_check`` returned."""
     local_answer: str
     """The local answer's text, kept when the query escalated."""
     local_error: str

@@ -36,7 +36,15 @@ from langchain_core.callbacks import (
 )
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    RemoveMessage,
+    SystemMessage,
+)
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from langchain_core.tools import BaseTool
@@ -86,10 +94,14 @@ EscalationGuard = Callable[[Sequence[BaseMessage]], "str | None"]
 _POLICY_CACHE = "_cached_policy"
 _COLLAB_CACHE = "_cached_collaborators"
 _PARAMS_CACHE = "_cached_identifying_params"
+#: The answer check a binding adds (forced tool call, structured output), in ``__dict__``.
+_BINDING_CHECK = "_binding_answer_check"
+#: Knobs set with ``router.bind(...)``, applied to every call like per-call kwargs.
+_BOUND_KNOBS = "_bound_knobs"
 #: The fields the call's collaborators are built from (rebuilt when any is replaced).
 _COLLAB_FIELDS = operator.itemgetter(
     "local", "cloud", "stats", "calibrator", "budget", "escalation_guard", "cloud_retry",
-    "prices", "confidence_calibration",
+    "prices", "confidence_calibration", "answer_check",
 )
 
 #: Fields whose assignment re-runs the tiers' set-up (:meth:`ConfidenceRoutedLLM._configure_tiers`).
@@ -108,8 +120,6 @@ DEFAULT_LOCAL_TIMEOUT = 60.0
 TIER_KWARGS = frozenset(
     {
         "tools",
-        "tool_choice",
-        "parallel_tool_calls",
         "format",
         "response_format",
         "ls_structured_output_format",
@@ -224,6 +234,16 @@ class ConfidenceRoutedLLM(BaseChatModel):
     local too (fails closed). For Bedrock tiers, a guard with a ``check_request(strings,
     unreadable)`` method (``PIIGuard`` has one) also judges the request body exactly as
     botocore serialised it, just before it is sent."""
+
+    answer_check: Callable[[BaseMessage], str | None] | None = None
+    """Called with a local answer the confidence would keep; a returned reason means the answer
+    cannot be used (e.g. it must be valid JSON), so the query escalates like a low-confidence
+    one (reason ``unusable_answer``, the text in ``routing["unusable_answer"]``). A check that
+    raises rejects the answer. ``bind_tools(..., tool_choice=<forced>)`` and
+    ``with_structured_output`` add checks of their own (the forced call was made, the answer
+    parses), on top of this one.
+
+    Example: ``ConfidenceRoutedLLM(..., answer_check=lambda m: None if m.text.strip().startswith("{") else "not JSON")``"""
 
     calibrator: Any = None
     """A :class:`~confidence_router.calibration.RollingQuantileThreshold`: the threshold then
@@ -425,7 +445,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
 
     def _collaborators(self) -> Collaborators:
         values = self.__dict__
-        sources = _COLLAB_FIELDS(values)
+        sources = (*_COLLAB_FIELDS(values), values.get(_BINDING_CHECK))
         cached = values.get(_COLLAB_CACHE)
         if cached is not None and all(map(operator.is_, cached[0], sources)):
             return cached[1]
@@ -447,6 +467,9 @@ class ConfidenceRoutedLLM(BaseChatModel):
             confidence_calibration=self.confidence_calibration,
             cloud_extras=(
                 tier_clients.request_extras(self.cloud) if self.cloud is not None else ()
+            ),
+            answer_checks=tuple(
+                check for check in (self.answer_check, values.get(_BINDING_CHECK)) if check
             ),
         )
         # Plain attributes in __dict__ (not pydantic private ones, whose lookup is slow on
@@ -563,8 +586,69 @@ class ConfidenceRoutedLLM(BaseChatModel):
         update: dict[str, Any] = {"local": tier_clients.bind_tools(self.local, tools, tier_kwargs)}
         if self.cloud is not None:
             update["cloud"] = tier_clients.bind_tools(self.cloud, tools, tier_kwargs)
+        # A forced tool call is a requirement: Ollama cannot force one, so a local answer that
+        # does not make it escalates (the cloud honours tool_choice).
+        bound = self.with_bound_tiers(update, tier_clients.forced_tool_check(tool_choice))
         # Always a RunnableBinding, as LangChain's bind_tools contract expects.
-        return self.model_copy(update=update).bind(**kwargs)
+        return bound.bind(**kwargs)
+
+    def bind(self, **kwargs: Any) -> Any:  # the base class's binding type, a private name
+        """Bind call kwargs; routing knobs among them become this copy's own per-call settings.
+
+        ``router.bind(allow_escalation=False)`` is a router that never escalates, also after
+        ``.bind_tools(...)`` or ``.with_structured_output(...)`` (a plain ``RunnableBinding``
+        would hand those to the unbound router and drop the knob). Knobs are validated here;
+        they act like per-call kwargs (a per-call value still wins; a bound ``threshold`` wins
+        over the calibrator's).
+
+        Example: ``private = router.bind(allow_escalation=False).bind_tools([lookup])``
+        """
+        names = RoutingPolicy.knob_names()
+        knobs = {k: v for k, v in kwargs.items() if k in names}
+        if not knobs:
+            return super().bind(**kwargs)
+        bound_knobs = {**(self.__dict__.get(_BOUND_KNOBS) or {}), **knobs}
+        self._base_policy().with_overrides(bound_knobs)  # a typed error now, not at the call
+        copy = self.model_copy()
+        object.__setattr__(copy, _BOUND_KNOBS, bound_knobs)
+        return super(ConfidenceRoutedLLM, copy).bind(
+            **{k: v for k, v in kwargs.items() if k not in names}
+        )
+
+    def configurable_fields(self, **kwargs: Any) -> Any:
+        """LangChain's ``configurable_fields``, with a misspelt field name a
+        :class:`~confidence_router.errors.RoutingConfigError` naming the closest field.
+
+        Example: ``router.configurable_fields(threshold=ConfigurableField(id="threshold"))``
+        """
+        unknown = set(kwargs) - set(type(self).model_fields)
+        if unknown:
+            raise RoutingConfigError(
+                unknown_names_message(unknown, type(self).model_fields, what="configurable field")
+            )
+        return super().configurable_fields(**kwargs)
+
+    def with_bound_tiers(
+        self,
+        tiers: dict[str, Any],
+        requirement: Callable[[BaseMessage], str | None] | None = None,
+    ) -> ConfidenceRoutedLLM:
+        """A copy whose tiers are replaced by bound versions (``{"local": ..., "cloud": ...}``)
+        and whose local answers must meet ``requirement`` (a check returning why an answer
+        cannot be used, or ``None``; one that fails escalates, reason ``unusable_answer``).
+
+        For integrations that bind both tiers, as :meth:`bind_tools` (a forced tool call) and
+        :meth:`with_structured_output` (an answer that parses) do. The requirement replaces
+        the previous binding's, as the new bindings replace its tools; ``answer_check`` stays.
+
+        Example: ``router.with_bound_tiers({"local": local.bind(format="json")}, is_json)``
+        """
+        unknown = set(tiers) - {"local", "cloud"}
+        if unknown:
+            raise RoutingConfigError(f"unknown tiers {sorted(unknown)}: expected local, cloud")
+        bound = self.model_copy(update=tiers)
+        object.__setattr__(bound, _BINDING_CHECK, requirement)
+        return bound
 
     def with_structured_output(
         self,
@@ -606,7 +690,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
         streaming: bool,
     ) -> _Call:
         """Validate the input and the call's kwargs (before any request) and open its record."""
-        check_input(messages)
+        messages = normalise_input(messages)
         if stop is not None and (
             not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop)
         ):
@@ -618,6 +702,9 @@ class ConfidenceRoutedLLM(BaseChatModel):
             check_call_kwargs(kwargs)
             overrides = {k: kwargs[k] for k in knobs if k in kwargs}
             tier_kwargs = {k: v for k, v in kwargs.items() if k not in knobs}
+        bound_knobs = self.__dict__.get(_BOUND_KNOBS)
+        if bound_knobs:
+            overrides = {**bound_knobs, **overrides}
         if self.calibrator is not None and "threshold" not in overrides:
             overrides["threshold"] = self.calibrator.threshold
         policy = self._base_policy().with_overrides(overrides)
@@ -719,11 +806,11 @@ class ConfidenceRoutedLLM(BaseChatModel):
         try:
             if not call.streaming and watch is None:
                 # The client's own timeout (httpx / botocore) bounds the call and cancels it.
-                return Answer(model.invoke(call.messages, config, stop=call.stop, **kwargs))
+                return Answer(model.invoke(_sent(effect, call), config, stop=call.stop, **kwargs))
             # Streamed: the stream is closed on every exit, so the server stops generating.
             deadline = None if timeout is None else started + timeout
             chunks: list[AIMessageChunk] = []
-            stream = iter(model.stream(call.messages, config, stop=call.stop, **kwargs))
+            stream = iter(model.stream(_sent(effect, call), config, stop=call.stop, **kwargs))
             try:
                 for raw in stream:
                     chunk = _tiers.as_chunk(raw)
@@ -811,12 +898,12 @@ class ConfidenceRoutedLLM(BaseChatModel):
         watch = _watch(effect, call)
         try:
             if not call.streaming and watch is None:
-                call_ = model.ainvoke(call.messages, config, stop=call.stop, **kwargs)
+                call_ = model.ainvoke(_sent(effect, call), config, stop=call.stop, **kwargs)
                 out.append(Answer(await _within(call_, timeout, effect.tier)))
                 return
             deadline = None if timeout is None else started + timeout
             chunks: list[AIMessageChunk] = []
-            stream = aiter(model.astream(call.messages, config, stop=call.stop, **kwargs))
+            stream = aiter(model.astream(_sent(effect, call), config, stop=call.stop, **kwargs))
             try:
                 while True:
                     remaining = None if deadline is None else deadline - time.perf_counter()
@@ -1051,6 +1138,14 @@ class _Watch:
         return {"exited": self.exited, "tokens": len(self.tokens)}
 
 
+def _sent(effect: Generate, call: _Call) -> list[BaseMessage]:
+    """The messages sent to the effect's tier: the local one gets earlier turns without the
+    reasoning blocks of another model, which it cannot read (ChatOllama refuses them)."""
+    if effect.tier == "local":
+        return _tiers.without_reasoning(call.messages)
+    return call.messages
+
+
 def _watch(effect: Generate, call: _Call) -> _Watch | None:
     """A token watcher when this generation may stop early (local, early_exit on)."""
     if effect.tier != "local" or effect.complete or not call.trace.policy.early_exit:
@@ -1081,10 +1176,57 @@ def check_call_kwargs(names: Any, also: frozenset[str] = frozenset()) -> None:
     a near miss such as ``allow_escalaton``), before any request."""
     knobs = RoutingPolicy.knob_names()
     unknown = set(names) - set(knobs) - TIER_KWARGS - also
+    tool_kwargs = sorted(unknown & tier_clients.TOOL_KWARGS)
+    if tool_kwargs:
+        # Each tier takes these in its own form, through its bind_tools; raw, they would
+        # break the local call (and so buy a cloud call) or be ignored.
+        raise RoutingConfigError(
+            f"{', '.join(tool_kwargs)} cannot be passed per call: bind them with "
+            "router.bind_tools(tools, tool_choice=...), which gives each tier its own form "
+            "(parallel_tool_calls: neither ChatOllama nor Bedrock takes it)"
+        )
     if unknown:
         raise RoutingConfigError(unknown_names_message(
             unknown, sorted({*knobs, *TIER_KWARGS, *also}), what="call kwarg"
         ))
+
+
+#: ``ChatMessage`` roles every tier can send, as the message class that carries them.
+_CHAT_ROLES: dict[str, type[BaseMessage]] = {
+    "user": HumanMessage, "human": HumanMessage,
+    "assistant": AIMessage, "ai": AIMessage,
+    "system": SystemMessage,
+}
+
+
+def normalise_input(messages: list[BaseMessage]) -> list[BaseMessage]:
+    """The call's messages as every tier can send them, checked before any request.
+
+    A ``ChatMessage`` with a standard role (``user``, ``assistant``, ``system``) becomes the
+    message class of that role (the Bedrock clients refuse ``ChatMessage``); any other role,
+    and a ``RemoveMessage`` (a LangGraph state instruction, not content), is an
+    :class:`~confidence_router.errors.InvalidInputError`. Then :func:`check_input`.
+    """
+    out: list[BaseMessage] | None = None
+    for index, message in enumerate(messages):
+        if isinstance(message, RemoveMessage):
+            raise InvalidInputError(
+                "a RemoveMessage is a LangGraph state instruction, not content: apply it to "
+                "the state before calling the model"
+            )
+        if isinstance(message, ChatMessage):
+            kind = _CHAT_ROLES.get(str(message.role).lower())
+            if kind is None:
+                raise InvalidInputError(
+                    f"ChatMessage role {message.role!r} is none of {sorted(_CHAT_ROLES)}: "
+                    "neither tier can send it"
+                )
+            out = list(messages) if out is None else out
+            out[index] = kind(content=message.content, id=message.id, name=message.name,
+                              additional_kwargs=message.additional_kwargs)
+    checked = messages if out is None else out
+    check_input(checked)
+    return checked
 
 
 def check_input(messages: Sequence[BaseMessage]) -> None:

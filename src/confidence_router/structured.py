@@ -124,7 +124,6 @@ def structured_router(
     update = {"local": _bind_tier(router.local, "local", schema, method, strict)}
     if router.cloud is not None:
         update["cloud"] = _bind_tier(router.cloud, "cloud", schema, method, strict)
-    routed = router.model_copy(update=update)
 
     parser: Runnable[Any, Any]
     if method == "function_calling":
@@ -137,6 +136,8 @@ def structured_router(
         parser = PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
     else:
         parser = JsonOutputParser()
+    # A confident local answer that does not parse is still unusable: it escalates.
+    routed = router.with_bound_tiers(update, _parses(parser, tool_name or "JSON"))
 
     if include_raw:
         parse_raw = RunnablePassthrough.assign(
@@ -147,6 +148,19 @@ def structured_router(
             [no_parse], exception_key="parsing_error"
         )
     return routed | parser
+
+
+def _parses(parser: Runnable[Any, Any], what: str) -> Any:
+    """The answer check of a structured call: why ``parser`` cannot read an answer, or ``None``."""
+
+    def check(message: Any) -> str | None:
+        try:
+            parsed = parser.invoke(message)
+        except Exception as error:  # noqa: BLE001 - any parse failure makes the answer unusable
+            return f"the answer does not parse as {what}: {str(error)[:300]}"
+        return None if parsed is not None else f"no call of the tool {what!r}"
+
+    return check
 
 
 # -- per-tier binding ----------------------------------------------------------------------------

@@ -404,5 +404,49 @@ def bind_tools(model: Any, tools: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         raise InvalidTypeError(f"{type(target).__name__} does not support bind_tools")
     bound = target.bind_tools(tools, **kwargs)
     if isinstance(model, RunnableBinding) and model.kwargs:
-        bound = bound.bind(**model.kwargs)
+        # The tier's other bound kwargs stay; its earlier tools and tool choice are replaced,
+        # as a second bind_tools on the model itself would replace them.
+        new = getattr(bound, "kwargs", {})
+        kept = {k: v for k, v in model.kwargs.items() if k not in new and k not in TOOL_KWARGS}
+        if kept:
+            bound = bound.bind(**kept)
     return bound
+
+
+#: Kwargs a ``bind_tools`` sets on a model (replaced, never merged, by a later one).
+TOOL_KWARGS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "tool_config"})
+
+
+def forced_tool_check(tool_choice: Any) -> Callable[[Any], str | None] | None:
+    """The answer check for ``bind_tools(tools, tool_choice=...)``: when the choice forces a
+    tool call (a tool's name, ``"any"``, ``"required"``, ``True``, or a dict naming a tool),
+    a check that returns why an answer without that call cannot be used; else ``None``.
+
+    ``ChatOllama`` cannot force a tool call (it ignores ``tool_choice``); the router checks
+    the local answer instead and escalates one that did not make the call.
+
+    >>> check = forced_tool_check("get_weather")
+    >>> check(type("M", (), {"tool_calls": []})())
+    "no call of the forced tool 'get_weather'"
+    """
+    name: str | None
+    if tool_choice in ("any", "required") or tool_choice is True:
+        name = None
+    elif isinstance(tool_choice, str) and tool_choice not in ("auto", "none", ""):
+        name = tool_choice
+    elif isinstance(tool_choice, dict):
+        function = tool_choice.get("function")
+        named = function.get("name") if isinstance(function, dict) else tool_choice.get("name")
+        if not isinstance(named, str):
+            return None
+        name = named
+    else:
+        return None
+
+    def check(message: Any) -> str | None:
+        calls = [call.get("name") for call in getattr(message, "tool_calls", None) or ()]
+        if name is None:
+            return None if calls else "no tool call, although one was forced (tool_choice)"
+        return None if name in calls else f"no call of the forced tool {name!r}"
+
+    return check
