@@ -242,10 +242,13 @@ def is_strong_hit(hit: Hit, tau: float = DEFAULT_TAU) -> bool:
     """Return ``True`` iff ``hit`` has a numeric score and ``score >= tau`` (inclusive).
 
     ``None``, booleans, strings and NaN scores are never strong, and neither is a hit with no
-    knowledge to show (content that is not a string or is only whitespace): injecting it
-    would render a numbered header over nothing.
+    knowledge to show (content that is not a string, or whose first 400 characters, the
+    part that is rendered, are only whitespace): injecting it would render a numbered header
+    over nothing.
     """
-    if not isinstance(hit.content, str) or not hit.content.strip():
+    # What would be shown (the first 400 characters, stripped) must not be empty: 400
+    # spaces of padding before the text once rendered an empty block too.
+    if not isinstance(hit.content, str) or not hit.content[:_CONTENT_MAX_CHARS].strip():
         return False
     score = hit.score
     # bool is an int subclass; a True "score" is a bug upstream, not a similarity of 1.0.

@@ -400,6 +400,41 @@ def test_a_strong_hit_with_no_content_is_not_knowledge(
     assert build_gsa_prompt(FRANCE, hits).text == _bare(FRANCE)
 
 
+def test_a_strong_hit_whose_shown_part_is_blank_is_not_knowledge(
+    server: OllamaCompatibleServer, local: ChatOllama, store: KnowledgeStore
+) -> None:
+    """Only the first 400 characters are rendered: 400 spaces of padding before the text
+    rendered an empty block under a memory header."""
+    store.add(FRANCE, " " * 400 + "Paris.")
+    server.clear_requests()
+    score = SelfAssessmentProbe(model=local, store=store).invoke(FRANCE)
+    assert not score.had_retrieval and score.n_hits_retrieved == 1
+    assert _sent(server) == [_bare(FRANCE)]
+
+
+def test_a_record_without_document_from_another_writer_is_not_knowledge(
+    server: OllamaCompatibleServer, local: ChatOllama, store: KnowledgeStore, tmp_path: Path
+) -> None:
+    """A shared collection can hold records written by something else, e.g. with metadata but
+    no document. Before: its empty content was injected as a strong hit."""
+    import chromadb
+    from chromadb.config import Settings
+
+    from confidence_router.testing.embeddings import hashing_embedding
+
+    store.add(SPIDER, "Eight.")
+    other = chromadb.PersistentClient(path=str(tmp_path / "kb"),
+                                      settings=Settings(anonymized_telemetry=False))
+    other.get_collection(store.collection_name).add(
+        ids=["foreign-1"], embeddings=[hashing_embedding(FRANCE)],
+        metadatas=[{"question": FRANCE}],
+    )
+    server.clear_requests()
+    score = SelfAssessmentProbe(model=local, store=store).invoke(FRANCE)
+    assert score.n_hits_retrieved == 2 and not score.had_retrieval
+    assert _sent(server) == [_bare(FRANCE)]
+
+
 def test_a_strong_hit_that_cannot_be_sent_refuses_the_whole_prompt(
     server: OllamaCompatibleServer, local: ChatOllama
 ) -> None:
@@ -449,6 +484,25 @@ def test_collection_deleted_then_add_writes_nothing_and_is_typed(
     ).delete_collection(store.collection_name)
     with pytest.raises(KnowledgeStoreError, match="add|count"):
         store.add(SPIDER, "Eight.")
+
+
+def test_closed_client_is_a_typed_error_and_no_probe(
+    server: OllamaCompatibleServer, local: ChatOllama, tmp_path: Path
+) -> None:
+    """Before: AttributeError: 'RustBindingsAPI' object has no attribute 'bindings'."""
+    import chromadb
+    from chromadb.config import Settings
+
+    client = chromadb.PersistentClient(path=str(tmp_path / "kb"),
+                                       settings=Settings(anonymized_telemetry=False))
+    store = KnowledgeStore(OllamaEmbeddings(base_url=server.url, model=MODEL), client=client)
+    store.add(FRANCE, "Paris.")
+    client.close()
+    server.clear_requests()
+    with pytest.raises(KnowledgeStoreError, match="Chroma") as info:
+        SelfAssessmentProbe(model=local, store=store).invoke(FRANCE)
+    assert info.value.stage == "chroma"
+    assert _sent(server) == []
 
 
 def test_persistent_directory_removed_under_the_store(
