@@ -230,6 +230,19 @@ def test_a_thinking_block_answer_is_neutral_and_flagged(
     assert score.raw_text == "<think>"
 
 
+def test_a_thinking_content_block_is_not_read_as_the_answer() -> None:
+    """A model used as given (e.g. Bedrock with extended thinking) answers in content blocks:
+    only the text block is the answer, not the thinking that mentions NO."""
+    message = AIMessage(content=[
+        {"type": "thinking", "thinking": "NO idea at first, but on reflection..."},
+        {"type": "reasoning_content", "reasoning_content": {"text": "NO"}},
+        {"type": "text", "text": "YES"},
+    ])
+    model = GenericFakeChatModel(messages=iter([message]))
+    score = SelfAssessmentProbe(model=model).invoke(FRANCE)
+    assert (score.extraction_mode, score.p_yes, score.raw_text) == ("text_hard", 1.0, "YES")
+
+
 # ---------------------------------------------------------------------- the router's use
 
 

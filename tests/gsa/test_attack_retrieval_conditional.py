@@ -27,7 +27,11 @@ from confidence_router.errors import (
 )
 from confidence_router.gsa import (
     GSA_V2_PROMPT_TEMPLATE,
+    GSA_V2_QUESTION_LAST_VERSION,
+    GSA_V2_VERSION,
     GSA_V3_PROMPT_TEMPLATE,
+    GSA_V3_QUESTION_LAST_VERSION,
+    GSA_V3_VERSION,
     Hit,
     build_gsa_prompt,
 )
@@ -297,6 +301,7 @@ def test_unusable_questions_raise_typed_before_any_request(
     assert server.requests == []
 
 
+@pytest.mark.parametrize("version", [GSA_V3_VERSION, GSA_V3_QUESTION_LAST_VERSION])
 @pytest.mark.parametrize(
     "question",
     [
@@ -310,13 +315,17 @@ def test_unusable_questions_raise_typed_before_any_request(
     ids=["german-emoji", "arabic", "combining-nul", "format-tokens", "padded", "huge"],
 )
 def test_odd_questions_send_exactly_the_bare_bytes(
-    server: OllamaCompatibleServer, local: ChatOllama, store: KnowledgeStore, question: str
+    server: OllamaCompatibleServer, local: ChatOllama, store: KnowledgeStore, question: str,
+    version: str,
 ) -> None:
     store.add(SPIDER, "Eight.")
     server.clear_requests()
-    score = SelfAssessmentProbe(model=local, store=store).invoke(question)
+    score = SelfAssessmentProbe(model=local, store=store, version=version).invoke(question)
     assert not score.had_retrieval
-    assert _sent(server) == [_bare(question)]
+    bare = GSA_V2_VERSION if version == GSA_V3_VERSION else GSA_V2_QUESTION_LAST_VERSION
+    assert _sent(server) == [build_gsa_prompt(question, version=bare).text]
+    if version == GSA_V3_VERSION:
+        assert _sent(server) == [_bare(question)]
     [embed] = server.requests_to("/api/embed")
     assert embed["body"]["input"] == [question.strip()]
 
@@ -359,6 +368,17 @@ def test_injection_in_a_strong_document_stays_inside_its_block(
     assert score.prompt == _sent(server)[0]
     # The literal "{query}" in the document was not substituted.
     assert _sent(server)[0].count(FRANCE) == 2  # the question and the memory header
+
+
+def test_knowledge_containing_the_template_slot_is_not_substituted(
+    server: OllamaCompatibleServer, local: ChatOllama, store: KnowledgeStore
+) -> None:
+    template = "EXAMPLES\nQ: {prompt}\nA:"
+    store.add(FRANCE, "{prompt} {query} {hits_block}")
+    server.clear_requests()
+    SelfAssessmentProbe(model=local, store=store, message_template=template).invoke(FRANCE)
+    inner = _with_knowledge(FRANCE, f"1. (memory of: {FRANCE})\n   {{prompt}} {{query}} {{hits_block}}")
+    assert _sent(server) == [template.replace("{prompt}", inner)]
 
 
 @pytest.mark.parametrize(
