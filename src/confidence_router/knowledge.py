@@ -200,6 +200,14 @@ def _require_text(value: Any, name: str) -> str:
         raise InvalidTypeError(f"{name} must be a str, got {type(value).__name__}")
     if not value.strip():
         raise InvalidArgumentError(f"{name} must be a non-empty, non-whitespace string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # A lone surrogate (a badly decoded file) fails later inside the embedder's HTTP
+        # client or Chroma; name it here, before anything is embedded or written.
+        raise InvalidArgumentError(
+            f"{name} cannot be encoded as UTF-8 ({exc.reason} at position {exc.start})"
+        ) from exc
     return value
 
 

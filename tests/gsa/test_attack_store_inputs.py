@@ -78,9 +78,12 @@ def store(tmp_path: Path, embeddings: CountingEmbeddings) -> KnowledgeStore:
         ([(None, "c")], InvalidTypeError, "question"),
         ([("   ", "c")], InvalidArgumentError, "question"),
         ([("q?", "\n\t")], InvalidArgumentError, "content"),
+        ([("q\ud800?", "c")], InvalidArgumentError, "question"),  # was the embedder's error
+        ([("q?", "c\udfff")], InvalidArgumentError, "content"),  # was Chroma's error
     ],
     ids=["two-char-str", "triple", "single", "non-pair", "none", "str", "mapping",
-         "none-content", "none-question", "blank-question", "blank-content"],
+         "none-content", "none-question", "blank-question", "blank-content",
+         "surrogate-question", "surrogate-content"],
 )
 def test_bad_items_are_typed_and_nothing_is_embedded_or_written(
     store: KnowledgeStore, embeddings: CountingEmbeddings, items: Any,
