@@ -283,6 +283,17 @@ def _check_vector(vector: Sequence[float], what: str) -> list[float]:
         raise InvalidArgumentError(f"{what}: embedding contains NaN or infinite values")
     if not any(values):
         raise InvalidArgumentError(f"{what}: embedding has zero norm; cosine similarity is undefined")
+    import numpy as np
+
+    # Chroma stores float32 and normalises in float32: a norm that underflows (1e-30) or
+    # overflows (1e30) there became a zero or NaN vector inside the index.
+    with np.errstate(over="ignore", under="ignore"):
+        single = np.asarray(values, dtype=np.float32)
+        squared = float(np.dot(single, single))
+    if not np.all(np.isfinite(single)) or squared == 0.0 or not math.isfinite(squared):
+        raise InvalidArgumentError(
+            f"{what}: embedding norm is outside float32 range (Chroma stores float32 vectors)"
+        )
     return values
 
 

@@ -216,6 +216,8 @@ def test_negative_and_opposite_similarities_send_the_bare_bytes(
         ([0.0, 0.0, 0.0, 0.0], InvalidArgumentError, "zero norm"),
         ([], InvalidArgumentError, "empty"),
         ([1.0, 0.0, 0.0], EmbeddingDimensionError, "dimension"),
+        ([1e-30, 0.0, 0.0, 0.0], InvalidArgumentError, "float32"),
+        ([1e30, 1.0, 0.0, 0.0], InvalidArgumentError, "float32"),
         (None, InvalidArgumentError, "not a sequence"),
         (RuntimeError("embedding backend exploded"), KnowledgeStoreError, "exploded"),
         (ConnectionError("connection refused"), KnowledgeStoreError, "refused"),

@@ -132,8 +132,11 @@ class _NotAList:
         ([[0.1] * 32, [0.2] * 32], "2 vectors for 1"),
         ([[float("nan")] * 32], "NaN"),
         ([["x"] * 32], "not a sequence of numbers"),
+        ([[1e-30] + [0.0] * 31], "float32"),  # was stored; Chroma normalised it to zeros
+        ([[1e30] + [0.0] * 31], "float32"),  # was stored; Chroma normalised it to NaN
+        ([[1e39] + [0.0] * 31], "float32"),
     ],
-    ids=["no-len", "none", "two", "nan", "strings"],
+    ids=["no-len", "none", "two", "nan", "strings", "tiny-norm", "huge-norm", "beyond-f32"],
 )
 def test_a_misbehaving_embedder_on_add_is_typed_and_writes_nothing(
     store: KnowledgeStore, embeddings: CountingEmbeddings, override: Any, match: str
