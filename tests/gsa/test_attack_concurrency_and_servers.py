@@ -132,6 +132,28 @@ def _http_store(server: ChromaServerProcess, ollama_server: OllamaCompatibleServ
                           client=client, collection="attack")
 
 
+async def test_concurrent_probes_against_a_chroma_server(
+    chroma_server: ChromaServerProcess, ollama_server: OllamaCompatibleServer, ollama_chat,
+    ollama_backend,
+) -> None:
+    """One HttpClient-backed store shared by a thread pool and the event loop at once."""
+    store = _http_store(chroma_server, ollama_server)
+    store.add_many([(_question(i), f"Answer {i}.") for i in range(0, 2 * N, 2)])
+    ollama_backend.set_default(["NO"], top_logprobs=[[("NO", -0.3), ("YES", -1.4)]])
+    ollama_server.clear_requests()
+    probe = SelfAssessmentProbe(model=ollama_chat(), store=store)
+    indices = range(2 * N)
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        threaded = [loop.run_in_executor(pool, probe.invoke, _question(i)) for i in indices]
+        awaited = [probe.ainvoke(_question(i)) for i in indices]
+        scores = await asyncio.gather(*threaded, *awaited)
+    for i, score in zip([*indices, *indices], scores):
+        assert score.prompt == _expected(i)
+    assert len(ollama_server.requests_to("/api/chat")) == 4 * N
+    assert len(ollama_server.requests_to("/api/embed")) == 4 * N
+
+
 def test_chroma_server_going_away_under_a_router(
     chroma_server: ChromaServerProcess, ollama_server: OllamaCompatibleServer, ollama_backend,
     bedrock_chat, bedrock_server,
