@@ -309,8 +309,10 @@ class KnowledgeStore:
         collection: Collection name (3–512 chars of ``[a-zA-Z0-9._-]``).
 
     Raises:
-        ValueError: ``path`` and ``client`` both given, or an existing collection of that name
+        InvalidArgumentError: ``path`` and ``client`` both given, an invalid collection name
+            (checked before any directory is created), or an existing collection of that name
             is not in cosine space.
+        KnowledgeStoreError: Chroma could not open the collection (e.g. the server is down).
         MissingExtraError: no ``client`` given and chromadb is not installed (the ``gsa``
             extra: ``pip install "confidence-router[gsa]"``).
 
@@ -507,9 +509,13 @@ class KnowledgeStore:
         ``created_at`` is kept.
 
         Raises:
-            ValueError: empty/whitespace ``question``, ``content`` or ``source`` (the message
-                names the field), or provenance that is not JSON-serialisable.
+            InvalidArgumentError: empty/whitespace ``question``, ``content`` or ``source``, or
+                text that is not valid UTF-8 (the message names the field); provenance that is
+                not JSON-serialisable; the embedder returned a bad vector (empty, NaN/inf,
+                zero, outside float32 range) or the wrong number of them.
+            InvalidTypeError: a field of the wrong type.
             EmbeddingDimensionError: the embedder's dimension differs from the stored one.
+            KnowledgeStoreError: the embedder or Chroma failed.
         """
         return self.add_many([(question, content)], source=source, provenance=provenance)[0]
 
@@ -522,9 +528,14 @@ class KnowledgeStore:
     ) -> list[KnowledgeEntry]:
         """Add or update several ``(question, content)`` pairs with one embedding batch.
 
-        All items are validated and embedded before anything is written. Within one call a
-        later duplicate question wins. Returns one entry per input item, in input order
-        (duplicates return the final entry).
+        All items are validated and embedded before anything is written, and written with one
+        Chroma upsert. Within one call a later duplicate question wins. Returns one entry per
+        input item, in input order (duplicates return the final entry).
+
+        Raises:
+            InvalidTypeError: ``items`` is not an iterable of ``(question, content)`` pairs
+                (a bare string is refused: it would unpack character by character).
+            and the errors of :meth:`add`.
         """
         prepared = [self._prepare(q, c, source, provenance) for q, c in _pairs(items)]
         if not prepared:
@@ -679,8 +690,11 @@ class KnowledgeStore:
         the closest ~2.5% of near-neighbour pairs count as "strong", about the share of strong
         hits the paper saw on TriviaQA with bge-large at 0.70.
 
+        The result is clipped to ``[-1, 1]`` and rounded like search scores, so a stored
+        question searched again always meets the τ calibrated from its own duplicates.
+
         Raises:
-            ValueError: fewer than 2 entries, or ``quantile`` outside (0, 1).
+            InvalidArgumentError: fewer than 2 entries, or ``quantile`` not a number in (0, 1).
         """
         import numpy as np
 

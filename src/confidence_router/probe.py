@@ -221,8 +221,14 @@ class SelfAssessmentProbe(RunnableSerializable[ProbeInput, GsaScore]):
             the matching template, :func:`confidence_router.serving.llamacpp.yes_no_template`). Default ``None``: the GSA prompt is the
             whole message (chat models).
 
-    Errors from the model or the store propagate; an unreadable answer does not raise but
-    yields ``extraction_mode="neutral"`` (p = 0.5) with a warning.
+    Errors: a bad field or an unknown one raises :class:`~confidence_router.errors.
+    RoutingConfigError` at construction; a bad input (not a string, blank, not valid UTF-8,
+    malformed hits) raises ``InvalidTypeError``/``InvalidArgumentError`` before any search or
+    request. A failing store raises :class:`~confidence_router.knowledge.KnowledgeStoreError`
+    (or ``EmbeddingDimensionError``/``InvalidArgumentError`` for a bad query vector) before
+    the model is asked, so no prompt is sent on a failed search; model errors propagate as
+    the model's client raises them. An unreadable answer does not raise but yields
+    ``extraction_mode="neutral"`` (p = 0.5) with a warning.
     """
 
     model: Runnable[Any, Any]
