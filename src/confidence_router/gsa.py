@@ -261,9 +261,14 @@ def _render_hit(index: int, hit: Hit, *, quote: bool) -> str:
     # Order matters (docs/how-it-works.md §2.3): content is cut to 400 chars THEN stripped; the question is
     # stripped THEN cut to 120 chars.
     content = hit.content[:_CONTENT_MAX_CHARS].strip()
-    if quote:
-        content = "\n".join("   > " + line for line in content.split("\n"))
     question = hit.question.strip()[:_QUESTION_MAX_CHARS] if hit.question is not None else ""
+    if quote:
+        # The hardened rendering: no injected text may start a line of its own. splitlines()
+        # also breaks on \r, \v, \f, \x1c-\x1e, \x85, \u2028 and \u2029, which a model may
+        # read as line breaks; the stored question (user text, learned from escalations)
+        # goes into the header on one line.
+        content = "\n".join("   > " + line for line in content.splitlines())
+        question = " ".join(hit.question.split())[:_QUESTION_MAX_CHARS] if hit.question else ""
     if question:
         if quote:
             return f"{index}. (memory of: {question})\n{content}"
@@ -281,8 +286,9 @@ def build_hits_block(hits: Sequence[Hit], *, quote: bool = False) -> str:
     * with a stored question: ``"{i}. (memory of: {Q})\\n   {C}"``;
     * without one (``None`` or blank): ``"{i}. {C}"``.
 
-    ``quote=True`` is the opt-in, non-paper rendering in which every content line is prefixed
-    with ``"   > "``.
+    ``quote=True`` is the opt-in, non-paper rendering in which every content line (split at
+    any line boundary, ``str.splitlines``) is prefixed with ``"   > "`` and the question's
+    whitespace, line breaks included, is collapsed to single spaces.
     """
     return "\n".join(_render_hit(i, hit, quote=quote) for i, hit in enumerate(hits, start=1))
 
