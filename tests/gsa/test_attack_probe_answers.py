@@ -309,6 +309,29 @@ async def test_hung_probe_times_out_async(
     assert len(ollama_server.requests_to("/api/chat")) == 2
 
 
+def test_hung_probe_of_a_tool_bound_local_model_times_out_without_tools(
+    ollama_backend: ScriptedBackend, ollama_server: OllamaCompatibleServer, local: ChatOllama,
+    bedrock_chat,
+) -> None:
+    """The router's local_timeout reaches the probe's model also through a bind_tools()
+    wrapper, and the probe request carries no tools."""
+
+    def lookup(q: str) -> str:
+        """Look something up."""
+        return q
+
+    tooled = local.bind_tools([lookup])
+    ollama_backend.add_probe(_is_probe, {"YES": -0.1, "NO": -3.0}, latency=30.0)
+    ollama_backend.add_answer(_is_answer, " Paris", logprobs=-0.05)
+    router = ConfidenceRoutedLLM(local=tooled, cloud=bedrock_chat(), local_timeout=0.5,
+                                 precheck=SelfAssessmentProbe(model=tooled))
+    routing = router.invoke(FRANCE).response_metadata["routing"]
+    assert routing["precheck"]["error_kind"] == "timeout", routing["precheck"]
+    [probe_body] = _probe_bodies(ollama_server)
+    assert not probe_body.get("tools")
+    assert probe_body["options"]["num_predict"] == 1
+
+
 @pytest.mark.parametrize("after_tokens", [0, 1])
 def test_probe_server_500_is_recorded_and_never_blocks(
     routed, ollama_backend: ScriptedBackend, ollama_server: OllamaCompatibleServer,
