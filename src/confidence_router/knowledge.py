@@ -242,6 +242,41 @@ def _pairs(items: Any) -> Iterator[tuple[Any, Any]]:
         yield item[0], item[1]
 
 
+_LOOP_ATTRIBUTE = "_confidence_router_embeddings"
+
+
+def _loop_embeddings(embeddings: Any) -> Any:
+    """``embeddings`` with an async HTTP client usable on the running event loop.
+
+    ``OllamaEmbeddings`` keeps one httpx ``AsyncClient``, whose connections are bound to the
+    loop that opened them: after that loop closed (a second ``asyncio.run()``), every async
+    search failed with "Event loop is closed". It gets a copy per loop, built once and kept
+    on the loop object (so it goes away with the loop). Other embedders are used as given.
+    """
+    if type(embeddings).__name__ != "OllamaEmbeddings" or not hasattr(embeddings, "model_validate"):
+        return embeddings
+    loop = asyncio.get_running_loop()
+    copies: dict[int, tuple[Any, Any]] | None = getattr(loop, _LOOP_ATTRIBUTE, None)
+    if copies is None:
+        copies = {}
+        try:
+            setattr(loop, _LOOP_ATTRIBUTE, copies)
+        except AttributeError:  # a loop class with __slots__: no caching on it
+            return _rebuilt(embeddings)
+    entry = copies.get(id(embeddings))
+    if entry is None or entry[0] is not embeddings:
+        entry = (embeddings, _rebuilt(embeddings))
+        copies[id(embeddings)] = entry
+    return entry[1]
+
+
+def _rebuilt(embeddings: Any) -> Any:
+    # model_validate runs the validator that creates the HTTP clients (model_copy would share
+    # the old ones).
+    values = {name: getattr(embeddings, name) for name in embeddings.model_fields_set}
+    return type(embeddings).model_validate(values)
+
+
 def _order_key(hit: Hit) -> float:
     score = hit.score
     return -math.inf if score is None or math.isnan(score) else float(score)
@@ -569,7 +604,8 @@ class KnowledgeStore:
         if not prepared:
             return []
         with self._failures("add", "embedding"):
-            vectors = await self._embeddings.aembed_documents([p[1] for p in prepared])
+            embeddings = _loop_embeddings(self._embeddings)
+            vectors = await embeddings.aembed_documents([p[1] for p in prepared])
         # Chroma's client is synchronous; keep the event loop free while it writes.
         return await asyncio.to_thread(self._write, prepared, vectors)
 
@@ -748,7 +784,7 @@ class KnowledgeStore:
         if await asyncio.to_thread(self.count) == 0:
             return []
         with self._failures("search", "embedding"):
-            vector = await self._embeddings.aembed_query(query)
+            vector = await _loop_embeddings(self._embeddings).aembed_query(query)
         return await asyncio.to_thread(self._query_vector, vector, k)
 
     @staticmethod

@@ -71,6 +71,7 @@ from confidence_router.gsa import (
     extract_p_yes,
 )
 from confidence_router.knowledge import KnowledgeStore
+from confidence_router.tier_clients import per_loop
 
 __all__ = [
     "PROBE_TOP_LOGPROBS",
@@ -411,8 +412,11 @@ class SelfAssessmentProbe(RunnableSerializable[ProbeInput, GsaScore]):
         hits = hits or []
         prompt = self._prompt(query, hits)
         child = patch_config(config, callbacks=run_manager.get_child())
+        # A ChatOllama's httpx AsyncClient is bound to the loop it first ran on: a second
+        # asyncio.run() failed every probe with "Event loop is closed". Use a copy per loop.
+        model = per_loop(self.probe_model)
         start = time.perf_counter()
-        response = await self.probe_model.ainvoke([self._message(prompt)], config=child)
+        response = await model.ainvoke([self._message(prompt)], config=child)
         latency = time.perf_counter() - start
         return self._score(prompt, response, latency, retrieval_latency, len(hits))
 

@@ -275,3 +275,30 @@ def test_hung_embedding_server_times_the_probe_out_sync(
     routing = message.response_metadata["routing"]
     assert message.content == " Paris"
     assert routing["precheck"]["error_kind"] == "timeout", routing["precheck"]
+
+
+# ---------------------------------------------------------------------- one event loop after another
+
+
+def test_probes_work_on_every_new_event_loop(
+    store: KnowledgeStore, ollama_chat, ollama_backend, ollama_server: OllamaCompatibleServer,
+) -> None:
+    """A sync app calling ``asyncio.run(probe.ainvoke(...))`` per request. Before: the second
+    loop failed with "RuntimeError: Event loop is closed" — in the model's client, and in the
+    store's OllamaEmbeddings (the router then recorded every later precheck as failed)."""
+    ollama_backend.set_default(["NO"], top_logprobs=[[("NO", -0.3), ("YES", -1.4)]])
+    probe = SelfAssessmentProbe(model=ollama_chat(), store=store)
+    router = ConfidenceRoutedLLM(local=ollama_chat(), precheck=probe)
+    for _ in range(3):
+        score = asyncio.run(probe.ainvoke(_question(0)))
+        assert score.prompt == _expected(0)
+        entry = asyncio.run(store.aadd(_question(1), "Answer 1."))
+        assert entry.question == _question(1)
+        record = asyncio.run(router.ainvoke(_question(0))).response_metadata["routing"]
+        assert record["precheck"].get("had_retrieval") is True, record["precheck"]
+    probes = [r["body"] for r in ollama_server.requests_to("/api/chat")
+              if "Respond with exactly one token" in r["body"]["messages"][-1]["content"]]
+    assert len(probes) == 6
+    for body in probes:  # every loop's copy keeps the probe settings
+        assert body["options"]["num_predict"] == 1 and body["top_logprobs"] == 5
+    assert len(ollama_server.requests_to("/api/embed")) == 9  # 6 probe searches + 3 adds
