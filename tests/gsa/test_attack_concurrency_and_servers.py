@@ -302,3 +302,49 @@ def test_probes_work_on_every_new_event_loop(
     for body in probes:  # every loop's copy keeps the probe settings
         assert body["options"]["num_predict"] == 1 and body["top_logprobs"] == 5
     assert len(ollama_server.requests_to("/api/embed")) == 9  # 6 probe searches + 3 adds
+
+
+class _FailingEmbeddings(ScriptedBackend):
+    """The scripted backend whose embedding endpoint answers HTTP 500 once armed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing = False
+
+    def embed(self, model: str, inputs: Any) -> list[list[float]]:
+        if self.failing:
+            from confidence_router.serving.protocol import BackendError
+
+            raise BackendError("embedding model overloaded", status=500)
+        return super().embed(model, inputs)
+
+
+async def test_embedding_server_500_is_typed_and_the_router_answers_locally(
+    tmp_path: Path, ollama_chat, ollama_backend, ollama_server: OllamaCompatibleServer,
+    bedrock_chat, bedrock_server,
+) -> None:
+    question = "What is the capital of France?"
+    with OllamaCompatibleServer(_FailingEmbeddings()) as embed_server:
+        store = KnowledgeStore(OllamaEmbeddings(base_url=embed_server.url, model="scripted-local"),
+                               path=tmp_path / "kb")
+        store.add(question, "Paris.")
+        embed_server.backend.failing = True  # type: ignore[attr-defined]
+        ollama_backend.add_answer(lambda r: r.messages[-1]["content"] == question, " Paris",
+                                  logprobs=-0.05)
+        local = ollama_chat()
+        probe = SelfAssessmentProbe(model=local, store=store)
+        with pytest.raises(KnowledgeStoreError, match="overloaded") as info:
+            probe.invoke(question)
+        assert info.value.stage == "embedding"
+        with pytest.raises(KnowledgeStoreError, match="overloaded"):
+            await probe.ainvoke(question)
+        assert ollama_server.requests_to("/api/chat") == []
+        router = ConfidenceRoutedLLM(local=local, cloud=bedrock_chat(), precheck=probe)
+        for message in (router.invoke(question), await router.ainvoke(question)):
+            record = message.response_metadata["routing"]
+            assert message.content == " Paris"
+            assert "KnowledgeStoreError" in record["precheck"]["error"]
+            assert "overloaded" in record["precheck"]["error"]
+        assert [r["body"]["messages"][-1]["content"]
+                for r in ollama_server.requests_to("/api/chat")] == [question, question]
+        assert bedrock_server.requests == []
