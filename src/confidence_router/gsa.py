@@ -58,6 +58,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from confidence_router.errors import InvalidArgumentError, InvalidTypeError
+
 __all__ = [
     "DEFAULT_GSA_VERSION",
     "DEFAULT_TAU",
@@ -86,6 +88,8 @@ __all__ = [
     "Hit",
     "build_gsa_prompt",
     "build_hits_block",
+    "check_query",
+    "check_tau",
     "extract_p_yes",
     "is_strong_hit",
     "parse_yes_no_text",
@@ -237,8 +241,15 @@ class GsaPrompt:
 def is_strong_hit(hit: Hit, tau: float = DEFAULT_TAU) -> bool:
     """Return ``True`` iff ``hit`` has a numeric score and ``score >= tau`` (inclusive).
 
-    ``None``, booleans, strings and NaN scores are never strong.
+    ``None``, booleans, strings and NaN scores are never strong, and neither is a hit with no
+    knowledge to show (content that is not a string, or whose first 400 characters, the
+    part that is rendered, are only whitespace): injecting it would render a numbered header
+    over nothing.
     """
+    # What would be shown (the first 400 characters, stripped) must not be empty: 400
+    # spaces of padding before the text once rendered an empty block too.
+    if not isinstance(hit.content, str) or not hit.content[:_CONTENT_MAX_CHARS].strip():
+        return False
     score = hit.score
     # bool is an int subclass; a True "score" is a bug upstream, not a similarity of 1.0.
     if isinstance(score, bool) or not isinstance(score, numbers.Real):
@@ -250,9 +261,14 @@ def _render_hit(index: int, hit: Hit, *, quote: bool) -> str:
     # Order matters (docs/how-it-works.md §2.3): content is cut to 400 chars THEN stripped; the question is
     # stripped THEN cut to 120 chars.
     content = hit.content[:_CONTENT_MAX_CHARS].strip()
-    if quote:
-        content = "\n".join("   > " + line for line in content.split("\n"))
     question = hit.question.strip()[:_QUESTION_MAX_CHARS] if hit.question is not None else ""
+    if quote:
+        # The hardened rendering: no injected text may start a line of its own. splitlines()
+        # also breaks on \r, \v, \f, \x1c-\x1e, \x85, \u2028 and \u2029, which a model may
+        # read as line breaks; the stored question (user text, learned from escalations)
+        # goes into the header on one line.
+        content = "\n".join("   > " + line for line in content.splitlines())
+        question = " ".join(hit.question.split())[:_QUESTION_MAX_CHARS] if hit.question else ""
     if question:
         if quote:
             return f"{index}. (memory of: {question})\n{content}"
@@ -270,10 +286,49 @@ def build_hits_block(hits: Sequence[Hit], *, quote: bool = False) -> str:
     * with a stored question: ``"{i}. (memory of: {Q})\\n   {C}"``;
     * without one (``None`` or blank): ``"{i}. {C}"``.
 
-    ``quote=True`` is the opt-in, non-paper rendering in which every content line is prefixed
-    with ``"   > "``.
+    ``quote=True`` is the opt-in, non-paper rendering in which every content line (split at
+    any line boundary, ``str.splitlines``) is prefixed with ``"   > "`` and the question's
+    whitespace, line breaks included, is collapsed to single spaces.
     """
     return "\n".join(_render_hit(i, hit, quote=quote) for i, hit in enumerate(hits, start=1))
+
+
+def check_query(query: Any) -> str:
+    """Validate a probe question; return it stripped (the form every prompt uses).
+
+    Raises:
+        InvalidTypeError: ``query`` is not a string.
+        InvalidArgumentError: ``query`` is empty or whitespace, or cannot be sent as UTF-8
+            (a lone surrogate, e.g. from a badly decoded file): it would fail inside the HTTP
+            client after the knowledge search already ran.
+    """
+    if not isinstance(query, str):
+        raise InvalidTypeError(f"query must be a str, got {type(query).__name__}")
+    stripped = query.strip()
+    if not stripped:
+        raise InvalidArgumentError("query must be a non-empty, non-whitespace string")
+    try:
+        stripped.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgumentError(
+            f"query cannot be encoded as UTF-8 ({exc.reason} at position {exc.start})"
+        ) from exc
+    return stripped
+
+
+def check_tau(tau: Any) -> float:
+    """Validate a strong-hit threshold: a finite number in ``[-1, 1]`` (a cosine similarity).
+
+    A τ outside that range can never (or always) be met, which would silently switch the
+    knowledge off (or on for every hit) - e.g. ``tau=70`` meant as a percentage.
+    """
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not math.isfinite(tau):
+        raise InvalidArgumentError(f"tau must be a finite number, got {tau!r}")
+    if not -1.0 <= float(tau) <= 1.0:
+        raise InvalidArgumentError(
+            f"tau must be a cosine similarity in [-1, 1], got {tau!r}"
+        )
+    return float(tau)
 
 
 def build_gsa_prompt(
@@ -304,28 +359,32 @@ def build_gsa_prompt(
         the same order.
 
     Raises:
-        ValueError: empty/whitespace ``query``, unknown ``version``, NaN/infinite ``tau`` or
-            ``max_hits < 1``.
-        TypeError: ``query`` is not a string.
+        InvalidArgumentError: empty/whitespace ``query`` (or one that cannot be encoded as
+            UTF-8), unknown ``version``, ``tau`` not a finite number in ``[-1, 1]`` or
+            ``max_hits < 1`` (a ``ValueError``).
+        InvalidTypeError: ``query`` is not a string (a ``TypeError``).
 
     >>> p = build_gsa_prompt("Q?", [Hit("A", 0.69)])
     >>> p.text == build_gsa_prompt("Q?", version="gsa-v2-confidence").text
     True
     """
-    if not isinstance(query, str):
-        raise TypeError(f"query must be a str, got {type(query).__name__}")
-    stripped = query.strip()
-    if not stripped:
-        raise ValueError("query must be a non-empty, non-whitespace string")
+    stripped = check_query(query)
     if version not in GSA_VERSIONS:
-        raise ValueError(f"unknown GSA version {version!r}; expected one of {GSA_VERSIONS}")
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not math.isfinite(tau):
-        raise ValueError(f"tau must be a finite number, got {tau!r}")
+        raise InvalidArgumentError(
+            f"unknown GSA version {version!r}; expected one of {GSA_VERSIONS}"
+        )
+    tau = check_tau(tau)
     if isinstance(max_hits, bool) or not isinstance(max_hits, int) or max_hits < 1:
-        raise ValueError(f"max_hits must be a positive integer, got {max_hits!r}")
+        raise InvalidArgumentError(f"max_hits must be a positive integer, got {max_hits!r}")
 
     bare_template, knowledge_template = _TEMPLATES[version]
     if knowledge_template is not None:
+        if isinstance(hits, (str, bytes, Mapping)):
+            raise InvalidTypeError(f"hits must be an iterable of Hit, got {type(hits).__name__}")
+        hits = list(hits)
+        for index, hit in enumerate(hits):
+            if not isinstance(hit, Hit):
+                raise InvalidTypeError(f"hits[{index}] must be a Hit, got {type(hit).__name__}")
         strong = [hit for hit in hits if is_strong_hit(hit, tau)][:max_hits]
     else:
         strong = []  # v2 ignores hits by definition
@@ -342,6 +401,15 @@ def build_gsa_prompt(
     text = knowledge_template.format(
         query=stripped, hits_block=build_hits_block(strong, quote=quote_hits)
     )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # The query was checked: a strong hit carries the unsendable character. Refuse the
+        # whole prompt rather than send a half-built one or drop the hit silently.
+        raise InvalidArgumentError(
+            f"a strong knowledge hit cannot be encoded as UTF-8 ({exc.reason}); "
+            "the probe prompt was not built"
+        ) from exc
     return GsaPrompt(
         text=text, version=reported_version, had_retrieval=True, n_hits_used=len(strong)
     )
@@ -369,6 +437,20 @@ class GsaExtraction:
     no_logprob: float | None
     extraction_mode: ExtractionMode
     recognized: bool
+
+    def __post_init__(self) -> None:
+        _check_probability(self.p_yes)
+
+
+def _check_probability(p_yes: Any) -> None:
+    """P(YES) is a probability: a real number in ``[0, 1]`` (never NaN). A router compares it
+    with a threshold, and NaN compares False with everything (it would read as confident)."""
+    if (
+        isinstance(p_yes, bool)
+        or not isinstance(p_yes, numbers.Real)
+        or not 0.0 <= float(p_yes) <= 1.0
+    ):
+        raise InvalidArgumentError(f"p_yes must be a probability in [0, 1], got {p_yes!r}")
 
 
 def _token_and_logprob(item: Any) -> tuple[str, float] | None:
@@ -548,6 +630,9 @@ class GsaScore:
     tau: float = DEFAULT_TAU
     retrieval_latency_s: float | None = None
     n_hits_retrieved: int = 0
+
+    def __post_init__(self) -> None:
+        _check_probability(self.p_yes)
 
     @classmethod
     def from_parts(

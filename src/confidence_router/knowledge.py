@@ -29,8 +29,9 @@ Design notes:
 
 * ``chromadb`` is imported lazily (in the constructor), so ``import confidence_router.knowledge``
   stays cheap (``chromadb`` takes ~1 s to import).
-* The collection uses cosine space; a hit's ``score`` is ``1 - cosine distance``, the raw
-  cosine similarity. No similarity floor is applied here: every consumer applies its own
+* The collection uses cosine space; a hit's ``score`` is the raw cosine similarity of the
+  query to the stored question, computed in float64 from the two vectors (Chroma's own
+  ``1 - distance`` is float32 and misses an inclusive threshold by ~6e-8). No similarity floor is applied here: every consumer applies its own
   threshold (GSA τ = 0.70, KS none); a store-level floor once silently pre-filtered an
   experiment's own threshold.
 * Chroma's HNSW index is approximate; for knowledge bases of the paper's size (≤ ~1,000
@@ -47,18 +48,21 @@ Design notes:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
+import numbers
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from confidence_router._extras import require_extra
-from confidence_router.errors import InvalidArgumentError, InvalidTypeError
+from confidence_router.errors import ConfidenceRouterError, InvalidArgumentError, InvalidTypeError
 from confidence_router.gsa import Hit
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -70,6 +74,7 @@ __all__ = [
     "EmbeddingDimensionError",
     "KnowledgeEntry",
     "KnowledgeStore",
+    "KnowledgeStoreError",
     "default_knowledge_path",
     "entry_id_for_question",
     "normalize_question",
@@ -87,6 +92,7 @@ _M_CREATED = "created_at"
 _M_UPDATED = "updated_at"
 _M_PROVENANCE = "provenance_json"
 _ID_PREFIX = "kq-"
+_COLLECTION_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]")
 
 
 class EmbeddingDimensionError(InvalidArgumentError):
@@ -106,6 +112,38 @@ class EmbeddingDimensionError(InvalidArgumentError):
         self.expected = expected
         self.got = got
         self.collection = collection
+
+
+class KnowledgeStoreError(ConfidenceRouterError, RuntimeError):
+    """The knowledge store could not be read or written: the embedder or Chroma failed.
+
+    Raised instead of whatever the embedder's client or Chroma raised (the original is the
+    ``__cause__``): an unreachable embedding server, a Chroma server that went away, a
+    collection deleted by another process, a closed client. Nothing is half-done: a failed
+    search returns no hits (the probe builds no prompt), a failed add writes nothing or the
+    whole batch (one Chroma upsert).
+
+    Attributes:
+        operation: what the store was doing (``"search"``, ``"add"``, ``"count"``, ...).
+        stage: ``"embedding"`` (the LangChain embedder) or ``"chroma"`` (the collection).
+        collection: the collection name.
+    """
+
+    def __init__(
+        self, operation: str, stage: Literal["embedding", "chroma"], collection: str,
+        error: BaseException,
+    ) -> None:
+        what = "the embedder" if stage == "embedding" else "Chroma"
+        super().__init__(
+            f"knowledge store {operation} failed in {what} (collection {collection!r}): "
+            f"{type(error).__name__}: {error}"
+        )
+        self.operation = operation
+        self.stage = stage
+        self.collection = collection
+
+
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True)
@@ -162,11 +200,110 @@ def _require_text(value: Any, name: str) -> str:
         raise InvalidTypeError(f"{name} must be a str, got {type(value).__name__}")
     if not value.strip():
         raise InvalidArgumentError(f"{name} must be a non-empty, non-whitespace string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # A lone surrogate (a badly decoded file) fails later inside the embedder's HTTP
+        # client or Chroma; name it here, before anything is embedded or written.
+        raise InvalidArgumentError(
+            f"{name} cannot be encoded as UTF-8 ({exc.reason} at position {exc.start})"
+        ) from exc
     return value
 
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _timestamp(value: Any) -> datetime | None:
+    """An ISO-8601 metadata timestamp, or ``None`` (absent, or written by something else)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def _pairs(items: Any) -> Iterator[tuple[Any, Any]]:
+    """The ``(question, content)`` items of an ``add_many`` call, each checked for shape.
+
+    A bare string is iterable too, and a 2-character one would unpack as (question, content).
+    """
+    if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
+        raise InvalidTypeError(
+            f"items must be an iterable of (question, content) pairs, got {type(items).__name__}"
+        )
+    for index, item in enumerate(items):
+        if isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) != 2:
+            raise InvalidTypeError(
+                f"items[{index}] must be a (question, content) pair, got {item!r:.80}"
+            )
+        yield item[0], item[1]
+
+
+_LOOP_ATTRIBUTE = "_confidence_router_embeddings"
+
+
+def _loop_embeddings(embeddings: Any) -> Any:
+    """``embeddings`` with an async HTTP client usable on the running event loop.
+
+    ``OllamaEmbeddings`` keeps one httpx ``AsyncClient``, whose connections are bound to the
+    loop that opened them: after that loop closed (a second ``asyncio.run()``), every async
+    search failed with "Event loop is closed". It gets a copy per loop, built once and kept
+    on the loop object (so it goes away with the loop). Other embedders are used as given.
+    """
+    if type(embeddings).__name__ != "OllamaEmbeddings" or not hasattr(embeddings, "model_validate"):
+        return embeddings
+    loop = asyncio.get_running_loop()
+    copies: dict[int, tuple[Any, Any]] | None = getattr(loop, _LOOP_ATTRIBUTE, None)
+    if copies is None:
+        copies = {}
+        try:
+            setattr(loop, _LOOP_ATTRIBUTE, copies)
+        except AttributeError:  # a loop class with __slots__: no caching on it
+            return _rebuilt(embeddings)
+    entry = copies.get(id(embeddings))
+    if entry is None or entry[0] is not embeddings:
+        entry = (embeddings, _rebuilt(embeddings))
+        copies[id(embeddings)] = entry
+    return entry[1]
+
+
+def _rebuilt(embeddings: Any) -> Any:
+    # model_validate runs the validator that creates the HTTP clients (model_copy would share
+    # the old ones).
+    values = {name: getattr(embeddings, name) for name in embeddings.model_fields_set}
+    return type(embeddings).model_validate(values)
+
+
+def _order_key(hit: Hit) -> float:
+    score = hit.score
+    return -math.inf if score is None or math.isnan(score) else float(score)
+
+
+#: Scores and calibrated τ are rounded to this many decimals: far below any embedder's
+#: precision, far above float64 rounding noise, so equal cosines on paper compare equal.
+_SCORE_DECIMALS = 12
+
+
+def _cosine(query: Sequence[float], stored: Sequence[float]) -> float:
+    """Cosine similarity in float64, from the query vector and the stored vector, rounded
+    to :data:`_SCORE_DECIMALS`.
+
+    Chroma's own distance is computed in float32, so a pair whose cosine is exactly τ came
+    back as ``1 - distance = τ - 6e-8`` and missed the inclusive threshold; and a stored
+    question asked again scored 0.99999994, below the τ that ``self_similarity_tau``
+    calibrated from its own duplicates (1.0000000000000002).
+    """
+    import numpy as np
+
+    q = np.asarray(query, dtype=np.float64)
+    v = np.asarray(stored, dtype=np.float64)
+    norm = float(np.linalg.norm(q)) * float(np.linalg.norm(v))
+    if v.shape != q.shape or not norm or not math.isfinite(norm):
+        return float("nan")  # a stored vector we cannot compare with: never a strong hit
+    return round(float(np.dot(q, v) / norm), _SCORE_DECIMALS)
 
 
 def _check_vector(vector: Sequence[float], what: str) -> list[float]:
@@ -181,6 +318,17 @@ def _check_vector(vector: Sequence[float], what: str) -> list[float]:
         raise InvalidArgumentError(f"{what}: embedding contains NaN or infinite values")
     if not any(values):
         raise InvalidArgumentError(f"{what}: embedding has zero norm; cosine similarity is undefined")
+    import numpy as np
+
+    # Chroma stores float32 and normalises in float32: a norm that underflows (1e-30) or
+    # overflows (1e30) there became a zero or NaN vector inside the index.
+    with np.errstate(over="ignore", under="ignore"):
+        single = np.asarray(values, dtype=np.float32)
+        squared = float(np.dot(single, single))
+    if not np.all(np.isfinite(single)) or squared == 0.0 or not math.isfinite(squared):
+        raise InvalidArgumentError(
+            f"{what}: embedding norm is outside float32 range (Chroma stores float32 vectors)"
+        )
     return values
 
 
@@ -196,8 +344,10 @@ class KnowledgeStore:
         collection: Collection name (3–512 chars of ``[a-zA-Z0-9._-]``).
 
     Raises:
-        ValueError: ``path`` and ``client`` both given, or an existing collection of that name
+        InvalidArgumentError: ``path`` and ``client`` both given, an invalid collection name
+            (checked before any directory is created), or an existing collection of that name
             is not in cosine space.
+        KnowledgeStoreError: Chroma could not open the collection (e.g. the server is down).
         MissingExtraError: no ``client`` given and chromadb is not installed (the ``gsa``
             extra: ``pip install "confidence-router[gsa]"``).
 
@@ -219,6 +369,14 @@ class KnowledgeStore:
     ) -> None:
         if path is not None and client is not None:
             raise InvalidArgumentError("pass either path or client, not both")
+        if not isinstance(collection, str):
+            raise InvalidTypeError(f"collection must be a str, got {type(collection).__name__}")
+        if not _COLLECTION_RE.fullmatch(collection):
+            # Checked here: Chroma's own error came only after the directory was created.
+            raise InvalidArgumentError(
+                f"collection name {collection!r} is invalid: 3-512 characters of "
+                "[a-zA-Z0-9._-], starting and ending with a letter or digit"
+            )
         self._embeddings = embeddings
         self._collection_name = collection
         #: The local storage directory, or ``None`` when a ``client`` was supplied.
@@ -240,11 +398,12 @@ class KnowledgeStore:
         # embedding_function=None: we always pass vectors, and Chroma's default EF would try to
         # download a model. Cosine space: similarity = 1 - distance (Chroma's default l2 space
         # is squared L2).
-        self._collection = client.get_or_create_collection(
-            name=collection,
-            configuration={"hnsw": {"space": "cosine"}},
-            embedding_function=None,
-        )
+        with self._failures("open", "chroma"):
+            self._collection = client.get_or_create_collection(
+                name=collection,
+                configuration={"hnsw": {"space": "cosine"}},
+                embedding_function=None,
+            )
         space = self._space()
         if space is not None and space != "cosine":
             raise InvalidArgumentError(
@@ -252,6 +411,27 @@ class KnowledgeStore:
                 "it must be 'cosine' (the space cannot be changed after creation)"
             )
         self._dim: int | None = None
+
+    # ---------------------------------------------------------------- failures
+
+    @contextlib.contextmanager
+    def _failures(
+        self, operation: str, stage: Literal["embedding", "chroma"]
+    ) -> Iterator[None]:
+        """Re-raise what the embedder or Chroma raised as :class:`KnowledgeStoreError`.
+
+        The library's own typed errors (a dimension mismatch, a bad vector) pass unchanged.
+        """
+        try:
+            yield
+        except ConfidenceRouterError:
+            raise
+        except Exception as exc:  # any client failure becomes one typed error
+            raise KnowledgeStoreError(operation, stage, self._collection_name, exc) from exc
+
+    def _chroma(self, operation: str, call: Callable[..., _R], /, *args: Any, **kwargs: Any) -> _R:
+        with self._failures(operation, "chroma"):
+            return call(*args, **kwargs)
 
     # ---------------------------------------------------------------- introspection
 
@@ -285,9 +465,11 @@ class KnowledgeStore:
             recorded = metadata.get(_DIM_KEY)
             if isinstance(recorded, int) and not isinstance(recorded, bool):
                 self._dim = recorded
-            elif self._collection.count() > 0:
+            elif self._chroma("count", self._collection.count) > 0:
                 # A collection written by something else: read the dimension off a vector.
-                peek = self._collection.get(limit=1, include=["embeddings"])
+                peek = self._chroma(
+                    "get", self._collection.get, limit=1, include=["embeddings"]
+                )
                 vectors = peek.get("embeddings")
                 if vectors is not None and len(vectors) > 0:
                     self._dim = len(vectors[0])
@@ -308,11 +490,15 @@ class KnowledgeStore:
         # modify() replaces the whole metadata dict, hence the merge above. Chroma refuses to
         # "change" legacy hnsw:* keys on modify, so never resend them.
         metadata = {k: v for k, v in metadata.items() if not k.startswith("hnsw:")}
-        self._collection.modify(metadata=metadata)
+        self._chroma("add", self._collection.modify, metadata=metadata)
 
     def count(self) -> int:
-        """Number of stored entries."""
-        return int(self._collection.count())
+        """Number of stored entries.
+
+        Raises:
+            KnowledgeStoreError: Chroma failed (server gone, collection deleted, ...).
+        """
+        return int(self._chroma("count", self._collection.count))
 
     def __len__(self) -> int:
         return self.count()
@@ -358,9 +544,13 @@ class KnowledgeStore:
         ``created_at`` is kept.
 
         Raises:
-            ValueError: empty/whitespace ``question``, ``content`` or ``source`` (the message
-                names the field), or provenance that is not JSON-serialisable.
+            InvalidArgumentError: empty/whitespace ``question``, ``content`` or ``source``, or
+                text that is not valid UTF-8 (the message names the field); provenance that is
+                not JSON-serialisable; the embedder returned a bad vector (empty, NaN/inf,
+                zero, outside float32 range) or the wrong number of them.
+            InvalidTypeError: a field of the wrong type.
             EmbeddingDimensionError: the embedder's dimension differs from the stored one.
+            KnowledgeStoreError: the embedder or Chroma failed.
         """
         return self.add_many([(question, content)], source=source, provenance=provenance)[0]
 
@@ -373,14 +563,20 @@ class KnowledgeStore:
     ) -> list[KnowledgeEntry]:
         """Add or update several ``(question, content)`` pairs with one embedding batch.
 
-        All items are validated and embedded before anything is written. Within one call a
-        later duplicate question wins. Returns one entry per input item, in input order
-        (duplicates return the final entry).
+        All items are validated and embedded before anything is written, and written with one
+        Chroma upsert. Within one call a later duplicate question wins. Returns one entry per
+        input item, in input order (duplicates return the final entry).
+
+        Raises:
+            InvalidTypeError: ``items`` is not an iterable of ``(question, content)`` pairs
+                (a bare string is refused: it would unpack character by character).
+            and the errors of :meth:`add`.
         """
-        prepared = [self._prepare(q, c, source, provenance) for q, c in items]
+        prepared = [self._prepare(q, c, source, provenance) for q, c in _pairs(items)]
         if not prepared:
             return []
-        vectors = self._embeddings.embed_documents([p[1] for p in prepared])
+        with self._failures("add", "embedding"):
+            vectors = self._embeddings.embed_documents([p[1] for p in prepared])
         return self._write(prepared, vectors)
 
     async def aadd(
@@ -404,10 +600,12 @@ class KnowledgeStore:
         provenance: Mapping[str, Any] | None = None,
     ) -> list[KnowledgeEntry]:
         """Async :meth:`add_many`."""
-        prepared = [self._prepare(q, c, source, provenance) for q, c in items]
+        prepared = [self._prepare(q, c, source, provenance) for q, c in _pairs(items)]
         if not prepared:
             return []
-        vectors = await self._embeddings.aembed_documents([p[1] for p in prepared])
+        with self._failures("add", "embedding"):
+            embeddings = _loop_embeddings(self._embeddings)
+            vectors = await embeddings.aembed_documents([p[1] for p in prepared])
         # Chroma's client is synchronous; keep the event loop free while it writes.
         return await asyncio.to_thread(self._write, prepared, vectors)
 
@@ -416,9 +614,15 @@ class KnowledgeStore:
         prepared: list[tuple[str, str, str, str, str]],
         vectors: Sequence[Sequence[float]],
     ) -> list[KnowledgeEntry]:
-        if len(vectors) != len(prepared):
+        try:
+            n_vectors = len(vectors)
+        except TypeError as exc:
             raise InvalidArgumentError(
-                f"embedder returned {len(vectors)} vectors for {len(prepared)} questions"
+                f"embedder returned {type(vectors).__name__}, not a list of vectors"
+            ) from exc
+        if n_vectors != len(prepared):
+            raise InvalidArgumentError(
+                f"embedder returned {n_vectors} vectors for {len(prepared)} questions"
             )
         checked = [_check_vector(v, f"question {p[1]!r}") for p, v in zip(prepared, vectors)]
         dims = {len(v) for v in checked}
@@ -432,7 +636,7 @@ class KnowledgeStore:
         for index, item in enumerate(prepared):
             latest[item[0]] = index
         ids = list(latest)
-        existing = self._collection.get(ids=ids, include=["metadatas"])
+        existing = self._chroma("add", self._collection.get, ids=ids, include=["metadatas"])
         created: dict[str, str] = {}
         for entry_id, metadata in zip(existing["ids"], existing.get("metadatas") or []):
             if metadata and isinstance(metadata.get(_M_CREATED), str):
@@ -457,8 +661,9 @@ class KnowledgeStore:
             embeddings.append(checked[latest[entry_id]])
             entries[entry_id] = self._entry(entry_id, content, metadata)
 
-        self._collection.upsert(
-            ids=ids, embeddings=embeddings, documents=documents, metadatas=metadatas
+        self._chroma(
+            "add", self._collection.upsert,
+            ids=ids, embeddings=embeddings, documents=documents, metadatas=metadatas,
         )
         self._record_dimension(dim)
         return [entries[item[0]] for item in prepared]
@@ -467,7 +672,7 @@ class KnowledgeStore:
         """Delete an entry by id. Returns ``True`` if it existed."""
         if self.get(entry_id) is None:
             return False
-        self._collection.delete(ids=[entry_id])
+        self._chroma("delete", self._collection.delete, ids=[entry_id])
         return True
 
     # ---------------------------------------------------------------- reading
@@ -478,10 +683,8 @@ class KnowledgeStore:
             provenance = json.loads(metadata.get(_M_PROVENANCE) or "{}")
         except ValueError:
             provenance = {}
-        created = metadata.get(_M_CREATED)
-        updated = metadata.get(_M_UPDATED)
-        created_at = datetime.fromisoformat(created) if isinstance(created, str) else None
-        updated_at = datetime.fromisoformat(updated) if isinstance(updated, str) else None
+        created_at = _timestamp(metadata.get(_M_CREATED))
+        updated_at = _timestamp(metadata.get(_M_UPDATED))
         epoch = datetime.fromtimestamp(0, timezone.utc)
         return KnowledgeEntry(
             id=entry_id,
@@ -494,8 +697,16 @@ class KnowledgeStore:
         )
 
     def get(self, entry_id: str) -> KnowledgeEntry | None:
-        """The entry with this id, or ``None``."""
-        result = self._collection.get(ids=[entry_id], include=["metadatas", "documents"])
+        """The entry with this id, or ``None``.
+
+        Raises:
+            InvalidTypeError / InvalidArgumentError: ``entry_id`` is not a non-empty string.
+            KnowledgeStoreError: Chroma failed.
+        """
+        entry_id = _require_text(entry_id, "entry_id")
+        result = self._chroma(
+            "get", self._collection.get, ids=[entry_id], include=["metadatas", "documents"]
+        )
         if not result["ids"]:
             return None
         documents = result.get("documents") or [None]
@@ -515,39 +726,56 @@ class KnowledgeStore:
         the closest ~2.5% of near-neighbour pairs count as "strong", about the share of strong
         hits the paper saw on TriviaQA with bge-large at 0.70.
 
+        The result is clipped to ``[-1, 1]`` and rounded like search scores, so a stored
+        question searched again always meets the τ calibrated from its own duplicates.
+
         Raises:
-            ValueError: fewer than 2 entries, or ``quantile`` outside (0, 1).
+            InvalidArgumentError: fewer than 2 entries, or ``quantile`` not a number in (0, 1).
         """
         import numpy as np
 
-        if not 0.0 < quantile < 1.0:
+        if (
+            isinstance(quantile, bool)
+            or not isinstance(quantile, numbers.Real)
+            or not 0.0 < quantile < 1.0
+        ):
             raise InvalidArgumentError(f"quantile must be in (0, 1), got {quantile!r}")
-        vectors = self._collection.get(include=["embeddings"])["embeddings"]
+        vectors = self._chroma("get", self._collection.get, include=["embeddings"])["embeddings"]
         if vectors is None or len(vectors) < 2:
             raise InvalidArgumentError("self_similarity_tau needs at least 2 stored entries")
         matrix = np.asarray(vectors, dtype=np.float64)
         matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-10)
         cosine = matrix @ matrix.T
         np.fill_diagonal(cosine, -np.inf)
-        return float(np.quantile(cosine.max(axis=1), quantile))
+        # Clipped and rounded like search scores: a stored duplicate has cosine
+        # 1.0000000000000002 in float64, and τ is a cosine in [-1, 1] (the probe refuses
+        # anything outside).
+        value = float(np.clip(np.quantile(cosine.max(axis=1), quantile), -1.0, 1.0))
+        return round(value, _SCORE_DECIMALS)
 
     def search(self, query: str, k: int = 5) -> list[Hit]:
         """The ``k`` entries whose questions are most similar to ``query``.
 
         Returns :class:`~confidence_router.gsa.Hit` objects in retrieval order (descending
-        similarity) with ``score = 1 - cosine distance`` (raw cosine similarity, not clamped,
-        no floor), ``question``, ``content``, ``id`` and ``metadata`` (source, timestamps,
+        similarity) with ``score`` = the raw cosine similarity (float64, not clamped, no
+        floor), ``question``, ``content``, ``id`` and ``metadata`` (source, timestamps,
         provenance). An empty store returns ``[]`` without calling the embedder.
 
         Raises:
-            ValueError: empty/whitespace ``query`` or ``k < 1``.
+            InvalidArgumentError: empty/whitespace ``query`` or ``k < 1``; the embedder
+                returned an empty, NaN/infinite or zero vector.
+            InvalidTypeError: ``query`` is not a string.
             EmbeddingDimensionError: the query embedding's dimension differs from the store's.
+            KnowledgeStoreError: the embedder or Chroma failed (server down, collection
+                deleted, closed client, ...).
         """
         query = _require_text(query, "query").strip()
         self._check_k(k)
         if self.count() == 0:
             return []
-        return self._query_vector(self._embeddings.embed_query(query), k)
+        with self._failures("search", "embedding"):
+            vector = self._embeddings.embed_query(query)
+        return self._query_vector(vector, k)
 
     async def asearch(self, query: str, k: int = 5) -> list[Hit]:
         """Async :meth:`search`: ``aembed_query``, then the Chroma query in a worker thread."""
@@ -555,36 +783,47 @@ class KnowledgeStore:
         self._check_k(k)
         if await asyncio.to_thread(self.count) == 0:
             return []
-        vector = await self._embeddings.aembed_query(query)
+        with self._failures("search", "embedding"):
+            vector = await _loop_embeddings(self._embeddings).aembed_query(query)
         return await asyncio.to_thread(self._query_vector, vector, k)
 
     @staticmethod
     def _check_k(k: Any) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise InvalidArgumentError(f"k must be a positive integer, got {k!r}")
 
     def _query_vector(self, vector: Sequence[float], k: int) -> list[Hit]:
         checked = _check_vector(vector, "query")
         self._check_dimension(len(checked))
-        n = min(k, self.count())
+        n = min(int(k), self.count())
         if n == 0:
             return []
-        result = self._collection.query(
+        result = self._chroma(
+            "search", self._collection.query,
             query_embeddings=[checked],
             n_results=n,
-            include=["metadatas", "documents", "distances"],
+            include=["metadatas", "documents", "embeddings"],
         )
         ids = result["ids"][0]
         documents = (result.get("documents") or [[]])[0]
         metadatas = (result.get("metadatas") or [[]])[0]
-        distances = (result.get("distances") or [[]])[0]
+        stored = result.get("embeddings")
+        vectors = stored[0] if stored is not None and len(stored) > 0 else []
+        if not (len(ids) == len(documents) == len(metadatas) == len(vectors)):
+            raise KnowledgeStoreError(
+                "search", "chroma", self._collection_name,
+                ValueError(
+                    f"Chroma answered {len(ids)} ids, {len(documents)} documents, "
+                    f"{len(metadatas)} metadatas and {len(vectors)} embeddings"
+                ),
+            )
         hits: list[Hit] = []
         for i, entry_id in enumerate(ids):
             entry = self._entry(entry_id, documents[i], metadatas[i] or {})
             hits.append(
                 Hit(
                     content=entry.content,
-                    score=1.0 - float(distances[i]),
+                    score=_cosine(checked, vectors[i]),
                     question=entry.question,
                     id=entry_id,
                     metadata={
@@ -597,5 +836,5 @@ class KnowledgeStore:
             )
         # Chroma returns ascending distance already; sort defensively (stable) so the
         # "retrieval order = descending score" contract never depends on the backend.
-        hits.sort(key=lambda h: h.score or 0.0, reverse=True)  # stable, also with reverse
+        hits.sort(key=_order_key, reverse=True)  # stable, also with reverse
         return hits

@@ -36,6 +36,8 @@ The probe sends one user message and no system prompt (docs/how-it-works.md §2.
 
 from __future__ import annotations
 
+import math
+import numbers
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -43,10 +45,16 @@ from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackManagerForChainRun
 from langchain_core.messages import HumanMessage
-from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
+from langchain_core.runnables import (
+    Runnable,
+    RunnableBinding,
+    RunnableConfig,
+    RunnableSerializable,
+)
 from langchain_core.runnables.config import patch_config
-from pydantic import ConfigDict, PrivateAttr, field_validator
+from pydantic import ConfigDict, PrivateAttr, ValidationError, field_validator
 
+from confidence_router.errors import InvalidTypeError, RoutingConfigError
 from confidence_router.extraction import message_text
 from confidence_router.gsa import (
     DEFAULT_GSA_VERSION,
@@ -58,9 +66,12 @@ from confidence_router.gsa import (
     GsaScore,
     Hit,
     build_gsa_prompt,
+    check_query,
+    check_tau,
     extract_p_yes,
 )
 from confidence_router.knowledge import KnowledgeStore
+from confidence_router.tier_clients import per_loop
 
 __all__ = [
     "PROBE_TOP_LOGPROBS",
@@ -81,23 +92,34 @@ def prepare_probe_model(model: Runnable[Any, Any]) -> Runnable[Any, Any]:
     """Return the instance the probe should call.
 
     A ``ChatOllama`` becomes a copy with the probe settings (T = 0, one token, top-5
-    logprobs); anything else is returned unchanged.
+    logprobs, no thinking, no output ``format``); a ``bind()``/``bind_tools()`` wrapper around
+    one is dropped (the probe sends one user message: no tools, which a model could answer
+    with a tool call instead of YES/NO). Anything else is returned unchanged.
     """
     # Only a model whose class was already imported can be a ChatOllama, so look it up in
     # sys.modules instead of importing langchain_ollama (~1.4 s) for every probe.
     module = sys.modules.get("langchain_ollama")
     chat_ollama = getattr(module, "ChatOllama", None) if module is not None else None
-    if chat_ollama is not None and isinstance(model, chat_ollama):
+    inner = model
+    while isinstance(inner, RunnableBinding):
+        inner = inner.bound
+    if chat_ollama is not None and isinstance(inner, chat_ollama):
+        update: dict[str, Any] = {
+            "temperature": 0.0,
+            "num_predict": 1,
+            "logprobs": True,
+            "top_logprobs": PROBE_TOP_LOGPROBS,
+        }
+        # A one-token probe cannot think first: with thinking on, its single token would be
+        # a thinking token and the answer empty (an unreadable, "neutral" probe).
+        if getattr(inner, "reasoning", None):
+            update["reasoning"] = False
+        # A JSON format/schema forces "{" as the first token instead of YES/NO.
+        if getattr(inner, "format", None) is not None:
+            update["format"] = None
         # model_copy(update=...) skips validation; both logprob fields are set so the
         # "top_logprobs without logprobs" warning/validation path is irrelevant.
-        copied: Runnable[Any, Any] = model.model_copy(
-            update={
-                "temperature": 0.0,
-                "num_predict": 1,
-                "logprobs": True,
-                "top_logprobs": PROBE_TOP_LOGPROBS,
-            }
-        )
+        copied: Runnable[Any, Any] = inner.model_copy(update=update)
         return copied
     return model
 
@@ -137,6 +159,38 @@ def first_position_top_logprobs(message: Any) -> list[Any] | None:
     return top_list or None
 
 
+def _parse_hit(index: int, item: Any) -> Hit:
+    """One given hit: a :class:`Hit`, or a mapping with ``content``/``score``/``question``."""
+    if isinstance(item, Hit):
+        return item
+    if not isinstance(item, Mapping):
+        raise InvalidTypeError(f"hits[{index}]: unsupported hit type {type(item).__name__}")
+    content = item.get("content")
+    # str(None) once injected the text "None" as knowledge: a hit's content must be text.
+    if not isinstance(content, str):
+        raise InvalidTypeError(
+            f"hits[{index}]['content'] must be a str, got {type(content).__name__}"
+        )
+    score = item.get("score")
+    if score is not None and (
+        isinstance(score, bool) or not isinstance(score, numbers.Real) or math.isnan(score)
+    ):
+        # A score of "0.9" (a string) or NaN would silently count as "no score" (never strong).
+        raise InvalidTypeError(f"hits[{index}]['score'] must be a number or None, got {score!r}")
+    question = item.get("question")
+    if question is not None and not isinstance(question, str):
+        raise InvalidTypeError(
+            f"hits[{index}]['question'] must be a str or None, got {type(question).__name__}"
+        )
+    return Hit(
+        content=content,
+        score=None if score is None else float(score),
+        question=question,
+        id=item.get("id"),
+        metadata=item.get("metadata"),
+    )
+
+
 class SelfAssessmentProbe(RunnableSerializable[ProbeInput, GsaScore]):
     """Pre-generation YES/NO self-assessment (GSA v3 by default) as a Runnable.
 
@@ -168,8 +222,14 @@ class SelfAssessmentProbe(RunnableSerializable[ProbeInput, GsaScore]):
             the matching template, :func:`confidence_router.serving.llamacpp.yes_no_template`). Default ``None``: the GSA prompt is the
             whole message (chat models).
 
-    Errors from the model or the store propagate; an unreadable answer does not raise but
-    yields ``extraction_mode="neutral"`` (p = 0.5) with a warning.
+    Errors: a bad field or an unknown one raises :class:`~confidence_router.errors.
+    RoutingConfigError` at construction; a bad input (not a string, blank, not valid UTF-8,
+    malformed hits) raises ``InvalidTypeError``/``InvalidArgumentError`` before any search or
+    request. A failing store raises :class:`~confidence_router.knowledge.KnowledgeStoreError`
+    (or ``EmbeddingDimensionError``/``InvalidArgumentError`` for a bad query vector) before
+    the model is asked, so no prompt is sent on a failed search; model errors propagate as
+    the model's client raises them. An unreadable answer does not raise but yields
+    ``extraction_mode="neutral"`` (p = 0.5) with a warning.
     """
 
     model: Runnable[Any, Any]
@@ -199,12 +259,35 @@ class SelfAssessmentProbe(RunnableSerializable[ProbeInput, GsaScore]):
             raise ValueError("message_template must contain the placeholder {prompt}")
         return value
 
-    @field_validator("k")
+    @field_validator("k", mode="before")
     @classmethod
-    def _check_k(cls, value: int) -> int:
-        if value < 1:
+    def _check_k(cls, value: Any) -> int:
+        # mode="before": pydantic would otherwise accept 2.0 or "5" as k.
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"k must be a positive integer, got {value!r}")
-        return value
+        return int(value)
+
+    @field_validator("tau", mode="before")
+    @classmethod
+    def _check_tau(cls, value: Any) -> float:
+        # Checked here, not at the first probe: a NaN τ used to pass construction and fail
+        # every probe after its knowledge search had already run.
+        return check_tau(value)
+
+    def __init__(self, **kwargs: Any) -> None:
+        # Unknown fields (a misspelt ``tua=``) were silently ignored, and invalid values raised
+        # pydantic's ValidationError: both are now RoutingConfigError (a ValueError) naming the
+        # problem, as for ConfidenceRoutedLLM.
+        known = set(type(self).model_fields)
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise RoutingConfigError(
+                f"unknown SelfAssessmentProbe field(s) {unknown}; expected some of {sorted(known)}"
+            )
+        try:
+            super().__init__(**kwargs)
+        except ValidationError as error:
+            raise RoutingConfigError(f"invalid SelfAssessmentProbe: {error}") from error
 
     def model_post_init(self, context: Any, /) -> None:
         """Build the probe's own model instance once (construction makes no HTTP call)."""
@@ -221,33 +304,32 @@ class SelfAssessmentProbe(RunnableSerializable[ProbeInput, GsaScore]):
 
     @staticmethod
     def _parse_input(value: ProbeInput) -> tuple[str, list[Hit] | None]:
+        """The query (checked, before any search or request) and the given hits, if any.
+
+        Raises:
+            InvalidTypeError: not a str or mapping, no ``query`` string, or hits of the wrong
+                shape (content not a string, a score that is not a number, ...).
+            InvalidArgumentError: an empty/whitespace query, or one that is not valid UTF-8.
+        """
         if isinstance(value, str):
+            check_query(value)
             return value, None
         if isinstance(value, Mapping):
             query = value.get("query")
             if not isinstance(query, str):
-                raise TypeError("probe input mapping needs a 'query' string")
+                raise InvalidTypeError("probe input mapping needs a 'query' string")
+            check_query(query)
             raw_hits = value.get("hits")
             if raw_hits is None:
                 return query, None
-            hits: list[Hit] = []
-            for item in raw_hits:
-                if isinstance(item, Hit):
-                    hits.append(item)
-                elif isinstance(item, Mapping):
-                    hits.append(
-                        Hit(
-                            content=str(item.get("content", "")),
-                            score=item.get("score"),
-                            question=item.get("question"),
-                            id=item.get("id"),
-                            metadata=item.get("metadata"),
-                        )
-                    )
-                else:
-                    raise TypeError(f"unsupported hit type {type(item).__name__}")
-            return query, hits
-        raise TypeError(f"probe input must be a str or a mapping, got {type(value).__name__}")
+            if isinstance(raw_hits, (str, bytes, Mapping)) or not isinstance(raw_hits, Sequence):
+                raise InvalidTypeError(
+                    f"probe input 'hits' must be a list of hits, got {type(raw_hits).__name__}"
+                )
+            return query, [_parse_hit(i, item) for i, item in enumerate(raw_hits)]
+        raise InvalidTypeError(
+            f"probe input must be a str or a mapping, got {type(value).__name__}"
+        )
 
     def _message(self, prompt: GsaPrompt) -> HumanMessage:
         if self.message_template is None:
@@ -330,8 +412,11 @@ class SelfAssessmentProbe(RunnableSerializable[ProbeInput, GsaScore]):
         hits = hits or []
         prompt = self._prompt(query, hits)
         child = patch_config(config, callbacks=run_manager.get_child())
+        # A ChatOllama's httpx AsyncClient is bound to the loop it first ran on: a second
+        # asyncio.run() failed every probe with "Event loop is closed". Use a copy per loop.
+        model = per_loop(self.probe_model)
         start = time.perf_counter()
-        response = await self.probe_model.ainvoke([self._message(prompt)], config=child)
+        response = await model.ainvoke([self._message(prompt)], config=child)
         latency = time.perf_counter() - start
         return self._score(prompt, response, latency, retrieval_latency, len(hits))
 

@@ -14,8 +14,8 @@ import pytest
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 from langchain_ollama import ChatOllama, OllamaEmbeddings
-from pydantic import ValidationError
 
+from confidence_router.errors import RoutingConfigError
 from confidence_router.gsa import (
     GSA_V2_PROMPT_TEMPLATE,
     GSA_V2_QUESTION_LAST_VERSION,
@@ -347,9 +347,9 @@ def test_message_text_shapes() -> None:
 
 def test_bad_configuration_and_input() -> None:
     model = _fake(AIMessage(content="YES"))
-    with pytest.raises(ValidationError):
+    with pytest.raises(RoutingConfigError, match="unknown GSA version"):
         SelfAssessmentProbe(model=model, version="gsa-v1")
-    with pytest.raises(ValidationError):
+    with pytest.raises(RoutingConfigError, match="k must"):
         SelfAssessmentProbe(model=model, k=0)
     probe = SelfAssessmentProbe(model=_fake(*(AIMessage(content="YES") for _ in range(5))))
     with pytest.raises(TypeError):
@@ -375,7 +375,7 @@ def test_message_template_wraps_exact_prompt_bytes(backend: ScriptedBackend, gsa
     probe.invoke(FRANCE)
     sent = gsa_server.requests[-1]["body"]["messages"][-1]["content"]
     assert sent == template.replace("{prompt}", GSA_V2_PROMPT_TEMPLATE.format(query=FRANCE))
-    with pytest.raises(ValidationError, match="placeholder"):
+    with pytest.raises(RoutingConfigError, match="placeholder"):
         SelfAssessmentProbe(model=ChatOllama(model=MODEL), message_template="no slot")
 
 
@@ -417,5 +417,5 @@ def test_question_last_version_sends_its_own_bytes_with_and_without_knowledge(
 
 
 def test_unknown_versions_are_refused(local: ChatOllama) -> None:
-    with pytest.raises(ValidationError, match="unknown GSA version"):
+    with pytest.raises(RoutingConfigError, match="unknown GSA version"):
         SelfAssessmentProbe(model=local, version="gsa-v3-question-first")
