@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "ChatConfidenceRouter": "confidence_router.router",
     "ConfidenceRoutedLlamaIndexLLM": "confidence_router.llamaindex",
     "KnowledgeStore": "confidence_router.knowledge",
+    "KnowledgeStoreError": "confidence_router.knowledge",
     "SelfAssessmentProbe": "confidence_router.probe",
     "RoutingPolicy": "confidence_router.policy",
     "RouterSettings": "confidence_router.settings",
@@ -88,6 +89,7 @@ __all__ = [
     "InvalidStateError",
     "InvalidTypeError",
     "KnowledgeStore",
+    "KnowledgeStoreError",
     "LocalModelError",
     "LogprobSignals",
     "MissingExtraError",
@@ -151,7 +153,7 @@ if TYPE_CHECKING:
     )
     from confidence_router.extraction import TokenLogprob, token_logprobs
     from confidence_router.guards import PIIGuard
-    from confidence_router.knowledge import KnowledgeStore
+    from confidence_router.knowledge import KnowledgeStore, KnowledgeStoreError
     from confidence_router.llamaindex import ConfidenceRoutedLlamaIndexLLM
     from confidence_router.otel import OpenTelemetrySink
     from confidence_router.policy import Decision, RoutingPolicy

@@ -18,7 +18,7 @@ from typing import Any
 from langchain_core.messages import AIMessageChunk, BaseMessage
 
 from confidence_router._record import RoutingTrace
-from confidence_router.errors import EscalationBlockedError
+from confidence_router.errors import EscalationBlockedError, InvalidTypeError
 
 
 @dataclass
@@ -103,7 +103,10 @@ def route(
         except Exception as error:  # noqa: BLE001 - a failed probe never blocks the query
             trace.precheck_failed(error)
         else:
-            skip_local = trace.precheck_done(score)
+            try:
+                skip_local = trace.precheck_done(score)
+            except InvalidTypeError as error:  # an unreadable score is a failed probe too
+                trace.precheck_failed(error)
     if not skip_local:
         try:
             local = yield Generate("local")

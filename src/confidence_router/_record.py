@@ -25,6 +25,7 @@ from confidence_router.errors import (
     CloudEscalationError,
     EscalationBlockedError,
     InvalidInputError,
+    InvalidTypeError,
     LocalModelError,
 )
 from confidence_router.extraction import chosen_logprobs, message_text, token_logprobs
@@ -127,8 +128,21 @@ class RoutingTrace:
     # -- pre-check ----------------------------------------------------------------------------
 
     def precheck_done(self, score: Any) -> bool:
-        """Record the probe's score; True means escalate without generating locally."""
-        p_yes = float(score.p_yes)
+        """Record the probe's score; True means escalate without generating locally.
+
+        Raises:
+            InvalidTypeError: the score has no ``p_yes`` in [0, 1] (a custom pre-check's
+                result); the flow then treats the pre-check as failed.
+        """
+        p_yes = getattr(score, "p_yes", None)
+        if isinstance(p_yes, bool) or not isinstance(p_yes, (int, float)) or not (
+            0.0 <= p_yes <= 1.0  # False for NaN too
+        ):
+            raise InvalidTypeError(
+                f"the pre-check returned {type(score).__name__} {score!r:.80}, not a score with "
+                "p_yes in [0, 1]"
+            )
+        p_yes = float(p_yes)
         decision = rules.decide_precheck(self.policy, p_yes)
         self.record["precheck"] = {
             "p_yes": p_yes,

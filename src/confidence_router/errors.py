@@ -18,6 +18,8 @@ refines (``ValueError``, ``TimeoutError``, ...) so generic handlers keep working
     ├── EscalationBlockedError               the privacy guard stopped a request on its
     │                                        way to the cloud (the router serves local)
     ├── ReservationStateError (RuntimeError) a budget reservation settled twice
+    ├── KnowledgeStoreError (RuntimeError)   the knowledge store's embedder or Chroma failed
+    │                                        (defined in confidence_router.knowledge)
     └── MissingExtraError (ImportError)      a feature's optional dependencies are missing
 
 Nothing is swallowed: escalation failures keep the local answer (when there is one) and the

@@ -348,7 +348,7 @@ def test_probe_server_500_is_recorded_and_never_blocks(
     assert len(ollama_server.requests_to("/api/chat")) == 2
 
 
-# ---------------------------------------------------------------------- lead-owned gaps
+# ---------------------------------------------------------------------- custom pre-checks
 
 
 def _custom_precheck(result: Any):
@@ -363,27 +363,13 @@ class _Score:
         self.p_yes = p_yes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="router/_record.py RoutingTrace.precheck_done takes float(score.p_yes) unchecked: a "
-    "custom precheck returning p_yes=NaN is compared with precheck_threshold (NaN < t is False) "
-    "and read as confident (decision local, record p_yes nan) instead of being recorded as a "
-    "failed/unknown precheck; needs a finite-[0,1] check in _record.precheck_done",
-)
 def test_router_refuses_a_nan_p_yes_from_a_custom_precheck(routed) -> None:
     routing = routed(precheck=_custom_precheck(_Score(float("nan")))).invoke(
         FRANCE).response_metadata["routing"]
-    assert "error" in routing["precheck"]
+    assert "p_yes in [0, 1]" in routing["precheck"]["error"]
+    assert routing["decision"] == "local" and routing["reason"] == "confident"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(AttributeError, TypeError, ValueError),
-    reason="_flow.route calls trace.precheck_done(score) in the try's else branch, outside "
-    "the 'a failed probe never blocks the query' handler: a custom precheck returning a "
-    "non-score (a dict, a float) raises AttributeError out of the whole routed call; needs "
-    "precheck_done's reading of the score inside the handler (_flow.py/_record.py)",
-)
 @pytest.mark.parametrize("result", [{"p_yes": 0.9}, 0.9, None], ids=["dict", "float", "none"])
 def test_router_survives_a_precheck_returning_a_non_score(routed, result: Any) -> None:
     message = routed(precheck=_custom_precheck(result)).invoke(FRANCE)
