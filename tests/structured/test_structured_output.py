@@ -345,14 +345,35 @@ def test_cloud_failure_falls_back_to_the_parsed_local_answer(
 
 
 @pytest.mark.parametrize("via", VIA)
-def test_invalid_json_is_a_parsing_error_with_the_routed_raw_message(router, ollama_backend, via):
+def test_confident_invalid_json_escalates_as_unusable(router, ollama_backend, bedrock_server,
+                                                      via):
+    ollama_backend.add_answer("Italy", '{"country": "Italy", "capital": ', logprobs=-0.02)
+    bedrock_server.set_default(ITALY_JSON)
+    out = structured(router, Capital, via, method="json_schema", include_raw=True).invoke(ITALY)
+    routing = out["raw"].response_metadata["routing"]
+    assert (routing["decision"], routing["reason"]) == ("cloud", "unusable_answer")
+    assert routing["unusable_answer"].startswith("the answer does not parse as Capital")
+    assert out["parsed"] == Capital(country="Italy", capital="Rome")
+    assert len(bedrock_server.requests) == 1
+
+
+@pytest.mark.parametrize("via", VIA)
+def test_invalid_json_served_locally_is_a_parsing_error_with_the_routed_raw_message(
+    ollama_chat, ollama_backend, bedrock_server, via
+):
+    # Nowhere to escalate to: the unusable local answer is served, flagged, and the parser's
+    # error reaches the caller with the routed raw message.
+    router = ConfidenceRoutedLLM(local=ollama_chat())
     ollama_backend.add_answer("Italy", '{"country": "Italy", "capital": ', logprobs=-0.02)
     out = structured(router, Capital, via, method="json_schema", include_raw=True).invoke(ITALY)
     assert out["parsed"] is None
     assert isinstance(out["parsing_error"], OutputParserException)
-    assert out["raw"].response_metadata["routing"]["decision"] == "local"
+    routing = out["raw"].response_metadata["routing"]
+    assert (routing["decision"], routing["reason"], routing["flagged"]) == (
+        "local", "unusable_answer", True)
     with pytest.raises(OutputParserException):
         structured(router, Capital, via, method="json_schema").invoke(ITALY)
+    assert bedrock_server.requests == []
 
 
 @pytest.mark.parametrize("via", VIA)
