@@ -160,15 +160,15 @@ def attach(message: BaseMessage, routing: dict[str, Any], *, keep_usage: bool = 
 
 
 def _plain_token(item: Any) -> Any:
-    """One token's logprob entry as a dict (``token``, ``logprob``, ``top_logprobs``)."""
-    if isinstance(item, dict) or not hasattr(item, "logprob"):
+    """One token's logprob entry (ollama's ``Logprob``) as a dict of its fields."""
+    fields = getattr(item, "__dict__", None)  # a pydantic model's field values
+    if isinstance(item, dict) or not isinstance(fields, dict) or "logprob" not in fields:
         return item
-    tops = getattr(item, "top_logprobs", None)
-    return {
-        "token": getattr(item, "token", None),
-        "logprob": item.logprob,
-        "top_logprobs": None if tops is None else [_plain_token(top) for top in tops],
-    }
+    plain = dict(fields)
+    tops = plain.get("top_logprobs")
+    if tops:
+        plain["top_logprobs"] = [_plain_token(top) for top in tops]
+    return plain
 
 
 def without_usage(chunk: AIMessageChunk) -> AIMessageChunk:
