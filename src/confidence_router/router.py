@@ -575,16 +575,24 @@ class ConfidenceRoutedLLM(BaseChatModel):
         self,
         tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
         *,
-        tool_choice: str | None = None,
+        tool_choice: str | dict[str, Any] | bool | None = None,
+        strict: bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools to both tiers (each formats them for its own provider).
+
+        ``tool_choice`` forcing a call (a tool's name, ``"any"``, ``"required"``) is honoured
+        by the cloud; Ollama cannot force one, so a local answer without the call escalates
+        (reason ``unusable_answer``). ``strict`` goes to the cloud's ``bind_tools`` (Ollama has
+        no strict tool mode). Other kwargs are bound to the router's calls.
 
         Example: ``router.bind_tools([get_weather]).invoke("Weather in Paris?").tool_calls``
         """
         tier_kwargs: dict[str, Any] = {} if tool_choice is None else {"tool_choice": tool_choice}
         update: dict[str, Any] = {"local": tier_clients.bind_tools(self.local, tools, tier_kwargs)}
         if self.cloud is not None:
+            if strict is not None:
+                tier_kwargs = {**tier_kwargs, "strict": strict}
             update["cloud"] = tier_clients.bind_tools(self.cloud, tools, tier_kwargs)
         # A forced tool call is a requirement: Ollama cannot force one, so a local answer that
         # does not make it escalates (the cloud honours tool_choice).

@@ -293,3 +293,17 @@ def test_forced_tool_check_reads_every_tool_choice_form():
         check = forced_tool_check(named)
         assert check(Answer("get_weather")) is None
         assert check(Answer("other")) == "no call of the forced tool 'get_weather'"
+
+
+def test_bind_tools_strict_goes_to_the_cloud_only(make_router, ollama_backend, ollama_server,
+                                                  bedrock_server):
+    ollama_backend.set_default("hmm", logprobs=-3.0)  # unsure: escalates
+    bedrock_server.add_answer(None, "", tool_use=[
+        {"name": "get_weather", "input": {"city": "Paris"}}])
+    message = make_router().bind_tools([get_weather], strict=True).invoke("Weather in Paris?")
+    assert message.tool_calls[0]["args"] == {"city": "Paris"}
+    (local,) = [r["body"] for r in ollama_server.requests_to("/api/chat")]
+    assert "strict" not in json.dumps(local.get("options") or {})
+    (cloud,) = bedrock_server.requests
+    assert [t["toolSpec"]["name"] for t in cloud["body"]["toolConfig"]["tools"]] == [
+        "get_weather"]
