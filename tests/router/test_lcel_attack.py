@@ -215,6 +215,31 @@ def test_a_second_bind_tools_replaces_the_first_on_both_tiers(router, ollama_bac
     assert [_converse_tools(r["body"]) for r in bedrock_server.requests] == [["get_time"]]
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "TIER_KWARGS lets tool_choice / parallel_tool_calls through as call kwargs and the router "
+    "forwards them raw to both tiers: ollama's Client.chat() raises TypeError (unexpected "
+    "keyword 'tool_choice'), 0 local requests, recorded as local_error, and the call is "
+    "escalated: 1 paid cloud request for an answer the local model was sure of (-0.01); "
+    "with parallel_tool_calls both clients raise before sending -> CloudEscalationError. "
+    "Expected: a RoutingConfigError before any request (use bind_tools(tool_choice=...)), "
+    "or the kwarg translated per tier"))
+@pytest.mark.parametrize("kwargs", [{"tool_choice": "any"}, {"parallel_tool_calls": False}])
+def test_tool_kwargs_per_call_never_buy_a_cloud_call(router, ollama_backend, ollama_server,
+                                                     bedrock_server, kwargs):
+    ollama_backend.add_answer("weather", "Let me check.", logprobs=-0.01,
+                              tool_calls=[WEATHER_CALL])
+    bedrock_server.set_default("cloud answer")
+    bound = router.bind_tools([get_weather])
+    try:
+        message = bound.invoke("What's the weather in Paris?", **kwargs)
+    except RoutingConfigError:
+        assert _local(ollama_server) == []
+    else:
+        assert _routing(message)["decision"] == "local"
+        assert [_local_tools(b) for b in _local(ollama_server)] == [["get_weather"]]
+    assert bedrock_server.requests == []
+
+
 def test_structured_output_after_bind_tools_asks_both_tiers_for_the_schema(
     router, ollama_backend, ollama_server, bedrock_server
 ):
