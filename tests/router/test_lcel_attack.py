@@ -24,6 +24,7 @@ from langchain_core.prompt_values import ChatPromptValue, StringPromptValue
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import ConfigurableField, RunnableLambda, RunnableParallel
 from langchain_core.tools import tool
+from langchain_core.tracers.base import BaseTracer
 from pydantic import BaseModel
 
 from confidence_router import ConfidenceRoutedLLM
@@ -215,6 +216,31 @@ def test_a_second_bind_tools_replaces_the_first_on_both_tiers(router, ollama_bac
     assert [_converse_tools(r["body"]) for r in bedrock_server.requests] == [["get_time"]]
 
 
+@pytest.mark.parametrize("entry", ["invoke", "stream", "astream"])
+async def test_parallel_cloud_tool_calls_arrive_once_on_both_cloud_classes(
+    router, invoke_router, ollama_backend, ollama_server, bedrock_server, entry
+):
+    ollama_backend.add_answer("weather", "", tool_calls=[WEATHER_CALL])   # unknown: escalates
+    bedrock_server.add_answer(None, "Checking.", tool_use=[
+        {"name": "get_weather", "input": {"city": "Paris"}},
+        {"name": "get_weather", "input": {"city": "Rome"}}])
+    for routed in (router, invoke_router):
+        bound = routed.bind_tools([get_weather])
+        if entry == "invoke":
+            message = bound.invoke("weather in Paris and Rome?")
+        elif entry == "stream":
+            message = _joined(list(bound.stream("weather in Paris and Rome?")))
+        else:
+            message = _joined([c async for c in bound.astream("weather in Paris and Rome?")])
+        assert [(c["name"], c["args"]) for c in message.tool_calls] == [
+            ("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]
+        assert message.invalid_tool_calls == [] and message.text == "Checking."
+        assert _routing(message)["decision"] == "cloud"
+    assert [r["operation"].startswith("converse") for r in bedrock_server.requests] == [
+        True, False]
+    assert len(_local(ollama_server)) == 2
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "TIER_KWARGS lets tool_choice / parallel_tool_calls through as call kwargs and the router "
     "forwards them raw to both tiers: ollama's Client.chat() raises TypeError (unexpected "
@@ -326,6 +352,56 @@ def test_precedence_constructor_then_configurable_then_bind_then_call(router, ol
     assert chain.invoke({"q": "hi"}, at_99) == "cloud answer"
     assert chain.invoke({"q": "hi"}) == "Paris"
     assert len(_local(ollama_server)) == 7 and len(bedrock_server.requests) == 3
+
+
+class _Runs(BaseTracer):
+    """A tracer keeping every finished run."""
+
+    def __init__(self):
+        super().__init__()
+        self.runs = []
+
+    def _persist_run(self, run):
+        self.runs.append(run)
+
+    def flat(self):
+        pending, out = list(self.runs), []
+        while pending:
+            run = pending.pop(0)
+            out.append(run)
+            pending.extend(run.child_runs)
+        return out
+
+
+async def test_run_config_names_tags_and_metadata_reach_every_run(router, ollama_backend,
+                                                                  ollama_server,
+                                                                  bedrock_server):
+    ollama_backend.add_answer("France", "Paris", logprobs=-0.01)
+    ollama_backend.set_default("hmm", logprobs=-3.0)
+    bedrock_server.set_default("Nairobi")
+    named = router.with_config(run_name="router", tags=["mine"])
+    for entry in ("invoke", "stream", "astream", "batch", "abatch"):
+        runs = _Runs()
+        config = {"callbacks": [runs], "metadata": {"user": "u1"}}
+        if entry == "invoke":
+            named.invoke("Capital of Kenya?", config)
+        elif entry == "stream":
+            list(named.stream("Capital of Kenya?", config))
+        elif entry == "astream":
+            [c async for c in named.astream("Capital of Kenya?", config)]
+        elif entry == "batch":
+            named.batch(["Capital of France?", "Capital of Kenya?"], config)
+        else:
+            await named.abatch(["Capital of France?", "Capital of Kenya?"], config)
+        flat = runs.flat()
+        routers = [r for r in flat if r.name == "router"]
+        decisions = sorted(r.extra["metadata"]["routing_decision"] for r in routers)
+        assert decisions == (["cloud", "local"] if "batch" in entry else ["cloud"]), entry
+        for run in flat:   # the caller's tags and metadata reach the tiers' child runs too
+            assert "mine" in run.tags and run.extra["metadata"]["user"] == "u1", entry
+        assert sorted(r.name for r in flat if r.name != "router") == (
+            ["cloud", "local", "local"] if "batch" in entry else ["cloud", "local"]), entry
+    assert len(bedrock_server.requests) == 5
 
 
 @pytest.mark.xfail(strict=True, reason=(
