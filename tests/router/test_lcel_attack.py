@@ -178,6 +178,39 @@ def test_tool_message_round_trip_escalates_with_tools_and_results(router, ollama
     assert [b["toolResult"]["toolUseId"] for b in blocks if "toolResult" in b] == ["tu1"]
 
 
+@pytest.mark.parametrize("entry", ["invoke", "stream"])
+def test_agent_step_after_a_cloud_tool_call_is_answered_locally(router, invoke_router,
+                                                                ollama_backend, ollama_server,
+                                                                bedrock_server, entry):
+    # Step 1: the local model cannot score its bare tool call, the cloud makes it. Step 2: the
+    # tool's result comes back; the cloud's message (Bedrock-native content blocks) is in the
+    # history, and the local model must still be able to answer it.
+    ollama_backend.add_answer(lambda request: any(m.get("role") == "tool"
+                                                  for m in request.messages),
+                              "It is sunny in Paris.", logprobs=-0.01)
+    ollama_backend.add_answer("weather", "", tool_calls=[WEATHER_CALL])
+    bedrock_server.add_answer("weather", "Let me check.", tool_use=[
+        {"name": "get_weather", "input": {"city": "Paris"}}])
+    for routed in (router, invoke_router):
+        bound = routed.bind_tools([get_weather])
+        if entry == "invoke":
+            step = bound.invoke("What's the weather in Paris?")
+        else:
+            step = _joined(list(bound.stream("What's the weather in Paris?")))
+        assert _routing(step)["decision"] == "cloud"
+        (call,) = step.tool_calls
+        assert call["args"] == {"city": "Paris"}
+        ollama_server.clear_requests()
+        bedrock_server.clear_requests()
+        answer = bound.invoke([HumanMessage("What's the weather in Paris?"), step,
+                               ToolMessage("sunny in Paris", tool_call_id=call["id"])])
+        assert answer.text == "It is sunny in Paris." and _routing(answer)["decision"] == "local"
+        (local,) = _local(ollama_server)
+        assert [m["role"] for m in local["messages"]] == ["user", "assistant", "tool"]
+        assert local["messages"][1]["tool_calls"][0]["function"]["name"] == "get_weather"
+        assert bedrock_server.requests == []
+
+
 @pytest.mark.parametrize(("choice", "converse", "anthropic"), [
     ("get_weather", {"tool": {"name": "get_weather"}}, {"type": "tool", "name": "get_weather"}),
     ("any", {"any": {}}, {"type": "any"}),
