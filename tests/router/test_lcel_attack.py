@@ -485,6 +485,31 @@ def test_misspelt_configurable_field_is_a_routing_config_error(router):
         router.configurable_fields(treshold=ConfigurableField(id="threshold"))
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "router.bind(allow_escalation=False) is a plain RunnableBinding: its __getattr__ hands "
+    "bind_tools / with_structured_output to the unbound router and the bound knob is "
+    "silently dropped; the 'private' query (an email in it) is escalated: 1 cloud request, "
+    "record policy allow_escalation=True, for both .with_structured_output(Capital) and "
+    ".bind_tools([get_weather])"))
+@pytest.mark.parametrize("then", ["with_structured_output", "bind_tools"])
+def test_a_bound_privacy_knob_survives_tools_and_structured_output(router, ollama_backend,
+                                                                   ollama_server,
+                                                                   bedrock_server, then):
+    ollama_backend.set_default("hmm", logprobs=-3.0)
+    bedrock_server.add_answer(None, "", tool_use=[
+        {"name": "Capital", "input": {"country": "Kenya", "capital": "Nairobi"}}])
+    private = router.bind(allow_escalation=False)
+    if then == "with_structured_output":
+        routed = private.with_structured_output(Capital, include_raw=True)
+        message = routed.invoke("Capital of Kenya? Reply to jane.doe@example.com")["raw"]
+    else:
+        routed = private.bind_tools([get_weather])
+        message = routed.invoke("Capital of Kenya? Reply to jane.doe@example.com")
+    routing = _routing(message)
+    assert routing["policy"]["allow_escalation"] is False and routing["decision"] == "local"
+    assert len(_local(ollama_server)) == 1 and bedrock_server.requests == []
+
+
 @pytest.mark.parametrize("bad", ["false", 0, None])
 def test_wrong_type_through_with_config_is_typed_before_any_request(router, ollama_server,
                                                                     bedrock_server, bad):
