@@ -354,6 +354,21 @@ def test_structured_output_never_returns_none_for_a_local_answer_without_the_too
     assert len(bedrock_server.requests) == 1
 
 
+def test_json_schema_output_after_bind_tools_sends_no_tools(router, ollama_backend,
+                                                           ollama_server, bedrock_server):
+    # Before the fix the earlier tools rode along with the schema: Ollama got tools AND
+    # format, Converse toolConfig AND outputConfig.
+    ollama_backend.set_default('{"country": "Kenya", "capital": "Mombasa"}', logprobs=-3.0)
+    bedrock_server.set_default('{"country": "Kenya", "capital": "Nairobi"}')
+    structured = router.bind_tools([get_weather]).with_structured_output(
+        Capital, method="json_schema")
+    assert structured.invoke("Capital of Kenya?") == Capital(country="Kenya", capital="Nairobi")
+    (local,) = _local(ollama_server)
+    assert _local_tools(local) == [] and local["format"]["required"] == ["country", "capital"]
+    (cloud,) = bedrock_server.requests
+    assert "toolConfig" not in cloud["body"] and "outputConfig" in cloud["body"]
+
+
 def test_structured_output_keeps_other_kwargs_bound_on_a_tier(ollama_chat, bedrock_chat,
                                                               ollama_backend, ollama_server,
                                                               bedrock_server):
