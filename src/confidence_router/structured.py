@@ -70,6 +70,21 @@ StructuredMethod = Literal["function_calling", "json_schema", "json_mode"]
 #: The structured-output methods LangChain defines, all supported.
 METHODS: tuple[str, ...] = ("function_calling", "json_schema", "json_mode")
 
+#: Kwargs that decide the shape of a tier's answer (tools, tool choice, formats): a structured
+#: output binding sets its own and replaces any bound earlier (``bind_tools(...)``).
+_OUTPUT_SHAPING_KWARGS = frozenset(
+    {
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "format",
+        "response_format",
+        "ls_structured_output_format",
+        "tool_config",
+        "output_config",
+    }
+)
+
 
 def structured_router(
     router: ConfidenceRoutedLLM,
@@ -247,5 +262,15 @@ def _bind_tier(
             f"router cannot route on (expected 'bound model | parser'); use another method"
         )
     if isinstance(model, RunnableBinding) and model.kwargs:
-        bound = bound.bind(**model.kwargs)
+        # Keep what else is bound on the tier (e.g. Ollama's keep_alive), but never its earlier
+        # tools or formats: bound outside, they would override the schema's own binding (an
+        # outer binding's kwargs win), and the parser would wait for a tool nobody offered.
+        # ChatOllama and the Bedrock models drop earlier tools the same way.
+        kept = {
+            key: value
+            for key, value in model.kwargs.items()
+            if key not in _OUTPUT_SHAPING_KWARGS and key not in bound.kwargs
+        }
+        if kept:
+            bound = bound.bind(**kept)
     return bound
