@@ -634,7 +634,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
             raise RoutingConfigError(
                 unknown_names_message(unknown, type(self).model_fields, what="configurable field")
             )
-        return super().configurable_fields(**kwargs)
+        return _configurable_router_class()(default=self, fields=kwargs)
 
     def with_bound_tiers(
         self,
@@ -1102,6 +1102,31 @@ class ConfidenceRoutedLLM(BaseChatModel):
 
 #: The LangChain-style name of the same class (chat models are named ``Chat*``).
 ChatConfidenceRouter = ConfidenceRoutedLLM
+
+
+@functools.cache
+def _configurable_router_class() -> type:
+    """LangChain's ``RunnableConfigurableFields`` for the router, built on first use."""
+    from langchain_core.runnables.configurable import RunnableConfigurableFields
+    from langchain_core.runnables.utils import ConfigurableField
+
+    class ConfigurableRouter(RunnableConfigurableFields):
+        """Knobs chosen through ``with_config(configurable=...)`` act like per-call kwargs
+        (bound with :meth:`ConfidenceRoutedLLM.bind`): a configured ``threshold`` wins over
+        the calibrator's, as the README promises for a per-call threshold."""
+
+        def _prepare(self, config: RunnableConfig | None = None) -> Any:
+            runnable, config = super()._prepare(config)
+            chosen = ensure_config(config).get("configurable", {})
+            knobs = {
+                key: chosen[spec.id]
+                for key, spec in self.fields.items()
+                if isinstance(spec, ConfigurableField) and key in RoutingPolicy.knob_names()
+                and spec.id in chosen
+            }
+            return (runnable.bind(**knobs) if knobs else runnable), config
+
+    return ConfigurableRouter
 
 
 class _Call:
