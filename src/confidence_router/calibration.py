@@ -49,17 +49,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from confidence_router.errors import InvalidStateError
+from confidence_router.errors import InvalidArgumentError, InvalidStateError
 from confidence_router.extraction import decode_tokens
 from confidence_router.signals import SIGNAL_SCORERS, answer_signals, score_for
 
 __all__ = [
     "CalibrationResult",
+    "EvalDatabaseError",
     "InvalidStateError",
     "RollingQuantileThreshold",
     "RunScores",
     "calibrate_run",
     "calibrate_threshold",
+    "database_errors",
     "load_scores_from_run",
     "read_json_state",
     "write_json_atomic",
@@ -731,6 +733,23 @@ _LEGACY_COLUMNS: Mapping[str, str] = {
 }
 
 
+class EvalDatabaseError(InvalidArgumentError):
+    """A file given as an evaluation database cannot be read as one; the message names it.
+
+    Raised for a file that is not SQLite (corrupted, truncated, a text file), a directory, a
+    SQLite file of another application or of another schema version, a table lacking needed
+    columns, and values of the wrong type (a ``correct`` column holding ``'yes'``). The file
+    is left as it was: readers never create tables in it or change its journal mode.
+
+    Attributes:
+        path: the file.
+    """
+
+    def __init__(self, message: str, *, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 @dataclass(frozen=True)
 class RunScores:
     """Arrays read from an evaluation run, aligned row by row (failure rows excluded).
@@ -755,10 +774,39 @@ class RunScores:
 
 def _connect_read_only(path: str | os.PathLike[str]) -> sqlite3.Connection:
     p = Path(path)
+    if p.is_dir():
+        raise EvalDatabaseError(f"{p}: is a directory, not an evaluation database", path=p)
     if not p.is_file():
         raise FileNotFoundError(f"evaluation database not found: {os.fspath(path)!r}")
     # Read-only: calibrating must never create tables or rows in someone's run database.
     return sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True)
+
+
+@contextlib.contextmanager
+def database_errors(
+    path: str | os.PathLike[str], error_class: type[EvalDatabaseError] | None = None
+) -> Any:
+    """Context manager: SQLite's own errors inside it (``file is not a database``, ``no such
+    column``, ``database is locked``) become :class:`EvalDatabaseError` (or ``error_class``, a
+    subclass) naming the file."""
+    try:
+        yield
+    except sqlite3.Error as error:
+        p = Path(path)
+        raise (error_class or EvalDatabaseError)(
+            f"{p}: cannot be read as an evaluation database ({error})", path=p
+        ) from None
+
+
+def _db_label(value: Any, path: str | os.PathLike[str], column: str) -> int | None:
+    """A stored 0/1 label (``None`` stays ``None``); anything else names the file."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return int(value)
+    raise EvalDatabaseError(
+        f"{Path(path)}: column {column!r} must hold 0, 1 or NULL; found {value!r}", path=Path(path)
+    )
 
 
 def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
@@ -809,7 +857,9 @@ def load_scores_from_run(
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: unknown signal, ambiguous/unknown run, or a table lacking needed columns.
+        EvalDatabaseError: (a ``ValueError``) the file is not SQLite, a table lacks needed
+            columns, or a label column holds something other than 0/1/NULL.
+        ValueError: unknown signal, ambiguous/unknown run.
 
     Example::
 
@@ -818,53 +868,67 @@ def load_scores_from_run(
     """
     conn = _connect_read_only(path)
     try:
-        columns = _columns(conn, "results")
-        if not columns:
-            raise ValueError(f"{os.fspath(path)}: no 'results' table")
-        if "correct" not in columns:
-            raise ValueError(f"{os.fspath(path)}: table 'results' lacks the 'correct' column")
-        extra_key: tuple[str, str] | None = None
-        router_signal = _COLUMN_ALIASES.get(signal, signal)
-        if router_signal in SIGNAL_SCORERS:
-            legacy = _LEGACY_COLUMNS.get(router_signal)
-            if "tokens" not in columns and (legacy is None or legacy not in columns):
-                raise ValueError(
-                    f"{os.fspath(path)}: table 'results' has no per-token data (column "
-                    f"'tokens') to compute {router_signal!r} from"
-                )
-            column = ", ".join(
-                [
-                    legacy if legacy is not None and legacy in columns else "NULL",
-                    "tokens" if "tokens" in columns else "NULL",
-                    "answer" if "answer" in columns else "NULL",
-                ]
-            )
-        elif "." in signal and "extras" in columns:
-            name, _, field = signal.partition(".")
-            extra_key = (name, field)
-            column = "extras"
-        else:
-            raise ValueError(
-                f"unknown signal {signal!r}: use one of {sorted(SIGNAL_SCORERS)} (or the "
-                f"columns {sorted(_COLUMN_ALIASES)}) or '<extra signal>.<field>' "
-                "(e.g. 'gsa.p_yes')"
-            )
-        run_id, run_name = _pick_run(conn, run)
-        has = columns.__contains__
-        select = [
-            column,
-            "correct",
-            "error" if has("error") else "NULL",
-            "cloud_correct" if has("cloud_correct") else "NULL",
-            "cloud_error" if has("cloud_error") else "NULL",
-        ]
-        order = "position, item_id" if has("position") and has("item_id") else "rowid"
-        where, params = ("WHERE run_id = ?", (run_id,)) if run_id is not None else ("", ())
-        rows = conn.execute(
-            f"SELECT {', '.join(select)} FROM results {where} ORDER BY {order}", params
-        ).fetchall()
+        with database_errors(path):
+            return _load_scores(conn, path, signal, run)
     finally:
         conn.close()
+
+
+def _load_scores(
+    conn: sqlite3.Connection, path: str | os.PathLike[str], signal: str, run: str | int | None
+) -> RunScores:
+    columns = _columns(conn, "results")
+    p = Path(path)
+    if not columns:
+        raise EvalDatabaseError(
+            f"{p}: not an evaluation database (no 'results' table)", path=p
+        )
+    if "correct" not in columns:
+        raise EvalDatabaseError(
+            f"{p}: not an evaluation database (table 'results' lacks the 'correct' column)",
+            path=p,
+        )
+    extra_key: tuple[str, str] | None = None
+    router_signal = _COLUMN_ALIASES.get(signal, signal)
+    if router_signal in SIGNAL_SCORERS:
+        legacy = _LEGACY_COLUMNS.get(router_signal)
+        if "tokens" not in columns and (legacy is None or legacy not in columns):
+            raise EvalDatabaseError(
+                f"{p}: table 'results' has no per-token data (column "
+                f"'tokens') to compute {router_signal!r} from",
+                path=p,
+            )
+        column = ", ".join(
+            [
+                legacy if legacy is not None and legacy in columns else "NULL",
+                "tokens" if "tokens" in columns else "NULL",
+                "answer" if "answer" in columns else "NULL",
+            ]
+        )
+    elif "." in signal and "extras" in columns:
+        name, _, field = signal.partition(".")
+        extra_key = (name, field)
+        column = "extras"
+    else:
+        raise ValueError(
+            f"unknown signal {signal!r}: use one of {sorted(SIGNAL_SCORERS)} (or the "
+            f"columns {sorted(_COLUMN_ALIASES)}) or '<extra signal>.<field>' "
+            "(e.g. 'gsa.p_yes')"
+        )
+    run_id, run_name = _pick_run(conn, run)
+    has = columns.__contains__
+    select = [
+        column,
+        "correct",
+        "error" if has("error") else "NULL",
+        "cloud_correct" if has("cloud_correct") else "NULL",
+        "cloud_error" if has("cloud_error") else "NULL",
+    ]
+    order = "position, item_id" if has("position") and has("item_id") else "rowid"
+    where, params = ("WHERE run_id = ?", (run_id,)) if run_id is not None else ("", ())
+    rows = conn.execute(
+        f"SELECT {', '.join(select)} FROM results {where} ORDER BY {order}", params
+    ).fetchall()
 
     scores: list[float | None] = []
     labels: list[int | None] = []
@@ -880,10 +944,9 @@ def load_scores_from_run(
             raw = _token_score(router_signal, *values)
         score = float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else None
         scores.append(None if score is None or math.isnan(score) else score)
-        labels.append(None if correct is None else int(correct))
-        cloud.append(
-            None if cloud_correct is None or cloud_error is not None else int(cloud_correct)
-        )
+        labels.append(_db_label(correct, path, "correct"))
+        cloud_label = _db_label(cloud_correct, path, "cloud_correct")
+        cloud.append(None if cloud_error is not None else cloud_label)
     scored = [i for i, s in enumerate(scores) if s is not None]
     return RunScores(
         scores=scores,

@@ -1,0 +1,250 @@
+"""Attack round on the stored runs (SQLite): corrupted, foreign and other-schema files give a
+typed error naming the file (and are left untouched); concurrent writers neither duplicate
+nor lose rows; a failure never overwrites a completed row."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from langchain_ollama import ChatOllama
+
+from confidence_router.calibration import EvalDatabaseError, calibrate_run, load_scores_from_run
+from confidence_router.errors import ConfidenceRouterError
+from confidence_router.evaluation.datasets import QAItem
+from confidence_router.evaluation.runner import (
+    EvalRunner,
+    ResultRow,
+    connect,
+    list_runs,
+    load_run,
+    register_run,
+    write_row,
+)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _corrupt(tmp_path: Path) -> Path:
+    path = tmp_path / "corrupt.sqlite"
+    path.write_bytes(b"this is not a database at all\n" * 200)
+    return path
+
+
+def _foreign(tmp_path: Path) -> Path:
+    """Another application's SQLite file that happens to have a ``results`` table."""
+    path = tmp_path / "foreign.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE results (id INTEGER PRIMARY KEY, score REAL, label TEXT)")
+    conn.execute("INSERT INTO results (score, label) VALUES (0.5, 'x')")
+    conn.commit()
+    conn.close()
+    return path
+
+
+def _other_version(tmp_path: Path, version: str) -> Path:
+    path = tmp_path / f"v{version}.sqlite"
+    connect(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (version,))
+    conn.commit()
+    conn.close()
+    return path
+
+
+READERS = {
+    "connect": lambda p: connect(p).close(),
+    "list_runs": list_runs,
+    "load_run": lambda p: load_run(p, "anything"),
+}
+
+
+@pytest.mark.parametrize("reader", list(READERS), ids=str)
+def test_corrupted_file_is_a_typed_error_naming_it(tmp_path, reader):
+    # Found: sqlite3.DatabaseError "file is not a database", without the file name, from
+    # every entry point (and a traceback from the CLI).
+    path = _corrupt(tmp_path)
+    before = _digest(path)
+    with pytest.raises(EvalDatabaseError, match="corrupt.sqlite") as info:
+        READERS[reader](path)
+    assert isinstance(info.value, ConfidenceRouterError) and info.value.path == path
+    assert _digest(path) == before
+
+
+@pytest.mark.parametrize("reader", list(READERS), ids=str)
+def test_foreign_sqlite_file_is_refused_and_left_untouched(tmp_path, reader):
+    # Found: connect() added its tables to the foreign file, stamped schema_version 2 into it
+    # and switched it to WAL; load_run then failed on missing columns.
+    path = _foreign(tmp_path)
+    with pytest.raises(EvalDatabaseError, match="foreign.sqlite.*not an evaluation database"):
+        READERS[reader](path)
+    conn = sqlite3.connect(path)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    conn.close()
+    assert tables == {"results"} and mode == "delete"
+
+
+@pytest.mark.parametrize("version", ["3", "abc"])
+def test_other_schema_version_is_a_typed_error(tmp_path, version):
+    # Found: "abc" raised a bare ValueError from int().
+    path = _other_version(tmp_path, version)
+    for read in READERS.values():
+        with pytest.raises(EvalDatabaseError, match=f"v{version}.sqlite.*schema version"):
+            read(path)
+
+
+def test_schema_missing_a_table_is_a_typed_error(tmp_path):
+    path = tmp_path / "half.sqlite"
+    connect(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE results")
+    conn.commit()
+    conn.close()
+    with pytest.raises(EvalDatabaseError, match="half.sqlite.*results"):
+        load_run(path, "x")
+
+
+def test_empty_file_is_not_silently_turned_into_a_database_by_readers(tmp_path):
+    path = tmp_path / "empty.sqlite"
+    path.write_bytes(b"")
+    with pytest.raises(EvalDatabaseError, match="empty.sqlite"):
+        list_runs(path)
+    assert path.read_bytes() == b""
+
+
+def test_directory_as_database_is_a_typed_error(tmp_path):
+    with pytest.raises(EvalDatabaseError, match="directory"):
+        connect(tmp_path)
+
+
+@pytest.mark.parametrize("maker", [_corrupt, _foreign])
+def test_calibrate_reader_gives_typed_errors(tmp_path, maker):
+    path = maker(tmp_path)
+    with pytest.raises(EvalDatabaseError, match=path.name):
+        calibrate_run(path, target_rate=0.3)
+
+
+def test_calibrate_reader_on_a_bad_label_names_the_file(tmp_path):
+    path = tmp_path / "labels.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE results (correct TEXT, confidence REAL, error TEXT)")
+    conn.execute("INSERT INTO results VALUES ('yes', 0.5, NULL)")
+    conn.commit()
+    conn.close()
+    # Found: ValueError "invalid literal for int() with base 10: 'yes'".
+    with pytest.raises(EvalDatabaseError, match="labels.sqlite.*'correct'"):
+        load_scores_from_run(path, "confidence")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writers
+# ----------------------------------------------------------------------------------------------
+
+
+def _row(item_id: str, *, error: str | None = None, correct: int | None = 1) -> ResultRow:
+    return ResultRow(
+        item_id=item_id, position=0, dataset="d", question="q?", gold_answers=("a",),
+        answer=None if error else "a", correct=None if error else correct, token_count=None,
+        mean_logprob=None, min_logprob=None, confidence=None, min_confidence=None,
+        latency_s=0.1, signal_unknown_reason=None, error=error,
+    )  # fmt: skip
+
+
+def _register(conn: sqlite3.Connection) -> int:
+    return register_run(conn, name="r", dataset="d", model="m",
+                        prompt_templates={"name": "p"}, grader="g")
+
+
+def test_a_failure_never_overwrites_a_completed_row(tmp_path):
+    # Found: INSERT OR REPLACE let a second writer's failure row (e.g. a timeout in a
+    # concurrent run of the same command) replace the first writer's completed row.
+    conn = connect(tmp_path / "w.sqlite")
+    run_id = _register(conn)
+    write_row(conn, run_id, _row("a"))
+    write_row(conn, run_id, _row("a", error="local: TimeoutError"))
+    # A failure row is still replaced by a later success (retry_errors).
+    write_row(conn, run_id, _row("b", error="local: TimeoutError"))
+    write_row(conn, run_id, _row("b", correct=0))
+    rows = dict(conn.execute("SELECT item_id, COALESCE(error, correct) FROM results"))
+    conn.close()
+    assert rows == {"a": 1, "b": 0}
+
+
+def test_register_race_between_two_connections(tmp_path):
+    # Found: both writers saw no run, both INSERTed; the second died with
+    # sqlite3.IntegrityError "UNIQUE constraint failed: runs.name".
+    db = tmp_path / "race.sqlite"
+    connect(db).close()
+    first = connect(db)
+    first.execute("BEGIN IMMEDIATE")  # the first writer holds the write lock ...
+    result: dict[str, object] = {}
+
+    def register_second() -> None:
+        second = connect(db)
+        try:
+            result["id"] = _register(second)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = exc
+        finally:
+            second.close()
+
+    thread = threading.Thread(target=register_second)
+    thread.start()
+    time.sleep(0.5)  # ... while the second looks the run up (not found) and waits to insert
+    first_id = _register(first)  # the first inserts the run and commits
+    thread.join(timeout=30)
+    first.close()
+    assert result == {"id": first_id}
+
+
+CONCURRENT = textwrap.dedent(
+    """
+    import sys
+    from langchain_ollama import ChatOllama
+    from confidence_router.evaluation.datasets import QAItem
+    from confidence_router.evaluation.runner import EvalRunner
+
+    url, db, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    items = [QAItem(f"c:{i}", f"Concurrent question {i}?", ("yes",), "question")
+             for i in range(n)]
+    EvalRunner(ChatOllama(base_url=url, model="scripted-local"), db_path=db,
+               dataset="conc", run_name="shared", progress=False).run(items)
+    """
+)
+
+
+def test_two_processes_on_the_same_run(ollama_backend, ollama_server, tmp_path):
+    n = 12
+    ollama_backend.add_answer("Concurrent question", " yes", logprobs=-0.1, latency=0.05)
+    db = tmp_path / "shared.sqlite"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CONCURRENT, ollama_server.url, str(db), str(n)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ))
+        for _ in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    assert [r.name for r in list_runs(db)] == ["shared"]
+    run = load_run(db, "shared")
+    assert sorted(run.item_ids) == sorted(f"c:{i}" for i in range(n))  # each exactly once
+    assert run.n_errors == 0 and run.accuracy == 1.0
+    # And a third run of the same command has nothing left to do.
+    again = EvalRunner(ChatOllama(base_url=ollama_server.url, model="scripted-local"),
+                       db_path=db, dataset="conc", run_name="shared", progress=False)
+    ollama_server.clear_requests()
+    summary = again.run([QAItem(f"c:{i}", f"Concurrent question {i}?", ("yes",), "question")
+                         for i in range(n)])
+    assert (summary.n_skipped, summary.n_written) == (n, 0)
+    assert ollama_server.requests_to("/api/chat") == []
