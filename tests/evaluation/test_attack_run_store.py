@@ -248,3 +248,35 @@ def test_two_processes_on_the_same_run(ollama_backend, ollama_server, tmp_path):
                          for i in range(n)])
     assert (summary.n_skipped, summary.n_written) == (n, 0)
     assert ollama_server.requests_to("/api/chat") == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_predict": -3}, "num_predict"),  # Found: accepted and sent to Ollama
+        ({"num_predict": 0}, "num_predict"),
+        ({"num_predict": 2.5}, "num_predict"),
+        ({"timeout_s": float("inf")}, "timeout_s"),  # Found: accepted
+        ({"timeout_s": float("nan")}, "timeout_s"),
+        ({"concurrency": 0}, "concurrency"),
+        ({"concurrency": True}, "concurrency"),
+    ],
+)
+def test_runner_refuses_impossible_settings(ollama_server, tmp_path, kwargs, match):
+    from confidence_router.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match=match):
+        EvalRunner(ChatOllama(base_url=ollama_server.url, model="m"),
+                   db_path=tmp_path / "x.sqlite", dataset="d", **kwargs)
+    assert not (tmp_path / "x.sqlite").exists()
+
+
+def test_runner_refuses_duplicate_item_ids_before_writing(ollama_server, tmp_path):
+    from confidence_router.errors import InvalidArgumentError
+
+    runner = EvalRunner(ChatOllama(base_url=ollama_server.url, model="m"),
+                        db_path=tmp_path / "x.sqlite", dataset="d", progress=False)
+    item = QAItem("same", "Q?", ("A",), "question")
+    with pytest.raises(InvalidArgumentError, match="duplicate item ids"):
+        runner.run([item, item])
+    assert ollama_server.requests_to("/api/chat") == []

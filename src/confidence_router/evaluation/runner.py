@@ -72,7 +72,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from confidence_router.calibration import EvalDatabaseError, database_errors
-from confidence_router.errors import ConfidenceRouterError
+from confidence_router.errors import ConfidenceRouterError, InvalidArgumentError
 from confidence_router.evaluation.datasets import (
     KNOWN_DATASETS,
     PROMPT_STYLE_COMPLETION,
@@ -207,7 +207,7 @@ class PromptSet:
     def __post_init__(self) -> None:
         for style, template in (("question", self.question), ("completion", self.completion)):
             if "{question}" not in template:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"PromptSet {self.name!r}: the {style} template lacks {{question}}"
                 )
 
@@ -217,7 +217,7 @@ class PromptSet:
             return self.question
         if prompt_style == PROMPT_STYLE_COMPLETION:
             return self.completion
-        raise ValueError(
+        raise InvalidArgumentError(
             f"unknown prompt_style {prompt_style!r}; expected {PROMPT_STYLE_QUESTION!r} or "
             f"{PROMPT_STYLE_COMPLETION!r}"
         )
@@ -308,7 +308,7 @@ def _resolve_prompts(prompts: PromptSet | str) -> PromptSet:
     try:
         return PROMPT_SETS[prompts]
     except KeyError:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"unknown prompt set {prompts!r}; choose one of {sorted(PROMPT_SETS)} or pass a "
             "PromptSet"
         ) from None
@@ -348,9 +348,9 @@ class ExtraSignal:
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c == "_" for c in self.name):
-            raise ValueError(f"signal name must be non-empty [A-Za-z0-9_]; got {self.name!r}")
+            raise InvalidArgumentError(f"signal name must be non-empty [A-Za-z0-9_]; got {self.name!r}")
         if self.name in BUILTIN_SIGNALS:
-            raise ValueError(f"signal name {self.name!r} is reserved for a built-in signal")
+            raise InvalidArgumentError(f"signal name {self.name!r} is reserved for a built-in signal")
         object.__setattr__(self, "score_fields", tuple(self.score_fields))
 
 
@@ -955,12 +955,22 @@ class EvalRunner:
         progress: bool = True,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-            raise ValueError(f"concurrency must be an int >= 1; got {concurrency!r}")
-        if timeout_s is not None and not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0 or None; got {timeout_s!r}")
+            raise InvalidArgumentError(f"concurrency must be an int >= 1; got {concurrency!r}")
+        if timeout_s is not None and not (
+            isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0
+        ):
+            raise InvalidArgumentError(
+                f"timeout_s must be a finite number > 0, or None; got {timeout_s!r}"
+            )
+        if isinstance(num_predict, bool) or not isinstance(num_predict, int) or not (
+            num_predict >= 1 or num_predict == -1
+        ):
+            raise InvalidArgumentError(
+                f"num_predict must be an int >= 1 (or -1: no limit); got {num_predict!r}"
+            )
         names = [s.name for s in signals]
         if len(set(names)) != len(names):
-            raise ValueError(f"duplicate extra signal names: {names}")
+            raise InvalidArgumentError(f"duplicate extra signal names: {names}")
         self.prompts = _resolve_prompts(prompts)
         self.cloud_prompts = _resolve_prompts(cloud_prompts)
         self._raw_model = model
@@ -1041,7 +1051,7 @@ class EvalRunner:
         ids = [item.id for item in items]
         duplicates = [i for i, c in Counter(ids).items() if c > 1]
         if duplicates:
-            raise ValueError(f"duplicate item ids in the input: {duplicates[:5]}")
+            raise InvalidArgumentError(f"duplicate item ids in the input: {duplicates[:5]}")
         # Fresh copies (and HTTP clients) for this event loop: an async client keeps connections
         # bound to the loop that opened them, and every run() starts a new loop.
         self.model = prepare_chat_model(
