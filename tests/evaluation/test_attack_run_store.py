@@ -280,3 +280,51 @@ def test_runner_refuses_duplicate_item_ids_before_writing(ollama_server, tmp_pat
     with pytest.raises(InvalidArgumentError, match="duplicate item ids"):
         runner.run([item, item])
     assert ollama_server.requests_to("/api/chat") == []
+
+
+def test_cancelled_run_resumes_without_duplicates_or_losses(ollama_backend, ollama_server, tmp_path):
+    # Ctrl-C in `eval` cancels the run's task: the rows committed so far stay, the database is
+    # not left locked, and the same run resumes with exactly the missing items.
+    import asyncio
+
+    n = 10
+    ollama_backend.add_answer("Cancel question", " yes", logprobs=-0.1, latency=0.1)
+    db = tmp_path / "cancel.sqlite"
+    items = [QAItem(f"x:{i}", f"Cancel question {i}?", ("yes",), "question") for i in range(n)]
+
+    def make() -> EvalRunner:
+        return EvalRunner(ChatOllama(base_url=ollama_server.url, model="scripted-local"),
+                          db_path=db, dataset="cancel", run_name="c", concurrency=2,
+                          progress=False)
+
+    def committed() -> int:
+        if not db.exists():
+            return 0
+        conn = sqlite3.connect(db)
+        try:
+            return conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+        finally:
+            conn.close()
+
+    async def interrupt() -> None:
+        task = asyncio.ensure_future(make().arun(items))
+        for _ in range(600):
+            await asyncio.sleep(0.02)
+            if committed() >= 3:
+                break
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(interrupt())
+    done_before = committed()
+    assert 3 <= done_before < n
+    ollama_server.clear_requests()
+    summary = make().run(items)
+    assert (summary.n_skipped, summary.n_written) == (done_before, n - done_before)
+    asked = [q["body"]["messages"][0]["content"] for q in ollama_server.requests_to("/api/chat")]
+    assert len(asked) == n - done_before
+    run = load_run(db, "c")
+    assert sorted(run.item_ids) == sorted(it.id for it in items) and run.n_errors == 0
