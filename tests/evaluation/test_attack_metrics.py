@@ -195,10 +195,33 @@ def test_infinite_scores_are_ordered_and_tied_like_sklearn():
     assert auroc(y, s) == pytest.approx(sk_metrics.roc_auc_score(y, np.clip(s, -1e300, 1e300)))
     cov, risk = risk_coverage(y, s)
     assert np.isfinite(risk).all() and cov[-1] == 1.0
-    pts = operating_points(y, s, (0.0, 0.5, 1.0))
+    low = [-np.inf, 0.7, -np.inf, 0.5, -np.inf, 0.0]  # -inf is fine for the threshold metrics
+    pts = operating_points(y, low, (0.0, 0.5, 1.0))
     assert pts[0].threshold == -np.inf and pts[-1].threshold == math.inf
-    curve = deferral_curve(y, [1] * 6, s)
+    assert pts[1].n_escalated == 3 and pts[1].threshold == 0.0
+    curve = deferral_curve(y, [1] * 6, low)
     assert curve.call_rates[0] == 0.0 and curve.call_rates[-1] == 1.0
+    assert call_rate(low, np.inf) == 1.0 and call_rate(low, -np.inf) == 0.0
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s: threshold_sweep(s),
+        lambda s: call_rate(s, 0.5),
+        lambda s: system_accuracy([0, 1, 1], [1, 1, 1], s, 0.5),
+        lambda s: deferral_curve([0, 1, 1], [1, 1, 1], s),
+        lambda s: apgr([0, 1, 1], [1, 1, 0], s),
+        lambda s: cpt([0, 1, 1], [1, 1, 0], s, 0.5),
+        lambda s: operating_points([0, 1, 1], s, (0.5,)),
+    ],
+)
+def test_plus_infinity_is_refused_by_the_threshold_metrics(call):
+    # Found: with a +inf score the deferral curve's last point (tau = +inf, "escalate
+    # everything") claimed r = 1 while call_rate(s, inf) and system_accuracy at tau = +inf kept
+    # the +inf row local: the curve, APGR and the operating points disagreed with the policy.
+    with pytest.raises(InvalidArgumentError, match=r"\+inf"):
+        call([0.2, np.inf, 0.9])
 
 
 def test_all_scores_tied():
@@ -294,3 +317,38 @@ def test_paired_delta_is_deterministic_and_antisymmetric(data, seed):
     assert rev.delta == pytest.approx(-d1.delta, abs=1e-12)
     assert rev.low == pytest.approx(-d1.high, abs=1e-12)
     assert d1.low <= d1.delta <= d1.high
+
+
+_cascade = st.integers(min_value=1, max_value=40).flatmap(
+    lambda n: st.tuples(
+        st.lists(st.integers(0, 1), min_size=n, max_size=n),
+        st.lists(st.integers(0, 1), min_size=n, max_size=n),
+        st.lists(st.sampled_from([-np.inf, -1.0, 0.0, 0.25, 0.5, 1.0]), min_size=n,
+                 max_size=n),
+        st.lists(st.floats(0, 1), min_size=1, max_size=5),
+    )
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_cascade)
+def test_operating_points_and_curve_match_their_definitions(data):
+    y, z, s, fractions = data
+    n = len(y)
+    order = sorted(range(n), key=lambda i: s[i])  # Python's sort is stable, like the docs say
+    for point, f in zip(operating_points(y, s, fractions, cloud_labels=z), fractions):
+        m = min(n, math.floor(f * n + 1e-9))
+        escalated, kept = order[:m], order[m:]
+        assert point.n_escalated == m and point.coverage == (n - m) / n
+        assert point.kept_correct_share == pytest.approx(sum(y[i] for i in kept) / n)
+        expected_sys = (sum(y[i] for i in kept) + sum(z[i] for i in escalated)) / n
+        assert point.system_accuracy == pytest.approx(expected_sys)
+        if kept:
+            assert point.kept_accuracy == pytest.approx(sum(y[i] for i in kept) / len(kept))
+            assert point.threshold == s[kept[0]]
+        else:
+            assert math.isnan(point.kept_accuracy) and point.threshold == math.inf
+    curve = deferral_curve(y, z, s)
+    for tau, rate, acc in zip(curve.thresholds, curve.call_rates, curve.accuracies):
+        assert rate == call_rate(s, tau)
+        assert acc == pytest.approx(system_accuracy(y, z, s, tau))

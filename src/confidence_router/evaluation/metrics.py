@@ -15,7 +15,9 @@ Conventions shared by all functions:
   argument: empty input, a length mismatch, labels other than 0/1 (``True``/``False`` count as
   1/0; ``2``, ``-1``, ``0.5``, strings are refused), non-numeric or boolean scores, a missing
   value (``None``, ``pd.NA``, ``NaN`` score), or a bad parameter (``n_bins``, ``n_resamples``,
-  ``tau``, ...). ``+-inf`` scores are valid: they order like any other score.
+  ``tau``, ...). ``-inf`` scores are valid everywhere; ``+inf`` only in the rank metrics
+  (AUROC, AUPRC-error, AURC, risk-coverage): the threshold metrics refuse it, since no
+  threshold would escalate such a row while ``tau = +inf`` means "escalate everything".
 * When a metric is mathematically undefined on the given data (one class absent, zero
   cloud-local gap, ...) it returns ``float('nan')`` and emits an :class:`UndefinedMetricWarning`
   whose message says why. The bootstrap helpers silence that warning inside resamples and count
@@ -185,6 +187,25 @@ def _as_scores(values: ArrayLike, name: str = "scores") -> NDArray[np.float64]:
             "them separately"
         )
     return out
+
+
+def _as_decision_scores(values: ArrayLike, name: str = "scores") -> NDArray[np.float64]:
+    """Scores for the threshold metrics: ``+inf`` is refused there.
+
+    The sweep needs a threshold above every score for "escalate everything" (``tau = +inf``
+    under "escalate iff s < tau"); a row scored ``+inf`` is above every threshold, so the
+    curve's end point, the operating point at 100% and ``call_rate(s, inf)`` would disagree.
+    The rank metrics (AUROC, AUPRC, AURC) accept ``+inf``; ``-inf`` is valid everywhere.
+    """
+    s = _as_scores(values, name)
+    n_inf = int(np.isposinf(s).sum())
+    if n_inf:
+        raise InvalidArgumentError(
+            f"{name} contains +inf in {n_inf} row(s); threshold metrics (call rate, system "
+            "accuracy, deferral curve, APGR, CPT, operating points) need every score below "
+            "the 'escalate everything' threshold +inf: clip them to a large finite value"
+        )
+    return s
 
 
 def _check_same_length(**arrays: NDArray[Any]) -> None:
@@ -398,7 +419,7 @@ def threshold_sweep(scores: ArrayLike) -> NDArray[np.float64]:
         >>> threshold_sweep([0.5, 0.2, 0.5]).tolist()
         [-inf, 0.2, 0.5, inf]
     """
-    s = _as_scores(scores)
+    s = _as_decision_scores(scores)
     return np.concatenate(([-np.inf], np.unique(s), [np.inf]))
 
 
@@ -410,7 +431,7 @@ def call_rate(scores: ArrayLike, tau: float) -> float:
         >>> call_rate([0.1, 0.5, 0.9, 0.5], 0.5)
         0.25
     """
-    s = _as_scores(scores)
+    s = _as_decision_scores(scores)
     tau = _real(tau, "tau")
     return float(np.mean(s < tau))
 
@@ -431,7 +452,7 @@ def system_accuracy(
     """
     y = _as_labels(labels)
     z = _as_labels(cloud_labels, "cloud_labels")
-    s = _as_scores(scores)
+    s = _as_decision_scores(scores)
     _check_same_length(labels=y, cloud_labels=z, scores=s)
     tau = _real(tau, "tau")
     e = s < tau
@@ -493,7 +514,7 @@ def deferral_curve(labels: ArrayLike, cloud_labels: ArrayLike, scores: ArrayLike
     """
     y = _as_labels(labels)
     z = _as_labels(cloud_labels, "cloud_labels")
-    s = _as_scores(scores)
+    s = _as_decision_scores(scores)
     _check_same_length(labels=y, cloud_labels=z, scores=s)
     n = len(y)
     uniq, inverse = np.unique(s, return_inverse=True)
@@ -667,7 +688,7 @@ def operating_points(
         [(0, 0.1, 0.5), (2, 0.6, 1.0)]
     """
     y = _as_labels(labels)
-    s = _as_scores(scores)
+    s = _as_decision_scores(scores)
     _check_same_length(labels=y, scores=s)
     z: NDArray[np.int64] | None = None
     if cloud_labels is not None:
