@@ -271,3 +271,10 @@ def test_missing_eval_extra_is_one_line(tmp_path, command):
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert "pip install" in line and "[eval]" in line
+
+
+def test_eval_offset_past_the_end(capsys, files, tmp_path):
+    # Found: "0 items, 0 already done, 0 written" and exit 0.
+    line = one_line_error(capsys, *_eval(files, "--db", str(tmp_path / "o.sqlite"),
+                                         "--offset", "5"))
+    assert "--offset 5" in line

@@ -328,3 +328,16 @@ def test_cancelled_run_resumes_without_duplicates_or_losses(ollama_backend, olla
     assert len(asked) == n - done_before
     run = load_run(db, "c")
     assert sorted(run.item_ids) == sorted(it.id for it in items) and run.n_errors == 0
+
+
+def test_a_stored_value_that_does_not_decode_names_the_file(tmp_path):
+    db = tmp_path / "garbled.sqlite"
+    conn = connect(db)
+    run_id = _register(conn)
+    write_row(conn, run_id, _row("a"))
+    conn.execute("UPDATE results SET extras = '[1, 2]'")  # another tool wrote a list
+    conn.commit()
+    conn.close()
+    # Found: AttributeError "'list' object has no attribute 'items'".
+    with pytest.raises(EvalDatabaseError, match="garbled.sqlite.*decoded"):
+        load_run(db, "r")

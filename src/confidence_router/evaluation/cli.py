@@ -415,6 +415,11 @@ def _eval(args: argparse.Namespace) -> int:
         # Read the dataset and open the database first: a typo in --dataset or --db fails at
         # once, before a model loads.
         items = _load_items(args)
+        if not items:
+            raise InvalidArgumentError(
+                f"no questions to evaluate: --offset {args.offset} is past the last record of "
+                f"{args.dataset}"
+            )
         _check_database(args.db, create=True)
         with _ollama_endpoint(args.ollama_url) as url:
             summary = _run_dataset(

@@ -1336,7 +1336,7 @@ def _decoding(db_path: str | os.PathLike[str]) -> Iterator[None]:
     """A stored JSON or token field that does not decode names the file."""
     try:
         yield
-    except (ValueError, TypeError, zlib.error) as error:
+    except (ValueError, TypeError, AttributeError, KeyError, zlib.error) as error:
         if isinstance(error, ConfidenceRouterError):
             raise
         path = Path(db_path)
