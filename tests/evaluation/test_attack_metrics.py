@@ -352,3 +352,16 @@ def test_operating_points_and_curve_match_their_definitions(data):
     for tau, rate, acc in zip(curve.thresholds, curve.call_rates, curve.accuracies):
         assert rate == call_rate(s, tau)
         assert acc == pytest.approx(system_accuracy(y, z, s, tau))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_labels_scores)
+def test_auprc_error_equals_sklearn_average_precision(data):
+    y, s = data
+    if all(y):
+        with pytest.warns(UndefinedMetricWarning):
+            assert math.isnan(auprc_error(y, s))
+        return
+    finite = np.clip(-np.array(s), -np.finfo(float).max, np.finfo(float).max)
+    expected = sk_metrics.average_precision_score([1 - v for v in y], finite)
+    assert auprc_error(y, s) == pytest.approx(expected, abs=1e-12)
