@@ -341,3 +341,21 @@ def test_a_stored_value_that_does_not_decode_names_the_file(tmp_path):
     # Found: AttributeError "'list' object has no attribute 'items'".
     with pytest.raises(EvalDatabaseError, match="garbled.sqlite.*decoded"):
         load_run(db, "r")
+
+
+def test_a_failing_write_names_the_database(ollama_backend, ollama_server, tmp_path):
+    # A write refused by SQLite (here a trigger stands in for a full disk or a lock held past
+    # the 30 s timeout) ends the run with a typed error naming the file; found: a bare
+    # sqlite3.IntegrityError from inside the runner.
+    ollama_backend.add_answer("Write question", " yes", logprobs=-0.1)
+    db = tmp_path / "refusing.sqlite"
+    connect(db).close()
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON results "
+                 "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    conn.commit()
+    conn.close()
+    runner = EvalRunner(ChatOllama(base_url=ollama_server.url, model="scripted-local"),
+                        db_path=db, dataset="w", progress=False)
+    with pytest.raises(EvalDatabaseError, match="refusing.sqlite.*disk is full"):
+        runner.run([QAItem("w:1", "Write question 1?", ("yes",), "question")])

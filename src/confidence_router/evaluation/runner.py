@@ -1063,11 +1063,12 @@ class EvalRunner:
             )
         conn = connect(self.db_path)
         try:
-            run_id = self._register(conn)
-            query = "SELECT item_id FROM results WHERE run_id = ?"
-            if self.retry_errors:
-                query += " AND error IS NULL"
-            done = {r[0] for r in conn.execute(query, (run_id,))}
+            with database_errors(self.db_path, RunDatabaseError):
+                run_id = self._register(conn)
+                query = "SELECT item_id FROM results WHERE run_id = ?"
+                if self.retry_errors:
+                    query += " AND error IS NULL"
+                done = {r[0] for r in conn.execute(query, (run_id,))}
             pending = [
                 (start_position + index, item)
                 for index, item in enumerate(items)
@@ -1092,7 +1093,9 @@ class EvalRunner:
                 # order and are committed one by one.
                 for next_done in asyncio.as_completed(tasks):
                     row = await next_done
-                    write_row(conn, run_id, row)
+                    # A write that fails (locked for 30 s, disk full) names the file.
+                    with database_errors(self.db_path, RunDatabaseError):
+                        write_row(conn, run_id, row)
                     n_written += 1
                     n_errors += row.error is not None
                     if bar is not None:
