@@ -139,3 +139,9 @@ def test_documented_formats_load(tmp_path):
     assert load_dataset(trivia)[0].question == "Q?"
     nq = _lines(tmp_path / "n.jsonl", {"question": "q", "answer": ["a"]})
     assert load_dataset(nq)[0].answers == ("a",)
+
+
+def test_a_directory_is_not_reported_as_missing(tmp_path):
+    # Found: "dataset file not found: '.../data/'" for a directory that exists.
+    with pytest.raises(InvalidArgumentError, match="is a directory"):
+        load_dataset(str(tmp_path) + "/")

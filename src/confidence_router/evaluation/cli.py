@@ -17,6 +17,11 @@ Usage::
     confidence-router eval-all --fresh
 
 A killed ``eval`` (or ``eval-all``) resumes when the same command is run again.
+
+Exit codes: 0 done; 1 ``eval`` wrote rows but every answer failed (is the model server up?);
+2 a bad option, path, question file or database, reported in one line on stderr before any
+model loads (and before ``eval-all --fresh`` deletes anything); 130 interrupted (the committed
+rows are kept).
 """
 
 from __future__ import annotations

@@ -184,6 +184,11 @@ def dataset_file(
             f"unknown dataset {name!r}; known names: {', '.join(sorted(KNOWN_DATASETS))} "
             "(or pass a path to a .jsonl file)"
         )
+    if path.is_dir():
+        raise InvalidArgumentError(
+            f"dataset {str(path)!r} is a directory; pass a .jsonl file (or a known name with "
+            "--data-dir / data_dir= for the directory)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {str(path)!r}")
     return path
