@@ -359,3 +359,28 @@ def test_a_failing_write_names_the_database(ollama_backend, ollama_server, tmp_p
                         db_path=db, dataset="w", progress=False)
     with pytest.raises(EvalDatabaseError, match="refusing.sqlite.*disk is full"):
         runner.run([QAItem("w:1", "Write question 1?", ("yes",), "question")])
+
+
+CREATE_MANY = textwrap.dedent(
+    """
+    import sys
+    from confidence_router.evaluation.runner import connect
+    for i in range(int(sys.argv[2])):
+        connect(f"{sys.argv[1]}/db{i}.sqlite").close()
+    """
+)
+
+
+def test_processes_creating_the_same_new_files_never_see_half_a_schema(tmp_path):
+    # Two processes open the same 40 new files at the same time: each file's schema appears
+    # in one transaction, so neither process ever takes a half-created file for a foreign one.
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CREATE_MANY, str(tmp_path), "40"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ))
+        for _ in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    for i in range(40):
+        assert list_runs(tmp_path / f"db{i}.sqlite") == []

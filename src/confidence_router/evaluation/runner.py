@@ -654,11 +654,30 @@ def connect(db_path: str | os.PathLike[str], *, create: bool = True) -> sqlite3.
     try:
         with database_errors(path, RunDatabaseError):
             conn.row_factory = sqlite3.Row
-            _prepare_schema(conn, path, create=create)
+            _prepare_with_retry(conn, path, create=create)
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _prepare_with_retry(conn: sqlite3.Connection, path: Path, *, create: bool) -> None:
+    # Switching a new file to WAL while another process creates the same file can fail at
+    # once with "database is locked" (SQLite does not wait on the busy handler there): retry
+    # for as long as a write would wait (30 s).
+    deadline = time.monotonic() + 30.0
+    delay = 0.01
+    while True:
+        try:
+            _prepare_schema(conn, path, create=create)
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            if conn.in_transaction:
+                conn.rollback()
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
 
 def _prepare_schema(conn: sqlite3.Connection, path: Path, *, create: bool) -> None:
@@ -702,13 +721,15 @@ def _prepare_schema(conn: sqlite3.Connection, path: Path, *, create: bool) -> No
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
     if not tables:
-        conn.executescript(_SCHEMA)
-        # OR IGNORE: another process may be creating the same new file at this moment.
-        conn.execute(
-            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
-            (str(SCHEMA_VERSION),),
+        # One transaction: another process opening the file meanwhile sees no tables or the
+        # whole schema with its version, never tables without a version (which it would refuse
+        # as a foreign file). IF NOT EXISTS / OR IGNORE: it may be creating the same file.
+        conn.executescript(
+            "BEGIN IMMEDIATE;\n"
+            + _SCHEMA
+            + "INSERT OR IGNORE INTO meta(key, value) VALUES "
+            + f"('schema_version', '{SCHEMA_VERSION}');\nCOMMIT;"
         )
-        conn.commit()
     elif version == 1:
         # Version 1 had no per-token data: add the column; old rows keep NULL (= unknown).
         if "tokens" not in _table_columns(conn, "results"):
