@@ -336,10 +336,10 @@ class ExtraSignal:
 
     Example::
 
-        >>> sig = ExtraSignal("length", lambda item: {"score": -len(item.question)},
+        >>> sig = ExtraSignal("question_len", lambda item: {"score": -len(item.question)},
         ...                   score_fields=("score",))
         >>> sig.name, sig.score_fields
-        ('length', ('score',))
+        ('question_len', ('score',))
     """
 
     name: str
