@@ -39,27 +39,30 @@ import bisect
 import contextlib
 import json
 import math
+import numbers
 import os
 import sqlite3
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from confidence_router.errors import InvalidStateError
+from confidence_router.errors import InvalidArgumentError, InvalidStateError, InvalidTypeError
 from confidence_router.extraction import decode_tokens
 from confidence_router.signals import SIGNAL_SCORERS, answer_signals, score_for
 
 __all__ = [
     "CalibrationResult",
+    "EvalDatabaseError",
     "InvalidStateError",
     "RollingQuantileThreshold",
     "RunScores",
     "calibrate_run",
     "calibrate_threshold",
+    "database_errors",
     "load_scores_from_run",
     "read_json_state",
     "write_json_atomic",
@@ -120,22 +123,30 @@ def read_json_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+def _is_bool(value: Any) -> bool:
+    # numpy's bool (``bool_``) is no bool subclass; recognised by type to stay numpy-free.
+    kind = type(value)
+    return isinstance(value, bool) or (
+        kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")
+    )
+
+
 def _finite_number(value: Any, name: str) -> float:
-    """``value`` as a float; ``TypeError`` for a non-number (bools included), ``ValueError`` for
-    NaN or an infinity."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
+    """``value`` as a float; ``InvalidTypeError`` (a ``TypeError``) for a non-number (bools
+    included; numpy scalars are numbers), ``InvalidArgumentError`` for NaN or an infinity."""
+    if _is_bool(value) or not isinstance(value, numbers.Real):
+        raise InvalidTypeError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be finite, got {value!r}")
     return float(value)
 
 
 def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if _is_bool(value) or not isinstance(value, numbers.Integral):
+        raise InvalidTypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+        raise InvalidArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +211,7 @@ class RollingQuantileThreshold:
     ) -> None:
         rate = _finite_number(target_rate, "target_rate")
         if not 0.0 < rate < 1.0:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"target_rate must be strictly between 0 and 1, got {target_rate!r} (0 = never "
                 "escalate: use allow_escalation=False; 1 = always escalate: call the cloud)"
             )
@@ -208,7 +219,7 @@ class RollingQuantileThreshold:
         self._window = _positive_int(window, "window")
         self._min_samples = _positive_int(min_samples, "min_samples")
         if self._min_samples > self._window:
-            raise ValueError(f"min_samples ({min_samples}) must not exceed window ({window})")
+            raise InvalidArgumentError(f"min_samples ({min_samples}) must not exceed window ({window})")
         self._initial = _finite_number(initial_threshold, "initial_threshold")
         self._lock = threading.Lock()
         self._clear()
@@ -266,7 +277,7 @@ class RollingQuantileThreshold:
         if score is not None:
             score = _finite_number(score, "score")
         if escalated is not None and not isinstance(escalated, bool):
-            raise ValueError(f"escalated must be a bool or None, got {escalated!r}")
+            raise InvalidArgumentError(f"escalated must be a bool or None, got {escalated!r}")
         with self._lock:
             self._push_recent(score is None)
             if score is None:
@@ -415,7 +426,7 @@ class RollingQuantileThreshold:
     @classmethod
     def _from_state(cls, state: Mapping[str, Any]) -> RollingQuantileThreshold:
         if not isinstance(state, Mapping):
-            raise TypeError(f"state must be a mapping, got {type(state).__name__}")
+            raise InvalidTypeError(f"state must be a mapping, got {type(state).__name__}")
         if state.get("kind") != _ROLLING_KIND:
             raise InvalidStateError(
                 f"not a RollingQuantileThreshold state: kind={state.get('kind')!r}"
@@ -431,7 +442,7 @@ class RollingQuantileThreshold:
         )  # fmt: skip
         missing = [k for k in required if k not in state]
         if missing:
-            raise ValueError(f"missing keys {missing}")
+            raise InvalidArgumentError(f"missing keys {missing}")
         obj = cls(
             state["target_rate"],
             window=state["window"],
@@ -441,25 +452,25 @@ class RollingQuantileThreshold:
         lists = {k: state[k] for k in ("scores", "escalated", "recent_unknown")}
         for name, value in lists.items():
             if not isinstance(value, list):
-                raise TypeError(f"{name!r} must be a list, got {type(value).__name__}")
+                raise InvalidTypeError(f"{name!r} must be a list, got {type(value).__name__}")
             if len(value) > obj._window:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"{name!r} holds {len(value)} entries, more than window={obj._window}"
                 )
         scores, escalated, recent = lists["scores"], lists["escalated"], lists["recent_unknown"]
         if len(scores) != len(escalated):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"'scores' ({len(scores)}) and 'escalated' ({len(escalated)}) must have the same "
                 "length"
             )
         clean_scores = [_finite_number(s, "a 'scores' entry") for s in scores]
         for name in ("escalated", "recent_unknown"):
             if not all(isinstance(f, bool) for f in lists[name]):
-                raise TypeError(f"{name!r} must hold only booleans")
+                raise InvalidTypeError(f"{name!r} must hold only booleans")
         n_known_total = _positive_int(state["n_known_total"], "'n_known_total'", 0)
         n_unknown_total = _positive_int(state["n_unknown_total"], "'n_unknown_total'", 0)
         if n_known_total < len(scores) or n_unknown_total < sum(recent):
-            raise ValueError("the totals are smaller than the window contents")
+            raise InvalidArgumentError("the totals are smaller than the window contents")
         obj._scores = deque(clean_scores)
         obj._escalated = deque(escalated)
         obj._n_escalated = sum(escalated)
@@ -537,7 +548,7 @@ class CalibrationResult:
     def require_threshold(self) -> float:
         """The threshold, or ``ValueError`` (with the note) when the target is unreachable."""
         if not self.reachable or self.threshold is None:
-            raise ValueError(f"calibration target not reachable: {self.note}")
+            raise InvalidArgumentError(f"calibration target not reachable: {self.note}")
         return self.threshold
 
     def as_dict(self) -> dict[str, Any]:
@@ -546,15 +557,27 @@ class CalibrationResult:
 
 
 def _is_missing(score: Any) -> bool:
-    return score is None or (isinstance(score, float) and math.isnan(score))
+    return score is None or (
+        isinstance(score, numbers.Real) and not _is_bool(score) and math.isnan(score)
+    )
 
 
 def _label(value: Any, name: str, index: int) -> int:
-    if isinstance(value, bool):
+    if _is_bool(value):
         return int(value)
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return int(value)
-    raise ValueError(f"{name}[{index}] must be 0/1 (or a bool), got {value!r}")
+    if isinstance(value, numbers.Real) and value in (0, 1):
+        return 1 if value == 1 else 0
+    raise InvalidArgumentError(f"{name}[{index}] must be 0/1 (or a bool), got {value!r}")
+
+
+def _rows(values: Iterable[Any]) -> Sequence[Any]:
+    """A sequence of rows: lists, tuples and numpy arrays as they are, other iterables (a
+    generator) read once into a list."""
+    if isinstance(values, (str, bytes)):
+        raise InvalidTypeError(f"expected one value per row, got a {type(values).__name__}")
+    if hasattr(values, "__len__") and hasattr(values, "__getitem__"):
+        return values  # type: ignore[return-value]
+    return list(values)
 
 
 def calibrate_threshold(
@@ -591,9 +614,14 @@ def calibrate_threshold(
         target_accuracy: target accuracy in ``[0, 1]``.
         cloud_labels: cloud correctness ``z`` per row, to target system accuracy.
 
+    ``scores`` and the labels may be lists, tuples, numpy arrays (any int, float or bool
+    dtype) or one-shot iterables.
+
     Raises:
-        ValueError: not exactly one target, a target out of range, mismatched lengths, a label
-            that is not 0/1, an infinite score, or no row with a known score.
+        InvalidArgumentError: (a ``ValueError``) not exactly one target, a target out of
+            range, mismatched lengths, a label that is not 0/1, an infinite score, or no row
+            with a known score.
+        InvalidTypeError: (a ``TypeError``) a score or target that is not a number.
 
     Example::
 
@@ -605,22 +633,25 @@ def calibrate_threshold(
         >>> r.reachable, r.threshold
         (False, None)
     """
+    scores = _rows(scores)
+    labels = None if labels is None else _rows(labels)
+    cloud_labels = None if cloud_labels is None else _rows(cloud_labels)
     if (target_rate is None) == (target_accuracy is None):
-        raise ValueError("give exactly one of target_rate and target_accuracy")
+        raise InvalidArgumentError("give exactly one of target_rate and target_accuracy")
     target_kind = "call_rate" if target_rate is not None else "accuracy"
     target = _finite_number(
         target_rate if target_rate is not None else target_accuracy, target_kind.replace("_", " ")
     )
     if not 0.0 <= target <= 1.0:
-        raise ValueError(f"the target {target_kind} must be in [0, 1], got {target!r}")
+        raise InvalidArgumentError(f"the target {target_kind} must be in [0, 1], got {target!r}")
     if target_accuracy is not None and labels is None:
-        raise ValueError("target_accuracy needs labels (local correctness per row)")
+        raise InvalidArgumentError("target_accuracy needs labels (local correctness per row)")
     if cloud_labels is not None and labels is None:
-        raise ValueError("cloud_labels need labels too (system accuracy mixes y and z)")
+        raise InvalidArgumentError("cloud_labels need labels too (system accuracy mixes y and z)")
     n_rows = len(scores)
     for name, values in (("labels", labels), ("cloud_labels", cloud_labels)):
         if values is not None and len(values) != n_rows:
-            raise ValueError(f"{name} has {len(values)} rows, scores has {n_rows}")
+            raise InvalidArgumentError(f"{name} has {len(values)} rows, scores has {n_rows}")
 
     rows: list[tuple[float, int, int]] = []
     n_missing = 0
@@ -634,7 +665,7 @@ def calibrate_threshold(
         rows.append((value, y, z))
     n = len(rows)
     if n == 0:
-        raise ValueError(f"no row has a known score ({n_missing} missing): nothing to calibrate")
+        raise InvalidArgumentError(f"no row has a known score ({n_missing} missing): nothing to calibrate")
     rows.sort(key=lambda r: r[0])
 
     # Candidates in ascending call rate: escalating the rows below each distinct score, then
@@ -731,6 +762,23 @@ _LEGACY_COLUMNS: Mapping[str, str] = {
 }
 
 
+class EvalDatabaseError(InvalidArgumentError):
+    """A file given as an evaluation database cannot be read as one; the message names it.
+
+    Raised for a file that is not SQLite (corrupted, truncated, a text file), a directory, a
+    SQLite file of another application or of another schema version, a table lacking needed
+    columns, and values of the wrong type (a ``correct`` column holding ``'yes'``). The file
+    is left as it was: readers never create tables in it or change its journal mode.
+
+    Attributes:
+        path: the file.
+    """
+
+    def __init__(self, message: str, *, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 @dataclass(frozen=True)
 class RunScores:
     """Arrays read from an evaluation run, aligned row by row (failure rows excluded).
@@ -755,10 +803,39 @@ class RunScores:
 
 def _connect_read_only(path: str | os.PathLike[str]) -> sqlite3.Connection:
     p = Path(path)
+    if p.is_dir():
+        raise EvalDatabaseError(f"{p}: is a directory, not an evaluation database", path=p)
     if not p.is_file():
         raise FileNotFoundError(f"evaluation database not found: {os.fspath(path)!r}")
     # Read-only: calibrating must never create tables or rows in someone's run database.
     return sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True)
+
+
+@contextlib.contextmanager
+def database_errors(
+    path: str | os.PathLike[str], error_class: type[EvalDatabaseError] | None = None
+) -> Any:
+    """Context manager: SQLite's own errors inside it (``file is not a database``, ``no such
+    column``, ``database is locked``) become :class:`EvalDatabaseError` (or ``error_class``, a
+    subclass) naming the file."""
+    try:
+        yield
+    except sqlite3.Error as error:
+        p = Path(path)
+        raise (error_class or EvalDatabaseError)(
+            f"{p}: cannot be read as an evaluation database ({error})", path=p
+        ) from None
+
+
+def _db_label(value: Any, path: str | os.PathLike[str], column: str) -> int | None:
+    """A stored 0/1 label (``None`` stays ``None``); anything else names the file."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return int(value)
+    raise EvalDatabaseError(
+        f"{Path(path)}: column {column!r} must hold 0, 1 or NULL; found {value!r}", path=Path(path)
+    )
 
 
 def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
@@ -768,20 +845,20 @@ def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
 def _pick_run(conn: sqlite3.Connection, run: str | int | None) -> tuple[int | None, str | None]:
     if "runs" not in {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}:
         if run is not None:
-            raise ValueError(f"run {run!r} requested but the database has no 'runs' table")
+            raise InvalidArgumentError(f"run {run!r} requested but the database has no 'runs' table")
         return None, None
     runs = conn.execute("SELECT run_id, name FROM runs ORDER BY run_id").fetchall()
     names = [name for _, name in runs]
     if run is None:
         if len(runs) != 1:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"the database holds {len(runs)} runs; choose one with run=...: {names}"
             )
         return runs[0][0], runs[0][1]
     for run_id, name in runs:
         if (isinstance(run, int) and not isinstance(run, bool) and run == run_id) or run == name:
             return run_id, name
-    raise ValueError(f"no run {run!r} in the database; runs: {names}")
+    raise InvalidArgumentError(f"no run {run!r} in the database; runs: {names}")
 
 
 def load_scores_from_run(
@@ -809,7 +886,9 @@ def load_scores_from_run(
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: unknown signal, ambiguous/unknown run, or a table lacking needed columns.
+        EvalDatabaseError: (a ``ValueError``) the file is not SQLite, a table lacks needed
+            columns, or a label column holds something other than 0/1/NULL.
+        ValueError: unknown signal, ambiguous/unknown run.
 
     Example::
 
@@ -818,53 +897,67 @@ def load_scores_from_run(
     """
     conn = _connect_read_only(path)
     try:
-        columns = _columns(conn, "results")
-        if not columns:
-            raise ValueError(f"{os.fspath(path)}: no 'results' table")
-        if "correct" not in columns:
-            raise ValueError(f"{os.fspath(path)}: table 'results' lacks the 'correct' column")
-        extra_key: tuple[str, str] | None = None
-        router_signal = _COLUMN_ALIASES.get(signal, signal)
-        if router_signal in SIGNAL_SCORERS:
-            legacy = _LEGACY_COLUMNS.get(router_signal)
-            if "tokens" not in columns and (legacy is None or legacy not in columns):
-                raise ValueError(
-                    f"{os.fspath(path)}: table 'results' has no per-token data (column "
-                    f"'tokens') to compute {router_signal!r} from"
-                )
-            column = ", ".join(
-                [
-                    legacy if legacy is not None and legacy in columns else "NULL",
-                    "tokens" if "tokens" in columns else "NULL",
-                    "answer" if "answer" in columns else "NULL",
-                ]
-            )
-        elif "." in signal and "extras" in columns:
-            name, _, field = signal.partition(".")
-            extra_key = (name, field)
-            column = "extras"
-        else:
-            raise ValueError(
-                f"unknown signal {signal!r}: use one of {sorted(SIGNAL_SCORERS)} (or the "
-                f"columns {sorted(_COLUMN_ALIASES)}) or '<extra signal>.<field>' "
-                "(e.g. 'gsa.p_yes')"
-            )
-        run_id, run_name = _pick_run(conn, run)
-        has = columns.__contains__
-        select = [
-            column,
-            "correct",
-            "error" if has("error") else "NULL",
-            "cloud_correct" if has("cloud_correct") else "NULL",
-            "cloud_error" if has("cloud_error") else "NULL",
-        ]
-        order = "position, item_id" if has("position") and has("item_id") else "rowid"
-        where, params = ("WHERE run_id = ?", (run_id,)) if run_id is not None else ("", ())
-        rows = conn.execute(
-            f"SELECT {', '.join(select)} FROM results {where} ORDER BY {order}", params
-        ).fetchall()
+        with database_errors(path):
+            return _load_scores(conn, path, signal, run)
     finally:
         conn.close()
+
+
+def _load_scores(
+    conn: sqlite3.Connection, path: str | os.PathLike[str], signal: str, run: str | int | None
+) -> RunScores:
+    columns = _columns(conn, "results")
+    p = Path(path)
+    if not columns:
+        raise EvalDatabaseError(
+            f"{p}: not an evaluation database (no 'results' table)", path=p
+        )
+    if "correct" not in columns:
+        raise EvalDatabaseError(
+            f"{p}: not an evaluation database (table 'results' lacks the 'correct' column)",
+            path=p,
+        )
+    extra_key: tuple[str, str] | None = None
+    router_signal = _COLUMN_ALIASES.get(signal, signal)
+    if router_signal in SIGNAL_SCORERS:
+        legacy = _LEGACY_COLUMNS.get(router_signal)
+        if "tokens" not in columns and (legacy is None or legacy not in columns):
+            raise EvalDatabaseError(
+                f"{p}: table 'results' has no per-token data (column "
+                f"'tokens') to compute {router_signal!r} from",
+                path=p,
+            )
+        column = ", ".join(
+            [
+                legacy if legacy is not None and legacy in columns else "NULL",
+                "tokens" if "tokens" in columns else "NULL",
+                "answer" if "answer" in columns else "NULL",
+            ]
+        )
+    elif "." in signal and "extras" in columns:
+        name, _, field = signal.partition(".")
+        extra_key = (name, field)
+        column = "extras"
+    else:
+        raise InvalidArgumentError(
+            f"unknown signal {signal!r}: use one of {sorted(SIGNAL_SCORERS)} (or the "
+            f"columns {sorted(_COLUMN_ALIASES)}) or '<extra signal>.<field>' "
+            "(e.g. 'gsa.p_yes')"
+        )
+    run_id, run_name = _pick_run(conn, run)
+    has = columns.__contains__
+    select = [
+        column,
+        "correct",
+        "error" if has("error") else "NULL",
+        "cloud_correct" if has("cloud_correct") else "NULL",
+        "cloud_error" if has("cloud_error") else "NULL",
+    ]
+    order = "position, item_id" if has("position") and has("item_id") else "rowid"
+    where, params = ("WHERE run_id = ?", (run_id,)) if run_id is not None else ("", ())
+    rows = conn.execute(
+        f"SELECT {', '.join(select)} FROM results {where} ORDER BY {order}", params
+    ).fetchall()
 
     scores: list[float | None] = []
     labels: list[int | None] = []
@@ -880,10 +973,9 @@ def load_scores_from_run(
             raw = _token_score(router_signal, *values)
         score = float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else None
         scores.append(None if score is None or math.isnan(score) else score)
-        labels.append(None if correct is None else int(correct))
-        cloud.append(
-            None if cloud_correct is None or cloud_error is not None else int(cloud_correct)
-        )
+        labels.append(_db_label(correct, path, "correct"))
+        cloud_label = _db_label(cloud_correct, path, "cloud_correct")
+        cloud.append(None if cloud_error is not None else cloud_label)
     scored = [i for i, s in enumerate(scores) if s is not None]
     return RunScores(
         scores=scores,
@@ -931,7 +1023,7 @@ def calibrate_run(
     """
     data = load_scores_from_run(path, signal, run=run)
     if target_accuracy is not None and data.labels is None:
-        raise ValueError(f"{os.fspath(path)}: rows lack labels; an accuracy target needs them")
+        raise InvalidArgumentError(f"{os.fspath(path)}: rows lack labels; an accuracy target needs them")
     return calibrate_threshold(
         data.scores,
         data.labels,

@@ -17,11 +17,15 @@ import argparse
 import errno
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from confidence_router import commands
 from confidence_router.commands import command
 from confidence_router.errors import ConfidenceRouterError
 from confidence_router.policy import DEFAULT_POLICY
+
+if TYPE_CHECKING:
+    from confidence_router.correctness import ConfidenceCalibration
 
 #: Shown by ``confidence-router --help`` above the list of commands (plain text).
 DESCRIPTION = (
@@ -148,7 +152,31 @@ def _calibrate_args(parser: argparse.ArgumentParser) -> None:
          "pick a threshold from an evaluation run for a target cloud-call rate or accuracy")
 def _calibrate(args: argparse.Namespace) -> int:
     """Pick a threshold from a labelled evaluation run, or fit P(correct) (--fit)."""
+    import sqlite3
+
+    try:
+        return _calibrate_checked(args)
+    except (OSError, sqlite3.Error, LookupError) as error:
+        # Files the user named (--out in a missing place, a locked database): one line, not a
+        # traceback. Library errors (ValueError, ConfidenceRouterError) are main()'s.
+        if isinstance(error, FileNotFoundError):
+            raise
+        text = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"confidence-router calibrate: error: {' '.join(str(text).split())}",
+              file=sys.stderr)
+        return 2
+
+
+def _calibrate_checked(args: argparse.Namespace) -> int:
+    import math
+
+    for option, value in (("--target-rate", args.target_rate),
+                          ("--target-accuracy", args.target_accuracy)):
+        if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise ValueError(f"{option} must be in [0, 1]; got {value}")
     if args.fit is not None:
+        if not (math.isfinite(args.holdout) and 0.0 < args.holdout < 1.0):
+            raise ValueError(f"--holdout must be in (0, 1); got {args.holdout}")
         return _calibrate_fit(args)
     if args.run_db is None or (args.target_rate is None and args.target_accuracy is None):
         print("confidence-router calibrate: error: give RUN.sqlite and --target-rate or "
@@ -236,7 +264,7 @@ def _calibrate_fit(args: argparse.Namespace) -> int:
         "ece_after": ece(held_labels, calibrated),
         "brier_before": brier(held_labels, held_scores),
         "brier_after": brier(held_labels, calibrated),
-        "saved": str(calibration.save(args.out)),
+        "saved": _save_calibration(calibration, args.out),
     }
     if args.target_accuracy is not None:
         report["target_accuracy"] = args.target_accuracy
@@ -254,6 +282,13 @@ def _calibrate_fit(args: argparse.Namespace) -> int:
               + ("not reachable" if threshold is None else f"{threshold:.6g}"))
     print(f"saved {report['saved']}")
     return 0
+
+
+def _save_calibration(calibration: ConfidenceCalibration, out: str) -> str:
+    try:
+        return str(calibration.save(out))
+    except OSError as error:
+        raise ValueError(f"cannot write --out {out!r}: {error.strerror or error}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

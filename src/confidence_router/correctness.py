@@ -24,15 +24,16 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import numbers
 import os
 import random
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confidence_router.errors import ConfidenceRouterError
+from confidence_router.errors import ConfidenceRouterError, InvalidArgumentError
 from confidence_router.signals import SIGNAL_SCORERS
 
 __all__ = [
@@ -52,22 +53,38 @@ class CalibrationFitError(ConfidenceRouterError, ValueError):
     """A calibration cannot be fitted or loaded (bad input, one class only, corrupt file)."""
 
 
-def _check_rows(scores: Sequence[float], labels: Sequence[int]) -> tuple[list[float], list[int]]:
-    if len(scores) != len(labels):
+def _is_number(value: Any) -> bool:
+    """A real number that is not a bool (numpy scalars count; numpy's bool does not)."""
+    kind = type(value)
+    is_bool = isinstance(value, bool) or (
+        kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")
+    )
+    return not is_bool and isinstance(value, numbers.Real) and not math.isnan(value)
+
+
+def _check_rows(
+    scores: Iterable[float], labels: Iterable[int]
+) -> tuple[list[float], list[int]]:
+    # Read once: generators work, and lists, tuples and numpy arrays alike.
+    score_rows: list[Any] = list(scores)
+    label_rows: list[Any] = list(labels)
+    if len(score_rows) != len(label_rows):
         raise CalibrationFitError(
-            f"scores and labels differ in length: {len(scores)} != {len(labels)}"
+            f"scores and labels differ in length: {len(score_rows)} != {len(label_rows)}"
         )
     xs: list[float] = []
     ys: list[int] = []
-    for score, label in zip(scores, labels):
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or math.isnan(score):
+    for score, label in zip(score_rows, label_rows):
+        if not _is_number(score):
             raise CalibrationFitError(f"scores must be numbers, got {score!r}")
         if not 0.0 <= score <= 1.0:
             raise CalibrationFitError(f"scores must lie in [0, 1], got {score!r}")
-        if isinstance(label, bool) or label not in (0, 1):
+        if isinstance(label, bool) or type(label).__name__ in ("bool", "bool_"):
+            label = int(label)  # True/False count as 1/0, as everywhere in the evaluation
+        if not isinstance(label, numbers.Real) or label not in (0, 1):
             raise CalibrationFitError(f"labels must be 0 or 1, got {label!r}")
         xs.append(float(score))
-        ys.append(int(label))
+        ys.append(1 if label == 1 else 0)
     if not xs:
         raise CalibrationFitError("no rows to fit on")
     if len(set(ys)) < 2:
@@ -231,8 +248,8 @@ class ConfidenceCalibration:
     @classmethod
     def fit(
         cls,
-        scores: Sequence[float],
-        labels: Sequence[int],
+        scores: Iterable[float],
+        labels: Iterable[int],
         *,
         signal: str,
         method: str = "isotonic",
@@ -265,15 +282,17 @@ class ConfidenceCalibration:
     def p_correct(self, score: float | None) -> float | None:
         """P(the answer is correct) for a score of :attr:`signal`; ``None`` stays ``None``.
 
-        An unknown score has no probability (never 0.5). Raises ``ValueError`` for a score
-        outside [0, 1] or NaN.
+        An unknown score has no probability (never 0.5). Raises
+        :class:`~confidence_router.errors.InvalidArgumentError` (a ``ValueError``) for a score
+        outside [0, 1], NaN or not a number.
         """
         if score is None:
             return None
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or math.isnan(score):
-            raise ValueError(f"score must be a number in [0, 1], got {score!r}")
+        if not _is_number(score):
+            raise InvalidArgumentError(f"score must be a number in [0, 1], got {score!r}")
         if not 0.0 <= score <= 1.0:
-            raise ValueError(f"score must be in [0, 1], got {score!r}")
+            raise InvalidArgumentError(f"score must be in [0, 1], got {score!r}")
+        score = float(score)
         if self.method == "platt":
             return _sigmoid(self.a * _logit(score) + self.b)  # type: ignore[operator]
         xs, ys = self.knots_x, self.knots_y
@@ -302,13 +321,12 @@ class ConfidenceCalibration:
         accuracy of all kept answers together is higher). Returns ``0.0`` when every score
         reaches it and ``None`` when none does.
 
-        Raises ``ValueError`` for a target outside (0, 1), and :class:`CalibrationFitError`
+        Raises ``InvalidArgumentError`` (a ``ValueError``) for a target outside (0, 1), and
+        :class:`CalibrationFitError`
         for a Platt fit with a negative slope (higher scores mean *less* likely correct).
         """
-        if isinstance(target, bool) or not isinstance(target, (int, float)) or not (
-            0.0 < target < 1.0
-        ):
-            raise ValueError(f"target accuracy must be in (0, 1), got {target!r}")
+        if not _is_number(target) or not 0.0 < target < 1.0:
+            raise InvalidArgumentError(f"target accuracy must be in (0, 1), got {target!r}")
         if self.method == "platt":
             if self.a is None or self.a <= 0:
                 raise CalibrationFitError(

@@ -20,6 +20,7 @@ from confidence_router.evaluation.baseline import (
     TrainTestOverlapError,
     assert_disjoint,
     learning_curve,
+    question_key,
     split_train_test,
 )
 from confidence_router.evaluation.metrics import auroc
@@ -129,12 +130,17 @@ def test_learning_curve_reports_both_auroc_definitions(embeddings):
     rows = planted_rows(150)
     curve = learning_curve(rows, embeddings, sizes=(25, 60, 1000))
     small, medium, too_big, full = curve
-    assert [p.n_train for p in curve] == [25, 60, 1000, 105]  # + the whole training pool
-    assert small.n_test == medium.n_test == 45  # the fixed held-out 30%
+    # + the whole training pool, each question once. planted_rows(150) repeats a question
+    # ("Which <3 of 16 words> ..." collide); the split keeps both copies on one side.
+    pool, held = split_train_test(rows, test_fraction=0.3)
+    distinct = {question_key(r.question): r for r in reversed(pool)}
+    assert len(pool) + len(held) == 150 and len(distinct) == 104
+    assert [p.n_train for p in curve] == [25, 60, 1000, 104]
+    assert small.n_test == medium.n_test == len(held)  # the fixed held-out 30%
     for point in (small, medium):
         assert 0.5 < point.mean_cv_auroc <= 1.0  # the paper's number (CV on training rows)
         assert 0.5 < point.heldout_auroc <= 1.0  # evaluation on the held-out rows
         assert point.note == ""
     assert medium.n_train_pos == 20  # stratified: a third of 60
-    assert math.isnan(too_big.mean_cv_auroc) and "only 105 training rows" in too_big.note
-    assert full.note == "" and full.n_train_pos == 35
+    assert math.isnan(too_big.mean_cv_auroc) and "only 104 training rows" in too_big.note
+    assert full.note == "" and full.n_train_pos == sum(r.label for r in distinct.values())

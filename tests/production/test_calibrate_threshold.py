@@ -14,6 +14,7 @@ from confidence_router.calibration import (
     calibrate_threshold,
     load_scores_from_run,
 )
+from confidence_router.errors import InvalidArgumentError, InvalidTypeError
 
 # Ten rows, sorted by score for readability. y = local correct, z = cloud correct.
 S = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
@@ -286,3 +287,47 @@ def test_reads_the_evaluation_runner_schema(tmp_path):
     data = load_scores_from_run(path)
     assert data.scores == [0.3, 0.8] and data.labels == [0, 1] and data.n_errors == 1
     assert data.cloud_labels is None
+
+
+# ---- attack round: the arrays users actually have ----------------------------------------------
+
+
+def test_numpy_arrays_and_generators_are_accepted():
+    # Found: SignalArrays / numpy inputs were refused: "labels[0] must be 0/1 (or a bool), got
+    # np.int64(0)" and "scores[0] must be a number, got np.float32(0.1)"; a generator raised
+    # "object of type 'generator' has no len()".
+    np = pytest.importorskip("numpy")
+    scores = [0.1, 0.4, 0.6, 0.9]
+    labels = [0, 0, 1, 1]
+    expected = calibrate_threshold(scores, labels, target_accuracy=1.0)
+    assert calibrate_threshold(np.array(scores), np.array(labels), target_accuracy=1.0) == expected
+    assert calibrate_threshold(np.array(scores), np.array(labels, dtype=bool),
+                               target_accuracy=1.0) == expected
+    got = calibrate_threshold(np.array(scores, dtype=np.float32), labels, target_accuracy=1.0)
+    assert got.threshold == pytest.approx(0.6) and got.expected_call_rate == 0.5
+    assert calibrate_threshold((s for s in scores), (y for y in labels),
+                               target_accuracy=1.0) == expected
+    # A NaN of any float type is a missing score, as documented.
+    with_nan = calibrate_threshold([np.float32("nan"), *scores], [None, *labels],
+                                   target_accuracy=1.0)
+    assert with_nan.n_missing == 1 and with_nan.threshold == expected.threshold
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: calibrate_threshold([0.1, 0.2], [0, 2], target_rate=0.5),
+         InvalidArgumentError, r"labels\[1\]"),
+        (lambda: calibrate_threshold([0.1, float("inf")], target_rate=0.5),
+         InvalidArgumentError, r"scores\[1\].*finite"),
+        (lambda: calibrate_threshold(["0.1"], target_rate=0.5), InvalidTypeError, r"scores\[0\]"),
+        (lambda: calibrate_threshold([0.1], [0, 1], target_rate=0.5),
+         InvalidArgumentError, "rows"),
+        (lambda: calibrate_threshold([], target_rate=0.5), InvalidArgumentError, "no row"),
+        (lambda: calibrate_threshold([0.1], target_rate=1.5), InvalidArgumentError, "1.5"),
+        (lambda: calibrate_threshold([0.1], target_rate=True), InvalidTypeError, "True"),
+    ],
+)
+def test_bad_input_is_a_typed_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -277,3 +277,41 @@ def test_calibrate_fit_errors(ollama_backend, ollama_server, tmp_path, capsys):
     assert main(["calibrate", "--fit", str(tmp_path / "none.sqlite")]) == 2
     assert main(["calibrate"]) == 2
     assert "--fit" in capsys.readouterr().err
+
+
+# ---- attack round: numpy inputs, generators, typed errors ----------------------------------------
+
+
+def test_fit_and_p_correct_take_numpy_values_and_generators():
+    # Found: float32 scores were refused ("scores must be numbers, got np.float32(0.1)"), so
+    # was p_correct(np.float32(0.5)); generators raised "object of type 'generator' has no
+    # len()".
+    np = pytest.importorskip("numpy")
+    scores = [0.1, 0.3, 0.6, 0.9] * 10
+    labels = [0, 0, 1, 1] * 10
+    ref = ConfidenceCalibration.fit(scores, labels, signal="mean_logprob")
+    f32 = ConfidenceCalibration.fit(np.array(scores, dtype=np.float32),
+                                    np.array(labels, dtype=bool), signal="mean_logprob")
+    gen = ConfidenceCalibration.fit((s for s in scores), iter(labels), signal="mean_logprob")
+    assert gen.as_dict() == ref.as_dict()
+    assert f32.p_correct(0.9) == pytest.approx(ref.p_correct(0.9))
+    assert ref.p_correct(np.float32(0.9)) == pytest.approx(ref.p_correct(0.9))
+    assert ref.p_correct(np.float64(0.9)) == ref.p_correct(0.9)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda c: c.p_correct(float("nan")), "score"),
+        (lambda c: c.p_correct(1.5), "score"),
+        (lambda c: c.p_correct("0.5"), "score"),
+        (lambda c: c.threshold_for_accuracy(1.5), "target accuracy"),
+        (lambda c: c.threshold_for_accuracy(float("nan")), "target accuracy"),
+    ],
+)
+def test_bad_scores_and_targets_are_typed_errors(call, match):
+    # Found: plain ValueError (not a ConfidenceRouterError).
+    calibration = ConfidenceCalibration.fit([0.1, 0.9] * 20, [0, 1] * 20, signal="mean_logprob")
+    with pytest.raises(ConfidenceRouterError, match=match) as info:
+        call(calibration)
+    assert isinstance(info.value, ValueError)

@@ -21,9 +21,15 @@ Usage::
     held_out = baseline.evaluate(test)          # AUROC + bootstrap CI, refuses train ids
     curve = learning_curve(rows, emb)           # mean CV AUROC and held-out AUROC per N
 
-**Train/test separation is explicit**: :meth:`SupervisedBaseline.score_rows` and
-:meth:`SupervisedBaseline.evaluate` raise :class:`TrainTestOverlapError` if any row's item id
-was used for training, and :func:`split_train_test` asserts that its halves are disjoint.
+**Train/test separation is explicit**, by item id *and* by question text (normalised with
+:func:`question_key`: case, accents, punctuation, articles and spacing ignored), so a question
+that a file holds twice under two ids can never be trained on and evaluated:
+:func:`split_train_test` keeps all rows of a question on one side,
+:meth:`SupervisedBaseline.fit` trains on each question once (the first row; later duplicates
+are dropped and counted, so they cannot leak across the CV folds either), and
+:meth:`SupervisedBaseline.score_rows` / :meth:`SupervisedBaseline.evaluate` raise
+:class:`TrainTestOverlapError` for a row whose id or question was used for training
+(:meth:`SupervisedBaseline.unseen` filters such rows out instead).
 
 The CV loop is written out (``StratifiedKFold`` + ``LogisticRegression`` per ``C``) rather than
 delegated to ``LogisticRegressionCV``: it is the same procedure (pick the ``C`` with the best mean
@@ -43,6 +49,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from confidence_router.errors import InvalidArgumentError, InvalidTypeError
+from confidence_router.evaluation.grading import normalize_answer
 from confidence_router.evaluation.metrics import BootstrapResult, auroc, bootstrap_ci
 
 __all__ = [
@@ -59,6 +66,7 @@ __all__ = [
     "TrainTestOverlapError",
     "assert_disjoint",
     "learning_curve",
+    "question_key",
     "split_train_test",
 ]
 
@@ -95,18 +103,47 @@ class LabelledQuestion:
     label: int
 
     def __post_init__(self) -> None:
-        if self.label not in (0, 1):
-            raise InvalidArgumentError(f"label must be 0 or 1; got {self.label!r} for {self.item_id!r}")
+        if isinstance(self.label, bool):
+            object.__setattr__(self, "label", int(self.label))  # as the metrics take them
+        if not isinstance(self.label, int) or self.label not in (0, 1):
+            raise InvalidArgumentError(
+                f"label must be 0 or 1; got {self.label!r} for {self.item_id!r}"
+            )
+        if not isinstance(self.question, str) or not self.question.strip():
+            raise InvalidArgumentError(f"question of {self.item_id!r} must be non-empty text")
+
+
+def question_key(question: str) -> str:
+    """The form under which two questions count as the same one for train/test separation.
+
+    :func:`~confidence_router.evaluation.grading.normalize_answer` (case folded, accents
+    folded, punctuation and the articles a/an/the removed, spacing collapsed); a question that
+    normalises to nothing keeps its stripped text.
+
+    >>> question_key("Who wrote  'Hamlet'?") == question_key("who wrote hamlet")
+    True
+    """
+    return normalize_answer(question) or question.strip()
 
 
 def assert_disjoint(train: Iterable[LabelledQuestion], test: Iterable[LabelledQuestion]) -> None:
-    """Raise :class:`TrainTestOverlapError` if the two row sets share an item id."""
+    """Raise :class:`TrainTestOverlapError` if the two row sets share an item id or a question
+    (compared by :func:`question_key`)."""
+    train = list(train)
+    test = list(test)
     train_ids = {r.item_id for r in train}
     shared = sorted(train_ids.intersection(r.item_id for r in test))
     if shared:
         raise TrainTestOverlapError(
             f"{len(shared)} item id(s) are in both the training and the evaluation rows, "
             f"e.g. {shared[:5]}; evaluate only on held-out rows"
+        )
+    train_keys = {question_key(r.question) for r in train}
+    same = [r.item_id for r in test if question_key(r.question) in train_keys]
+    if same:
+        raise TrainTestOverlapError(
+            f"{len(same)} evaluation row(s) repeat a training question under another id, "
+            f"e.g. {same[:5]}; evaluate only on held-out questions"
         )
 
 
@@ -124,11 +161,15 @@ def _check_unique_ids(rows: Sequence[LabelledQuestion], what: str) -> None:
 def split_train_test(
     rows: Sequence[LabelledQuestion], *, test_fraction: float = 0.3, seed: int = DEFAULT_SEED
 ) -> tuple[list[LabelledQuestion], list[LabelledQuestion]]:
-    """Stratified random split into training and held-out rows, disjoint by item id.
+    """Stratified random split into training and held-out rows, disjoint by item id and by
+    question.
 
-    Each class is shuffled with ``numpy.random.default_rng(seed)`` and its first
-    ``round(test_fraction * n_class)`` rows go to the test part; both parts keep the input
-    order. Deterministic for a given input order and seed.
+    Rows are grouped by :func:`question_key`; each group is represented by its first row (and
+    its label). The representatives of each class are shuffled with
+    ``numpy.random.default_rng(seed)`` and the first ``round(test_fraction * n_class)`` go to
+    the test part **with every row of their group**; both parts keep the input order.
+    Deterministic for a given input order and seed; without repeated questions every group is
+    one row and this is a plain stratified row split.
 
     Raises:
         BaselineDataError: duplicate item ids, or ``test_fraction`` outside ``(0, 1)``.
@@ -144,14 +185,22 @@ def split_train_test(
         raise BaselineDataError(f"test_fraction must be in (0, 1); got {test_fraction}")
     rows = list(rows)
     _check_unique_ids(rows, "input")
+    keys = [question_key(r.question) for r in rows]
+    first_of: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        first_of.setdefault(key, i)
+    representatives = set(first_of.values())
     rng = np.random.default_rng(seed)
-    test_index: set[int] = set()
+    test_groups: set[str] = set()
     for label in (0, 1):
-        idx = np.array([i for i, r in enumerate(rows) if r.label == label], dtype=np.int64)
+        idx = np.array(
+            [i for i, r in enumerate(rows) if r.label == label and i in representatives],
+            dtype=np.int64,
+        )
         rng.shuffle(idx)
-        test_index.update(int(i) for i in idx[: round(test_fraction * idx.size)])
-    train = [r for i, r in enumerate(rows) if i not in test_index]
-    test = [r for i, r in enumerate(rows) if i in test_index]
+        test_groups.update(keys[int(i)] for i in idx[: round(test_fraction * idx.size)])
+    train = [r for r, key in zip(rows, keys) if key not in test_groups]
+    test = [r for r, key in zip(rows, keys) if key in test_groups]
     assert_disjoint(train, test)  # by construction; kept as an executable guarantee
     return train, test
 
@@ -265,13 +314,26 @@ def _fit_quietly(clf: Any, x: NDArray[np.float64], y: NDArray[np.int64]) -> None
         clf.fit(x, y)
 
 
+def _dedupe_questions(rows: Sequence[LabelledQuestion]) -> list[LabelledQuestion]:
+    """The first row of each question (:func:`question_key`), in input order."""
+    seen: set[str] = set()
+    out = []
+    for r in rows:
+        key = question_key(r.question)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
 def _check_training_rows(rows: Sequence[LabelledQuestion], min_rows: int) -> None:
     n = len(rows)
     n_pos = sum(r.label for r in rows)
     n_neg = n - n_pos
     if n < min_rows:
         raise BaselineDataError(
-            f"the supervised baseline needs at least {min_rows} labelled rows; got {n}"
+            f"the supervised baseline needs at least {min_rows} labelled rows (distinct "
+            f"questions); got {n}"
         )
     if n_pos == 0 or n_neg == 0:
         raise BaselineDataError(
@@ -302,8 +364,12 @@ class SupervisedBaseline:
 
     Attributes:
         cv: the cross-validation grid (:class:`CrossValidation`).
-        train_ids: the item ids used for training (evaluation rows must avoid them).
-        n_train, n_train_pos: training rows and correct ones among them.
+        train_ids: the item ids of the rows given for training, duplicates included
+            (evaluation rows must avoid them).
+        train_questions: the :func:`question_key` of every training question (evaluation
+            rows must avoid them too).
+        n_train, n_train_pos: training rows (distinct questions) and correct ones among them.
+        n_duplicates: rows dropped because their question was already in the training rows.
     """
 
     def __init__(
@@ -315,13 +381,17 @@ class SupervisedBaseline:
         cv: CrossValidation,
         n_train: int,
         n_train_pos: int,
+        train_questions: frozenset[str] = frozenset(),
+        n_duplicates: int = 0,
     ) -> None:
         self.classifier = classifier
         self.embedder = embedder
         self.train_ids = train_ids
+        self.train_questions = train_questions
         self.cv = cv
         self.n_train = n_train
         self.n_train_pos = n_train_pos
+        self.n_duplicates = n_duplicates
 
     @classmethod
     def fit(
@@ -344,13 +414,19 @@ class SupervisedBaseline:
             min_rows: refuse fewer rows (default 50, the paper's rule; :func:`learning_curve`
                 lowers it to probe small N, as the paper did).
 
+        A question repeated under several ids (compared by :func:`question_key`) is trained
+        on once, with its first row's label; the others are dropped and counted in
+        ``n_duplicates`` (a repeat in another CV fold would be graded on a question the fold
+        was trained on). ``min_rows`` and the class checks count distinct questions.
+
         Raises:
-            BaselineDataError: fewer than ``min_rows`` rows, a single class, fewer than 5 rows
-                of a class (5-fold stratified CV), or duplicate item ids.
+            BaselineDataError: fewer than ``min_rows`` distinct questions, a single class,
+                fewer than 5 rows of a class (5-fold stratified CV), or duplicate item ids.
         """
-        rows = list(rows)
+        given = list(rows)
+        _check_unique_ids(given, "training")
+        rows = _dedupe_questions(given)
         _check_training_rows(rows, min_rows)
-        _check_unique_ids(rows, "training")
         if len(cs) == 0:
             raise InvalidArgumentError("cs must not be empty")
         embedder = _as_cache(embeddings)
@@ -362,10 +438,12 @@ class SupervisedBaseline:
         return cls(
             clf,
             embedder,
-            train_ids=frozenset(r.item_id for r in rows),
+            train_ids=frozenset(r.item_id for r in given),
+            train_questions=frozenset(question_key(r.question) for r in given),
             cv=cv,
             n_train=len(rows),
             n_train_pos=int(y.sum()),
+            n_duplicates=len(given) - len(rows),
         )
 
     def score(self, questions: Sequence[str]) -> NDArray[np.float64]:
@@ -378,12 +456,26 @@ class SupervisedBaseline:
         x = self.embedder.embed(list(questions))
         return self.classifier.predict_proba(x)[:, 1].astype(np.float64)
 
+    def _seen(self, row: LabelledQuestion) -> bool:
+        return row.item_id in self.train_ids or question_key(row.question) in self.train_questions
+
+    def unseen(self, rows: Iterable[LabelledQuestion]) -> list[LabelledQuestion]:
+        """The rows whose item id and question were both not used for training."""
+        return [r for r in rows if not self._seen(r)]
+
     def score_rows(self, rows: Sequence[LabelledQuestion]) -> NDArray[np.float64]:
-        """Scores of evaluation rows; raises :class:`TrainTestOverlapError` on a training id."""
-        overlap = sorted(self.train_ids.intersection(r.item_id for r in rows))
+        """Scores of evaluation rows; raises :class:`TrainTestOverlapError` on a row whose item
+        id or question (:func:`question_key`) was used for training."""
+        overlap = sorted(r.item_id for r in rows if r.item_id in self.train_ids)
         if overlap:
             raise TrainTestOverlapError(
                 f"{len(overlap)} evaluation row(s) were used for training, e.g. {overlap[:5]}"
+            )
+        same = [r.item_id for r in rows if self._seen(r)]
+        if same:
+            raise TrainTestOverlapError(
+                f"{len(same)} evaluation row(s) repeat a question used for training under "
+                f"another id, e.g. {same[:5]}"
             )
         return self.score([r.question for r in rows])
 
@@ -442,9 +534,9 @@ def learning_curve(
 ) -> list[LearningCurvePoint]:
     """Train the baseline on growing subsamples and report both AUROC definitions per N.
 
-    The held-out rows are ``test_rows`` if given (checked disjoint from ``rows``), else a
-    stratified ``test_fraction`` split of ``rows`` (:func:`split_train_test`); the rest is the
-    training pool. For each ``N`` in ``sizes`` a stratified subsample of ``N`` pool rows
+    The held-out rows are ``test_rows`` if given (checked disjoint from ``rows``, by id and
+    question), else a stratified ``test_fraction`` split of ``rows`` (:func:`split_train_test`);
+    the rest, each question once, is the training pool. For each ``N`` in ``sizes`` a stratified subsample of ``N`` pool rows
     (``seed``) is cross-validated and refit; sizes larger than the pool are reported with a
     note, as are sizes too small for 5-fold stratified CV (fewer than 5 rows of a class).
     With ``include_full_pool`` the whole pool is appended as a last point when it is larger
@@ -462,6 +554,8 @@ def learning_curve(
     else:
         pool, test = rows, list(test_rows)
         assert_disjoint(pool, test)
+    # Each question once, so that a subsample of N rows trains on N questions.
+    pool = _dedupe_questions(pool)
     embedder = _as_cache(embeddings)
     test_labels = np.array([r.label for r in test], dtype=np.int64)
     sizes = list(sizes)

@@ -17,21 +17,30 @@ Usage::
     confidence-router eval-all --fresh
 
 A killed ``eval`` (or ``eval-all``) resumes when the same command is run again.
+
+Exit codes: 0 done; 1 ``eval`` wrote rows but every answer failed (is the model server up?);
+2 a bad option, path, question file or database, reported in one line on stderr before any
+model loads (and before ``eval-all --fresh`` deletes anything); 130 interrupted (the committed
+rows are kept).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import math
 import shutil
+import sqlite3
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from confidence_router._extras import require_extra
 from confidence_router.commands import command
+from confidence_router.errors import ConfidenceRouterError, InvalidArgumentError
 
 DEFAULT_DB = "eval-runs.sqlite"
 DEFAULT_REPORT_NAME = "embedded-gemma3-270m"
@@ -43,6 +52,67 @@ GSA_DATASETS = ("triviaqa",)
 """Where eval-all also measures GSA v2 vs v3 (the issue's TriviaQA measurement)."""
 GSA_ORDERS = ("paper", "question-last", "both")
 """``--gsa-order``: the paper's probe prompts, the cache-friendly question-last ones, or both."""
+
+
+# ---- errors: one line on stderr, never a traceback ---------------------------------------------
+
+
+def _one_line_errors(name: str) -> Callable[[Callable[[argparse.Namespace], int]],
+                                            Callable[[argparse.Namespace], int]]:
+    """Wrap command ``name`` so that every expected failure -- a bad option, a missing or
+    broken file, a database that is not an evaluation database, a missing run, an unreachable
+    directory -- prints ``confidence-router NAME: error: ...`` on one line and returns 2, and
+    Ctrl-C says how to resume (exit 130)."""
+
+    def wrap(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        @functools.wraps(run)
+        def wrapped(args: argparse.Namespace) -> int:
+            try:
+                return run(args)
+            except KeyboardInterrupt:
+                print(f"confidence-router {name}: interrupted; every committed row is kept, run "
+                      "the same command again to resume", file=sys.stderr)
+                return 130
+            except (ConfidenceRouterError, ValueError, LookupError, OSError,
+                    sqlite3.Error) as error:
+                text = error.args[0] if isinstance(error, KeyError) and error.args else error
+                message = " ".join(str(text).split())  # one line, whatever the error held
+                print(f"confidence-router {name}: error: {message}", file=sys.stderr)
+                return 2
+
+        return wrapped
+
+    return wrap
+
+
+def _at_least(args: argparse.Namespace, attr: str, minimum: int, option: str) -> None:
+    value = getattr(args, attr, None)
+    if value is not None and value < minimum:
+        raise InvalidArgumentError(f"{option} must be an integer >= {minimum}; got {value}")
+
+
+def _finite_in(args: argparse.Namespace, attr: str, option: str, low: float, high: float,
+               *, low_open: bool = False) -> None:
+    value = getattr(args, attr, None)
+    if value is None:
+        return
+    ok = math.isfinite(value) and (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        bound = "(" if low_open else "["
+        raise InvalidArgumentError(f"{option} must be in {bound}{low:g}, {high:g}]; got {value}")
+
+
+def _positive_finite(args: argparse.Namespace, attr: str, option: str) -> None:
+    value = getattr(args, attr, None)
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise InvalidArgumentError(f"{option} must be a finite number > 0; got {value}")
+
+
+def _check_database(db: str, *, create: bool) -> None:
+    """Fail now, before a model loads, if ``db`` cannot be an evaluation database."""
+    from confidence_router.evaluation.runner import connect
+
+    connect(db, create=create).close()
 
 
 def _embedded_model_name() -> str:
@@ -116,7 +186,7 @@ def _run_dataset(
     data_dir: str | None,
     gsa: GsaOptions | None = None,
     items: list[Any] | None = None,
-) -> str:
+) -> Any:
     from confidence_router.evaluation.datasets import (
         KNOWN_DATASETS,
         dataset_file,
@@ -158,7 +228,7 @@ def _run_dataset(
         f"{summary.n_written} written ({summary.n_errors} failures) in "
         f"{summary.elapsed_s:.1f} s -> {db}"
     )
-    return summary.run_name
+    return summary
 
 
 @dataclass(frozen=True)
@@ -331,6 +401,7 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
 
 @command("eval", _eval_args,
          "answer a QA dataset with a local model and record the confidence signals (SQLite)")
+@_one_line_errors("eval")
 def _eval(args: argparse.Namespace) -> int:
     if args.ollama_url and not args.model:
         print(
@@ -340,15 +411,23 @@ def _eval(args: argparse.Namespace) -> int:
     require_extra("eval", "confidence-router eval")
     if args.gsa:
         require_extra("gsa", "confidence-router eval --gsa")
+    _check_eval_numbers(args)
     prompts = args.prompts or ("instruct" if args.ollama_url else "few-shot")
     model = args.model or _embedded_model_name()
     if not args.ollama_url:
         model = _answer_model(model, prompts, embedded=True)
     try:
-        # Read the dataset first: a typo in --dataset fails at once, before a model loads.
+        # Read the dataset and open the database first: a typo in --dataset or --db fails at
+        # once, before a model loads.
         items = _load_items(args)
+        if not items:
+            raise InvalidArgumentError(
+                f"no questions to evaluate: --offset {args.offset} is past the last record of "
+                f"{args.dataset}"
+            )
+        _check_database(args.db, create=True)
         with _ollama_endpoint(args.ollama_url) as url:
-            _run_dataset(
+            summary = _run_dataset(
                 url,
                 model=model,
                 dataset=args.dataset,
@@ -370,7 +449,32 @@ def _eval(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"confidence-router eval: error: {error}", file=sys.stderr)
         return 2
+    if summary.n_written and summary.n_errors == summary.n_written:
+        from confidence_router.evaluation.runner import load_run
+
+        kinds = load_run(args.db, summary.run_name).error_counts()
+        first = next(iter(kinds), "unknown")
+        where = args.ollama_url or "the embedded model"
+        print(f"confidence-router eval: error: every answer failed ({summary.n_errors} of "
+              f"{summary.n_written}, e.g. {first}); is {where} up and serving {model!r}? "
+              "Re-run with --retry-errors once it is", file=sys.stderr)
+        return 1
     return 0
+
+
+def _check_eval_numbers(args: argparse.Namespace) -> None:
+    """Refuse impossible numbers before anything is loaded or written."""
+    _at_least(args, "limit", 0, "--limit")
+    _at_least(args, "offset", 0, "--offset")
+    _at_least(args, "concurrency", 1, "--concurrency")
+    if args.num_predict is not None and args.num_predict < 1 and args.num_predict != -1:
+        raise InvalidArgumentError(
+            f"--num-predict must be an integer >= 1 (or -1: no limit); got {args.num_predict}"
+        )
+    _positive_finite(args, "timeout", "--timeout")
+    _at_least(args, "kb_offset", 0, "--kb-offset")
+    _at_least(args, "kb_size", 1, "--kb-size")
+    _finite_in(args, "tau", "--tau", 0.0, 1.0, low_open=True)
 
 
 def _load_items(args: argparse.Namespace) -> list[Any]:
@@ -467,10 +571,22 @@ def _write_report(
 
 @command("eval-report", _report_args,
          "write a Markdown report with AUROC, operating points and plots from eval runs")
+@_one_line_errors("eval-report")
 def _eval_report(args: argparse.Namespace) -> int:
     require_extra("eval", "confidence-router eval-report")
-    if not Path(args.db).is_file():
-        raise FileNotFoundError(f"evaluation database not found: {args.db!r}")
+    _at_least(args, "bootstrap", 1, "--bootstrap")
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InvalidArgumentError(f"--out-dir {str(out_dir)!r} is a file, not a directory")
+    # The database and the runs first: a bad --db or --run fails before a model loads.
+    from confidence_router.evaluation.runner import list_runs
+
+    stored = [info.name for info in list_runs(args.db)]
+    if not stored:
+        raise InvalidArgumentError(f"{args.db}: no runs in the database")
+    unknown = [name for name in args.runs or () if name not in stored]
+    if unknown:
+        raise InvalidArgumentError(f"{args.db}: no run {unknown[0]!r}; runs: {stored}")
     try:
         if args.no_baseline:
             _write_report(args, args.db, args.runs, args.name, None, None)
@@ -514,10 +630,19 @@ def _all_args(parser: argparse.ArgumentParser) -> None:
 
 @command("eval-all", _all_args,
          "regenerate the committed report of the embedded model from scratch (about an hour)")
+@_one_line_errors("eval-all")
 def _eval_all(args: argparse.Namespace) -> int:
     require_extra("eval", "confidence-router eval-all")
     if not getattr(args, "no_gsa", False):
         require_extra("gsa", "confidence-router eval-all (GSA v3 knowledge store)")
+    # Every number is checked before --fresh deletes anything.
+    _at_least(args, "limit", 1, "--limit")
+    _at_least(args, "concurrency", 1, "--concurrency")
+    _at_least(args, "bootstrap", 1, "--bootstrap")
+    _at_least(args, "kb_size", 1, "--kb-size")
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InvalidArgumentError(f"--out-dir {str(out_dir)!r} is a file, not a directory")
     db = Path(args.db or Path(args.out_dir) / f"{args.name}.sqlite")
     if args.fresh:
         for suffix in ("", "-wal", "-shm"):
@@ -525,6 +650,8 @@ def _eval_all(args: argparse.Namespace) -> int:
         shutil.rmtree(f"{db}.kb", ignore_errors=True)
     model = _answer_model(_embedded_model_name(), "few-shot", embedded=True)
     try:
+        if not args.fresh:
+            _check_database(str(db), create=True)
         with _ollama_endpoint(None) as url:
             names = [
                 _run_dataset(
@@ -545,7 +672,7 @@ def _eval_all(args: argparse.Namespace) -> int:
                     gsa=GsaOptions(kb_offset=args.limit, kb_size=args.kb_size)
                     if dataset in GSA_DATASETS and not args.no_gsa
                     else None,
-                )
+                ).run_name
                 for dataset in ALL_DATASETS
             ]
             _write_report(args, str(db), names, args.name, url, _embedded_model_name())
@@ -579,14 +706,29 @@ def _early_exit_args(parser: argparse.ArgumentParser) -> None:
 
 @command("eval-early-exit", _early_exit_args,
          "replay early exit on stored eval runs: tokens and time saved, decisions changed")
+@_one_line_errors("eval-early-exit")
 def _eval_early_exit(args: argparse.Namespace) -> int:
     require_extra("eval", "confidence-router eval-early-exit")
     from confidence_router.evaluation.exit_replay import replay_early_exit
     from confidence_router.evaluation.runner import list_runs, load_run
+    from confidence_router.signals import SIGNAL_SCORERS
 
-    if not Path(args.db).is_file():
-        raise FileNotFoundError(f"evaluation database not found: {args.db!r}")
-    names = args.runs or [info.name for info in list_runs(args.db)]
+    _finite_in(args, "threshold", "--threshold", 0.0, 1.0)
+    for horizon in args.horizons or ():
+        if horizon < 0:
+            raise InvalidArgumentError(f"--horizon must be an integer >= 0; got {horizon}")
+    for signal in args.signals or ():
+        if signal not in SIGNAL_SCORERS:
+            raise InvalidArgumentError(
+                f"unknown --signal {signal!r}; choose from {', '.join(SIGNAL_SCORERS)}"
+            )
+    stored = [info.name for info in list_runs(args.db)]
+    if not stored:
+        raise InvalidArgumentError(f"{args.db}: no runs in the database")
+    unknown = [name for name in args.runs or () if name not in stored]
+    if unknown:
+        raise InvalidArgumentError(f"{args.db}: no run {unknown[0]!r}; runs: {stored}")
+    names = args.runs or stored
     print("| run | signal | bound | escalated | exited | tokens saved | est. time saved "
           "| decisions changed | AUROC full -> early |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")

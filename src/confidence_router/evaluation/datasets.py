@@ -39,10 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from confidence_router.errors import InvalidArgumentError
+
 __all__ = [
     "DATA_DIR_ENV",
     "KNOWN_DATASETS",
     "SAMPLE_DATASETS",
+    "DatasetFormatError",
     "QAItem",
     "dataset_file",
     "load_dataset",
@@ -70,6 +73,25 @@ PROMPT_STYLE_COMPLETION = "completion"
 """The question text is a sentence to complete ("The country of X is")."""
 PROMPT_STYLE_QUESTION = "question"
 """The question text is a question to answer."""
+
+
+class DatasetFormatError(InvalidArgumentError):
+    """A question file cannot be loaded: the message starts with ``file:line:``.
+
+    Raised for invalid JSON, bytes that are not UTF-8, a record that fits no schema (or not the
+    schema of the file's first record), a missing, empty or wrongly typed field, no usable gold
+    answer, a bad or duplicate ``id``, and a file without any record. Nothing is skipped
+    silently: fix the line (or drop it) and load again.
+
+    Attributes:
+        path: the file.
+        line: the 1-based physical line (``None`` when the problem is the whole file).
+    """
+
+    def __init__(self, message: str, *, path: Path, line: int | None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.line = line
 
 
 @dataclass(frozen=True)
@@ -158,9 +180,14 @@ def dataset_file(
     elif Path(name).is_file() or _is_path_like(name):
         path = Path(name)
     else:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"unknown dataset {name!r}; known names: {', '.join(sorted(KNOWN_DATASETS))} "
             "(or pass a path to a .jsonl file)"
+        )
+    if path.is_dir():
+        raise InvalidArgumentError(
+            f"dataset {str(path)!r} is a directory; pass a .jsonl file (or a known name with "
+            "--data-dir / data_dir= for the directory)"
         )
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {str(path)!r}")
@@ -270,50 +297,104 @@ def _detect_schema(record: Mapping[str, Any]) -> tuple[str, _Parser]:
 # --------------------------------------------------------------------------------------------
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_window(limit: int | None, offset: int) -> None:
-    if limit is not None and (not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"limit must be None or an int >= 0; got {limit!r}")
-    if not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be an int >= 0; got {offset!r}")
+    if limit is not None and (not _is_int(limit) or limit < 0):
+        raise InvalidArgumentError(f"limit must be None or an int >= 0; got {limit!r}")
+    if not _is_int(offset) or offset < 0:
+        raise InvalidArgumentError(f"offset must be an int >= 0; got {offset!r}")
+
+
+def _record_id(record: Mapping[str, Any]) -> str:
+    value = record["id"]
+    if isinstance(value, str) and value.strip():
+        return value
+    if _is_int(value):
+        return str(value)
+    raise _RecordError(f"field 'id' must be a non-empty string or an integer; got {value!r}")
+
+
+def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` per physical line: UTF-8 with an optional BOM, any line ending.
+
+    Lines are decoded one by one so that a byte that is not UTF-8 is reported with its line.
+    """
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a BOM written by Windows editors; not part of the record
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                utf16 = lineno == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff"))
+                raise DatasetFormatError(
+                    f"{path}:{lineno}: not valid UTF-8 (byte {raw[exc.start]:#04x} at column "
+                    f"{exc.start + 1}"
+                    + ("; the file looks like UTF-16" if utf16 else "")
+                    + "); save the file as UTF-8",
+                    path=path,
+                    line=lineno,
+                ) from None
+            yield lineno, text
 
 
 def _iter_jsonl(path: Path) -> Iterator[QAItem]:
     """Yield items in file order; the schema is fixed by the first non-blank record."""
     parser: _Parser | None = None
     schema = ""
-    seen_ids: set[str] = set()
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue  # blank lines carry no record; line numbers stay physical
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from exc
-            try:
-                if not isinstance(record, dict):
-                    raise _RecordError(f"expected a JSON object, got {type(record).__name__}")
-                if parser is None:
-                    schema, parser = _detect_schema(record)
-                else:
-                    # Every record must fit the schema of the first: a mixed file is malformed.
-                    _, required, _ = next(s for s in _SCHEMAS if s[0] == schema)
-                    if not required <= set(record):
-                        raise _RecordError(
-                            f"record does not match the file's {schema!r} schema "
-                            f"(needs keys {sorted(required)}, has {sorted(record)})"
-                        )
-                question, answers, style = parser(record)
-                item_id = f"{path.stem}:{lineno}"
-                if schema == "generic" and "id" in record:
-                    item_id = str(record["id"])
-                if item_id in seen_ids:
-                    raise _RecordError(f"duplicate id {item_id!r}")
-                seen_ids.add(item_id)
-            except _RecordError as exc:
-                raise ValueError(f"{where}: {exc}") from None
-            yield QAItem(id=item_id, question=question, answers=answers, prompt_style=style)
+    seen_ids: dict[str, int] = {}
+    n_records = 0
+    for lineno, line in _read_lines(path):
+        if not line.strip():
+            continue  # blank lines carry no record; line numbers stay physical
+        n_records += 1
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            hint = ""
+            if n_records == 1 and line.lstrip().startswith("["):
+                hint = (
+                    "; the file looks like one JSON array, expected JSON Lines (one object "
+                    "per line)"
+                )
+            raise DatasetFormatError(
+                f"{where}: invalid JSON ({exc.msg}){hint}", path=path, line=lineno
+            ) from None
+        try:
+            if not isinstance(record, dict):
+                raise _RecordError(f"expected a JSON object, got {type(record).__name__}")
+            if parser is None:
+                schema, parser = _detect_schema(record)
+            else:
+                # Every record must fit the schema of the first: a mixed file is malformed.
+                _, required, _ = next(s for s in _SCHEMAS if s[0] == schema)
+                if not required <= set(record):
+                    raise _RecordError(
+                        f"record does not match the file's {schema!r} schema "
+                        f"(needs keys {sorted(required)}, has {sorted(record)})"
+                    )
+            question, answers, style = parser(record)
+            item_id = f"{path.stem}:{lineno}"
+            if schema == "generic" and "id" in record:
+                item_id = _record_id(record)
+            if item_id in seen_ids:
+                raise _RecordError(
+                    f"duplicate id {item_id!r} (first on line {seen_ids[item_id]})"
+                )
+            seen_ids[item_id] = lineno
+        except _RecordError as exc:
+            raise DatasetFormatError(f"{where}: {exc}", path=path, line=lineno) from None
+        yield QAItem(id=item_id, question=question, answers=answers, prompt_style=style)
+    if n_records == 0:
+        raise DatasetFormatError(
+            f"{path}: no records (the file is empty or holds only blank lines)",
+            path=path,
+            line=None,
+        )
 
 
 def _is_path_like(name: str) -> bool:
@@ -343,8 +424,11 @@ def load_dataset(
         the window are not read, so a malformed line beyond it is not reported.
 
     Raises:
-        ValueError: unknown name (the message lists the known ones), a malformed line (the
-            message starts with ``file:line``), or a bad ``limit``/``offset``.
+        DatasetFormatError: a malformed line (the message starts with ``file:line``; see the
+            class for every case) or a file without records. A UTF-8 BOM and CRLF line
+            endings are accepted.
+        InvalidArgumentError: a bad ``limit``/``offset``.
+        InvalidArgumentError: unknown name (the message lists the known ones).
         FileNotFoundError: the file or the data directory does not exist.
 
     Example::
@@ -431,7 +515,7 @@ def load_hf_dataset(
         try:
             items.append(_hf_row_to_item(row, index, prefix))
         except _RecordError as exc:
-            raise ValueError(f"{prefix} row {index}: {exc}") from None
+            raise InvalidArgumentError(f"{prefix} row {index}: {exc}") from None
     return items
 
 

@@ -20,8 +20,12 @@ import os
 import sqlite3
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from langchain_core.embeddings import Embeddings
+
+from confidence_router.calibration import EvalDatabaseError
+from confidence_router.errors import InvalidArgumentError
 
 
 class CachedEmbeddings(Embeddings):
@@ -35,16 +39,25 @@ class CachedEmbeddings(Embeddings):
 
     def __init__(self, embeddings: Embeddings, path: str | os.PathLike[str], *, model: str) -> None:
         if not model:
-            raise ValueError("model must name the embedding model (it is part of the cache key)")
+            raise InvalidArgumentError(
+                "model must name the embedding model (it is part of the cache key)"
+            )
         self.embeddings = embeddings
         self.model = model
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(os.fspath(path), timeout=30.0, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute(
-            "CREATE TABLE IF NOT EXISTS vectors (key TEXT PRIMARY KEY, vector TEXT NOT NULL)"
-        )
-        self._conn.commit()
+        try:
+            self._conn = sqlite3.connect(os.fspath(path), timeout=30.0, check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS vectors (key TEXT PRIMARY KEY, vector TEXT NOT NULL)"
+            )
+            self._conn.commit()
+        except sqlite3.Error as error:
+            raise EvalDatabaseError(
+                f"{os.fspath(path)}: not a usable embedding cache ({error}); it only holds "
+                "vectors that can be computed again: delete it to rebuild",
+                path=Path(path),
+            ) from None
 
     def _key(self, text: str) -> str:
         return hashlib.sha256(f"{self.model}\0{text}".encode()).hexdigest()
@@ -57,6 +70,10 @@ class CachedEmbeddings(Embeddings):
         if missing:
             unique = list(dict.fromkeys(texts[i] for i in missing))
             vectors = self.embeddings.embed_documents(unique)
+            if len(vectors) != len(unique):
+                raise InvalidArgumentError(
+                    f"the embeddings returned {len(vectors)} vectors for {len(unique)} texts"
+                )
             with self._lock:
                 self._conn.executemany(
                     "INSERT OR REPLACE INTO vectors VALUES (?, ?)",

@@ -9,6 +9,15 @@ Conventions shared by all functions:
 * ``scores`` (``s``): confidence oriented "higher = keep local". ``NaN`` is rejected: a missing
   signal must be excluded (and counted) by the caller, never silently scored.
 * Routing policy: **escalate iff s < tau**.
+* Inputs may be lists, tuples, numpy arrays, pandas Series (nullable dtypes too) or one-shot
+  iterables such as generators (read once). Invalid input raises
+  :class:`~confidence_router.errors.InvalidArgumentError` (a ``ValueError``) naming the
+  argument: empty input, a length mismatch, labels other than 0/1 (``True``/``False`` count as
+  1/0; ``2``, ``-1``, ``0.5``, strings are refused), non-numeric or boolean scores, a missing
+  value (``None``, ``pd.NA``, ``NaN`` score), or a bad parameter (``n_bins``, ``n_resamples``,
+  ``tau``, ...). ``-inf`` scores are valid everywhere; ``+inf`` only in the rank metrics
+  (AUROC, AUPRC-error, AURC, risk-coverage): the threshold metrics refuse it, since no
+  threshold would escalate such a row while ``tau = +inf`` means "escalate everything".
 * When a metric is mathematically undefined on the given data (one class absent, zero
   cloud-local gap, ...) it returns ``float('nan')`` and emits an :class:`UndefinedMetricWarning`
   whose message says why. The bootstrap helpers silence that warning inside resamples and count
@@ -27,13 +36,16 @@ Example::
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
+from confidence_router.errors import InvalidArgumentError
 
 __all__ = [
     "BootstrapResult",
@@ -74,13 +86,76 @@ class UndefinedMetricWarning(UserWarning):
 # --------------------------------------------------------------------------------------------
 
 
+def _materialize(values: Any, name: str) -> Any:
+    """``values`` ready for ``np.asarray``: one-shot iterables (generators, ``map``) read into a
+    list, since numpy would wrap them as one opaque object; text refused (not rows)."""
+    if isinstance(values, (str, bytes)):
+        raise InvalidArgumentError(
+            f"{name} must be an array with one entry per row; got a {type(values).__name__}"
+        )
+    if isinstance(values, Iterator) or (
+        isinstance(values, Iterable)
+        and not hasattr(values, "__len__")
+        and not hasattr(values, "__array__")
+    ):
+        return list(values)
+    return values
+
+
+def _is_missing(value: Any) -> bool:
+    # None, pandas.NA / NaT (nullable dtypes turn into object arrays holding them).
+    return value is None or type(value).__name__ in ("NAType", "NaTType")
+
+
+def _object_to_numeric(arr: NDArray[Any], name: str) -> NDArray[Any]:
+    """An object array (mixed Python values, huge ints, pandas NA) as a bool or float array."""
+    all_bool = True
+    for i, v in enumerate(arr):
+        if isinstance(v, (bool, np.bool_)):
+            continue
+        all_bool = False
+        if _is_missing(v):
+            raise InvalidArgumentError(
+                f"{name} contains a missing value ({v!r}) at row {i}; drop rows with a missing "
+                "value and report them separately"
+            )
+        if not isinstance(v, numbers.Real):
+            raise InvalidArgumentError(
+                f"{name} must be numeric; got {type(v).__name__} {v!r} at row {i}"
+            )
+    return arr.astype(bool if all_bool else np.float64)
+
+
 def _as_1d(values: ArrayLike, name: str) -> NDArray[Any]:
-    arr = np.asarray(values)
+    arr = np.asarray(_materialize(values, name))
     if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-dimensional; got an array of shape {arr.shape}")
+        raise InvalidArgumentError(
+            f"{name} must be 1-dimensional; got an array of shape {arr.shape}"
+        )
     if arr.size == 0:
-        raise ValueError(f"{name} is empty; need at least one row")
+        raise InvalidArgumentError(f"{name} is empty; need at least one row")
+    if arr.dtype == object:
+        arr = _object_to_numeric(arr, name)
     return arr
+
+
+def _real(value: Any, name: str) -> float:
+    """``value`` as a float; bools, strings, ``None`` and NaN are refused."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise InvalidArgumentError(f"{name} must be a real number; got {value!r}")
+    out = float(value)
+    if math.isnan(out):
+        raise InvalidArgumentError(f"{name} must not be NaN")
+    return out
+
+
+def _count(value: Any, name: str) -> int:
+    """``value`` as an int >= 1; bools and floats are refused (``2.5`` bins is a typo)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise InvalidArgumentError(f"{name} must be an integer >= 1; got {value!r}")
+    if value < 1:
+        raise InvalidArgumentError(f"{name} must be an integer >= 1; got {value!r}")
+    return int(value)
 
 
 def _as_labels(values: ArrayLike, name: str = "labels") -> NDArray[np.int64]:
@@ -89,11 +164,11 @@ def _as_labels(values: ArrayLike, name: str = "labels") -> NDArray[np.int64]:
     if arr.dtype == bool:
         return arr.astype(np.int64)
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise ValueError(f"{name} must be numeric 0/1 (or bool); got dtype {arr.dtype}")
+        raise InvalidArgumentError(f"{name} must be numeric 0/1 (or bool); got dtype {arr.dtype}")
     bad = ~np.isin(arr, (0, 1))  # NaN is not in (0, 1), so NaN labels are reported here too
     if bad.any():
         examples = np.unique(arr[bad])[:5].tolist()
-        raise ValueError(f"{name} must contain only 0 and 1; found other values such as {examples}")
+        raise InvalidArgumentError(f"{name} must contain only 0 and 1; found other values such as {examples}")
     return arr.astype(np.int64)
 
 
@@ -102,23 +177,42 @@ def _as_scores(values: ArrayLike, name: str = "scores") -> NDArray[np.float64]:
     if arr.dtype == bool or not (
         np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
     ):
-        raise ValueError(f"{name} must be a numeric array; got dtype {arr.dtype}")
+        raise InvalidArgumentError(f"{name} must be a numeric array; got dtype {arr.dtype}")
     out = arr.astype(np.float64)
     n_nan = int(np.isnan(out).sum())
     if n_nan:
         # A missing signal must be excluded and counted upstream, never scored as some value.
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{name} contains {n_nan} NaN value(s); drop rows with a missing signal and report "
             "them separately"
         )
     return out
 
 
+def _as_decision_scores(values: ArrayLike, name: str = "scores") -> NDArray[np.float64]:
+    """Scores for the threshold metrics: ``+inf`` is refused there.
+
+    The sweep needs a threshold above every score for "escalate everything" (``tau = +inf``
+    under "escalate iff s < tau"); a row scored ``+inf`` is above every threshold, so the
+    curve's end point, the operating point at 100% and ``call_rate(s, inf)`` would disagree.
+    The rank metrics (AUROC, AUPRC, AURC) accept ``+inf``; ``-inf`` is valid everywhere.
+    """
+    s = _as_scores(values, name)
+    n_inf = int(np.isposinf(s).sum())
+    if n_inf:
+        raise InvalidArgumentError(
+            f"{name} contains +inf in {n_inf} row(s); threshold metrics (call rate, system "
+            "accuracy, deferral curve, APGR, CPT, operating points) need every score below "
+            "the 'escalate everything' threshold +inf: clip them to a large finite value"
+        )
+    return s
+
+
 def _check_same_length(**arrays: NDArray[Any]) -> None:
     lengths = {name: len(a) for name, a in arrays.items()}
     if len(set(lengths.values())) > 1:
         detail = ", ".join(f"{k}={v}" for k, v in lengths.items())
-        raise ValueError(f"length mismatch: {detail}")
+        raise InvalidArgumentError(f"length mismatch: {detail}")
 
 
 def _undefined(reason: str) -> float:
@@ -163,7 +257,8 @@ def auroc(labels: ArrayLike, scores: ArrayLike) -> float:
         class is present.
 
     Raises:
-        ValueError: empty input, length mismatch, labels other than 0/1, or NaN scores.
+        InvalidArgumentError: (a ``ValueError``) empty input, length mismatch, labels other
+            than 0/1, missing or non-numeric values, or NaN scores.
 
     Example::
 
@@ -324,7 +419,7 @@ def threshold_sweep(scores: ArrayLike) -> NDArray[np.float64]:
         >>> threshold_sweep([0.5, 0.2, 0.5]).tolist()
         [-inf, 0.2, 0.5, inf]
     """
-    s = _as_scores(scores)
+    s = _as_decision_scores(scores)
     return np.concatenate(([-np.inf], np.unique(s), [np.inf]))
 
 
@@ -336,9 +431,8 @@ def call_rate(scores: ArrayLike, tau: float) -> float:
         >>> call_rate([0.1, 0.5, 0.9, 0.5], 0.5)
         0.25
     """
-    s = _as_scores(scores)
-    if math.isnan(tau):
-        raise ValueError("tau must not be NaN")
+    s = _as_decision_scores(scores)
+    tau = _real(tau, "tau")
     return float(np.mean(s < tau))
 
 
@@ -358,10 +452,9 @@ def system_accuracy(
     """
     y = _as_labels(labels)
     z = _as_labels(cloud_labels, "cloud_labels")
-    s = _as_scores(scores)
+    s = _as_decision_scores(scores)
     _check_same_length(labels=y, cloud_labels=z, scores=s)
-    if math.isnan(tau):
-        raise ValueError("tau must not be NaN")
+    tau = _real(tau, "tau")
     e = s < tau
     return float(np.mean(np.where(e, z, y)))
 
@@ -421,7 +514,7 @@ def deferral_curve(labels: ArrayLike, cloud_labels: ArrayLike, scores: ArrayLike
     """
     y = _as_labels(labels)
     z = _as_labels(cloud_labels, "cloud_labels")
-    s = _as_scores(scores)
+    s = _as_decision_scores(scores)
     _check_same_length(labels=y, cloud_labels=z, scores=s)
     n = len(y)
     uniq, inverse = np.unique(s, return_inverse=True)
@@ -447,7 +540,10 @@ def deferral_curve(labels: ArrayLike, cloud_labels: ArrayLike, scores: ArrayLike
 
 
 def _pgr_or_reason(curve: DeferralCurve, min_gap: float, what: str) -> NDArray[np.float64] | None:
-    pgr = curve.pgr(min_gap)
+    gap = _real(min_gap, "min_gap")
+    if not 0.0 <= gap < 1.0:
+        raise InvalidArgumentError(f"min_gap must be in [0, 1); got {min_gap!r}")
+    pgr = curve.pgr(gap)
     if pgr is None:
         _undefined(
             f"{what} is undefined: the cloud-local accuracy gap A_C - A_L = "
@@ -518,8 +614,8 @@ def cpt(
         >>> round(cpt([0, 0, 1], [1, 1, 0], [0.1, 0.2, 0.9], 0.5), 4)
         0.3333
     """
-    if not math.isfinite(x):
-        raise ValueError(f"x must be a finite fraction such as 0.5; got {x}")
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real) or not math.isfinite(x):
+        raise InvalidArgumentError(f"x must be a finite fraction such as 0.5; got {x!r}")
     curve = deferral_curve(labels, cloud_labels, scores)
     pgr = _pgr_or_reason(curve, min_gap, f"CPT({x:g})")
     if pgr is None:
@@ -592,16 +688,23 @@ def operating_points(
         [(0, 0.1, 0.5), (2, 0.6, 1.0)]
     """
     y = _as_labels(labels)
-    s = _as_scores(scores)
+    s = _as_decision_scores(scores)
     _check_same_length(labels=y, scores=s)
     z: NDArray[np.int64] | None = None
     if cloud_labels is not None:
         z = _as_labels(cloud_labels, "cloud_labels")
         _check_same_length(labels=y, cloud_labels=z)
-    fractions = [float(f) for f in escalation_fractions]
+    if isinstance(escalation_fractions, (str, bytes)) or not isinstance(
+        escalation_fractions, Iterable
+    ):
+        raise InvalidArgumentError(
+            "escalation_fractions must be a sequence of fractions such as (0.1, 0.3); got "
+            f"{escalation_fractions!r}"
+        )
+    fractions = [_real(f, "each escalation fraction") for f in escalation_fractions]
     for f in fractions:
         if not 0.0 <= f <= 1.0:
-            raise ValueError(f"escalation fractions must be in [0, 1]; got {f}")
+            raise InvalidArgumentError(f"escalation fractions must be in [0, 1]; got {f}")
     n = len(y)
     order = np.argsort(s, kind="stable")  # ascending: the first m rows are escalated
     s_sorted = s[order]
@@ -645,7 +748,9 @@ def operating_points(
 def _as_probabilities(values: ArrayLike, name: str = "probs") -> NDArray[np.float64]:
     p = _as_scores(values, name)
     if (p < 0).any() or (p > 1).any():
-        raise ValueError(f"{name} must lie in [0, 1]; got min={p.min():.6g}, max={p.max():.6g}")
+        raise InvalidArgumentError(
+            f"{name} must lie in [0, 1]; got min={p.min():.6g}, max={p.max():.6g}"
+        )
     return p
 
 
@@ -671,8 +776,7 @@ def ece(labels: ArrayLike, probs: ArrayLike, n_bins: int = 10, strategy: str = "
     y = _as_labels(labels)
     p = _as_probabilities(probs)
     _check_same_length(labels=y, probs=p)
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1; got {n_bins}")
+    n_bins = _count(n_bins, "n_bins")
     n = len(y)
     if strategy == "uniform":
         bins = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
@@ -681,7 +785,7 @@ def ece(labels: ArrayLike, probs: ArrayLike, n_bins: int = 10, strategy: str = "
         for m, chunk in enumerate(np.array_split(np.argsort(p, kind="stable"), n_bins)):
             bins[chunk] = m
     else:
-        raise ValueError(f"strategy must be 'uniform' or 'quantile'; got {strategy!r}")
+        raise InvalidArgumentError(f"strategy must be 'uniform' or 'quantile'; got {strategy!r}")
     counts = np.bincount(bins, minlength=n_bins)
     acc_sum = np.bincount(bins, weights=y, minlength=n_bins)
     conf_sum = np.bincount(bins, weights=p, minlength=n_bins)
@@ -752,11 +856,10 @@ class PairedBootstrapResult:
 
 def _check_bootstrap_args(n: int, n_resamples: int, alpha: float) -> None:
     if n == 0:
-        raise ValueError("labels is empty; need at least one row")
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be >= 1; got {n_resamples}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1); got {alpha}")
+        raise InvalidArgumentError("labels is empty; need at least one row")
+    _count(n_resamples, "n_resamples")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < alpha < 1.0:
+        raise InvalidArgumentError(f"alpha must be in (0, 1); got {alpha}")
 
 
 def _resample_indices(n: int, n_resamples: int, seed: int | None) -> Iterator[NDArray[np.int64]]:
@@ -780,9 +883,11 @@ def _as_float(value: float | None) -> float:
 
 
 def _length(values: ArrayLike, name: str) -> NDArray[Any]:
-    arr = np.asarray(values)
+    arr = np.asarray(_materialize(values, name))
     if arr.ndim == 0:
-        raise ValueError(f"{name} must be an array with one entry per row; got a scalar")
+        raise InvalidArgumentError(f"{name} must be an array with one entry per row; got a scalar")
+    if arr.ndim == 1 and arr.dtype == object and arr.size:
+        arr = _object_to_numeric(arr, name)  # once here, not in every resample
     return arr
 
 

@@ -403,9 +403,9 @@ def _train_baseline(
         f"held-out {round(100 * test_fraction)}% of {train_dataset}",
     )
     for run in runs[1:]:
-        # Cross-dataset: every labelled row, minus any id the model was trained on (only
-        # possible when two runs share a dataset).
-        other = [r for r in _labelled(run) if r.item_id not in model.train_ids]
+        # Cross-dataset: every labelled row, minus any row whose id or question the model was
+        # trained on (two runs of one dataset, or a question that two files share).
+        other = model.unseen(_labelled(run))
         scored[run.info.name] = _BaselineScores(
             tuple(r.item_id for r in other),
             model.score_rows(other),

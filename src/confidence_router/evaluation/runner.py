@@ -50,6 +50,7 @@ Latency (``latency_s``) is the client-side wall time of the local call. With ``c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import math
@@ -58,8 +59,9 @@ import platform
 import sqlite3
 import sys
 import time
+import zlib
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
@@ -69,7 +71,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from confidence_router.errors import ConfidenceRouterError
+from confidence_router.calibration import EvalDatabaseError, database_errors
+from confidence_router.errors import ConfidenceRouterError, InvalidArgumentError
 from confidence_router.evaluation.datasets import (
     KNOWN_DATASETS,
     PROMPT_STYLE_COMPLETION,
@@ -97,6 +100,7 @@ __all__ = [
     "FEW_SHOT_V2_PROMPTS",
     "INSTRUCT_PROMPTS",
     "PROMPT_SETS",
+    "EvalDatabaseError",
     "EvalRunner",
     "EvalRunnerError",
     "ExtraSignal",
@@ -104,6 +108,7 @@ __all__ = [
     "ResultRow",
     "RunConfigMismatchError",
     "RunData",
+    "RunDatabaseError",
     "RunInfo",
     "RunNotFoundError",
     "RunSummary",
@@ -143,6 +148,18 @@ class RunConfigMismatchError(EvalRunnerError, ValueError):
 
 class RunNotFoundError(EvalRunnerError, LookupError):
     """No run with the requested name (or id) exists in the database."""
+
+
+class RunDatabaseError(EvalRunnerError, EvalDatabaseError):
+    """The file is not an evaluation database this library can use: not SQLite, a directory,
+    another application's SQLite file, another schema version, a table or column missing, or
+    a stored value that does not decode. The message names the file (also ``.path``); the
+    file is left as it was.
+
+    Both an :class:`EvalRunnerError` and a
+    :class:`~confidence_router.calibration.EvalDatabaseError` (a ``ValueError``), so either
+    ``except`` catches it.
+    """
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +207,7 @@ class PromptSet:
     def __post_init__(self) -> None:
         for style, template in (("question", self.question), ("completion", self.completion)):
             if "{question}" not in template:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"PromptSet {self.name!r}: the {style} template lacks {{question}}"
                 )
 
@@ -200,7 +217,7 @@ class PromptSet:
             return self.question
         if prompt_style == PROMPT_STYLE_COMPLETION:
             return self.completion
-        raise ValueError(
+        raise InvalidArgumentError(
             f"unknown prompt_style {prompt_style!r}; expected {PROMPT_STYLE_QUESTION!r} or "
             f"{PROMPT_STYLE_COMPLETION!r}"
         )
@@ -291,7 +308,7 @@ def _resolve_prompts(prompts: PromptSet | str) -> PromptSet:
     try:
         return PROMPT_SETS[prompts]
     except KeyError:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"unknown prompt set {prompts!r}; choose one of {sorted(PROMPT_SETS)} or pass a "
             "PromptSet"
         ) from None
@@ -319,10 +336,10 @@ class ExtraSignal:
 
     Example::
 
-        >>> sig = ExtraSignal("length", lambda item: {"score": -len(item.question)},
+        >>> sig = ExtraSignal("question_len", lambda item: {"score": -len(item.question)},
         ...                   score_fields=("score",))
         >>> sig.name, sig.score_fields
-        ('length', ('score',))
+        ('question_len', ('score',))
     """
 
     name: str
@@ -331,9 +348,9 @@ class ExtraSignal:
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c == "_" for c in self.name):
-            raise ValueError(f"signal name must be non-empty [A-Za-z0-9_]; got {self.name!r}")
+            raise InvalidArgumentError(f"signal name must be non-empty [A-Za-z0-9_]; got {self.name!r}")
         if self.name in BUILTIN_SIGNALS:
-            raise ValueError(f"signal name {self.name!r} is reserved for a built-in signal")
+            raise InvalidArgumentError(f"signal name {self.name!r} is reserved for a built-in signal")
         object.__setattr__(self, "score_fields", tuple(self.score_fields))
 
 
@@ -605,47 +622,145 @@ _RESULT_COLUMNS = (
 )  # fmt: skip
 
 
-def connect(db_path: str | os.PathLike[str]) -> sqlite3.Connection:
-    """Open (creating if needed) an evaluation database in WAL mode with the schema in place.
+_RUNS_COLUMNS = (
+    "run_id", "name", "dataset", "model", "prompt_set", "prompt_templates", "grader", "signals",
+    "cloud_model", "model_options", "library_version", "started_at", "host", "config",
+)  # fmt: skip
+
+
+def connect(db_path: str | os.PathLike[str], *, create: bool = True) -> sqlite3.Connection:
+    """Open an evaluation database in WAL mode with the schema in place.
+
+    A missing (or empty) file becomes a new database when ``create`` (the runner); readers
+    (:func:`load_run`, :func:`list_runs`) pass ``create=False`` and refuse it. An existing file
+    must be an evaluation database of a version this library reads (version 1 is upgraded in
+    place); anything else -- not SQLite, another application's SQLite file, another schema
+    version, a table missing -- raises :class:`RunDatabaseError` naming the file, **before**
+    anything is written to it.
 
     WAL + ``synchronous=NORMAL``: every committed row survives the death of the process
-    (including ``SIGKILL``); only an OS crash or power loss can drop the last commits.
+    (including ``SIGKILL``); only an OS crash or power loss can drop the last commits. Several
+    processes may write to one file at once (each waits up to 30 s for the write lock).
     """
     path = Path(db_path)
-    if path.parent and not path.parent.exists():
+    if path.is_dir():
+        raise RunDatabaseError(f"{path}: is a directory, not an evaluation database", path=path)
+    if not create and not path.is_file():
+        raise FileNotFoundError(f"evaluation database not found: {os.fspath(db_path)!r}")
+    if create and path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(path), timeout=30.0)
-    conn.row_factory = sqlite3.Row
+    with database_errors(path, RunDatabaseError):
+        conn = sqlite3.connect(str(path), timeout=30.0)
+    try:
+        with database_errors(path, RunDatabaseError):
+            conn.row_factory = sqlite3.Row
+            _prepare_with_retry(conn, path, create=create)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _prepare_with_retry(conn: sqlite3.Connection, path: Path, *, create: bool) -> None:
+    # Switching a new file to WAL while another process creates the same file can fail at
+    # once with "database is locked" (SQLite does not wait on the busy handler there): retry
+    # for as long as a write would wait (30 s).
+    deadline = time.monotonic() + 30.0
+    delay = 0.01
+    while True:
+        try:
+            _prepare_schema(conn, path, create=create)
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            if conn.in_transaction:
+                conn.rollback()
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+def _prepare_schema(conn: sqlite3.Connection, path: Path, *, create: bool) -> None:
+    # Check what the file holds before writing anything: a foreign file stays untouched.
+    tables = {
+        r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    } - {"sqlite_sequence"}
+    version: int | None = None
+    if tables:
+        row = None
+        if "meta" in tables and "value" in _table_columns(conn, "meta"):
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            raise RunDatabaseError(
+                f"{path}: not an evaluation database (it holds the tables {sorted(tables)} "
+                "but no confidence-router schema version); use a new --db file",
+                path=path,
+            )
+        try:
+            version = int(row[0])
+        except (TypeError, ValueError):
+            version = None
+        if version not in (1, SCHEMA_VERSION):
+            raise RunDatabaseError(
+                f"{path}: evaluation database schema version {row[0]}, this library reads "
+                f"version {SCHEMA_VERSION}; use a new --db file",
+                path=path,
+            )
+        missing = {"runs", "results"} - tables
+        if missing:
+            raise RunDatabaseError(
+                f"{path}: not a complete evaluation database: table(s) {sorted(missing)} "
+                "missing",
+                path=path,
+            )
+    elif not create:
+        raise RunDatabaseError(
+            f"{path}: not an evaluation database (it holds no tables)", path=path
+        )
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
-    conn.executescript(_SCHEMA)
-    row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-    if row is None:
-        conn.execute(
-            "INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+    if not tables:
+        # One transaction: another process opening the file meanwhile sees no tables or the
+        # whole schema with its version, never tables without a version (which it would refuse
+        # as a foreign file). IF NOT EXISTS / OR IGNORE: it may be creating the same file.
+        conn.executescript(
+            "BEGIN IMMEDIATE;\n"
+            + _SCHEMA
+            + "INSERT OR IGNORE INTO meta(key, value) VALUES "
+            + f"('schema_version', '{SCHEMA_VERSION}');\nCOMMIT;"
         )
-        conn.commit()
-    elif int(row["value"]) == 1:
+    elif version == 1:
         # Version 1 had no per-token data: add the column; old rows keep NULL (= unknown).
-        columns = {r["name"] for r in conn.execute("PRAGMA table_info(results)")}
-        if "tokens" not in columns:
+        if "tokens" not in _table_columns(conn, "results"):
             conn.execute("ALTER TABLE results ADD COLUMN tokens BLOB")
         conn.execute(
             "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
         )
         conn.commit()
-    elif int(row["value"]) != SCHEMA_VERSION:
-        conn.close()
-        raise EvalRunnerError(
-            f"{path}: evaluation database schema version {row['value']}, this library reads "
-            f"version {SCHEMA_VERSION}; use a new --db file"
-        )
-    return conn
+    for table, needed in (
+        ("runs", _RUNS_COLUMNS),
+        ("results", ("run_id", *_RESULT_COLUMNS, "completed_at")),
+    ):
+        lacking = [c for c in needed if c not in _table_columns(conn, table)]
+        if lacking:
+            raise RunDatabaseError(
+                f"{path}: table {table!r} lacks the column(s) {lacking}; not an evaluation "
+                f"database of schema version {SCHEMA_VERSION}",
+                path=path,
+            )
+
+
+def _table_columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
 
 
 def write_row(conn: sqlite3.Connection, run_id: int, row: ResultRow) -> None:
-    """Insert (or replace) one row of run ``run_id`` and commit it (its own transaction)."""
+    """Insert one row of run ``run_id`` and commit it (its own transaction).
+
+    An existing row of the same item is replaced only if it is a failure row: a completed row
+    is kept, whoever writes after it.
+    """
     values = [
         row.item_id, row.position, row.dataset, row.question,
         json.dumps(list(row.gold_answers), ensure_ascii=False), row.answer, row.correct,
@@ -656,10 +771,13 @@ def write_row(conn: sqlite3.Connection, run_id: int, row: ResultRow) -> None:
         row.cloud_latency_s, row.cloud_error, encode_tokens(row.tokens),
     ]  # fmt: skip
     placeholders = ", ".join("?" for _ in range(len(_RESULT_COLUMNS) + 2))
-    # REPLACE: only reached for a retried failure row (completed rows are never re-run).
+    updates = ", ".join(f"{c} = excluded.{c}" for c in (*_RESULT_COLUMNS, "completed_at"))
+    # A stored failure row is replaced (retry_errors); a completed row never is, so another
+    # process running the same command at the same time cannot overwrite it with a failure.
     conn.execute(
-        f"INSERT OR REPLACE INTO results (run_id, {', '.join(_RESULT_COLUMNS)}, completed_at) "
-        f"VALUES ({placeholders})",
+        f"INSERT INTO results (run_id, {', '.join(_RESULT_COLUMNS)}, completed_at) "
+        f"VALUES ({placeholders}) ON CONFLICT (run_id, item_id) DO UPDATE SET {updates} "
+        "WHERE results.error IS NOT NULL",
         [run_id, *values, _now()],
     )
     conn.commit()  # one transaction per row: a killed run keeps everything written so far
@@ -728,40 +846,42 @@ def register_run(
         "cloud_model": cloud_model,
     }
     row = conn.execute("SELECT * FROM runs WHERE name = ?", (name,)).fetchone()
-    if row is not None:
-        diffs = [
-            f"{k}: stored {row[k]!r} != requested {identity[k]!r}"
-            for k in _IDENTITY_FIELDS
-            if row[k] != identity[k]
-        ]
-        if diffs:
-            raise RunConfigMismatchError(
-                f"run {name!r} already exists with another configuration; resuming would mix "
-                "rows. Use another run name (or database). " + "; ".join(diffs)
-            )
-        return int(row["run_id"])
-    cursor = conn.execute(
-        "INSERT INTO runs (name, dataset, model, prompt_set, prompt_templates, grader, "
-        "signals, cloud_model, model_options, library_version, started_at, host, config) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            name,
-            identity["dataset"],
-            identity["model"],
-            identity["prompt_set"],
-            identity["prompt_templates"],
-            identity["grader"],
-            identity["signals"],
-            identity["cloud_model"],
-            json.dumps(dict(model_options or {}), sort_keys=True),
-            _library_version(),
-            _now(),
-            json.dumps(_host_info(), sort_keys=True),
-            json.dumps(dict(config or {}), sort_keys=True, default=str),
-        ),
-    )
-    conn.commit()
-    return int(cursor.lastrowid)  # type: ignore[arg-type]
+    if row is None:
+        # OR IGNORE: another process may register the same run between the look-up above and
+        # this insert; then its row is the run, checked like any stored one below.
+        conn.execute(
+            "INSERT OR IGNORE INTO runs (name, dataset, model, prompt_set, prompt_templates, "
+            "grader, signals, cloud_model, model_options, library_version, started_at, host, "
+            "config) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                name,
+                identity["dataset"],
+                identity["model"],
+                identity["prompt_set"],
+                identity["prompt_templates"],
+                identity["grader"],
+                identity["signals"],
+                identity["cloud_model"],
+                json.dumps(dict(model_options or {}), sort_keys=True),
+                _library_version(),
+                _now(),
+                json.dumps(_host_info(), sort_keys=True),
+                json.dumps(dict(config or {}), sort_keys=True, default=str),
+            ),
+        )
+        conn.commit()
+        row = conn.execute("SELECT * FROM runs WHERE name = ?", (name,)).fetchone()
+    diffs = [
+        f"{k}: stored {row[k]!r} != requested {identity[k]!r}"
+        for k in _IDENTITY_FIELDS
+        if row[k] != identity[k]
+    ]
+    if diffs:
+        raise RunConfigMismatchError(
+            f"run {name!r} already exists with another configuration; resuming would mix "
+            "rows. Use another run name (or database). " + "; ".join(diffs)
+        )
+    return int(row["run_id"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -856,12 +976,22 @@ class EvalRunner:
         progress: bool = True,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-            raise ValueError(f"concurrency must be an int >= 1; got {concurrency!r}")
-        if timeout_s is not None and not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0 or None; got {timeout_s!r}")
+            raise InvalidArgumentError(f"concurrency must be an int >= 1; got {concurrency!r}")
+        if timeout_s is not None and not (
+            isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0
+        ):
+            raise InvalidArgumentError(
+                f"timeout_s must be a finite number > 0, or None; got {timeout_s!r}"
+            )
+        if isinstance(num_predict, bool) or not isinstance(num_predict, int) or not (
+            num_predict >= 1 or num_predict == -1
+        ):
+            raise InvalidArgumentError(
+                f"num_predict must be an int >= 1 (or -1: no limit); got {num_predict!r}"
+            )
         names = [s.name for s in signals]
         if len(set(names)) != len(names):
-            raise ValueError(f"duplicate extra signal names: {names}")
+            raise InvalidArgumentError(f"duplicate extra signal names: {names}")
         self.prompts = _resolve_prompts(prompts)
         self.cloud_prompts = _resolve_prompts(cloud_prompts)
         self._raw_model = model
@@ -942,7 +1072,7 @@ class EvalRunner:
         ids = [item.id for item in items]
         duplicates = [i for i, c in Counter(ids).items() if c > 1]
         if duplicates:
-            raise ValueError(f"duplicate item ids in the input: {duplicates[:5]}")
+            raise InvalidArgumentError(f"duplicate item ids in the input: {duplicates[:5]}")
         # Fresh copies (and HTTP clients) for this event loop: an async client keeps connections
         # bound to the loop that opened them, and every run() starts a new loop.
         self.model = prepare_chat_model(
@@ -954,11 +1084,12 @@ class EvalRunner:
             )
         conn = connect(self.db_path)
         try:
-            run_id = self._register(conn)
-            query = "SELECT item_id FROM results WHERE run_id = ?"
-            if self.retry_errors:
-                query += " AND error IS NULL"
-            done = {r[0] for r in conn.execute(query, (run_id,))}
+            with database_errors(self.db_path, RunDatabaseError):
+                run_id = self._register(conn)
+                query = "SELECT item_id FROM results WHERE run_id = ?"
+                if self.retry_errors:
+                    query += " AND error IS NULL"
+                done = {r[0] for r in conn.execute(query, (run_id,))}
             pending = [
                 (start_position + index, item)
                 for index, item in enumerate(items)
@@ -983,7 +1114,9 @@ class EvalRunner:
                 # order and are committed one by one.
                 for next_done in asyncio.as_completed(tasks):
                     row = await next_done
-                    write_row(conn, run_id, row)
+                    # A write that fails (locked for 30 s, disk full) names the file.
+                    with database_errors(self.db_path, RunDatabaseError):
+                        write_row(conn, run_id, row)
                     n_written += 1
                     n_errors += row.error is not None
                     if bar is not None:
@@ -1208,14 +1341,33 @@ def _run_info(row: sqlite3.Row) -> RunInfo:
 
 
 def list_runs(db_path: str | os.PathLike[str]) -> list[RunInfo]:
-    """All runs in the database, oldest first."""
-    if not Path(db_path).is_file():
-        raise FileNotFoundError(f"evaluation database not found: {os.fspath(db_path)!r}")
-    conn = connect(db_path)
+    """All runs in the database, oldest first.
+
+    Raises:
+        FileNotFoundError: no such file.
+        RunDatabaseError: the file is not an evaluation database (see :func:`connect`).
+    """
+    conn = connect(db_path, create=False)
     try:
-        return [_run_info(r) for r in conn.execute("SELECT * FROM runs ORDER BY run_id")]
+        with database_errors(db_path, RunDatabaseError), _decoding(db_path):
+            return [_run_info(r) for r in conn.execute("SELECT * FROM runs ORDER BY run_id")]
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def _decoding(db_path: str | os.PathLike[str]) -> Iterator[None]:
+    """A stored JSON or token field that does not decode names the file."""
+    try:
+        yield
+    except (ValueError, TypeError, AttributeError, KeyError, zlib.error) as error:
+        if isinstance(error, ConfidenceRouterError):
+            raise
+        path = Path(db_path)
+        raise RunDatabaseError(
+            f"{path}: a stored value cannot be decoded ({type(error).__name__}: {error})",
+            path=path,
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -1420,17 +1572,29 @@ def _get_run_row(conn: sqlite3.Connection, run: str | int) -> sqlite3.Row:
 
 
 def load_run(db_path: str | os.PathLike[str], run: str | int) -> RunData:
-    """Load a run (by name or id) as :class:`RunData` arrays, rows in ``position`` order."""
-    if not Path(db_path).is_file():
-        raise FileNotFoundError(f"evaluation database not found: {os.fspath(db_path)!r}")
-    conn = connect(db_path)
+    """Load a run (by name or id) as :class:`RunData` arrays, rows in ``position`` order.
+
+    Raises:
+        FileNotFoundError: no such file.
+        RunNotFoundError: no such run (the message lists the runs).
+        RunDatabaseError: the file is not an evaluation database (see :func:`connect`), or a
+            stored value does not decode.
+    """
+    conn = connect(db_path, create=False)
     try:
-        info = _run_info(_get_run_row(conn, run))
-        rows = conn.execute(
-            "SELECT * FROM results WHERE run_id = ? ORDER BY position, item_id", (info.run_id,)
-        ).fetchall()
+        with database_errors(db_path, RunDatabaseError), _decoding(db_path):
+            info = _run_info(_get_run_row(conn, run))
+            rows = conn.execute(
+                "SELECT * FROM results WHERE run_id = ? ORDER BY position, item_id",
+                (info.run_id,),
+            ).fetchall()
     finally:
         conn.close()
+    with _decoding(db_path):
+        return _run_data(info, rows)
+
+
+def _run_data(info: RunInfo, rows: list[sqlite3.Row]) -> RunData:
     extras_raw = [json.loads(r["extras"] or "{}") for r in rows]
     field_names: dict[str, None] = {}
     declared = set(info.score_signals) - set(BUILTIN_SIGNALS)
