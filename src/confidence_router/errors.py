@@ -8,7 +8,14 @@ refines (``ValueError``, ``TimeoutError``, ...) so generic handlers keep working
     ├── InvalidArgumentError (ValueError)    a bad value passed to a library function
     │   ├── RoutingConfigError               a bad knob, setting, kwarg or constructor field
     │   ├── InvalidInputError                nothing to answer (no messages, only whitespace)
-    │   └── InvalidStateError                a saved state file that cannot be loaded
+    │   ├── InvalidStateError                a saved state file that cannot be loaded
+    │   └── (defined next to their features)
+    │       EmbeddingDimensionError          knowledge: vectors of another dimension
+    │       EvalDatabaseError                calibration: a run database that cannot be read
+    │       DatasetFormatError               evaluation.datasets: a bad question-file row
+    │       BaselineDataError,               evaluation.baseline: too few / one-class data,
+    │       TrainTestOverlapError              a question both trained and tested on
+    │       JudgeParseError                  evaluation.grading: an unreadable judge verdict
     ├── InvalidTypeError (TypeError)         a value of the wrong type
     ├── LocalModelError                      the local model failed and the query could not
     │                                        be escalated (no cloud, not allowed, guarded)
@@ -18,8 +25,10 @@ refines (``ValueError``, ``TimeoutError``, ...) so generic handlers keep working
     ├── EscalationBlockedError               the privacy guard stopped a request on its
     │                                        way to the cloud (the router serves local)
     ├── ReservationStateError (RuntimeError) a budget reservation settled twice
-    ├── KnowledgeStoreError (RuntimeError)   the knowledge store's embedder or Chroma failed
-    │                                        (defined in confidence_router.knowledge)
+    ├── KnowledgeStoreError (RuntimeError)   knowledge: the store's embedder or Chroma failed
+    ├── CalibrationFitError (ValueError)     correctness: a calibration that cannot be fitted
+    ├── EvalRunnerError                      evaluation.runner: RunConfigMismatchError,
+    │                                        RunNotFoundError, RunDatabaseError
     └── MissingExtraError (ImportError)      a feature's optional dependencies are missing
 
 Nothing is swallowed: escalation failures keep the local answer (when there is one) and the
