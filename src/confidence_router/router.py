@@ -1113,7 +1113,12 @@ def _configurable_router_class() -> type:
     class ConfigurableRouter(RunnableConfigurableFields):
         """Knobs chosen through ``with_config(configurable=...)`` act like per-call kwargs
         (bound with :meth:`ConfidenceRoutedLLM.bind`): a configured ``threshold`` wins over
-        the calibrator's, as the README promises for a per-call threshold."""
+        the calibrator's, as the README promises for a per-call threshold. ``bind_tools`` and
+        ``with_structured_output`` keep it configurable: they are applied to the router each
+        call configures (LangChain's version applied them to the default router only)."""
+
+        then: tuple[tuple[str, tuple[Any, ...], dict[str, Any]], ...] = ()
+        """Methods applied, in order, to the configured router: ``(name, args, kwargs)``."""
 
         def _prepare(self, config: RunnableConfig | None = None) -> Any:
             runnable, config = super()._prepare(config)
@@ -1124,7 +1129,23 @@ def _configurable_router_class() -> type:
                 if isinstance(spec, ConfigurableField) and key in RoutingPolicy.knob_names()
                 and spec.id in chosen
             }
-            return (runnable.bind(**knobs) if knobs else runnable), config
+            if knobs:
+                runnable = runnable.bind(**knobs)
+            for name, args, kwargs in self.then:
+                runnable = getattr(runnable, name)(*args, **kwargs)
+            return runnable, config
+
+        def _then(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            # Applied once now, so bad tools or schemas fail here rather than at each call.
+            getattr(self._prepare(None)[0], name)(*args, **kwargs)
+            return type(self)(default=self.default, fields=self.fields,
+                              then=(*self.then, (name, args, kwargs)))
+
+        def bind_tools(self, *args: Any, **kwargs: Any) -> Any:
+            return self._then("bind_tools", args, kwargs)
+
+        def with_structured_output(self, *args: Any, **kwargs: Any) -> Any:
+            return self._then("with_structured_output", args, kwargs)
 
     return ConfigurableRouter
 

@@ -499,13 +499,6 @@ def test_a_bound_privacy_knob_survives_tools_and_structured_output(router, ollam
     assert len(_local(ollama_server)) == 1 and bedrock_server.requests == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "router.configurable_fields(threshold=...) is LangChain's RunnableConfigurableFields, "
-    "whose __getattr__ hands bind_tools / with_structured_output to the default router: "
-    "the result is no longer configurable and .invoke(q, {'configurable': {'threshold': "
-    "0.99}}) routes at 0.7 (record threshold 0.7, the unsure local 'Mombasa' kept, 0 cloud "
-    "requests). The README's recipe (configurable_fields then with_config) silently stops "
-    "working once tools or a schema are added"))
 @pytest.mark.parametrize("then", ["with_structured_output", "bind_tools"])
 def test_configurable_knobs_survive_tools_and_structured_output(router, ollama_backend,
                                                                 bedrock_server, then):
