@@ -930,9 +930,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
                     raise PartialStreamError(error, len(chunks)) from error
                 raise
             finally:
-                aclose = getattr(stream, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+                await _aclose(stream)
             out.append(Answer(messages_of(chunks), chunks, emitted=effect.emit,
                               early_exit=watch.report() if watch is not None else None))
         finally:
@@ -1307,6 +1305,21 @@ def _has_content(block: Any) -> bool:
         return True
     text = block.get("text")
     return bool(text.strip()) if isinstance(text, str) else kind is None
+
+
+async def _aclose(stream: Any) -> None:
+    """Close a tier's async stream (the server stops generating)."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is None:
+        return
+    try:
+        await aclose()
+    except RuntimeError as error:
+        # At event-loop shutdown, shutdown_asyncgens may be closing this same stream (an
+        # abandoned async chain): it is being closed, which is all this wanted; reporting it
+        # would record a cloud error for a call nobody waits for.
+        if "already running" not in str(error):
+            raise
 
 
 def _timeout(tier: str, timeout: float | None) -> TierTimeoutError:
