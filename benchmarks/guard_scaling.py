@@ -13,11 +13,10 @@ ratio: about 10 is linear, about 100 quadratic. Also the time of a whole convers
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 from langchain_core.messages import AIMessage, HumanMessage
+from timing import median_seconds
 
 from confidence_router.guards import PIIGuard
 
@@ -31,15 +30,6 @@ SHAPES: dict[str, Callable[[int], str]] = {
 }
 
 
-def _median_seconds(call: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=20_000)
@@ -49,14 +39,14 @@ def main() -> None:
     print(f"{'input':<24} {'n':>8} {'t(n) ms':>9} {'t(10n) ms':>10} {'ratio':>6}")
     for name, make in SHAPES.items():
         small, large = make(args.size), make(args.size * 10)
-        t_small = _median_seconds(lambda text=small: guard.find(text), args.repeat)
-        t_large = _median_seconds(lambda text=large: guard.find(text), args.repeat)
+        t_small = median_seconds(lambda text=small: guard.find(text), args.repeat)
+        t_large = median_seconds(lambda text=large: guard.find(text), args.repeat)
         print(f"{name:<24} {args.size:>8} {t_small * 1e3:>9.2f} {t_large * 1e3:>10.2f} "
               f"{t_large / t_small:>6.1f}")
     turn = "Which treaty ended the Thirty Years' War in 1648, and who signed it? " * 4
     history = [HumanMessage(turn) if i % 2 == 0 else AIMessage(turn) for i in range(20)]
     size_kb = sum(len(m.content) for m in history) / 1000
-    t_history = _median_seconds(lambda: guard(history), args.repeat)
+    t_history = median_seconds(lambda: guard(history), args.repeat)
     print(f"conversation of 20 turns: {t_history * 1e3:.2f} ms ({t_history * 1e3 / size_kb:.3f} "
           f"ms per kB)")
 

@@ -14,12 +14,11 @@ careless implementation goes quadratic). The bootstrap is ``O(B n log n)``; it i
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 
 import numpy as np
+from timing import median_seconds
 
 from confidence_router.evaluation.metrics import (
     apgr,
@@ -64,15 +63,6 @@ def _metrics(resamples: int) -> dict[str, Callable[[tuple], object]]:
     }
 
 
-def _median_seconds(call: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=100_000, help="rows (and 10x that)")
@@ -85,8 +75,8 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name, metric in _metrics(args.resamples).items():
-            t_small = _median_seconds(lambda: metric(small), args.repeat)
-            t_large = _median_seconds(lambda: metric(large), args.repeat)
+            t_small = median_seconds(lambda m=metric: m(small), args.repeat)
+            t_large = median_seconds(lambda m=metric: m(large), args.repeat)
             print(f"| {name} | {t_small * 1e3:.1f} ms | {t_large * 1e3:.1f} ms "
                   f"| {t_large / t_small:.1f} |")
 

@@ -12,7 +12,6 @@ Ollama server and a real Chroma store; the bytes compared are those the server r
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,17 +48,6 @@ SPIDER = "How many legs does a spider have?"
 
 
 # ---------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def gsa_backend() -> ScriptedBackend:
-    return ScriptedBackend(models=[MODEL])
-
-
-@pytest.fixture(scope="module")
-def gsa_server(gsa_backend: ScriptedBackend) -> Iterator[OllamaCompatibleServer]:
-    with OllamaCompatibleServer(gsa_backend) as server:
-        yield server
 
 
 @pytest.fixture

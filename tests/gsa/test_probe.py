@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import math
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +37,6 @@ from confidence_router.testing import OllamaCompatibleServer, ScriptedBackend
 MODEL = "qwen2.5:7b"
 FRANCE = "What is the capital of France?"
 SPIDER = "How many legs does a spider have?"
-
-
-@pytest.fixture(scope="module")
-def gsa_backend() -> ScriptedBackend:
-    return ScriptedBackend(models=[MODEL])
-
-
-@pytest.fixture(scope="module")
-def gsa_server(gsa_backend: ScriptedBackend) -> Iterator[OllamaCompatibleServer]:
-    with OllamaCompatibleServer(gsa_backend) as server:
-        yield server
 
 
 @pytest.fixture
