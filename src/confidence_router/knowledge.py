@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -444,6 +445,17 @@ class KnowledgeStore:
     def embeddings(self) -> Embeddings:
         """The LangChain embedder used for questions and queries."""
         return self._embeddings
+
+    def with_embeddings(self, embeddings: Embeddings) -> KnowledgeStore:
+        """The same store (client, collection, entries) used through ``embeddings``: the same
+        embedding model configured differently, e.g. with a timeout (its vectors must be the
+        stored ones', or searches raise :class:`EmbeddingDimensionError` or go astray).
+
+        Example: ``store.with_embeddings(OllamaEmbeddings(model=m, client_kwargs={"timeout": 5}))``
+        """
+        clone = copy.copy(self)
+        clone._embeddings = embeddings
+        return clone
 
     def _space(self) -> str | None:
         # configuration_json is the raw stored dict; the parsed `.configuration` property

@@ -198,14 +198,29 @@ def configure_local(model: Any, timeout: float | None) -> Any:
 
 def configure_probe(probe: Any, timeout: float | None) -> Any:
     """The pre-check probe with the local tier's timeout on its ``ChatOllama`` (the same
-    server as the local tier: a hung one fails the probe instead of holding the call)."""
+    server as the local tier: a hung one fails the probe instead of holding the call) and on
+    its knowledge store's ``OllamaEmbeddings`` (a hung embedding server fails the search)."""
     model = getattr(probe, "model", None)
-    if timeout is None or model is None or not is_ollama(model):
+    if timeout is None or model is None or not hasattr(probe, "model_post_init"):
         return probe
-    configured = configure_local(model, timeout)
-    if configured is model or not hasattr(probe, "model_post_init"):
+    update: dict[str, Any] = {}
+    if is_ollama(model):
+        configured = configure_local(model, timeout)
+        if configured is not model:
+            update["model"] = configured
+    store = getattr(probe, "store", None)
+    embeddings = getattr(store, "embeddings", None)
+    if type(embeddings).__name__ == "OllamaEmbeddings" and hasattr(store, "with_embeddings"):
+        client_kwargs = dict(embeddings.client_kwargs or {})  # type: ignore[union-attr]
+        own = client_kwargs.get("timeout")
+        if not (isinstance(own, (int, float)) and not isinstance(own, bool) and 0 < own < timeout):
+            client_kwargs["timeout"] = _httpx_timeout(timeout)
+            update["store"] = store.with_embeddings(  # type: ignore[union-attr]
+                _rebuild(embeddings, client_kwargs=client_kwargs)
+            )
+    if not update:
         return probe
-    probe = probe.model_copy(update={"model": configured})
+    probe = probe.model_copy(update=update)
     probe.model_post_init(None)  # the probe builds its own copy of the model there
     return probe
 

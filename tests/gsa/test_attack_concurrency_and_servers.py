@@ -256,15 +256,6 @@ async def test_hung_embedding_server_times_the_probe_out_async(
     assert len(ollama_server.requests_to("/api/chat")) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sync invoke: local_timeout bounds the probe's ChatOllama (tier_clients."
-    "configure_probe) but not its knowledge store's search (embedder, Chroma client), and "
-    "router._probe calls precheck.invoke without a deadline (the async path has _within): a "
-    "hung embedding server holds a sync routed call for as long as it hangs (OllamaEmbeddings "
-    "has no timeout by default). Needs router._probe/configure_probe to bound the store "
-    "search too",
-)
 def test_hung_embedding_server_times_the_probe_out_sync(
     slow_embed_server: OllamaCompatibleServer, tmp_path: Path, ollama_chat, ollama_backend,
     ollama_server: OllamaCompatibleServer, bedrock_chat,
