@@ -719,3 +719,23 @@ class _NotifyingBackend:
 
     def models(self) -> list[str]:
         return self._inner.models()
+
+
+def test_latency_holds_when_the_process_has_more_than_1024_descriptors(
+    ollama_backend: ScriptedBackend, ollama_server: OllamaCompatibleServer
+) -> None:
+    """The server checks whether a waiting client hung up; select.select() cannot watch a
+    descriptor >= 1024, so in a busy process (the full test suite reached that) every wait
+    read as "client gone" and scripted answers came back empty at once."""
+    import os
+
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        ollama_backend.add_answer("slow", " eventually", logprobs=-0.1, latency=0.3)
+        reply = _chat(ollama_server, logprobs=True).invoke("slow one")
+        assert reply.content == " eventually"
+        with pytest.raises(httpx.TimeoutException):
+            _chat(ollama_server, client_kwargs={"timeout": 0.1}).invoke("slow one")
+    finally:
+        for fd in held:
+            os.close(fd)

@@ -32,7 +32,7 @@ import dataclasses
 import json
 import logging
 import math
-import select
+import selectors
 import socket
 import threading
 import time
@@ -244,8 +244,12 @@ class _OllamaHandler(JSONRequestHandler):
     def _client_gone(self) -> bool:
         """Whether the client closed its connection (EOF), without consuming its data."""
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            # A selector, not select.select: that one fails for descriptors >= 1024 (a busy
+            # process has them), which read as "gone" and cut every answer short.
+            with selectors.DefaultSelector() as selector:
+                selector.register(self.connection, selectors.EVENT_READ)
+                readable = bool(selector.select(0))
+            return readable and self.connection.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
 
