@@ -515,6 +515,22 @@ class KnowledgeStore:
     def __len__(self) -> int:
         return self.count()
 
+    def close(self) -> None:
+        """Release the Chroma client this store opened for its ``path`` (database files,
+        threads); a ``client`` you passed in is yours to close. Idempotent; the store cannot
+        be used afterwards. Also ``with KnowledgeStore(...) as store: ...``.
+        """
+        if self.path is not None:
+            close = getattr(self._client, "close", None)
+            if callable(close):
+                close()
+
+    def __enter__(self) -> KnowledgeStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     # ---------------------------------------------------------------- writing
 
     def _prepare(

@@ -47,12 +47,13 @@ def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def store(tmp_path: Path, ollama_server: OllamaCompatibleServer) -> KnowledgeStore:
+def store(tmp_path: Path, ollama_server: OllamaCompatibleServer) -> Iterator[KnowledgeStore]:
     store = KnowledgeStore(OllamaEmbeddings(base_url=ollama_server.url, model="scripted-local"),
                            path=tmp_path / "kb")
     store.add_many([(_question(i), f"Answer {i}.") for i in range(0, 2 * N, 2)])
     ollama_server.clear_requests()
-    return store
+    with store:
+        yield store
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ Ollama server and a real Chroma store; the bytes compared are those the server r
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +71,11 @@ def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def store(tmp_path: Path, gsa_server: OllamaCompatibleServer) -> KnowledgeStore:
+def store(tmp_path: Path, gsa_server: OllamaCompatibleServer) -> Iterator[KnowledgeStore]:
     """A store whose embeddings come from the scripted server (so /api/embed is counted)."""
-    return KnowledgeStore(OllamaEmbeddings(base_url=gsa_server.url, model=MODEL),
-                          path=tmp_path / "kb")
+    with KnowledgeStore(OllamaEmbeddings(base_url=gsa_server.url, model=MODEL),
+                        path=tmp_path / "kb") as opened:
+        yield opened
 
 
 class TableEmbeddings(Embeddings):

@@ -4,6 +4,7 @@ Runs a real Chroma PersistentClient per test."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,9 @@ def embeddings() -> CountingEmbeddings:
 
 
 @pytest.fixture
-def store(tmp_path: Path, embeddings: CountingEmbeddings) -> KnowledgeStore:
-    return KnowledgeStore(embeddings, path=tmp_path / "kb")
+def store(tmp_path: Path, embeddings: CountingEmbeddings) -> Iterator[KnowledgeStore]:
+    with KnowledgeStore(embeddings, path=tmp_path / "kb") as opened:
+        yield opened
 
 
 # ---------------------------------------------------------------------- adding

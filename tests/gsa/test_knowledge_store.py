@@ -21,6 +21,7 @@ from confidence_router.knowledge import (
     EmbeddingDimensionError,
     KnowledgeEntry,
     KnowledgeStore,
+    KnowledgeStoreError,
     default_knowledge_path,
     entry_id_for_question,
     normalize_question,
@@ -81,8 +82,9 @@ def _offline_chroma(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> KnowledgeStore:
-    return KnowledgeStore(HashEmbeddings(), path=tmp_path / "kb")
+def store(tmp_path: Path) -> Iterator[KnowledgeStore]:
+    with KnowledgeStore(HashEmbeddings(), path=tmp_path / "kb") as opened:
+        yield opened
 
 
 # ---------------------------------------------------------------------- import hygiene
@@ -477,3 +479,38 @@ def test_self_similarity_tau(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert store.self_similarity_tau(0.9) == pytest.approx(expected, abs=1e-6)
     with pytest.raises(ValueError, match="quantile"):
         store.self_similarity_tau(1.0)
+
+
+def test_close_releases_the_client_the_store_opened(tmp_path: Path) -> None:
+    import os
+
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with KnowledgeStore(HashEmbeddings(), path=tmp_path / "warm") as warm:
+        warm.add("warm up", "imports")
+    before = descriptors()
+    for i in range(5):
+        with KnowledgeStore(HashEmbeddings(), path=tmp_path / f"kb{i}") as store:
+            store.add("What is the capital of France?", "Paris.")
+            assert len(store) == 1
+    assert descriptors() <= before + 2  # each store's database and threads were released
+    reopened = KnowledgeStore(HashEmbeddings(), path=tmp_path / "kb0")
+    assert len(reopened) == 1  # closing kept the data
+    reopened.close()
+    reopened.close()  # idempotent
+    with pytest.raises(KnowledgeStoreError):
+        reopened.count()
+
+
+def test_close_leaves_a_client_passed_in_open(tmp_path: Path) -> None:
+    import chromadb
+    from chromadb.config import Settings
+
+    client = chromadb.PersistentClient(path=str(tmp_path / "own"),
+                                       settings=Settings(anonymized_telemetry=False))
+    store = KnowledgeStore(HashEmbeddings(), client=client)
+    store.add("q", "a")
+    store.close()
+    assert len(store) == 1  # the caller's client still serves
+    client.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +58,11 @@ def local(gsa_server: OllamaCompatibleServer) -> ChatOllama:
 @pytest.fixture
 def store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gsa_server: OllamaCompatibleServer
-) -> KnowledgeStore:
+) -> Iterator[KnowledgeStore]:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     embeddings = OllamaEmbeddings(base_url=gsa_server.url, model=MODEL)
-    return KnowledgeStore(embeddings, path=tmp_path / "kb")
+    with KnowledgeStore(embeddings, path=tmp_path / "kb") as opened:
+        yield opened
 
 
 def _chat_bodies(server: OllamaCompatibleServer) -> list[dict[str, Any]]:

@@ -32,7 +32,8 @@ def _answer_for(question: str):
 def store(tmp_path, monkeypatch, ollama_server):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     embeddings = OllamaEmbeddings(base_url=ollama_server.url, model="scripted-embed")
-    return KnowledgeStore(embeddings, path=tmp_path / "kb")
+    with KnowledgeStore(embeddings, path=tmp_path / "kb") as opened:
+        yield opened
 
 
 @pytest.fixture
