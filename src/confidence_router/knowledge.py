@@ -68,6 +68,7 @@ from confidence_router.gsa import Hit
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from langchain_core.embeddings import Embeddings
+    from typing_extensions import Self
 
 __all__ = [
     "DEFAULT_COLLECTION",
@@ -525,7 +526,7 @@ class KnowledgeStore:
             if callable(close):
                 close()
 
-    def __enter__(self) -> KnowledgeStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
