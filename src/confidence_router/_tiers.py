@@ -106,6 +106,10 @@ def last_user_text(messages: Sequence[BaseMessage]) -> str:
 REASONING_BLOCKS = frozenset({"reasoning", "reasoning_content", "thinking", "redacted_thinking"})
 
 
+def _is_reasoning(block: Any) -> bool:
+    return isinstance(block, dict) and block.get("type") in REASONING_BLOCKS
+
+
 def without_reasoning(messages: list[BaseMessage]) -> list[BaseMessage]:
     """``messages`` with the reasoning blocks of earlier AI turns left out (the same list when
     there are none). A turn left with only text blocks becomes that text."""
@@ -113,10 +117,10 @@ def without_reasoning(messages: list[BaseMessage]) -> list[BaseMessage]:
     for index, message in enumerate(messages):
         content = message.content
         if message.type != "ai" or not isinstance(content, list) or not any(
-            isinstance(b, dict) and b.get("type") in REASONING_BLOCKS for b in content
+            map(_is_reasoning, content)
         ):
             continue
-        kept = [b for b in content if not (isinstance(b, dict) and b.get("type") in REASONING_BLOCKS)]
+        kept = [block for block in content if not _is_reasoning(block)]
         if all(isinstance(b, str) or (isinstance(b, dict) and b.get("type") == "text") for b in kept):
             kept_content: Any = "".join(b if isinstance(b, str) else str(b.get("text", "")) for b in kept)
         else:
@@ -135,11 +139,9 @@ def attach(message: BaseMessage, routing: dict[str, Any], *, keep_usage: bool = 
     listens to this run (no callbacks), so nothing can count twice.
     """
     metadata = {**message.response_metadata, "routing": routing}
-    logprobs = metadata.get("logprobs")
-    if isinstance(logprobs, list) and logprobs and type(logprobs[0]) is not dict:
-        # ollama's Logprob objects (the router turned logprobs on): plain JSON, as the rest of
-        # the metadata, so callers can log or store it.
-        metadata["logprobs"] = [_plain_token(item) for item in logprobs]
+    plain = _plain_logprobs(metadata)
+    if plain is not None:
+        metadata["logprobs"] = plain
     if isinstance(message, AIMessageChunk):
         message = AIMessage(
             content=message.content,
@@ -157,6 +159,16 @@ def attach(message: BaseMessage, routing: dict[str, Any], *, keep_usage: bool = 
             update["usage_metadata"] = None
         return message.model_copy(update=update)
     return AIMessage(content=message.content, response_metadata=metadata)
+
+
+def _plain_logprobs(metadata: Any) -> list[Any] | None:
+    """The metadata's logprobs as plain JSON when they are ollama's ``Logprob`` objects (the
+    router turned logprobs on), so callers can log or store them; ``None`` when they are
+    plain already or absent."""
+    logprobs = metadata.get("logprobs")
+    if isinstance(logprobs, list) and logprobs and type(logprobs[0]) is not dict:
+        return [_plain_token(item) for item in logprobs]
+    return None
 
 
 def _plain_token(item: Any) -> Any:
@@ -177,11 +189,9 @@ def without_usage(chunk: AIMessageChunk) -> AIMessageChunk:
     update: dict[str, Any] = {}
     if chunk.usage_metadata is not None:
         update["usage_metadata"] = None
-    logprobs = chunk.response_metadata.get("logprobs")
-    if isinstance(logprobs, list) and logprobs and type(logprobs[0]) is not dict:
-        update["response_metadata"] = {
-            **chunk.response_metadata, "logprobs": [_plain_token(item) for item in logprobs]
-        }
+    plain = _plain_logprobs(chunk.response_metadata)
+    if plain is not None:
+        update["response_metadata"] = {**chunk.response_metadata, "logprobs": plain}
     return chunk.model_copy(update=update) if update else chunk
 
 

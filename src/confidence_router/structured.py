@@ -59,7 +59,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from typing_extensions import is_typeddict
 
 from confidence_router.errors import RoutingConfigError
-from confidence_router.tier_clients import unwrap
+from confidence_router.tier_clients import keep_bound_kwargs, unwrap
 
 if TYPE_CHECKING:
     from confidence_router.router import ConfidenceRoutedLLM
@@ -261,16 +261,6 @@ def _bind_tier(
             f"the {tier} tier ({type(target).__name__}) builds structured output in a way the "
             f"router cannot route on (expected 'bound model | parser'); use another method"
         )
-    if isinstance(model, RunnableBinding) and model.kwargs:
-        # Keep what else is bound on the tier (e.g. Ollama's keep_alive), but never its earlier
-        # tools or formats: bound outside, they would override the schema's own binding (an
-        # outer binding's kwargs win), and the parser would wait for a tool nobody offered.
-        # ChatOllama and the Bedrock models drop earlier tools the same way.
-        kept = {
-            key: value
-            for key, value in model.kwargs.items()
-            if key not in _OUTPUT_SHAPING_KWARGS and key not in bound.kwargs
-        }
-        if kept:
-            bound = bound.bind(**kept)
-    return bound
+    # Never the tier's earlier tools or formats: the parser would wait for a tool nobody was
+    # offered. ChatOllama and the Bedrock models drop earlier tools the same way.
+    return keep_bound_kwargs(bound, model, _OUTPUT_SHAPING_KWARGS)

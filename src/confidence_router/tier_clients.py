@@ -169,9 +169,7 @@ def configure_local(model: Any, timeout: float | None) -> Any:
     if timeout is None or not is_ollama(inner):
         return model
     client_kwargs = dict(inner.client_kwargs or {})
-    own = client_kwargs.get("timeout")
-    if isinstance(own, (int, float)) and not isinstance(own, bool) and 0 < own < timeout:
-        timeout = float(own)  # the client's own, stricter timeout stays in force
+    timeout = _in_force(client_kwargs, timeout)
     client_kwargs["timeout"] = _httpx_timeout(timeout)
     # The sync client also gets a deadline for the whole answer (the async paths have one of
     # their own): a model that keeps producing tokens slowly cannot hold a sync invoke past
@@ -196,6 +194,14 @@ def configure_local(model: Any, timeout: float | None) -> Any:
     )
 
 
+def _in_force(client_kwargs: dict[str, Any], timeout: float) -> float:
+    """The timeout in force: a client's own numeric ``timeout`` when it is stricter."""
+    own = client_kwargs.get("timeout")
+    if isinstance(own, (int, float)) and not isinstance(own, bool) and 0 < own < timeout:
+        return float(own)
+    return timeout
+
+
 def configure_probe(probe: Any, timeout: float | None) -> Any:
     """The pre-check probe with the local tier's timeout on its ``ChatOllama`` (the same
     server as the local tier: a hung one fails the probe instead of holding the call) and on
@@ -212,8 +218,7 @@ def configure_probe(probe: Any, timeout: float | None) -> Any:
     embeddings = getattr(store, "embeddings", None)
     if type(embeddings).__name__ == "OllamaEmbeddings" and hasattr(store, "with_embeddings"):
         client_kwargs = dict(embeddings.client_kwargs or {})  # type: ignore[union-attr]
-        own = client_kwargs.get("timeout")
-        if not (isinstance(own, (int, float)) and not isinstance(own, bool) and 0 < own < timeout):
+        if _in_force(client_kwargs, timeout) == timeout:  # else its own, stricter one holds
             client_kwargs["timeout"] = _httpx_timeout(timeout)
             update["store"] = store.with_embeddings(  # type: ignore[union-attr]
                 _rebuild(embeddings, client_kwargs=client_kwargs)
@@ -417,15 +422,20 @@ def bind_tools(model: Any, tools: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         from confidence_router.errors import InvalidTypeError
 
         raise InvalidTypeError(f"{type(target).__name__} does not support bind_tools")
-    bound = target.bind_tools(tools, **kwargs)
-    if isinstance(model, RunnableBinding) and model.kwargs:
-        # The tier's other bound kwargs stay; its earlier tools and tool choice are replaced,
-        # as a second bind_tools on the model itself would replace them.
-        new = getattr(bound, "kwargs", {})
-        kept = {k: v for k, v in model.kwargs.items() if k not in new and k not in TOOL_KWARGS}
-        if kept:
-            bound = bound.bind(**kept)
-    return bound
+    # The tier's earlier tools and tool choice are replaced, as a second bind_tools on the
+    # model itself would replace them.
+    return keep_bound_kwargs(target.bind_tools(tools, **kwargs), model, TOOL_KWARGS)
+
+
+def keep_bound_kwargs(bound: Any, model: Any, replaced: frozenset[str]) -> Any:
+    """``bound`` (a new binding of ``model``'s inner model) with the other kwargs ``model``
+    had bound (e.g. Ollama's ``keep_alive``), except those in ``replaced`` or set anew: bound
+    outside, they would override the new binding's own (an outer binding's kwargs win)."""
+    if not isinstance(model, RunnableBinding) or not model.kwargs:
+        return bound
+    new = getattr(bound, "kwargs", {})
+    kept = {k: v for k, v in model.kwargs.items() if k not in new and k not in replaced}
+    return bound.bind(**kept) if kept else bound
 
 
 #: Kwargs a ``bind_tools`` sets on a model (replaced, never merged, by a later one).
