@@ -250,6 +250,58 @@ def test_log_softmax_normalises_in_float64():
     assert logits[0] == 1000.0  # input untouched
 
 
+# ---- top_k_indices: the top alternatives without partitioning the whole vocabulary ---------
+
+
+def _check_top_k(np, values, k):
+    from confidence_router.serving.llamacpp import top_k_indices
+
+    got = top_k_indices(values, k)
+    expected = np.sort(values)[::-1][: min(k, len(values))]
+    assert len(set(got.tolist())) == len(got) == len(expected)  # distinct indices
+    assert values[got].tolist() == expected.tolist()  # the k largest values, largest first
+
+
+@pytest.mark.parametrize("n", [1, 7, 511, 512, 4096, 262_144, 262_144 + 17])
+@pytest.mark.parametrize("k", [0, 1, 2, 20])
+def test_top_k_indices_equals_a_full_sort(n, k):
+    np = pytest.importorskip("numpy")
+    rng = np.random.default_rng(n * 31 + k)
+    _check_top_k(np, rng.standard_normal(n), k)
+
+
+def test_top_k_indices_finds_winners_crowded_in_one_block_or_the_tail():
+    np = pytest.importorskip("numpy")
+    values = np.full(262_144 + 100, -30.0)
+    values[1024:1044] = np.arange(20.0)  # all 20 winners in one 512-entry block
+    values[-3:] = [50.0, 49.0, 48.0]  # and three past the last whole block
+    _check_top_k(np, values, 20)
+    ties = np.zeros(262_144)  # every entry equal: any 20 distinct indices are right
+    _check_top_k(np, ties, 20)
+
+
+def test_top_k_indices_property():
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("hypothesis")
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    @given(st.integers(0, 2**32 - 1), st.integers(1, 150_000), st.integers(1, 20),
+           st.sampled_from(["normal", "integers", "spiky"]))
+    def check(seed, n, k, kind):
+        rng = np.random.default_rng(seed)
+        if kind == "normal":
+            values = rng.standard_normal(n)
+        elif kind == "integers":  # many ties
+            values = rng.integers(-3, 3, n).astype(np.float64)
+        else:  # a few large values anywhere, the rest far below
+            values = np.full(n, -40.0)
+            values[rng.integers(0, n, min(n, k + 3))] = rng.standard_normal(min(n, k + 3))
+        _check_top_k(np, values, k)
+
+    check()
+
+
 # ---- embedded model path and install hint ------------------------------------------------------
 
 

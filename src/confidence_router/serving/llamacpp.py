@@ -498,6 +498,43 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - math.log(float(np.exp(shifted).sum()))
 
 
+def top_k_indices(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest entries of a 1-D array, largest first (exact).
+
+    ``np.argpartition`` over the 262,144-entry vocabulary costs ~3 ms per call, paid by every
+    probe and every answer token that reports alternatives. This reads the maximum of each
+    block of 512 entries instead, keeps the blocks whose maximum is at least the k-th largest
+    block maximum, and partitions only those: at least ``k`` entries are >= that bound, so
+    every one of the ``k`` largest lies in a kept block (~0.3 ms). Among equal values the
+    order is unspecified, as with ``argpartition``.
+
+    >>> import numpy as np
+    >>> top_k_indices(np.array([0.1, 3.0, -1.0, 2.0]), 2).tolist()
+    [1, 3]
+    """
+    import numpy as np
+
+    n = values.shape[0]
+    k = min(k, n)
+    if k <= 0:
+        return np.empty(0, dtype=np.intp)
+    width = 512
+    full = n - n % width
+    if full < width * max(4 * k, 64):  # too few blocks to gain anything
+        candidates = np.arange(n)
+    else:
+        maxima = values[:full].reshape(-1, width).max(axis=1)
+        bound = np.partition(maxima, len(maxima) - k)[len(maxima) - k]
+        blocks = np.flatnonzero(maxima >= bound)
+        candidates = (blocks[:, None] * width + np.arange(width)).ravel()
+        if full < n:  # the entries past the last whole block are always candidates
+            candidates = np.concatenate([candidates, np.arange(full, n)])
+    chosen = values[candidates]
+    best = np.argpartition(chosen, len(chosen) - k)[len(chosen) - k:]
+    best = best[np.argsort(chosen[best])[::-1]]
+    return candidates[best]
+
+
 # ---------------------------------------------------------------------------------------------
 # Stop strings over a token stream
 # ---------------------------------------------------------------------------------------------
@@ -1162,9 +1199,10 @@ class LlamaCppBackend:
                 text = decoder.decode(llm.detokenize([token]))
                 top: tuple[tuple[str, float], ...] = ()
                 if top_k:
-                    best = np.argpartition(logprobs, -top_k)[-top_k:]
-                    best = best[np.argsort(logprobs[best])[::-1]]
-                    top = tuple((self._piece(llm, int(i)), float(logprobs[i])) for i in best)
+                    top = tuple(
+                        (self._piece(llm, int(i)), float(logprobs[i]))
+                        for i in top_k_indices(logprobs, top_k)
+                    )
                 yield from stop_filter.push(GeneratedToken(text, float(logprobs[token]), top))
                 if stop_filter.stopped:
                     reply.done_reason = "stop"
