@@ -19,6 +19,7 @@ defence, not a PII classifier; plug a real detector in the same way when you nee
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 import unicodedata
@@ -34,9 +35,10 @@ from confidence_router.errors import InvalidArgumentError
 # long run with no "@" (base64, minified JSON) costs quadratic time.
 _EMAIL = re.compile(r"(?<![\w.%+'-])[\w.%+'-]+@(?:\r?\n)?(?:[\w-]+\.)+[\w-]{2,}")
 # Card numbers as people write them: compact (13-19 digits), or in groups of four (16 or 19
-# digits) or 4-6-5 / 4-6-4 (Amex, Diners), separated by up to two spaces, dots, dashes or
-# line breaks; never a piece of a longer alphanumeric token ("IPv4 192...", hashes).
-_CARD_SEP = r"[\s.\-]{1,2}"
+# digits) or 4-6-5 / 4-6-4 (Amex, Diners), separated by up to three spaces, dots, dashes or
+# line breaks ("4111 - 1111 - ..."); never a piece of a longer alphanumeric token ("IPv4
+# 192...", hashes).
+_CARD_SEP = r"[\s.\-]{1,3}"
 _CARD = re.compile(
     r"(?<![\w.\-])(?:\d{13,19}"
     rf"|\d{{4}}(?:{_CARD_SEP}\d{{4}}){{3}}(?:{_CARD_SEP}\d{{3}})?"
@@ -47,6 +49,11 @@ _YEAR = re.compile(r"(?:1[89]|20)\d\d")
 # "DE89\n3704..." are IBANs.
 _IBAN = re.compile(
     r"(?<![\w])[A-Z]{2}\d{2}(?:\s?[A-Z0-9]{4}){2,7}(?:\s?[A-Z0-9]{1,4})?(?![\w])", re.IGNORECASE
+)
+# Grouped by dashes ("DE89-3704-0044-..."): only with valid check digits, as product codes and
+# UUIDs have that shape too.
+_IBAN_DASHED = re.compile(
+    r"(?<![\w-])[A-Z]{2}\d{2}(?:-[A-Z0-9]{4}){2,7}(?:-[A-Z0-9]{1,4})?(?![\w-])", re.IGNORECASE
 )
 _US_SSN = re.compile(r"\b\d{3}-\d{2}-\d{4}\b")
 # Phone numbers: international ("+44 20 7946 0958", "+447946095800"); national ones grouped
@@ -108,6 +115,22 @@ def _luhn_ok(number: str) -> bool:
                 digit -= 9
         checksum += digit
     return checksum % 10 == 0
+
+
+def _without_marks(text: str) -> str:
+    """``text`` without combining marks (Unicode categories Mn, Mc, Me), for the email check."""
+    return text.translate(_mark_table())
+
+
+@functools.cache
+def _mark_table() -> dict[int, None]:
+    # The Basic Multilingual Plane's combining marks (~1,300; built once, ~12 ms, on the first
+    # non-ASCII text with an "@"): every script's letters with vowel signs are in it.
+    return {
+        code: None
+        for code in range(0x300, 0x10000)
+        if unicodedata.category(chr(code)) in ("Mn", "Mc", "Me")
+    }
 
 
 def _is_card(candidate: str) -> bool:
@@ -354,13 +377,24 @@ class PIIGuard:
         """
         text = normalise(text)
         kinds = self.kinds
-        if "email address" in kinds and _EMAIL.search(text):
+        if "email address" in kinds and (
+            _EMAIL.search(text)
+            # Letters with combining marks (Devanagari, Thai, Arabic vowel signs) are not
+            # ``\w``: "मेल@उदाहरण.भारत" is an address too.
+            or ("@" in text and not text.isascii() and _EMAIL.search(_without_marks(text)))
+        ):
             return "email address"
         if "credit card number" in kinds and any(
             _is_card(m.group()) for m in _CARD.finditer(text)
         ):
             return "credit card number"
-        if "IBAN" in kinds and any(_is_iban(m) for m in _IBAN.finditer(text)):
+        if "IBAN" in kinds and (
+            any(_is_iban(m) for m in _IBAN.finditer(text))
+            or any(
+                _iban_checksum_ok(m.group().replace("-", "").upper())
+                for m in _IBAN_DASHED.finditer(text)
+            )
+        ):
             return "IBAN"
         if "US SSN" in kinds and _US_SSN.search(text):
             return "US SSN"

@@ -78,6 +78,14 @@ def test_kinds_and_extra_patterns():
         ("mon numéro: 06 12 34 56 78", "phone number"),
         ("my phone: 2025550123", "phone number"),
         ("llámame al 612 345 678", "phone number"),
+        # Scripts whose letters carry combining vowel signs (not ``\w``).
+        ("लिखें मेल@उदाहरण.भारत पर", "email address"),
+        ("ส่งไปที่ สมชาย@ตัวอย่าง.ไทย", "email address"),
+        ("راسلني على مُحمَّد@مثال.شبكة", "email address"),
+        ("card 4111 - 1111 - 1111 - 1111", "credit card number"),
+        ("card 5555 . 5555 . 5555 . 4444", "credit card number"),
+        ("pay DE89-3704-0044-0532-0130-00 today", "IBAN"),
+        ("iban gb82-west-1234-5698-7654-32.", "IBAN"),
     ],
 )
 def test_obfuscated_and_reformatted(text, kind):
@@ -115,6 +123,9 @@ def test_obfuscated_and_reformatted(text, kind):
         "DE is Germany, FR is France, and GB82 is not a full IBAN",
         "Café — naïve façade, 東京 2024年5月17日",
         "Tom &amp; Jerry &lt;3",
+        "Part AB12-CDEF-3456-GHIJ ships with SKU XY98-7654-3210-ABCD.",  # dashed, bad check digits
+        "नमस्ते, मेरा नाम राम है। @राम ने कहा",  # a mention, not an address
+        "4111 - 1111 - 1111 - 1112 is not a valid card",  # Luhn fails
     ],
 )
 def test_ordinary_text_is_not_personal_data(text):
