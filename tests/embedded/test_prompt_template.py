@@ -280,6 +280,18 @@ def test_top_k_indices_finds_winners_crowded_in_one_block_or_the_tail():
     _check_top_k(np, ties, 20)
 
 
+def test_top_k_indices_with_nan_values_answers_like_argpartition():
+    np = pytest.importorskip("numpy")
+    from confidence_router.serving.llamacpp import top_k_indices
+
+    values = np.random.default_rng(0).standard_normal(262_144)
+    values[[5, 70_000, 200_000]] = np.nan  # a broken model's logits: no crash, NaN first
+    got = top_k_indices(values, 20)
+    assert len(set(got.tolist())) == 20
+    assert set(got[:3].tolist()) == {5, 70_000, 200_000}
+    assert values[got[3:]].tolist() == np.sort(values[~np.isnan(values)])[::-1][:17].tolist()
+
+
 def test_top_k_indices_property():
     np = pytest.importorskip("numpy")
     pytest.importorskip("hypothesis")

@@ -520,10 +520,14 @@ def top_k_indices(values: np.ndarray, k: int) -> np.ndarray:
         return np.empty(0, dtype=np.intp)
     width = 512
     full = n - n % width
-    if full < width * max(4 * k, 64):  # too few blocks to gain anything
+    maxima = None
+    if full >= width * max(4 * k, 64):  # enough blocks to gain something
+        maxima = values[:full].reshape(-1, width).max(axis=1)
+        if np.isnan(maxima).any():  # NaN compares false: search everything, as argpartition
+            maxima = None
+    if maxima is None:
         candidates = np.arange(n)
     else:
-        maxima = values[:full].reshape(-1, width).max(axis=1)
         bound = np.partition(maxima, len(maxima) - k)[len(maxima) - k]
         blocks = np.flatnonzero(maxima >= bound)
         candidates = (blocks[:, None] * width + np.arange(width)).ravel()
