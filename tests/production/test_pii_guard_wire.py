@@ -205,6 +205,17 @@ MESSAGE_SHAPES = {
                            {"type": "text", "text": "hi"}]),
         HumanMessage(QUESTION),
     ],
+    "email with combining vowel signs": [HumanMessage("लिखें मेल@उदाहरण.भारत पर")],
+    "dashed IBAN in tool call arguments": [
+        HumanMessage("pay"),
+        AIMessage("", tool_calls=[{"name": "pay", "args": {"iban": "DE89-3704-0044-0532-0130-00"},
+                                   "id": "t1"}]),
+        ToolMessage("done", tool_call_id="t1"),
+        HumanMessage(QUESTION),
+    ],
+    "card grouped by spaced dashes in the system prompt": [
+        SystemMessage("the user's card is 4111 - 1111 - 1111 - 1111"), HumanMessage(QUESTION),
+    ],
 }
 
 
