@@ -83,9 +83,14 @@ def _version() -> str:
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """A finite float, else ``None`` (an int too large for a float is not finite either)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _int(value: Any) -> int | None:
@@ -194,7 +199,10 @@ class OpenTelemetrySink:
         latencies = routing.get("latency_s")
         latencies = latencies if isinstance(latencies, Mapping) else {}
         total = _number(latencies.get("total"))
-        start_ns = end_ns - int(total * 1e9) if total is not None else end_ns
+        start_ns = end_ns
+        if total is not None and total > 0:
+            # A latency longer than the epoch (a corrupt record) starts the span at 0.
+            start_ns = end_ns - min(end_ns, int(min(total * 1e9, float(end_ns))))
         decision = str(routing.get("decision") or "unknown")
         models = self._models_of(routing)
         raw_usage = routing.get("usage")
@@ -312,6 +320,10 @@ class OpenTelemetrySink:
         that fell back to the local answer is a handled outcome, not a failed call)."""
         if decision == "cloud" and routing.get("cloud_error"):
             return str(routing.get("cloud_error_kind") or "cloud_error")
+        if decision == "local" and routing.get("local_error"):
+            # The local tier failed and nothing was escalated (LocalModelError): there is no
+            # local answer to have served, so the call failed.
+            return str(routing.get("local_error_kind") or "local_error")
         return None
 
     def _record_metrics(

@@ -153,9 +153,14 @@ def _error_kind(routing: Mapping[str, Any], stage: str) -> str | None:
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """A finite float, else ``None`` (an int too large for a float is not finite either)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _tokens(usage: Any) -> tuple[int, int]:
@@ -227,6 +232,13 @@ class RoutingStats:
                 raise InvalidTypeError(f"{name} must be an int >= 1, got {value!r}")
             if value < 1:
                 raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
+        if prices is not None and not isinstance(prices, PriceTable):
+            raise InvalidTypeError(
+                f"prices must be a confidence_router.costs.PriceTable or None, got "
+                f"{type(prices).__name__}"
+            )
+        if cloud_model is not None and not isinstance(cloud_model, str):
+            raise InvalidTypeError(f"cloud_model must be a string or None, got {cloud_model!r}")
         self._target = None if target_rate is None else float(target_rate)
         self._window = window
         self._latency_window = latency_window
