@@ -108,12 +108,16 @@ def read_json_state(path: str | os.PathLike[str]) -> dict[str, Any]:
         FileNotFoundError: no such file.
         InvalidStateError: the file is not valid JSON or not a JSON object (corrupt state).
     """
-    raw = Path(path).read_text(encoding="utf-8")
+    raw = Path(path).read_bytes()
     try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as error:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InvalidStateError(
             f"{os.fspath(path)}: corrupt state file, not valid JSON ({error})"
+        ) from None
+    except RecursionError:
+        raise InvalidStateError(
+            f"{os.fspath(path)}: corrupt state file, JSON nested too deeply"
         ) from None
     if not isinstance(data, dict):
         raise InvalidStateError(
@@ -136,9 +140,15 @@ def _finite_number(value: Any, name: str) -> float:
     included; numpy scalars are numbers), ``InvalidArgumentError`` for NaN or an infinity."""
     if _is_bool(value) or not isinstance(value, numbers.Real):
         raise InvalidTypeError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond the float range
+        raise InvalidArgumentError(
+            f"{name} must be finite, got an integer too large for a float"
+        ) from None
+    if not math.isfinite(number):
         raise InvalidArgumentError(f"{name} must be finite, got {value!r}")
-    return float(value)
+    return number
 
 
 def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
@@ -557,9 +567,14 @@ class CalibrationResult:
 
 
 def _is_missing(score: Any) -> bool:
-    return score is None or (
-        isinstance(score, numbers.Real) and not _is_bool(score) and math.isnan(score)
-    )
+    if score is None:
+        return True
+    if not isinstance(score, numbers.Real) or _is_bool(score):
+        return False
+    try:
+        return math.isnan(score)
+    except OverflowError:  # a huge int: not missing, refused as not finite
+        return False
 
 
 def _label(value: Any, name: str, index: int) -> int:
