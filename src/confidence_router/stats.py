@@ -134,14 +134,15 @@ def nearest_rank(sorted_values: list[float], p: float) -> float | None:
 def _error_kind(routing: Mapping[str, Any], stage: str) -> str | None:
     """``"<stage>:<kind>"`` for a failed stage, else ``None``.
 
-    The kind is ``<stage>_error_kind`` when the router recorded one (e.g. from
-    :func:`confidence_router.retry.classify_error`), else the exception class name at the
-    start of ``"<Type>: message"``.
+    The kind is ``<stage>_error_kind`` (``precheck["error_kind"]`` for the pre-check) when the
+    router recorded one (e.g. from :func:`confidence_router.retry.classify_error`), else the
+    exception class name at the start of ``"<Type>: message"``.
     """
     if stage == "precheck":
         precheck = routing.get("precheck")
         text = precheck.get("error") if isinstance(precheck, Mapping) else None
-        kind = None
+        # The router records the probe's classified kind next to the message, as for the tiers.
+        kind = precheck.get("error_kind") if isinstance(precheck, Mapping) else None
     else:
         text = routing.get(f"{stage}_error")
         kind = routing.get(f"{stage}_error_kind")

@@ -26,6 +26,7 @@ from confidence_router.errors import (
     LocalModelError,
 )
 from confidence_router.otel import SPAN_NAME, OpenTelemetrySink
+from confidence_router.probe import SelfAssessmentProbe
 from confidence_router.stats import MultiSink, RoutingStats
 from confidence_router.telemetry import annotate_run, routing_run_metadata
 
@@ -311,3 +312,33 @@ def test_every_routed_call_is_counted_once_including_failures(
     # What the fake servers received: every local call once, every cloud attempt once.
     assert len(ollama_backend.requests) == 5
     assert len(bedrock_server.requests) == 4  # 2 failed attempts, 1 answer, 1 escalation
+
+
+def test_a_failed_precheck_is_counted_by_its_classified_kind_like_the_tiers(
+    ollama_chat, ollama_backend
+):
+    # Before: "precheck:ResponseError" (the class name) next to "local:transient" for the very
+    # same failure, because the pre-check's recorded error_kind was ignored.
+    def probe_request(request) -> bool:
+        return "Respond with exactly one token" in request.messages[-1]["content"]
+
+    ollama_backend.fail(probe_request, status=500, message="probe exploded")
+    ollama_backend.add_answer("capital of France", "Paris", logprobs=[-0.05])
+    ollama_backend.fail(BROKEN, status=500)
+    stats = RoutingStats()
+    local = ollama_chat()
+    router = ConfidenceRoutedLLM(
+        local=local, precheck=SelfAssessmentProbe(model=local), precheck_threshold=0.5,
+        stats=stats,
+    )  # fmt: skip
+    routing = router.invoke(FRANCE).response_metadata["routing"]
+    with pytest.raises(LocalModelError) as failure:
+        router.invoke(BROKEN)
+    kind = routing["precheck"]["error_kind"]
+    assert failure.value.routing["precheck"]["error_kind"] == kind
+    assert stats.snapshot()["errors"] == {
+        f"precheck:{kind}": 2,
+        f"local:{failure.value.routing['local_error_kind']}": 1,
+    }
+    assert stats.snapshot()["calls"] == 2
+    assert len(ollama_backend.requests) == 4  # two probes, two answers
