@@ -588,7 +588,9 @@ def _label(value: Any, name: str, index: int) -> int:
 def _rows(values: Iterable[Any]) -> Sequence[Any]:
     """A sequence of rows: lists, tuples and numpy arrays as they are, other iterables (a
     generator) read once into a list."""
-    if isinstance(values, (str, bytes)):
+    if isinstance(values, (str, bytes, Mapping)):
+        # A mapping would be indexed by key (row i = values[i]): a KeyError or, with integer
+        # keys in another order, labels silently paired with the wrong scores.
         raise InvalidTypeError(f"expected one value per row, got a {type(values).__name__}")
     if hasattr(values, "__len__") and hasattr(values, "__getitem__"):
         return values  # type: ignore[return-value]

@@ -239,3 +239,21 @@ def test_rolling_quantile_exact_when_threads_observe_and_save_at_once(tmp_path):
     rq.save(tmp_path / "final.json")
     again = RollingQuantileThreshold.load(tmp_path / "final.json")
     assert again.state() == state and again.snapshot() == snap
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"scores": [0.1, 0.5], "labels": {"a": 1, "b": 0}, "target_accuracy": 0.5},
+        {"scores": [0.1, 0.5], "labels": {1: 1, 2: 0}, "target_accuracy": 0.5},
+        {"scores": {0: 0.1, 1: 0.5}, "target_rate": 0.5},
+        {"scores": [0.1, 0.5], "labels": [1, 0], "cloud_labels": {0: 1, 1: 1},
+         "target_accuracy": 0.5},
+    ],
+    ids=["str-keys", "shifted-int-keys", "scores-dict", "cloud-labels-dict"],
+)
+def test_calibrate_threshold_refuses_mappings_as_rows(kwargs):
+    # Before: rows were read as values[i], so a dict raised a raw KeyError (or, keyed by
+    # 0..n-1 in any order, paired each score with whatever label had that key).
+    with pytest.raises(InvalidTypeError, match="one value per row, got a dict"):
+        calibrate_threshold(**kwargs)
