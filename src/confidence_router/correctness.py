@@ -71,6 +71,16 @@ def _is_number(value: Any) -> bool:
         return True
 
 
+def _stored_count(value: Any, name: str) -> int:
+    """A row count read from a calibration file: an integer (``3.0`` is accepted, ``2.7``,
+    ``true`` and ``"3"`` are not - ``int()`` would silently truncate or convert them)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CalibrationFitError(f"{name} must be an integer >= 0, got {value!r}")
+    return value
+
+
 def _check_rows(
     scores: Iterable[float], labels: Iterable[int]
 ) -> tuple[list[float], list[int]]:
@@ -251,6 +261,14 @@ class ConfidenceCalibration:
             raise CalibrationFitError(
                 f"method must be one of {CALIBRATION_METHODS}, got {self.method!r}"
             )
+        for name in ("n_train", "n_train_correct"):
+            count = getattr(self, name)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise CalibrationFitError(f"{name} must be an integer >= 0, got {count!r}")
+        if self.n_train_correct > self.n_train:
+            raise CalibrationFitError(
+                f"n_train_correct ({self.n_train_correct}) exceeds n_train ({self.n_train})"
+            )
 
     # ---- fitting -----------------------------------------------------------------------------
 
@@ -408,8 +426,8 @@ class ConfidenceCalibration:
                 knots_y=tuple(float(v) for v in data.get("knots_y") or ()),
                 a=None if data.get("a") is None else float(data["a"]),
                 b=None if data.get("b") is None else float(data["b"]),
-                n_train=int(data.get("n_train", 0)),
-                n_train_correct=int(data.get("n_train_correct", 0)),
+                n_train=_stored_count(data.get("n_train", 0), "n_train"),
+                n_train_correct=_stored_count(data.get("n_train_correct", 0), "n_train_correct"),
                 source=dict(data.get("source") or {}),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:

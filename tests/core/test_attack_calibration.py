@@ -112,7 +112,9 @@ def fitted() -> ConfidenceCalibration:
 )
 def test_calibration_data_beyond_the_float_range_is_a_calibration_fit_error(fitted, mutate):
     # Before: OverflowError from int(inf) / float(10**400) escaped from_dict.
-    with pytest.raises(CalibrationFitError, match="invalid calibration data"):
+    with pytest.raises(
+        CalibrationFitError, match="invalid calibration data|must be an integer >= 0, got -?inf"
+    ):
         ConfidenceCalibration.from_dict(mutate(fitted.as_dict()))
 
 
@@ -257,3 +259,26 @@ def test_calibrate_threshold_refuses_mappings_as_rows(kwargs):
     # 0..n-1 in any order, paired each score with whatever label had that key).
     with pytest.raises(InvalidTypeError, match="one value per row, got a dict"):
         calibrate_threshold(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda d: {**d, "n_train": -5}, "n_train must be an integer >= 0"),
+        (lambda d: {**d, "n_train": 2.7}, "n_train must be an integer"),
+        (lambda d: {**d, "n_train": "4"}, "n_train must be an integer"),
+        (lambda d: {**d, "n_train_correct": True}, "n_train_correct must be an integer"),
+        (lambda d: {**d, "n_train_correct": 9}, r"n_train_correct \(9\) exceeds n_train \(4\)"),
+    ],
+    ids=["negative", "fraction", "string", "bool", "more-correct-than-rows"],
+)
+def test_calibration_file_with_impossible_row_counts_is_refused(fitted, mutate, match):
+    # Before: int() truncated 2.7 to 2, turned "4" and True into numbers, and a negative count
+    # or more correct rows than rows loaded as if valid.
+    with pytest.raises(CalibrationFitError, match=match):
+        ConfidenceCalibration.from_dict(mutate(fitted.as_dict()))
+
+
+def test_calibration_file_counts_written_as_whole_floats_still_load(fitted):
+    loaded = ConfidenceCalibration.from_dict({**fitted.as_dict(), "n_train": 4.0})
+    assert loaded == fitted and isinstance(loaded.n_train, int)
