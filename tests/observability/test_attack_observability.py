@@ -4,6 +4,7 @@ test bed (scripted Ollama server, fake Bedrock) that end in local and cloud erro
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 
@@ -201,6 +202,23 @@ def test_otel_negative_total_latency_never_starts_the_span_after_it_ends():
     assert span.attributes["confidence_router.latency.total_s"] == -5.0
 
 
+@pytest.mark.parametrize(
+    ("extra", "retries"),
+    [({"cloud_attempts": 10**12}, 10**12 - 1),
+     ({"cloud_retries": [{"kind": "throttled"}] * 300}, 300)],
+    ids=["attempt-count", "retry-list"],
+)  # fmt: skip
+def test_otel_absurd_retry_counts_are_counted_without_building_every_event(extra, retries):
+    # Before: one event dict per retry was built (twice: for the span and for the metric), so
+    # cloud_attempts=10**12 never returned (memory); the SDK keeps only 128 events anyway.
+    telemetry = Telemetry()
+    telemetry.sink().record({"decision": "cloud", "escalated": True, **extra})
+    (span,) = telemetry.finished()
+    assert len(span.events) == 128
+    assert span.events[0].attributes["confidence_router.retry.attempt"] == 1
+    assert telemetry.total("confidence_router.cloud.retries") == retries
+
+
 # -- run annotation --------------------------------------------------------------------------
 
 
@@ -342,3 +360,32 @@ def test_a_failed_precheck_is_counted_by_its_classified_kind_like_the_tiers(
     }
     assert stats.snapshot()["calls"] == 2
     assert len(ollama_backend.requests) == 4  # two probes, two answers
+
+
+def test_concurrent_async_and_threaded_calls_are_each_counted_once(
+    ollama_chat, bedrock_chat, ollama_backend, bedrock_server
+):
+    ollama_backend.add_answer("capital of France", "Paris", logprobs=[-0.05])
+    ollama_backend.add_answer("Kenya", "Jomo Kenyatta was", logprobs=[-2.0, -3.1, -2.6])
+    ollama_backend.fail(BROKEN, status=500)
+    bedrock_server.add_answer("Kenya", "Daniel arap Moi", input_tokens=11, output_tokens=4)
+    bedrock_server.add_answer("broken", "a cloud answer", input_tokens=9, output_tokens=3)
+    stats, telemetry = RoutingStats(), Telemetry()
+    calibrator = RollingQuantileThreshold(target_rate=0.5, window=1000, min_samples=1000)
+    router = ConfidenceRoutedLLM(
+        local=ollama_chat(), cloud=bedrock_chat(), stats=[stats, telemetry.sink()],
+        calibrator=calibrator,
+    )  # fmt: skip
+    questions = [FRANCE, KENYA, BROKEN] * 8
+    asyncio.run(router.abatch(questions, config={"max_concurrency": 8}))
+    router.batch(questions, config={"max_concurrency": 6})
+
+    s = stats.snapshot()
+    assert s["calls"] == 48 and len(telemetry.finished()) == 48
+    assert telemetry.total("confidence_router.calls") == 48
+    assert (s["local"], s["cloud"], s["escalated"]) == (16, 32, 32)
+    assert s["by_reason"] == {"confident": 16, "low_confidence": 16, "local_error": 16}
+    assert sum(s["errors"].values()) == 16 and all(k.startswith("local:") for k in s["errors"])
+    # Calls with a local score (FRANCE, KENYA) reached the calibrator; local failures did not.
+    assert calibrator.n_known == 32 and calibrator.realised_rate == 0.5
+    assert len(ollama_backend.requests) == 48 and len(bedrock_server.requests) == 32
