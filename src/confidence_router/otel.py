@@ -70,7 +70,7 @@ _ROUTER_STAGES = ("precheck", "total")
 _DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
                      40.96, 81.92)  # fmt: skip
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
-# Span events kept per call (OpenTelemetry's default span event limit; the SDK drops the rest).
+# Retry events put on a span (OpenTelemetry's default span event limit).
 _MAX_RETRY_EVENTS = 128
 _CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -303,9 +303,9 @@ class OpenTelemetrySink:
         """One event per cloud retry: from ``cloud_retries`` (one entry per retried attempt)
         when the record has it, else ``cloud_attempts - 1`` events from the attempt count.
 
-        At most :data:`_MAX_RETRY_EVENTS` (the SDK's default span event limit: it would drop
-        the rest), so an absurd attempt count cannot make the sink build millions of events.
-        """
+        The first :data:`_MAX_RETRY_EVENTS` (the SDK's default span event limit; beyond it the
+        SDK would keep only the latest ones), so an absurd attempt count cannot make the sink
+        build millions of events."""
         retries = routing.get("cloud_retries")
         if isinstance(retries, (list, tuple)):
             events = []

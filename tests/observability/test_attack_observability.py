@@ -210,7 +210,8 @@ def test_otel_negative_total_latency_never_starts_the_span_after_it_ends():
 )  # fmt: skip
 def test_otel_absurd_retry_counts_are_counted_without_building_every_event(extra, retries):
     # Before: one event dict per retry was built (twice: for the span and for the metric), so
-    # cloud_attempts=10**12 never returned (memory); the SDK keeps only 128 events anyway.
+    # cloud_attempts=10**12 never returned (memory); the SDK keeps 128 events anyway (the
+    # latest ones: a 300-entry list showed attempts 173..300, not the first retries).
     telemetry = Telemetry()
     telemetry.sink().record({"decision": "cloud", "escalated": True, **extra})
     (span,) = telemetry.finished()
