@@ -261,6 +261,7 @@ class ConfidenceCalibration:
             raise CalibrationFitError(
                 f"method must be one of {CALIBRATION_METHODS}, got {self.method!r}"
             )
+        self._check_source()
         for name in ("n_train", "n_train_correct"):
             count = getattr(self, name)
             if isinstance(count, bool) or not isinstance(count, int) or count < 0:
@@ -268,6 +269,25 @@ class ConfidenceCalibration:
         if self.n_train_correct > self.n_train:
             raise CalibrationFitError(
                 f"n_train_correct ({self.n_train_correct}) exceeds n_train ({self.n_train})"
+            )
+
+    def _check_source(self) -> None:
+        """``source`` is saved as JSON: it must survive the trip (checked now, not at save)."""
+        if not isinstance(self.source, Mapping):
+            raise CalibrationFitError(
+                f"source must be a mapping (provenance fields), got {type(self.source).__name__}"
+            )
+        try:
+            text = json.dumps(dict(self.source), allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise CalibrationFitError(
+                f"source must hold JSON values (str, finite numbers, bool, None, lists, "
+                f"mappings): {exc}"
+            ) from None
+        if json.loads(text) != dict(self.source):
+            raise CalibrationFitError(
+                "source would not load back as saved (use string keys and lists, not tuples): "
+                f"{dict(self.source)!r}"
             )
 
     # ---- fitting -----------------------------------------------------------------------------

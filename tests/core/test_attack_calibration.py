@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -282,3 +283,26 @@ def test_calibration_file_with_impossible_row_counts_is_refused(fitted, mutate, 
 def test_calibration_file_counts_written_as_whole_floats_still_load(fitted):
     loaded = ConfidenceCalibration.from_dict({**fitted.as_dict(), "n_train": 4.0})
     assert loaded == fitted and isinstance(loaded.n_train, int)
+
+
+@pytest.mark.parametrize(
+    ("source", "match"),
+    [
+        ({"run_db": Path("run.sqlite")}, "source must hold JSON values"),
+        ({"holdout": math.nan}, "source must hold JSON values"),
+        ({1: "first run"}, "would not load back"),
+        ({"split": ("train", "test")}, "would not load back"),
+    ],
+    ids=["path", "nan", "int-key", "tuple"],
+)
+def test_fit_refuses_a_source_that_cannot_be_saved_and_loaded_back(tmp_path, source, match):
+    # Before: the fit succeeded; save() then raised a raw TypeError/ValueError from json.dumps
+    # (a Path, NaN), or the file loaded back as a different calibration ({1: ...} -> {"1": ...}).
+    with pytest.raises(CalibrationFitError, match=match):
+        ConfidenceCalibration.fit([0.2, 0.8], [0, 1], signal="mean_logprob", source=source)
+
+
+def test_fit_source_round_trips_through_a_file(tmp_path):
+    source = {"run_db": "run.sqlite", "run": None, "holdout": 0.3, "tags": ["a", {"b": True}]}
+    cal = ConfidenceCalibration.fit([0.2, 0.8], [0, 1], signal="mean_logprob", source=source)
+    assert ConfidenceCalibration.load(cal.save(tmp_path / "cal.json")) == cal
