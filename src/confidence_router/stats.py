@@ -179,7 +179,9 @@ class RoutingStats:
 
     What is counted, per :meth:`record`:
 
-    * ``calls``; ``local`` / ``cloud``: the tier whose answer was returned (``decision``);
+    * ``calls``; ``local`` / ``cloud``: the record's ``decision``, the tier whose answer was
+      returned (for a call that raised, the tier that failed last: a ``LocalModelError`` counts
+      under ``local``, a ``CloudEscalationError`` under ``cloud``, with its ``errors`` entry);
       ``escalated``: the cloud was called (also when it then failed and the local answer was
       returned); ``escalation_rate = escalated / calls``; ``would_escalate``; ``flagged``.
     * ``by_reason``: ``reason`` counts; ``errors``: ``"<stage>:<kind>"`` counts for the
