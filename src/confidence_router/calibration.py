@@ -44,6 +44,7 @@ import os
 import sqlite3
 import tempfile
 import threading
+import zlib
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -980,14 +981,22 @@ def _load_scores(
     labels: list[int | None] = []
     cloud: list[int | None] = []
     n_errors = 0
-    for *values, correct, error, cloud_correct, cloud_error in rows:
+    for row, (*values, correct, error, cloud_correct, cloud_error) in enumerate(rows, start=1):
         if error is not None:
             n_errors += 1
             continue
         if extra_key is not None:
             raw = _extra_value(values[0], *extra_key)
         else:
-            raw = _token_score(router_signal, *values)
+            try:
+                raw = _token_score(router_signal, *values)
+            except (zlib.error, ValueError, TypeError, KeyError, RecursionError) as exc:
+                # Not written by the runner (or damaged): zlib, UTF-8, JSON or layout errors.
+                raise EvalDatabaseError(
+                    f"{p}: column 'tokens' of result row {row} cannot be decoded "
+                    f"({type(exc).__name__}: {exc})",
+                    path=p,
+                ) from None
         score = float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else None
         scores.append(None if score is None or math.isnan(score) else score)
         labels.append(_db_label(correct, path, "correct"))
@@ -1016,7 +1025,7 @@ def _extra_value(raw: Any, name: str, field: str) -> Any:
         return None
     try:
         extras = json.loads(raw)
-    except (TypeError, json.JSONDecodeError):
+    except (TypeError, json.JSONDecodeError, RecursionError):
         return None
     entry = extras.get(name) if isinstance(extras, dict) else None
     return entry.get(field) if isinstance(entry, dict) else None

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 import threading
+import zlib
 from pathlib import Path
 
 import pytest
 
 from confidence_router.calibration import (
+    EvalDatabaseError,
     RollingQuantileThreshold,
+    calibrate_run,
     calibrate_threshold,
+    load_scores_from_run,
     read_json_state,
 )
 from confidence_router.correctness import (
@@ -306,3 +311,46 @@ def test_fit_source_round_trips_through_a_file(tmp_path):
     source = {"run_db": "run.sqlite", "run": None, "holdout": 0.3, "tags": ["a", {"b": True}]}
     cal = ConfidenceCalibration.fit([0.2, 0.8], [0, 1], signal="mean_logprob", source=source)
     assert ConfidenceCalibration.load(cal.save(tmp_path / "cal.json")) == cal
+
+
+# -- evaluation databases with damaged rows ------------------------------------------------------
+
+
+def _results_db(path, *, tokens=None, extras=None):
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "CREATE TABLE results (correct INTEGER, error TEXT, tokens BLOB, answer TEXT, extras TEXT)"
+    )
+    conn.execute("INSERT INTO results VALUES (0, 'Timeout', NULL, NULL, NULL)")  # a failure row
+    conn.execute("INSERT INTO results VALUES (1, NULL, ?, 'Paris', ?)", (tokens, extras))
+    conn.commit()
+    conn.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        b"not zlib at all",
+        zlib.compress(b"\xff\xfe"),
+        zlib.compress(json.dumps({"v": 1}).encode()),
+        zlib.compress(b"[1, 2]"),
+        "a text value where the blob belongs",
+    ],
+    ids=["not-zlib", "not-utf8", "missing-keys", "not-an-object", "text"],
+)
+def test_a_damaged_tokens_blob_is_an_eval_database_error_naming_file_and_row(tmp_path, tokens):
+    # Before: zlib.error, UnicodeDecodeError, KeyError('t'), a plain ValueError or TypeError
+    # escaped load_scores_from_run (and the CLI's calibrate).
+    path = _results_db(tmp_path / "run.sqlite", tokens=tokens)
+    with pytest.raises(EvalDatabaseError, match=r"run\.sqlite: column 'tokens' of result row 2"):
+        load_scores_from_run(path, "mean_logprob")
+    with pytest.raises(EvalDatabaseError, match="cannot be decoded"):
+        calibrate_run(path, signal="sum_logprob", target_rate=0.5)
+
+
+def test_too_deeply_nested_extras_count_as_missing_like_other_unreadable_extras(tmp_path):
+    # Before: RecursionError from json.loads; unreadable (non-JSON) extras are already missing.
+    path = _results_db(tmp_path / "run.sqlite", extras="[" * 100_000 + "]" * 100_000)
+    data = load_scores_from_run(path, "gsa.p_yes")
+    assert (data.scores, data.labels, data.n_errors) == ([None], [1], 1)
