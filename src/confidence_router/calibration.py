@@ -482,6 +482,19 @@ class RollingQuantileThreshold:
         n_unknown_total = _positive_int(state["n_unknown_total"], "'n_unknown_total'", 0)
         if n_known_total < len(scores) or n_unknown_total < sum(recent):
             raise InvalidArgumentError("the totals are smaller than the window contents")
+        # The window keeps the last `window` known scores: all of them while fewer were seen.
+        if len(scores) != min(obj._window, n_known_total):
+            raise InvalidArgumentError(
+                f"'scores' holds {len(scores)} entries, but {n_known_total} known scores were "
+                f"observed with window={obj._window} (expected {min(obj._window, n_known_total)})"
+            )
+        # The last `window` observations cannot hold more known scores than the score window.
+        known_recent = len(recent) - sum(recent)
+        if known_recent > len(scores):
+            raise InvalidArgumentError(
+                f"'recent_unknown' marks {known_recent} known observations, more than the "
+                f"{len(scores)} scores kept"
+            )
         obj._scores = deque(clean_scores)
         obj._escalated = deque(escalated)
         obj._n_escalated = sum(escalated)

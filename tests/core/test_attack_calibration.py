@@ -354,3 +354,39 @@ def test_too_deeply_nested_extras_count_as_missing_like_other_unreadable_extras(
     path = _results_db(tmp_path / "run.sqlite", extras="[" * 100_000 + "]" * 100_000)
     data = load_scores_from_run(path, "gsa.p_yes")
     assert (data.scores, data.labels, data.n_errors) == ([None], [1], 1)
+
+
+def _rq_state() -> dict:
+    rq = RollingQuantileThreshold(0.5, window=4, min_samples=1)
+    for score in (0.1, None, 0.2, 0.3):
+        rq.observe(score)
+    return rq.state()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda s: s.update(n_known_total=50), r"'scores' holds 3 entries.*expected 4"),
+        (lambda s: s.update(scores=[0.3], escalated=[False]), r"'scores' holds 1 entries"),
+        (lambda s: s.update(recent_unknown=[False] * 4, scores=[0.1, 0.2, 0.3],
+                            n_known_total=3), "marks 4 known observations"),
+    ],
+    ids=["window-not-full", "scores-dropped", "more-known-than-kept"],
+)  # fmt: skip
+def test_inconsistent_rolling_state_is_refused(tmp_path, mutate, match):
+    # Before: these loaded; the threshold then came from a window that could not have been
+    # observed (3 scores after 50 known ones with window=4) and unknown_rate was made up.
+    state = _rq_state()
+    mutate(state)
+    path = tmp_path / "rq.json"
+    path.write_text(json.dumps(state))
+    with pytest.raises(InvalidStateError, match=match):
+        RollingQuantileThreshold.load(path)
+
+
+def test_consistent_rolling_states_still_load_after_the_window_fills(tmp_path):
+    rq = RollingQuantileThreshold(0.5, window=3, min_samples=1)
+    for score in (0.5, None, 0.1, None, None, 0.9, 0.4, None, 0.2):
+        rq.observe(score)
+        rq.save(tmp_path / "rq.json")
+        assert RollingQuantileThreshold.load(tmp_path / "rq.json").state() == rq.state()
