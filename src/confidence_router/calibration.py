@@ -44,6 +44,7 @@ import os
 import sqlite3
 import tempfile
 import threading
+import zlib
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -108,12 +109,16 @@ def read_json_state(path: str | os.PathLike[str]) -> dict[str, Any]:
         FileNotFoundError: no such file.
         InvalidStateError: the file is not valid JSON or not a JSON object (corrupt state).
     """
-    raw = Path(path).read_text(encoding="utf-8")
+    raw = Path(path).read_bytes()
     try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as error:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InvalidStateError(
             f"{os.fspath(path)}: corrupt state file, not valid JSON ({error})"
+        ) from None
+    except RecursionError:
+        raise InvalidStateError(
+            f"{os.fspath(path)}: corrupt state file, JSON nested too deeply"
         ) from None
     if not isinstance(data, dict):
         raise InvalidStateError(
@@ -136,9 +141,15 @@ def _finite_number(value: Any, name: str) -> float:
     included; numpy scalars are numbers), ``InvalidArgumentError`` for NaN or an infinity."""
     if _is_bool(value) or not isinstance(value, numbers.Real):
         raise InvalidTypeError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond the float range
+        raise InvalidArgumentError(
+            f"{name} must be finite, got an integer too large for a float"
+        ) from None
+    if not math.isfinite(number):
         raise InvalidArgumentError(f"{name} must be finite, got {value!r}")
-    return float(value)
+    return number
 
 
 def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
@@ -471,6 +482,19 @@ class RollingQuantileThreshold:
         n_unknown_total = _positive_int(state["n_unknown_total"], "'n_unknown_total'", 0)
         if n_known_total < len(scores) or n_unknown_total < sum(recent):
             raise InvalidArgumentError("the totals are smaller than the window contents")
+        # The window keeps the last `window` known scores: all of them while fewer were seen.
+        if len(scores) != min(obj._window, n_known_total):
+            raise InvalidArgumentError(
+                f"'scores' holds {len(scores)} entries, but {n_known_total} known scores were "
+                f"observed with window={obj._window} (expected {min(obj._window, n_known_total)})"
+            )
+        # The last `window` observations cannot hold more known scores than the score window.
+        known_recent = len(recent) - sum(recent)
+        if known_recent > len(scores):
+            raise InvalidArgumentError(
+                f"'recent_unknown' marks {known_recent} known observations, more than the "
+                f"{len(scores)} scores kept"
+            )
         obj._scores = deque(clean_scores)
         obj._escalated = deque(escalated)
         obj._n_escalated = sum(escalated)
@@ -557,9 +581,14 @@ class CalibrationResult:
 
 
 def _is_missing(score: Any) -> bool:
-    return score is None or (
-        isinstance(score, numbers.Real) and not _is_bool(score) and math.isnan(score)
-    )
+    if score is None:
+        return True
+    if not isinstance(score, numbers.Real) or _is_bool(score):
+        return False
+    try:
+        return math.isnan(score)
+    except OverflowError:  # a huge int: not missing, refused as not finite
+        return False
 
 
 def _label(value: Any, name: str, index: int) -> int:
@@ -573,7 +602,9 @@ def _label(value: Any, name: str, index: int) -> int:
 def _rows(values: Iterable[Any]) -> Sequence[Any]:
     """A sequence of rows: lists, tuples and numpy arrays as they are, other iterables (a
     generator) read once into a list."""
-    if isinstance(values, (str, bytes)):
+    if isinstance(values, (str, bytes, Mapping)):
+        # A mapping would be indexed by key (row i = values[i]): a KeyError or, with integer
+        # keys in another order, labels silently paired with the wrong scores.
         raise InvalidTypeError(f"expected one value per row, got a {type(values).__name__}")
     if hasattr(values, "__len__") and hasattr(values, "__getitem__"):
         return values  # type: ignore[return-value]
@@ -963,14 +994,22 @@ def _load_scores(
     labels: list[int | None] = []
     cloud: list[int | None] = []
     n_errors = 0
-    for *values, correct, error, cloud_correct, cloud_error in rows:
+    for row, (*values, correct, error, cloud_correct, cloud_error) in enumerate(rows, start=1):
         if error is not None:
             n_errors += 1
             continue
         if extra_key is not None:
             raw = _extra_value(values[0], *extra_key)
         else:
-            raw = _token_score(router_signal, *values)
+            try:
+                raw = _token_score(router_signal, *values)
+            except (zlib.error, ValueError, TypeError, KeyError, RecursionError) as exc:
+                # Not written by the runner (or damaged): zlib, UTF-8, JSON or layout errors.
+                raise EvalDatabaseError(
+                    f"{p}: column 'tokens' of result row {row} cannot be decoded "
+                    f"({type(exc).__name__}: {exc})",
+                    path=p,
+                ) from None
         score = float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else None
         scores.append(None if score is None or math.isnan(score) else score)
         labels.append(_db_label(correct, path, "correct"))
@@ -999,7 +1038,7 @@ def _extra_value(raw: Any, name: str, field: str) -> Any:
         return None
     try:
         extras = json.loads(raw)
-    except (TypeError, json.JSONDecodeError):
+    except (TypeError, json.JSONDecodeError, RecursionError):
         return None
     entry = extras.get(name) if isinstance(extras, dict) else None
     return entry.get(field) if isinstance(entry, dict) else None

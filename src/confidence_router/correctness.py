@@ -33,7 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confidence_router.errors import ConfidenceRouterError, InvalidArgumentError
+from confidence_router.errors import (
+    ConfidenceRouterError,
+    InvalidArgumentError,
+    InvalidTypeError,
+)
 from confidence_router.signals import SIGNAL_SCORERS
 
 __all__ = [
@@ -59,7 +63,22 @@ def _is_number(value: Any) -> bool:
     is_bool = isinstance(value, bool) or (
         kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")
     )
-    return not is_bool and isinstance(value, numbers.Real) and not math.isnan(value)
+    if is_bool or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return not math.isnan(value)
+    except OverflowError:  # an int too large for a float: a number, out of [0, 1] anyway
+        return True
+
+
+def _stored_count(value: Any, name: str) -> int:
+    """A row count read from a calibration file: an integer (``3.0`` is accepted, ``2.7``,
+    ``true`` and ``"3"`` are not - ``int()`` would silently truncate or convert them)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CalibrationFitError(f"{name} must be an integer >= 0, got {value!r}")
+    return value
 
 
 def _check_rows(
@@ -242,6 +261,34 @@ class ConfidenceCalibration:
             raise CalibrationFitError(
                 f"method must be one of {CALIBRATION_METHODS}, got {self.method!r}"
             )
+        self._check_source()
+        for name in ("n_train", "n_train_correct"):
+            count = getattr(self, name)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise CalibrationFitError(f"{name} must be an integer >= 0, got {count!r}")
+        if self.n_train_correct > self.n_train:
+            raise CalibrationFitError(
+                f"n_train_correct ({self.n_train_correct}) exceeds n_train ({self.n_train})"
+            )
+
+    def _check_source(self) -> None:
+        """``source`` is saved as JSON: it must survive the trip (checked now, not at save)."""
+        if not isinstance(self.source, Mapping):
+            raise CalibrationFitError(
+                f"source must be a mapping (provenance fields), got {type(self.source).__name__}"
+            )
+        try:
+            text = json.dumps(dict(self.source), allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise CalibrationFitError(
+                f"source must hold JSON values (str, finite numbers, bool, None, lists, "
+                f"mappings): {exc}"
+            ) from None
+        if json.loads(text) != dict(self.source):
+            raise CalibrationFitError(
+                "source would not load back as saved (use string keys and lists, not tuples): "
+                f"{dict(self.source)!r}"
+            )
 
     # ---- fitting -----------------------------------------------------------------------------
 
@@ -260,6 +307,11 @@ class ConfidenceCalibration:
         Raises :class:`CalibrationFitError` for mismatched lengths, scores outside [0, 1],
         labels other than 0/1, no rows, or a single class.
         """
+        if source is not None and not isinstance(source, Mapping):
+            raise CalibrationFitError(
+                f"source must be a mapping (provenance fields) or None, got "
+                f"{type(source).__name__}"
+            )
         xs, ys = _check_rows(scores, labels)
         if method not in CALIBRATION_METHODS:
             raise CalibrationFitError(
@@ -394,11 +446,11 @@ class ConfidenceCalibration:
                 knots_y=tuple(float(v) for v in data.get("knots_y") or ()),
                 a=None if data.get("a") is None else float(data["a"]),
                 b=None if data.get("b") is None else float(data["b"]),
-                n_train=int(data.get("n_train", 0)),
-                n_train_correct=int(data.get("n_train_correct", 0)),
+                n_train=_stored_count(data.get("n_train", 0), "n_train"),
+                n_train_correct=_stored_count(data.get("n_train_correct", 0), "n_train_correct"),
                 source=dict(data.get("source") or {}),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             if isinstance(exc, CalibrationFitError):
                 raise
             raise CalibrationFitError(f"invalid calibration data: {exc}") from exc
@@ -425,11 +477,15 @@ class ConfidenceCalibration:
         Raises ``FileNotFoundError`` for a missing file and :class:`CalibrationFitError`
         for anything that is not a valid calibration.
         """
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
         try:
-            data = json.loads(text)
+            data = json.loads(raw.decode("utf-8"))
         except json.JSONDecodeError as exc:
             raise CalibrationFitError(f"{os.fspath(path)}: not JSON ({exc.msg})") from exc
+        except UnicodeDecodeError as exc:
+            raise CalibrationFitError(f"{os.fspath(path)}: not UTF-8 JSON ({exc.reason})") from exc
+        except RecursionError:
+            raise CalibrationFitError(f"{os.fspath(path)}: not JSON (nested too deeply)") from None
         return cls.from_dict(data)
 
 
@@ -444,8 +500,14 @@ def split_holdout(
     >>> split_holdout(10, 0.3)[1]
     [1, 7, 8]
     """
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise InvalidTypeError(f"n must be an integer >= 0, got {n!r}")
+    if n < 0:
+        raise InvalidArgumentError(f"n must be an integer >= 0, got {n!r}")
+    if isinstance(holdout, bool) or not isinstance(holdout, numbers.Real):
+        raise InvalidTypeError(f"holdout must be a number in (0, 1), got {holdout!r}")
     if not 0.0 < holdout < 1.0:
-        raise ValueError(f"holdout must be in (0, 1), got {holdout!r}")
+        raise InvalidArgumentError(f"holdout must be in (0, 1), got {holdout!r}")
     order = list(range(n))
     random.Random(seed).shuffle(order)
     k = round(n * holdout)

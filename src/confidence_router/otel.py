@@ -70,6 +70,8 @@ _ROUTER_STAGES = ("precheck", "total")
 _DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
                      40.96, 81.92)  # fmt: skip
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+# Retry events put on a span (OpenTelemetry's default span event limit).
+_MAX_RETRY_EVENTS = 128
 _CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -83,9 +85,14 @@ def _version() -> str:
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """A finite float, else ``None`` (an int too large for a float is not finite either)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _int(value: Any) -> int | None:
@@ -194,7 +201,10 @@ class OpenTelemetrySink:
         latencies = routing.get("latency_s")
         latencies = latencies if isinstance(latencies, Mapping) else {}
         total = _number(latencies.get("total"))
-        start_ns = end_ns - int(total * 1e9) if total is not None else end_ns
+        start_ns = end_ns
+        if total is not None and total > 0:
+            # A latency longer than the epoch (a corrupt record) starts the span at 0.
+            start_ns = end_ns - min(end_ns, int(min(total * 1e9, float(end_ns))))
         decision = str(routing.get("decision") or "unknown")
         models = self._models_of(routing)
         raw_usage = routing.get("usage")
@@ -281,13 +291,25 @@ class OpenTelemetrySink:
         return attributes
 
     @staticmethod
+    def _retry_count(routing: Mapping[str, Any]) -> int:
+        """Cloud retries of the call: ``len(cloud_retries)``, else ``cloud_attempts - 1``."""
+        retries = routing.get("cloud_retries")
+        if isinstance(retries, (list, tuple)):
+            return len(retries)
+        return max(0, (_int(routing.get("cloud_attempts")) or 1) - 1)
+
+    @staticmethod
     def _retry_events(routing: Mapping[str, Any]) -> list[dict[str, Any]]:
         """One event per cloud retry: from ``cloud_retries`` (one entry per retried attempt)
-        when the record has it, else ``cloud_attempts - 1`` events from the attempt count."""
+        when the record has it, else ``cloud_attempts - 1`` events from the attempt count.
+
+        The first :data:`_MAX_RETRY_EVENTS` (the SDK's default span event limit; beyond it the
+        SDK would keep only the latest ones), so an absurd attempt count cannot make the sink
+        build millions of events."""
         retries = routing.get("cloud_retries")
         if isinstance(retries, (list, tuple)):
             events = []
-            for i, entry in enumerate(retries, start=1):
+            for i, entry in enumerate(retries[:_MAX_RETRY_EVENTS], start=1):
                 entry = entry if isinstance(entry, Mapping) else {}
                 event: dict[str, Any] = {
                     "confidence_router.retry.attempt": _int(entry.get("attempt")) or i
@@ -303,7 +325,7 @@ class OpenTelemetrySink:
         return [
             {"confidence_router.retry.attempt": attempt,
              **({"error.type": kind} if isinstance(kind, str) else {})}
-            for attempt in range(1, attempts)
+            for attempt in range(1, min(attempts, _MAX_RETRY_EVENTS + 1))
         ]  # fmt: skip
 
     @staticmethod
@@ -312,6 +334,10 @@ class OpenTelemetrySink:
         that fell back to the local answer is a handled outcome, not a failed call)."""
         if decision == "cloud" and routing.get("cloud_error"):
             return str(routing.get("cloud_error_kind") or "cloud_error")
+        if decision == "local" and routing.get("local_error"):
+            # The local tier failed and nothing was escalated (LocalModelError): there is no
+            # local answer to have served, so the call failed.
+            return str(routing.get("local_error_kind") or "local_error")
         return None
 
     def _record_metrics(
@@ -331,7 +357,7 @@ class OpenTelemetrySink:
             cost = _number(routing.get(f"{tier}_cost_usd"))
             if cost:
                 self._cost.add(cost, {"confidence_router.tier": tier})
-        retries = len(self._retry_events(routing))
+        retries = self._retry_count(routing)
         if retries:
             self._retries.add(retries)
         for stage in _ROUTER_STAGES:

@@ -134,14 +134,15 @@ def nearest_rank(sorted_values: list[float], p: float) -> float | None:
 def _error_kind(routing: Mapping[str, Any], stage: str) -> str | None:
     """``"<stage>:<kind>"`` for a failed stage, else ``None``.
 
-    The kind is ``<stage>_error_kind`` when the router recorded one (e.g. from
-    :func:`confidence_router.retry.classify_error`), else the exception class name at the
-    start of ``"<Type>: message"``.
+    The kind is ``<stage>_error_kind`` (``precheck["error_kind"]`` for the pre-check) when the
+    router recorded one (e.g. from :func:`confidence_router.retry.classify_error`), else the
+    exception class name at the start of ``"<Type>: message"``.
     """
     if stage == "precheck":
         precheck = routing.get("precheck")
         text = precheck.get("error") if isinstance(precheck, Mapping) else None
-        kind = None
+        # The router records the probe's classified kind next to the message, as for the tiers.
+        kind = precheck.get("error_kind") if isinstance(precheck, Mapping) else None
     else:
         text = routing.get(f"{stage}_error")
         kind = routing.get(f"{stage}_error_kind")
@@ -153,9 +154,14 @@ def _error_kind(routing: Mapping[str, Any], stage: str) -> str | None:
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """A finite float, else ``None`` (an int too large for a float is not finite either)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _tokens(usage: Any) -> tuple[int, int]:
@@ -173,7 +179,9 @@ class RoutingStats:
 
     What is counted, per :meth:`record`:
 
-    * ``calls``; ``local`` / ``cloud``: the tier whose answer was returned (``decision``);
+    * ``calls``; ``local`` / ``cloud``: the record's ``decision``, the tier whose answer was
+      returned (for a call that raised, the tier that failed last: a ``LocalModelError`` counts
+      under ``local``, a ``CloudEscalationError`` under ``cloud``, with its ``errors`` entry);
       ``escalated``: the cloud was called (also when it then failed and the local answer was
       returned); ``escalation_rate = escalated / calls``; ``would_escalate``; ``flagged``.
     * ``by_reason``: ``reason`` counts; ``errors``: ``"<stage>:<kind>"`` counts for the
@@ -227,6 +235,13 @@ class RoutingStats:
                 raise InvalidTypeError(f"{name} must be an int >= 1, got {value!r}")
             if value < 1:
                 raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
+        if prices is not None and not isinstance(prices, PriceTable):
+            raise InvalidTypeError(
+                f"prices must be a confidence_router.costs.PriceTable or None, got "
+                f"{type(prices).__name__}"
+            )
+        if cloud_model is not None and not isinstance(cloud_model, str):
+            raise InvalidTypeError(f"cloud_model must be a string or None, got {cloud_model!r}")
         self._target = None if target_rate is None else float(target_rate)
         self._window = window
         self._latency_window = latency_window

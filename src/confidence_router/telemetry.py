@@ -91,8 +91,13 @@ def routing_run_metadata(record: Mapping[str, Any]) -> dict[str, Any]:
     latencies = record.get("latency_s")
     if isinstance(latencies, Mapping):
         for stage, seconds in latencies.items():
-            if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
-                metadata[f"{METADATA_PREFIX}{stage}_latency_s"] = float(seconds)
+            if _scalar(seconds) and not isinstance(seconds, (bool, str)):
+                try:
+                    value = float(seconds)
+                except OverflowError:  # an int too large for a float is no latency
+                    continue
+                if math.isfinite(value):
+                    metadata[f"{METADATA_PREFIX}{stage}_latency_s"] = value
     precheck = record.get("precheck")
     if isinstance(precheck, Mapping) and _scalar(precheck.get("p_yes")):
         metadata[METADATA_PREFIX + "precheck_p_yes"] = precheck["p_yes"]
@@ -159,7 +164,13 @@ def annotate_run(handlers: Iterable[Any], run_id: UUID | None, record: Mapping[s
             continue
         run_metadata = run.extra.setdefault("metadata", {})
         run_metadata.update(metadata)
-        answering = (record.get("models") or {}).get(record.get("decision"))
+        models = record.get("models")
+        decision = record.get("decision")
+        answering = (
+            models.get(decision)
+            if isinstance(models, Mapping) and isinstance(decision, str)
+            else None
+        )
         if isinstance(answering, str) and answering:
             # Known only now: the model whose answer this run returns (not always the local).
             run_metadata["ls_model_name"] = answering
