@@ -11,11 +11,6 @@ import threading
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.tracers.base import BaseTracer
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from confidence_router import ConfidenceRoutedLLM, RetryPolicy
 from confidence_router.calibration import RollingQuantileThreshold
@@ -26,7 +21,6 @@ from confidence_router.errors import (
     InvalidTypeError,
     LocalModelError,
 )
-from confidence_router.otel import SPAN_NAME, OpenTelemetrySink
 from confidence_router.probe import SelfAssessmentProbe
 from confidence_router.stats import MultiSink, RoutingStats
 from confidence_router.telemetry import annotate_run, routing_run_metadata
@@ -37,37 +31,6 @@ KENYA = "Who was the second president of Kenya?"
 BROKEN = "Tell me about the broken question"
 HUGE = 10**400  # an int no float can hold: math.isfinite / float() raise OverflowError on it
 FAST_RETRY = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02, jitter=False)
-
-
-class Telemetry:
-    def __init__(self) -> None:
-        self.spans = InMemorySpanExporter()
-        self.tracer_provider = TracerProvider()
-        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
-        self.reader = InMemoryMetricReader()
-        self.meter_provider = MeterProvider(metric_readers=[self.reader])
-
-    def sink(self) -> OpenTelemetrySink:
-        return OpenTelemetrySink(
-            tracer_provider=self.tracer_provider, meter_provider=self.meter_provider
-        )
-
-    def finished(self):
-        return [s for s in self.spans.get_finished_spans() if s.name == SPAN_NAME]
-
-    def total(self, name: str) -> float:
-        data = self.reader.get_metrics_data()
-        return sum(
-            point.value
-            for resource in (data.resource_metrics if data else ())
-            for scope in resource.scope_metrics
-            for metric in scope.metrics
-            if metric.name == name
-            for point in metric.data.data_points
-        )
-
-
-# -- RoutingStats: odd records -----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("field", ["cost_usd", "all_cloud_cost_usd", "local_cost_usd"])
@@ -182,10 +145,9 @@ def test_stats_exact_under_many_threads_with_concurrent_snapshots():
 
 
 @pytest.mark.parametrize("total", [1e300, HUGE, math.inf], ids=["1e300", "10**400", "inf"])
-def test_otel_span_is_emitted_for_an_absurd_total_latency(total):
+def test_otel_span_is_emitted_for_an_absurd_total_latency(total, telemetry):
     # Before: int(1e300 * 1e9) raised OverflowError (and 10**400 did already in _number): no
     # span, no metrics, and in a MultiSink the call was missing from this exporter.
-    telemetry = Telemetry()
     sink = telemetry.sink()
     sink.record({"decision": "local", "reason": "confident", "latency_s": {"total": total}})
     (span,) = telemetry.finished()
@@ -193,8 +155,7 @@ def test_otel_span_is_emitted_for_an_absurd_total_latency(total):
     assert telemetry.total("confidence_router.calls") == 1
 
 
-def test_otel_negative_total_latency_never_starts_the_span_after_it_ends():
-    telemetry = Telemetry()
+def test_otel_negative_total_latency_never_starts_the_span_after_it_ends(telemetry):
     telemetry.sink().record({"decision": "local", "latency_s": {"total": -5.0}})
     (span,) = telemetry.finished()
     # Before: start = end - int(-5e9), five seconds after the end.
@@ -208,11 +169,10 @@ def test_otel_negative_total_latency_never_starts_the_span_after_it_ends():
      ({"cloud_retries": [{"kind": "throttled"}] * 300}, 300)],
     ids=["attempt-count", "retry-list"],
 )  # fmt: skip
-def test_otel_absurd_retry_counts_are_counted_without_building_every_event(extra, retries):
+def test_otel_absurd_retry_counts_are_counted_without_building_every_event(extra, retries, telemetry):
     # Before: one event dict per retry was built (twice: for the span and for the metric), so
     # cloud_attempts=10**12 never returned (memory); the SDK keeps 128 events anyway (the
     # latest ones: a 300-entry list showed attempts 173..300, not the first retries).
-    telemetry = Telemetry()
     telemetry.sink().record({"decision": "cloud", "escalated": True, **extra})
     (span,) = telemetry.finished()
     assert len(span.events) == 128
@@ -284,8 +244,7 @@ def test_annotate_run_tolerates_odd_models_and_decision(ollama_chat, ollama_back
 
 
 def test_every_routed_call_is_counted_once_including_failures(
-    ollama_chat, bedrock_chat, ollama_backend, bedrock_server
-):
+    ollama_chat, bedrock_chat, ollama_backend, bedrock_server, telemetry):
     ollama_backend.add_answer("capital of France", "Paris", logprobs=[-0.05])
     ollama_backend.add_answer("Kenya", "Jomo Kenyatta was", logprobs=[-2.0, -3.1, -2.6])
     ollama_backend.fail(BROKEN, status=500)
@@ -293,7 +252,7 @@ def test_every_routed_call_is_counted_once_including_failures(
     bedrock_server.add_answer("Kenya", "Daniel arap Moi", input_tokens=11, output_tokens=4)
     bedrock_server.add_answer("broken", "a cloud answer", input_tokens=9, output_tokens=3)
 
-    stats, telemetry = RoutingStats(), Telemetry()
+    stats = RoutingStats()
     calibrator = RollingQuantileThreshold(target_rate=0.5, window=10, min_samples=10)
     sink = MultiSink(stats, telemetry.sink())
     local_only = ConfidenceRoutedLLM(local=ollama_chat(), stats=sink, calibrator=calibrator)
@@ -364,14 +323,13 @@ def test_a_failed_precheck_is_counted_by_its_classified_kind_like_the_tiers(
 
 
 def test_concurrent_async_and_threaded_calls_are_each_counted_once(
-    ollama_chat, bedrock_chat, ollama_backend, bedrock_server
-):
+    ollama_chat, bedrock_chat, ollama_backend, bedrock_server, telemetry):
     ollama_backend.add_answer("capital of France", "Paris", logprobs=[-0.05])
     ollama_backend.add_answer("Kenya", "Jomo Kenyatta was", logprobs=[-2.0, -3.1, -2.6])
     ollama_backend.fail(BROKEN, status=500)
     bedrock_server.add_answer("Kenya", "Daniel arap Moi", input_tokens=11, output_tokens=4)
     bedrock_server.add_answer("broken", "a cloud answer", input_tokens=9, output_tokens=3)
-    stats, telemetry = RoutingStats(), Telemetry()
+    stats = RoutingStats()
     calibrator = RollingQuantileThreshold(target_rate=0.5, window=1000, min_samples=1000)
     router = ConfidenceRoutedLLM(
         local=ollama_chat(), cloud=bedrock_chat(), stats=[stats, telemetry.sink()],
