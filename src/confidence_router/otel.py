@@ -40,7 +40,6 @@ Prompts, answers and error messages are never put on spans (error kinds are).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -54,6 +53,7 @@ from opentelemetry import trace as otel_trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from confidence_router.errors import InvalidTypeError, RoutingConfigError
+from confidence_router.stats import finite_float
 
 __all__ = ["SPAN_NAME", "OpenTelemetrySink"]
 
@@ -82,17 +82,6 @@ def _version() -> str:
         return version("confidence-router")
     except Exception:  # noqa: BLE001 - not installed as a distribution (source checkout)
         return "0"
-
-
-def _number(value: Any) -> float | None:
-    """A finite float, else ``None`` (an int too large for a float is not finite either)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _int(value: Any) -> int | None:
@@ -200,7 +189,7 @@ class OpenTelemetrySink:
         end_ns = time.time_ns()
         latencies = routing.get("latency_s")
         latencies = latencies if isinstance(latencies, Mapping) else {}
-        total = _number(latencies.get("total"))
+        total = finite_float(latencies.get("total"))
         start_ns = end_ns
         if total is not None and total > 0:
             # A latency longer than the epoch (a corrupt record) starts the span at 0.
@@ -263,13 +252,13 @@ class OpenTelemetrySink:
             if isinstance(routing.get(key), str):
                 attributes[f"confidence_router.{key}"] = routing[key]
         for key in ("confidence", "threshold"):
-            if _number(routing.get(key)) is not None:
+            if finite_float(routing.get(key)) is not None:
                 attributes[f"confidence_router.{key}"] = float(routing[key])
         for stage in _STAGES:
-            if _number(latencies.get(stage)) is not None:
+            if finite_float(latencies.get(stage)) is not None:
                 attributes[f"confidence_router.latency.{stage}_s"] = float(latencies[stage])
         for key in ("cost_usd", "local_cost_usd", "cloud_cost_usd", "all_cloud_cost_usd"):
-            if _number(routing.get(key)) is not None:
+            if finite_float(routing.get(key)) is not None:
                 attributes[f"confidence_router.{key}"] = float(routing[key])
         for tier in ("local", "cloud"):
             if models[tier]:
@@ -286,7 +275,7 @@ class OpenTelemetrySink:
         if attempts is not None:
             attributes["confidence_router.cloud.attempts"] = attempts
         precheck = routing.get("precheck")
-        if isinstance(precheck, Mapping) and _number(precheck.get("p_yes")) is not None:
+        if isinstance(precheck, Mapping) and finite_float(precheck.get("p_yes")) is not None:
             attributes["confidence_router.precheck.p_yes"] = float(precheck["p_yes"])
         return attributes
 
@@ -316,7 +305,7 @@ class OpenTelemetrySink:
                 }
                 if isinstance(entry.get("kind"), str):
                     event["error.type"] = entry["kind"]
-                if _number(entry.get("delay_s")) is not None:
+                if finite_float(entry.get("delay_s")) is not None:
                     event["confidence_router.retry.delay_s"] = float(entry["delay_s"])
                 events.append(event)
             return events
@@ -354,24 +343,24 @@ class OpenTelemetrySink:
         if routing.get("escalated"):
             self._escalations.add(1, {"confidence_router.reason": reason})
         for tier in ("local", "cloud"):
-            cost = _number(routing.get(f"{tier}_cost_usd"))
+            cost = finite_float(routing.get(f"{tier}_cost_usd"))
             if cost:
                 self._cost.add(cost, {"confidence_router.tier": tier})
         retries = self._retry_count(routing)
         if retries:
             self._retries.add(retries)
         for stage in _ROUTER_STAGES:
-            seconds = _number(latencies.get(stage))
+            seconds = finite_float(latencies.get(stage))
             if seconds is not None:
                 self._latency.record(
                     seconds,
                     {"confidence_router.stage": stage, "confidence_router.decision": decision},
                 )
-        confidence = _number(routing.get("confidence"))
+        confidence = finite_float(routing.get("confidence"))
         if confidence is not None:
             self._confidence.record(confidence, {"confidence_router.decision": decision})
         for tier in ("local", "cloud"):
-            seconds = _number(latencies.get(tier))
+            seconds = finite_float(latencies.get(tier))
             if seconds is None:
                 continue
             tier_attributes: dict[str, Any] = {

@@ -36,7 +36,7 @@ from confidence_router.errors import InvalidArgumentError, InvalidTypeError, Rou
 
 logger = logging.getLogger("confidence_router")
 
-__all__ = ["MultiSink", "RoutingStats", "StatsSink", "as_sink", "nearest_rank"]
+__all__ = ["MultiSink", "RoutingStats", "StatsSink", "as_sink", "finite_float", "nearest_rank"]
 
 _DECISIONS = ("local", "cloud")
 
@@ -153,8 +153,13 @@ def _error_kind(routing: Mapping[str, Any], stage: str) -> str | None:
     return f"{stage}:{kind}"
 
 
-def _number(value: Any) -> float | None:
-    """A finite float, else ``None`` (an int too large for a float is not finite either)."""
+def finite_float(value: Any) -> float | None:
+    """A routing-record number as a finite float, else ``None`` (missing, not a number, a bool,
+    NaN, an infinity, or an int too large for a float).
+
+    >>> finite_float(3), finite_float(float("nan")), finite_float(10**400), finite_float(True)
+    (3.0, None, None, None)
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     try:
@@ -305,12 +310,12 @@ class RoutingStats:
         usage: Mapping[str, Any] = raw_usage if isinstance(raw_usage, Mapping) else {}
         local_tokens = _tokens(usage.get("local"))
         cloud_tokens = _tokens(usage.get("cloud"))
-        cost = _number(routing.get("cost_usd"))
-        local_cost = _number(routing.get("local_cost_usd"))
-        cloud_cost = _number(routing.get("cloud_cost_usd"))
-        all_cloud = _number(routing.get("all_cloud_cost_usd"))
+        cost = finite_float(routing.get("cost_usd"))
+        local_cost = finite_float(routing.get("local_cost_usd"))
+        cloud_cost = finite_float(routing.get("cloud_cost_usd"))
+        all_cloud = finite_float(routing.get("all_cloud_cost_usd"))
         latencies = routing.get("latency_s")
-        total_latency = _number(latencies.get("total")) if isinstance(latencies, Mapping) else None
+        total_latency = finite_float(latencies.get("total")) if isinstance(latencies, Mapping) else None
 
         with self._lock:
             self._calls += 1
