@@ -24,6 +24,7 @@ Pure stdlib.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -165,6 +166,11 @@ class PriceLookup:
     key: str | None
     reason: str | None
 
+    @functools.cached_property
+    def unpriced(self) -> CostEstimate:
+        """The :class:`CostEstimate` of any usage when there is no price (``usd=None``)."""
+        return CostEstimate(None, self.reason)
+
 
 @dataclass(frozen=True)
 class CostEstimate:
@@ -173,6 +179,12 @@ class CostEstimate:
     usd: float | None
     reason: str | None = None
     model_key: str | None = None
+
+
+_FREE = CostEstimate(0.0)
+_FREE_LOCAL = CostEstimate(0.0, None, "local")
+#: At most this many model ids are memoised per price table (a router uses one or two).
+_LOOKUP_MEMO_SIZE = 64
 
 
 def usage_tokens(usage: Mapping[str, Any] | None) -> tuple[int, int] | str:
@@ -244,6 +256,10 @@ class PriceTable:
             self._local = local
         else:
             self._local = Price(local, local, source="local")
+        self._local_free = self._local.input_per_mtok == 0 and self._local.output_per_mtok == 0
+        # Lookups by model id, memoised: the table never changes, and every routed call
+        # prices its record (normalising an id costs two regex passes).
+        self._lookups: dict[str | None, PriceLookup] = {}
 
     @property
     def as_of(self) -> str:
@@ -298,6 +314,16 @@ class PriceTable:
 
     def lookup(self, model_id: str | None) -> PriceLookup:
         """The price of ``model_id``, the key it matched, or why there is none."""
+        if model_id is None or type(model_id) is str:
+            found = self._lookups.get(model_id)
+            if found is None:
+                found = self._find(model_id)
+                if len(self._lookups) < _LOOKUP_MEMO_SIZE:
+                    self._lookups[model_id] = found
+            return found
+        return self._find(model_id)
+
+    def _find(self, model_id: str | None) -> PriceLookup:
         if not isinstance(model_id, str) or not model_id.strip():
             return PriceLookup(None, None, f"no model id ({model_id!r})")
         key = normalize_model_id(model_id)
@@ -328,7 +354,7 @@ class PriceTable:
         """Cost of ``usage`` on ``model_id``, or ``None`` with the reason."""
         found = self.lookup(model_id)
         if found.price is None:
-            return CostEstimate(None, found.reason)
+            return found.unpriced
         tokens = usage_tokens(usage)
         if isinstance(tokens, str):
             return CostEstimate(None, tokens, found.key)
@@ -340,8 +366,8 @@ class PriceTable:
 
     def local_estimate(self, usage: Mapping[str, Any] | None) -> CostEstimate:
         """Cost of a local call. A free local model costs 0 even without usage counts."""
-        if self._local.input_per_mtok == 0 and self._local.output_per_mtok == 0:
-            return CostEstimate(0.0, None, "local")
+        if self._local_free:
+            return _FREE_LOCAL
         tokens = usage_tokens(usage)
         if isinstance(tokens, str):
             return CostEstimate(None, f"local: {tokens}", "local")
@@ -399,17 +425,14 @@ def routing_costs(
 
     # The local model ran iff it reported usage or its answer was scored.
     local_ran = local_usage is not None or routing.get("signals") is not None
-    if local_ran:
-        local = prices.local_estimate(local_usage)
-    else:
-        local = CostEstimate(0.0)
+    local = prices.local_estimate(local_usage) if local_ran else _FREE
     if local.usd is None:
         reasons.append(local.reason or "local cost unknown")
 
     if not escalated:
-        cloud = CostEstimate(0.0)
+        cloud = _FREE
     elif cloud_usage is None and routing.get("cloud_error"):
-        cloud = CostEstimate(0.0)  # failed request: not billed
+        cloud = _FREE  # failed request: not billed
     else:
         cloud = prices.estimate(cloud_usage, cloud_model)
         if cloud.usd is None:
