@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -255,19 +256,31 @@ def redact_url(url: str) -> str:
 
     >>> redact_url("http://admin:s3cret@gpu-box:11434")
     'http://admin:***@gpu-box:11434'
+    >>> redact_url("http://admin:s3cret@[::1]:11434")
+    'http://admin:***@[::1]:11434'
+
+    Only the password is replaced; host and port are kept as written (an IPv6 host keeps its
+    brackets). A URL that cannot be parsed (an unclosed ``[``, a port that is not a number)
+    is redacted too: everything between ``scheme://`` and the last ``@`` of its authority
+    that follows a ``:`` is the password.
     """
     from urllib.parse import urlsplit, urlunsplit
 
     try:
         parts = urlsplit(url)
     except ValueError:
+        # No structured parse: mask the authority's password by hand (never return it).
+        return _UNPARSED_PASSWORD.sub(r"\1:***@", url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    username = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{username}:***@{hostport}"))
+
+
+# ``scheme://user:password@`` in a URL urllib cannot parse: the authority ends at the first
+# ``/``, ``?`` or ``#``; the password runs to its last ``@``.
+_UNPARSED_PASSWORD = re.compile(r"(^[A-Za-z][\w+.-]*://[^/?#@:]*):[^/?#]*@")
 
 
 def _normalise_host(host: str) -> str:

@@ -34,6 +34,7 @@ The signals (names accepted by :func:`score_for`, the router's ``signal=`` and
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -373,10 +374,26 @@ def answer_signals(answer: str | None, tokens: Iterable[Any] | None) -> LogprobS
 
     >>> answer_signals("  ", [-0.1]).unknown_reason
     'empty_answer'
+    >>> answer_signals("\\u200b\\n", [-0.1]).unknown_reason   # only invisible characters
+    'empty_answer'
     """
-    if answer is not None and not answer.strip():
+    if answer is not None and is_blank(answer):
         return unknown_signals(UNKNOWN_EMPTY_ANSWER)
     return compute_signals(tokens)
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` shows nothing: only whitespace and invisible format characters
+    (zero-width spaces and joiners, word joiners, byte order marks: Unicode category Cf).
+
+    >>> is_blank(" \\n\\t"), is_blank("\\u200b\\ufeff\\u2060"), is_blank("\\u200bParis")
+    (True, True, False)
+    """
+    if not text.strip():
+        return True
+    if text.isascii():
+        return False
+    return all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in text)
 
 
 def rank_average(columns: Sequence[Sequence[float | None]]) -> list[float | None]:

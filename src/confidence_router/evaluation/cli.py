@@ -454,7 +454,9 @@ def _eval(args: argparse.Namespace) -> int:
 
         kinds = load_run(args.db, summary.run_name).error_counts()
         first = next(iter(kinds), "unknown")
-        where = args.ollama_url or "the embedded model"
+        from confidence_router.settings import redact_url
+
+        where = redact_url(args.ollama_url) if args.ollama_url else "the embedded model"
         print(f"confidence-router eval: error: every answer failed ({summary.n_errors} of "
               f"{summary.n_written}, e.g. {first}); is {where} up and serving {model!r}? "
               "Re-run with --retry-errors once it is", file=sys.stderr)

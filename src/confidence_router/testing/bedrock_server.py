@@ -94,12 +94,12 @@ from confidence_router.serving.http import (
     QuietThreadingHTTPServer,
 )
 from confidence_router.testing.scripted import (
+    RuleBook,
     ScriptedRule,
-    _check_seconds,
-    _check_times,
-    _compile_matcher,
-    _content_text,
-    _RuleBook,
+    check_seconds,
+    check_times,
+    compile_matcher,
+    content_text,
     last_user_text,
     split_words,
 )
@@ -251,7 +251,7 @@ def _content_words(content: Any) -> int:
     words = 0
     for block in content or ():
         if isinstance(block, Mapping):
-            words += _words(_content_text(block.get("text")))
+            words += _words(content_text(block.get("text")))
     return words
 
 
@@ -604,7 +604,7 @@ class FakeBedrockServer(BackgroundServer):
         super().__init__(host, port)
         self._lock = threading.RLock()
         self._initial_default = default_answer
-        self._book: _RuleBook[RecordedBedrockRequest] = _RuleBook()
+        self._book: RuleBook[RecordedBedrockRequest] = RuleBook()
         self._default: _BedrockAnswer | None = None
         self._log: list[RecordedBedrockRequest] = []
         self._tool_use_counter = 0
@@ -647,8 +647,8 @@ class FakeBedrockServer(BackgroundServer):
         Returns:
             The rule handle (``rule.calls`` counts matched requests).
         """
-        predicate, description = _compile_matcher(match, _last_text)
-        _check_times(times)
+        predicate, description = compile_matcher(match, _last_text)
+        check_times(times)
         payload = self._make_answer(
             text, input_tokens, output_tokens, stop_reason, latency, piece_delay, tool_use
         )
@@ -682,8 +682,8 @@ class FakeBedrockServer(BackgroundServer):
                 ModelStreamErrorException); botocore raises ``EventStreamError``.
                 Non-streaming requests fail normally.
         """
-        predicate, description = _compile_matcher(match, _last_text)
-        _check_times(times)
+        predicate, description = compile_matcher(match, _last_text)
+        check_times(times)
         if status is None:
             if error_type not in BEDROCK_ERROR_STATUS and error_type != "ModelStreamErrorException":
                 raise ValueError(
@@ -718,9 +718,9 @@ class FakeBedrockServer(BackgroundServer):
         model: str | None = None,
     ) -> ScriptedRule[RecordedBedrockRequest]:
         """Add ``seconds`` before the response to matching requests (also before failures)."""
-        predicate, description = _compile_matcher(match, _last_text)
-        _check_times(times)
-        payload = _check_seconds("seconds", seconds)
+        predicate, description = compile_matcher(match, _last_text)
+        check_times(times)
+        payload = check_seconds("seconds", seconds)
         return self._add(ScriptedRule("delay", description, times, 0, model, predicate, payload))
 
     def set_default(
@@ -743,7 +743,7 @@ class FakeBedrockServer(BackgroundServer):
     def reset(self) -> None:
         """Drop all rules and recorded requests; restore the constructor's default answer."""
         with self._lock:
-            self._book = _RuleBook()
+            self._book = RuleBook()
             self._log.clear()
             self.default_calls = 0
         self.set_default(self._initial_default)
@@ -795,8 +795,8 @@ class FakeBedrockServer(BackgroundServer):
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             stop_reason=stop_reason or ("tool_use" if tools else "end_turn"),
-            latency=_check_seconds("latency", latency),
-            piece_delay=_check_seconds("piece_delay", piece_delay),
+            latency=check_seconds("latency", latency),
+            piece_delay=check_seconds("piece_delay", piece_delay),
         )
 
     def _add(

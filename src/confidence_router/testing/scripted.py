@@ -112,13 +112,15 @@ def last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
         return ""
     for message in reversed(messages):
         if isinstance(message, Mapping) and message.get("role") == "user":
-            text = _content_text(message.get("content"))
+            text = content_text(message.get("content"))
             if text:
                 return text
     return ""
 
 
-def _content_text(content: Any) -> str:
+def content_text(content: Any) -> str:
+    """The text of a message's content: a string, or the text parts of a list of blocks
+    (shared with the fake Bedrock server)."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -134,7 +136,7 @@ def _content_text(content: Any) -> str:
     return str(content)
 
 
-def _compile_matcher(
+def compile_matcher(
     match: Any, text_of: Callable[[_T], str], what: str = "match"
 ) -> tuple[Callable[[_T], bool], str]:
     """Turn a :data:`Matcher`-like value into ``(predicate, description)``."""
@@ -156,7 +158,8 @@ def _compile_matcher(
     )
 
 
-def _check_times(times: int | None) -> None:
+def check_times(times: int | None) -> None:
+    """Refuse a rule's ``times`` that is not a positive int or ``None``."""
     if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times < 1):
         raise ValueError(f"times must be a positive integer or None (unlimited), got {times!r}")
 
@@ -178,7 +181,8 @@ def _wait(seconds: float, request: ChatRequest) -> bool:
         time.sleep(min(left, 0.05))
 
 
-def _check_seconds(name: str, value: float) -> float:
+def check_seconds(name: str, value: float) -> float:
+    """``value`` as float seconds; refuses a negative, NaN or non-numeric value."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
     return float(value)
@@ -216,7 +220,7 @@ class ScriptedRule(Generic[_T]):
         return bool(self.predicate(request))
 
 
-class _RuleBook(Generic[_T]):
+class RuleBook(Generic[_T]):
     """Ordered rules with first-match semantics and call counting (caller holds the lock)."""
 
     def __init__(self) -> None:
@@ -422,7 +426,7 @@ class _Failure:
 
 def _count_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
     # A word count stands in for a tokenizer: stable, and grows with the prompt.
-    words = sum(len(_content_text(m.get("content")).split()) for m in messages)
+    words = sum(len(content_text(m.get("content")).split()) for m in messages)
     return max(1, words)
 
 
@@ -458,7 +462,7 @@ class ScriptedBackend:
         self._initial_default = (default_answer, default_logprob)
         self.embedding_dim = embedding_dim
         self.strict_models = strict_models
-        self._book: _RuleBook[ChatRequest] = _RuleBook()
+        self._book: RuleBook[ChatRequest] = RuleBook()
         self._default: _Answer | None = None
         self._requests: list[ChatRequest] = []
         self._embed_requests: list[tuple[str, list[str]]] = []
@@ -515,12 +519,12 @@ class ScriptedBackend:
             ValueError: inconsistent logprobs / top_logprobs / tool_calls (e.g. 3 logprobs
                 for a 4-token answer, a positive logprob).
         """
-        predicate, description = _compile_matcher(match, self._last_user_text)
-        _check_times(times)
+        predicate, description = compile_matcher(match, self._last_user_text)
+        check_times(times)
         payload = _Answer(
             tokens=_build_tokens(answer, logprobs, top_logprobs),
-            latency=_check_seconds("latency", latency),
-            token_delay=_check_seconds("token_delay", token_delay),
+            latency=check_seconds("latency", latency),
+            token_delay=check_seconds("token_delay", token_delay),
             tool_calls=_normalise_tool_calls(tool_calls),
             done_reason=done_reason,
             prompt_tokens=prompt_tokens,
@@ -571,8 +575,8 @@ class ScriptedBackend:
         ``{"error": ...}`` line mid-stream). ``times`` limits how often the rule fires, e.g.
         ``times=1`` for "fail once, then succeed" retry tests.
         """
-        predicate, description = _compile_matcher(match, self._last_user_text)
-        _check_times(times)
+        predicate, description = compile_matcher(match, self._last_user_text)
+        check_times(times)
         if not isinstance(status, int) or not 400 <= status <= 599:
             raise ValueError(f"status must be an HTTP error status (400-599), got {status!r}")
         if after_tokens < 0:
@@ -592,9 +596,9 @@ class ScriptedBackend:
 
         Composes with any answer (including the default) and with failures.
         """
-        predicate, description = _compile_matcher(match, self._last_user_text)
-        _check_times(times)
-        payload = _check_seconds("seconds", seconds)
+        predicate, description = compile_matcher(match, self._last_user_text)
+        check_times(times)
+        payload = check_seconds("seconds", seconds)
         return self._add(ScriptedRule("delay", description, times, 0, model, predicate, payload))
 
     def set_default(
@@ -611,7 +615,7 @@ class ScriptedBackend:
         else:
             default = _Answer(
                 tokens=_build_tokens(answer, logprobs, top_logprobs),
-                latency=_check_seconds("latency", latency),
+                latency=check_seconds("latency", latency),
                 token_delay=0.0,
                 tool_calls=(),
                 done_reason="stop",
@@ -630,7 +634,7 @@ class ScriptedBackend:
     def reset(self) -> None:
         """Drop all rules and recorded requests and restore the constructor's default answer."""
         with self._lock:
-            self._book = _RuleBook()
+            self._book = RuleBook()
             self._requests.clear()
             self._embed_requests.clear()
             self.default_calls = 0
