@@ -39,6 +39,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from confidence_router.errors import InvalidArgumentError
+
 #: Paper constants of the logistic mapping ``sigmoid(SLOPE * mean + OFFSET)``.
 SLOPE = 2.0
 OFFSET = 3.0
@@ -70,7 +72,7 @@ def logprob_to_confidence(mean_logprob: float, slope: float = SLOPE, offset: flo
     0.5
     """
     if math.isnan(mean_logprob):
-        raise ValueError("mean_logprob is NaN")
+        raise InvalidArgumentError("mean_logprob is NaN")
     return sigmoid(slope * mean_logprob + offset)
 
 
@@ -81,7 +83,7 @@ def confidence_to_logprob(confidence: float, slope: float = SLOPE, offset: float
     -1.076
     """
     if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+        raise InvalidArgumentError(f"confidence must be in (0, 1), got {confidence!r}")
     return (math.log(confidence / (1.0 - confidence)) - offset) / slope
 
 
@@ -358,7 +360,7 @@ def score_for(signals: LogprobSignals, signal: str) -> float | None:
     try:
         scorer = SIGNAL_SCORERS[signal]
     except KeyError:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"unknown signal {signal!r}; choose one of {sorted(SIGNAL_SCORERS)}"
         ) from None
     if not signals.known:
@@ -408,10 +410,10 @@ def rank_average(columns: Sequence[Sequence[float | None]]) -> list[float | None
     [0.25, 1.0, 0.25]
     """
     if not columns:
-        raise ValueError("rank_average needs at least one column")
+        raise InvalidArgumentError("rank_average needs at least one column")
     n = len(columns[0])
     if any(len(c) != n for c in columns):
-        raise ValueError("all columns must have the same length")
+        raise InvalidArgumentError("all columns must have the same length")
     usable = [i for i in range(n) if all(c[i] is not None for c in columns)]
     out: list[float | None] = [None] * n
     if not usable:

@@ -819,6 +819,40 @@ def test_every_public_error_class_is_a_confidence_router_error():
     assert outside == []
 
 
+#: Builtin exceptions still raised on purpose, by (file, builtin): a module's ``__getattr__``
+#: (AttributeError is its protocol), abstract methods, the script's exit, missing files,
+#: a missing optional package, and state errors of the servers and the llama.cpp bindings.
+_BUILTIN_RAISES_ALLOWED = {
+    ("__init__.py", "AttributeError"), ("budget.py", "NotImplementedError"),
+    ("testing/processes.py", "NotImplementedError"), ("cli.py", "SystemExit"),
+    ("calibration.py", "FileNotFoundError"), ("evaluation/datasets.py", "FileNotFoundError"),
+    ("evaluation/runner.py", "FileNotFoundError"), ("serving/llamacpp.py", "FileNotFoundError"),
+    ("evaluation/datasets.py", "ImportError"), ("evaluation/grading.py", "ImportError"),
+    ("evaluation/runner.py", "KeyError"), ("serving/http.py", "RuntimeError"),
+    ("serving/llamacpp.py", "RuntimeError"),
+}
+
+
+def test_library_raises_typed_errors_not_bare_builtins():
+    """errors.py: "Every error this library raises derives from ConfidenceRouterError". A
+    ``raise ValueError(...)`` or ``raise TypeError(...)`` anywhere in the package breaks that
+    (InvalidArgumentError / InvalidTypeError are those builtins too)."""
+    import builtins
+
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        where = path.relative_to(SRC).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Raise) or node.exc is None:
+                continue
+            exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+            builtin = getattr(builtins, getattr(exc, "id", ""), None)
+            if (isinstance(builtin, type) and issubclass(builtin, BaseException)
+                    and (where, exc.id) not in _BUILTIN_RAISES_ALLOWED):
+                found.append(f"{where}:{node.lineno}: raise {exc.id}")
+    assert found == []
+
+
 def _docstring_tree():
     """``{class name: parent name}`` as drawn at the top of errors.py (the depth is the
     column of the name), and what each line names in parentheses after it."""

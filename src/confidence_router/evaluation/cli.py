@@ -274,10 +274,10 @@ def _gsa_signals(
     from confidence_router.probe import SelfAssessmentProbe
 
     if gsa.order not in GSA_ORDERS:
-        raise ValueError(f"unknown GSA order {gsa.order!r}; choose one of {GSA_ORDERS}")
+        raise InvalidArgumentError(f"unknown GSA order {gsa.order!r}; choose one of {GSA_ORDERS}")
     kb_end, eval_end = gsa.kb_offset + gsa.kb_size, offset + n_items
     if gsa.kb_offset < eval_end and offset < kb_end:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"the knowledge-store slice [{gsa.kb_offset}, {kb_end}) overlaps the evaluated "
             f"items [{offset}, {eval_end}); choose a disjoint --kb-offset"
         )

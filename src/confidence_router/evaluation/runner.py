@@ -72,7 +72,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from confidence_router.calibration import EvalDatabaseError, database_errors
-from confidence_router.errors import ConfidenceRouterError, InvalidArgumentError
+from confidence_router.errors import ConfidenceRouterError, InvalidArgumentError, InvalidTypeError
 from confidence_router.evaluation.datasets import (
     KNOWN_DATASETS,
     PROMPT_STYLE_COMPLETION,
@@ -420,7 +420,7 @@ async def _call_signal(signal: ExtraSignal, item: QAItem) -> dict[str, Any]:
             if inspect.isawaitable(result):
                 result = await result
         if not isinstance(result, Mapping):
-            raise TypeError(f"signal returned {type(result).__name__}, expected a mapping")
+            raise InvalidTypeError(f"signal returned {type(result).__name__}, expected a mapping")
         out = {str(k): _json_value(v) for k, v in result.items()}
     except asyncio.CancelledError:
         raise

@@ -87,6 +87,7 @@ from dataclasses import dataclass
 from typing import Any, TypedDict, Union
 from urllib.parse import unquote
 
+from confidence_router.errors import InvalidArgumentError, InvalidTypeError
 from confidence_router.serving.http import (
     DISCONNECT_ERRORS,
     BackgroundServer,
@@ -225,14 +226,14 @@ def _normalise_tool_use(tool_use: Sequence[Mapping[str, Any]] | None) -> tuple[d
     if not tool_use:
         return ()
     if isinstance(tool_use, Mapping):
-        raise TypeError("tool_use must be a list of {'name': ..., 'input': {...}} mappings")
+        raise InvalidTypeError("tool_use must be a list of {'name': ..., 'input': {...}} mappings")
     result = []
     for i, block in enumerate(tool_use):
         if not isinstance(block, Mapping) or not isinstance(block.get("name"), str):
-            raise TypeError(f"tool_use[{i}] must look like {{'name': str, 'input': dict}}")
+            raise InvalidTypeError(f"tool_use[{i}] must look like {{'name': str, 'input': dict}}")
         tool_input = block.get("input", {})
         if not isinstance(tool_input, Mapping):
-            raise TypeError(f"tool_use[{i}]['input'] must be a dict, got {tool_input!r}")
+            raise InvalidTypeError(f"tool_use[{i}]['input'] must be a dict, got {tool_input!r}")
         entry = {"name": block["name"], "input": dict(tool_input)}
         if block.get("toolUseId") is not None:
             entry["toolUseId"] = str(block["toolUseId"])
@@ -686,18 +687,18 @@ class FakeBedrockServer(BackgroundServer):
         check_times(times)
         if status is None:
             if error_type not in BEDROCK_ERROR_STATUS and error_type != "ModelStreamErrorException":
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"unknown error_type {error_type!r}: pass status= explicitly or use one of "
                     f"{sorted(BEDROCK_ERROR_STATUS)}"
                 )
             status = BEDROCK_ERROR_STATUS.get(error_type, 424)
         if not isinstance(status, int) or not 400 <= status <= 599:
-            raise ValueError(f"status must be an HTTP error status (400-599), got {status!r}")
+            raise InvalidArgumentError(f"status must be an HTTP error status (400-599), got {status!r}")
         if after_pieces is not None:
             if after_pieces < 0:
-                raise ValueError(f"after_pieces must be >= 0, got {after_pieces}")
+                raise InvalidArgumentError(f"after_pieces must be >= 0, got {after_pieces}")
             if error_type not in _STREAM_EXCEPTIONS:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"{error_type} cannot be sent inside a ConverseStream; use one of "
                     f"{sorted(_STREAM_EXCEPTIONS)}"
                 )
@@ -784,10 +785,10 @@ class FakeBedrockServer(BackgroundServer):
         elif isinstance(text, Sequence) and all(isinstance(p, str) for p in text):
             pieces = tuple(text)
         else:
-            raise TypeError(f"text must be a str or a list of str pieces, got {text!r}")
+            raise InvalidTypeError(f"text must be a str or a list of str pieces, got {text!r}")
         for name, value in (("input_tokens", input_tokens), ("output_tokens", output_tokens)):
             if value is not None and (not isinstance(value, int) or value < 0):
-                raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
+                raise InvalidArgumentError(f"{name} must be a non-negative int or None, got {value!r}")
         tools = _normalise_tool_use(tool_use)
         return _BedrockAnswer(
             pieces=pieces,

@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar, Union
 
+from confidence_router.errors import InvalidArgumentError, InvalidTypeError
 from confidence_router.serving.protocol import (
     BackendError,
     ChatReply,
@@ -152,7 +153,7 @@ def compile_matcher(
         )
     if callable(match):
         return match, getattr(match, "__name__", repr(match))
-    raise TypeError(
+    raise InvalidTypeError(
         f"{what} must be a str (substring of the last user message), a compiled regex, a "
         f"callable predicate or None (any request), got {type(match).__name__}"
     )
@@ -161,7 +162,7 @@ def compile_matcher(
 def check_times(times: int | None) -> None:
     """Refuse a rule's ``times`` that is not a positive int or ``None``."""
     if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times < 1):
-        raise ValueError(f"times must be a positive integer or None (unlimited), got {times!r}")
+        raise InvalidArgumentError(f"times must be a positive integer or None (unlimited), got {times!r}")
 
 
 def _wait(seconds: float, request: ChatRequest) -> bool:
@@ -184,7 +185,7 @@ def _wait(seconds: float, request: ChatRequest) -> bool:
 def check_seconds(name: str, value: float) -> float:
     """``value`` as float seconds; refuses a negative, NaN or non-numeric value."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be a non-negative number of seconds, got {value!r}")
     return float(value)
 
 
@@ -249,10 +250,10 @@ TopLogprobsSpec = (
 
 def _check_logprob(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{where} must be a float, got {value!r}")
+        raise InvalidTypeError(f"{where} must be a float, got {value!r}")
     value = float(value)
     if not math.isfinite(value) or value > 0.0:
-        raise ValueError(f"{where} must be a finite natural-log probability <= 0, got {value!r}")
+        raise InvalidArgumentError(f"{where} must be a finite natural-log probability <= 0, got {value!r}")
     return value
 
 
@@ -272,14 +273,14 @@ def _normalise_alternatives(spec: Any, where: str) -> list[tuple[str, float]]:
     elif isinstance(spec, Sequence) and not isinstance(spec, str):
         items = list(spec)
     else:
-        raise TypeError(f"{where} must be a mapping or a list of (token, logprob) pairs")
+        raise InvalidTypeError(f"{where} must be a mapping or a list of (token, logprob) pairs")
     pairs: list[tuple[str, float]] = []
     for item in items:
         if not _is_pair(item):
-            raise ValueError(f"{where}: expected (token, logprob) pairs, got {item!r}")
+            raise InvalidArgumentError(f"{where}: expected (token, logprob) pairs, got {item!r}")
         pairs.append((item[0], _check_logprob(item[1], f"{where}[{item[0]!r}]")))
     if len(pairs) > MAX_TOP_LOGPROBS:
-        raise ValueError(f"{where} has {len(pairs)} entries; Ollama allows at most 20")
+        raise InvalidArgumentError(f"{where} has {len(pairs)} entries; Ollama allows at most 20")
     # Highest first, as the protocol promises; sorted() is stable for ties.
     return sorted(pairs, key=lambda pair: -pair[1])
 
@@ -295,15 +296,15 @@ def _per_token_top(spec: Any, n_tokens: int) -> list[list[tuple[str, float]]]:
     if single:
         # The probe convenience: one mapping / pair list for a one-token answer.
         if n_tokens != 1:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "a single top_logprobs mapping/pair list is only allowed for a one-token "
                 f"answer, but the answer has {n_tokens} tokens; pass one list per token"
             )
         return [_normalise_alternatives(spec, "top_logprobs")]
     if not isinstance(spec, Sequence) or isinstance(spec, str):
-        raise TypeError(f"top_logprobs must be a mapping or a list, got {type(spec).__name__}")
+        raise InvalidTypeError(f"top_logprobs must be a mapping or a list, got {type(spec).__name__}")
     if len(spec) != n_tokens:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"top_logprobs has {len(spec)} per-token entries but the answer has {n_tokens} tokens"
         )
     return [_normalise_alternatives(s, f"top_logprobs[{i}]") for i, s in enumerate(spec)]
@@ -336,7 +337,7 @@ def _build_tokens(
         texts = split_words(answer)
     elif isinstance(answer, Sequence) and all(isinstance(t, GeneratedToken) for t in answer):
         if logprobs is not None or top_logprobs is not None:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "answer is a list of GeneratedToken (which carry their own logprobs); "
                 "do not also pass logprobs or top_logprobs"
             )
@@ -344,7 +345,7 @@ def _build_tokens(
     elif isinstance(answer, Sequence) and all(isinstance(t, str) for t in answer):
         texts = list(answer)  # type: ignore[arg-type]
     else:
-        raise TypeError(
+        raise InvalidTypeError(
             "answer must be a str, a list of token strings or a list of GeneratedToken, "
             f"got {type(answer).__name__}"
         )
@@ -358,12 +359,12 @@ def _build_tokens(
         values = [_check_logprob(logprobs, "logprobs")] * n
     elif isinstance(logprobs, Sequence) and not isinstance(logprobs, str):
         if len(logprobs) != n:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"logprobs has {len(logprobs)} values but the answer has {n} tokens: {texts!r}"
             )
         values = [_check_logprob(v, f"logprobs[{i}]") for i, v in enumerate(logprobs)]
     else:
-        raise ValueError(f"logprobs must be a float or a list of floats, got {logprobs!r}")
+        raise InvalidArgumentError(f"logprobs must be a float or a list of floats, got {logprobs!r}")
 
     tokens: list[GeneratedToken] = []
     for i, text in enumerate(texts):
@@ -374,7 +375,7 @@ def _build_tokens(
                 if value is None:
                     value = listed[text]
                 elif not math.isclose(value, listed[text], abs_tol=1e-9):
-                    raise ValueError(
+                    raise InvalidArgumentError(
                         f"token {i} ({text!r}) has logprob {value} but its top_logprobs "
                         f"entry says {listed[text]}"
                     )
@@ -392,17 +393,17 @@ def _normalise_tool_calls(tool_calls: Sequence[Mapping[str, Any]] | None) -> tup
     if not tool_calls:
         return ()
     if isinstance(tool_calls, Mapping):
-        raise TypeError("tool_calls must be a list of tool calls, not a single mapping")
+        raise InvalidTypeError("tool_calls must be a list of tool calls, not a single mapping")
     result = []
     for i, call in enumerate(tool_calls):
         function = call.get("function", call) if isinstance(call, Mapping) else None
         if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
-            raise TypeError(
+            raise InvalidTypeError(
                 f"tool_calls[{i}] must look like {{'name': str, 'arguments': dict}}, got {call!r}"
             )
         arguments = function.get("arguments", {})
         if not isinstance(arguments, Mapping):
-            raise TypeError(f"tool_calls[{i}]['arguments'] must be a dict, got {arguments!r}")
+            raise InvalidTypeError(f"tool_calls[{i}]['arguments'] must be a dict, got {arguments!r}")
         result.append({"function": {"name": function["name"], "arguments": dict(arguments)}})
     return tuple(result)
 
@@ -454,9 +455,9 @@ class ScriptedBackend:
         strict_models: bool = False,
     ) -> None:
         if isinstance(models, str):
-            raise TypeError("models must be a list of names, not a single str")
+            raise InvalidTypeError("models must be a list of names, not a single str")
         if embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+            raise InvalidArgumentError(f"embedding_dim must be >= 1, got {embedding_dim}")
         self._lock = threading.RLock()
         self._models = list(models)
         self._initial_default = (default_answer, default_logprob)
@@ -550,7 +551,7 @@ class ScriptedBackend:
         ("NO", -3.0)]`` (trimmed to the requested ``k``).
         """
         if not isinstance(distribution, Mapping) or not distribution:
-            raise ValueError("distribution must be a non-empty {token: logprob} mapping")
+            raise InvalidArgumentError("distribution must be a non-empty {token: logprob} mapping")
         pairs = _normalise_alternatives(distribution, "distribution")
         chosen, _ = pairs[0]
         return self.add_answer(
@@ -578,9 +579,9 @@ class ScriptedBackend:
         predicate, description = compile_matcher(match, self._last_user_text)
         check_times(times)
         if not isinstance(status, int) or not 400 <= status <= 599:
-            raise ValueError(f"status must be an HTTP error status (400-599), got {status!r}")
+            raise InvalidArgumentError(f"status must be an HTTP error status (400-599), got {status!r}")
         if after_tokens < 0:
-            raise ValueError(f"after_tokens must be >= 0, got {after_tokens}")
+            raise InvalidArgumentError(f"after_tokens must be >= 0, got {after_tokens}")
         payload = _Failure(status, message, after_tokens)
         return self._add(ScriptedRule("fail", description, times, 0, model, predicate, payload))
 
@@ -627,7 +628,7 @@ class ScriptedBackend:
     def set_models(self, models: Sequence[str]) -> None:
         """Replace the model names listed by ``/api/tags``."""
         if isinstance(models, str):
-            raise TypeError("models must be a list of names, not a single str")
+            raise InvalidTypeError("models must be a list of names, not a single str")
         with self._lock:
             self._models = list(models)
 
