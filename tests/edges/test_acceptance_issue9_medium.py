@@ -1123,3 +1123,87 @@ def test_readme_knob_table_lists_every_knob_with_its_default():
         row = next((line for line in table.splitlines() if line.startswith(f"| `{knob}`")), None)
         assert row is not None, knob
         assert f"`{shown}`" in row, (knob, row)
+
+
+# =============================================================================================
+# additions: more entry points of the same promises
+# =============================================================================================
+
+
+def test_demo_reports_the_ollama_host_without_its_password(ollama_server):
+    import io
+
+    from confidence_router.demo import available_backends, ollama_serves
+
+    url = ollama_server.url.replace("http://", f"http://admin:{SECRET}@")
+    assert ollama_serves(url, "scripted-local")  # credentials go in a header, not the address
+    settings = RouterSettings(ollama_host=url, local_model="scripted-local", cloud_model=None)
+    out = io.StringIO()
+    with available_backends(settings, out=out) as backends:
+        assert backends.embedded is False
+    assert "admin:***@" in out.getvalue() and SECRET not in out.getvalue()
+    tags = ollama_server.requests_to("/api/tags")
+    assert tags and all(SECRET not in request["path"] for request in tags)
+
+
+def test_precheck_probe_works_from_fresh_event_loops(ollama_chat, bedrock_chat, ollama_backend,
+                                                     ollama_server, bedrock_server):
+    from confidence_router.probe import SelfAssessmentProbe
+
+    question = "What is the capital of France?"
+    ollama_backend.add_probe(
+        lambda r: question in r.messages[-1]["content"]
+        and "Respond with exactly one token" in r.messages[-1]["content"],
+        {"YES": -0.05, "NO": -3.0})
+    ollama_backend.add_answer(lambda r: r.messages[-1]["content"] == question, "Paris",
+                              logprobs=-0.01)
+    local = ollama_chat()
+    router = ConfidenceRoutedLLM(local=local, cloud=bedrock_chat(max_tokens=40),
+                                 precheck=SelfAssessmentProbe(model=local))
+    for _ in range(3):
+        routing = asyncio.run(router.ainvoke(question)).response_metadata["routing"]
+        assert routing["decision"] == "local" and routing["reason"] == Reason.CONFIDENT
+        assert not (routing.get("precheck") or {}).get("error"), routing["precheck"]
+    assert _chat_requests(ollama_server) == 6 and bedrock_server.requests == []
+
+
+def test_bare_local_tool_call_kept_by_on_unknown_local_is_flagged(router, ollama_backend,
+                                                                  bedrock_server):
+    def get_weather(city: str) -> str:
+        """Get the weather of a city."""
+        return "sunny"
+
+    ollama_backend.add_answer("weather", "", tool_calls=[
+        {"name": "get_weather", "arguments": {"city": "Paris"}}])
+    tooled = router.bind_tools([get_weather])
+    messages = [tooled.invoke("weather in Paris?", on_unknown="local"),
+                asyncio.run(tooled.ainvoke("weather in Paris?", on_unknown="local")),
+                _joined(list(tooled.stream("weather in Paris?", on_unknown="local")))]
+    for message in messages:
+        routing = message.response_metadata["routing"]
+        assert message.tool_calls and message.tool_calls[0]["args"] == {"city": "Paris"}
+        assert routing["decision"] == "local" and routing["flagged"] is True
+        assert routing["reason"] == Reason.CONFIDENCE_UNKNOWN
+    assert bedrock_server.requests == []
+
+
+def test_the_embedded_servers_class_queues_a_burst_too():
+    """``confidence-router serve`` runs an EmbeddedOllamaServer: the same scaffolding, so a
+    burst of new connections is answered there as well (a scripted backend stands in for the
+    model)."""
+    import ollama
+
+    from confidence_router.embedded import EmbeddedOllamaServer
+
+    backend = ScriptedBackend()
+    backend.set_default("ok", logprobs=-0.1, latency=0.02)
+    with EmbeddedOllamaServer(backend) as server:
+        def one(i: int) -> str:
+            client = ollama.Client(host=server.url, timeout=60)
+            return client.chat(model="scripted-local",
+                               messages=[{"role": "user", "content": f"q{i}"}]).message.content
+
+        with ThreadPoolExecutor(max_workers=64) as pool:
+            answers = list(pool.map(one, range(128)))
+        assert answers == ["ok"] * 128
+        assert len(server.requests_to("/api/chat")) == 128
