@@ -419,14 +419,6 @@ def test_stats_count_a_local_timeout_without_a_cloud(ollama_chat, ollama_backend
     assert snap["calls"] == 1 and snap["errors"] == {"local:timeout": 1}
 
 
-def test_invalid_input_is_not_a_routed_call(router, ollama_server):
-    stats = RoutingStats()
-    counted = ConfidenceRoutedLLM(local=router.local, stats=stats)
-    with pytest.raises(InvalidInputError):
-        counted.invoke("   ")
-    assert stats.snapshot()["calls"] == 0
-
-
 # =============================================================================================
 # 6. the privacy guard's variants: internationalised emails, IBANs, card numbers
 # =============================================================================================
@@ -1207,3 +1199,13 @@ def test_the_embedded_servers_class_queues_a_burst_too():
             answers = list(pool.map(one, range(128)))
         assert answers == ["ok"] * 128
         assert len(server.requests_to("/api/chat")) == 128
+
+
+@pytest.mark.parametrize("value", [True, False, math.inf, math.nan, 0, -1, "5"], ids=repr)
+def test_eval_runner_timeout_is_a_finite_number_of_seconds(ollama_chat, tmp_path, value):
+    from confidence_router.errors import InvalidArgumentError
+    from confidence_router.evaluation.runner import EvalRunner
+
+    with pytest.raises(InvalidArgumentError, match="timeout_s"):
+        EvalRunner(ollama_chat(), db_path=tmp_path / "runs.sqlite", dataset="toy",
+                   timeout_s=value, progress=False)

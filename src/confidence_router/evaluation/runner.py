@@ -978,7 +978,8 @@ class EvalRunner:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise InvalidArgumentError(f"concurrency must be an int >= 1; got {concurrency!r}")
         if timeout_s is not None and not (
-            isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0
+            isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool)
+            and math.isfinite(timeout_s) and timeout_s > 0
         ):
             raise InvalidArgumentError(
                 f"timeout_s must be a finite number > 0, or None; got {timeout_s!r}"
