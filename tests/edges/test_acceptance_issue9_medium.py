@@ -29,6 +29,7 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompt_values import ChatPromptValue, StringPromptValue
+from pydantic import BaseModel
 
 import confidence_router
 from confidence_router import ConfidenceRoutedLLM
@@ -85,6 +86,16 @@ MISSPELT = {
 }
 
 
+def _lookup(city: str) -> str:
+    """Look a city up."""
+    return city
+
+
+class _Capital(BaseModel):
+    country: str
+    capital: str
+
+
 async def test_misspelt_kwargs_on_every_entry_point_send_nothing(router, ollama_server,
                                                                  bedrock_server):
     chain = router | StrOutputParser()
@@ -100,6 +111,10 @@ async def test_misspelt_kwargs_on_every_entry_point_send_nothing(router, ollama_
             "chain kwargs": lambda kw=kw: chain.invoke("capital of France?", **kw),
             "with_config then kwargs": lambda kw=kw: router.with_config(tags=["t"]).invoke("x?", **kw),
             "with_retry": lambda kw=kw: router.with_retry(stop_after_attempt=2).invoke("x?", **kw),
+            "bind_tools kwargs": lambda kw=kw: router.bind_tools([_lookup], **kw).invoke("x?"),
+            "bind_tools then call": lambda kw=kw: router.bind_tools([_lookup]).invoke("x?", **kw),
+            "structured output": lambda kw=kw: router.with_structured_output(
+                _Capital, method="json_schema").invoke("x?", **kw),
         }
         for entry, call in sync_calls.items():
             with pytest.raises(RoutingConfigError):
@@ -514,14 +529,27 @@ def test_ainvoke_from_threads_each_with_its_own_loop(router, ollama_server, bedr
     assert _chat_requests(ollama_server) == 8 and bedrock_server.requests == []
 
 
-def test_escalation_works_from_a_later_loop_after_a_sync_call(router, ollama_backend,
-                                                              bedrock_server):
+@pytest.mark.parametrize("cloud_class", ["converse", "invoke"])
+def test_escalation_works_from_a_later_loop_after_a_sync_call(ollama_chat, bedrock_chat,
+                                                              bedrock_invoke_chat,
+                                                              ollama_backend, bedrock_server,
+                                                              cloud_class):
+    ollama_backend.set_default("Paris", logprobs=-0.05)
+    bedrock_server.set_default("cloud answer")
+    cloud = (bedrock_chat if cloud_class == "converse" else bedrock_invoke_chat)(max_tokens=40)
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud, cloud_retry=NO_RETRY)
     ollama_backend.add_answer("Kenya", "Jomo", logprobs=-3.0)
     assert router.invoke("capital of France?").text == "Paris"
     assert asyncio.run(router.ainvoke("capital of France?")).text == "Paris"
     assert asyncio.run(router.ainvoke("second president of Kenya?")).text == "cloud answer"
     assert asyncio.run(router.ainvoke("second president of Kenya?")).text == "cloud answer"
-    assert len(bedrock_server.requests) == 2
+    chunks = asyncio.run(_collect(router.astream("second president of Kenya?")))
+    assert "".join(c.text for c in chunks) == "cloud answer"
+    assert len(bedrock_server.requests) == 3
+
+
+async def _collect(stream):
+    return [chunk async for chunk in stream]
 
 
 # =============================================================================================
