@@ -237,7 +237,9 @@ def test_good_timeouts_are_kept(ollama_chat, bedrock_chat, field):
 
 
 @pytest.mark.xfail(strict=True, reason="router.py: a timeout assigned after construction "
-                   "skips the field validator (no validate_assignment); inf/nan/0/-1/True pass")
+                   "skips the field validator (no validate_assignment): inf/nan pass silently, "
+                   "so do 0/-1/True as local_timeout; as cloud_timeout they fail with a raw "
+                   "pydantic ValidationError from the Bedrock client")
 @pytest.mark.parametrize("field", ["local_timeout", "cloud_timeout"])
 @pytest.mark.parametrize("value", [math.inf, math.nan, 0, -1, True], ids=repr)
 def test_bad_timeout_assigned_after_construction_is_refused(ollama_chat, bedrock_chat, field,
@@ -1237,3 +1239,30 @@ def test_eval_runner_timeout_is_a_finite_number_of_seconds(ollama_chat, tmp_path
     with pytest.raises(InvalidArgumentError, match="timeout_s"):
         EvalRunner(ollama_chat(), db_path=tmp_path / "runs.sqlite", dataset="toy",
                    timeout_s=value, progress=False)
+
+
+@pytest.mark.xfail(strict=True, reason="router.py: the router's repr (and so the 'serialized' "
+                   "of its own LangChain/LangSmith run) embeds repr(ChatOllama), base_url with "
+                   "its password")
+def test_router_repr_and_its_own_trace_run_never_hold_the_password(ollama_backend,
+                                                                   ollama_server):
+    from langchain_core.tracers.base import BaseTracer
+    from langchain_ollama import ChatOllama
+
+    class Runs(BaseTracer):
+        def __init__(self):
+            super().__init__()
+            self.runs = []
+
+        def _persist_run(self, run):
+            self.runs.append(run)
+
+    ollama_backend.set_default("Paris", logprobs=-0.01)
+    url = ollama_server.url.replace("http://", f"http://admin:{SECRET}@")
+    router = ConfidenceRoutedLLM(local=ChatOllama(model="scripted-local", base_url=url))
+    runs = Runs()
+    router.invoke("capital of France?", config={"callbacks": [runs]})
+    assert _chat_requests(ollama_server) == 1
+    own = [run for run in runs.runs if run.name == "ConfidenceRoutedLLM"]
+    assert own and SECRET not in json.dumps(own[0].serialized, default=str)
+    assert SECRET not in repr(router)
