@@ -835,6 +835,13 @@ def _public_exception_classes():
 
 def test_every_public_error_class_is_a_confidence_router_error():
     classes = _public_exception_classes()
+    private = [(name, obj) for module in _all_modules()
+               if not any(part.startswith("_") for part in module.__name__.split("."))
+               for name, obj in vars(module).items()
+               if name.startswith("_") and inspect.isclass(obj)
+               and issubclass(obj, Exception) and not issubclass(obj, Warning)
+               and obj.__module__ == module.__name__]
+    assert [n for n, c in private if not issubclass(c, ConfidenceRouterError)] == []
     assert len(classes) > 20
     outside = sorted(f"{c.__module__}.{n}" for n, c in classes.items()
                      if not issubclass(c, ConfidenceRouterError))
