@@ -1273,3 +1273,32 @@ def test_router_repr_and_its_own_trace_run_never_hold_the_password(ollama_backen
     own = [run for run in runs.runs if run.name == "ConfidenceRoutedLLM"]
     assert own and SECRET not in json.dumps(own[0].serialized, default=str)
     assert SECRET not in repr(router)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"streaming": True}, {"early_exit": True, "signal": "min_logprob"},
+     {"budget": "budget"}, {"escalation_guard": "guard", "stats": "stats"},
+     {"cloud_retry": "retry", "cloud_timeout": 5, "local_timeout": 5}],
+    ids=["streaming", "early_exit", "budget", "guard+stats", "retry+timeouts"],
+)
+def test_every_collaborator_survives_a_new_event_loop_per_call(ollama_chat, bedrock_chat,
+                                                               ollama_backend, ollama_server,
+                                                               bedrock_server, fields):
+    made = {"budget": lambda: CloudBudget(max_usd=1.0), "guard": PIIGuard,
+            "stats": RoutingStats,
+            "retry": lambda: RetryPolicy(max_attempts=3, base_delay=0.01, jitter=False)}
+    fields = {k: made[v]() if isinstance(v, str) and v in made else v for k, v in fields.items()}
+    ollama_backend.set_default("Paris", logprobs=-0.01)
+    ollama_backend.add_answer("Kenya", "Jomo", logprobs=-3.0)
+    bedrock_server.set_default("Moi")
+    bedrock_server.fail("throttled", "ThrottlingException", times=1)
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(max_tokens=40),
+                                 **fields)
+    expected = {"France?": "Paris", "Kenya?": "Moi"}
+    for question in ("France?", "Kenya?", "France?", "Kenya?"):
+        assert asyncio.run(router.ainvoke(question)).text == expected[question], question
+    assert len(bedrock_server.requests) == 2
+    if "cloud_retry" in fields:  # a throttled attempt retried in a later loop
+        assert asyncio.run(router.ainvoke("Kenya, throttled?")).text == "Moi"
+        assert len(bedrock_server.requests) == 4
