@@ -1302,3 +1302,18 @@ def test_every_collaborator_survives_a_new_event_loop_per_call(ollama_chat, bedr
     if "cloud_retry" in fields:  # a throttled attempt retried in a later loop
         assert asyncio.run(router.ainvoke("Kenya, throttled?")).text == "Moi"
         assert len(bedrock_server.requests) == 4
+
+
+@pytest.mark.xfail(strict=True, reason="router.py ConfigurableRouter._prepare reads only the "
+                   "declared ids: a misspelt id in with_config(configurable=...) is ignored "
+                   "and the query escalates")
+def test_misspelt_configurable_id_is_refused_before_any_request(router, ollama_backend,
+                                                                ollama_server, bedrock_server):
+    from langchain_core.runnables import ConfigurableField
+
+    ollama_backend.set_default("unsure", logprobs=-3.0)
+    private = router.configurable_fields(
+        allow_escalation=ConfigurableField(id="allow_escalation"))
+    with pytest.raises(RoutingConfigError, match="allow_escalation"):
+        private.with_config(configurable={"allow_escalaton": False}).invoke("my secret?")
+    _nothing_sent(ollama_server, bedrock_server)
