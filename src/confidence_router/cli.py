@@ -23,6 +23,7 @@ from confidence_router import commands
 from confidence_router.commands import command
 from confidence_router.errors import ConfidenceRouterError, InvalidArgumentError
 from confidence_router.policy import DEFAULT_POLICY
+from confidence_router.settings import check_environment
 
 if TYPE_CHECKING:
     from confidence_router.correctness import ConfidenceCalibration
@@ -332,6 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run = commands.COMMANDS[args.command].run
     try:
+        # A misspelt CONFIDENCE_ROUTER_* variable is an error for every command, not only
+        # for those that build a router (eval reads CONFIDENCE_ROUTER_DATA_DIR, ...).
+        check_environment()
         return run(args)
     except (ConfidenceRouterError, ImportError, FileNotFoundError, ValueError) as error:
         print(f"confidence-router {args.command}: error: {error}", file=sys.stderr)

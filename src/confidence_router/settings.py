@@ -223,20 +223,27 @@ class RouterSettings:
         return {**knobs, "local_timeout": self.local_timeout, "cloud_timeout": self.cloud_timeout}
 
 
-def _env_values(env: Mapping[str, str]) -> dict[str, str]:
-    """The settings that the environment sets, as raw strings."""
-    names = {f.name.upper() for f in fields(RouterSettings)}
-    stray = {
-        key
-        for key in env
-        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):] not in names | OTHER_ENV_VARS
-    }
+def check_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Refuse ``CONFIDENCE_ROUTER_*`` variables that nothing reads (``CONFIDENCE_ROUTER_TRESHOLD``,
+    ``CONFIDENCE_ROUTER_DATA_DRI``): a :class:`~confidence_router.errors.RoutingConfigError`
+    naming each as it was spelt, with the closest known variable as a hint.
+
+    Every settings load checks the environment; so does every ``confidence-router`` command.
+    """
+    env = os.environ if environ is None else environ
+    names = {f.name.upper() for f in fields(RouterSettings)} | OTHER_ENV_VARS
+    stray = {key for key in env if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):] not in names}
     if stray:
         # Reported as set (CONFIDENCE_ROUTER_threshold), with the right spelling as the hint.
         raise RoutingConfigError(
             unknown_names_message(stray, {ENV_PREFIX + n for n in names},
                                   what="environment variable")
         )
+
+
+def _env_values(env: Mapping[str, str]) -> dict[str, str]:
+    """The settings that the environment sets, as raw strings."""
+    check_environment(env)
     values = {
         f.name: env[ENV_PREFIX + f.name.upper()]
         for f in fields(RouterSettings)

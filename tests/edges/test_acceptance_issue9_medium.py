@@ -1317,3 +1317,27 @@ def test_misspelt_configurable_id_is_refused_before_any_request(router, ollama_b
     with pytest.raises(RoutingConfigError, match="allow_escalation"):
         private.with_config(configurable={"allow_escalaton": False}).invoke("my secret?")
     _nothing_sent(ollama_server, bedrock_server)
+
+
+@pytest.mark.parametrize("command", [["eval-early-exit", "--db", "runs.sqlite"],
+                                     ["calibrate", "runs.sqlite", "--target-rate", "0.3"]])
+def test_every_cli_command_refuses_a_misspelt_variable(monkeypatch, tmp_path, capsys, command):
+    """``confidence-router eval`` reads ``CONFIDENCE_ROUTER_DATA_DIR``: with it misspelt it
+    would silently use the shipped samples instead. Every command checks the environment."""
+    from confidence_router.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CONFIDENCE_ROUTER_DATA_DRI", str(tmp_path))
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "CONFIDENCE_ROUTER_DATA_DRI" in err
+    assert "did you mean 'CONFIDENCE_ROUTER_DATA_DIR'" in err
+    assert not (tmp_path / "runs.sqlite").exists()
+
+
+def test_a_misspelt_variable_is_hinted_with_non_setting_variables_too():
+    from confidence_router.settings import check_environment
+
+    with pytest.raises(RoutingConfigError, match="did you mean 'CONFIDENCE_ROUTER_REDIS_URL'"):
+        check_environment({"CONFIDENCE_ROUTER_REDIS_ULR": "redis://x"})
+    check_environment({"CONFIDENCE_ROUTER_REDIS_URL": "redis://x", "OTHER": "1"})
