@@ -1341,3 +1341,20 @@ def test_a_misspelt_variable_is_hinted_with_non_setting_variables_too():
     with pytest.raises(RoutingConfigError, match="did you mean 'CONFIDENCE_ROUTER_REDIS_URL'"):
         check_environment({"CONFIDENCE_ROUTER_REDIS_ULR": "redis://x"})
     check_environment({"CONFIDENCE_ROUTER_REDIS_URL": "redis://x", "OTHER": "1"})
+
+
+def test_stats_count_a_cloud_stream_that_fails_after_chunks(ollama_chat, bedrock_chat,
+                                                                  ollama_backend,
+                                                                  bedrock_server):
+    ollama_backend.set_default("unsure", logprobs=-3.0)
+    bedrock_server.fail(None, "ServiceUnavailableException", after_pieces=2)
+    stats = RoutingStats()
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(), stats=stats,
+                                 cloud_retry=NO_RETRY, on_cloud_error="local")
+    for collect in (lambda: list(router.stream("question")),
+                    lambda: asyncio.run(_collect(router.astream("question")))):
+        with pytest.raises(CloudEscalationError):   # never a mix of the two models' text
+            collect()
+    snap = stats.snapshot()
+    assert snap["calls"] == 2 and len(bedrock_server.requests) == 2
+    assert sum(v for k, v in snap["errors"].items() if k.startswith("cloud")) == 2, snap
