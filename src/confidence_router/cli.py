@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 
 from confidence_router import commands
 from confidence_router.commands import command
-from confidence_router.errors import ConfidenceRouterError
+from confidence_router.errors import ConfidenceRouterError, InvalidArgumentError
 from confidence_router.policy import DEFAULT_POLICY
+from confidence_router.settings import check_environment
 
 if TYPE_CHECKING:
     from confidence_router.correctness import ConfidenceCalibration
@@ -173,10 +174,10 @@ def _calibrate_checked(args: argparse.Namespace) -> int:
     for option, value in (("--target-rate", args.target_rate),
                           ("--target-accuracy", args.target_accuracy)):
         if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
-            raise ValueError(f"{option} must be in [0, 1]; got {value}")
+            raise InvalidArgumentError(f"{option} must be in [0, 1]; got {value}")
     if args.fit is not None:
         if not (math.isfinite(args.holdout) and 0.0 < args.holdout < 1.0):
-            raise ValueError(f"--holdout must be in (0, 1); got {args.holdout}")
+            raise InvalidArgumentError(f"--holdout must be in (0, 1); got {args.holdout}")
         return _calibrate_fit(args)
     if args.run_db is None or (args.target_rate is None and args.target_accuracy is None):
         print("confidence-router calibrate: error: give RUN.sqlite and --target-rate or "
@@ -233,14 +234,14 @@ def _calibrate_fit(args: argparse.Namespace) -> int:
     from confidence_router.evaluation.metrics import brier, ece
 
     if args.target_rate is not None:
-        raise ValueError("--fit takes --target-accuracy (a P(correct) floor), not --target-rate")
+        raise InvalidArgumentError("--fit takes --target-accuracy (a P(correct) floor), not --target-rate")
     signal = args.signal or DEFAULT_POLICY.signal
     data = load_scores_from_run(args.fit, signal, run=args.run)
     if data.labels is None:
-        raise ValueError(f"{args.fit}: rows lack labels; a calibration needs them")
+        raise InvalidArgumentError(f"{args.fit}: rows lack labels; a calibration needs them")
     rows = [(s, y) for s, y in zip(data.scores, data.labels) if s is not None and y is not None]
     if len(rows) < 20:
-        raise ValueError(f"{args.fit}: {len(rows)} labelled rows with a {signal} score; "
+        raise InvalidArgumentError(f"{args.fit}: {len(rows)} labelled rows with a {signal} score; "
                          "need at least 20")
     train_idx, held_idx = split_holdout(len(rows), args.holdout, seed=args.seed)
     train = [rows[i] for i in train_idx]
@@ -288,7 +289,7 @@ def _save_calibration(calibration: ConfidenceCalibration, out: str) -> str:
     try:
         return str(calibration.save(out))
     except OSError as error:
-        raise ValueError(f"cannot write --out {out!r}: {error.strerror or error}") from None
+        raise InvalidArgumentError(f"cannot write --out {out!r}: {error.strerror or error}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,6 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run = commands.COMMANDS[args.command].run
     try:
+        # A misspelt CONFIDENCE_ROUTER_* variable is an error for every command, not only
+        # for those that build a router (eval reads CONFIDENCE_ROUTER_DATA_DIR, ...).
+        check_environment()
         return run(args)
     except (ConfidenceRouterError, ImportError, FileNotFoundError, ValueError) as error:
         print(f"confidence-router {args.command}: error: {error}", file=sys.stderr)

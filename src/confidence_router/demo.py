@@ -23,6 +23,7 @@ way, through :func:`available_backends`::
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -33,7 +34,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
-from confidence_router.settings import RouterSettings
+from confidence_router.settings import RouterSettings, redact_url
 
 if TYPE_CHECKING:
     from confidence_router.router import ConfidenceRoutedLLM
@@ -70,9 +71,24 @@ class DemoRow:
 
 
 def ollama_serves(host: str, model: str, timeout: float = 0.5) -> bool:
-    """True when an Ollama server at ``host`` answers and lists ``model``."""
+    """True when an Ollama server at ``host`` answers and lists ``model``.
+
+    A user and password in ``host`` (``http://user:pass@gpu-box:11434``, as ChatOllama takes
+    them) are sent as HTTP basic authentication, not as part of the address.
+    """
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
     try:
-        with urllib.request.urlopen(f"{host.rstrip('/')}/api/tags", timeout=timeout) as reply:
+        parts = urlsplit(host)
+        request = urllib.request.Request(f"{host.rstrip('/')}/api/tags")
+        if parts.username is not None or parts.password is not None:
+            hostport = parts.netloc.rpartition("@")[2]
+            bare = urlunsplit(parts._replace(netloc=hostport))
+            request = urllib.request.Request(f"{bare.rstrip('/')}/api/tags")
+            user = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+            token = base64.b64encode(user.encode()).decode("ascii")
+            request.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
             tags = json.load(reply)
     except (OSError, ValueError):
         return False
@@ -143,7 +159,8 @@ def available_backends(
         where = settings.bedrock_endpoint or settings.aws_region
         print(f"cloud: Bedrock {settings.cloud_model} ({where})", file=out)
     if ollama_serves(settings.ollama_host, settings.local_model):
-        print(f"local: Ollama at {settings.ollama_host}, model {settings.local_model}", file=out)
+        print(f"local: Ollama at {redact_url(settings.ollama_host)}, model {settings.local_model}",
+              file=out)
         embed_model = os.environ.get(EMBED_MODEL_ENV) or (
             DEFAULT_EMBED_MODEL if ollama_serves(settings.ollama_host, DEFAULT_EMBED_MODEL)
             else settings.local_model
@@ -154,7 +171,8 @@ def available_backends(
     from confidence_router.embedded import start_embedded_server
 
     print(
-        f"local: no Ollama serving {settings.local_model!r} at {settings.ollama_host}; "
+        f"local: no Ollama serving {settings.local_model!r} at "
+        f"{redact_url(settings.ollama_host)}; "
         f"using the embedded default ({EMBEDDED_MODEL_NAME}, llama.cpp on 127.0.0.1)",
         file=out,
     )

@@ -57,7 +57,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from confidence_router.errors import RoutingConfigError
+from confidence_router.errors import InvalidTypeError, RoutingConfigError
 from confidence_router.signals import OFFSET, SLOPE, logprob_to_confidence
 
 __all__ = [
@@ -88,7 +88,7 @@ def _logprob_of(item: Any) -> float:
         return float(item)
     value = item.get("logprob") if isinstance(item, dict) else getattr(item, "logprob", None)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
+        raise InvalidTypeError(
             f"expected a logprob (float) or an object with a float 'logprob', got {item!r}"
         )
     return float(value)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 # Stdlib-only and cheap to import; llama_cpp itself is imported lazily.
 from confidence_router._extras import missing_extra
+from confidence_router.errors import InvalidArgumentError
 from confidence_router.serving.ollama_server import OllamaCompatibleServer
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ def default_model_path() -> Path:
             # assemble() hash-checks what it writes (ValueError on a mismatch).
             model_package.assemble(partial, overwrite=True)
             if partial.stat().st_size != MODEL_SIZE_BYTES:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"assembled model has {partial.stat().st_size} bytes, "
                     f"expected {MODEL_SIZE_BYTES}"
                 )

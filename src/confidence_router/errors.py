@@ -7,6 +7,7 @@ refines (``ValueError``, ``TimeoutError``, ...) so generic handlers keep working
     ConfidenceRouterError
     ├── InvalidArgumentError (ValueError)    a bad value passed to a library function
     │   ├── RoutingConfigError               a bad knob, setting, kwarg or constructor field
+    │   │   └── KnobError                    proxy.knobs: a bad per-request knob (body, header)
     │   ├── InvalidInputError                nothing to answer (no messages, only whitespace)
     │   ├── InvalidStateError                a saved state file that cannot be loaded
     │   └── (defined next to their features)
@@ -14,8 +15,10 @@ refines (``ValueError``, ``TimeoutError``, ...) so generic handlers keep working
     │       EvalDatabaseError                calibration: a run database that cannot be read
     │       DatasetFormatError               evaluation.datasets: a bad question-file row
     │       BaselineDataError,               evaluation.baseline: too few / one-class data,
-    │       TrainTestOverlapError              a question both trained and tested on
+    │         TrainTestOverlapError            a question both trained and tested on
     │       JudgeParseError                  evaluation.grading: an unreadable judge verdict
+    │       ProtocolError                    serving.protocol: a malformed Ollama request
+    │       RequestError                     proxy.formats: a malformed proxy request (400)
     ├── InvalidTypeError (TypeError)         a value of the wrong type
     ├── LocalModelError                      the local model failed and the query could not
     │                                        be escalated (no cloud, not allowed, guarded)
@@ -27,8 +30,14 @@ refines (``ValueError``, ``TimeoutError``, ...) so generic handlers keep working
     ├── ReservationStateError (RuntimeError) a budget reservation settled twice
     ├── KnowledgeStoreError (RuntimeError)   knowledge: the store's embedder or Chroma failed
     ├── CalibrationFitError (ValueError)     correctness: a calibration that cannot be fitted
-    ├── EvalRunnerError                      evaluation.runner: RunConfigMismatchError,
-    │                                        RunNotFoundError, RunDatabaseError
+    ├── EvalRunnerError                      evaluation.runner: a run that cannot go on
+    │   ├── RunConfigMismatchError (ValueError)  resumed with another configuration
+    │   ├── RunNotFoundError (LookupError)       no run of that name in the database
+    │   └── RunDatabaseError (EvalDatabaseError) the run database cannot be written or read
+    ├── BackendError                         serving.protocol: a model backend failed (HTTP)
+    ├── RequestBodyError                     serving.http: a request body's framing or size
+    │                                        (the server has answered 400 / 413)
+    ├── ServerProcessError (RuntimeError)    testing.processes: redis/chroma did not start
     └── MissingExtraError (ImportError)      a feature's optional dependencies are missing
 
 Nothing is swallowed: escalation failures keep the local answer (when there is one) and the

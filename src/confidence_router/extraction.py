@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from confidence_router.errors import InvalidArgumentError
+
 
 @dataclass(frozen=True)
 class TokenLogprob:
@@ -204,7 +206,7 @@ def decode_tokens(blob: bytes | None) -> tuple[TokenLogprob, ...] | None:
     payload = json.loads(zlib.decompress(bytes(blob)).decode("utf-8"))
     if not isinstance(payload, dict) or payload.get("v") != _TOKENS_FORMAT:
         version = payload.get("v") if isinstance(payload, dict) else None
-        raise ValueError(f"unknown token storage format {version!r}")
+        raise InvalidArgumentError(f"unknown token storage format {version!r}")
     return tuple(
         TokenLogprob(str(text), float(lp), tuple((str(a), float(b)) for a, b in top))
         for text, lp, top in zip(payload["t"], payload["lp"], payload["top"], strict=True)

@@ -37,18 +37,20 @@ _EMAIL = re.compile(r"(?<![\w.%+'-])[\w.%+'-]+@(?:\r?\n)?(?:[\w-]+\.)+[\w-]{2,}"
 # Card numbers as people write them: compact (13-19 digits), or in groups of four (16 or 19
 # digits) or 4-6-5 / 4-6-4 (Amex, Diners), separated by up to three spaces, dots, dashes or
 # line breaks ("4111 - 1111 - ..."); never a piece of a longer alphanumeric token ("IPv4
-# 192...", hashes).
+# 192...", hashes) or of a longer number ("1.4111 ..."), but right after an abbreviation
+# ("Card no.4111 ...").
 _CARD_SEP = r"[\s.\-]{1,3}"
 _CARD = re.compile(
-    r"(?<![\w.\-])(?:\d{13,19}"
+    r"(?<![\w\-])(?<!\d\.)(?:\d{13,19}"
     rf"|\d{{4}}(?:{_CARD_SEP}\d{{4}}){{3}}(?:{_CARD_SEP}\d{{3}})?"
     rf"|\d{{4}}{_CARD_SEP}\d{{6}}{_CARD_SEP}\d{{4,5}})(?!\d)"
 )
 _YEAR = re.compile(r"(?:1[89]|20)\d\d")
-# Case-insensitive, compact or grouped by spaces or line breaks: "de89370400440532013000" and
-# "DE89\n3704..." are IBANs.
+# Case-insensitive, compact or grouped by one or two spaces or line breaks:
+# "de89370400440532013000", "de89  3704  0044 ..." and "DE89\n3704..." are IBANs.
 _IBAN = re.compile(
-    r"(?<![\w])[A-Z]{2}\d{2}(?:\s?[A-Z0-9]{4}){2,7}(?:\s?[A-Z0-9]{1,4})?(?![\w])", re.IGNORECASE
+    r"(?<![\w])[A-Z]{2}\d{2}(?:\s{0,2}[A-Z0-9]{4}){2,7}(?:\s{0,2}[A-Z0-9]{1,4})?(?![\w])",
+    re.IGNORECASE,
 )
 # Grouped by dashes ("DE89-3704-0044-..."): only with valid check digits, as product codes and
 # UUIDs have that shape too.
@@ -377,11 +379,13 @@ class PIIGuard:
         """
         text = normalise(text)
         kinds = self.kinds
+        # The ideographic full stop separates domain labels too (IDNA): "用户@例子。公司".
+        mail = text.replace("\u3002", ".") if "@" in text and "\u3002" in text else text
         if "email address" in kinds and (
-            _EMAIL.search(text)
+            _EMAIL.search(mail)
             # Letters with combining marks (Devanagari, Thai, Arabic vowel signs) are not
             # ``\w``: "मेल@उदाहरण.भारत" is an address too.
-            or ("@" in text and not text.isascii() and _EMAIL.search(_without_marks(text)))
+            or ("@" in mail and not mail.isascii() and _EMAIL.search(_without_marks(mail)))
         ):
             return "email address"
         if "credit card number" in kinds and any(

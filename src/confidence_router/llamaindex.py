@@ -74,7 +74,12 @@ from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.llms.structured_llm import StructuredLLM
 from pydantic import Field, ValidationError, model_validator
 
-from confidence_router.errors import InvalidInputError, InvalidTypeError, RoutingConfigError
+from confidence_router.errors import (
+    InvalidArgumentError,
+    InvalidInputError,
+    InvalidTypeError,
+    RoutingConfigError,
+)
 from confidence_router.policy import RoutingPolicy, unknown_names_message
 from confidence_router.router import ConfidenceRoutedLLM, check_call_kwargs, check_input
 from confidence_router.tier_clients import model_name as _model_name
@@ -458,7 +463,7 @@ class ConfidenceRoutedLlamaIndexLLM(FunctionCallingLLM):
                 )
             )
         if not selections and error_on_no_tool_call:
-            raise ValueError("expected at least one tool call in the response, got none")
+            raise InvalidArgumentError("expected at least one tool call in the response, got none")
         return selections
 
     def as_structured_llm(self, output_cls: type, **kwargs: Any) -> RoutedStructuredLLM:

@@ -54,7 +54,7 @@ from langchain_core.runnables import (
 from langchain_core.runnables.config import patch_config
 from pydantic import ConfigDict, PrivateAttr, ValidationError, field_validator
 
-from confidence_router.errors import InvalidTypeError, RoutingConfigError
+from confidence_router.errors import InvalidArgumentError, InvalidTypeError, RoutingConfigError
 from confidence_router.extraction import message_text
 from confidence_router.gsa import (
     DEFAULT_GSA_VERSION,
@@ -249,14 +249,14 @@ class SelfAssessmentProbe(RunnableSerializable[ProbeInput, GsaScore]):
     @classmethod
     def _check_version(cls, value: str) -> str:
         if value not in GSA_VERSIONS:
-            raise ValueError(f"unknown GSA version {value!r}; expected one of {GSA_VERSIONS}")
+            raise InvalidArgumentError(f"unknown GSA version {value!r}; expected one of {GSA_VERSIONS}")
         return value
 
     @field_validator("message_template")
     @classmethod
     def _check_template(cls, value: str | None) -> str | None:
         if value is not None and "{prompt}" not in value:
-            raise ValueError("message_template must contain the placeholder {prompt}")
+            raise InvalidArgumentError("message_template must contain the placeholder {prompt}")
         return value
 
     @field_validator("k", mode="before")
@@ -264,7 +264,7 @@ class SelfAssessmentProbe(RunnableSerializable[ProbeInput, GsaScore]):
     def _check_k(cls, value: Any) -> int:
         # mode="before": pydantic would otherwise accept 2.0 or "5" as k.
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"k must be a positive integer, got {value!r}")
+            raise InvalidArgumentError(f"k must be a positive integer, got {value!r}")
         return int(value)
 
     @field_validator("tau", mode="before")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -222,20 +223,27 @@ class RouterSettings:
         return {**knobs, "local_timeout": self.local_timeout, "cloud_timeout": self.cloud_timeout}
 
 
-def _env_values(env: Mapping[str, str]) -> dict[str, str]:
-    """The settings that the environment sets, as raw strings."""
-    names = {f.name.upper() for f in fields(RouterSettings)}
-    stray = {
-        key
-        for key in env
-        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):] not in names | OTHER_ENV_VARS
-    }
+def check_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Refuse ``CONFIDENCE_ROUTER_*`` variables that nothing reads (``CONFIDENCE_ROUTER_TRESHOLD``,
+    ``CONFIDENCE_ROUTER_DATA_DRI``): a :class:`~confidence_router.errors.RoutingConfigError`
+    naming each as it was spelt, with the closest known variable as a hint.
+
+    Every settings load checks the environment; so does every ``confidence-router`` command.
+    """
+    env = os.environ if environ is None else environ
+    names = {f.name.upper() for f in fields(RouterSettings)} | OTHER_ENV_VARS
+    stray = {key for key in env if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):] not in names}
     if stray:
         # Reported as set (CONFIDENCE_ROUTER_threshold), with the right spelling as the hint.
         raise RoutingConfigError(
             unknown_names_message(stray, {ENV_PREFIX + n for n in names},
                                   what="environment variable")
         )
+
+
+def _env_values(env: Mapping[str, str]) -> dict[str, str]:
+    """The settings that the environment sets, as raw strings."""
+    check_environment(env)
     values = {
         f.name: env[ENV_PREFIX + f.name.upper()]
         for f in fields(RouterSettings)
@@ -255,19 +263,31 @@ def redact_url(url: str) -> str:
 
     >>> redact_url("http://admin:s3cret@gpu-box:11434")
     'http://admin:***@gpu-box:11434'
+    >>> redact_url("http://admin:s3cret@[::1]:11434")
+    'http://admin:***@[::1]:11434'
+
+    Only the password is replaced; host and port are kept as written (an IPv6 host keeps its
+    brackets). A URL that cannot be parsed (an unclosed ``[``, a port that is not a number)
+    is redacted too: everything between ``scheme://`` and the last ``@`` of its authority
+    that follows a ``:`` is the password.
     """
     from urllib.parse import urlsplit, urlunsplit
 
     try:
         parts = urlsplit(url)
     except ValueError:
+        # No structured parse: mask the authority's password by hand (never return it).
+        return _UNPARSED_PASSWORD.sub(r"\1:***@", url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    username = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{username}:***@{hostport}"))
+
+
+# ``scheme://user:password@`` in a URL urllib cannot parse: the authority ends at the first
+# ``/``, ``?`` or ``#``; the password runs to its last ``@``.
+_UNPARSED_PASSWORD = re.compile(r"(^[A-Za-z][\w+.-]*://[^/?#@:]*):[^/?#]*@")
 
 
 def _normalise_host(host: str) -> str:

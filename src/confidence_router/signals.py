@@ -34,9 +34,12 @@ The signals (names accepted by :func:`score_for`, the router's ``signal=`` and
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+from confidence_router.errors import InvalidArgumentError
 
 #: Paper constants of the logistic mapping ``sigmoid(SLOPE * mean + OFFSET)``.
 SLOPE = 2.0
@@ -69,7 +72,7 @@ def logprob_to_confidence(mean_logprob: float, slope: float = SLOPE, offset: flo
     0.5
     """
     if math.isnan(mean_logprob):
-        raise ValueError("mean_logprob is NaN")
+        raise InvalidArgumentError("mean_logprob is NaN")
     return sigmoid(slope * mean_logprob + offset)
 
 
@@ -80,7 +83,7 @@ def confidence_to_logprob(confidence: float, slope: float = SLOPE, offset: float
     -1.076
     """
     if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+        raise InvalidArgumentError(f"confidence must be in (0, 1), got {confidence!r}")
     return (math.log(confidence / (1.0 - confidence)) - offset) / slope
 
 
@@ -357,7 +360,7 @@ def score_for(signals: LogprobSignals, signal: str) -> float | None:
     try:
         scorer = SIGNAL_SCORERS[signal]
     except KeyError:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"unknown signal {signal!r}; choose one of {sorted(SIGNAL_SCORERS)}"
         ) from None
     if not signals.known:
@@ -373,10 +376,26 @@ def answer_signals(answer: str | None, tokens: Iterable[Any] | None) -> LogprobS
 
     >>> answer_signals("  ", [-0.1]).unknown_reason
     'empty_answer'
+    >>> answer_signals("\\u200b\\n", [-0.1]).unknown_reason   # only invisible characters
+    'empty_answer'
     """
-    if answer is not None and not answer.strip():
+    if answer is not None and is_blank(answer):
         return unknown_signals(UNKNOWN_EMPTY_ANSWER)
     return compute_signals(tokens)
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` shows nothing: only whitespace and invisible format characters
+    (zero-width spaces and joiners, word joiners, byte order marks: Unicode category Cf).
+
+    >>> is_blank(" \\n\\t"), is_blank("\\u200b\\ufeff\\u2060"), is_blank("\\u200bParis")
+    (True, True, False)
+    """
+    if not text.strip():
+        return True
+    if text.isascii():
+        return False
+    return all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in text)
 
 
 def rank_average(columns: Sequence[Sequence[float | None]]) -> list[float | None]:
@@ -391,10 +410,10 @@ def rank_average(columns: Sequence[Sequence[float | None]]) -> list[float | None
     [0.25, 1.0, 0.25]
     """
     if not columns:
-        raise ValueError("rank_average needs at least one column")
+        raise InvalidArgumentError("rank_average needs at least one column")
     n = len(columns[0])
     if any(len(c) != n for c in columns):
-        raise ValueError("all columns must have the same length")
+        raise InvalidArgumentError("all columns must have the same length")
     usable = [i for i in range(n) if all(c[i] is not None for c in columns)]
     out: list[float | None] = [None] * n
     if not usable:

@@ -274,10 +274,10 @@ def _gsa_signals(
     from confidence_router.probe import SelfAssessmentProbe
 
     if gsa.order not in GSA_ORDERS:
-        raise ValueError(f"unknown GSA order {gsa.order!r}; choose one of {GSA_ORDERS}")
+        raise InvalidArgumentError(f"unknown GSA order {gsa.order!r}; choose one of {GSA_ORDERS}")
     kb_end, eval_end = gsa.kb_offset + gsa.kb_size, offset + n_items
     if gsa.kb_offset < eval_end and offset < kb_end:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"the knowledge-store slice [{gsa.kb_offset}, {kb_end}) overlaps the evaluated "
             f"items [{offset}, {eval_end}); choose a disjoint --kb-offset"
         )
@@ -454,7 +454,9 @@ def _eval(args: argparse.Namespace) -> int:
 
         kinds = load_run(args.db, summary.run_name).error_counts()
         first = next(iter(kinds), "unknown")
-        where = args.ollama_url or "the embedded model"
+        from confidence_router.settings import redact_url
+
+        where = redact_url(args.ollama_url) if args.ollama_url else "the embedded model"
         print(f"confidence-router eval: error: every answer failed ({summary.n_errors} of "
               f"{summary.n_written}, e.g. {first}); is {where} up and serving {model!r}? "
               "Re-run with --retry-errors once it is", file=sys.stderr)

@@ -199,7 +199,7 @@ def dataset_file(
 # --------------------------------------------------------------------------------------------
 
 
-class _RecordError(ValueError):
+class _RecordError(InvalidArgumentError):
     """A record does not fit its schema; the caller adds the file:line location."""
 
 

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from confidence_router.errors import InvalidArgumentError
 from confidence_router.evaluation.baseline import (
     DEFAULT_SEED,
     BaselineDataError,
@@ -793,7 +794,7 @@ def compute_report(
         learning_curve_sizes: training sizes of the learning curve.
     """
     if not runs:
-        raise ValueError("a report needs at least one run")
+        raise InvalidArgumentError("a report needs at least one run")
     baseline_report, baseline_scores = _train_baseline(
         runs,
         embeddings,
@@ -1397,7 +1398,7 @@ def generate_report(
     :func:`build_report` them. The first run is the main dataset (baseline training)."""
     names = list(runs) if runs else [r.name for r in list_runs(db_path)]
     if not names:
-        raise ValueError(f"no runs in {os.fspath(db_path)!r}")
+        raise InvalidArgumentError(f"no runs in {os.fspath(db_path)!r}")
     loaded = [load_run(db_path, n) for n in names]
     return build_report(
         loaded,

@@ -72,7 +72,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from confidence_router.calibration import EvalDatabaseError, database_errors
-from confidence_router.errors import ConfidenceRouterError, InvalidArgumentError
+from confidence_router.errors import ConfidenceRouterError, InvalidArgumentError, InvalidTypeError
 from confidence_router.evaluation.datasets import (
     KNOWN_DATASETS,
     PROMPT_STYLE_COMPLETION,
@@ -420,7 +420,7 @@ async def _call_signal(signal: ExtraSignal, item: QAItem) -> dict[str, Any]:
             if inspect.isawaitable(result):
                 result = await result
         if not isinstance(result, Mapping):
-            raise TypeError(f"signal returned {type(result).__name__}, expected a mapping")
+            raise InvalidTypeError(f"signal returned {type(result).__name__}, expected a mapping")
         out = {str(k): _json_value(v) for k, v in result.items()}
     except asyncio.CancelledError:
         raise
@@ -978,7 +978,8 @@ class EvalRunner:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise InvalidArgumentError(f"concurrency must be an int >= 1; got {concurrency!r}")
         if timeout_s is not None and not (
-            isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0
+            isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool)
+            and math.isfinite(timeout_s) and timeout_s > 0
         ):
             raise InvalidArgumentError(
                 f"timeout_s must be a finite number > 0, or None; got {timeout_s!r}"

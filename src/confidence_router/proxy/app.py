@@ -183,7 +183,7 @@ def _chroma_store(config: ProxyConfig, ollama_host: str) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-class _HTTPError(Exception):
+class _HTTPError(ConfidenceRouterError):
     def __init__(self, status: int, message: str, *, code: str | None = None,
                  param: str | None = None, type_: str = "invalid_request_error") -> None:
         super().__init__(message)

@@ -26,6 +26,7 @@ from langchain_core.messages import (
     ToolMessage,
 )
 
+from confidence_router.errors import InvalidArgumentError
 from confidence_router.serving.protocol import ChatRequest
 
 __all__ = [
@@ -51,7 +52,7 @@ ROUTING_HEADERS = (
 )
 
 
-class RequestError(ValueError):
+class RequestError(InvalidArgumentError):
     """A malformed request: 400 with ``message``; ``param`` names the offending field."""
 
     def __init__(self, message: str, *, param: str | None = None, status: int = 400) -> None:

@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from confidence_router.errors import InvalidArgumentError
+from confidence_router.errors import ConfidenceRouterError, InvalidArgumentError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -49,7 +49,7 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_READ_TIMEOUT_S = 60.0
 
 
-class RequestBodyError(Exception):
+class RequestBodyError(ConfidenceRouterError):
     """The request's body framing is invalid (bad ``Content-Length`` or chunk size) or the
     body is too large. The handler has already answered (400 / 413) and closes the
     connection."""

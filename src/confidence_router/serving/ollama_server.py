@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypedDict
 
+from confidence_router.errors import InvalidTypeError
 from confidence_router.serving.http import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_READ_TIMEOUT_S,
@@ -470,7 +471,7 @@ class OllamaCompatibleServer(BackgroundServer):
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         if not isinstance(backend, ChatBackend):
-            raise TypeError(
+            raise InvalidTypeError(
                 "backend must implement ChatBackend (chat, embed, models), "
                 f"got {type(backend).__name__}"
             )
@@ -488,7 +489,7 @@ class OllamaCompatibleServer(BackgroundServer):
     @backend.setter
     def backend(self, backend: ChatBackend) -> None:
         if not isinstance(backend, ChatBackend):
-            raise TypeError(f"backend must implement ChatBackend, got {type(backend).__name__}")
+            raise InvalidTypeError(f"backend must implement ChatBackend, got {type(backend).__name__}")
         self._backend = backend
 
     @property

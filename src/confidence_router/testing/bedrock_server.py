@@ -87,6 +87,7 @@ from dataclasses import dataclass
 from typing import Any, TypedDict, Union
 from urllib.parse import unquote
 
+from confidence_router.errors import InvalidArgumentError, InvalidTypeError
 from confidence_router.serving.http import (
     DISCONNECT_ERRORS,
     BackgroundServer,
@@ -94,12 +95,12 @@ from confidence_router.serving.http import (
     QuietThreadingHTTPServer,
 )
 from confidence_router.testing.scripted import (
+    RuleBook,
     ScriptedRule,
-    _check_seconds,
-    _check_times,
-    _compile_matcher,
-    _content_text,
-    _RuleBook,
+    check_seconds,
+    check_times,
+    compile_matcher,
+    content_text,
     last_user_text,
     split_words,
 )
@@ -225,14 +226,14 @@ def _normalise_tool_use(tool_use: Sequence[Mapping[str, Any]] | None) -> tuple[d
     if not tool_use:
         return ()
     if isinstance(tool_use, Mapping):
-        raise TypeError("tool_use must be a list of {'name': ..., 'input': {...}} mappings")
+        raise InvalidTypeError("tool_use must be a list of {'name': ..., 'input': {...}} mappings")
     result = []
     for i, block in enumerate(tool_use):
         if not isinstance(block, Mapping) or not isinstance(block.get("name"), str):
-            raise TypeError(f"tool_use[{i}] must look like {{'name': str, 'input': dict}}")
+            raise InvalidTypeError(f"tool_use[{i}] must look like {{'name': str, 'input': dict}}")
         tool_input = block.get("input", {})
         if not isinstance(tool_input, Mapping):
-            raise TypeError(f"tool_use[{i}]['input'] must be a dict, got {tool_input!r}")
+            raise InvalidTypeError(f"tool_use[{i}]['input'] must be a dict, got {tool_input!r}")
         entry = {"name": block["name"], "input": dict(tool_input)}
         if block.get("toolUseId") is not None:
             entry["toolUseId"] = str(block["toolUseId"])
@@ -251,7 +252,7 @@ def _content_words(content: Any) -> int:
     words = 0
     for block in content or ():
         if isinstance(block, Mapping):
-            words += _words(_content_text(block.get("text")))
+            words += _words(content_text(block.get("text")))
     return words
 
 
@@ -604,7 +605,7 @@ class FakeBedrockServer(BackgroundServer):
         super().__init__(host, port)
         self._lock = threading.RLock()
         self._initial_default = default_answer
-        self._book: _RuleBook[RecordedBedrockRequest] = _RuleBook()
+        self._book: RuleBook[RecordedBedrockRequest] = RuleBook()
         self._default: _BedrockAnswer | None = None
         self._log: list[RecordedBedrockRequest] = []
         self._tool_use_counter = 0
@@ -647,8 +648,8 @@ class FakeBedrockServer(BackgroundServer):
         Returns:
             The rule handle (``rule.calls`` counts matched requests).
         """
-        predicate, description = _compile_matcher(match, _last_text)
-        _check_times(times)
+        predicate, description = compile_matcher(match, _last_text)
+        check_times(times)
         payload = self._make_answer(
             text, input_tokens, output_tokens, stop_reason, latency, piece_delay, tool_use
         )
@@ -682,22 +683,22 @@ class FakeBedrockServer(BackgroundServer):
                 ModelStreamErrorException); botocore raises ``EventStreamError``.
                 Non-streaming requests fail normally.
         """
-        predicate, description = _compile_matcher(match, _last_text)
-        _check_times(times)
+        predicate, description = compile_matcher(match, _last_text)
+        check_times(times)
         if status is None:
             if error_type not in BEDROCK_ERROR_STATUS and error_type != "ModelStreamErrorException":
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"unknown error_type {error_type!r}: pass status= explicitly or use one of "
                     f"{sorted(BEDROCK_ERROR_STATUS)}"
                 )
             status = BEDROCK_ERROR_STATUS.get(error_type, 424)
         if not isinstance(status, int) or not 400 <= status <= 599:
-            raise ValueError(f"status must be an HTTP error status (400-599), got {status!r}")
+            raise InvalidArgumentError(f"status must be an HTTP error status (400-599), got {status!r}")
         if after_pieces is not None:
             if after_pieces < 0:
-                raise ValueError(f"after_pieces must be >= 0, got {after_pieces}")
+                raise InvalidArgumentError(f"after_pieces must be >= 0, got {after_pieces}")
             if error_type not in _STREAM_EXCEPTIONS:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"{error_type} cannot be sent inside a ConverseStream; use one of "
                     f"{sorted(_STREAM_EXCEPTIONS)}"
                 )
@@ -718,9 +719,9 @@ class FakeBedrockServer(BackgroundServer):
         model: str | None = None,
     ) -> ScriptedRule[RecordedBedrockRequest]:
         """Add ``seconds`` before the response to matching requests (also before failures)."""
-        predicate, description = _compile_matcher(match, _last_text)
-        _check_times(times)
-        payload = _check_seconds("seconds", seconds)
+        predicate, description = compile_matcher(match, _last_text)
+        check_times(times)
+        payload = check_seconds("seconds", seconds)
         return self._add(ScriptedRule("delay", description, times, 0, model, predicate, payload))
 
     def set_default(
@@ -743,7 +744,7 @@ class FakeBedrockServer(BackgroundServer):
     def reset(self) -> None:
         """Drop all rules and recorded requests; restore the constructor's default answer."""
         with self._lock:
-            self._book = _RuleBook()
+            self._book = RuleBook()
             self._log.clear()
             self.default_calls = 0
         self.set_default(self._initial_default)
@@ -784,10 +785,10 @@ class FakeBedrockServer(BackgroundServer):
         elif isinstance(text, Sequence) and all(isinstance(p, str) for p in text):
             pieces = tuple(text)
         else:
-            raise TypeError(f"text must be a str or a list of str pieces, got {text!r}")
+            raise InvalidTypeError(f"text must be a str or a list of str pieces, got {text!r}")
         for name, value in (("input_tokens", input_tokens), ("output_tokens", output_tokens)):
             if value is not None and (not isinstance(value, int) or value < 0):
-                raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
+                raise InvalidArgumentError(f"{name} must be a non-negative int or None, got {value!r}")
         tools = _normalise_tool_use(tool_use)
         return _BedrockAnswer(
             pieces=pieces,
@@ -795,8 +796,8 @@ class FakeBedrockServer(BackgroundServer):
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             stop_reason=stop_reason or ("tool_use" if tools else "end_turn"),
-            latency=_check_seconds("latency", latency),
-            piece_delay=_check_seconds("piece_delay", piece_delay),
+            latency=check_seconds("latency", latency),
+            piece_delay=check_seconds("piece_delay", piece_delay),
         )
 
     def _add(

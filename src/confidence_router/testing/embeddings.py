@@ -27,6 +27,8 @@ import math
 import re
 from collections.abc import Iterator, Sequence
 
+from confidence_router.errors import InvalidArgumentError, InvalidTypeError
+
 __all__ = ["cosine_similarity", "hashing_embedding", "hashing_embeddings"]
 
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
@@ -71,9 +73,9 @@ def hashing_embedding(text: str, dim: int = 64) -> list[float]:
         TypeError: if ``text`` is not a string.
     """
     if not isinstance(text, str):
-        raise TypeError(f"hashing_embedding expects a str, got {type(text).__name__}")
+        raise InvalidTypeError(f"hashing_embedding expects a str, got {type(text).__name__}")
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        raise InvalidArgumentError(f"dim must be a positive integer, got {dim!r}")
     vector = [0.0] * dim
     for feature, weight in _features(text):
         index, sign = _bucket(feature, dim)
@@ -91,7 +93,7 @@ def hashing_embedding(text: str, dim: int = 64) -> list[float]:
 def hashing_embeddings(texts: Sequence[str], dim: int = 64) -> list[list[float]]:
     """Embed several texts with :func:`hashing_embedding` (same ``dim`` for all)."""
     if isinstance(texts, str):
-        raise TypeError("hashing_embeddings expects a sequence of strings, not a single str")
+        raise InvalidTypeError("hashing_embeddings expects a sequence of strings, not a single str")
     return [hashing_embedding(text, dim) for text in texts]
 
 
@@ -102,7 +104,7 @@ def cosine_similarity(a: Sequence[float], b: Sequence[float]) -> float:
         ValueError: if the vectors differ in length.
     """
     if len(a) != len(b):
-        raise ValueError(f"vectors differ in length: {len(a)} != {len(b)}")
+        raise InvalidArgumentError(f"vectors differ in length: {len(a)} != {len(b)}")
     dot = sum(x * y for x, y in zip(a, b))
     norm_a = math.sqrt(sum(x * x for x in a))
     norm_b = math.sqrt(sum(y * y for y in b))

@@ -30,6 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
+from confidence_router.errors import ConfidenceRouterError
+
 if TYPE_CHECKING:
     from typing_extensions import Self
 
@@ -42,7 +44,7 @@ __all__ = [
 ]
 
 
-class ServerProcessError(RuntimeError):
+class ServerProcessError(ConfidenceRouterError, RuntimeError):
     """The server binary is missing, or the process did not start answering in time."""
 
 

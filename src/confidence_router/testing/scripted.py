@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar, Union
 
+from confidence_router.errors import InvalidArgumentError, InvalidTypeError
 from confidence_router.serving.protocol import (
     BackendError,
     ChatReply,
@@ -112,13 +113,15 @@ def last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
         return ""
     for message in reversed(messages):
         if isinstance(message, Mapping) and message.get("role") == "user":
-            text = _content_text(message.get("content"))
+            text = content_text(message.get("content"))
             if text:
                 return text
     return ""
 
 
-def _content_text(content: Any) -> str:
+def content_text(content: Any) -> str:
+    """The text of a message's content: a string, or the text parts of a list of blocks
+    (shared with the fake Bedrock server)."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -134,7 +137,7 @@ def _content_text(content: Any) -> str:
     return str(content)
 
 
-def _compile_matcher(
+def compile_matcher(
     match: Any, text_of: Callable[[_T], str], what: str = "match"
 ) -> tuple[Callable[[_T], bool], str]:
     """Turn a :data:`Matcher`-like value into ``(predicate, description)``."""
@@ -150,15 +153,16 @@ def _compile_matcher(
         )
     if callable(match):
         return match, getattr(match, "__name__", repr(match))
-    raise TypeError(
+    raise InvalidTypeError(
         f"{what} must be a str (substring of the last user message), a compiled regex, a "
         f"callable predicate or None (any request), got {type(match).__name__}"
     )
 
 
-def _check_times(times: int | None) -> None:
+def check_times(times: int | None) -> None:
+    """Refuse a rule's ``times`` that is not a positive int or ``None``."""
     if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times < 1):
-        raise ValueError(f"times must be a positive integer or None (unlimited), got {times!r}")
+        raise InvalidArgumentError(f"times must be a positive integer or None (unlimited), got {times!r}")
 
 
 def _wait(seconds: float, request: ChatRequest) -> bool:
@@ -178,9 +182,10 @@ def _wait(seconds: float, request: ChatRequest) -> bool:
         time.sleep(min(left, 0.05))
 
 
-def _check_seconds(name: str, value: float) -> float:
+def check_seconds(name: str, value: float) -> float:
+    """``value`` as float seconds; refuses a negative, NaN or non-numeric value."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be a non-negative number of seconds, got {value!r}")
     return float(value)
 
 
@@ -216,7 +221,7 @@ class ScriptedRule(Generic[_T]):
         return bool(self.predicate(request))
 
 
-class _RuleBook(Generic[_T]):
+class RuleBook(Generic[_T]):
     """Ordered rules with first-match semantics and call counting (caller holds the lock)."""
 
     def __init__(self) -> None:
@@ -245,10 +250,10 @@ TopLogprobsSpec = (
 
 def _check_logprob(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{where} must be a float, got {value!r}")
+        raise InvalidTypeError(f"{where} must be a float, got {value!r}")
     value = float(value)
     if not math.isfinite(value) or value > 0.0:
-        raise ValueError(f"{where} must be a finite natural-log probability <= 0, got {value!r}")
+        raise InvalidArgumentError(f"{where} must be a finite natural-log probability <= 0, got {value!r}")
     return value
 
 
@@ -268,14 +273,14 @@ def _normalise_alternatives(spec: Any, where: str) -> list[tuple[str, float]]:
     elif isinstance(spec, Sequence) and not isinstance(spec, str):
         items = list(spec)
     else:
-        raise TypeError(f"{where} must be a mapping or a list of (token, logprob) pairs")
+        raise InvalidTypeError(f"{where} must be a mapping or a list of (token, logprob) pairs")
     pairs: list[tuple[str, float]] = []
     for item in items:
         if not _is_pair(item):
-            raise ValueError(f"{where}: expected (token, logprob) pairs, got {item!r}")
+            raise InvalidArgumentError(f"{where}: expected (token, logprob) pairs, got {item!r}")
         pairs.append((item[0], _check_logprob(item[1], f"{where}[{item[0]!r}]")))
     if len(pairs) > MAX_TOP_LOGPROBS:
-        raise ValueError(f"{where} has {len(pairs)} entries; Ollama allows at most 20")
+        raise InvalidArgumentError(f"{where} has {len(pairs)} entries; Ollama allows at most 20")
     # Highest first, as the protocol promises; sorted() is stable for ties.
     return sorted(pairs, key=lambda pair: -pair[1])
 
@@ -291,15 +296,15 @@ def _per_token_top(spec: Any, n_tokens: int) -> list[list[tuple[str, float]]]:
     if single:
         # The probe convenience: one mapping / pair list for a one-token answer.
         if n_tokens != 1:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "a single top_logprobs mapping/pair list is only allowed for a one-token "
                 f"answer, but the answer has {n_tokens} tokens; pass one list per token"
             )
         return [_normalise_alternatives(spec, "top_logprobs")]
     if not isinstance(spec, Sequence) or isinstance(spec, str):
-        raise TypeError(f"top_logprobs must be a mapping or a list, got {type(spec).__name__}")
+        raise InvalidTypeError(f"top_logprobs must be a mapping or a list, got {type(spec).__name__}")
     if len(spec) != n_tokens:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"top_logprobs has {len(spec)} per-token entries but the answer has {n_tokens} tokens"
         )
     return [_normalise_alternatives(s, f"top_logprobs[{i}]") for i, s in enumerate(spec)]
@@ -332,7 +337,7 @@ def _build_tokens(
         texts = split_words(answer)
     elif isinstance(answer, Sequence) and all(isinstance(t, GeneratedToken) for t in answer):
         if logprobs is not None or top_logprobs is not None:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "answer is a list of GeneratedToken (which carry their own logprobs); "
                 "do not also pass logprobs or top_logprobs"
             )
@@ -340,7 +345,7 @@ def _build_tokens(
     elif isinstance(answer, Sequence) and all(isinstance(t, str) for t in answer):
         texts = list(answer)  # type: ignore[arg-type]
     else:
-        raise TypeError(
+        raise InvalidTypeError(
             "answer must be a str, a list of token strings or a list of GeneratedToken, "
             f"got {type(answer).__name__}"
         )
@@ -354,12 +359,12 @@ def _build_tokens(
         values = [_check_logprob(logprobs, "logprobs")] * n
     elif isinstance(logprobs, Sequence) and not isinstance(logprobs, str):
         if len(logprobs) != n:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"logprobs has {len(logprobs)} values but the answer has {n} tokens: {texts!r}"
             )
         values = [_check_logprob(v, f"logprobs[{i}]") for i, v in enumerate(logprobs)]
     else:
-        raise ValueError(f"logprobs must be a float or a list of floats, got {logprobs!r}")
+        raise InvalidArgumentError(f"logprobs must be a float or a list of floats, got {logprobs!r}")
 
     tokens: list[GeneratedToken] = []
     for i, text in enumerate(texts):
@@ -370,7 +375,7 @@ def _build_tokens(
                 if value is None:
                     value = listed[text]
                 elif not math.isclose(value, listed[text], abs_tol=1e-9):
-                    raise ValueError(
+                    raise InvalidArgumentError(
                         f"token {i} ({text!r}) has logprob {value} but its top_logprobs "
                         f"entry says {listed[text]}"
                     )
@@ -388,17 +393,17 @@ def _normalise_tool_calls(tool_calls: Sequence[Mapping[str, Any]] | None) -> tup
     if not tool_calls:
         return ()
     if isinstance(tool_calls, Mapping):
-        raise TypeError("tool_calls must be a list of tool calls, not a single mapping")
+        raise InvalidTypeError("tool_calls must be a list of tool calls, not a single mapping")
     result = []
     for i, call in enumerate(tool_calls):
         function = call.get("function", call) if isinstance(call, Mapping) else None
         if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
-            raise TypeError(
+            raise InvalidTypeError(
                 f"tool_calls[{i}] must look like {{'name': str, 'arguments': dict}}, got {call!r}"
             )
         arguments = function.get("arguments", {})
         if not isinstance(arguments, Mapping):
-            raise TypeError(f"tool_calls[{i}]['arguments'] must be a dict, got {arguments!r}")
+            raise InvalidTypeError(f"tool_calls[{i}]['arguments'] must be a dict, got {arguments!r}")
         result.append({"function": {"name": function["name"], "arguments": dict(arguments)}})
     return tuple(result)
 
@@ -422,7 +427,7 @@ class _Failure:
 
 def _count_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
     # A word count stands in for a tokenizer: stable, and grows with the prompt.
-    words = sum(len(_content_text(m.get("content")).split()) for m in messages)
+    words = sum(len(content_text(m.get("content")).split()) for m in messages)
     return max(1, words)
 
 
@@ -450,15 +455,15 @@ class ScriptedBackend:
         strict_models: bool = False,
     ) -> None:
         if isinstance(models, str):
-            raise TypeError("models must be a list of names, not a single str")
+            raise InvalidTypeError("models must be a list of names, not a single str")
         if embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+            raise InvalidArgumentError(f"embedding_dim must be >= 1, got {embedding_dim}")
         self._lock = threading.RLock()
         self._models = list(models)
         self._initial_default = (default_answer, default_logprob)
         self.embedding_dim = embedding_dim
         self.strict_models = strict_models
-        self._book: _RuleBook[ChatRequest] = _RuleBook()
+        self._book: RuleBook[ChatRequest] = RuleBook()
         self._default: _Answer | None = None
         self._requests: list[ChatRequest] = []
         self._embed_requests: list[tuple[str, list[str]]] = []
@@ -515,12 +520,12 @@ class ScriptedBackend:
             ValueError: inconsistent logprobs / top_logprobs / tool_calls (e.g. 3 logprobs
                 for a 4-token answer, a positive logprob).
         """
-        predicate, description = _compile_matcher(match, self._last_user_text)
-        _check_times(times)
+        predicate, description = compile_matcher(match, self._last_user_text)
+        check_times(times)
         payload = _Answer(
             tokens=_build_tokens(answer, logprobs, top_logprobs),
-            latency=_check_seconds("latency", latency),
-            token_delay=_check_seconds("token_delay", token_delay),
+            latency=check_seconds("latency", latency),
+            token_delay=check_seconds("token_delay", token_delay),
             tool_calls=_normalise_tool_calls(tool_calls),
             done_reason=done_reason,
             prompt_tokens=prompt_tokens,
@@ -546,7 +551,7 @@ class ScriptedBackend:
         ("NO", -3.0)]`` (trimmed to the requested ``k``).
         """
         if not isinstance(distribution, Mapping) or not distribution:
-            raise ValueError("distribution must be a non-empty {token: logprob} mapping")
+            raise InvalidArgumentError("distribution must be a non-empty {token: logprob} mapping")
         pairs = _normalise_alternatives(distribution, "distribution")
         chosen, _ = pairs[0]
         return self.add_answer(
@@ -571,12 +576,12 @@ class ScriptedBackend:
         ``{"error": ...}`` line mid-stream). ``times`` limits how often the rule fires, e.g.
         ``times=1`` for "fail once, then succeed" retry tests.
         """
-        predicate, description = _compile_matcher(match, self._last_user_text)
-        _check_times(times)
+        predicate, description = compile_matcher(match, self._last_user_text)
+        check_times(times)
         if not isinstance(status, int) or not 400 <= status <= 599:
-            raise ValueError(f"status must be an HTTP error status (400-599), got {status!r}")
+            raise InvalidArgumentError(f"status must be an HTTP error status (400-599), got {status!r}")
         if after_tokens < 0:
-            raise ValueError(f"after_tokens must be >= 0, got {after_tokens}")
+            raise InvalidArgumentError(f"after_tokens must be >= 0, got {after_tokens}")
         payload = _Failure(status, message, after_tokens)
         return self._add(ScriptedRule("fail", description, times, 0, model, predicate, payload))
 
@@ -592,9 +597,9 @@ class ScriptedBackend:
 
         Composes with any answer (including the default) and with failures.
         """
-        predicate, description = _compile_matcher(match, self._last_user_text)
-        _check_times(times)
-        payload = _check_seconds("seconds", seconds)
+        predicate, description = compile_matcher(match, self._last_user_text)
+        check_times(times)
+        payload = check_seconds("seconds", seconds)
         return self._add(ScriptedRule("delay", description, times, 0, model, predicate, payload))
 
     def set_default(
@@ -611,7 +616,7 @@ class ScriptedBackend:
         else:
             default = _Answer(
                 tokens=_build_tokens(answer, logprobs, top_logprobs),
-                latency=_check_seconds("latency", latency),
+                latency=check_seconds("latency", latency),
                 token_delay=0.0,
                 tool_calls=(),
                 done_reason="stop",
@@ -623,14 +628,14 @@ class ScriptedBackend:
     def set_models(self, models: Sequence[str]) -> None:
         """Replace the model names listed by ``/api/tags``."""
         if isinstance(models, str):
-            raise TypeError("models must be a list of names, not a single str")
+            raise InvalidTypeError("models must be a list of names, not a single str")
         with self._lock:
             self._models = list(models)
 
     def reset(self) -> None:
         """Drop all rules and recorded requests and restore the constructor's default answer."""
         with self._lock:
-            self._book = _RuleBook()
+            self._book = RuleBook()
             self._requests.clear()
             self._embed_requests.clear()
             self.default_calls = 0
