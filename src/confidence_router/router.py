@@ -80,6 +80,7 @@ from confidence_router.errors import (
 from confidence_router.extraction import token_logprobs
 from confidence_router.policy import DEFAULT_POLICY, RoutingPolicy, unknown_names_message
 from confidence_router.retry import ErrorKind, RetryPolicy
+from confidence_router.signals import is_blank
 from confidence_router.tier_clients import model_name
 
 if TYPE_CHECKING:
@@ -297,13 +298,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
     @field_validator("local_timeout", "cloud_timeout", mode="before")
     @classmethod
     def _finite_timeout(cls, value: Any) -> Any:
-        if value is None:
-            return value
-        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not is_number or not math.isfinite(value) or value <= 0:
-            # Strict: "5" or True is a mistake, not 5.0 or 1.0 seconds.
-            raise InvalidArgumentError(f"must be a finite number of seconds > 0, got {value!r}")
-        return value
+        return _checked_timeout(value)
 
     @model_validator(mode="before")
     @classmethod
@@ -364,13 +359,33 @@ class ConfidenceRoutedLLM(BaseChatModel):
         # A tier (or its timeout, guard, budget) assigned after construction is set up like
         # one given to the constructor: timeouts, retries off, the wire check. A combination
         # that cannot work raises and leaves the router as it was.
+        if name in ("local_timeout", "cloud_timeout"):
+            # Assignment skips the field validators: the same check as at construction.
+            try:
+                value = _checked_timeout(value)
+            except InvalidArgumentError as error:
+                raise RoutingConfigError(f"{name} {error}") from None
         before = {key: self.__dict__[key] for key in _TIER_SETTINGS}
         super().__setattr__(name, value)
         try:
             self._configure_tiers()
-        except Exception:
+        except Exception as error:
             self.__dict__.update(before)
+            if isinstance(error, ValidationError):  # a tier client refused the new value
+                raise RoutingConfigError(f"cannot set {name}={value!r}: {error}") from error
             raise
+
+    def __repr__(self) -> str:
+        # The repr is also the "serialized" form of the router's own LangChain/LangSmith run:
+        # never a password from a tier's URL.
+        from confidence_router.settings import redact_urls
+
+        return redact_urls(super().__repr__())
+
+    def __str__(self) -> str:
+        from confidence_router.settings import redact_urls
+
+        return redact_urls(super().__str__())
 
     def _configure_tiers(self) -> None:
         """Set the tiers (and the pre-check probe's model) up as the router uses them."""
@@ -1105,6 +1120,8 @@ ChatConfidenceRouter = ConfidenceRoutedLLM
 @functools.cache
 def _configurable_router_class() -> type:
     """LangChain's ``RunnableConfigurableFields`` for the router, built on first use."""
+    import difflib
+
     from langchain_core.runnables.configurable import RunnableConfigurableFields
     from langchain_core.runnables.utils import ConfigurableField
 
@@ -1121,6 +1138,17 @@ def _configurable_router_class() -> type:
         def _prepare(self, config: RunnableConfig | None = None) -> Any:
             runnable, config = super()._prepare(config)
             chosen = ensure_config(config).get("configurable", {})
+            declared = [s.id for s in self.fields.values() if isinstance(s, ConfigurableField)]
+            misspelt = [
+                key for key in chosen
+                if key not in declared and difflib.get_close_matches(key, declared, n=1, cutoff=0.8)
+            ]
+            if misspelt:
+                # A near miss of a declared id is a typo (ignored, it would silently drop a
+                # knob such as allow_escalation); other keys belong to the rest of the chain.
+                raise RoutingConfigError(
+                    unknown_names_message(misspelt, declared, what="configurable id")
+                )
             knobs = {
                 key: chosen[spec.id]
                 for key, spec in self.fields.items()
@@ -1287,7 +1315,7 @@ def check_input(messages: Sequence[BaseMessage]) -> None:
     if not messages:
         raise InvalidInputError("no messages: there is nothing to answer")
     for message in messages:
-        if message.text.strip() or getattr(message, "tool_calls", None):
+        if not is_blank(message.text) or getattr(message, "tool_calls", None):
             return
         content = message.content
         if isinstance(content, list) and any(map(_has_content, content)):
@@ -1295,16 +1323,27 @@ def check_input(messages: Sequence[BaseMessage]) -> None:
     raise InvalidInputError("every message is empty or whitespace: there is nothing to answer")
 
 
+def _checked_timeout(value: Any) -> Any:
+    """A tier timeout as given (``None``: none), or :class:`InvalidArgumentError`."""
+    if value is None:
+        return value
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or not math.isfinite(value) or value <= 0:
+        # Strict: "5" or True is a mistake, not 5.0 or 1.0 seconds.
+        raise InvalidArgumentError(f"must be a finite number of seconds > 0, got {value!r}")
+    return value
+
+
 def _has_content(block: Any) -> bool:
     """A content block other than blank text (a block without a ``type`` is provider-native:
     Bedrock's ``{"text": ...}`` is text, anything else is content)."""
     if not isinstance(block, dict):
-        return isinstance(block, str) and bool(block.strip())
+        return isinstance(block, str) and not is_blank(block)
     kind = block.get("type")
     if kind not in (None, "text"):
         return True
     text = block.get("text")
-    return bool(text.strip()) if isinstance(text, str) else kind is None
+    return not is_blank(text) if isinstance(text, str) else kind is None
 
 
 async def _aclose(stream: Any) -> None:

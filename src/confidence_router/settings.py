@@ -290,6 +290,19 @@ def redact_url(url: str) -> str:
 _UNPARSED_PASSWORD = re.compile(r"(^[A-Za-z][\w+.-]*://[^/?#@:]*):[^/?#]*@")
 
 
+def redact_urls(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***`` (for reprs and
+    messages that embed URLs).
+
+    >>> redact_urls("ChatOllama(base_url='http://admin:s3cret@gpu-box:11434')")
+    "ChatOllama(base_url='http://admin:***@gpu-box:11434')"
+    """
+    return _EMBEDDED_PASSWORD.sub(r"\1:***@", text)
+
+
+_EMBEDDED_PASSWORD = re.compile(r"([A-Za-z][\w+.-]*://[^/?#@:\s'\"]*):[^/?#@\s'\"]*@")
+
+
 def _normalise_host(host: str) -> str:
     # Ollama accepts OLLAMA_HOST without a scheme ("0.0.0.0:11434"); the client needs a URL.
     return host if "://" in host else f"http://{host}"

@@ -234,10 +234,6 @@ def test_good_timeouts_are_kept(ollama_chat, bedrock_chat, field):
         assert getattr(router, field) == value
 
 
-@pytest.mark.xfail(strict=True, reason="router.py: a timeout assigned after construction "
-                   "skips the field validator (no validate_assignment): inf/nan pass silently, "
-                   "so do 0/-1/True as local_timeout; as cloud_timeout they fail with a raw "
-                   "pydantic ValidationError from the Bedrock client")
 @pytest.mark.parametrize("field", ["local_timeout", "cloud_timeout"])
 @pytest.mark.parametrize("value", [math.inf, math.nan, 0, -1, True], ids=repr)
 def test_bad_timeout_assigned_after_construction_is_refused(ollama_chat, bedrock_chat, field,
@@ -596,8 +592,6 @@ def test_blank_input_is_invalid_input_not_just_any_error(router, ollama_server, 
     _nothing_sent(ollama_server, bedrock_server)
 
 
-@pytest.mark.xfail(strict=True, reason="router.check_input uses str.strip(), which keeps "
-                   "zero-width characters: an invisible-only prompt is sent to the local model")
 @pytest.mark.parametrize("bad", ["\u200b", "\u200b \ufeff\n", "\u2060\u200d"], ids=repr)
 def test_invisible_only_input_is_invalid_input(router, ollama_server, bedrock_server, bad):
     with pytest.raises(InvalidInputError):
@@ -1246,9 +1240,6 @@ def test_eval_runner_timeout_is_a_finite_number_of_seconds(ollama_chat, tmp_path
                    timeout_s=value, progress=False)
 
 
-@pytest.mark.xfail(strict=True, reason="router.py: the router's repr (and so the 'serialized' "
-                   "of its own LangChain/LangSmith run) embeds repr(ChatOllama), base_url with "
-                   "its password")
 def test_router_repr_and_its_own_trace_run_never_hold_the_password(ollama_backend,
                                                                    ollama_server):
     from langchain_core.tracers.base import BaseTracer
@@ -1302,9 +1293,6 @@ def test_every_collaborator_survives_a_new_event_loop_per_call(ollama_chat, bedr
         assert len(bedrock_server.requests) == 4
 
 
-@pytest.mark.xfail(strict=True, reason="router.py ConfigurableRouter._prepare reads only the "
-                   "declared ids: a misspelt id in with_config(configurable=...) is ignored "
-                   "and the query escalates")
 def test_misspelt_configurable_id_is_refused_before_any_request(router, ollama_backend,
                                                                 ollama_server, bedrock_server):
     from langchain_core.runnables import ConfigurableField
