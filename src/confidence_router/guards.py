@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import html
+import math
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -205,7 +206,8 @@ def outgoing_texts(messages: Sequence[Any]) -> tuple[list[str], list[str]]:
     type (``text``, ``reasoning``/``thinking``, tool use and results, provider-native blocks
     without a ``type`` such as Bedrock's ``{"text": ...}``), tool calls and their arguments,
     invalid tool calls, ``additional_kwargs`` (e.g. ``reasoning_content``), names and tool call
-    ids, dictionary keys included. Adjacent text blocks, and the texts of consecutive
+    ids, dictionary keys included; numbers as the digits the client sends (a card number in
+    tool-call arguments is often a JSON number). Adjacent text blocks, and the texts of consecutive
     messages, are also given joined, as the model reads them. Returns ``(strings,
     unreadable)``; ``unreadable`` names binary, remote or encrypted content (images,
     documents, audio, video, redacted reasoning) that a text guard cannot judge.
@@ -279,7 +281,14 @@ def json_strings(payload: Any) -> tuple[list[str], list[str]]:
 
 
 def _walk(value: Any, strings: list[str], unreadable: list[str]) -> None:
-    if value is None or isinstance(value, (bool, int, float)):
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        # Sent as the JSON number it is ({"card": 4111111111111111}): judged, and counted by
+        # the budget's bound, as the digits on the wire.
+        text = _number_text(value)
+        if text:
+            strings.append(text)
         return
     if isinstance(value, str):
         if value:
@@ -299,6 +308,8 @@ def _walk(value: Any, strings: list[str], unreadable: list[str]) -> None:
                 continue
             if isinstance(key, str) and key != "type":
                 strings.append(key)
+            elif isinstance(key, (int, float)) and not isinstance(key, bool):
+                strings.append(_number_text(key))  # JSON makes it a string key
             _walk(item, strings, unreadable)
         return
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -318,6 +329,15 @@ def _walk(value: Any, strings: list[str], unreadable: list[str]) -> None:
             strings.append("".join(run))
         return
     strings.append(str(value))
+
+
+def _number_text(value: float) -> str:
+    """A number as JSON writes it (``""`` for the non-finite floats JSON cannot carry)."""
+    if isinstance(value, int):
+        return str(value)
+    if not math.isfinite(value):
+        return ""
+    return str(int(value)) if value.is_integer() and abs(value) < 1e19 else repr(value)
 
 
 class PIIGuard:
