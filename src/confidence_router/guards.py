@@ -70,6 +70,11 @@ _PHONE_AFTER_WORD = re.compile(
     r"\b(?:phone|telephone|tel|mobile|cell|fax|whatsapp|call|sms)\b\W{0,5}(\d{9,15})(?!\d)",
     re.IGNORECASE,
 )
+# Keys that say their value is a phone number ("phone", "mobilePhone", "cell_no", "tel"),
+# not words that merely contain such letters ("hotel", "telemetry", "cancelled").
+_PHONE_KEY = re.compile(
+    r"phone|mobile|fax|whatsapp|(?<![a-z])(?:tel|cell|sms)(?![a-z])", re.IGNORECASE
+)
 _IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 _DATE = re.compile(r"(?<!\d)(?:\d{4}([-./])\d{2}\1\d{2}|\d{2}([-./])\d{2}\2\d{4})(?!\d)")
 
@@ -308,6 +313,9 @@ def _walk(value: Any, strings: list[str], unreadable: list[str]) -> None:
                 continue
             if isinstance(key, str) and key != "type":
                 strings.append(key)
+                if _PHONE_KEY.search(key) and isinstance(item, (str, int)):
+                    # {"mobilePhone": "4155550123"} reads as "phone 4155550123" on the wire.
+                    strings.append(f"phone {item}")
             elif isinstance(key, (int, float)) and not isinstance(key, bool):
                 strings.append(_number_text(key))  # JSON makes it a string key
             _walk(item, strings, unreadable)
