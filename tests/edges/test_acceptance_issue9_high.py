@@ -885,3 +885,27 @@ def test_parent_run_in_a_chain_names_the_cloud_model(escalating):
                         {"callbacks": [tracer]}) == "Argon."
     (run,) = _router_runs(tracer)
     assert run.extra["metadata"]["ls_model_name"] == cloud_name
+
+
+@pytest.mark.parametrize("question", ["Which noble gas is most abundant?",
+                                      "What is the capital of France?"])
+def test_astream_events_end_of_the_router_run_names_the_answering_model(question, escalating):
+    """The router's run as ``astream_events`` reports it: its end event's metadata names the
+    model whose answer it returns (the start event cannot know it yet)."""
+    router, cloud = escalating
+    cloud_name = getattr(cloud, "model_id", None) or cloud.model
+
+    async def events():
+        return [e async for e in router.astream_events(question, version="v2")]
+
+    collected = asyncio.run(events())
+    (end,) = [e for e in collected
+              if e["event"] == "on_chat_model_end" and e["name"] == "ConfidenceRoutedLLM"]
+    decision = end["data"]["output"].response_metadata["routing"]["decision"]
+    expected = cloud_name if decision == "cloud" else "scripted-local"
+    assert (decision == "cloud") == question.startswith("Which")
+    assert end["metadata"]["ls_model_name"] == expected
+    assert end["metadata"]["routing_decision"] == decision
+    (start,) = [e for e in collected
+                if e["event"] == "on_chat_model_start" and e["name"] == "ConfidenceRoutedLLM"]
+    assert start["metadata"]["ls_model_name"] == "confidence-router"  # not rewritten later
