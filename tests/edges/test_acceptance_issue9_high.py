@@ -671,7 +671,7 @@ def test_hung_local_model_wrapped_by_the_user_still_times_out(wrap, ollama_chat,
     for call in (router.invoke, lambda q: _join(list(router.stream(q)))):
         started = time.monotonic()
         message = call(PLAIN)
-        assert message.response_metadata["routing"]["local_error_kind"] == "timeout"
+        assert message.response_metadata["routing"].get("local_error_kind") == "timeout"
         assert time.monotonic() - started < 2.0
 
 
@@ -970,3 +970,21 @@ def test_cloud_wrapped_in_with_retry_is_named_and_priced_as_its_model(doubtful, 
     assert routing["cloud_cost_usd"] is not None and routing["cloud_cost_usd"] > 0
     (run,) = _router_runs(tracer)
     assert run.extra["metadata"]["ls_model_name"] == routing["models"]["cloud"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "router._drops_max_tokens reads the model's own additional_model_request_fields only: "
+    "the same high-effort reasoningConfig bound with .bind(...) makes ChatBedrockConverse "
+    "drop maxTokens from the request while the budget reserves for max_tokens=40"))
+def test_budget_refuses_a_binding_that_removes_max_tokens_from_the_request(doubtful,
+                                                                          bedrock_chat,
+                                                                          bedrock_server):
+    high = {"reasoningConfig": {"type": "enabled", "maxReasoningEffort": "high"}}
+    cloud = bedrock_chat(max_tokens=40).bind(additional_model_request_fields=high)
+    try:
+        router = ConfidenceRoutedLLM(local=doubtful, cloud=cloud, budget=CloudBudget(1.0))
+    except RoutingConfigError:
+        return  # refused at construction, as for the same field set on the model itself
+    router.invoke(PLAIN)
+    (sent,) = bedrock_server.requests
+    assert sent["body"].get("inferenceConfig", {}).get("maxTokens") == 40
