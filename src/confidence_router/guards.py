@@ -358,8 +358,10 @@ class PIIGuard:
     Text is judged as a reader sees it: invisible characters (zero-width spaces and joiners,
     soft hyphens, Unicode tag characters), fullwidth forms and HTML character references hide
     nothing, nor do line breaks inside a number or data split across adjacent text blocks or
-    consecutive messages. Content it cannot read keeps the query local: images, documents,
-    files, audio, video and redacted (encrypted) reasoning. Text is not decoded further: data
+    consecutive messages. Numbers in tool data are judged as the digits the client sends
+    (``{"card": 4111111111111111}``), and a value under a phone-like key
+    (``{"mobilePhone": "4155550123"}``) as a phone number. Content it cannot read keeps the
+    query local: images, documents, files, audio, video and redacted (encrypted) reasoning. Text is not decoded further: data
     you base64-encode yourself inside a text block is not recognised.
 
     Example:

@@ -290,6 +290,23 @@ def test_lcel_chain_is_guarded_on_both_apis(entry, cloud_factory, doubtful, bedr
     assert len(bedrock_server.requests) == 1
 
 
+@pytest.mark.parametrize("field", ["system", "additional_model_request_fields"])
+@pytest.mark.parametrize("kind", ["PIIGuard", "plain function"])
+def test_converse_model_fields_with_personal_data_are_judged(field, kind, doubtful,
+                                                             bedrock_chat, bedrock_server):
+    """The README's list: the cloud model's ``system`` and ``additional_model_request_fields``
+    are judged by every guard, a plain function too."""
+    detector = PIIGuard()
+    guard = detector if kind == "PIIGuard" else (lambda messages: detector(messages))
+    value = ([f"The customer's IBAN is {IBAN}."] if field == "system"
+             else {"metadata": {"iban": IBAN}})
+    router = ConfidenceRoutedLLM(local=doubtful, cloud=bedrock_chat(max_tokens=40, **{field: value}),
+                                 escalation_guard=guard)
+    routing = router.invoke(PLAIN).response_metadata["routing"]
+    assert bedrock_server.requests == []
+    assert routing["escalation_skipped"] == "escalation guard: IBAN"
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "the wire check is installed only for guards with check_request; a plain-function guard is "
     "shown model_kwargs/additional_model_request_fields/system only, so requestMetadata and "
@@ -988,3 +1005,27 @@ def test_budget_refuses_a_binding_that_removes_max_tokens_from_the_request(doubt
     router.invoke(PLAIN)
     (sent,) = bedrock_server.requests
     assert sent["body"].get("inferenceConfig", {}).get("maxTokens") == 40
+
+
+def _run_usage(run) -> int:
+    """Input tokens a trace viewer would add up for ``run`` and its descendants."""
+    total = 0
+    for generations in (run.outputs or {}).get("generations", []):
+        for generation in generations:
+            message = generation.get("message") if isinstance(generation, dict) else None
+            kwargs = message.get("kwargs", {}) if isinstance(message, dict) else {}
+            usage = kwargs.get("usage_metadata") or {}
+            total += usage.get("input_tokens", 0)
+    return total + sum(_run_usage(child) for child in run.child_runs)
+
+
+@pytest.mark.parametrize("entry", USAGE_ENTRIES)
+def test_a_trace_adds_up_each_tiers_tokens_once(entry, escalating):
+    """What LangSmith sums over a trace: the router's run reports none, its children theirs."""
+    router, _ = escalating
+    tracer = _Runs()
+    _via(entry, router, "Which noble gas is most abundant?", {"callbacks": [tracer]})
+    (root,) = tracer.runs
+    assert _run_usage(root) == 7 + 17
+    (router_run,) = _router_runs(tracer)
+    assert {child.name for child in router_run.child_runs} == {"local", "cloud"}
