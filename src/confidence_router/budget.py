@@ -650,6 +650,7 @@ def upper_bound_input_tokens(
             "pages or duration, not by bytes), so a capped cloud budget cannot admit it"
         )
     content = sum(len(s.encode("utf-8")) for s in strings)
+    content += sum(map(_structure_bytes, messages))
     images = sum(1 for name in unreadable if name in _IMAGE_BLOCKS)
     media = image_tokens * images
     if images < len(unreadable):
@@ -662,6 +663,61 @@ def upper_bound_input_tokens(
         tool_tokens = len(definitions.encode("utf-8")) + TOOL_USE_PROMPT_TOKENS
     return (content + media + tool_tokens + TEMPLATE_TOKENS_PER_MESSAGE * len(messages)
             + TEMPLATE_TOKENS_PER_REQUEST)
+
+
+def _structure_bytes(message: Any) -> int:
+    """The JSON a request carries around a message's structured data — tool-call arguments,
+    JSON and other non-text blocks, ``additional_kwargs`` — whose strings and numbers
+    :func:`~confidence_router.guards.outgoing_texts` counts but not the quotes, brackets,
+    separators and ``true``/``false``/``null`` around them (a list of 600 digits is 1,800
+    bytes on the wire, not 600). Plain text content has none."""
+    if isinstance(message, str):
+        return 0
+    if isinstance(message, Mapping):
+        content = message.get("content")
+        calls = message.get("tool_calls")
+        extra = message.get("additional_kwargs")
+    else:
+        content = getattr(message, "content", None)
+        calls = getattr(message, "tool_calls", None)
+        extra = getattr(message, "additional_kwargs", None)
+    total = 0
+    if isinstance(content, list):
+        total += sum(_punctuation_bytes(b) for b in content if not _is_text_block(b))
+    for call in calls or ():
+        if isinstance(call, Mapping):
+            total += _punctuation_bytes(call.get("args"))
+    if extra:
+        total += _punctuation_bytes(extra)
+    return total
+
+
+def _is_text_block(block: Any) -> bool:
+    if isinstance(block, str):
+        return True
+    return (isinstance(block, Mapping) and block.get("type", "text") == "text"
+            and isinstance(block.get("text"), str) and len(block) <= 2)
+
+
+def _punctuation_bytes(value: Any) -> int:
+    """Bytes of ``value``'s JSON other than its strings' and numbers' own characters: quotes,
+    brackets, ``", "`` and ``": "`` separators (counted with their space), and the literals
+    ``null``, ``true`` and ``false``."""
+    if value is None:
+        return 4
+    if isinstance(value, bool):
+        return 5
+    if isinstance(value, (int, float)):
+        return 0
+    if isinstance(value, str):
+        return 2
+    if isinstance(value, Mapping):
+        separators = 2 * max(len(value) - 1, 0)
+        # Each key: its quotes and ": " (its text is counted with the strings).
+        return 2 + separators + sum(4 + _punctuation_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return 2 + 2 * max(len(value) - 1, 0) + sum(map(_punctuation_bytes, value))
+    return 0
 
 
 def _serialised_bytes(message: Any) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import html
+import math
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -70,6 +71,11 @@ _PHONE_GROUPED = re.compile(
 _PHONE_AFTER_WORD = re.compile(
     r"\b(?:phone|telephone|tel|mobile|cell|fax|whatsapp|call|sms)\b\W{0,5}(\d{9,15})(?!\d)",
     re.IGNORECASE,
+)
+# Keys that say their value is a phone number ("phone", "mobilePhone", "cell_no", "tel"),
+# not words that merely contain such letters ("hotel", "telemetry", "cancelled").
+_PHONE_KEY = re.compile(
+    r"phone|mobile|fax|whatsapp|(?<![a-z])(?:tel|cell|sms)(?![a-z])", re.IGNORECASE
 )
 _IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 _DATE = re.compile(r"(?<!\d)(?:\d{4}([-./])\d{2}\1\d{2}|\d{2}([-./])\d{2}\2\d{4})(?!\d)")
@@ -207,7 +213,8 @@ def outgoing_texts(messages: Sequence[Any]) -> tuple[list[str], list[str]]:
     type (``text``, ``reasoning``/``thinking``, tool use and results, provider-native blocks
     without a ``type`` such as Bedrock's ``{"text": ...}``), tool calls and their arguments,
     invalid tool calls, ``additional_kwargs`` (e.g. ``reasoning_content``), names and tool call
-    ids, dictionary keys included. Adjacent text blocks, and the texts of consecutive
+    ids, dictionary keys included; numbers as the digits the client sends (a card number in
+    tool-call arguments is often a JSON number). Adjacent text blocks, and the texts of consecutive
     messages, are also given joined, as the model reads them. Returns ``(strings,
     unreadable)``; ``unreadable`` names binary, remote or encrypted content (images,
     documents, audio, video, redacted reasoning) that a text guard cannot judge.
@@ -281,7 +288,14 @@ def json_strings(payload: Any) -> tuple[list[str], list[str]]:
 
 
 def _walk(value: Any, strings: list[str], unreadable: list[str]) -> None:
-    if value is None or isinstance(value, (bool, int, float)):
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        # Sent as the JSON number it is ({"card": 4111111111111111}): judged, and counted by
+        # the budget's bound, as the digits on the wire.
+        text = _number_text(value)
+        if text:
+            strings.append(text)
         return
     if isinstance(value, str):
         if value:
@@ -301,6 +315,11 @@ def _walk(value: Any, strings: list[str], unreadable: list[str]) -> None:
                 continue
             if isinstance(key, str) and key != "type":
                 strings.append(key)
+                if _PHONE_KEY.search(key) and isinstance(item, (str, int)):
+                    # {"mobilePhone": "4155550123"} reads as "phone 4155550123" on the wire.
+                    strings.append(f"phone {item}")
+            elif isinstance(key, (int, float)) and not isinstance(key, bool):
+                strings.append(_number_text(key))  # JSON makes it a string key
             _walk(item, strings, unreadable)
         return
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -322,6 +341,15 @@ def _walk(value: Any, strings: list[str], unreadable: list[str]) -> None:
     strings.append(str(value))
 
 
+def _number_text(value: float) -> str:
+    """A number as JSON writes it (``""`` for the non-finite floats JSON cannot carry)."""
+    if isinstance(value, int):
+        return str(value)
+    if not math.isfinite(value):
+        return ""
+    return str(int(value)) if value.is_integer() and abs(value) < 1e19 else repr(value)
+
+
 class PIIGuard:
     """Keep queries that contain personal data local.
 
@@ -332,8 +360,10 @@ class PIIGuard:
     Text is judged as a reader sees it: invisible characters (zero-width spaces and joiners,
     soft hyphens, Unicode tag characters), fullwidth forms and HTML character references hide
     nothing, nor do line breaks inside a number or data split across adjacent text blocks or
-    consecutive messages. Content it cannot read keeps the query local: images, documents,
-    files, audio, video and redacted (encrypted) reasoning. Text is not decoded further: data
+    consecutive messages. Numbers in tool data are judged as the digits the client sends
+    (``{"card": 4111111111111111}``), and a value under a phone-like key
+    (``{"mobilePhone": "4155550123"}``) as a phone number. Content it cannot read keeps the
+    query local: images, documents, files, audio, video and redacted (encrypted) reasoning. Text is not decoded further: data
     you base64-encode yourself inside a text block is not recognised.
 
     Example:

@@ -127,7 +127,9 @@ def routing_run_tags(record: Mapping[str, Any]) -> list[str]:
 
 def annotate_run(handlers: Iterable[Any], run_id: UUID | None, record: Mapping[str, Any]) -> int:
     """Write the routing metadata and tags onto run ``run_id`` in every LangChain tracer among
-    ``handlers``; returns how many tracers held the run.
+    ``handlers`` (and the metadata onto the run as ``astream_events`` reports it, in its end
+    event), with ``ls_model_name`` set to the model that answered; returns how many handlers
+    held the run.
 
     Call it after the decision and before the run ends (the tracer sends metadata and tags
     when the run ends). Inside a chat model: ``annotate_run(run_manager.handlers,
@@ -154,26 +156,36 @@ def annotate_run(handlers: Iterable[Any], run_id: UUID | None, record: Mapping[s
     from langchain_core.tracers.base import BaseTracer
 
     metadata = routing_run_metadata(record)
+    models = record.get("models")
+    decision = record.get("decision")
+    answering = (
+        models.get(decision) if isinstance(models, Mapping) and isinstance(decision, str) else None
+    )
+    if isinstance(answering, str) and answering:
+        # Known only now: the model whose answer this run returns (not always the local).
+        metadata["ls_model_name"] = answering
     tags = routing_run_tags(record)
     annotated = 0
     for handler in handlers:
         if not isinstance(handler, BaseTracer):
+            annotated += _annotate_event_stream(handler, run_id, metadata)
             continue
         run = handler.run_map.get(str(run_id))
         if run is None:
             continue
-        run_metadata = run.extra.setdefault("metadata", {})
-        run_metadata.update(metadata)
-        models = record.get("models")
-        decision = record.get("decision")
-        answering = (
-            models.get(decision)
-            if isinstance(models, Mapping) and isinstance(decision, str)
-            else None
-        )
-        if isinstance(answering, str) and answering:
-            # Known only now: the model whose answer this run returns (not always the local).
-            run_metadata["ls_model_name"] = answering
+        run.extra.setdefault("metadata", {}).update(metadata)
         run.tags = [*(run.tags or []), *(t for t in tags if t not in (run.tags or []))]
         annotated += 1
     return annotated
+
+
+def _annotate_event_stream(handler: Any, run_id: UUID, metadata: Mapping[str, Any]) -> int:
+    """The same metadata on the run as ``astream_events`` reports it: its handler (not a
+    tracer) keeps each open run's metadata in ``run_map[run_id]["metadata"]`` and sends it
+    with the run's end event. A new dict, so events already sent keep what they said."""
+    run_map = getattr(handler, "run_map", None)
+    info = run_map.get(run_id) if isinstance(run_map, dict) else None
+    if not isinstance(info, dict) or not isinstance(info.get("metadata"), Mapping):
+        return 0
+    info["metadata"] = {**info["metadata"], **metadata}
+    return 1
