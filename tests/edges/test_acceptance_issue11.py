@@ -377,6 +377,26 @@ def test_record_on_budget_refusal_after_an_exit(local, cloud, ollama_backend, be
     assert bedrock_server.requests == []
 
 
+def test_never_stops_an_answer_that_must_be_served(local, ollama_chat, cloud, ollama_backend,
+                                                   bedrock_server):
+    # No cloud, or the escalation guard keeps the query here: the local answer will be
+    # served, so it runs to the end (the record says so, and the text is whole).
+    tokens = _words(len(LOW_AT_3))
+    ollama_backend.add_answer("obscure", tokens, logprobs=LOW_AT_3)
+    no_cloud = ConfidenceRoutedLLM(local=local, signal="min_logprob", early_exit=True)
+    guarded = ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud, signal="min_logprob",
+                                  early_exit=True, escalation_guard=lambda messages: "private")
+    for router in (no_cloud, guarded):
+        for path in PATHS:
+            for message in _messages(router, path, "obscure"):
+                routing = _routing(message)
+                assert routing["early_exit"] == {"exited": False, "tokens": len(tokens)}
+                assert routing["would_escalate"] is True and routing["flagged"] is True
+                assert routing["decision"] == "local"
+                assert message.text == "".join(tokens)
+    assert bedrock_server.requests == []
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "lead-owned _flow.py/_record.py: after an early exit, the local answer regenerated for a "
     "budget refusal or a cloud fall-back is served, but the record keeps the stopped "
