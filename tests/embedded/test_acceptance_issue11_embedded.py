@@ -153,3 +153,67 @@ def test_concurrent_requests_with_different_prompts_stay_correct(backend):
             assert got == reference[prompt], prompt[-40:]
     assert backend.cache_stats.requests - before == len(prompts) ** 2
     assert sum(len(r) for r in results) == len(prompts) * (len(prompts) - 1)
+
+
+# -- a client that hangs up while its request waits for the model -----------------------------
+
+
+@pytest.fixture(scope="module")
+def story_server():
+    from confidence_router.embedded import start_embedded_server
+
+    with start_embedded_server(stop_at_newline=False) as server:
+        yield server
+
+
+def _idle(backend, timeout: float = 120.0) -> int:
+    """Tokens produced so far, read once the decode loop has released the model."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if backend._lock.acquire(timeout=0.1):
+            backend._lock.release()
+            return int(backend.generated_tokens)
+    raise AssertionError("the model is still generating")
+
+
+def test_a_client_gone_before_its_turn_costs_no_model_work(story_server):
+    import json
+    import socket
+    import time
+
+    from langchain_ollama import ChatOllama
+
+    backend = story_server.backend
+    before = _idle(backend)
+    requests_before = backend.cache_stats.requests
+    long = 80
+    results: list = []
+    llm = ChatOllama(base_url=story_server.url, model="gemma3:270m", num_predict=long,
+                     temperature=0)
+    first = threading.Thread(target=lambda: results.append(
+        llm.invoke("Tell me a long story about a dragon.")))
+    first.start()
+    deadline = time.monotonic() + 60
+    while backend.generated_tokens == before and time.monotonic() < deadline:
+        time.sleep(0.01)  # the first request holds the model now
+    assert backend.generated_tokens > before
+    # A second client sends its request, then hangs up while it waits for the model.
+    n_recorded = len(story_server.requests)
+    body = json.dumps({"model": "gemma3:270m", "stream": True, "options": {"num_predict": long},
+                       "messages": [{"role": "user", "content": "Tell me about the sea."}]})
+    host, port = story_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as client:
+        client.sendall((f"POST /api/chat HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
+                        f"application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode())
+        while len(story_server.requests) == n_recorded and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(story_server.requests) == n_recorded + 1
+        assert first.is_alive()  # still generating: the second request is waiting
+    first.join(timeout=120)
+    produced = _idle(backend) - before
+    assert results[0].response_metadata["eval_count"] == long
+    # Only the first answer was generated: the gone client's prompt was not even evaluated.
+    assert produced == long
+    assert backend.cache_stats.requests - requests_before == 1
