@@ -711,9 +711,10 @@ class LlamaCppBackend:
 
     The model loads in the constructor (``load_seconds`` says how long it took). Requests
     are serialised by a lock, because a llama.cpp context is not thread-safe: a second
-    request waits until the first one's token stream is exhausted or closed. Consume or
-    ``close()`` each reply's ``tokens`` in the thread that started it; interleaving two
-    replies' token streams in one thread would deadlock.
+    request waits until the first one's token stream is exhausted or closed (a waiting
+    request whose client hangs up, as the HTTP server reports, is dropped without model
+    work). Consume or ``close()`` each reply's ``tokens`` in the thread that started it;
+    interleaving two replies' token streams in one thread would deadlock.
 
     Call :meth:`close` (or use ``with``) to free the model memory early.
     """
