@@ -136,7 +136,8 @@ def test_knob_in_lcel_config(local, cloud, low_answer):
     _assert_exited(streamed)
 
 
-def test_knob_in_settings_and_environment(ollama_server, bedrock_server, low_answer):
+def test_knob_in_settings_and_environment(ollama_server, bedrock_server, low_answer,
+                                          tmp_path):
     env = {
         "OLLAMA_HOST": ollama_server.url,
         "CONFIDENCE_ROUTER_LOCAL_MODEL": "scripted-local",
@@ -157,6 +158,12 @@ def test_knob_in_settings_and_environment(ollama_server, bedrock_server, low_ans
     _assert_exited(router.invoke("obscure"))
     assert RouterSettings(early_exit=True).to_dict()["early_exit"] is True
     assert RouterSettings.from_mapping({"early_exit": True}).early_exit is True
+    saved = tmp_path / "router.json"
+    RouterSettings(early_exit=True).save(saved)
+    assert RouterSettings.from_file(saved).early_exit is True
+    toml = tmp_path / "router.toml"
+    toml.write_text("early_exit = true\n")
+    assert RouterSettings.from_file(toml).early_exit is True
 
 
 @pytest.mark.parametrize("bad", ["yes", 1, 0, None, 1.0, "true", [True]])
@@ -231,7 +238,7 @@ _logprob = st.one_of(
 
 
 @pytest.mark.parametrize("path", PATHS)
-@settings(max_examples=15, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=10, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(values=st.lists(_logprob, min_size=1, max_size=12),
        threshold=st.floats(min_value=0.05, max_value=0.95), data=st.data())
 def test_min_logprob_early_exit_decides_as_the_full_run(local, cloud, ollama_backend,
@@ -460,7 +467,7 @@ def test_mean_logprob_exits_only_with_a_token_cap(ollama_chat, cloud, ollama_bac
 
 
 @pytest.mark.parametrize("signal", ["mean_min", "mean_logprob"])
-@settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(values=st.lists(_logprob, min_size=1, max_size=8),
        threshold=st.floats(min_value=0.05, max_value=0.95), spare=st.integers(0, 4),
        capped=st.booleans())
@@ -510,7 +517,7 @@ def test_sum_type_signals_exit_exactly(local, cloud, ollama_backend, signal):
 
 
 @pytest.mark.parametrize("signal", ["sum_logprob", "sum_min"])
-@settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(values=st.lists(_logprob, min_size=1, max_size=8),
        threshold=st.floats(min_value=0.0, max_value=1.0))
 def test_sum_type_exit_is_identical_to_the_full_decision(local, cloud, ollama_backend, signal,
