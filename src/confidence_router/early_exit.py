@@ -40,6 +40,9 @@ The rule per signal (``threshold`` is the keep-local threshold on the [0, 1] sco
   mean score (at best that of certain remaining tokens up to the cap, or of a mean of 0
   without one) and the min score (which can only fall). Sound: it never exits on an answer
   that would have been kept.
+* ``sum_logprob`` and ``sum_min`` — **exact**, like the minimum: ``exp(sum)`` and
+  ``exp((sum + min) / 2)`` can only fall as tokens arrive (every logprob is ``<= 0``), so the
+  first token that takes the score below the threshold decides. No cap is needed.
 * any other signal name (e.g. signals added to
   :data:`confidence_router.signals.SIGNAL_SCORERS` later) — no early exit (``False``): without a
   known bound an early stop could change the decision.
@@ -75,7 +78,7 @@ SCORE_MARGIN = 1e-9
 
 #: Signals for which early exit never changes the decision (given the true token cap for the
 #: mean).
-EXACT_SIGNALS: tuple[str, ...] = ("min_logprob", "mean_logprob")
+EXACT_SIGNALS: tuple[str, ...] = ("min_logprob", "mean_logprob", "sum_logprob", "sum_min")
 
 # compute_signals accepts tiny positive values from float rounding of log(1) and clamps them.
 _POSITIVE_TOLERANCE = 1e-6
@@ -117,8 +120,9 @@ def should_exit_early(
     """Whether the decision can no longer come out "keep local" (see the module docstring).
 
     Args:
-        signal: the routing signal name (``"min_logprob"``, ``"mean_logprob"``; any other
-            name returns ``False``).
+        signal: the routing signal name (``"min_logprob"``, ``"mean_logprob"``,
+            ``"mean_min"``, ``"sum_logprob"``, ``"sum_min"``; any other name returns
+            ``False``).
         threshold: keep the local answer iff its score ``>= threshold``.
         logprobs: the generated tokens' logprobs so far, as floats or as objects/mappings with a
             ``logprob`` (``TokenLogprob``, Ollama's per-token entries).
@@ -167,6 +171,10 @@ def should_exit_early(
             logprob_to_confidence(best_mean, slope, offset)
             + logprob_to_confidence(min(values), slope, offset)
         ) / 2
+    elif signal == "sum_logprob":
+        best_score = math.exp(total)  # the final sum can only be lower
+    elif signal == "sum_min":
+        best_score = math.exp((total + min(values)) / 2.0)  # both can only fall
     else:
         return False
     return best_score < threshold - SCORE_MARGIN

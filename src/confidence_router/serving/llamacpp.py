@@ -711,9 +711,10 @@ class LlamaCppBackend:
 
     The model loads in the constructor (``load_seconds`` says how long it took). Requests
     are serialised by a lock, because a llama.cpp context is not thread-safe: a second
-    request waits until the first one's token stream is exhausted or closed. Consume or
-    ``close()`` each reply's ``tokens`` in the thread that started it; interleaving two
-    replies' token streams in one thread would deadlock.
+    request waits until the first one's token stream is exhausted or closed (a waiting
+    request whose client hangs up, as the HTTP server reports, is dropped without model
+    work). Consume or ``close()`` each reply's ``tokens`` in the thread that started it;
+    interleaving two replies' token streams in one thread would deadlock.
 
     Call :meth:`close` (or use ``with``) to free the model memory early.
     """
@@ -845,7 +846,7 @@ class LlamaCppBackend:
         if self.stop_at_newline:
             stops.append("\n")
         top_k = request.top_logprobs if request.logprobs else 0
-        return self._reply(prompt, request.options, stops, top_k)
+        return self._reply(prompt, request.options, stops, top_k, request.client_gone)
 
     def complete(
         self,
@@ -958,9 +959,18 @@ class LlamaCppBackend:
         return self._embedder
 
     def _reply(
-        self, prompt: str, options: Mapping[str, Any], stops: list[str], top_k: int
+        self,
+        prompt: str,
+        options: Mapping[str, Any],
+        stops: list[str],
+        top_k: int,
+        client_gone: Callable[[], bool] | None = None,
     ) -> ChatReply:
-        """Validate options and tokenize now (errors become HTTP statuses); generate lazily."""
+        """Validate options and tokenize now (errors become HTTP statuses); generate lazily.
+
+        ``client_gone`` (set by the HTTP server) says whether the client hung up: the decode
+        loop then stops, also while the request still waits for the model.
+        """
         llm = self._model()
         temperature = options.get("temperature")
         temperature = 0.0 if temperature is None else temperature
@@ -987,7 +997,7 @@ class LlamaCppBackend:
         limit = room if num_predict <= 0 else min(num_predict, room)
         reply = ChatReply(tokens=(), prompt_tokens=len(prompt_ids), done_reason="stop")
         reply.tokens = self._generate(
-            reply, prompt_ids, limit, stops, float(temperature), seed, top_k
+            reply, prompt_ids, limit, stops, float(temperature), seed, top_k, client_gone
         )
         return reply
 
@@ -1169,13 +1179,18 @@ class LlamaCppBackend:
         temperature: float,
         seed: int | None,
         top_k: int,
+        client_gone: Callable[[], bool] | None = None,
     ) -> Iterator[GeneratedToken]:
         """The decode loop. Holds the model lock from the first ``next()`` until exhausted or
-        closed (the server closes the iterator when a client disconnects)."""
+        closed (the server closes the iterator when a client disconnects). With
+        ``client_gone``, a client that hung up ends it before the next token, and one that hung
+        up while waiting for the lock gets nothing (no prompt evaluated, no token produced)."""
         import llama_cpp
         import numpy as np
 
-        with self._lock:
+        if not self._acquire_unless_gone(client_gone):
+            return
+        try:
             llm = self._model()
             # End-of-generation tokens (EOS, EOT, ...) via the public C API on the model.
             vocab = llama_cpp.llama_model_get_vocab(llm.model)
@@ -1211,6 +1226,8 @@ class LlamaCppBackend:
                 if stop_filter.stopped:
                     reply.done_reason = "stop"
                     return
+                if client_gone is not None and client_gone():
+                    return  # nobody reads the rest: stop before decoding another token
                 if step + 1 < limit:
                     try:
                         llm.eval([token])
@@ -1219,7 +1236,26 @@ class LlamaCppBackend:
             reply.done_reason = "length"
             # Incomplete UTF-8 bytes at the length limit are dropped (not a character yet).
             yield from stop_filter.flush()
+        finally:
+            self._lock.release()
 
+    def _acquire_unless_gone(self, client_gone: Callable[[], bool] | None) -> bool:
+        """Take the model lock; ``False`` (without it) once ``client_gone()`` says the
+        client hung up while waiting."""
+        if client_gone is None:
+            self._lock.acquire()
+            return True
+        while not self._lock.acquire(timeout=_GONE_POLL_SECONDS):
+            if client_gone():
+                return False
+        if client_gone():
+            self._lock.release()
+            return False
+        return True
+
+
+# How often a request waiting for the model checks whether its client is still there.
+_GONE_POLL_SECONDS = 0.05
 
 # Boundaries this close to the end of a prompt are left out (see LlamaCppBackend._boundaries).
 _SHORT_FINAL_BATCH = 4

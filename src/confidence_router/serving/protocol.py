@@ -54,7 +54,8 @@ class ChatRequest:
     format: Any = None
     client_gone: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
     """Set by the server: returns True once the client has hung up, so a backend that waits
-    (injected latency) can stop instead of working for nobody."""
+    (injected latency, a queue for the model) or generates can stop instead of working for
+    nobody."""
 
 
 @dataclass
