@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from langchain_core.messages import BaseMessage, HumanMessage
+from langchain_core.messages import BaseMessage
 
 from confidence_router import policy as rules
 from confidence_router.costs import routing_costs
@@ -29,7 +29,7 @@ from confidence_router.errors import (
     LocalModelError,
 )
 from confidence_router.extraction import chosen_logprobs, message_text, token_logprobs
-from confidence_router.guards import json_strings
+from confidence_router.guards import json_strings, request_check
 from confidence_router.policy import RoutingPolicy
 from confidence_router.record import Reason
 from confidence_router.retry import (
@@ -557,15 +557,7 @@ def _unusable(checks: Sequence[Callable[[BaseMessage], str | None]], message: Ba
 
 
 def _judge_extras(guard: Callable[..., Any], extras: Sequence[Any]) -> str | None:
-    """The guard's verdict on what a request carries besides its messages.
-
-    A guard with ``check_request`` (as :class:`~confidence_router.guards.PIIGuard`) judges the
-    strings; a plain function is shown them as one more message. Binary parts fail closed.
-    """
+    """The guard's verdict on what a request carries besides its messages (see
+    :func:`~confidence_router.guards.request_check`)."""
     strings, unreadable = json_strings(extras)
-    check = getattr(guard, "check_request", None)
-    if callable(check):
-        return check(strings, unreadable)  # type: ignore[no-any-return]
-    if unreadable:
-        return f"unreadable content ({unreadable[0]})"
-    return guard([HumanMessage("\n".join(strings))]) if strings else None
+    return request_check(guard)(strings, unreadable)  # type: ignore[no-any-return]

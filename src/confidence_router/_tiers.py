@@ -58,7 +58,7 @@ def child_manager(
     """
     if run_manager is None:
         return STREAM_CHILDREN.get()
-    if not run_manager.inheritable_handlers:
+    if not run_manager.handlers and not run_manager.inheritable_handlers:
         return None  # nobody traces this call: no child runs to create (the common case)
     manager_cls = (
         AsyncCallbackManager
@@ -67,6 +67,11 @@ def child_manager(
     )
     manager = manager_cls(handlers=[], parent_run_id=run_manager.run_id)
     manager.set_handlers(list(run_manager.inheritable_handlers), inherit=True)
+    # The router's own handlers (its constructor's callbacks) see the tier runs too: the
+    # router's run carries no usage, so that is where they count the tokens (once).
+    for handler in run_manager.handlers:
+        if handler not in run_manager.inheritable_handlers:
+            manager.add_handler(handler, inherit=False)
     manager.add_tags(list(run_manager.inheritable_tags), inherit=True)
     manager.add_metadata(dict(run_manager.inheritable_metadata), inherit=True)
     return manager
@@ -193,6 +198,23 @@ def without_usage(chunk: AIMessageChunk) -> AIMessageChunk:
     if plain is not None:
         update["response_metadata"] = {**chunk.response_metadata, "logprobs": plain}
     return chunk.model_copy(update=update) if update else chunk
+
+
+def carries_output(chunk: AIMessageChunk) -> bool:
+    """Whether a streamed chunk shows the caller part of an answer: text, a tool call or any
+    other block (reasoning, an image). Empty start, stop and metadata chunks do not: after
+    only those, a failed cloud stream can still be retried or fall back."""
+    if chunk.tool_call_chunks:
+        return True
+    content = chunk.content
+    if isinstance(content, str):
+        return bool(content)
+    return any(
+        (bool(block) if isinstance(block, str)
+         else not (isinstance(block, dict) and block.get("type") == "text"
+                   and not block.get("text")))
+        for block in content
+    )
 
 
 def as_chunk(message: BaseMessage) -> AIMessageChunk:

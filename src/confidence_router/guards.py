@@ -278,6 +278,32 @@ def _message_fields(message: Any) -> dict[str, Any]:
     return {"content": getattr(message, "content", message)}
 
 
+def request_check(guard: Any) -> Any:
+    """``check(strings, unreadable) -> verdict``: how ``guard`` judges the strings of a request
+    besides its messages (request fields, the serialised body on the wire).
+
+    A guard with ``check_request`` (as :class:`PIIGuard`) judges them itself; a plain
+    function ``guard(messages)`` is shown them as one more message, and any unreadable
+    (binary) part fails closed.
+
+    >>> check = request_check(lambda messages: "secret" if "pw" in messages[0].content else None)
+    >>> check(["user pw"], []), check(["hello"], []), check([], ["bytes"])
+    ('secret', None, 'unreadable content (bytes)')
+    """
+    check = getattr(guard, "check_request", None)
+    if callable(check):
+        return check
+
+    def check_as_message(strings: list[str], unreadable: list[str]) -> str | None:
+        from langchain_core.messages import HumanMessage
+
+        if unreadable:
+            return f"unreadable content ({unreadable[0]})"
+        return guard([HumanMessage("\n".join(strings))]) if strings else None
+
+    return check_as_message
+
+
 def json_strings(payload: Any) -> tuple[list[str], list[str]]:
     """Every string in a JSON-like payload (keys included, so tool-argument names count) and
     the binary parts it holds: used on request bodies as the cloud client serialised them."""

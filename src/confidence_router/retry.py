@@ -214,8 +214,11 @@ def _kind_of_status(status: int | None) -> ErrorKind:
 
 def _classify_one(exc: BaseException) -> ErrorKind:
     code, status = _client_error_code(exc)
-    if code is not None and code in _CODE_KINDS:
-        return _CODE_KINDS[code]
+    if code is not None:
+        # Errors inside an event stream are named in lowerCamelCase ("throttlingException").
+        kind = _CODE_KINDS.get(code) or _CODE_KINDS.get(code[:1].upper() + code[1:])
+        if kind is not None:
+            return kind
     if code is not None or status is not None:
         return _kind_of_status(status if status is not None else _status_code(exc))
     names = {cls.__name__ for cls in type(exc).__mro__}

@@ -415,13 +415,11 @@ class ConfidenceRoutedLLM(BaseChatModel):
             self._reservation_bound()  # fails here when no upper bound exists
 
     def _wire_guard(self) -> Callable[[list[str], list[str]], str | None] | None:
-        guard = self.escalation_guard
-        if guard is None:
+        if self.escalation_guard is None:
             return None
-        check = getattr(guard, "check_request", None)
-        if callable(check):
-            return check
-        return None
+        from confidence_router.guards import request_check
+
+        return request_check(self.escalation_guard)  # type: ignore[no-any-return]
 
     def price_table(self) -> PriceTable:
         """The price table in use (``prices`` or the built-in one)."""
@@ -732,13 +730,16 @@ class ConfidenceRoutedLLM(BaseChatModel):
             overrides["threshold"] = self.calibrator.threshold
         policy = self._base_policy().with_overrides(overrides)
         children = _tiers.child_manager(run_manager)
-        trace = RoutingTrace(policy, messages, self._collaborators(), tier_kwargs)
+        # The guard and the budget see everything the cloud request carries: stop sequences too.
+        stop = stop if stop is not None else self.stop
+        sent_kwargs = tier_kwargs if not stop else {**tier_kwargs, "stop": stop}
+        trace = RoutingTrace(policy, messages, self._collaborators(), sent_kwargs)
         # The router's own run gets the decision as metadata and tags (filterable in LangSmith).
         if run_manager is not None and run_manager.handlers:
             trace.run = (run_manager.handlers, run_manager.run_id)
         elif run_manager is None and children is not None and children.handlers:
             trace.run = (children.handlers, children.parent_run_id)
-        call = _Call(messages, stop if stop is not None else self.stop, trace, children,
+        call = _Call(messages, stop, trace, children,
                      tier_kwargs, streaming)
         top_kwargs = tier_clients.top_logprobs_kwargs(self.local, policy.signal)
         if top_kwargs:
@@ -833,6 +834,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
             # Streamed: the stream is closed on every exit, so the server stops generating.
             deadline = None if timeout is None else started + timeout
             chunks: list[AIMessageChunk] = []
+            shown = 0  # chunks of answer the caller has seen (not empty start/stop chunks)
             stream = iter(model.stream(_sent(effect, call), config, stop=call.stop, **kwargs))
             try:
                 for raw in stream:
@@ -840,13 +842,14 @@ class ConfidenceRoutedLLM(BaseChatModel):
                     chunks.append(chunk)
                     if effect.emit:
                         yield ChatGenerationChunk(message=_tiers.without_usage(chunk))
+                        shown += _tiers.carries_output(chunk)
                     if deadline is not None and time.perf_counter() > deadline:
                         raise _timeout(effect.tier, timeout)
                     if watch is not None and watch.stop_after(chunk):
                         break
             except Exception as error:
-                if effect.emit and chunks:
-                    raise PartialStreamError(error, len(chunks)) from error
+                if shown:  # part of this answer is out: no retry, no fall-back
+                    raise PartialStreamError(error, shown) from error
                 raise
             finally:
                 close = getattr(stream, "close", None)
@@ -926,6 +929,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
                 return
             deadline = None if timeout is None else started + timeout
             chunks: list[AIMessageChunk] = []
+            shown = 0  # chunks of answer the caller has seen (not empty start/stop chunks)
             stream = aiter(model.astream(_sent(effect, call), config, stop=call.stop, **kwargs))
             try:
                 while True:
@@ -938,11 +942,12 @@ class ConfidenceRoutedLLM(BaseChatModel):
                     chunks.append(chunk)
                     if effect.emit:
                         yield ChatGenerationChunk(message=_tiers.without_usage(chunk))
+                        shown += _tiers.carries_output(chunk)
                     if watch is not None and watch.stop_after(chunk):
                         break
             except Exception as error:
-                if effect.emit and chunks:
-                    raise PartialStreamError(error, len(chunks)) from error
+                if shown:  # part of this answer is out: no retry, no fall-back
+                    raise PartialStreamError(error, shown) from error
                 raise
             finally:
                 await _aclose(stream)

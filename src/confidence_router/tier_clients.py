@@ -59,7 +59,10 @@ def unwrap(model: Any) -> Any:
 
 #: Fields of a chat model whose values go into every request body (a system prompt, extra
 #: request fields): besides the messages, what a request may carry from settings.
-_REQUEST_FIELDS = ("model_kwargs", "additional_model_request_fields", "system")
+_REQUEST_FIELDS = (
+    "model_kwargs", "additional_model_request_fields", "system", "stop_sequences",
+    "request_metadata", "guardrail_config", "guardrails", "output_config", "raw_blocks",
+)
 
 
 def request_extras(model: Any) -> list[Any]:

@@ -307,10 +307,6 @@ def test_converse_model_fields_with_personal_data_are_judged(field, kind, doubtf
     assert routing["escalation_skipped"] == "escalation guard: IBAN"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the wire check is installed only for guards with check_request; a plain-function guard is "
-    "shown model_kwargs/additional_model_request_fields/system only, so requestMetadata and "
-    "stopSequences reach Bedrock. Fix in router._wire_guard and tier_clients.request_extras"))
 def test_plain_function_guard_sees_request_fields_the_model_sends(doubtful, bedrock_chat,
                                                                   bedrock_server):
     """A guard that is a plain function (README: "Every guard (a plain function too ...)")
@@ -328,9 +324,6 @@ def test_plain_function_guard_sees_request_fields_the_model_sends(doubtful, bedr
     assert EMAIL not in _sent(bedrock_server)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tier_clients._REQUEST_FIELDS lacks request_metadata (and stop_sequences, guardrail_config, "
-    "raw_blocks ...): without the wire check they reach Bedrock unjudged"))
 def test_pii_guard_with_your_own_boto3_client_sees_request_fields(doubtful, bedrock_server):
     """Without the wire check (a cloud model on your own boto3 client) the guard still has to
     judge the model's request fields that reach the body (``request_metadata``)."""
@@ -768,11 +761,6 @@ def test_throttling_reported_inside_the_stream_is_retried_by_invoke(cloud_factor
         "cloud_attempts"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an in-stream throttlingException before any text is treated as a partial answer (the "
-    "empty messageStart chunk already went out): CloudEscalationError 'failed after 1 chunks', "
-    "no retry, no on_cloud_error fallback, unlike invoke. Fix in router._answer/_aanswer: "
-    "count only chunks with content or tool calls as emitted"))
 @pytest.mark.parametrize("entry", ["stream", "astream"])
 def test_throttling_reported_inside_the_stream_before_any_text_is_retried(entry, cloud_factory,
                                                                          doubtful,
@@ -872,10 +860,6 @@ def test_usage_through_an_lcel_chain_is_counted_once(entry, escalating):
     assert message.usage_metadata["input_tokens"] == 17
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "callbacks given to the router's constructor see the router's run only (not its child "
-    "runs), and the router strips usage from its own run: the handler counts 0 tokens. Fix "
-    "in _tiers.child_manager (or router._listened)"))
 def test_usage_handler_given_to_the_constructor_counts_the_call_once(ollama_chat,
                                                                     ollama_backend,
                                                                     bedrock_chat,
