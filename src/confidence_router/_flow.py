@@ -120,6 +120,7 @@ def route(
     if not trace.reserve_budget(local.message if local else None):
         if trace.needs_local_after_refusal(_complete(local)):
             local = yield Generate("local", complete=True)
+            trace.local_regenerated(local.message)
         yield Announce()
         return _require(local, trace)
 
@@ -135,6 +136,7 @@ def route(
             trace.blocked_on_the_wire(error)
             if trace.needs_local_after_refusal(_complete(local)):
                 local = yield Generate("local", complete=True)
+                trace.local_regenerated(local.message)
             return _require(local, trace)
         except PartialStreamError as partial:
             raise trace.partial_cloud_failure(
@@ -148,6 +150,7 @@ def route(
                 continue
             if trace.needs_local_after_cloud_failure(_complete(local), local is not None):
                 local = yield Generate("local", complete=True)
+                trace.local_regenerated(local.message)
             trace.cloud_fallback(error, local.message if local else None)  # raises or returns
             return _require(local, trace)
         trace.cloud_done(cloud.message)

@@ -173,14 +173,18 @@ class RoutingTrace:
         self.record["local_error_kind"] = classify_error(error).value
         self.local_error = error
 
-    def should_stop_early(self, tokens: Sequence[Any]) -> bool:
+    def should_stop_early(self, tokens: Sequence[Any], *, has_content: bool = True) -> bool:
         """With ``early_exit`` on: can the local answer (tokens so far) no longer be kept?
 
         Never when the query could not escalate anyway (not allowed, no cloud, guarded): the
-        local answer will then be served, so it must be complete.
+        local answer will then be served, so it must be complete. Never while the answer
+        shows nothing yet (``has_content`` False) under ``on_unknown="local"``: a blank
+        answer has unknown confidence, which that policy keeps whatever its logprobs.
         """
         rule = self.collab.early_exit_rule
         if not self.policy.early_exit or rule is None or not tokens:
+            return False
+        if not has_content and self.policy.on_unknown == "local":
             return False
         if not rule(self.policy.signal, self.threshold_in_effect(), tokens):
             return False
@@ -244,6 +248,22 @@ class RoutingTrace:
                 raise self.no_answer_error()
             return False
         return escalate
+
+    def local_regenerated(self, message: BaseMessage) -> None:
+        """The whole local answer, generated (again) to be served after a refused or failed
+        escalation: the record's signals, confidence and local usage describe it (the usage
+        adds to a first, stopped generation's); the reason and the early-exit facts stay."""
+        meta = getattr(message, "response_metadata", None)
+        tokens: Sequence[Any] | None = chosen_logprobs(meta)
+        if tokens is None:
+            tokens = token_logprobs(meta)
+        text = None if getattr(message, "tool_calls", None) else message_text(message)
+        signals = answer_signals(text, tokens)
+        self.record["signals"] = _signals_dict(signals)
+        self.record["confidence"] = rules.decide_after_generation(self.policy, signals).score
+        self.record["usage"]["local"] = _added_usage(
+            self.record["usage"].get("local"), _usage_of(message)
+        )
 
     # -- escalation ---------------------------------------------------------------------------
 
@@ -541,6 +561,19 @@ def _signals_dict(signals: Any) -> dict[str, Any]:
 def _usage_of(message: BaseMessage | None) -> dict[str, Any] | None:
     usage = getattr(message, "usage_metadata", None)
     return dict(usage) if usage else None
+
+
+def _added_usage(
+    spent: dict[str, Any] | None, more: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """Two generations' token counts added up (``None`` when neither reported any)."""
+    if spent is None or more is None:
+        return more if spent is None else spent
+    total = dict(spent)
+    for key, value in more.items():
+        if isinstance(value, int) and isinstance(total.get(key, 0), int):
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 def _unusable(checks: Sequence[Callable[[BaseMessage], str | None]], message: BaseMessage) -> str | None:

@@ -1207,16 +1207,20 @@ class _Call:
 class _Watch:
     """Follows a local answer's tokens for early exit."""
 
-    __slots__ = ("exited", "tokens", "trace")
+    __slots__ = ("exited", "has_content", "tokens", "trace")
 
     def __init__(self, trace: RoutingTrace) -> None:
         self.trace = trace
         self.tokens: list[Any] = []
         self.exited = False
+        self.has_content = False
+        """Something visible arrived (text that is not blank, a tool call)."""
 
     def stop_after(self, chunk: AIMessageChunk) -> bool:
         self.tokens.extend(token_logprobs(chunk.response_metadata) or ())
-        self.exited = self.trace.should_stop_early(self.tokens)
+        if not self.has_content:
+            self.has_content = bool(chunk.tool_call_chunks) or not is_blank(chunk.text)
+        self.exited = self.trace.should_stop_early(self.tokens, has_content=self.has_content)
         return self.exited
 
     def report(self) -> dict[str, Any]:

@@ -404,10 +404,6 @@ def test_never_stops_an_answer_that_must_be_served(local, ollama_chat, cloud, ol
     assert bedrock_server.requests == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "lead-owned _flow.py/_record.py: after an early exit, the local answer regenerated for a "
-    "budget refusal or a cloud fall-back is served, but the record keeps the stopped "
-    "answer's signals (token_count 3 of 6) and usage.local None"))
 @pytest.mark.parametrize("fallback", ["budget", "cloud_error"])
 def test_record_describes_the_served_local_answer_after_an_exit(local, cloud, ollama_backend,
                                                                 bedrock_server, fallback):
@@ -431,9 +427,6 @@ def test_record_describes_the_served_local_answer_after_an_exit(local, cloud, ol
 # -- decisions identical: the blank answer with on_unknown="local" ------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "lead-owned _record.py/router.py: with on_unknown='local' a blank answer is kept (unknown "
-    "confidence), but early exit stops it on a low-logprob whitespace token and escalates"))
 def test_a_blank_answer_kept_under_on_unknown_local_is_not_escalated_early(local, cloud,
                                                                            ollama_backend,
                                                                            bedrock_server):
