@@ -398,7 +398,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
             )
         if self.cloud is not None:
             configured = tier_clients.configure_cloud(
-                self.cloud, self.cloud_timeout, self._wire_guard()
+                tier_clients.without_retries(self.cloud), self.cloud_timeout, self._wire_guard()
             )
             object.__setattr__(self, "cloud", configured)
             if self.budget is not None:
@@ -1404,21 +1404,26 @@ def _max_output_tokens(model: Any) -> int | None:
     value = getattr(inner, "max_tokens", None)
     if value is None:
         value = (getattr(inner, "model_kwargs", None) or {}).get("max_tokens")
-    if isinstance(model, Runnable) and hasattr(model, "kwargs"):
-        value = (getattr(model, "kwargs", None) or {}).get("max_tokens", value)
+    value = tier_clients.bound_kwargs(model).get("max_tokens", value)
     return int(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
 def _drops_max_tokens(model: Any) -> bool:
     """ChatBedrockConverse leaves ``maxTokens`` out of the request with high-effort reasoning
-    (``reasoningConfig`` enabled, ``maxReasoningEffort="high"``): no limit reaches the wire."""
-    fields = getattr(tier_clients.unwrap(model), "additional_model_request_fields", None)
-    config = fields.get("reasoningConfig") if isinstance(fields, dict) else None
-    return (
-        isinstance(config, dict)
-        and config.get("type") == "enabled"
-        and config.get("maxReasoningEffort") == "high"
-    )
+    (``reasoningConfig`` enabled, ``maxReasoningEffort="high"``), set on the model or bound
+    with ``.bind()``: no limit reaches the wire."""
+    for fields in (
+        getattr(tier_clients.unwrap(model), "additional_model_request_fields", None),
+        tier_clients.bound_kwargs(model).get("additional_model_request_fields"),
+    ):
+        config = fields.get("reasoningConfig") if isinstance(fields, dict) else None
+        if (
+            isinstance(config, dict)
+            and config.get("type") == "enabled"
+            and config.get("maxReasoningEffort") == "high"
+        ):
+            return True
+    return False
 
 
 def _result(answer: Answer, trace: RoutingTrace, *, listened: bool = True) -> ChatResult:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import operator
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,12 +29,14 @@ from typing import Any
 from langchain_core.runnables import RunnableBinding
 from langchain_core.runnables.base import RunnableBindingBase
 from langchain_core.runnables.fallbacks import RunnableWithFallbacks
+from langchain_core.runnables.retry import RunnableRetry
 
 from confidence_router.errors import EscalationBlockedError
 from confidence_router.signals import NEEDS_TOP_LOGPROBS
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
+    "bound_kwargs",
     "configure_cloud",
     "configure_local",
     "is_bedrock",
@@ -43,6 +46,7 @@ __all__ = [
     "top_logprobs_kwargs",
     "unwrap",
     "with_logprobs",
+    "without_retries",
 ]
 
 #: Alternatives per generated token requested from the local tier (for the top-k signals).
@@ -53,8 +57,48 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 
 
 def unwrap(model: Any) -> Any:
-    """The model inside a ``bind()`` / ``bind_tools()`` wrapper (or the model itself)."""
-    return model.bound if isinstance(model, RunnableBinding) else model
+    """The model inside its wrappers: ``bind()`` / ``bind_tools()`` / ``with_retry()`` (any
+    level) and ``with_fallbacks()`` (its primary model); or the model itself."""
+    while True:
+        if isinstance(model, RunnableBindingBase):
+            model = model.bound
+        elif isinstance(model, RunnableWithFallbacks):
+            model = model.runnable
+        else:
+            return model
+
+
+def bound_kwargs(model: Any) -> dict[str, Any]:
+    """The call kwargs ``model``'s ``bind()`` wrappers add to every call (an outer binding's
+    value wins, as when LangChain merges them)."""
+    merged: dict[str, Any] = {}
+    while True:
+        if isinstance(model, RunnableBindingBase):
+            for key, value in (model.kwargs or {}).items():
+                merged.setdefault(key, value)
+            model = model.bound
+        elif isinstance(model, RunnableWithFallbacks):
+            model = model.runnable
+        else:
+            return merged
+
+
+def without_retries(model: Any) -> Any:
+    """``model`` without the ``with_retry()`` wrappers around it (or its fallbacks): the
+    router retries the cloud itself (``cloud_retry``), one layer, each attempt counted in the
+    record and reserved in the budget; retries stacked under it would resend requests unseen."""
+    if isinstance(model, RunnableRetry):
+        return without_retries(model.bound)
+    if isinstance(model, RunnableBindingBase):
+        inner = without_retries(model.bound)
+        return model if inner is model.bound else model.model_copy(update={"bound": inner})
+    if isinstance(model, RunnableWithFallbacks):
+        primary = without_retries(model.runnable)
+        fallbacks = [without_retries(f) for f in model.fallbacks]
+        if primary is model.runnable and all(map(operator.is_, fallbacks, model.fallbacks)):
+            return model
+        return model.model_copy(update={"runnable": primary, "fallbacks": fallbacks})
+    return model
 
 
 #: Fields of a chat model whose values go into every request body (a system prompt, extra
@@ -71,7 +115,8 @@ def request_extras(model: Any) -> list[Any]:
     The kwargs bound at every level of wrappers (``bind``/``bind_tools``/
     ``with_structured_output`` and ``with_retry``; every model of ``with_fallbacks``): tools,
     tool choice, response formats and schemas; and the models' own request fields
-    (``model_kwargs``, ``additional_model_request_fields``, ``system``). The escalation guard
+    (``model_kwargs``, ``additional_model_request_fields``, ``system``, ``request_metadata``,
+    stop sequences, guardrail and output settings). The escalation guard
     judges these with the messages, whatever client sends them.
     """
     extras: list[Any] = []
@@ -89,14 +134,31 @@ def request_extras(model: Any) -> list[Any]:
             pending.extend([current.runnable, *current.fallbacks])
         else:
             extras.extend(
-                value for name in _REQUEST_FIELDS if (value := getattr(current, name, None))
+                value for name in _REQUEST_FIELDS
+                if (value := getattr(current, name, None)) and not _is_default(current, name, value)
             )
     return extras
 
 
+def _is_default(model: Any, name: str, value: Any) -> bool:
+    """A field left at its default (e.g. ChatBedrock's empty ``guardrails`` settings, which
+    send nothing)."""
+    field = getattr(type(model), "model_fields", {}).get(name)
+    try:
+        return field is not None and value == field.get_default(call_default_factory=True)
+    except Exception:  # noqa: BLE001 - a default that cannot be built: judge the value
+        return False
+
+
 def _rewrap(model: Any, inner: Any) -> Any:
-    if isinstance(model, RunnableBinding):
-        return model if inner is model.bound else model.model_copy(update={"bound": inner})
+    """``model``'s wrappers (see :func:`unwrap`) around ``inner`` instead of its model."""
+    if isinstance(model, RunnableBindingBase):
+        bound = _rewrap(model.bound, inner)
+        return model if bound is model.bound else model.model_copy(update={"bound": bound})
+    if isinstance(model, RunnableWithFallbacks):
+        primary = _rewrap(model.runnable, inner)
+        return model if primary is model.runnable else model.model_copy(
+            update={"runnable": primary})
     return inner
 
 

@@ -558,10 +558,6 @@ def test_reservation_covers_every_byte_of_numeric_tool_data(cloud_factory, doubt
     assert reserved_for >= sent_bytes  # (output at most 40 tokens: counted on top)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a cloud wrapped in with_retry() is accepted under a budget; its own retries resend "
-    "possibly-billed requests under one reservation (4 requests vs a cap of 1; the record says "
-    "1 attempt). Fix in router._configure_tiers / tier_clients.client_attempts"))
 def test_cloud_wrapped_in_with_retry_cannot_multiply_billed_requests(doubtful, bedrock_chat,
                                                                      bedrock_server):
     bedrock_server.set_default(BILLED_ANSWER, latency=0.6)
@@ -665,11 +661,9 @@ def test_hung_local_model_behind_tools_and_structured_output_falls_back(ollama_c
     assert len(bedrock_server.requests) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tier_clients.configure_local/unwrap stop at RunnableBinding: a ChatOllama wrapped in "
-    "with_retry()/with_fallbacks() gets neither the httpx timeout nor logprobs; a sync "
-    "invoke or stream waits out the whole hang (4 s with local_timeout=0.3)"))
-@pytest.mark.parametrize("wrap", ["with_retry", "with_fallbacks"])
+@pytest.mark.parametrize("wrap", ["with_retry", pytest.param("with_fallbacks", marks=pytest.mark.xfail(
+    strict=True, reason="the router sets up with_fallbacks()'s primary model only: a fallback "
+    "ChatOllama gets no timeout, so the hang is waited out there"))])
 def test_hung_local_model_wrapped_by_the_user_still_times_out(wrap, ollama_chat,
                                                               ollama_backend, bedrock_chat,
                                                               bedrock_server):
@@ -685,10 +679,6 @@ def test_hung_local_model_wrapped_by_the_user_still_times_out(wrap, ollama_chat,
         assert time.monotonic() - started < 2.0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "with_logprobs does not reach a ChatOllama inside with_retry(): no logprobs, so every "
-    "answer has unknown confidence and escalates (a confident local answer bought a cloud "
-    "call)"))
 def test_confident_answer_of_a_wrapped_local_model_stays_local(ollama_chat, ollama_backend,
                                                                bedrock_chat, bedrock_server):
     ollama_backend.set_default("Neon", logprobs=-0.01)
@@ -774,9 +764,6 @@ def test_throttling_reported_inside_the_stream_before_any_text_is_retried(entry,
         "cloud_attempts"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a cloud wrapped in with_retry() retries under the router's retries (3 x 3 = 9 requests) "
-    "and the record counts 3. Fix in tier_clients/router (see report)"))
 def test_wrapped_cloud_retries_do_not_stack(doubtful, bedrock_chat, bedrock_server):
     bedrock_server.fail(None, "ThrottlingException")
     cloud = bedrock_chat(max_tokens=40).with_retry(stop_after_attempt=3,
@@ -956,10 +943,6 @@ def test_streaming_router_invoke_counts_usage_once(ollama_chat, ollama_backend, 
     assert message.response_metadata["routing"]["usage"]["local"]["input_tokens"] == 7
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tier_clients.model_name does not look through with_retry()/with_fallbacks(): the record, "
-    "the parent run's ls_model_name and the price lookup all use 'RunnableRetry', so the cost "
-    "is unknown"))
 def test_cloud_wrapped_in_with_retry_is_named_and_priced_as_its_model(doubtful, bedrock_chat,
                                                                       bedrock_server):
     cloud = bedrock_chat(max_tokens=40).with_retry(stop_after_attempt=2)
@@ -973,10 +956,6 @@ def test_cloud_wrapped_in_with_retry_is_named_and_priced_as_its_model(doubtful, 
     assert run.extra["metadata"]["ls_model_name"] == routing["models"]["cloud"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "router._drops_max_tokens reads the model's own additional_model_request_fields only: "
-    "the same high-effort reasoningConfig bound with .bind(...) makes ChatBedrockConverse "
-    "drop maxTokens from the request while the budget reserves for max_tokens=40"))
 def test_budget_refuses_a_binding_that_removes_max_tokens_from_the_request(doubtful,
                                                                           bedrock_chat,
                                                                           bedrock_server):
