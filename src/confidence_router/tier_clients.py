@@ -228,7 +228,29 @@ def top_logprobs_kwargs(model: Any, signal: str) -> dict[str, Any]:
 def configure_local(model: Any, timeout: float | None) -> Any:
     """The local tier as the router uses it: logprobs on and, for ``ChatOllama``, an httpx
     client whose connect/read timeout is ``timeout`` (a hung server fails the read instead of
-    blocking forever; the connection is closed)."""
+    blocking forever; the connection is closed). Every model of a ``with_fallbacks()`` is set
+    up alike."""
+    return _fallbacks_set_up(
+        _configure_local_model(model, timeout), lambda f: configure_local(f, timeout)
+    )
+
+
+def _fallbacks_set_up(model: Any, set_up: Callable[[Any], Any]) -> Any:
+    """``model`` with ``set_up`` applied to the fallbacks of every ``with_fallbacks()`` among
+    its wrappers (the primary model is set up through :func:`unwrap` / :func:`_rewrap`)."""
+    if isinstance(model, RunnableBindingBase):
+        bound = _fallbacks_set_up(model.bound, set_up)
+        return model if bound is model.bound else model.model_copy(update={"bound": bound})
+    if isinstance(model, RunnableWithFallbacks):
+        primary = _fallbacks_set_up(model.runnable, set_up)
+        fallbacks = [set_up(fallback) for fallback in model.fallbacks]
+        if primary is model.runnable and all(map(operator.is_, fallbacks, model.fallbacks)):
+            return model
+        return model.model_copy(update={"runnable": primary, "fallbacks": fallbacks})
+    return model
+
+
+def _configure_local_model(model: Any, timeout: float | None) -> Any:
     model = with_logprobs(model)
     inner = unwrap(model)
     if timeout is None or not is_ollama(inner):

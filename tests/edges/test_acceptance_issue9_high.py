@@ -661,9 +661,7 @@ def test_hung_local_model_behind_tools_and_structured_output_falls_back(ollama_c
     assert len(bedrock_server.requests) == 1
 
 
-@pytest.mark.parametrize("wrap", ["with_retry", pytest.param("with_fallbacks", marks=pytest.mark.xfail(
-    strict=True, reason="the router sets up with_fallbacks()'s primary model only: a fallback "
-    "ChatOllama gets no timeout, so the hang is waited out there"))])
+@pytest.mark.parametrize("wrap", ["with_retry", "with_fallbacks"])
 def test_hung_local_model_wrapped_by_the_user_still_times_out(wrap, ollama_chat,
                                                               ollama_backend, bedrock_chat,
                                                               bedrock_server):
