@@ -170,6 +170,19 @@ def bedrock_invoke_chat(bedrock_server: FakeBedrockServer):
     return build
 
 
+@pytest.fixture(params=["converse", "invoke"])
+def api(request: pytest.FixtureRequest) -> str:
+    """The Bedrock API a cloud-tier test runs over: ``"converse"`` (ChatBedrockConverse) or
+    ``"invoke"`` (ChatBedrock); a test asking for it (or ``cloud_factory``) runs over both."""
+    return str(request.param)
+
+
+@pytest.fixture
+def cloud_factory(api: str, bedrock_chat, bedrock_invoke_chat):
+    """Factory of the cloud model for ``api``: ``bedrock_chat`` or ``bedrock_invoke_chat``."""
+    return bedrock_chat if api == "converse" else bedrock_invoke_chat
+
+
 @pytest.fixture
 def ollama_chat(ollama_server: OllamaCompatibleServer):
     """Factory: ``ollama_chat(**overrides)`` -> a ChatOllama on the scripted Ollama server."""

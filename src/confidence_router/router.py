@@ -56,7 +56,7 @@ from pydantic import (
     model_validator,
 )
 
-from confidence_router import _tiers, tier_clients
+from confidence_router import _sync_tiers, _tiers, tier_clients
 from confidence_router._flow import (
     Announce,
     Answer,
@@ -918,19 +918,22 @@ class ConfidenceRoutedLLM(BaseChatModel):
     ) -> AsyncGenerator[ChatGenerationChunk, None]:
         model, timeout = self._tier(effect.tier)
         model = tier_clients.per_loop(model)
+        # A synchronous client (Bedrock) gets a thread of its own, not a turn in the loop's
+        # small shared executor, where its timeout could run out before it was sent.
+        ainvoke, astream = _sync_tiers.async_calls(model)
         config = _tiers.child_config(call.children, effect.tier)
         kwargs = call.local_kwargs if effect.tier == "local" else call.kwargs
         started = time.perf_counter()
         watch = _watch(effect, call)
         try:
             if not call.streaming and watch is None:
-                call_ = model.ainvoke(_sent(effect, call), config, stop=call.stop, **kwargs)
-                out.append(Answer(await _within(call_, timeout, effect.tier)))
+                invoke = ainvoke(_sent(effect, call), config, stop=call.stop, **kwargs)
+                out.append(Answer(await _within(invoke, timeout, effect.tier)))
                 return
             deadline = None if timeout is None else started + timeout
             chunks: list[AIMessageChunk] = []
             shown = 0  # chunks of answer the caller has seen (not empty start/stop chunks)
-            stream = aiter(model.astream(_sent(effect, call), config, stop=call.stop, **kwargs))
+            stream = aiter(astream(_sent(effect, call), config, stop=call.stop, **kwargs))
             try:
                 while True:
                     remaining = None if deadline is None else deadline - time.perf_counter()

@@ -69,12 +69,6 @@ def bill_exactly_the_bound(bedrock_server, question: str = QUESTION, **kwargs) -
     return bound(question)
 
 
-@pytest.fixture(params=["converse", "invoke"])
-def cloud_factory(request, bedrock_chat, bedrock_invoke_chat):
-    """Both Bedrock chat classes: ChatBedrockConverse (Converse) and ChatBedrock (InvokeModel)."""
-    return bedrock_chat if request.param == "converse" else bedrock_invoke_chat
-
-
 @pytest.fixture
 def unsure(ollama_backend):
     """Every local answer is unsure: every query escalates."""

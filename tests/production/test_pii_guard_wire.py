@@ -23,11 +23,6 @@ CARD = "4111 1111 1111 1111"
 QUESTION = "what is an obscure fact?"
 
 
-@pytest.fixture(params=["converse", "invoke"])
-def api(request):
-    return request.param
-
-
 @pytest.fixture
 def cloud(api, bedrock_chat, bedrock_invoke_chat):
     return bedrock_chat(max_tokens=50) if api == "converse" else bedrock_invoke_chat(max_tokens=50)

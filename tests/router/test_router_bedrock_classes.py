@@ -26,16 +26,6 @@ OPERATIONS = {
 }
 
 
-@pytest.fixture(params=sorted(OPERATIONS))
-def api(request):
-    return request.param
-
-
-@pytest.fixture
-def cloud_factory(api, bedrock_chat, bedrock_invoke_chat):
-    return bedrock_chat if api == "converse" else bedrock_invoke_chat
-
-
 @pytest.fixture
 def unsure_local(ollama_chat, ollama_backend):
     ollama_backend.add_answer("Kenya", "Jomo", logprobs=-3.0, prompt_tokens=6)
