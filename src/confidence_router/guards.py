@@ -353,9 +353,9 @@ def _walk(value: Any, strings: list[str], unreadable: list[str]) -> None:
         for item in value:
             _walk(item, strings, unreadable)
             # Text blocks only: a list of plain strings (enum values, arguments) is not prose.
-            text = _block_text(item) if isinstance(item, dict) else None
-            if text is not None:
-                run.append(text)
+            block_text = _block_text(item) if isinstance(item, dict) else None
+            if block_text is not None:
+                run.append(block_text)
                 continue
             if len(run) > 1:
                 strings.append("".join(run))
