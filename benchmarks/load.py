@@ -200,6 +200,9 @@ def main() -> None:
 
         gc.collect()
         time.sleep(1.0)
+        # A synchronous cloud call (Bedrock) timed out by the router runs on in its thread
+        # until botocore's own timeout ends it: count the threads again now.
+        threads_later = sorted(our_threads() - threads_before)
         handlers_left = server_handlers(o_server.port)
         cloud_handlers_left = server_handlers(bedrock.port)
 
@@ -220,7 +223,8 @@ def main() -> None:
           f" -> speed-up {concurrent_rate / serial_rate:.2f}x (target >= 6x)")
     print(f"stats     calls {snapshot['calls']}, escalation rate {snapshot['escalation_rate']:.3f},"
           f" errors {snapshot['errors']}")
-    print(f"after run our threads {len(leftover_threads)} {leftover_threads}, asyncio tasks {leftover_tasks} (must be 0);"
+    print(f"after run our threads {len(leftover_threads)} {leftover_threads}, 1 s later "
+          f"{len(threads_later)} (must be 0), asyncio tasks {leftover_tasks} (must be 0);"
           f" server-side work 1 s after the run: local handlers busy {handlers_left}, fake-cloud"
           f" handlers busy {cloud_handlers_left} (idle kept-alive connections not counted)")
     print(f"budget    spent ${budget.spent:.4f} of ${budget.max_usd:.2f} cap "

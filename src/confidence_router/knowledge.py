@@ -48,6 +48,7 @@ Design notes:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import copy
 import hashlib
@@ -56,6 +57,7 @@ import math
 import numbers
 import os
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -63,7 +65,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from confidence_router._extras import require_extra
-from confidence_router.errors import ConfidenceRouterError, InvalidArgumentError, InvalidTypeError
+from confidence_router.errors import (
+    ConfidenceRouterError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    TierTimeoutError,
+)
 from confidence_router.gsa import Hit
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -83,6 +90,13 @@ __all__ = [
 ]
 
 DEFAULT_COLLECTION = "confidence_router_knowledge"
+
+#: Seconds a Chroma operation may take before the store gives up on it (see ``timeout``).
+DEFAULT_CHROMA_TIMEOUT = 10.0
+
+#: Chroma operations still running past their timeout before the store stops sending more: a
+#: hung server then costs callers an immediate error, not another ``timeout`` and thread each.
+MAX_OVERDUE_OPERATIONS = 4
 KNOWLEDGE_PATH_ENV = "CONFIDENCE_ROUTER_KNOWLEDGE_PATH"
 
 # Keys we own in Chroma metadata. Chroma metadata values must be scalars, so provenance is
@@ -344,11 +358,19 @@ class KnowledgeStore:
         client: An existing Chroma client (``PersistentClient``, ``HttpClient``, ...) instead
             of ``path``. Mutually exclusive with ``path``.
         collection: Collection name (3–512 chars of ``[a-zA-Z0-9._-]``).
+        timeout: Seconds each Chroma operation may take (default
+            :data:`DEFAULT_CHROMA_TIMEOUT`), or ``None`` for no limit. Chroma's
+            ``HttpClient`` has no timeout of its own: a hung server would hold the caller
+            forever (a probe before every answer, learning after every escalation). Past it
+            the operation fails with :class:`KnowledgeStoreError` (its cause a
+            :class:`~confidence_router.errors.TierTimeoutError`), which the router records
+            and answers without; while :data:`MAX_OVERDUE_OPERATIONS` operations are still
+            running past their timeout, new ones fail at once.
 
     Raises:
         InvalidArgumentError: ``path`` and ``client`` both given, an invalid collection name
-            (checked before any directory is created), or an existing collection of that name
-            is not in cosine space.
+            (checked before any directory is created), an existing collection of that name
+            is not in cosine space, or ``timeout`` is not a finite number of seconds > 0.
         KnowledgeStoreError: Chroma could not open the collection (e.g. the server is down).
         MissingExtraError: no ``client`` given and chromadb is not installed (the ``gsa``
             extra: ``pip install "confidence-router[gsa]"``).
@@ -368,9 +390,21 @@ class KnowledgeStore:
         path: str | os.PathLike[str] | None = None,
         client: Any = None,
         collection: str = DEFAULT_COLLECTION,
+        timeout: float | None = DEFAULT_CHROMA_TIMEOUT,
     ) -> None:
         if path is not None and client is not None:
             raise InvalidArgumentError("pass either path or client, not both")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+            or not math.isfinite(timeout) or timeout <= 0
+        ):
+            raise InvalidArgumentError(
+                f"timeout must be a finite number of seconds > 0 or None, got {timeout!r}"
+            )
+        #: Seconds each Chroma operation may take (``None``: no limit).
+        self.timeout: float | None = timeout
+        self._overdue = 0
+        self._overdue_lock = threading.Lock()
         if not isinstance(collection, str):
             raise InvalidTypeError(f"collection must be a str, got {type(collection).__name__}")
         if not _COLLECTION_RE.fullmatch(collection):
@@ -400,12 +434,11 @@ class KnowledgeStore:
         # embedding_function=None: we always pass vectors, and Chroma's default EF would try to
         # download a model. Cosine space: similarity = 1 - distance (Chroma's default l2 space
         # is squared L2).
-        with self._failures("open", "chroma"):
-            self._collection = client.get_or_create_collection(
-                name=collection,
-                configuration={"hnsw": {"space": "cosine"}},
-                embedding_function=None,
-            )
+        self._collection = self._chroma(
+            "open", client.get_or_create_collection,
+            name=collection, configuration={"hnsw": {"space": "cosine"}},
+            embedding_function=None,
+        )
         space = self._space()
         if space is not None and space != "cosine":
             raise InvalidArgumentError(
@@ -433,7 +466,54 @@ class KnowledgeStore:
 
     def _chroma(self, operation: str, call: Callable[..., _R], /, *args: Any, **kwargs: Any) -> _R:
         with self._failures(operation, "chroma"):
-            return call(*args, **kwargs)
+            if self.timeout is None:
+                return call(*args, **kwargs)
+            return self._within_timeout(operation, call, *args, **kwargs)
+
+    def _within_timeout(
+        self, operation: str, call: Callable[..., _R], /, *args: Any, **kwargs: Any
+    ) -> _R:
+        """``call(*args, **kwargs)`` in a thread of its own, awaited up to :attr:`timeout`.
+
+        Chroma's HTTP client cannot be cancelled (its connections have no timeout): an
+        operation past its timeout is left to finish in its (daemon) thread, and counted as
+        overdue until it does.
+        """
+        with self._overdue_lock:
+            overdue = self._overdue
+        if overdue >= MAX_OVERDUE_OPERATIONS:
+            cause = TierTimeoutError(
+                f"{overdue} earlier Chroma operations have not returned (each past its "
+                f"{self.timeout:g} s timeout); not sending more until they do"
+            )
+            raise KnowledgeStoreError(operation, "chroma", self._collection_name, cause) from cause
+        result: concurrent.futures.Future[_R] = concurrent.futures.Future()
+        gave_up = threading.Event()
+
+        def run() -> None:
+            try:
+                result.set_result(call(*args, **kwargs))
+            except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+                result.set_exception(error)
+            finally:
+                if gave_up.is_set():
+                    with self._overdue_lock:
+                        self._overdue -= 1
+
+        threading.Thread(target=run, name="confidence-router-chroma", daemon=True).start()
+        try:
+            return result.result(timeout=self.timeout)
+        except concurrent.futures.TimeoutError:
+            with self._overdue_lock:
+                if not result.done():
+                    gave_up.set()
+                    self._overdue += 1
+            if gave_up.is_set():
+                cause = TierTimeoutError(f"Chroma did not answer within {self.timeout:g} s")
+                raise KnowledgeStoreError(
+                    operation, "chroma", self._collection_name, cause
+                ) from cause
+            return result.result()  # it finished just now
 
     # ---------------------------------------------------------------- introspection
 

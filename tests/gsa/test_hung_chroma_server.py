@@ -1,0 +1,190 @@
+"""A Chroma server that hangs (``chroma run`` stopped with SIGSTOP: connections are accepted,
+nothing answers). Chroma's HttpClient has no timeout of its own, so before the store's
+``timeout`` a probe before an answer, or learning after an escalation, held the caller forever
+(sync and async; measured: still hanging after 15 s). Every call must now end with an answer
+and a record that says what happened, and a hung server must not cost a thread per call."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from langchain_ollama import ChatOllama, OllamaEmbeddings
+
+from confidence_router import ConfidenceRoutedLLM
+from confidence_router.errors import InvalidArgumentError
+from confidence_router.knowledge import (
+    MAX_OVERDUE_OPERATIONS,
+    KnowledgeStore,
+    KnowledgeStoreError,
+)
+from confidence_router.probe import SelfAssessmentProbe
+from confidence_router.testing import OllamaCompatibleServer
+from confidence_router.testing.processes import ChromaServerProcess, start_or_skip
+
+QUESTION = "What is the capital of France?"
+UNSURE = "Who was the second president of Kenya?"
+TIMEOUT = 0.5
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture
+def chroma_server() -> Iterator[ChromaServerProcess]:
+    server = start_or_skip(ChromaServerProcess())
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def store(chroma_server: ChromaServerProcess,
+          ollama_server: OllamaCompatibleServer) -> KnowledgeStore:
+    import chromadb
+    from chromadb.config import Settings
+
+    client = chromadb.HttpClient(host=chroma_server.host, port=chroma_server.port,
+                                 settings=Settings(anonymized_telemetry=False))
+    store = KnowledgeStore(OllamaEmbeddings(base_url=ollama_server.url, model="scripted-local"),
+                           client=client, collection="hung", timeout=TIMEOUT)
+    store.add(QUESTION, "Paris.")
+    return store
+
+
+@pytest.fixture
+def hung(chroma_server: ChromaServerProcess) -> Iterator[ChromaServerProcess]:
+    """The Chroma server, stopped (it hangs) for the test and resumed after it."""
+    assert chroma_server.pid is not None
+    os.kill(chroma_server.pid, signal.SIGSTOP)
+    try:
+        yield chroma_server
+    finally:
+        os.kill(chroma_server.pid, signal.SIGCONT)
+
+
+@pytest.fixture
+def scripted(ollama_backend):
+    ollama_backend.add_probe(lambda r: "Respond with exactly one token" in
+                             r.messages[-1]["content"], {"YES": -0.1, "NO": -3.0})
+    ollama_backend.add_answer(lambda r: r.messages[-1]["content"] == QUESTION, " Paris",
+                              logprobs=-0.05)
+    ollama_backend.add_answer(lambda r: r.messages[-1]["content"] == UNSURE, " Kenyatta",
+                              logprobs=-3.0)
+    return ollama_backend
+
+
+def _chroma_threads() -> int:
+    return sum(t.name == "confidence-router-chroma" for t in threading.enumerate())
+
+
+def _bounded(call, limit: float = 20.0):
+    """``call()`` in a thread; its result, or a failure if it still runs after ``limit`` s
+    (the bug: the caller was held forever)."""
+    out: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = call()
+        except BaseException as error:  # noqa: BLE001 - reported below
+            out["error"] = error
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(limit)
+    assert not worker.is_alive(), f"still waiting after {limit} s: the caller hangs"
+    if "error" in out:
+        raise out["error"]  # type: ignore[misc]
+    return out["value"]
+
+
+@pytest.mark.parametrize("entry", ["invoke", "ainvoke"])
+def test_a_probe_over_a_hung_chroma_server_answers_locally(entry, store, hung, scripted,
+                                                           ollama_server, bedrock_chat,
+                                                           bedrock_server):
+    local = ChatOllama(base_url=ollama_server.url, model="scripted-local")
+    router = ConfidenceRoutedLLM(local=local, cloud=bedrock_chat(), local_timeout=5.0,
+                                 precheck=SelfAssessmentProbe(model=local, store=store))
+    ollama_server.clear_requests()
+    call = ((lambda: router.invoke(QUESTION)) if entry == "invoke"
+            else (lambda: asyncio.run(router.ainvoke(QUESTION))))
+    message = _bounded(call)
+    routing = message.response_metadata["routing"]
+    assert message.content == " Paris"
+    assert routing["precheck"]["error_kind"] == "timeout", routing["precheck"]
+    if entry == "invoke":  # async: the router's own precheck deadline may come first
+        assert "Chroma did not answer within 0.5 s" in routing["precheck"]["error"]
+    chats = [r["body"]["messages"][-1]["content"] for r in ollama_server.requests_to("/api/chat")]
+    assert chats == [QUESTION]  # no probe prompt was sent without its knowledge search
+    assert bedrock_server.requests == []
+
+
+@pytest.mark.parametrize("entry", ["invoke", "ainvoke"])
+def test_learning_into_a_hung_chroma_server_still_serves_the_cloud_answer(
+        entry, store, hung, scripted, ollama_server, bedrock_chat, bedrock_server):
+    bedrock_server.add_answer("Kenya", "Daniel arap Moi")
+    local = ChatOllama(base_url=ollama_server.url, model="scripted-local")
+    router = ConfidenceRoutedLLM(local=local, cloud=bedrock_chat(), knowledge_store=store,
+                                 learn_from_escalations=True)
+    call = ((lambda: router.invoke(UNSURE)) if entry == "invoke"
+            else (lambda: asyncio.run(router.ainvoke(UNSURE))))
+    message = _bounded(call)
+    routing = message.response_metadata["routing"]
+    assert message.content == "Daniel arap Moi" and routing["decision"] == "cloud"
+    assert routing["learned"] is False
+    assert routing["learn_error"].startswith("KnowledgeStoreError: knowledge store add failed")
+    assert "did not answer within 0.5 s" in routing["learn_error"]
+    assert len(bedrock_server.requests) == 1
+
+
+def test_a_hung_server_costs_a_bounded_number_of_threads_then_fails_at_once(
+        store, chroma_server, hung):
+    threads_before = _chroma_threads()
+    for _ in range(MAX_OVERDUE_OPERATIONS):
+        with pytest.raises(KnowledgeStoreError, match="did not answer within") as info:
+            store.count()
+        assert info.value.stage == "chroma"
+    assert _chroma_threads() - threads_before == MAX_OVERDUE_OPERATIONS
+    started = time.monotonic()
+    for _ in range(10):
+        with pytest.raises(KnowledgeStoreError, match="have not returned"):
+            store.count()
+    assert time.monotonic() - started < TIMEOUT  # none of the 10 waited for its timeout
+    assert _chroma_threads() - threads_before == MAX_OVERDUE_OPERATIONS  # no new thread
+
+    os.kill(chroma_server.pid, signal.SIGCONT)  # the server recovers: the store works again
+    deadline = time.monotonic() + 20.0
+    while _chroma_threads() > threads_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _chroma_threads() == threads_before
+    assert store.count() == 1
+
+
+def test_a_healthy_server_is_unaffected_by_the_timeout(store, chroma_server):
+    for i in range(5):
+        store.add(f"Question {i}?", f"Answer {i}.")
+    assert store.count() == 6
+    assert [h.content for h in store.search("Question 3?", k=1)] == ["Answer 3."]
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, math.nan, math.inf, True, "5"])
+def test_the_timeout_is_validated_before_any_connection(timeout, tmp_path):
+    with pytest.raises(InvalidArgumentError, match="timeout must be a finite number"):
+        KnowledgeStore(OllamaEmbeddings(base_url="http://127.0.0.1:9", model="m"),
+                       path=tmp_path / "kb", timeout=timeout)
+    assert not (tmp_path / "kb").exists()
+
+
+def test_no_timeout_is_allowed(tmp_path, ollama_server):
+    with KnowledgeStore(OllamaEmbeddings(base_url=ollama_server.url, model="scripted-local"),
+                        path=tmp_path / "kb", timeout=None) as store:
+        store.add(QUESTION, "Paris.")
+        assert store.timeout is None and store.count() == 1
