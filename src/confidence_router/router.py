@@ -396,6 +396,13 @@ class ConfidenceRoutedLLM(BaseChatModel):
             object.__setattr__(
                 self, "precheck", tier_clients.configure_probe(self.precheck, self.local_timeout)
             )
+        if self.knowledge_store is not None:
+            # Learning embeds each escalated question: a hung embedding server must not hold
+            # an answer the cloud already gave.
+            object.__setattr__(
+                self, "knowledge_store",
+                tier_clients.configure_store(self.knowledge_store, self.local_timeout),
+            )
         if self.cloud is not None:
             configured = tier_clients.configure_cloud(
                 tier_clients.without_retries(self.cloud), self.cloud_timeout, self._wire_guard()

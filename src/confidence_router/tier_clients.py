@@ -39,6 +39,7 @@ __all__ = [
     "bound_kwargs",
     "configure_cloud",
     "configure_local",
+    "configure_store",
     "is_bedrock",
     "is_ollama",
     "model_name",
@@ -302,19 +303,30 @@ def configure_probe(probe: Any, timeout: float | None) -> Any:
         if configured is not model:
             update["model"] = configured
     store = getattr(probe, "store", None)
-    embeddings = getattr(store, "embeddings", None)
-    if type(embeddings).__name__ == "OllamaEmbeddings" and hasattr(store, "with_embeddings"):
-        client_kwargs = dict(embeddings.client_kwargs or {})  # type: ignore[union-attr]
-        if _in_force(client_kwargs, timeout) == timeout:  # else its own, stricter one holds
-            client_kwargs["timeout"] = _httpx_timeout(timeout)
-            update["store"] = store.with_embeddings(  # type: ignore[union-attr]
-                _rebuild(embeddings, client_kwargs=client_kwargs)
-            )
+    configured_store = configure_store(store, timeout)
+    if configured_store is not store:
+        update["store"] = configured_store
     if not update:
         return probe
     probe = probe.model_copy(update=update)
     probe.model_post_init(None)  # the probe builds its own copy of the model there
     return probe
+
+
+def configure_store(store: Any, timeout: float | None) -> Any:
+    """A knowledge store with ``timeout`` on its ``OllamaEmbeddings`` (a hung embedding
+    server fails the search or the add instead of holding the call); the store itself when
+    its embedder is of another kind or has a stricter timeout of its own. The copy shares
+    the store's Chroma collection."""
+    embeddings = getattr(store, "embeddings", None)
+    if (timeout is None or type(embeddings).__name__ != "OllamaEmbeddings"
+            or not hasattr(store, "with_embeddings")):
+        return store
+    client_kwargs = dict(embeddings.client_kwargs or {})  # type: ignore[union-attr]
+    if _in_force(client_kwargs, timeout) != timeout:  # its own, stricter one holds
+        return store
+    client_kwargs["timeout"] = _httpx_timeout(timeout)
+    return store.with_embeddings(_rebuild(embeddings, client_kwargs=client_kwargs))
 
 
 def client_attempts(model: Any) -> int | None:

@@ -340,3 +340,30 @@ async def test_embedding_server_500_is_typed_and_the_router_answers_locally(
         assert [r["body"]["messages"][-1]["content"]
                 for r in ollama_server.requests_to("/api/chat")] == [question, question]
         assert bedrock_server.requests == []
+
+
+@pytest.mark.parametrize("entry", ["invoke", "ainvoke"])
+def test_hung_embedding_server_while_learning_still_serves_the_cloud_answer(
+    entry: str, slow_embed_server: OllamaCompatibleServer, tmp_path: Path, ollama_chat,
+    ollama_backend, bedrock_chat, bedrock_server,
+) -> None:
+    """Learning embeds the escalated question: with the embedder's server hung, the caller
+    was held forever after the cloud had answered (measured: still waiting after 15 s)."""
+    store = KnowledgeStore(OllamaEmbeddings(base_url=slow_embed_server.url, model="scripted-local"),
+                           path=tmp_path / "kb")
+    slow_embed_server.backend.embed_delay = 30.0  # type: ignore[attr-defined]
+    ollama_backend.set_default("perhaps", logprobs=-3.0)
+    bedrock_server.set_default("Daniel arap Moi")
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(), local_timeout=0.5,
+                                 knowledge_store=store, learn_from_escalations=True)
+    started = time.monotonic()
+    message = (router.invoke("Who was the second president of Kenya?") if entry == "invoke"
+               else asyncio.run(router.ainvoke("Who was the second president of Kenya?")))
+    routing = message.response_metadata["routing"]
+    assert message.content == "Daniel arap Moi" and routing["decision"] == "cloud"
+    assert routing["learned"] is False
+    assert "failed in the embedder" in routing["learn_error"], routing["learn_error"]
+    assert time.monotonic() - started < 10.0  # the 30 s hang was not waited out
+    assert len(bedrock_server.requests) == 1
+    slow_embed_server.backend.embed_delay = 0.0  # type: ignore[attr-defined]
+    assert store.count() == 0  # the store the caller passed: nothing half-written
