@@ -607,9 +607,13 @@ async def test_hung_local_model_from_80_tasks_never_starves_the_cloud(entry, oll
                                                                       cloud_factory,
                                                                       bedrock_server):
     ollama_backend.delay(None, 5.0)
-    bedrock_server.set_default("Argon.", latency=0.5)  # healthy: half the cloud_timeout
+    # A healthy cloud: 0.5 s, a quarter of cloud_timeout. The margin is for this process
+    # itself, which serves the 80 requests and sends them, all under one GIL on 2 busy cores
+    # (in CI, 3 of 80 round trips took over 1 s); queued in the loop's default executor, as
+    # they were, 60 of 80 (ainvoke) and all 80 (astream) still ran out of it.
+    bedrock_server.set_default("Argon.", latency=0.5)
     router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud_factory(max_tokens=40),
-                                 local_timeout=0.3, cloud_timeout=1.0)
+                                 local_timeout=0.3, cloud_timeout=2.0)
     before = len(asyncio.all_tasks())
 
     async def one(i):
