@@ -78,8 +78,10 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from typing_extensions import Self
 
 __all__ = [
+    "DEFAULT_CHROMA_TIMEOUT",
     "DEFAULT_COLLECTION",
     "KNOWLEDGE_PATH_ENV",
+    "MAX_OVERDUE_OPERATIONS",
     "EmbeddingDimensionError",
     "KnowledgeEntry",
     "KnowledgeStore",
