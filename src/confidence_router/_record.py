@@ -58,6 +58,9 @@ class Collaborators:
     calibrator: Any = None
     budget: Any = None
     guard: Callable[[Sequence[BaseMessage]], str | None] | None = None
+    cloud_refusal: Callable[[Sequence[BaseMessage]], str | None] | None = None
+    """Why the cloud client could not send the conversation as it is (see
+    :func:`~confidence_router.tier_clients.empty_turn_check`), or ``None``."""
     cloud_retry: RetryPolicy | None = None
     reserve_usd: Callable[..., float] | None = None
     """``reserve_usd(messages, tools=extras)``: the upper bound on one cloud request's cost
@@ -191,6 +194,7 @@ class RoutingTrace:
         if self._may_escalate is None:
             self._may_escalate = self.policy.allow_escalation and (
                 self.collab.cloud_model is not None and self._guard_verdict() is None
+                and self._cloud_refusal() is None
             )
         return self._may_escalate
 
@@ -270,10 +274,13 @@ class RoutingTrace:
     def escalation_blocked(self) -> bool:
         """True when the decision says escalate but the query must stay local."""
         self.record["would_escalate"] = True
+        may_send = self.policy.allow_escalation
+        guard_verdict = self._guard_verdict() if may_send else None
         skipped = rules.escalation_skip_reason(
             self.policy,
             has_cloud=self.collab.cloud_model is not None,
-            guard_verdict=self._guard_verdict() if self.policy.allow_escalation else None,
+            guard_verdict=guard_verdict,
+            cloud_refusal=self._cloud_refusal() if may_send and not guard_verdict else None,
         )
         if skipped is None:
             return False
@@ -294,6 +301,12 @@ class RoutingTrace:
         except Exception as error:  # noqa: BLE001 - a broken guard fails closed (privacy)
             return f"failed ({type(error).__name__}: {error})"
         return verdict or None
+
+    def _cloud_refusal(self) -> str | None:
+        check = self.collab.cloud_refusal
+        if check is None or self.collab.cloud_model is None:
+            return None
+        return check(self.messages)
 
     def escalating(self, local_message: BaseMessage | None) -> None:
         self.record["decision"] = "cloud"

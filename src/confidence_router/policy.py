@@ -193,12 +193,22 @@ def decide_precheck(policy: RoutingPolicy, p_yes: float) -> Decision:
 
 
 def escalation_skip_reason(
-    policy: RoutingPolicy, *, has_cloud: bool, guard_verdict: str | None
+    policy: RoutingPolicy,
+    *,
+    has_cloud: bool,
+    guard_verdict: str | None,
+    cloud_refusal: str | None = None,
 ) -> str | None:
     """Why an escalation the decision asked for must not happen (``None``: it may).
 
     ``guard_verdict`` is what the escalation guard said (a reason to keep the query local,
     or ``None``); a guard that failed is reported by the caller as a verdict too.
+    ``cloud_refusal``: why the cloud client could not send the conversation as it is (an
+    empty turn ChatBedrock would send as is), or ``None``.
+
+    >>> escalation_skip_reason(RoutingPolicy(), has_cloud=True, guard_verdict=None,
+    ...                        cloud_refusal="message 0 (user) would reach Bedrock empty")
+    'cloud cannot send it: message 0 (user) would reach Bedrock empty'
     """
     if not policy.allow_escalation:
         return "allow_escalation=False"
@@ -206,6 +216,8 @@ def escalation_skip_reason(
         return "no cloud configured"
     if guard_verdict:
         return f"escalation guard: {guard_verdict}"
+    if cloud_refusal:
+        return f"cloud cannot send it: {cloud_refusal}"
     return None
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "configure_cloud",
     "configure_local",
     "configure_store",
+    "empty_turn_check",
     "is_bedrock",
     "is_ollama",
     "model_name",
@@ -179,6 +180,63 @@ def is_ollama(model: Any) -> bool:
 
 def is_bedrock(model: Any) -> bool:
     return type(unwrap(model)).__name__ in {"ChatBedrockConverse", "ChatBedrock"}
+
+
+def empty_turn_check(model: Any) -> Callable[[Sequence[Any]], str | None] | None:
+    """For a cloud tier that would send an empty turn as it is: a check naming it.
+
+    ``ChatBedrock`` on an Anthropic model (the invoke API) sends a blank message as
+    ``{"role": "user", "content": ""}``, which Bedrock refuses ("all messages must have
+    non-empty content except for the optional final assistant message"; whitespace-only text
+    blocks likewise). The check formats the conversation as that client does and returns
+    which turn would go out empty (or what the client cannot format at all, such as system
+    messages between turns), or ``None``. ``None`` (no check) for every other client:
+    ``ChatBedrockConverse`` drops or pads blank text itself, and Ollama takes empty turns.
+    The router does not rewrite conversations: such a query is not escalated.
+    """
+    inner = unwrap(model)
+    if type(inner).__name__ != "ChatBedrock" or getattr(inner, "beta_use_converse_api", False):
+        return None
+    try:
+        anthropic = bool(inner._model_is_anthropic)
+    except Exception:  # noqa: BLE001 - an ARN without provider: the client raises on its own
+        return None
+    if not anthropic:
+        return None
+    from langchain_aws.chat_models.bedrock import ChatPromptAdapter
+
+    def check(messages: Sequence[Any]) -> str | None:
+        try:
+            formatted: list[dict[str, Any]] = ChatPromptAdapter.format_messages(  # type: ignore[assignment]
+                "anthropic", list(messages))[1]
+        except ValueError as error:  # what the client raises, before sending, for such input
+            return f"ChatBedrock cannot format the conversation ({error})"
+        except Exception:  # noqa: BLE001 - anything else: the client reports it on the call
+            return None
+        for position, turn in enumerate(formatted):
+            final_assistant = position == len(formatted) - 1 and turn.get("role") == "assistant"
+            if not final_assistant and _is_empty_turn(turn.get("content")):
+                return (
+                    f"message {position} ({turn.get('role')}) would reach Bedrock empty, "
+                    "which it refuses"
+                )
+        return None
+
+    return check
+
+
+def _is_empty_turn(content: Any) -> bool:
+    """An Anthropic turn's content that Bedrock refuses: blank text, no blocks, or a text
+    block without visible text."""
+    if isinstance(content, str):
+        return not content.strip()
+    if not isinstance(content, list) or not content:
+        return True
+    return any(
+        isinstance(block, dict) and block.get("type") == "text"
+        and not str(block.get("text") or "").strip()
+        for block in content
+    )
 
 
 # Fields that hold clients built by the model's validator: rebuilt, never copied.

@@ -27,13 +27,14 @@ from langchain_core.tools import tool
 from langchain_core.tracers.base import BaseTracer
 from pydantic import BaseModel
 
-from confidence_router import ConfidenceRoutedLLM
+from confidence_router import ConfidenceRoutedLLM, tier_clients
 from confidence_router.budget import CloudBudget
 from confidence_router.calibration import RollingQuantileThreshold
 from confidence_router.errors import (
     CloudEscalationError,
     ConfidenceRouterError,
     InvalidInputError,
+    LocalModelError,
     RoutingConfigError,
 )
 from confidence_router.record import Reason
@@ -924,16 +925,132 @@ def test_reasoning_blocks_in_history_do_not_lock_the_conversation_in_the_cloud(
     assert bedrock_server.requests == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an empty human turn before an AI turn is sent to ChatBedrock as {'role': 'user', "
-    "'content': ''}: Bedrock's Anthropic API rejects empty content ('all messages must have "
-    "non-empty content'); the fake accepts it, the recorded body shows it. Converse is "
-    "spared only because langchain-aws drops or pads blank text"))
-def test_an_empty_turn_never_reaches_chat_bedrock(invoke_router, ollama_backend,
-                                                  ollama_server, bedrock_server):
+# Bedrock's Anthropic API refuses a conversation with an empty turn ("all messages must have
+# non-empty content except for the optional final assistant message"; whitespace-only text
+# blocks likewise), and ChatBedrock sends such a turn as it is. The router does not rewrite the
+# conversation: the query stays local (flagged, the record says why) and nothing is sent.
+EMPTY_TURNS = {
+    "empty first human turn": [HumanMessage(""), AIMessage("Hello?"),
+                               HumanMessage("What is this?")],
+    "whitespace-only AI turn": [HumanMessage("Hi"), AIMessage(" \n "),
+                                HumanMessage("What is this?")],
+    "tab-only human turn after a system prompt": [
+        SystemMessage("Be brief."), HumanMessage("\t"), AIMessage("Hello?"),
+        HumanMessage("What is this?")],
+}
+
+
+@pytest.mark.parametrize("conversation", EMPTY_TURNS.values(), ids=EMPTY_TURNS)
+def test_an_empty_turn_never_reaches_chat_bedrock(invoke_router, ollama_backend, ollama_server,
+                                                  bedrock_server, conversation):
     ollama_backend.set_default("hmm", logprobs=-3.0)
     bedrock_server.set_default("cloud answer")
-    invoke_router.invoke([HumanMessage(""), AIMessage("Hello?"), HumanMessage("What is this?")])
+    message = invoke_router.invoke(conversation)
+    routing = _routing(message)
+    assert message.text == "hmm"
+    assert (routing["decision"], routing["flagged"], routing["would_escalate"]) == (
+        "local", True, True)
+    assert "would reach Bedrock empty" in routing["escalation_skipped"], routing
+    assert routing["cloud_attempts"] == 0
+    assert bedrock_server.requests == []
+    assert len(_local(ollama_server)) == 1
+
+
+def test_an_empty_turn_stays_local_on_every_entry_point(invoke_router, ollama_backend,
+                                                        bedrock_server):
+    ollama_backend.set_default("hmm", logprobs=-3.0)
+    bedrock_server.set_default("cloud answer")
+    conversation = EMPTY_TURNS["empty first human turn"]
+    streamed = _joined(list(invoke_router.stream(conversation)))
+    awaited = asyncio.run(invoke_router.ainvoke(conversation))
+
+    async def astreamed():
+        return _joined([chunk async for chunk in invoke_router.astream(conversation)])
+
+    for message in (streamed, awaited, asyncio.run(astreamed())):
+        assert message.text == "hmm"
+        assert "would reach Bedrock empty" in _routing(message)["escalation_skipped"]
+    assert bedrock_server.requests == []
+
+
+def test_an_empty_turn_with_a_failed_local_model_is_a_typed_error(
+    invoke_router, ollama_backend, ollama_server, bedrock_server
+):
+    ollama_backend.fail(None, status=500)
+    bedrock_server.set_default("cloud answer")
+    with pytest.raises(LocalModelError) as caught:
+        invoke_router.invoke([HumanMessage(""), AIMessage("Hello?"), HumanMessage("What?")])
+    assert "would reach Bedrock empty" in caught.value.routing["escalation_skipped"]
+    assert bedrock_server.requests == []
+
+
+def test_turns_that_carry_something_still_escalate_to_chat_bedrock(
+    invoke_router, ollama_backend, bedrock_server
+):
+    """An AI turn of only tool calls, a tool result and an empty final assistant turn (a
+    prefill Bedrock accepts) are not empty turns."""
+    ollama_backend.set_default("hmm", logprobs=-3.0)
+    bedrock_server.set_default("cloud answer")
+    message = invoke_router.invoke([
+        HumanMessage("Weather?"),
+        AIMessage("", tool_calls=[{"name": "weather", "args": {}, "id": "t1"}]),
+        ToolMessage("sunny", tool_call_id="t1"),
+        HumanMessage("And tomorrow?"),
+        AIMessage(""),
+    ])
+    assert _routing(message)["decision"] == "cloud", _routing(message)
+    (cloud,) = bedrock_server.requests
+    assert [turn["role"] for turn in cloud["body"]["messages"]] == [
+        "user", "assistant", "user", "assistant"]
+
+
+def test_a_blank_text_block_chat_bedrock_pads_itself_still_escalates(
+    invoke_router, ollama_backend, bedrock_server
+):
+    ollama_backend.set_default("hmm", logprobs=-3.0)
+    bedrock_server.set_default("cloud answer")
+    message = invoke_router.invoke([HumanMessage("Hi"),
+                                    AIMessage(content=[{"type": "text", "text": "  "}]),
+                                    HumanMessage("What is this?")])
+    assert _routing(message)["decision"] == "cloud", _routing(message)
+    (cloud,) = bedrock_server.requests
+    assert all(block["text"].strip() for block in cloud["body"]["messages"][1]["content"])
+
+
+def test_converse_pads_empty_turns_itself_so_the_query_escalates(
+    router, ollama_backend, bedrock_server
+):
+    ollama_backend.set_default("hmm", logprobs=-3.0)
+    bedrock_server.set_default("cloud answer")
+    message = router.invoke([HumanMessage(""), AIMessage("Hello?"), HumanMessage("What is this?")])
+    assert _routing(message)["decision"] == "cloud"
     (cloud,) = bedrock_server.requests
     for turn in cloud["body"]["messages"]:
-        assert turn["content"] not in ("", []), turn
+        assert turn["content"] and all(
+            str(block.get("text", "x")).strip() for block in turn["content"]), turn
+
+
+def test_a_conversation_chat_bedrock_cannot_format_stays_local_unsent(
+    invoke_router, router, ollama_backend, bedrock_server
+):
+    """A system message between turns: ChatBedrock (Anthropic) raises before sending, so the
+    query stays local with the reason; Converse sends it and the query escalates."""
+    ollama_backend.set_default("hmm", logprobs=-3.0)
+    bedrock_server.set_default("cloud answer")
+    conversation = [SystemMessage("Be brief."), HumanMessage("Hi"), AIMessage("Hello."),
+                    SystemMessage("Now in French."), HumanMessage("What is this?")]
+    message = invoke_router.invoke(conversation)
+    routing = _routing(message)
+    assert (message.text, routing["decision"], routing["cloud_attempts"]) == ("hmm", "local", 0)
+    assert "non-consecutive system messages" in routing["escalation_skipped"]
+    assert bedrock_server.requests == []
+    assert _routing(router.invoke(conversation))["decision"] == "cloud"
+    assert len(bedrock_server.requests) == 1
+
+
+def test_the_empty_turn_check_is_only_for_chat_bedrock_on_anthropic(bedrock_invoke_chat,
+                                                                    bedrock_chat):
+    assert tier_clients.empty_turn_check(bedrock_invoke_chat()) is not None
+    assert tier_clients.empty_turn_check(bedrock_chat()) is None
+    assert tier_clients.empty_turn_check(
+        bedrock_invoke_chat(model_id="meta.llama3-8b-instruct-v1:0")) is None
