@@ -60,7 +60,7 @@ class Collaborators:
     guard: Callable[[Sequence[BaseMessage]], str | None] | None = None
     cloud_refusal: Callable[[Sequence[BaseMessage]], str | None] | None = None
     """Why the cloud client could not send the conversation as it is (see
-    :func:`~confidence_router.tier_clients.empty_turn_check`), or ``None``."""
+    :func:`~confidence_router.tier_clients.conversation_check`), or ``None``."""
     cloud_retry: RetryPolicy | None = None
     reserve_usd: Callable[..., float] | None = None
     """``reserve_usd(messages, tools=extras)``: the upper bound on one cloud request's cost

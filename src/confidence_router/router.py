@@ -478,7 +478,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
             budget=self.budget if self.cloud is not None else None,
             guard=self.escalation_guard,
             cloud_refusal=(
-                tier_clients.empty_turn_check(self.cloud) if self.cloud is not None else None
+                tier_clients.conversation_check(self.cloud) if self.cloud is not None else None
             ),
             cloud_retry=self.cloud_retry,
             reserve_usd=(

@@ -40,7 +40,7 @@ __all__ = [
     "configure_cloud",
     "configure_local",
     "configure_store",
-    "empty_turn_check",
+    "conversation_check",
     "is_bedrock",
     "is_ollama",
     "model_name",
@@ -182,20 +182,37 @@ def is_bedrock(model: Any) -> bool:
     return type(unwrap(model)).__name__ in {"ChatBedrockConverse", "ChatBedrock"}
 
 
-def empty_turn_check(model: Any) -> Callable[[Sequence[Any]], str | None] | None:
-    """For a cloud tier that would send an empty turn as it is: a check naming it.
+def conversation_check(model: Any) -> Callable[[Sequence[Any]], str | None] | None:
+    """A check of whether the cloud tier's client can send a conversation as it is.
 
-    ``ChatBedrock`` on an Anthropic model (the invoke API) sends a blank message as
-    ``{"role": "user", "content": ""}``, which Bedrock refuses ("all messages must have
-    non-empty content except for the optional final assistant message"; whitespace-only text
-    blocks likewise). The check formats the conversation as that client does and returns
-    which turn would go out empty (or what the client cannot format at all, such as system
-    messages between turns), or ``None``. ``None`` (no check) for every other client:
-    ``ChatBedrockConverse`` drops or pads blank text itself, and Ollama takes empty turns.
-    The router does not rewrite conversations: such a query is not escalated.
+    The check formats the messages as the client will and returns why they cannot be sent,
+    or ``None``:
+
+    * what the client's formatter refuses before sending (it raises ``ValueError``): content
+      blocks the API has no counterpart for, an image given by a web URL; and, for
+      ``ChatBedrock`` on an Anthropic model, system messages between turns;
+    * for ``ChatBedrock`` on an Anthropic model (the invoke API), also a turn that would go
+      out empty: it sends a blank message as ``{"role": "user", "content": ""}``, which
+      Bedrock refuses ("all messages must have non-empty content except for the optional
+      final assistant message"; whitespace-only text blocks likewise). ``ChatBedrockConverse``
+      pads blank text itself.
+
+    ``None`` (no check) for other clients (Ollama takes what it is given). The router does
+    not rewrite conversations: such a query is not escalated.
     """
     inner = unwrap(model)
-    if type(inner).__name__ != "ChatBedrock" or getattr(inner, "beta_use_converse_api", False):
+    kind = type(inner).__name__
+    if kind == "ChatBedrockConverse" and getattr(inner, "raw_blocks", None) is None:
+        from langchain_aws.chat_models.bedrock_converse import _messages_to_bedrock
+
+        def converse(messages: Sequence[Any]) -> list[dict[str, Any]]:
+            return _messages_to_bedrock(  # type: ignore[no-any-return]
+                list(messages), inner.system, model_id=inner._get_base_model(),
+                provider=inner.provider,
+            )[0]
+
+        return _formatting_check(converse, kind, empty_turns=False)
+    if kind != "ChatBedrock" or getattr(inner, "beta_use_converse_api", False):
         return None
     try:
         anthropic = bool(inner._model_is_anthropic)
@@ -205,13 +222,24 @@ def empty_turn_check(model: Any) -> Callable[[Sequence[Any]], str | None] | None
         return None
     from langchain_aws.chat_models.bedrock import ChatPromptAdapter
 
+    def invoke(messages: Sequence[Any]) -> list[dict[str, Any]]:
+        return ChatPromptAdapter.format_messages("anthropic", list(messages))[1]  # type: ignore[return-value]
+
+    return _formatting_check(invoke, kind, empty_turns=True)
+
+
+def _formatting_check(
+    format_messages: Callable[[Sequence[Any]], list[dict[str, Any]]], client: str,
+    *, empty_turns: bool,
+) -> Callable[[Sequence[Any]], str | None]:
     def check(messages: Sequence[Any]) -> str | None:
         try:
-            formatted: list[dict[str, Any]] = ChatPromptAdapter.format_messages(  # type: ignore[assignment]
-                "anthropic", list(messages))[1]
+            formatted = format_messages(messages)
         except ValueError as error:  # what the client raises, before sending, for such input
-            return f"ChatBedrock cannot format the conversation ({error})"
+            return f"{client} cannot format the conversation ({error})"
         except Exception:  # noqa: BLE001 - anything else: the client reports it on the call
+            return None
+        if not empty_turns:
             return None
         for position, turn in enumerate(formatted):
             final_assistant = position == len(formatted) - 1 and turn.get("role") == "assistant"

@@ -1048,9 +1048,30 @@ def test_a_conversation_chat_bedrock_cannot_format_stays_local_unsent(
     assert len(bedrock_server.requests) == 1
 
 
-def test_the_empty_turn_check_is_only_for_chat_bedrock_on_anthropic(bedrock_invoke_chat,
-                                                                    bedrock_chat):
-    assert tier_clients.empty_turn_check(bedrock_invoke_chat()) is not None
-    assert tier_clients.empty_turn_check(bedrock_chat()) is None
-    assert tier_clients.empty_turn_check(
+def test_a_block_no_tier_can_send_is_a_typed_error_with_nothing_sent(router, bedrock_server):
+    """Ollama's client refuses the block, so the local tier fails; Converse's formatter would
+    raise before sending: a LocalModelError naming both, 0 cloud attempts (it said 1)."""
+    weird = HumanMessage(content=[{"type": "text", "text": "What is this?"},
+                                  {"type": "hologram", "data": "..."}])
+    with pytest.raises(LocalModelError) as caught:
+        router.invoke([weird])
+    routing = caught.value.routing
+    assert "cannot format the conversation" in routing["escalation_skipped"], routing
+    assert routing["cloud_attempts"] == 0
+    assert bedrock_server.requests == []
+
+
+def test_the_conversation_check_formats_as_each_bedrock_client_does(bedrock_invoke_chat,
+                                                                   bedrock_chat):
+    empty_turn = [HumanMessage(""), AIMessage("Hello?"), HumanMessage("What is this?")]
+    between = [SystemMessage("Be brief."), HumanMessage("Hi"), AIMessage("Hello."),
+               SystemMessage("French."), HumanMessage("What?")]
+    invoke_check = tier_clients.conversation_check(bedrock_invoke_chat())
+    converse_check = tier_clients.conversation_check(bedrock_chat())
+    assert "would reach Bedrock empty" in invoke_check(empty_turn)
+    assert "non-consecutive system messages" in invoke_check(between)
+    assert converse_check(empty_turn) is None  # Converse pads blank text itself
+    assert converse_check(between) is None
+    assert invoke_check([HumanMessage("Hi")]) is converse_check([HumanMessage("Hi")]) is None
+    assert tier_clients.conversation_check(
         bedrock_invoke_chat(model_id="meta.llama3-8b-instruct-v1:0")) is None
