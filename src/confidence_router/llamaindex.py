@@ -146,7 +146,7 @@ class ConfidenceRoutedLlamaIndexLLM(FunctionCallingLLM):
     ``precheck_threshold``, ``allow_escalation``, ``on_budget_exceeded``, ``early_exit``.
     ``config=`` is passed on as the LangChain ``RunnableConfig`` (callbacks, tags); ``stop``
     and the router's tier kwargs (``format``, ``tool_choice``, ...) go to both tiers. User
-    messages may carry images (``ImageBlock`` with bytes or a local path).
+    messages may carry images (``ImageBlock`` with bytes, a local path or a ``data:`` URL).
 
     Example:
         .. code-block:: python
@@ -555,8 +555,8 @@ def to_langchain_messages(messages: Sequence[ChatMessage]) -> list[BaseMessage]:
     an assistant message (the model's earlier reasoning) and ``CachePoint`` (a provider
     cache hint).
 
-    Images (``ImageBlock`` with bytes or a local ``path``) become LangChain image blocks,
-    which both tiers send (Ollama's ``images``, Bedrock's image content block).
+    Images (``ImageBlock`` with bytes, a local ``path`` or a ``data:`` URL) become LangChain
+    image blocks, which both tiers send (Ollama's ``images``, Bedrock's image content block).
 
     Raises:
         InvalidInputError (a ``ValueError``): a block the tiers cannot take (audio, video,
@@ -680,12 +680,14 @@ def _call_key(call: ToolCall) -> str:
 
 
 def _image(block: ImageBlock) -> dict[str, Any]:
-    """A LangChain image block (base64 data) from a LlamaIndex ``ImageBlock``."""
-    if block.image is None and block.path is None:
+    """A LangChain image block (base64 data) from a LlamaIndex ``ImageBlock`` with bytes, a
+    local path or a ``data:`` URL (which holds the bytes)."""
+    url = str(block.url) if block.url is not None else ""
+    if block.image is None and block.path is None and not url.startswith("data:"):
         # resolve_image() would download it here; neither tier fetches URLs either.
         raise InvalidInputError(
-            "an ImageBlock given only by url cannot be sent: give its bytes (image=...) or a "
-            "local path (path=...)"
+            "an ImageBlock given only by url cannot be sent: give its bytes (image=...), a "
+            "local path (path=...) or a data: URL"
         )
     try:
         data = block.resolve_image(as_base64=True).read()

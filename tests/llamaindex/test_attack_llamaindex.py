@@ -36,9 +36,12 @@ from llama_index.core.base.llms.types import (
 )
 from llama_index.core.llms import ChatMessage, MessageRole
 from llama_index.core.tools import FunctionTool
+from pydantic import BaseModel
 
 from confidence_router import ConfidenceRoutedLLM
+from confidence_router.budget import CloudBudget
 from confidence_router.errors import (
+    BudgetExceededError,
     CloudEscalationError,
     ConfidenceRouterError,
     InvalidInputError,
@@ -53,6 +56,7 @@ from confidence_router.testing.bedrock_server import _BedrockHandler
 PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 )
+DATA_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
 FRANCE = "What is the capital of France?"
 KENYA = "Who was the second president of Kenya?"
 #: Generous "not hung" bound for one call on a loaded 2-core machine (the hang is 5 s).
@@ -159,6 +163,11 @@ def _refused_shapes(tmp_path) -> dict[str, tuple[list[ChatMessage], type[Excepti
             [ChatMessage(role=MessageRole.USER, blocks=[
                 TextBlock(text="what is it?"), ImageBlock(url="http://example.invalid/a.png")])],
             InvalidInputError, "url"),
+        "data: URL without an image type": (
+            [ChatMessage(role=MessageRole.USER, blocks=[
+                TextBlock(text="what is it?"),
+                ImageBlock(url="data:;base64," + base64.b64encode(PNG).decode())])],
+            InvalidInputError, "image type"),
         "image in an assistant message": (
             [_user("draw"), ChatMessage(role=MessageRole.ASSISTANT,
                                         blocks=[ImageBlock(image=PNG)]), _user("again")],
@@ -248,6 +257,7 @@ def test_text_images_cache_points_and_system_reach_the_local_model(llm, ollama_s
             ImageBlock(image=PNG),                                   # raw bytes
             ImageBlock(image=base64.b64encode(PNG)),                 # already base64
             ImageBlock(path=path, image_mimetype="image/png"),       # a local file
+            ImageBlock(url=DATA_URL),                                # a data: URL (was refused)
             CachePoint(cache_control=CacheControl(type="ephemeral")),
         ]),
     ]
@@ -259,7 +269,33 @@ def test_text_images_cache_points_and_system_reach_the_local_model(llm, ollama_s
     assert user["role"] == "user"
     # ChatOllama starts each text part of a list content with a line break (its own format).
     assert user["content"].lstrip("\n") == "What is the capital of France?\nAnd what are these?"
-    assert [base64.b64decode(image) for image in user["images"]] == [PNG, PNG, PNG]
+    assert [base64.b64decode(image) for image in user["images"]] == [PNG] * 4
+
+
+def test_a_data_url_image_reaches_the_cloud(llm, ollama_server, bedrock_server):
+    messages = [ChatMessage(role=MessageRole.USER, blocks=[
+        TextBlock(text=KENYA), ImageBlock(url=DATA_URL)])]
+    assert llm.chat(messages).message.content == "Daniel arap Moi"
+    (sent,) = _ollama_chats(ollama_server)
+    assert [base64.b64decode(i) for i in sent["messages"][0]["images"]] == [PNG]
+    (cloud,) = bedrock_server.requests
+    images = [b["image"] for b in cloud["body"]["messages"][0]["content"] if "image" in b]
+    assert [(i["format"], base64.b64decode(i["source"]["bytes"])) for i in images] == [
+        ("png", PNG)]
+
+
+class _OpenAIFunction(BaseModel):
+    name: str
+    arguments: str
+
+
+class _OpenAIToolCall(BaseModel):
+    """The shape of openai's ChatCompletionMessageToolCall, which LlamaIndex's OpenAI
+    integration kept in additional_kwargs."""
+
+    id: str
+    type: str = "function"
+    function: _OpenAIFunction
 
 
 def _tool_conversation(tool_calls_where: str) -> list[ChatMessage]:
@@ -273,7 +309,17 @@ def _tool_conversation(tool_calls_where: str) -> list[ChatMessage]:
     elif tool_calls_where == "openai additional_kwargs":
         assistant = ChatMessage(role=MessageRole.ASSISTANT, content="Let me look.",
                                 additional_kwargs={"tool_calls": [TOOL_CALL_OPENAI]})
-    else:  # llama-index-llms-ollama keeps Ollama's form: arguments as an object, no id
+    elif tool_calls_where == "anthropic additional_kwargs":
+        assistant = ChatMessage(role=MessageRole.ASSISTANT, content="Let me look.",
+                                additional_kwargs={"tool_calls": [
+                                    {"id": "call_1", "type": "tool_use", "name": "get_weather",
+                                     "input": {"city": "Paris"}}]})
+    elif tool_calls_where == "pydantic objects":
+        assistant = ChatMessage(role=MessageRole.ASSISTANT, content="Let me look.",
+                                additional_kwargs={"tool_calls": [_OpenAIToolCall(
+                                    id="call_1", function=_OpenAIFunction(
+                                        name="get_weather", arguments='{"city": "Paris"}'))]})
+    else:  # llama-index-llms-ollama keeps Ollama's form: arguments as an object
         assistant = ChatMessage(role=MessageRole.ASSISTANT, content="Let me look.",
                                 additional_kwargs={"tool_calls": [
                                     {"id": "call_1", "function": {
@@ -286,7 +332,8 @@ def _tool_conversation(tool_calls_where: str) -> list[ChatMessage]:
     ]
 
 
-@pytest.mark.parametrize("where", ["blocks", "openai additional_kwargs", "ollama additional_kwargs"])
+@pytest.mark.parametrize("where", ["blocks", "openai additional_kwargs", "ollama additional_kwargs",
+                                   "anthropic additional_kwargs", "pydantic objects"])
 def test_tool_calls_and_results_reach_both_tiers(llm, ollama_server, bedrock_server, where):
     """The assistant's tool call and the tool's result reach the local model and, escalated,
     the cloud, wherever LlamaIndex keeps the call (was: additional_kwargs calls dropped, so
@@ -578,6 +625,29 @@ async def test_cloud_failure_is_a_typed_error_with_the_routing_record(
     assert len(bedrock_server.requests) == 2 * len(ALL_ENTRIES)
 
 
+async def test_hung_cloud_is_a_typed_error_in_bounded_time(ollama_chat, bedrock_chat, scripted,
+                                                           bedrock_server):
+    bedrock_server.delay("Kenya", HANG_S)
+    llm = ConfidenceRoutedLlamaIndexLLM(
+        router=_router(ollama_chat, bedrock_chat, cloud_timeout=0.5, cloud_retry=None))
+    baseline = _live_threads()
+    for n, entry in enumerate(ALL_ENTRIES, start=1):
+        started = time.monotonic()
+        with pytest.raises(CloudEscalationError) as caught:
+            await _run(llm, entry, _arg(entry, [_user(KENYA)]))
+        assert time.monotonic() - started < NOT_HUNG_S, entry
+        routing = caught.value.routing
+        assert (routing["cloud_error_kind"], routing["cloud_attempts"]) == ("timeout", 1), (
+            entry, routing)
+        assert caught.value.local_message.text == "Jomo Kenyatta was"
+        assert len(bedrock_server.requests) == n, entry
+    for _ in range(150):  # the Bedrock clients' own read timeouts end their threads
+        if _live_threads() <= baseline:
+            break
+        await asyncio.sleep(0.02)
+    assert _live_threads() <= baseline
+
+
 async def test_cloud_stream_failing_midway_is_typed_with_the_record(
     ollama_chat, bedrock_chat, scripted, bedrock_server
 ):
@@ -597,6 +667,24 @@ async def test_cloud_stream_failing_midway_is_typed_with_the_record(
         assert "".join(deltas) == "Daniel arap", entry  # two pieces, no local text
         assert caught.value.routing["decision"] == "cloud", entry
     assert len(bedrock_server.requests) == 2  # no retry once text was out
+
+
+async def test_exhausted_budget_through_llamaindex(ollama_chat, bedrock_chat, scripted,
+                                                   bedrock_server):
+    """``on_budget_exceeded`` per call: the local answer flagged (default) or the typed error
+    with the record; either way nothing is sent to the cloud."""
+    llm = ConfidenceRoutedLlamaIndexLLM(
+        router=_router(ollama_chat, bedrock_chat, budget=CloudBudget(max_usd=1e-9)))
+    for entry in ALL_ENTRIES:
+        responses = await _run(llm, entry, _arg(entry, [_user(KENYA)]))
+        routing = responses[-1].additional_kwargs["routing"]
+        assert _text(entry, responses[-1]) == "Jomo Kenyatta was", entry
+        assert (routing["decision"], routing["reason"], routing["flagged"]) == (
+            "local", "budget_exceeded", True), entry
+        with pytest.raises(BudgetExceededError) as caught:
+            await _run(llm, entry, _arg(entry, [_user(KENYA)]), on_budget_exceeded="raise")
+        assert caught.value.routing["reason"] == "budget_exceeded", entry
+    assert bedrock_server.requests == []
 
 
 class _CountingHandler(_BedrockHandler):
