@@ -560,12 +560,14 @@ def to_langchain_messages(messages: Sequence[ChatMessage]) -> list[BaseMessage]:
 
     Raises:
         InvalidInputError (a ``ValueError``): a block the tiers cannot take (audio, video,
-            document, citations, an image given only by URL, a ``ThinkingBlock`` outside an
-            assistant message), tool calls outside an assistant message, a legacy
-            ``function_call``, a tool result without a ``tool_call_id``, or a role no tier
-            has: dropping them silently would change the question.
+            document, citations, an image given only by a non-``data:`` URL, a ``ThinkingBlock`` outside an
+            assistant message), tool calls outside an assistant message, a tool call without
+            a tool name, a legacy ``function_call``, a tool result without a
+            ``tool_call_id``, or a role no tier has: dropping them silently would change the
+            question.
         InvalidTypeError (a ``TypeError``): ``messages`` is not a sequence of
-            ``ChatMessage``, or a tool call whose arguments are not a JSON object.
+            ``ChatMessage``, a tool call whose arguments are not a JSON object, or a tool
+            result whose ``tool_call_id`` / ``name`` is not a str.
     """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise InvalidTypeError(
@@ -589,7 +591,9 @@ def _to_langchain(message: ChatMessage) -> BaseMessage:
         elif isinstance(block, ImageBlock) and message.role in _USER_ROLES:
             images.append(_image(block))
         elif isinstance(block, ToolCallBlock) and message.role in _ASSISTANT_ROLES:
-            tool_calls.append(_tool_call(block))
+            tool_calls.append(
+                _sent_tool_call(block.tool_name, block.tool_kwargs, block.tool_call_id)
+            )
         elif isinstance(block, CachePoint) or (
             isinstance(block, ThinkingBlock) and message.role in _ASSISTANT_ROLES
         ):
@@ -616,10 +620,15 @@ def _to_langchain(message: ChatMessage) -> BaseMessage:
         tool_call_id = message.additional_kwargs.get("tool_call_id")
         if not tool_call_id:
             raise InvalidInputError(
-                f"a {role.value} message needs additional_kwargs['tool_call_id'] (the id of "
-                "the tool call it answers)"
+                f"a {_role_name(role)} message needs additional_kwargs['tool_call_id'] (the id "
+                "of the tool call it answers)"
             )
         name = message.additional_kwargs.get("name")
+        if not isinstance(tool_call_id, (str, int)) or not isinstance(name, (str, type(None))):
+            raise InvalidTypeError(
+                f"a {_role_name(role)} message's additional_kwargs['tool_call_id'] must be a "
+                f"str and ['name'] a str, got {tool_call_id!r} and {name!r}"
+            )
         return ToolMessage(content=text, tool_call_id=str(tool_call_id), name=name)
     raise InvalidInputError(f"unsupported message role {_role_name(role)!r}")
 
@@ -662,11 +671,9 @@ def _with_legacy_tool_calls(message: ChatMessage, tool_calls: list[ToolCall]) ->
         function = data.get("function")
         spec = function if isinstance(function, Mapping) else data
         name = spec.get("name")
-        if not isinstance(name, str) or not name:
-            raise InvalidInputError(f"additional_kwargs['tool_calls'][{i}] names no tool")
         args = next((spec[key] for key in ("arguments", "input", "args") if key in spec), {})
         call_id = data.get("id")
-        call = _as_tool_call(name, args, None if call_id is None else str(call_id))
+        call = _sent_tool_call(name, args, None if call_id is None else str(call_id))
         if _call_key(call) not in seen:
             seen.add(_call_key(call))
             merged.append(call)
@@ -701,6 +708,14 @@ def _image(block: ImageBlock) -> dict[str, Any]:
 
 def _tool_call(block: ToolCallBlock) -> ToolCall:
     return _as_tool_call(block.tool_name, block.tool_kwargs, block.tool_call_id)
+
+
+def _sent_tool_call(name: Any, args: Any, call_id: str | None) -> ToolCall:
+    """A tool call of the conversation, to be sent: it must name its tool (Bedrock refuses a
+    call without a name, after the local model has been asked)."""
+    if not isinstance(name, str) or not name:
+        raise InvalidInputError(f"a tool call in the conversation names no tool ({name!r})")
+    return _as_tool_call(name, args, call_id)
 
 
 def _as_tool_call(name: str, args: Any, call_id: str | None) -> ToolCall:

@@ -46,6 +46,7 @@ from confidence_router.errors import (
     ConfidenceRouterError,
     InvalidInputError,
     InvalidTypeError,
+    LocalModelError,
     RoutingConfigError,
 )
 from confidence_router.guards import PIIGuard
@@ -212,6 +213,31 @@ def _refused_shapes(tmp_path) -> dict[str, tuple[list[ChatMessage], type[Excepti
                 "tool_calls": [{**TOOL_CALL_OPENAI, "function": {
                     "name": "get_weather", "arguments": "{city: Paris"}}]}), _tool_result()],
             InvalidInputError, "JSON"),
+        "tool call without a name": (
+            [_user("w?"), ChatMessage(role=MessageRole.ASSISTANT, blocks=[ToolCallBlock(
+                tool_call_id="call_1", tool_name="", tool_kwargs={})]), _tool_result()],
+            InvalidInputError, "names no tool"),
+        "additional_kwargs tool call without a name": (
+            [_user("w?"), ChatMessage(role=MessageRole.ASSISTANT, content="", additional_kwargs={
+                "tool_calls": [{"id": "call_1", "function": {"arguments": "{}"}}]}),
+             _tool_result()],
+            InvalidInputError, "names no tool"),
+        "additional_kwargs tool_calls not a list": (
+            [_user("w?"), ChatMessage(role=MessageRole.ASSISTANT, content="",
+                                      additional_kwargs={"tool_calls": TOOL_CALL_OPENAI})],
+            InvalidTypeError, "must be a list"),
+        "tool calls in a user message's additional_kwargs": (
+            [ChatMessage(role=MessageRole.USER, content="hi",
+                         additional_kwargs={"tool_calls": [TOOL_CALL_OPENAI]})],
+            InvalidInputError, "only assistant messages"),
+        "tool result with a non-str name": (
+            [_user("w?"), ChatMessage(role=MessageRole.TOOL, content="sunny",
+                                      additional_kwargs={"tool_call_id": "call_1", "name": 5})],
+            InvalidTypeError, "name"),
+        "tool result with an object as id": (
+            [_user("w?"), ChatMessage(role=MessageRole.TOOL, content="sunny",
+                                      additional_kwargs={"tool_call_id": {"id": "call_1"}})],
+            InvalidTypeError, "tool_call_id"),
         "tool result without an id": (
             [_user("w?"), ChatMessage(role=MessageRole.TOOL, content="sunny")],
             InvalidInputError, "tool_call_id"),
@@ -550,6 +576,22 @@ async def test_hung_local_model_falls_back_to_the_cloud_on_every_entry_point(
             break
         await asyncio.sleep(0.02)
     assert _live_threads() <= baseline
+
+
+async def test_hung_local_model_that_may_not_escalate_is_a_typed_error(
+    ollama_chat, bedrock_chat, scripted, ollama_backend, bedrock_server
+):
+    ollama_backend.delay("hang", HANG_S)
+    llm = ConfidenceRoutedLlamaIndexLLM(
+        router=_router(ollama_chat, bedrock_chat, local_timeout=LOCAL_TIMEOUT))
+    for entry in ALL_ENTRIES:
+        started = time.monotonic()
+        with pytest.raises(LocalModelError) as caught:
+            await _run(llm, entry, _arg(entry, [_user("hang please")]), allow_escalation=False)
+        assert time.monotonic() - started < NOT_HUNG_S, entry
+        routing = caught.value.routing
+        assert (routing["local_error_kind"], routing["escalated"]) == ("timeout", False), entry
+    assert bedrock_server.requests == []
 
 
 class InFlightBackend(ScriptedBackend):
