@@ -560,11 +560,11 @@ def to_langchain_messages(messages: Sequence[ChatMessage]) -> list[BaseMessage]:
 
     Raises:
         InvalidInputError (a ``ValueError``): a block the tiers cannot take (audio, video,
-            document, citations, an image given only by a non-``data:`` URL, a ``ThinkingBlock`` outside an
-            assistant message), tool calls outside an assistant message, a tool call without
-            a tool name, a legacy ``function_call``, a tool result without a
-            ``tool_call_id``, or a role no tier has: dropping them silently would change the
-            question.
+            document, citations, an image given only by a URL other than ``data:``, a
+            ``ThinkingBlock`` outside an assistant message), tool calls outside an assistant
+            message, a tool call without a tool name, a legacy ``function_call``, a tool
+            result without a ``tool_call_id``, or a role no tier has: dropping them silently
+            would change the question.
         InvalidTypeError (a ``TypeError``): ``messages`` is not a sequence of
             ``ChatMessage``, a tool call whose arguments are not a JSON object, or a tool
             result whose ``tool_call_id`` / ``name`` is not a str.
