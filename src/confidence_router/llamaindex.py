@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextvars
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -146,7 +146,7 @@ class ConfidenceRoutedLlamaIndexLLM(FunctionCallingLLM):
     ``precheck_threshold``, ``allow_escalation``, ``on_budget_exceeded``, ``early_exit``.
     ``config=`` is passed on as the LangChain ``RunnableConfig`` (callbacks, tags); ``stop``
     and the router's tier kwargs (``format``, ``tool_choice``, ...) go to both tiers. User
-    messages may carry images (``ImageBlock`` with bytes or a local path).
+    messages may carry images (``ImageBlock`` with bytes, a local path or a ``data:`` URL).
 
     Example:
         .. code-block:: python
@@ -546,15 +546,28 @@ def to_langchain_messages(messages: Sequence[ChatMessage]) -> list[BaseMessage]:
     tool/function -> ``ToolMessage`` (needs ``additional_kwargs["tool_call_id"]``).
     Text blocks are joined with newlines, as ``ChatMessage.content`` does.
 
-    Images (``ImageBlock`` with bytes or a local ``path``) become LangChain image blocks,
-    which both tiers send (Ollama's ``images``, Bedrock's image content block).
+    Tool calls an assistant message keeps in ``additional_kwargs["tool_calls"]`` (LlamaIndex
+    integrations and chat histories from before ``ToolCallBlock``: OpenAI's ``{"id",
+    "function": {"name", "arguments"}}``, Ollama's with the arguments as an object,
+    Anthropic's ``{"id", "name", "input"}``) are sent as tool calls too (once, when a
+    ``ToolCallBlock`` has the same id). Other ``additional_kwargs`` are provider extras,
+    not part of the conversation, and are not sent. Left out as well: a ``ThinkingBlock`` in
+    an assistant message (the model's earlier reasoning) and ``CachePoint`` (a provider
+    cache hint).
+
+    Images (``ImageBlock`` with bytes, a local ``path`` or a ``data:`` URL) become LangChain
+    image blocks, which both tiers send (Ollama's ``images``, Bedrock's image content block).
 
     Raises:
         InvalidInputError (a ``ValueError``): a block the tiers cannot take (audio, video,
-            document, an image given only by URL) or a tool result without a
-            ``tool_call_id``: dropping them silently would change the question.
+            document, citations, an image given only by a URL other than ``data:``, a
+            ``ThinkingBlock`` outside an assistant message), tool calls outside an assistant
+            message, a tool call without a tool name, a legacy ``function_call``, a tool
+            result without a ``tool_call_id``, or a role no tier has: dropping them silently
+            would change the question.
         InvalidTypeError (a ``TypeError``): ``messages`` is not a sequence of
-            ``ChatMessage``, or a tool call whose arguments are not a JSON object.
+            ``ChatMessage``, a tool call whose arguments are not a JSON object, or a tool
+            result whose ``tool_call_id`` / ``name`` is not a str.
     """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise InvalidTypeError(
@@ -578,15 +591,20 @@ def _to_langchain(message: ChatMessage) -> BaseMessage:
         elif isinstance(block, ImageBlock) and message.role in _USER_ROLES:
             images.append(_image(block))
         elif isinstance(block, ToolCallBlock) and message.role in _ASSISTANT_ROLES:
-            tool_calls.append(_tool_call(block))
-        elif isinstance(block, (ThinkingBlock, CachePoint)):
-            # Earlier reasoning and provider cache hints are not part of what is asked.
+            tool_calls.append(
+                _sent_tool_call(block.tool_name, block.tool_kwargs, block.tool_call_id)
+            )
+        elif isinstance(block, CachePoint) or (
+            isinstance(block, ThinkingBlock) and message.role in _ASSISTANT_ROLES
+        ):
+            # Provider cache hints and the model's earlier reasoning are not what is asked.
             continue
         else:
             raise InvalidInputError(
                 f"ConfidenceRoutedLlamaIndexLLM sends text (and images in user messages) "
-                f"only; a {message.role.value} message has a {type(block).__name__}"
+                f"only; a {_role_name(message.role)} message has a {type(block).__name__}"
             )
+    tool_calls = _with_legacy_tool_calls(message, tool_calls)
     text = "\n".join(texts)
     role = message.role
     if role in _SYSTEM_ROLES:
@@ -602,21 +620,81 @@ def _to_langchain(message: ChatMessage) -> BaseMessage:
         tool_call_id = message.additional_kwargs.get("tool_call_id")
         if not tool_call_id:
             raise InvalidInputError(
-                f"a {role.value} message needs additional_kwargs['tool_call_id'] (the id of "
-                "the tool call it answers)"
+                f"a {_role_name(role)} message needs additional_kwargs['tool_call_id'] (the id "
+                "of the tool call it answers)"
             )
         name = message.additional_kwargs.get("name")
+        if not isinstance(tool_call_id, (str, int)) or not isinstance(name, (str, type(None))):
+            raise InvalidTypeError(
+                f"a {_role_name(role)} message's additional_kwargs['tool_call_id'] must be a "
+                f"str and ['name'] a str, got {tool_call_id!r} and {name!r}"
+            )
         return ToolMessage(content=text, tool_call_id=str(tool_call_id), name=name)
-    raise InvalidInputError(f"unsupported message role {role.value!r}")
+    raise InvalidInputError(f"unsupported message role {_role_name(role)!r}")
+
+
+def _role_name(role: Any) -> str:
+    """The role as text: ``ChatMessage`` validates its role when built, not when assigned."""
+    return str(getattr(role, "value", role))
+
+
+def _with_legacy_tool_calls(message: ChatMessage, tool_calls: list[ToolCall]) -> list[ToolCall]:
+    """``tool_calls`` plus those kept in ``additional_kwargs["tool_calls"]`` (see
+    :func:`to_langchain_messages`), each call once."""
+    extra = message.additional_kwargs
+    if extra.get("function_call"):
+        raise InvalidInputError(
+            "additional_kwargs['function_call'] (OpenAI's legacy function calling) is not "
+            "supported: give the call as a ToolCallBlock"
+        )
+    legacy = extra.get("tool_calls")
+    if not legacy:
+        return tool_calls
+    if message.role not in _ASSISTANT_ROLES:
+        raise InvalidInputError(
+            f"a {_role_name(message.role)} message has additional_kwargs['tool_calls']: only "
+            "assistant messages make tool calls"
+        )
+    if isinstance(legacy, (str, bytes, Mapping)) or not isinstance(legacy, Sequence):
+        raise InvalidTypeError(
+            f"additional_kwargs['tool_calls'] must be a list, got {type(legacy).__name__}"
+        )
+    seen = {_call_key(call) for call in tool_calls}
+    merged = list(tool_calls)
+    for i, item in enumerate(legacy):
+        dump = getattr(item, "model_dump", None)  # OpenAI's / Ollama's pydantic objects
+        data = dump() if callable(dump) else item
+        if not isinstance(data, Mapping):
+            raise InvalidTypeError(
+                f"additional_kwargs['tool_calls'][{i}] must be an object, got {type(item).__name__}"
+            )
+        function = data.get("function")
+        spec = function if isinstance(function, Mapping) else data
+        name = spec.get("name")
+        args = next((spec[key] for key in ("arguments", "input", "args") if key in spec), {})
+        call_id = data.get("id")
+        call = _sent_tool_call(name, args, None if call_id is None else str(call_id))
+        if _call_key(call) not in seen:
+            seen.add(_call_key(call))
+            merged.append(call)
+    return merged
+
+
+def _call_key(call: ToolCall) -> str:
+    if call.get("id"):
+        return f"id:{call['id']}"
+    return "call:" + json.dumps([call["name"], call["args"]], sort_keys=True, default=str)
 
 
 def _image(block: ImageBlock) -> dict[str, Any]:
-    """A LangChain image block (base64 data) from a LlamaIndex ``ImageBlock``."""
-    if block.image is None and block.path is None:
+    """A LangChain image block (base64 data) from a LlamaIndex ``ImageBlock`` with bytes, a
+    local path or a ``data:`` URL (which holds the bytes)."""
+    url = str(block.url) if block.url is not None else ""
+    if block.image is None and block.path is None and not url.startswith("data:"):
         # resolve_image() would download it here; neither tier fetches URLs either.
         raise InvalidInputError(
-            "an ImageBlock given only by url cannot be sent: give its bytes (image=...) or a "
-            "local path (path=...)"
+            "an ImageBlock given only by url cannot be sent: give its bytes (image=...), a "
+            "local path (path=...) or a data: URL"
         )
     try:
         data = block.resolve_image(as_base64=True).read()
@@ -629,20 +707,27 @@ def _image(block: ImageBlock) -> dict[str, Any]:
 
 
 def _tool_call(block: ToolCallBlock) -> ToolCall:
-    args = block.tool_kwargs
+    return _as_tool_call(block.tool_name, block.tool_kwargs, block.tool_call_id)
+
+
+def _sent_tool_call(name: Any, args: Any, call_id: str | None) -> ToolCall:
+    """A tool call of the conversation, to be sent: it must name its tool (Bedrock refuses a
+    call without a name, after the local model has been asked)."""
+    if not isinstance(name, str) or not name:
+        raise InvalidInputError(f"a tool call in the conversation names no tool ({name!r})")
+    return _as_tool_call(name, args, call_id)
+
+
+def _as_tool_call(name: str, args: Any, call_id: str | None) -> ToolCall:
     if isinstance(args, str):
         # LlamaIndex keeps un-parsed (streamed) arguments as a JSON string.
         try:
             args = json.loads(args) if args.strip() else {}
         except json.JSONDecodeError as error:
-            raise InvalidInputError(
-                f"tool call {block.tool_name!r} has invalid JSON args"
-            ) from error
+            raise InvalidInputError(f"tool call {name!r} has invalid JSON args") from error
     if not isinstance(args, dict):
-        raise InvalidTypeError(
-            f"tool call {block.tool_name!r} args must be an object, got {args!r}"
-        )
-    return ToolCall(name=block.tool_name, args=args, id=block.tool_call_id, type="tool_call")
+        raise InvalidTypeError(f"tool call {name!r} args must be an object, got {args!r}")
+    return ToolCall(name=name, args=args, id=call_id, type="tool_call")
 
 
 def to_llamaindex_message(message: BaseMessage) -> ChatMessage:
