@@ -195,6 +195,70 @@ def test_client_hang_up_mid_stream_stops_the_cloud_stream_and_settles_the_budget
     assert budget["spent_usd"] > 0
 
 
+def _send_and_hang_up(proxy: Any, path: str, body: dict[str, Any], after_s: float) -> None:
+    """Send a request on a raw socket and close the connection ``after_s`` later, before
+    reading anything (a client that gave up while the proxy was still deciding)."""
+    import socket
+
+    payload = json.dumps(body).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(head + payload)
+        time.sleep(after_s)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_hang_up_before_the_answer_settles_the_budget(
+    make_proxy, ollama_backend, bedrock_server, stream
+):
+    ollama_backend.add_answer("story", " dunno", logprobs=UNSURE)
+    bedrock_server.add_answer("story", [f" w{i}" for i in range(N_PIECES)], latency=0.8,
+                              piece_delay=PIECE_DELAY, input_tokens=20, output_tokens=N_PIECES)
+    proxy = make_proxy(config=ProxyConfig(budget_usd=10.0),
+                       CONFIDENCE_ROUTER_CLOUD_MAX_TOKENS="1024")
+    _send_and_hang_up(proxy, "/v1/chat/completions",
+                      {"model": "m", "messages": _user("Tell a long story"), "stream": stream},
+                      after_s=0.3)
+    assert _wait_for(lambda: len(bedrock_server.requests) == 1)
+    sent = _settle_count(lambda: bedrock_server.sent_pieces)
+    if stream:
+        assert sent < N_PIECES // 2, sent  # the cloud stream was closed early
+    assert _wait_for(lambda: _budget(proxy)["pending"] == 0), _budget(proxy)
+    budget = _budget(proxy)
+    assert budget["reserved_usd"] == 0 and budget["granted"] == 1
+    assert len(bedrock_server.requests) == 1
+
+
+def test_cloud_failure_mid_stream_is_not_retried_after_output_was_sent(
+    make_proxy, ollama_backend, bedrock_server
+):
+    ollama_backend.add_answer("Australia", " Sydney", logprobs=UNSURE)
+    bedrock_server.add_answer("Australia", "The capital is Canberra, not Sydney.")
+    bedrock_server.fail("Australia", "ServiceUnavailableException", after_pieces=2)
+    proxy = make_proxy(config=ProxyConfig(budget_usd=1.0))
+    for front in ("openai", "ollama"):
+        path = "/v1/chat/completions" if front == "openai" else "/api/chat"
+        reply = _post(proxy, path, {"model": "m", "stream": True,
+                                    "messages": _user("Capital of Australia?")})
+        assert reply.status_code == 200
+        if front == "openai":
+            events = [json.loads(line[6:]) for line in reply.text.splitlines()
+                      if line.startswith("data: {")]
+            text = "".join(e["choices"][0]["delta"].get("content") or ""
+                           for e in events if e.get("choices"))
+            assert "error" in events[-1]
+        else:
+            lines = [json.loads(line) for line in reply.text.splitlines() if line]
+            text = "".join(line["message"]["content"] for line in lines if "message" in line)
+            assert "error" in lines[-1]
+        # A retry would resend the answer's start: the client would read it twice.
+        assert text == "The capital", (front, text)
+    assert len(bedrock_server.requests) == 2  # one per client request
+    budget = _budget(proxy)
+    assert budget["reserved_usd"] == 0 and budget["pending"] == 0 and budget["granted"] == 2
+
+
 # -- 3. personal data never reaches the cloud ------------------------------------------------
 
 _PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 32).decode()
@@ -261,6 +325,35 @@ OPENAI_LEAKS = {
     ],
 }
 
+_TOOL = {"type": "function", "function": {
+    "name": "lookup", "description": "Look an account up",
+    "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}
+
+# Personal data outside the messages: request fields the cloud client would send too.
+OPENAI_BODY_LEAKS: dict[str, dict[str, Any]] = {
+    "stop sequence": {"stop": [EMAIL]},
+    "tool definition": {"tools": [{"type": "function", "function": {
+        "name": "lookup", "description": f"Default account {IBAN}",
+        "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]},
+    "tool parameter default": {"tools": [{"type": "function", "function": {
+        "name": "pay", "parameters": {"type": "object", "properties": {
+            "card": {"type": "string", "default": CARD}}}}}]},
+    "tool call id": {"tools": [_TOOL], "messages": [
+        {"role": "user", "content": "Look it up"},
+        {"role": "assistant", "content": "", "tool_calls": [{
+            "id": CARD_DIGITS, "type": "function",
+            "function": {"name": "lookup", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": CARD_DIGITS, "content": "nothing"},
+        {"role": "user", "content": "What next?"}]},
+}
+
+OLLAMA_BODY_LEAKS: dict[str, dict[str, Any]] = {
+    "options.stop": {"options": {"stop": [EMAIL]}},
+    "tool definition": {"tools": [{"type": "function", "function": {
+        "name": "lookup", "description": f"Default account {IBAN}",
+        "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]},
+}
+
 OLLAMA_LEAKS = {
     "tool call": [
         {"role": "user", "content": "Send it"},
@@ -321,9 +414,12 @@ def test_personal_data_anywhere_in_a_request_never_reaches_the_cloud(
     assert control.json()["routing"]["decision"] == "cloud"
     assert len(bedrock_server.requests) == 1
     outcomes = {}
-    for name, messages in OPENAI_LEAKS.items():
+    openai_bodies = [(name, {"messages": messages}) for name, messages in OPENAI_LEAKS.items()]
+    openai_bodies += [(name, {"messages": _user("What next?"), **extra})
+                      for name, extra in OPENAI_BODY_LEAKS.items()]
+    for name, extra in openai_bodies:
         reply = _post(guarded_proxy, "/v1/chat/completions",
-                      {"model": "m", "messages": messages, "stream": stream})
+                      {"model": "m", "stream": stream, **extra})
         assert reply.status_code == 200, (name, reply.text)
         if stream:
             events = [json.loads(line[6:]) for line in reply.text.splitlines()
@@ -336,9 +432,11 @@ def test_personal_data_anywhere_in_a_request_never_reaches_the_cloud(
             routing = reply.json()["routing"]
         outcomes[f"openai {name}"] = (text, routing["decision"],
                                       routing.get("escalation_skipped", ""))
-    for name, messages in OLLAMA_LEAKS.items():
-        reply = _post(guarded_proxy, "/api/chat",
-                      {"model": "m", "messages": messages, "stream": stream})
+    ollama_bodies = [(name, {"messages": messages}) for name, messages in OLLAMA_LEAKS.items()]
+    ollama_bodies += [(name, {"messages": _user("What next?"), **extra})
+                      for name, extra in OLLAMA_BODY_LEAKS.items()]
+    for name, extra in ollama_bodies:
+        reply = _post(guarded_proxy, "/api/chat", {"model": "m", "stream": stream, **extra})
         assert reply.status_code == 200, (name, reply.text)
         lines = [json.loads(line) for line in reply.text.splitlines() if line]
         text = "".join(line["message"]["content"] for line in lines)
@@ -372,7 +470,8 @@ def _measure_escalation(proxy: Any) -> tuple[float, float]:
 async def _concurrent_questions(urls: list[str]) -> list[httpx.Response]:
     async with httpx.AsyncClient(timeout=60) as client:
         async def ask(i: int) -> httpx.Response:
-            body: dict[str, Any] = {"model": "m", "messages": _user(f"question {i:02d}")}
+            body: dict[str, Any] = {"model": "m", "messages": _user(f"question {i:02d}"),
+                                    "stream": i % 3 == 0}
             if i % 2:
                 body["on_budget_exceeded"] = "raise"
             return await client.post(urls[i % len(urls)] + "/v1/chat/completions", json=body)
@@ -380,24 +479,37 @@ async def _concurrent_questions(urls: list[str]) -> list[httpx.Response]:
         return list(await asyncio.gather(*(ask(i) for i in range(N_CLIENTS))))
 
 
+def _openai_result(reply: httpx.Response) -> tuple[str, dict[str, Any]]:
+    """(text, routing) of a 200 OpenAI-front reply, streamed or not."""
+    if reply.headers["content-type"].startswith("text/event-stream"):
+        events = [json.loads(line[6:]) for line in reply.text.splitlines()
+                  if line.startswith("data: {")]
+        assert not any("error" in e for e in events), events
+        text = "".join(e["choices"][0]["delta"].get("content") or ""
+                       for e in events if e.get("choices"))
+        return text, [e["routing"] for e in events if e.get("routing")][-1]
+    data = reply.json()
+    return data["choices"][0]["message"]["content"], data["routing"]
+
+
 def _check_budget_outcomes(replies: list[httpx.Response], bedrock_server: Any,
                            budget: dict[str, Any], cap: float, most: int) -> None:
-    served = [r for r in replies if r.status_code == 200 and r.json()["routing"]["decision"]
-              == "cloud"]
-    refused_local = [r for r in replies if r.status_code == 200
-                     and r.json()["routing"]["reason"] == "budget_exceeded"]
+    results = [_openai_result(r) for r in replies if r.status_code == 200]
+    served = [routing for _, routing in results if routing["decision"] == "cloud"]
+    refused_local = [(text, routing) for text, routing in results
+                     if routing["reason"] == "budget_exceeded"]
     refused_429 = [r for r in replies if r.status_code == 429]
     assert len(served) + len(refused_local) + len(refused_429) == N_CLIENTS, [
         (r.status_code, r.text[:200]) for r in replies]
     assert all(r.json()["error"]["code"] == "budget_exceeded" for r in refused_429)
-    assert all(r.json()["choices"][0]["message"]["content"] == " unsure"
-               for r in refused_local)
+    assert all(text == " unsure" and routing["decision"] == "local"
+               for text, routing in refused_local)
     # The cap admits at most `most` escalations; each one that was served reached Bedrock once.
     assert 1 <= len(served) <= most
     assert len(bedrock_server.requests) == len(served)
     assert budget["granted"] == len(served) and budget["pending"] == 0
     assert budget["reserved_usd"] == 0
-    spent = sum(r.json()["routing"]["cloud_cost_usd"] for r in served)
+    spent = sum(routing["cloud_cost_usd"] for routing in served)
     assert budget["spent_usd"] == pytest.approx(spent, rel=1e-9, abs=1e-12)
     assert budget["spent_usd"] <= cap + 1e-12
 
@@ -523,3 +635,35 @@ def test_48_concurrent_clients_all_get_an_answer(make_proxy, ollama_backend, bed
     assert [r for r in results if r[2] != expected[r[1]]] == []
     n_cloud = sum(1 for r in results if r[1] == "cloud")
     assert len(bedrock_server.requests) == n_cloud
+
+
+def test_48_concurrent_clients_behind_a_hung_local_model(
+    make_proxy, ollama_backend, bedrock_server
+):
+    """Every client of a proxy whose local model hangs gets the cloud's answer, each costs one
+    cloud request, and no thread is left behind (the router's nor the hung server's)."""
+    ollama_backend.add_answer("hung", " never sent", logprobs=CONFIDENT, latency=60)
+    bedrock_server.add_answer("hung", "The cloud answered.", latency=0.05)
+    proxy = make_proxy(CONFIDENCE_ROUTER_LOCAL_TIMEOUT=str(LOCAL_TIMEOUT))
+
+    async def run() -> list[tuple[int, str]]:
+        async def ask(client: httpx.AsyncClient, i: int) -> tuple[int, str]:
+            body = {"model": "m", "stream": i % 2 == 0, "messages": _user(f"hung {i}")}
+            reply = await client.post(proxy.url + "/v1/chat/completions", json=body)
+            if reply.status_code != 200:
+                return reply.status_code, reply.text[:200]
+            return 200, _openai_result(reply)[0]
+
+        limits = httpx.Limits(max_connections=N_CONCURRENT * 2)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            return list(await asyncio.gather(*(ask(client, i) for i in range(N_CONCURRENT))))
+
+    started = time.monotonic()
+    results = asyncio.run(run())
+    elapsed = time.monotonic() - started
+    assert [r for r in results if r != (200, "The cloud answered.")] == []
+    assert elapsed < 10 * LOCAL_TIMEOUT + 20, elapsed  # not hung (generous bound)
+    assert len(bedrock_server.requests) == N_CONCURRENT
+    assert _wait_for(lambda: not _router_threads()), [t.name for t in _router_threads()]
+    assert _wait_for(lambda: not _running("testing/scripted.py"), timeout=5), _running(
+        "testing/scripted.py")
