@@ -590,6 +590,65 @@ def test_throttled_cloud_is_tried_exactly_the_documented_number_of_times(
     assert len(bedrock_server.requests) == attempts
 
 
+def test_timed_out_cloud_attempt_is_sent_once_and_kept_as_spent(
+    make_proxy, ollama_backend, bedrock_server
+):
+    """A read timeout is the retry botocore would add on its own: the router's clients send
+    the request once (a timed-out request may have been billed: not retried by default)."""
+    ollama_backend.add_answer("slow", " local", logprobs=UNSURE)
+    bedrock_server.add_answer("slow", "too late", latency=3.0)
+    proxy = make_proxy(config=ProxyConfig(budget_usd=1.0), CONFIDENCE_ROUTER_CLOUD_TIMEOUT="0.5")
+    started = time.monotonic()
+    reply = _post(proxy, "/v1/chat/completions", {"model": "m", "messages": _user("slow one"),
+                                                  "on_cloud_error": "local"})
+    assert time.monotonic() - started < 10 * 0.5 + 5  # not hung (generous bound)
+    routing = _openai_result(reply)[1]
+    assert routing["reason"] == "cloud_error" and routing["cloud_error_kind"] == "timeout"
+    assert routing["cloud_attempts"] == 1
+    assert _wait_for(lambda: len(bedrock_server.requests) >= 1)
+    time.sleep(0.5)  # a stacked client retry would arrive right after the timeout
+    assert len(bedrock_server.requests) == 1
+    budget = _budget(proxy)
+    assert budget["reserved_usd"] == 0 and budget["pending"] == 0
+    assert budget["spent_usd"] == pytest.approx(routing["budget_reserved_usd"])
+
+
+def test_redis_down_refuses_escalations_without_spending(
+    make_proxy, ollama_backend, bedrock_server
+):
+    """With the shared budget on Redis, a Redis that is gone means no cap: the budget fails
+    closed (documented: the escalation is refused and ``on_budget_exceeded`` applies), so
+    nothing is spent, and local answers are still served."""
+    from confidence_router.testing.processes import RedisServerProcess, start_or_skip
+
+    ollama_backend.add_answer("kept", " local", logprobs=CONFIDENT)
+    ollama_backend.add_answer("escalate", " unsure", logprobs=UNSURE)
+    bedrock_server.add_answer("escalate", "cloud")
+    server = start_or_skip(RedisServerProcess())
+    try:
+        proxy = make_proxy(config=ProxyConfig(budget_usd=1.0, redis_url=server.url,
+                                              redis_prefix="down"))
+        first = _post(proxy, "/v1/chat/completions",
+                      {"model": "m", "messages": _user("escalate 1")})
+        assert _openai_result(first)[1]["decision"] == "cloud"
+    finally:
+        server.stop()
+    for stream in (False, True):
+        served = _post(proxy, "/v1/chat/completions",
+                       {"model": "m", "messages": _user("escalate 2"), "stream": stream})
+        text, routing = _openai_result(served)
+        assert text == " unsure" and routing["reason"] == "budget_exceeded"
+        refused = _post(proxy, "/v1/chat/completions",
+                        {"model": "m", "messages": _user("escalate 3"), "stream": stream,
+                         "on_budget_exceeded": "raise"})
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "budget_exceeded"
+    assert len(bedrock_server.requests) == 1
+    kept = _post(proxy, "/v1/chat/completions", {"model": "m", "messages": _user("kept 3")})
+    assert kept.status_code == 200 and _openai_result(kept)[0] == " local"
+    assert httpx.get(proxy.url + "/readyz", timeout=10).status_code == 503
+
+
 # -- 6. many concurrent clients --------------------------------------------------------------
 
 N_CONCURRENT = 48
