@@ -43,7 +43,9 @@ def _user(text: str) -> list[dict[str, Any]]:
 
 
 def _router_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("confidence-router")]
+    """The router's threads that run a call (a tier, a knowledge-store operation)."""
+    return [t for t in threading.enumerate() if t.name.startswith("confidence-router")
+            and t.name != "confidence-router-redis-recheck"]
 
 
 def _running(filename_part: str) -> list[str]:
@@ -257,6 +259,38 @@ def test_cloud_failure_mid_stream_is_not_retried_after_output_was_sent(
     assert len(bedrock_server.requests) == 2  # one per client request
     budget = _budget(proxy)
     assert budget["reserved_usd"] == 0 and budget["pending"] == 0 and budget["granted"] == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_proxy_time_limit_during_an_escalation_settles_the_budget_and_frees_threads(
+    make_proxy, ollama_backend, bedrock_server, stream
+):
+    """The proxy's own time limit cuts an escalation short (504, or an error event once the
+    stream has started): the reservation is settled and no tier thread is left behind."""
+    ollama_backend.add_answer("story", " dunno", logprobs=UNSURE)
+    if stream:  # the limit falls in the middle of the cloud's stream
+        bedrock_server.add_answer("story", [f" w{i}" for i in range(N_PIECES)],
+                                  piece_delay=PIECE_DELAY * 2, output_tokens=N_PIECES)
+    else:  # the limit falls while the cloud is still thinking
+        bedrock_server.add_answer("story", "late", latency=2.0)
+    proxy = make_proxy(config=ProxyConfig(budget_usd=10.0, timeout_s=1.0),
+                       CONFIDENCE_ROUTER_CLOUD_MAX_TOKENS="1024")
+    reply = _post(proxy, "/v1/chat/completions",
+                  {"model": "m", "messages": _user("Tell a long story"), "stream": stream})
+    if stream:
+        assert reply.status_code == 200
+        last = json.loads([line for line in reply.text.splitlines()
+                           if line.startswith("data: {")][-1][6:])
+        assert last["error"]["code"] == "timeout", last
+        assert _settle_count(lambda: bedrock_server.sent_pieces) < N_PIECES
+    else:
+        assert reply.status_code == 504 and reply.json()["error"]["code"] == "timeout"
+    assert len(bedrock_server.requests) == 1
+    assert _wait_for(lambda: _budget(proxy)["pending"] == 0), _budget(proxy)
+    budget = _budget(proxy)
+    assert budget["reserved_usd"] == 0 and budget["granted"] == 1
+    assert budget["spent_usd"] > 0  # the request reached the cloud: it may have been billed
+    assert _wait_for(lambda: not _router_threads()), [t.name for t in _router_threads()]
 
 
 # -- 3. personal data never reaches the cloud ------------------------------------------------
@@ -481,6 +515,7 @@ async def _concurrent_questions(urls: list[str]) -> list[httpx.Response]:
 
 def _openai_result(reply: httpx.Response) -> tuple[str, dict[str, Any]]:
     """(text, routing) of a 200 OpenAI-front reply, streamed or not."""
+    assert reply.status_code == 200, (reply.status_code, reply.text[:300])
     if reply.headers["content-type"].startswith("text/event-stream"):
         events = [json.loads(line[6:]) for line in reply.text.splitlines()
                   if line.startswith("data: {")]
@@ -547,6 +582,63 @@ def test_shared_budget_cap_holds_across_two_workers(
     shared = RedisCloudBudget(redis_client(redis_url), cap, prefix="attack").snapshot()
     _check_budget_outcomes(replies, bedrock_server, shared, cap, most=3)
     assert _budget(workers[0])["spent_usd"] == pytest.approx(shared["spent_usd"])
+
+
+def test_hung_redis_costs_one_socket_timeout_not_one_per_command(
+    make_proxy, ollama_backend, bedrock_server
+):
+    """Redis stops answering (SIGSTOP): the budget fails closed, stats and calibrator are
+    dropped, and the proxy keeps serving. The router calls the shared state synchronously on
+    the event loop, so each command that waits out the 2 s socket timeout stalls every client
+    of the worker: after the first timeout, commands must fail at once (until Redis answers
+    again), or N clients wait ~N x 2 x 2 s (measured: 16 escalations, /healthz ~60 s)."""
+    import os
+    import signal
+
+    from confidence_router.testing.processes import RedisServerProcess, start_or_skip
+
+    ollama_backend.add_answer("escalate", " unsure", logprobs=UNSURE)
+    bedrock_server.add_answer("escalate", "cloud")
+    server = start_or_skip(RedisServerProcess())
+    try:
+        proxy = make_proxy(config=ProxyConfig(budget_usd=1.0, redis_url=server.url,
+                                              redis_prefix="hung"))
+        first = _post(proxy, "/v1/chat/completions",
+                      {"model": "m", "messages": _user("escalate 0")})
+        assert _openai_result(first)[1]["decision"] == "cloud"
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            async def run() -> tuple[list[httpx.Response], float]:
+                async with httpx.AsyncClient(timeout=120) as client:
+                    async def health() -> float:
+                        await asyncio.sleep(0.5)  # while the escalations are in flight
+                        started = time.monotonic()
+                        assert (await client.get(proxy.url + "/healthz")).status_code == 200
+                        return time.monotonic() - started
+
+                    asks = [client.post(proxy.url + "/v1/chat/completions", json={
+                        "model": "m", "messages": _user(f"escalate {i}")})
+                        for i in range(1, 17)]
+                    *replies, waited = await asyncio.gather(*asks, health())
+                    return replies, waited
+
+            started = time.monotonic()
+            replies, healthz_s = asyncio.run(run())
+            elapsed = time.monotonic() - started
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        for reply in replies:
+            text, routing = _openai_result(reply)
+            assert text == " unsure" and routing["reason"] == "budget_exceeded"
+        assert len(bedrock_server.requests) == 1  # no spend without a cap
+        # Generous: 10 socket timeouts in all; each command waiting its own is ~60 s.
+        assert elapsed < 20.0 and healthz_s < 10.0, (elapsed, healthz_s)
+        # Redis answers again: escalations resume (the fail-fast state does not stick).
+        assert _wait_for(lambda: _openai_result(_post(proxy, "/v1/chat/completions", {
+            "model": "m", "messages": _user("escalate 99")}))[1]["decision"] == "cloud",
+            timeout=15)
+    finally:
+        server.stop()
 
 
 # -- 5. a throttled cloud --------------------------------------------------------------------
