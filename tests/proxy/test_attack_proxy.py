@@ -641,6 +641,54 @@ def test_hung_redis_costs_one_socket_timeout_not_one_per_command(
         server.stop()
 
 
+def test_redis_client_fails_fast_while_redis_hangs_and_recovers():
+    import os
+    import signal
+
+    import redis
+
+    from confidence_router.errors import InvalidArgumentError
+    from confidence_router.redis_state import redis_client
+    from confidence_router.testing.processes import RedisServerProcess, start_or_skip
+
+    for bad in (0, -1.0, float("nan"), True, "1"):
+        with pytest.raises(InvalidArgumentError):
+            redis_client("redis://127.0.0.1:1", recheck_s=bad)
+    server = start_or_skip(RedisServerProcess())
+    try:
+        client = redis_client(server.url, socket_timeout=0.5, socket_connect_timeout=0.5,
+                              recheck_s=0.2)
+        waits = redis_client(server.url, socket_timeout=0.5, socket_connect_timeout=0.5,
+                             recheck_s=None)
+        assert client.ping() and waits.ping()
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(redis.TimeoutError):
+                client.ping()  # the first command waits out its timeout ...
+            started = time.monotonic()
+            for _ in range(20):  # ... the next ones fail at once (20 timeouts would be 10 s)
+                with pytest.raises(redis.ConnectionError, match="failing fast"):
+                    client.set("k", "v")
+            assert time.monotonic() - started < 5.0
+            with pytest.raises(redis.TimeoutError):
+                waits.ping()  # recheck_s=None: every command waits
+            with pytest.raises(redis.TimeoutError):
+                waits.ping()
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert _wait_for(lambda: _answers(client), timeout=10)
+        assert client.get("k") is None  # nothing was written while failing fast
+    finally:
+        server.stop()
+
+
+def _answers(client: Any) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:  # noqa: BLE001 - still failing fast
+        return False
+
+
 # -- 5. a throttled cloud --------------------------------------------------------------------
 
 
