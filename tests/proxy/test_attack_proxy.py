@@ -477,6 +477,20 @@ def test_personal_data_anywhere_in_a_request_never_reaches_the_cloud(
         routing = lines[-1]["routing"]
         outcomes[f"ollama {name}"] = (text, routing["decision"],
                                       routing.get("escalation_skipped", ""))
+    # A schema for structured output goes to the cloud too (as a tool): the local answer is
+    # not JSON, the escalation is refused, so the documented outcome is a 502.
+    schema = {"type": "object", "description": f"owner {EMAIL}",
+              "properties": {"city": {"type": "string"}}}
+    for path, extra in (
+        ("/v1/chat/completions",
+         {"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                                                                     "schema": schema}}}),
+        ("/api/chat", {"format": schema}),
+    ):
+        reply = _post(guarded_proxy, path, {"model": "m", "stream": stream,
+                                            "messages": _user("What next?"), **extra})
+        assert reply.status_code == 502, (path, reply.text)
+        assert "structured output" in reply.text
     leaked = [r for r in bedrock_server.requests if _carries_pii(r)]
     assert leaked == []
     assert len(bedrock_server.requests) == 1  # only the control question
