@@ -197,6 +197,45 @@ def test_client_hang_up_mid_stream_stops_the_cloud_stream_and_settles_the_budget
     assert budget["spent_usd"] > 0
 
 
+def test_many_clients_hanging_up_mid_stream_on_two_workers_leave_no_reservation(
+    make_proxy, ollama_backend, bedrock_server, redis_url
+):
+    from confidence_router.redis_state import RedisCloudBudget, redis_client
+
+    n_clients = 8
+    ollama_backend.add_answer("story", " dunno", logprobs=UNSURE)
+    bedrock_server.add_answer("story", [f" w{i}" for i in range(N_PIECES)],
+                              piece_delay=PIECE_DELAY, input_tokens=20, output_tokens=N_PIECES)
+    config = ProxyConfig(budget_usd=10.0, redis_url=redis_url, redis_prefix="hangups")
+    workers = [make_proxy(config=config, CONFIDENCE_ROUTER_CLOUD_MAX_TOKENS="1024")
+               for _ in range(2)]
+
+    async def run() -> list[str]:
+        async def hang_up_after_first_chunk(i: int) -> str:
+            path = "/v1/chat/completions" if i % 2 else "/api/chat"
+            body = {"model": "m", "messages": _user(f"Tell a long story {i}"), "stream": True}
+            async with httpx.AsyncClient(timeout=30) as client, client.stream(
+                "POST", workers[i % 2].url + path, json=body
+            ) as reply:
+                async for line in reply.aiter_lines():
+                    if "w0" in line:
+                        return reply.headers["x-confidence-router-decision"]
+            return "no first chunk"
+
+        return list(await asyncio.gather(*(hang_up_after_first_chunk(i)
+                                           for i in range(n_clients))))
+
+    assert asyncio.run(run()) == ["cloud"] * n_clients
+    sent = _settle_count(lambda: bedrock_server.sent_pieces)
+    assert len(bedrock_server.requests) == n_clients
+    assert sent < n_clients * N_PIECES // 2, sent  # every cloud stream was closed early
+    shared = RedisCloudBudget(redis_client(redis_url), 10.0, prefix="hangups")
+    assert _wait_for(lambda: shared.snapshot()["pending"] == 0), shared.snapshot()
+    snapshot = shared.snapshot()
+    assert snapshot["reserved_usd"] == 0 and snapshot["granted"] == n_clients
+    assert snapshot["spent_usd"] > 0
+
+
 def _send_and_hang_up(proxy: Any, path: str, body: dict[str, Any], after_s: float) -> None:
     """Send a request on a raw socket and close the connection ``after_s`` later, before
     reading anything (a client that gave up while the proxy was still deciding)."""
