@@ -35,7 +35,9 @@ reservation whose settlement cannot reach Redis stays held until its lease runs 
 then charged as above, so the caller still gets the answer it paid for and the cap holds.
 The calibrator routes with its ``initial_threshold`` and drops observations meanwhile, and
 the stats sink's errors are logged by the router, so a call still gets an answer. All of it
-is logged as warnings on the ``confidence_router`` logger.
+is logged as warnings on the ``confidence_router`` logger. A :func:`redis_client` that found
+Redis unreachable fails its commands at once until Redis answers a background ping again, so
+a hung Redis stalls a worker's event loop for one socket timeout, not one per command.
 
 **Key prefix.** Every key starts with ``prefix`` (one per deployment) and the component's
 ``name``, e.g. ``prod:budget:default:state``; two deployments on one Redis never mix.
@@ -50,8 +52,11 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+import time
 import uuid
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
@@ -84,18 +89,34 @@ _NANO = 10**9
 _EPS = 1e-9
 
 
-def redis_client(url: str, **kwargs: Any) -> redis.Redis:
+def redis_client(url: str, *, recheck_s: float | None = 1.0, **kwargs: Any) -> redis.Redis:
     """A ``redis.Redis`` client for ``url`` (``redis://host:port/db``, ``rediss://``,
     ``unix://``) with string replies and 2-second socket timeouts (override with kwargs).
 
+    The router calls the budget, stats and calibrator synchronously, on an async server's
+    event loop too: while a hung Redis makes each command wait out its socket timeout, every
+    request of that worker waits. So once a command finds Redis unreachable (timed out,
+    refused, connection lost), every command of this client fails at once
+    (``redis.ConnectionError``: the budget fails closed, stats and calibrator carry on without
+    Redis) until a background ping, every ``recheck_s`` seconds, is answered again: a hung
+    Redis costs one socket timeout, not one per command. ``recheck_s=None``: every command
+    waits out its own timeouts.
+
     Raises:
         ImportError: the ``redis`` extra is not installed.
+        InvalidArgumentError: ``recheck_s`` is not a positive number of seconds.
     """
     from confidence_router._extras import require_extra
 
     require_extra("redis", "shared state on Redis")
     import redis as redis_lib
 
+    if recheck_s is not None and (
+        isinstance(recheck_s, bool) or not isinstance(recheck_s, (int, float))
+        or not math.isfinite(recheck_s) or recheck_s <= 0
+    ):
+        raise InvalidArgumentError(f"recheck_s must be a positive number of seconds or None, "
+                                   f"got {recheck_s!r}")
     options: dict[str, Any] = {
         "decode_responses": True,
         # The router calls the budget and calibrator synchronously on the request path: a
@@ -105,7 +126,90 @@ def redis_client(url: str, **kwargs: Any) -> redis.Redis:
         "health_check_interval": 30,
     }
     options.update(kwargs)
-    return redis_lib.Redis.from_url(url, **options)
+    client = redis_lib.Redis.from_url(url, **options)
+    if recheck_s is not None:
+        # The ping goes through a pool of its own, which never fails fast.
+        probe = redis_lib.Redis.from_url(url, **options)
+        breaker = _FailFast(weakref.ref(client), probe.ping, float(recheck_s))
+        pool = client.connection_pool
+        pool.connection_class = _fail_fast_connection(pool.connection_class, breaker)
+    return client
+
+
+class _FailFast:
+    """Shared by one client's connections: open (failing every command at once) from the
+    first sign that Redis is unreachable until a background ping is answered."""
+
+    def __init__(self, client: weakref.ref[Any], ping: Callable[[], Any], recheck_s: float) -> None:
+        self._client = client
+        self._ping = ping
+        self._recheck_s = recheck_s
+        self._lock = threading.Lock()
+        self._reason: str | None = None
+
+    def check(self) -> None:
+        reason = self._reason
+        if reason is not None:
+            import redis
+
+            raise redis.ConnectionError(
+                f"Redis unreachable ({reason}); failing fast until it answers a ping again")
+
+    def trip(self, error: BaseException) -> None:
+        with self._lock:
+            if self._reason is not None:
+                return
+            self._reason = f"{type(error).__name__}: {error}"
+        logger.warning("confidence_router: Redis unreachable (%s: %s); its commands fail at "
+                       "once until it answers again", type(error).__name__, error)
+        threading.Thread(target=self._recheck, name="confidence-router-redis-recheck",
+                         daemon=True).start()
+
+    def _recheck(self) -> None:
+        while self._client() is not None:  # nobody uses the client any more: stop
+            time.sleep(self._recheck_s)
+            try:
+                self._ping()
+            except Exception:  # noqa: BLE001, S112 - still unreachable: try again later
+                continue
+            with self._lock:
+                self._reason = None
+            logger.warning("confidence_router: Redis answers again")
+            return
+
+
+def _fail_fast_connection(base: type, breaker: _FailFast) -> type:
+    """``base`` (the pool's connection class), failing fast while ``breaker`` is open."""
+    import redis
+
+    unreachable = (redis.ConnectionError, redis.TimeoutError)
+
+    class FailFastConnection(base):  # type: ignore[misc, valid-type]
+        def connect(self, *args: Any, **kwargs: Any) -> Any:
+            breaker.check()
+            try:
+                return super().connect(*args, **kwargs)
+            except unreachable as error:
+                breaker.trip(error)
+                raise
+
+        def send_packed_command(self, *args: Any, **kwargs: Any) -> Any:
+            breaker.check()
+            try:
+                return super().send_packed_command(*args, **kwargs)
+            except unreachable as error:
+                breaker.trip(error)
+                raise
+
+        def read_response(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().read_response(*args, **kwargs)
+            except unreachable as error:
+                breaker.trip(error)
+                raise
+
+    FailFastConnection.__name__ = FailFastConnection.__qualname__ = f"FailFast{base.__name__}"
+    return FailFastConnection
 
 
 def _check_prefix(prefix: str, name: str) -> None:

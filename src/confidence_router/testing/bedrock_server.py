@@ -414,6 +414,7 @@ class _BedrockHandler(JSONRequestHandler):
                         "contentBlockDelta", {"contentBlockIndex": index, "delta": {"text": piece}}
                     )
                 )
+                self.owner._count_piece()
             self._write_chunk(_event("contentBlockStop", {"contentBlockIndex": index}))
             index += 1
         if mid_stream and failure is not None:
@@ -535,6 +536,7 @@ class _BedrockHandler(JSONRequestHandler):
                     "type": "content_block_delta", "index": index,
                     "delta": {"type": "text_delta", "text": piece},
                 }))
+                self.owner._count_piece()
             self._write_chunk(_chunk_event({"type": "content_block_stop", "index": index}))
             index += 1
         if failure is not None:
@@ -611,6 +613,10 @@ class FakeBedrockServer(BackgroundServer):
         self._tool_use_counter = 0
         self.default_calls = 0
         """How many requests got the default answer."""
+        self.sent_pieces = 0
+        """How many streamed text pieces were written to a client (both streaming operations);
+        a client that closes a stream early leaves the rest unsent (the write after the hang-up
+        fails, so at most one piece more is counted)."""
         self.set_default(default_answer)
 
     # ---- scripting -------------------------------------------------------------------------
@@ -747,6 +753,7 @@ class FakeBedrockServer(BackgroundServer):
             self._book = RuleBook()
             self._log.clear()
             self.default_calls = 0
+            self.sent_pieces = 0
         self.set_default(self._initial_default)
 
     # ---- inspection ------------------------------------------------------------------------
@@ -806,6 +813,10 @@ class FakeBedrockServer(BackgroundServer):
         with self._lock:
             self._book.rules.append(rule)
         return rule
+
+    def _count_piece(self) -> None:
+        with self._lock:
+            self.sent_pieces += 1
 
     def _record(self, record: RecordedBedrockRequest) -> None:
         with self._lock:

@@ -505,7 +505,9 @@ class ScriptedBackend:
                 answer. Default: the chosen token followed by 19 generated, less likely
                 alternatives (``"<alt1>"``, ...). The server trims to the requested ``k``.
             latency: seconds to wait before the first token (client timeouts, TTFT).
-            token_delay: seconds to wait before every further token (streaming order tests).
+            token_delay: seconds to wait before every further token (streaming order tests);
+                like ``latency``, the wait ends early, and generation stops, when the client
+                hangs up.
             tool_calls: ``[{"name": ..., "arguments": {...}}]`` (Ollama's ``{"function": ...}``
                 form is accepted too); sent in ``message.tool_calls``.
             done_reason: the final chunk's ``done_reason`` (``"stop"``, ``"length"``, ...).
@@ -729,8 +731,8 @@ class ScriptedBackend:
         for i, token in enumerate(answer.tokens):
             if failure is not None and i >= failure.after_tokens:
                 raise BackendError(failure.message, status=failure.status)
-            if i and answer.token_delay:
-                time.sleep(answer.token_delay)
+            if i and answer.token_delay and not _wait(answer.token_delay, request):
+                return  # the client hung up while the model stalled: generate no more
             with self._lock:
                 self.generated_tokens += 1
             yield token
