@@ -671,7 +671,7 @@ def _with_legacy_tool_calls(message: ChatMessage, tool_calls: list[ToolCall]) ->
         function = data.get("function")
         spec = function if isinstance(function, Mapping) else data
         name = spec.get("name")
-        args = next((spec[key] for key in ("arguments", "input", "args") if key in spec), {})
+        args: Any = next((spec[key] for key in ("arguments", "input", "args") if key in spec), {})
         call_id = data.get("id")
         call = _sent_tool_call(name, args, None if call_id is None else str(call_id))
         if _call_key(call) not in seen:

@@ -408,6 +408,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
                 tier_clients.without_retries(self.cloud), self.cloud_timeout, self._wire_guard()
             )
             object.__setattr__(self, "cloud", configured)
+            self._check_cloud_timeout(configured)
             if self.budget is not None:
                 attempts = tier_clients.client_attempts(configured)
                 if attempts != 1:
@@ -420,6 +421,25 @@ class ConfidenceRoutedLLM(BaseChatModel):
                     )
         if self.budget is not None and self.cloud is not None:
             self._reservation_bound()  # fails here when no upper bound exists
+
+    def _check_cloud_timeout(self, cloud: Any) -> None:
+        """A ``cloud_timeout`` the cloud's own boto3 client would outlast is an error: the
+        router bounds each request through the client (a thread it abandoned would keep the
+        request running, and a blocked read cannot be interrupted from outside)."""
+        if self.cloud_timeout is None:
+            return
+        connect, read = tier_clients.client_timeouts(cloud)
+        longer = {name: value for name, value in (("connect_timeout", connect),
+                                                   ("read_timeout", read))
+                  if isinstance(value, (int, float)) and value > self.cloud_timeout}
+        if longer:
+            settings = ", ".join(f"{name}={value:g}" for name, value in longer.items())
+            raise RoutingConfigError(
+                f"cloud_timeout={self.cloud_timeout:g} cannot bound the requests of your own "
+                f"boto3 client ({settings} s): give it Config(read_timeout=..., "
+                "connect_timeout=...) no longer than cloud_timeout, or build the model from "
+                "settings (the router then sets them)"
+            )
 
     def _wire_guard(self) -> Callable[[list[str], list[str]], str | None] | None:
         if self.escalation_guard is None:

@@ -37,6 +37,7 @@ from confidence_router.signals import NEEDS_TOP_LOGPROBS
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "bound_kwargs",
+    "client_timeouts",
     "configure_cloud",
     "configure_local",
     "configure_store",
@@ -435,6 +436,17 @@ def client_attempts(model: Any) -> int | None:
     return extra + 1 if isinstance(extra, int) else None
 
 
+def client_timeouts(model: Any) -> tuple[float | None, float | None]:
+    """``(connect_timeout, read_timeout)`` of the Bedrock client of ``model`` in seconds
+    (``(None, None)`` for other models). The clients the router configures have the tier's
+    timeout; your own boto3 client has its ``Config``'s (botocore's default: 60 s each)."""
+    inner = unwrap(model)
+    if not is_bedrock(inner):
+        return None, None
+    config = getattr(getattr(getattr(inner, "client", None), "meta", None), "config", None)
+    return getattr(config, "connect_timeout", None), getattr(config, "read_timeout", None)
+
+
 class _AnswerDeadline:
     """httpx event hooks: a response body still streaming ``timeout`` seconds after its
     request started fails with ``httpx.ReadTimeout`` (closing the connection, so the server
@@ -514,7 +526,12 @@ def configure_cloud(
     if inner.config is not None:
         config = inner.config.merge(config)
     # max_retries/timeout fields would be merged over our config by the client: drop them.
-    rebuilt = _rebuild(inner, config=config, max_retries=None, timeout=None)
+    try:
+        rebuilt = _rebuild(inner, config=config, max_retries=None, timeout=None)
+    except ValueError:
+        # Built around your own boto3 client, and the model's settings cannot build one (no
+        # region or credentials of their own): keep yours as it is.
+        return model
     if _endpoint(rebuilt.client) != _endpoint(inner.client):
         # Built around your own boto3 client (another region, endpoint or credentials):
         # keep it as it is; its own timeouts and retries apply.

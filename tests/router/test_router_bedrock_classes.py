@@ -7,6 +7,7 @@ bedrock-runtime server received."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
@@ -14,7 +15,7 @@ from langchain_core.tools import tool
 
 from confidence_router import ConfidenceRoutedLLM
 from confidence_router.budget import CloudBudget
-from confidence_router.errors import CloudEscalationError
+from confidence_router.errors import CloudEscalationError, RoutingConfigError
 from confidence_router.guards import PIIGuard
 from confidence_router.record import Reason
 from confidence_router.retry import RetryPolicy
@@ -154,3 +155,78 @@ def test_tool_call_from_the_cloud(api, cloud_factory, ollama_chat, ollama_backen
     assert message.response_metadata["routing"]["decision"] == "cloud"
     sent = json.dumps(bedrock_server.requests[0]["body"])
     assert "get_weather" in sent
+
+
+# -- a cloud model built on your own boto3 client ----------------------------------------------
+
+
+MODEL = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+
+
+def _own_client(bedrock_server, **config):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "bedrock-runtime", region_name="us-east-1", endpoint_url=bedrock_server.url,
+        aws_access_key_id="test", aws_secret_access_key="test",
+        config=Config(retries={"total_max_attempts": 1}, **config),
+    )
+
+
+def _on_own_client(api, client, **fields):
+    from langchain_aws import ChatBedrock, ChatBedrockConverse
+
+    if api == "converse":
+        return ChatBedrockConverse(model=MODEL, client=client, **fields)
+    return ChatBedrock(model_id=MODEL, client=client, **fields)
+
+
+@pytest.fixture
+def no_aws_region(monkeypatch):
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+
+
+def test_own_client_without_settings_of_the_model_is_used_as_given(
+    api, unsure_local, bedrock_server, no_aws_region
+):
+    """The model names no region (its client has one): the router kept failing to build a
+    client of its own from the settings, a RoutingConfigError at construction."""
+    client = _own_client(bedrock_server)
+    bedrock_server.set_default("cloud answer")
+    router = ConfidenceRoutedLLM(local=unsure_local,
+                                 cloud=_on_own_client(api, client, max_tokens=32))
+    message = router.invoke("Second president of Kenya?")
+    assert message.text == "cloud answer"
+    assert message.response_metadata["routing"]["cloud_attempts"] == 1
+    assert [r["operation"] for r in bedrock_server.requests] == [OPERATIONS[api][0]]
+
+
+def test_cloud_timeout_longer_than_own_client_can_bound_is_a_config_error(
+    api, unsure_local, bedrock_server, no_aws_region
+):
+    client = _own_client(bedrock_server)  # botocore's defaults: 60 s to connect and per read
+    with pytest.raises(RoutingConfigError, match=r"cloud_timeout=2 .*read_timeout=60"):
+        ConfidenceRoutedLLM(local=unsure_local, cloud_timeout=2,
+                            cloud=_on_own_client(api, client, max_tokens=32))
+    assert bedrock_server.requests == []
+
+
+def test_own_client_with_timeouts_in_its_config_bounds_a_hung_cloud(
+    api, unsure_local, bedrock_server, no_aws_region
+):
+    client = _own_client(bedrock_server, read_timeout=0.5, connect_timeout=0.5)
+    bedrock_server.set_default("too late")
+    bedrock_server.delay(None, 5.0)
+    router = ConfidenceRoutedLLM(local=unsure_local, cloud_timeout=1.0, cloud_retry=None,
+                                 on_cloud_error="local",
+                                 cloud=_on_own_client(api, client, max_tokens=32))
+    started = time.monotonic()
+    message = router.invoke("Second president of Kenya?")
+    assert time.monotonic() - started < 4.0  # not the 5 s hang
+    routing = message.response_metadata["routing"]
+    assert (message.text, routing["reason"], routing["cloud_error_kind"]) == (
+        "Jomo", Reason.CLOUD_ERROR, "timeout")
+    assert len(bedrock_server.requests) == 1
