@@ -1,7 +1,8 @@
 """Timeouts must cancel the work: a hung or crawling local model (the unchanged ``ChatOllama``
 against the project's Ollama-compatible server) never starves the cloud tier, the fall-back
 comes about ``local_timeout`` after the call starts, and nothing is left running afterwards —
-counted as live threads, asyncio tasks and generations still in flight on the server."""
+counted as live threads, asyncio tasks and generations still in flight on the server. The cloud
+tier they fall back on is each Bedrock class in turn (``ChatBedrockConverse``, ``ChatBedrock``)."""
 
 from __future__ import annotations
 
@@ -57,9 +58,10 @@ def backend(ollama_server) -> InFlightBackend:
 
 
 @pytest.fixture
-def cloud(bedrock_chat, bedrock_server):
+def cloud(cloud_factory, bedrock_server):
+    """The cloud tier, over both Bedrock classes (ChatBedrockConverse and ChatBedrock)."""
     bedrock_server.set_default("cloud answer")
-    return bedrock_chat(max_tokens=50)
+    return cloud_factory(max_tokens=50)
 
 
 def _live_threads() -> int:
@@ -166,11 +168,11 @@ def test_crawling_local_model_sync_invoke_falls_back_at_the_deadline(
 
 
 def test_hung_local_model_with_no_budget_left_fails_fast_and_typed(
-    ollama_chat, bedrock_chat, backend, bedrock_server
+    ollama_chat, cloud_factory, backend, bedrock_server
 ):
     backend.delay("hang", HANG)
     budget = CloudBudget(max_usd=1e-9)  # no escalation fits
-    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(max_tokens=50),
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud_factory(max_tokens=50),
                                  budget=budget, local_timeout=LOCAL_TIMEOUT)
     started = time.perf_counter()
     with pytest.raises(LocalModelError) as raised:

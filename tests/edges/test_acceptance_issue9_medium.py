@@ -212,9 +212,9 @@ BAD_TIMEOUTS = [math.inf, -math.inf, math.nan, 0, 0.0, -0.0, -1, -1e-9, "5", "in
 
 @pytest.mark.parametrize("field", ["local_timeout", "cloud_timeout"])
 @pytest.mark.parametrize("value", BAD_TIMEOUTS, ids=repr)
-def test_bad_timeouts_are_typed_errors_naming_the_field(ollama_chat, bedrock_chat, field, value):
+def test_bad_timeouts_are_typed_errors_naming_the_field(ollama_chat, cloud_factory, field, value):
     with pytest.raises(RoutingConfigError, match=field):
-        ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(), **{field: value})
+        ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud_factory(), **{field: value})
 
 
 @pytest.mark.parametrize("field", ["local_timeout", "cloud_timeout"])
@@ -228,17 +228,17 @@ def test_bad_timeouts_in_settings_are_typed_errors(tmp_path, field, value):
 
 
 @pytest.mark.parametrize("field", ["local_timeout", "cloud_timeout"])
-def test_good_timeouts_are_kept(ollama_chat, bedrock_chat, field):
+def test_good_timeouts_are_kept(ollama_chat, cloud_factory, field):
     for value in (0.001, 1, 2.5, None):
-        router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(), **{field: value})
+        router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud_factory(), **{field: value})
         assert getattr(router, field) == value
 
 
 @pytest.mark.parametrize("field", ["local_timeout", "cloud_timeout"])
 @pytest.mark.parametrize("value", [math.inf, math.nan, 0, -1, True], ids=repr)
-def test_bad_timeout_assigned_after_construction_is_refused(ollama_chat, bedrock_chat, field,
+def test_bad_timeout_assigned_after_construction_is_refused(ollama_chat, cloud_factory, field,
                                                             value):
-    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(), local_timeout=5,
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud_factory(), local_timeout=5,
                                  cloud_timeout=5)
     with pytest.raises(RoutingConfigError, match=field):
         setattr(router, field, value)
@@ -359,7 +359,7 @@ def test_answer_with_visible_text_between_blanks_is_scored(router, ollama_backen
 # =============================================================================================
 
 
-async def test_stats_count_every_call_that_ends_in_an_error(ollama_chat, bedrock_chat,
+async def test_stats_count_every_call_that_ends_in_an_error(ollama_chat, cloud_factory,
                                                             ollama_backend, bedrock_server):
     ollama_backend.fail("local fails", status=500, message="down")
     ollama_backend.set_default("unsure", logprobs=-3.0)
@@ -390,7 +390,7 @@ async def test_stats_count_every_call_that_ends_in_an_error(ollama_chat, bedrock
 
     # The cloud fails on an escalation: CloudEscalationError, counted.
     cloud_stats = RoutingStats()
-    routed = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(), stats=cloud_stats,
+    routed = ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud_factory(), stats=cloud_stats,
                                  cloud_retry=NO_RETRY)
     with pytest.raises(CloudEscalationError):
         routed.invoke("unsure question")
@@ -403,11 +403,11 @@ async def test_stats_count_every_call_that_ends_in_an_error(ollama_chat, bedrock
     assert any(kind.startswith("cloud") for kind in snap["errors"]), snap["errors"]
 
 
-def test_stats_count_budget_refusals_that_raise(ollama_chat, bedrock_chat, ollama_backend,
+def test_stats_count_budget_refusals_that_raise(ollama_chat, cloud_factory, ollama_backend,
                                                 bedrock_server):
     ollama_backend.set_default("unsure", logprobs=-3.0)
     stats = RoutingStats()
-    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(max_tokens=40),
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud_factory(max_tokens=40),
                                  stats=stats, budget=CloudBudget(max_usd=1e-12),
                                  on_budget_exceeded="raise")
     for call in (lambda: router.invoke("q"), lambda: list(router.stream("q"))):
@@ -477,11 +477,11 @@ def test_pii_guard_variants_do_not_flag_ordinary_text(text):
     assert PIIGuard().find(text) is None
 
 
-def test_guarded_variants_never_reach_the_cloud(ollama_chat, bedrock_chat, ollama_backend,
+def test_guarded_variants_never_reach_the_cloud(ollama_chat, cloud_factory, ollama_backend,
                                                 bedrock_server):
     ollama_backend.set_default("unsure", logprobs=-3.0)
     bedrock_server.set_default("cloud answer")
-    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(max_tokens=40),
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud_factory(max_tokens=40),
                                  escalation_guard=PIIGuard(), cloud_retry=NO_RETRY)
     for case in ("Cyrillic email", "lower-case spaced IBAN (GB)", "card with double spaces",
                  "card with dots", "lower-case compact IBAN (FR)"):
@@ -1271,7 +1271,7 @@ def test_router_repr_and_its_own_trace_run_never_hold_the_password(ollama_backen
      {"cloud_retry": "retry", "cloud_timeout": 5, "local_timeout": 5}],
     ids=["streaming", "early_exit", "budget", "guard+stats", "retry+timeouts"],
 )
-def test_every_collaborator_survives_a_new_event_loop_per_call(ollama_chat, bedrock_chat,
+def test_every_collaborator_survives_a_new_event_loop_per_call(ollama_chat, cloud_factory,
                                                                ollama_backend, ollama_server,
                                                                bedrock_server, fields):
     made = {"budget": lambda: CloudBudget(max_usd=1.0), "guard": PIIGuard,
@@ -1282,7 +1282,7 @@ def test_every_collaborator_survives_a_new_event_loop_per_call(ollama_chat, bedr
     ollama_backend.add_answer("Kenya", "Jomo", logprobs=-3.0)
     bedrock_server.set_default("Moi")
     bedrock_server.fail("throttled", "ThrottlingException", times=1)
-    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(max_tokens=40),
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud_factory(max_tokens=40),
                                  **fields)
     expected = {"France?": "Paris", "Kenya?": "Moi"}
     for question in ("France?", "Kenya?", "France?", "Kenya?"):
@@ -1329,13 +1329,13 @@ def test_a_misspelt_variable_is_hinted_with_non_setting_variables_too():
     check_environment({"CONFIDENCE_ROUTER_REDIS_URL": "redis://x", "OTHER": "1"})
 
 
-def test_stats_count_a_cloud_stream_that_fails_after_chunks(ollama_chat, bedrock_chat,
+def test_stats_count_a_cloud_stream_that_fails_after_chunks(ollama_chat, cloud_factory,
                                                                   ollama_backend,
                                                                   bedrock_server):
     ollama_backend.set_default("unsure", logprobs=-3.0)
     bedrock_server.fail(None, "ServiceUnavailableException", after_pieces=2)
     stats = RoutingStats()
-    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(), stats=stats,
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud_factory(), stats=stats,
                                  cloud_retry=NO_RETRY, on_cloud_error="local")
     for collect in (lambda: list(router.stream("question")),
                     lambda: asyncio.run(_collect(router.astream("question")))):
