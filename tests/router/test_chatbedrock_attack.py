@@ -17,14 +17,18 @@ and must not write into the next test's counters.
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
+import json
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from langchain_core.messages import HumanMessage
+from langchain_core.output_parsers import StrOutputParser
 
 from confidence_router import ConfidenceRoutedLLM
 from confidence_router.budget import CloudBudget, upper_bound_request_cost
@@ -33,6 +37,7 @@ from confidence_router.errors import CloudEscalationError
 from confidence_router.record import Reason
 from confidence_router.retry import ErrorKind, RetryPolicy
 from confidence_router.testing import FakeBedrockServer
+from confidence_router.testing.bedrock_server import encode_event_frame
 
 QUESTION = "an obscure question"
 MAX_TOKENS = 50
@@ -225,6 +230,49 @@ async def test_hung_chatbedrock_retried_on_timeout_sends_one_request_per_attempt
     operation = STREAM if "stream" in entry else INVOKE
     assert _operations(bedrock_server) == [operation] * 3
     assert budget.reserved == 0 and budget.spent == pytest.approx(3 * bound())
+    assert await _aeventually(lambda: _router_threads() == [], timeout=HANG - 1.0)
+
+
+def _lookup(city: str) -> str:
+    """Look a city up."""
+    return city
+
+
+@pytest.mark.parametrize("how", ["config with long timeouts", "cloud_timeout set later",
+                                 "cloud set later", "tools bound on the router",
+                                 "tools bound on the model"])
+async def test_hung_chatbedrock_is_bounded_however_model_and_timeout_are_set(
+    how, ollama_chat, bedrock_invoke_chat, unsure, bedrock_server
+):
+    from botocore.config import Config
+
+    bedrock_server.delay(None, HANG)
+    fields: dict[str, Any] = {"max_tokens": MAX_TOKENS}
+    if how == "config with long timeouts":  # your settings; the router's timeout wins
+        fields["config"] = Config(read_timeout=60, connect_timeout=60)
+    cloud = bedrock_invoke_chat(**fields)
+    if how == "tools bound on the model":
+        cloud = cloud.bind_tools([_lookup])
+    router = ConfidenceRoutedLLM(
+        local=ollama_chat(), cloud=cloud if how != "cloud set later" else None,
+        cloud_timeout=None if how == "cloud_timeout set later" else CLOUD_TIMEOUT,
+        on_cloud_error="local", cloud_retry=NO_RETRY)
+    if how == "cloud_timeout set later":
+        router.cloud_timeout = CLOUD_TIMEOUT
+    elif how == "cloud set later":
+        router.cloud = cloud
+    runnable: Any = router.bind_tools([_lookup]) if how == "tools bound on the router" else router
+    started = time.monotonic()
+    invoked = await asyncio.to_thread(runnable.invoke, QUESTION)
+    streamed = _join([c async for c in runnable.astream(QUESTION)])
+    assert time.monotonic() - started < 2 * NOT_HUNG
+    for message in (invoked, streamed):
+        routing = message.response_metadata["routing"]
+        assert routing["decision"] == "local" and routing["cloud_error_kind"] == "timeout"
+        assert routing["cloud_attempts"] == 1
+    assert _operations(bedrock_server) == [INVOKE, STREAM]
+    if "tools" in how:
+        assert all("_lookup" in str(r["body"].get("tools")) for r in bedrock_server.requests)
     assert await _aeventually(lambda: _router_threads() == [], timeout=HANG - 1.0)
 
 
@@ -488,6 +536,8 @@ def _assert_stopped_and_settled(bedrock_server, budget: CloudBudget) -> None:
 def test_chatbedrock_sync_stream_the_caller_stops_reading_stops_at_the_server(
     how, ollama_chat, bedrock_invoke_chat, unsure, bedrock_server
 ):
+    """(Not a sync LCEL chain: langchain-core's ``_transform_stream_with_config`` reads the
+    rest of its input stream, the router's answer, to the end when its consumer stops.)"""
     _long_answer(bedrock_server)
     budget = CloudBudget(max_usd=1.0)
     router = _router(ollama_chat, bedrock_invoke_chat, budget=budget)
@@ -514,7 +564,7 @@ def test_chatbedrock_sync_stream_the_caller_stops_reading_stops_at_the_server(
     _assert_stopped_and_settled(bedrock_server, budget)
 
 
-@pytest.mark.parametrize("how", ["break", "aclose", "garbage"])
+@pytest.mark.parametrize("how", ["break", "aclose", "garbage", "chain break"])
 async def test_chatbedrock_async_stream_the_caller_stops_reading_stops_at_the_server(
     how, ollama_chat, bedrock_invoke_chat, unsure, bedrock_server
 ):
@@ -528,6 +578,18 @@ async def test_chatbedrock_async_stream_the_caller_stops_reading_stops_at_the_se
                 seen.append(chunk.text)
             if len(seen) == 2:
                 break
+    elif how == "chain break":
+        # LangChain's atransform leaves the router's astream open when the chain's consumer
+        # stops: it is closed when the abandoned generators are collected.
+        chained = (router | StrOutputParser()).astream(QUESTION)
+        async for text in chained:
+            if text:
+                seen.append(text)
+            if len(seen) == 2:
+                break
+        await chained.aclose()
+        del chained
+        gc.collect()
     else:
         stream = router.astream(QUESTION)
         while len(seen) < 2:
@@ -552,13 +614,45 @@ async def test_chatbedrock_async_stream_the_caller_stops_reading_stops_at_the_se
 # -- concurrency ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("entry", ["ainvoke", "astream"])
+@pytest.mark.parametrize("entry", ["ainvoke", "astream", "abatch", "batch"])
 async def test_30_concurrent_chatbedrock_escalations_are_all_answered(
     entry, ollama_chat, bedrock_invoke_chat, unsure, bedrock_server
 ):
     bedrock_server.set_default("Argon.", latency=0.3)
     budget = CloudBudget(max_usd=1.0)
     router = _router(ollama_chat, bedrock_invoke_chat, budget=budget, cloud_timeout=2.0)
+    queries = [f"{QUESTION} #{i}" for i in range(30)]
+
+    async def one(query: str):
+        if entry == "ainvoke":
+            return await router.ainvoke(query)
+        return _join([c async for c in router.astream(query)])
+
+    if entry == "batch":
+        results = await asyncio.to_thread(router.batch, queries, {"max_concurrency": 30},
+                                          return_exceptions=True)
+    elif entry == "abatch":
+        results = await router.abatch(queries, {"max_concurrency": 30}, return_exceptions=True)
+    else:
+        results = await asyncio.gather(*(one(q) for q in queries), return_exceptions=True)
+    assert [getattr(r, "text", r) for r in results] == ["Argon."] * 30
+    assert {r.response_metadata["routing"]["decision"] for r in results} == {"cloud"}
+    assert {r.response_metadata["routing"]["cloud_attempts"] for r in results} == {1}
+    operation = STREAM if entry == "astream" else INVOKE
+    assert _operations(bedrock_server) == [operation] * 30
+    assert sorted(r["last_user_text"] for r in bedrock_server.requests) == sorted(queries)
+    assert budget.reserved == 0
+    assert await _aeventually(lambda: _router_threads() == [])
+
+
+@pytest.mark.parametrize("entry", ["ainvoke", "astream"])
+async def test_30_concurrent_escalations_to_a_hung_chatbedrock_all_end_at_the_timeout(
+    entry, ollama_chat, bedrock_invoke_chat, unsure, bedrock_server
+):
+    bedrock_server.delay(None, HANG)
+    budget = CloudBudget(max_usd=1.0)
+    router = _router(ollama_chat, bedrock_invoke_chat, budget=budget,
+                     cloud_timeout=CLOUD_TIMEOUT, on_cloud_error="local")
 
     async def one(i: int):
         query = f"{QUESTION} #{i}"
@@ -566,13 +660,199 @@ async def test_30_concurrent_chatbedrock_escalations_are_all_answered(
             return await router.ainvoke(query)
         return _join([c async for c in router.astream(query)])
 
+    started = time.monotonic()
     results = await asyncio.gather(*(one(i) for i in range(30)), return_exceptions=True)
-    assert [getattr(r, "text", r) for r in results] == ["Argon."] * 30
-    assert {r.response_metadata["routing"]["decision"] for r in results} == {"cloud"}
+    assert time.monotonic() - started < NOT_HUNG
+    assert [getattr(r, "text", r) for r in results] == ["unsure"] * 30
+    kinds = {r.response_metadata["routing"]["cloud_error_kind"] for r in results}
+    assert kinds == {"timeout"}
     assert {r.response_metadata["routing"]["cloud_attempts"] for r in results} == {1}
-    operation = STREAM if entry == "astream" else INVOKE
-    assert _operations(bedrock_server) == [operation] * 30
-    assert sorted(r["last_user_text"] for r in bedrock_server.requests) == sorted(
-        f"{QUESTION} #{i}" for i in range(30))
+    assert _operations(bedrock_server) == [STREAM if entry == "astream" else INVOKE] * 30
     assert budget.reserved == 0
-    assert await _aeventually(lambda: _router_threads() == [])
+    assert budget.spent == pytest.approx(sum(bound(f"{QUESTION} #{i}") for i in range(30)))
+    assert await _aeventually(lambda: _router_threads() == [], timeout=HANG - 1.0)
+
+
+async def test_chatbedrock_astream_cancelled_before_the_cloud_answers_stops_at_the_server(
+    ollama_chat, bedrock_invoke_chat, unsure, bedrock_server
+):
+    bedrock_server.add_answer(None, [f" w{i}" for i in range(N_PIECES)], latency=0.6,
+                              piece_delay=0.05)
+    budget = CloudBudget(max_usd=1.0)
+    router = _router(ollama_chat, bedrock_invoke_chat, budget=budget)
+    seen: list[str] = []
+
+    async def consume() -> None:
+        async for chunk in router.astream(QUESTION):
+            seen.append(chunk.text)
+
+    task = asyncio.create_task(consume())
+    assert await _aeventually(lambda: len(bedrock_server.requests) == 1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert "".join(seen) == ""
+    # Sent, so it may be billed: spent at once, not when the thread gets the first byte.
+    assert budget.reserved == 0 and budget.spent == pytest.approx(bound())
+    # The thread closes the stream at its first chunk: the server stops sending.
+    assert await _aeventually(lambda: _router_threads() == [], timeout=3.0)
+    sent = await asyncio.to_thread(_settled_count, lambda: bedrock_server.sent_pieces)
+    assert sent < N_PIECES // 3, sent
+    assert _operations(bedrock_server) == [STREAM]
+
+
+# -- what the fake server cannot do: a body that stalls, a dropped connection, no counts --------
+
+
+def _chunk_frame(event: dict[str, Any]) -> bytes:
+    data = base64.b64encode(json.dumps(event).encode()).decode()
+    return encode_event_frame({":event-type": "chunk", ":content-type": "application/json",
+                               ":message-type": "event"}, json.dumps({"bytes": data}).encode())
+
+
+class _RawInvoke(BaseHTTPRequestHandler):
+    """InvokeModel / InvokeModelWithResponseStream misbehaving as ``server.mode`` says:
+    ``"stall"`` sends the headers and 10 bytes of the body, then stalls for ``HANG``;
+    ``"drop"`` reads the request and closes the connection without answering;
+    ``"no counts"`` answers in full (the Anthropic body with its ``usage``) but without the
+    ``x-amzn-bedrock-*-token-count`` headers, as a gateway that drops them would."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.received.append(self.path.rsplit("/", 1)[-1])  # type: ignore[attr-defined]
+        mode = self.server.mode  # type: ignore[attr-defined]
+        if mode == "drop":
+            self.close_connection = True
+            return
+        if self.path.endswith("/invoke-with-response-stream"):
+            events = [
+                {"type": "message_start", "message": {
+                    "id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+                    "content": [], "stop_reason": None, "stop_sequence": None}},
+                {"type": "content_block_start", "index": 0,
+                 "content_block": {"type": "text", "text": ""}},
+                {"type": "content_block_delta", "index": 0,
+                 "delta": {"type": "text_delta", "text": "cloud answer"}},
+                {"type": "content_block_stop", "index": 0},
+                {"type": "message_delta",
+                 "delta": {"stop_reason": "end_turn", "stop_sequence": None}},
+                {"type": "message_stop"},
+            ]
+            body = b"".join(_chunk_frame(e) for e in events)
+            content_type = "application/vnd.amazon.eventstream"
+        else:
+            body = json.dumps({
+                "id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+                "content": [{"type": "text", "text": "cloud answer"}],
+                "stop_reason": "end_turn", "stop_sequence": None,
+                "usage": {"input_tokens": 12, "output_tokens": 3},
+            }).encode()
+            content_type = "application/json"
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if mode == "stall":
+            self.wfile.write(body[:10])
+            self.wfile.flush()
+            time.sleep(HANG)
+            body = body[10:]
+        try:
+            self.wfile.write(body)
+        except OSError:
+            pass  # the client gave up
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def raw_invoke(ollama_chat, unsure):
+    """``raw_invoke(mode, **router_fields)`` -> (router, requests received) on a
+    :class:`_RawInvoke` server (ChatBedrock, a budget of 1 USD)."""
+    from langchain_aws import ChatBedrock
+
+    servers: list[ThreadingHTTPServer] = []
+
+    def build(mode: str, **fields: Any):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _RawInvoke)
+        server.daemon_threads = True
+        server.mode, server.received = mode, []  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        cloud = ChatBedrock(
+            model_id="us.anthropic.claude-sonnet-4-5-20250929-v1:0", region_name="us-east-1",
+            endpoint_url=f"http://127.0.0.1:{server.server_address[1]}",
+            aws_access_key_id="test", aws_secret_access_key="test", max_retries=0,
+            max_tokens=MAX_TOKENS)
+        router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud, **fields)
+        return router, server.received  # type: ignore[attr-defined]
+
+    yield build
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+async def _answer(router: ConfidenceRoutedLLM, entry: str):
+    if entry == "invoke":
+        return await asyncio.to_thread(router.invoke, QUESTION)
+    if entry == "stream":
+        return await asyncio.to_thread(lambda: _join(list(router.stream(QUESTION))))
+    if entry == "ainvoke":
+        return await router.ainvoke(QUESTION)
+    return _join([c async for c in router.astream(QUESTION)])
+
+
+@pytest.mark.parametrize("entry", ["invoke", "stream", "ainvoke", "astream"])
+async def test_chatbedrock_body_stalling_after_the_headers_ends_at_the_timeout(
+    entry, raw_invoke
+):
+    budget = CloudBudget(max_usd=1.0)
+    router, received = raw_invoke("stall", budget=budget, cloud_timeout=CLOUD_TIMEOUT,
+                                  on_cloud_error="local", cloud_retry=NO_RETRY)
+    started = time.monotonic()
+    message = await _answer(router, entry)
+    assert time.monotonic() - started < NOT_HUNG
+    _assert_timed_out_and_kept_local(message)
+    assert received == [STREAM if "stream" in entry else INVOKE]
+    assert budget.reserved == 0 and budget.spent == pytest.approx(bound())
+    assert await _aeventually(lambda: _router_threads() == [], timeout=HANG - 1.0)
+
+
+@pytest.mark.parametrize("entry", ["invoke", "stream", "ainvoke", "astream"])
+async def test_chatbedrock_connection_dropped_after_sending_is_spent_and_not_resent(
+    entry, raw_invoke
+):
+    budget = CloudBudget(max_usd=1.0)
+    # The router's default cloud_retry (throttled and transient only).
+    router, received = raw_invoke("drop", budget=budget, on_cloud_error="local")
+    message = await _answer(router, entry)
+    routing = message.response_metadata["routing"]
+    assert message.text == "unsure" and routing["cloud_error_kind"] == "disconnected"
+    assert routing["cloud_attempts"] == 1
+    assert received == [STREAM if "stream" in entry else INVOKE]
+    assert budget.reserved == 0 and budget.spent == pytest.approx(bound())
+    assert routing["cloud_cost_usd"] == pytest.approx(bound())
+
+
+@pytest.mark.parametrize("entry", [
+    pytest.param("invoke", marks=pytest.mark.xfail(strict=True, reason=(
+        "ChatBedrock reads InvokeModel's token counts only from the x-amzn-bedrock-*-token-"
+        "count headers and reports 0/0 without them; _record.cloud_done prices that as a "
+        "free request and commits the reservation at 0 USD"))),
+    "stream",
+])
+def test_chatbedrock_answer_without_token_counts_is_spent_at_its_bound(entry, raw_invoke):
+    budget = CloudBudget(max_usd=1.0)
+    router, received = raw_invoke("no counts", budget=budget)
+    if entry == "invoke":
+        message = router.invoke(QUESTION)
+    else:
+        message = _join(list(router.stream(QUESTION)))
+    routing = message.response_metadata["routing"]
+    assert message.text == "cloud answer" and routing["decision"] == "cloud"
+    assert received == [STREAM if entry == "stream" else INVOKE]
+    # The request ran and was billed: with no counts to price it, it is spent at its bound.
+    assert budget.reserved == 0 and budget.spent == pytest.approx(bound())
+    assert routing["cloud_cost_usd"] == pytest.approx(bound())
