@@ -338,8 +338,8 @@ async def test_chatbedrock_stream_stalling_before_any_text_is_retried_then_falls
     assert await _aeventually(lambda: _router_threads() == [], timeout=HANG - 1.0)
 
 
-#: An answer that never goes silent for a whole ``CLOUD_TIMEOUT`` yet takes 30 x 0.2 = 6 s.
-CRAWL_PIECES = 30
+#: An answer that never goes silent for a whole ``CLOUD_TIMEOUT`` yet takes 20 x 0.2 = 4 s.
+CRAWL_PIECES = 20
 
 
 def _crawling_answer(bedrock_server: FakeBedrockServer) -> None:
@@ -373,7 +373,7 @@ async def test_crawling_chatbedrock_stream_ends_at_the_attempts_deadline(
     assert routing["cloud_error_kind"] == "timeout" and routing["cloud_attempts"] == 1
     assert _operations(bedrock_server) == [STREAM]
     assert budget.reserved == 0 and budget.spent == pytest.approx(bound())
-    # The thread and the server stop well before the 6 s the answer would take.
+    # The thread and the server stop well before the 4 s the answer would take.
     assert await _aeventually(lambda: _router_threads() == [], timeout=2.0)
     sent = await asyncio.to_thread(_settled_count, lambda: bedrock_server.sent_pieces)
     assert sent < CRAWL_PIECES // 2, sent
@@ -382,7 +382,7 @@ async def test_crawling_chatbedrock_stream_ends_at_the_attempts_deadline(
 @pytest.mark.xfail(strict=True, reason=(
     "a cloud model with streaming=True streams inside invoke(): the router's non-streamed "
     "path (router._answer / _aanswer) calls model.invoke/ainvoke, so no attempt deadline "
-    "applies and the stream is never closed: sync invoke takes the whole 6 s, and a timed-"
+    "applies and the stream is never closed: sync invoke takes the whole 4 s, and a timed-"
     "out ainvoke leaves its tier thread reading the answer to the end"))
 @pytest.mark.parametrize("entry", ["invoke", "ainvoke"])
 async def test_streaming_cloud_model_crawling_through_invoke_ends_at_the_deadline(
@@ -673,6 +673,37 @@ async def test_30_concurrent_escalations_to_a_hung_chatbedrock_all_end_at_the_ti
     assert await _aeventually(lambda: _router_threads() == [], timeout=HANG - 1.0)
 
 
+@pytest.mark.parametrize("entry", ["ainvoke", "astream"])
+async def test_hung_chatbedrock_requests_hold_up_none_of_the_others(
+    entry, ollama_chat, bedrock_invoke_chat, unsure, bedrock_server
+):
+    """20 requests hang on their connections (more than botocore's pool of 10) while 10
+    others are answered at once: none waits behind a hung one for a connection or a thread."""
+    bedrock_server.delay("hung", HANG)
+    bedrock_server.set_default("Argon.", latency=0.1)
+    budget = CloudBudget(max_usd=1.0)
+    router = _router(ollama_chat, bedrock_invoke_chat, budget=budget, cloud_timeout=1.0,
+                     on_cloud_error="local")
+    queries = [f"hung {QUESTION} #{i}" for i in range(20)] + [
+        f"fast {QUESTION} #{i}" for i in range(10)]
+
+    async def one(query: str):
+        if entry == "ainvoke":
+            return await router.ainvoke(query)
+        return _join([c async for c in router.astream(query)])
+
+    started = time.monotonic()
+    results = await asyncio.gather(*(one(q) for q in queries), return_exceptions=True)
+    assert time.monotonic() - started < NOT_HUNG
+    routings = [r.response_metadata["routing"] for r in results]
+    assert [r.text for r in results] == ["unsure"] * 20 + ["Argon."] * 10
+    assert {r["cloud_error_kind"] for r in routings[:20]} == {"timeout"}
+    assert {r["decision"] for r in routings[20:]} == {"cloud"}
+    assert len(bedrock_server.requests) == 30
+    assert budget.reserved == 0
+    assert await _aeventually(lambda: _router_threads() == [], timeout=HANG - 1.0)
+
+
 async def test_chatbedrock_astream_cancelled_before_the_cloud_answers_stops_at_the_server(
     ollama_chat, bedrock_invoke_chat, unsure, bedrock_server
 ):
@@ -723,6 +754,26 @@ class _RawInvoke(BaseHTTPRequestHandler):
         mode = self.server.mode  # type: ignore[attr-defined]
         if mode == "drop":
             self.close_connection = True
+            return
+        if mode == "tool stall":  # a tool call starts streaming, then the stream stalls
+            self.send_response(200)
+            self.send_header("Content-Type", "application/vnd.amazon.eventstream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for event in (
+                {"type": "message_start", "message": {
+                    "id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+                    "content": [], "stop_reason": None, "stop_sequence": None,
+                    "usage": {"input_tokens": 12, "output_tokens": 1}}},
+                {"type": "content_block_start", "index": 0, "content_block": {
+                    "type": "tool_use", "id": "toolu_1", "name": "_lookup", "input": {}}},
+                {"type": "content_block_delta", "index": 0, "delta": {
+                    "type": "input_json_delta", "partial_json": '{"city": "Par'}},
+            ):
+                frame = _chunk_frame(event)
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(frame), frame))
+                self.wfile.flush()
+            time.sleep(HANG)
             return
         if self.path.endswith("/invoke-with-response-stream"):
             events = [
@@ -856,3 +907,33 @@ def test_chatbedrock_answer_without_token_counts_is_spent_at_its_bound(entry, ra
     # The request ran and was billed: with no counts to price it, it is spent at its bound.
     assert budget.reserved == 0 and budget.spent == pytest.approx(bound())
     assert routing["cloud_cost_usd"] == pytest.approx(bound())
+
+
+@pytest.mark.parametrize("entry", ["stream", "astream"])
+async def test_chatbedrock_stream_stalling_inside_a_tool_call_is_a_partial_stream_error(
+    entry, raw_invoke
+):
+    """Part of a tool call already reached the caller: no retry, no fall-back to the local
+    answer (which would follow half a cloud tool call)."""
+    budget = CloudBudget(max_usd=1.0)
+    router, received = raw_invoke("tool stall", budget=budget, cloud_timeout=CLOUD_TIMEOUT,
+                                  on_cloud_error="local", cloud_retry=RETRY_ALL)
+    tooled = router.bind_tools([_lookup])
+    seen: list[Any] = []
+    started = time.monotonic()
+    with pytest.raises(CloudEscalationError, match="cloud stream failed after") as raised:
+        if entry == "stream":
+            await asyncio.to_thread(lambda: seen.extend(tooled.stream(QUESTION)))
+        else:
+            async for chunk in tooled.astream(QUESTION):
+                seen.append(chunk)
+    assert time.monotonic() - started < NOT_HUNG
+    assert any(c.tool_call_chunks for c in seen)
+    assert "".join(c.text for c in seen) == ""  # never the local answer after it
+    routing = raised.value.routing
+    assert routing["cloud_error_kind"] == "timeout" and routing["cloud_attempts"] == 1
+    assert received == [STREAM]
+    # Its reservation (the bound with the tool definitions sent) is kept as spent.
+    assert budget.reserved == 0 and budget.spent > bound()
+    assert budget.spent == pytest.approx(routing["budget_reserved_usd"])
+    assert await _aeventually(lambda: _router_threads() == [], timeout=HANG - 1.0)
