@@ -466,8 +466,13 @@ class RoutingTrace:
         self.record.pop("cloud_error_kind", None)
         self.record.pop("cloud_error_code", None)
         if self.reservation is not None:
-            actual = self.collab.prices.cost_of(
-                self.record["usage"]["cloud"], self.collab.cloud_model
+            usage = self.record["usage"]["cloud"]
+            # Every real request has input tokens: an answer reporting none (ChatBedrock reads
+            # InvokeModel's counts from headers a gateway may drop, and reports 0/0) was
+            # billed for an unknown amount, so it counts at its reserved bound, not as free.
+            actual = (
+                self.collab.prices.cost_of(usage, self.collab.cloud_model)
+                if _input_tokens(usage) else None
             )
             self._settle(billed=True, actual_usd=actual)
 
@@ -574,6 +579,12 @@ def _signals_dict(signals: Any) -> dict[str, Any]:
 def _usage_of(message: BaseMessage | None) -> dict[str, Any] | None:
     usage = getattr(message, "usage_metadata", None)
     return dict(usage) if usage else None
+
+
+def _input_tokens(usage: Mapping[str, Any] | None) -> int:
+    """The input token count of a usage record (LangChain's or Bedrock's key), 0 if none."""
+    value = (usage or {}).get("input_tokens", (usage or {}).get("inputTokens"))
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _added_usage(

@@ -858,7 +858,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
         started = time.perf_counter()
         watch = _watch(effect, call)
         try:
-            if not call.streaming and watch is None:
+            if not call.streaming and watch is None and not _streams_on_invoke(model):
                 # The client's own timeout (httpx / botocore) bounds the call and cancels it.
                 return Answer(model.invoke(_sent(effect, call), config, stop=call.stop, **kwargs))
             # Streamed: the stream is closed on every exit, so the server stops generating.
@@ -956,7 +956,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
         started = time.perf_counter()
         watch = _watch(effect, call)
         try:
-            if not call.streaming and watch is None:
+            if not call.streaming and watch is None and not _streams_on_invoke(model):
                 invoke = ainvoke(_sent(effect, call), config, stop=call.stop, **kwargs)
                 out.append(Answer(await _within(invoke, timeout, effect.tier)))
                 return
@@ -1258,6 +1258,13 @@ class _Watch:
 
     def report(self) -> dict[str, Any]:
         return {"exited": self.exited, "tokens": len(self.tokens)}
+
+
+def _streams_on_invoke(model: Any) -> bool:
+    """A tier model built with ``streaming=True`` streams inside its own ``invoke``, where no
+    deadline of ours applies and nothing closes the stream: such a tier is streamed by the
+    router instead (the attempt's deadline holds, the stream is closed on every exit)."""
+    return getattr(tier_clients.unwrap(model), "streaming", False) is True
 
 
 def _sent(effect: Generate, call: _Call) -> list[BaseMessage]:

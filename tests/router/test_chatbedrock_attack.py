@@ -379,11 +379,6 @@ async def test_crawling_chatbedrock_stream_ends_at_the_attempts_deadline(
     assert sent < CRAWL_PIECES // 2, sent
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a cloud model with streaming=True streams inside invoke(): the router's non-streamed "
-    "path (router._answer / _aanswer) calls model.invoke/ainvoke, so no attempt deadline "
-    "applies and the stream is never closed: sync invoke takes the whole 4 s, and a timed-"
-    "out ainvoke leaves its tier thread reading the answer to the end"))
 @pytest.mark.parametrize("entry", ["invoke", "ainvoke"])
 async def test_streaming_cloud_model_crawling_through_invoke_ends_at_the_deadline(
     entry, api, cloud_factory, ollama_chat, unsure, bedrock_server
@@ -888,10 +883,7 @@ async def test_chatbedrock_connection_dropped_after_sending_is_spent_and_not_res
 
 
 @pytest.mark.parametrize("entry", [
-    pytest.param("invoke", marks=pytest.mark.xfail(strict=True, reason=(
-        "ChatBedrock reads InvokeModel's token counts only from the x-amzn-bedrock-*-token-"
-        "count headers and reports 0/0 without them; _record.cloud_done prices that as a "
-        "free request and commits the reservation at 0 USD"))),
+    "invoke",  # ChatBedrock reads the counts from headers only and reports 0/0 without them
     "stream",
 ])
 def test_chatbedrock_answer_without_token_counts_is_spent_at_its_bound(entry, raw_invoke):
