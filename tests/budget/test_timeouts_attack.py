@@ -7,7 +7,6 @@ tier they fall back on is each Bedrock class in turn (``ChatBedrockConverse``, `
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,37 +16,12 @@ import pytest
 from confidence_router import ConfidenceRoutedLLM
 from confidence_router.budget import CloudBudget
 from confidence_router.errors import LocalModelError
-from confidence_router.testing import ScriptedBackend
+from confidence_router.testing import InFlightBackend
 
 LOCAL_TIMEOUT = 0.3
 #: Generous slack over the timeout for a loaded 2-core machine; the hang itself is 10x longer.
 FALLBACK_LIMIT = 1.5
 HANG = 4.0
-
-
-class InFlightBackend(ScriptedBackend):
-    """A ScriptedBackend that counts the generations the server is still running (a hung
-    model "thinking", or tokens still being produced) and the most at once."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._count_lock = threading.Lock()
-        self.in_flight = 0
-        self.started = 0
-
-    def chat(self, request):
-        reply = super().chat(request)
-        return dataclasses.replace(reply, tokens=self._counted(reply.tokens))
-
-    def _counted(self, tokens):
-        with self._count_lock:
-            self.in_flight += 1
-            self.started += 1
-        try:
-            yield from tokens
-        finally:
-            with self._count_lock:
-                self.in_flight -= 1
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import inspect
 import json
 import threading
@@ -51,7 +50,7 @@ from confidence_router.errors import (
 )
 from confidence_router.guards import PIIGuard
 from confidence_router.llamaindex import ConfidenceRoutedLlamaIndexLLM
-from confidence_router.testing import FakeBedrockServer, ScriptedBackend
+from confidence_router.testing import FakeBedrockServer, InFlightBackend
 from confidence_router.testing.bedrock_server import _BedrockHandler
 
 PNG = base64.b64decode(
@@ -592,31 +591,6 @@ async def test_hung_local_model_that_may_not_escalate_is_a_typed_error(
         routing = caught.value.routing
         assert (routing["local_error_kind"], routing["escalated"]) == ("timeout", False), entry
     assert bedrock_server.requests == []
-
-
-class InFlightBackend(ScriptedBackend):
-    """A ScriptedBackend counting the generations the server is still running (a model
-    "thinking" before its first token counts)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._count_lock = threading.Lock()
-        self.in_flight = 0
-        self.started = 0
-
-    def chat(self, request):
-        reply = super().chat(request)
-        return dataclasses.replace(reply, tokens=self._counted(reply.tokens))
-
-    def _counted(self, tokens):
-        with self._count_lock:
-            self.in_flight += 1
-            self.started += 1
-        try:
-            yield from tokens
-        finally:
-            with self._count_lock:
-                self.in_flight -= 1
 
 
 @pytest.mark.parametrize("entry", ["achat", "astream_chat", "acomplete", "astream_complete"])

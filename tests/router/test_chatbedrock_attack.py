@@ -124,6 +124,20 @@ def _settled_count(read, timeout: float = 5.0) -> int:
     return int(read())
 
 
+async def _read_stream(router: ConfidenceRoutedLLM, entry: str, seen: list[str]) -> None:
+    """Read ``router``'s answer to QUESTION with ``stream`` (in a thread) or ``astream``,
+    appending each chunk's text to ``seen`` as it arrives (kept when the stream fails)."""
+    if entry == "stream":
+        def read() -> None:
+            for chunk in router.stream(QUESTION):
+                seen.append(chunk.text)
+
+        await asyncio.to_thread(read)
+    else:
+        async for chunk in router.astream(QUESTION):
+            seen.append(chunk.text)
+
+
 def _join(chunks):
     total = chunks[0]
     for chunk in chunks[1:]:
@@ -292,15 +306,7 @@ async def test_chatbedrock_stream_stalling_after_chunks_fails_typed_and_is_not_r
     seen: list[str] = []
     started = time.monotonic()
     with pytest.raises(CloudEscalationError, match="after 1 chunks") as raised:
-        if entry == "stream":
-            def read() -> None:
-                for chunk in router.stream(QUESTION):
-                    seen.append(chunk.text)
-
-            await asyncio.to_thread(read)
-        else:
-            async for chunk in router.astream(QUESTION):
-                seen.append(chunk.text)
+        await _read_stream(router, entry, seen)
     assert time.monotonic() - started < NOT_HUNG
     # Never a mix of two models' text: the caller saw the cloud's first piece, nothing else.
     assert "".join(seen) == "Ar"
@@ -358,15 +364,7 @@ async def test_crawling_chatbedrock_stream_ends_at_the_attempts_deadline(
     seen: list[str] = []
     started = time.monotonic()
     with pytest.raises(CloudEscalationError) as raised:
-        if entry == "stream":
-            def read() -> None:
-                for chunk in router.stream(QUESTION):
-                    seen.append(chunk.text)
-
-            await asyncio.to_thread(read)
-        else:
-            async for chunk in router.astream(QUESTION):
-                seen.append(chunk.text)
+        await _read_stream(router, entry, seen)
     assert time.monotonic() - started < NOT_HUNG
     assert "".join(seen).startswith(" w0") and " w0" not in "".join(seen)[3:]
     routing = raised.value.routing
@@ -488,15 +486,7 @@ async def test_chatbedrock_in_stream_throttling_after_text_is_a_partial_stream_e
                      on_cloud_error="local")
     seen: list[str] = []
     with pytest.raises(CloudEscalationError, match="after 2 chunks") as raised:
-        if entry == "stream":
-            def read() -> None:
-                for chunk in router.stream(QUESTION):
-                    seen.append(chunk.text)
-
-            await asyncio.to_thread(read)
-        else:
-            async for chunk in router.astream(QUESTION):
-                seen.append(chunk.text)
+        await _read_stream(router, entry, seen)
     assert "".join(seen) == "Argon"  # the cloud's two pieces, never the local answer
     routing = raised.value.routing
     assert routing["cloud_error_kind"] == "throttled"

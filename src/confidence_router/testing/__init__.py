@@ -55,6 +55,7 @@ from confidence_router.testing.embeddings import (
 )
 from confidence_router.testing.scripted import (
     DEFAULT_LOGPROB,
+    InFlightBackend,
     ScriptedBackend,
     ScriptedRule,
     last_user_text,
@@ -65,6 +66,7 @@ __all__ = [
     "BEDROCK_ERROR_STATUS",
     "DEFAULT_LOGPROB",
     "FakeBedrockServer",
+    "InFlightBackend",
     "OllamaCompatibleServer",
     "RecordedBedrockRequest",
     "RecordedRequest",

@@ -36,11 +36,12 @@ Requests that match no answer rule get the default answer (see :meth:`ScriptedBa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar, Union
 
@@ -56,6 +57,7 @@ from confidence_router.testing.embeddings import hashing_embedding
 __all__ = [
     "DEFAULT_LOGPROB",
     "MAX_TOP_LOGPROBS",
+    "InFlightBackend",
     "Matcher",
     "ScriptedBackend",
     "ScriptedRule",
@@ -766,3 +768,36 @@ class ScriptedBackend:
         with self._lock:
             self._book.rules.append(rule)
         return rule
+
+
+class InFlightBackend(ScriptedBackend):
+    """A :class:`ScriptedBackend` that counts the generations the server is still running.
+
+    ``in_flight`` counts replies whose tokens are still being produced (a model "thinking"
+    before its first token counts); ``started`` counts every reply begun. After a client gave
+    up (a timeout, a closed stream), ``in_flight`` falling to 0 shows the server stopped work.
+
+    >>> backend = InFlightBackend()
+    >>> (backend.in_flight, backend.started)
+    (0, 0)
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._count_lock = threading.Lock()
+        self.in_flight = 0
+        self.started = 0
+
+    def chat(self, request: ChatRequest) -> ChatReply:
+        reply = super().chat(request)
+        return dataclasses.replace(reply, tokens=self._counted(reply.tokens))
+
+    def _counted(self, tokens: Iterable[Any]) -> Iterator[Any]:
+        with self._count_lock:
+            self.in_flight += 1
+            self.started += 1
+        try:
+            yield from tokens
+        finally:
+            with self._count_lock:
+                self.in_flight -= 1
