@@ -454,7 +454,7 @@ class ConfidenceRoutedLlamaIndexLLM(FunctionCallingLLM):
         for i, block in enumerate(response.message.blocks):
             if not isinstance(block, ToolCallBlock):
                 continue
-            args = _tool_call(block)["args"]
+            args = _as_tool_call(block.tool_name, block.tool_kwargs, block.tool_call_id)["args"]
             selections.append(
                 ToolSelection(
                     tool_id=block.tool_call_id or f"call_{i}",
@@ -704,10 +704,6 @@ def _image(block: ImageBlock) -> dict[str, Any]:
     if not mime:
         raise InvalidInputError("the ImageBlock's image type is unknown: set image_mimetype")
     return {"type": "image", "base64": data.decode("ascii"), "mime_type": mime}
-
-
-def _tool_call(block: ToolCallBlock) -> ToolCall:
-    return _as_tool_call(block.tool_name, block.tool_kwargs, block.tool_call_id)
 
 
 def _sent_tool_call(name: Any, args: Any, call_id: str | None) -> ToolCall:

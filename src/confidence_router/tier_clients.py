@@ -424,10 +424,9 @@ def client_attempts(model: Any) -> int | None:
     ``None`` when it relies on botocore's defaults (several attempts). Models other than
     Bedrock's: 1 (no client retries the router knows of).
     """
-    inner = unwrap(model)
-    if not is_bedrock(inner):
+    config = _client_config(model)
+    if config is _NOT_BEDROCK:
         return 1
-    config = getattr(getattr(getattr(inner, "client", None), "meta", None), "config", None)
     retries = getattr(config, "retries", None) or {}
     total = retries.get("total_max_attempts")
     if isinstance(total, int):
@@ -440,11 +439,20 @@ def client_timeouts(model: Any) -> tuple[float | None, float | None]:
     """``(connect_timeout, read_timeout)`` of the Bedrock client of ``model`` in seconds
     (``(None, None)`` for other models). The clients the router configures have the tier's
     timeout; your own boto3 client has its ``Config``'s (botocore's default: 60 s each)."""
+    config = _client_config(model)
+    return getattr(config, "connect_timeout", None), getattr(config, "read_timeout", None)
+
+
+_NOT_BEDROCK = object()
+
+
+def _client_config(model: Any) -> Any:
+    """The botocore ``Config`` of the Bedrock client of ``model`` (``None`` if unreadable),
+    or ``_NOT_BEDROCK``."""
     inner = unwrap(model)
     if not is_bedrock(inner):
-        return None, None
-    config = getattr(getattr(getattr(inner, "client", None), "meta", None), "config", None)
-    return getattr(config, "connect_timeout", None), getattr(config, "read_timeout", None)
+        return _NOT_BEDROCK
+    return getattr(getattr(getattr(inner, "client", None), "meta", None), "config", None)
 
 
 class _AnswerDeadline:
