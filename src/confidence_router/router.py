@@ -860,7 +860,8 @@ class ConfidenceRoutedLLM(BaseChatModel):
         try:
             if not call.streaming and watch is None and not _streams_on_invoke(model):
                 # The client's own timeout (httpx / botocore) bounds the call and cancels it.
-                return Answer(model.invoke(_sent(effect, call), config, stop=call.stop, **kwargs))
+                return Answer(tier_clients.invoke_directly(
+                    model, _sent(effect, call), config, call.stop, kwargs))
             # Streamed: the stream is closed on every exit, so the server stops generating.
             deadline = None if timeout is None else started + timeout
             chunks: list[AIMessageChunk] = []
@@ -957,7 +958,8 @@ class ConfidenceRoutedLLM(BaseChatModel):
         watch = _watch(effect, call)
         try:
             if not call.streaming and watch is None and not _streams_on_invoke(model):
-                invoke = ainvoke(_sent(effect, call), config, stop=call.stop, **kwargs)
+                invoke = tier_clients.ainvoke_directly(
+                    model, ainvoke, _sent(effect, call), config, call.stop, kwargs)
                 out.append(Answer(await _within(invoke, timeout, effect.tier)))
                 return
             deadline = None if timeout is None else started + timeout

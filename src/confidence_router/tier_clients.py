@@ -36,12 +36,14 @@ from confidence_router.signals import NEEDS_TOP_LOGPROBS
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
+    "ainvoke_directly",
     "bound_kwargs",
     "client_timeouts",
     "configure_cloud",
     "configure_local",
     "configure_store",
     "conversation_check",
+    "invoke_directly",
     "is_bedrock",
     "is_ollama",
     "model_name",
@@ -685,3 +687,127 @@ def forced_tool_check(tool_choice: Any) -> Callable[[Any], str | None] | None:
         return None if name in calls else f"no call of the forced tool {name!r}"
 
     return check
+
+
+# -- calling a tier without LangChain's per-call machinery ---------------------------------------
+
+#: Call kwargs LangChain's ``generate()`` takes for LangSmith and never passes to the provider.
+_TRACING_KWARGS = ("ls_structured_output_format", "structured_output_format")
+
+
+@functools.cache
+def _langchain_steps() -> tuple[Callable[..., Any], Callable[..., Any], Callable[[], Any]] | None:
+    """The three steps of ``BaseChatModel.invoke`` that change what is sent or returned, from
+    langchain-core itself (so they cannot drift from it): input normalisation, the answer's
+    ``response_metadata``, the global LLM cache. ``None`` where this langchain-core lacks one
+    (then every call goes through ``invoke()``)."""
+    try:
+        from langchain_core.globals import get_llm_cache
+        from langchain_core.language_models._utils import _normalize_messages
+        from langchain_core.language_models.chat_models import _gen_info_and_msg_metadata
+    except ImportError:  # pragma: no cover - a langchain-core that moved them
+        return None
+    return _normalize_messages, _gen_info_and_msg_metadata, get_llm_cache
+
+
+def _direct_target(
+    model: Any, config: Any, kwargs: dict[str, Any], *, async_api: bool
+) -> tuple[Any, dict[str, Any]] | None:
+    """The chat model to call ``_generate``/``_agenerate`` on, and its merged call kwargs, when
+    its ``invoke()`` would add nothing but bookkeeping; else ``None``.
+
+    ``invoke()`` costs ~0.3 ms of CPU per call on top of the request (callback managers, run
+    ids, LangSmith parameters, signature inspection) even when nobody listens: a third of what
+    a local answer from a fast server costs. It is skipped only when it would do nothing else:
+    no callbacks anywhere (the router's run has none: ``config`` is ``None``; the model has no
+    ``callbacks`` and is not ``verbose``), no LLM cache (the model's or the global one), no
+    rate limiter, no streaming inside invoke, the default output format, and wrappers that are
+    plain ``bind()`` kwargs (``bind_tools`` and the like).
+    """
+    if config is not None or "stream" in kwargs:
+        return None
+    steps = _langchain_steps()
+    if steps is None:
+        return None
+    bound: dict[str, Any] = {}
+    while isinstance(model, RunnableBinding):
+        kind = type(model)
+        if (
+            kind.invoke is not RunnableBinding.invoke
+            or kind.ainvoke is not RunnableBinding.ainvoke
+            or model.config
+            or model.config_factories
+        ):
+            return None
+        for key, value in model.kwargs.items():
+            bound.setdefault(key, value)  # the outer binding wins, as in LangChain
+        model = model.bound
+    from langchain_core.language_models import BaseChatModel
+
+    if not isinstance(model, BaseChatModel):
+        return None
+    values = model.__dict__
+    if (
+        values.get("callbacks")
+        or values.get("verbose")
+        or values.get("rate_limiter") is not None
+        or values.get("streaming") is True
+        or values.get("output_version") not in (None, "v0")
+        or (values.get("cache") is not False
+            and (values.get("cache") is not None or steps[2]() is not None))
+    ):
+        return None
+    if async_api and type(model)._agenerate is BaseChatModel._agenerate:
+        return None  # LangChain would run the sync client in its executor: keep that path
+    merged = {**bound, **kwargs} if bound else dict(kwargs)
+    # invoke() is always given the call's ``stop``, which replaces a bound one (even None).
+    for key in ("stop", *_TRACING_KWARGS):
+        merged.pop(key, None)
+    return model, merged
+
+
+def _answer_message(result: Any) -> Any:
+    """The message of a ``_generate`` result, with the ``response_metadata`` ``invoke()`` gives
+    it (the generation's info and the result's ``llm_output`` merged in)."""
+    generation = result.generations[0]
+    message = generation.message
+    message.response_metadata = _langchain_steps()[1](generation)  # type: ignore[index]
+    if len(result.generations) == 1 and result.llm_output is not None:
+        message.response_metadata = {**result.llm_output, **message.response_metadata}
+    return message
+
+
+def invoke_directly(
+    model: Any, messages: Sequence[Any], config: Any, stop: list[str] | None, kwargs: dict[str, Any]
+) -> Any:
+    """``model.invoke(messages, config, stop=stop, **kwargs)``: the same request and the same
+    answer, without LangChain's per-call bookkeeping when nothing would observe it (see
+    :func:`_direct_target`). The answer's ``id`` is left unset: the router's own run names it."""
+    target = _direct_target(model, config, kwargs, async_api=False)
+    if target is None:
+        return model.invoke(messages, config, stop=stop, **kwargs)
+    inner, merged = target
+    normalise = _langchain_steps()[0]  # type: ignore[index]
+    return _answer_message(inner._generate(normalise(messages), stop=stop, **merged))
+
+
+def ainvoke_directly(
+    model: Any,
+    ainvoke: Callable[..., Any],
+    messages: Sequence[Any],
+    config: Any,
+    stop: list[str] | None,
+    kwargs: dict[str, Any],
+) -> Any:
+    """The awaitable of :func:`invoke_directly`; ``ainvoke`` is how the model is awaited
+    otherwise (its own ``ainvoke``, or in a thread of its own)."""
+    target = _direct_target(model, config, kwargs, async_api=True)
+    if target is None:
+        return ainvoke(messages, config, stop=stop, **kwargs)
+    inner, merged = target
+    normalise = _langchain_steps()[0]  # type: ignore[index]
+    return _agenerate_message(inner._agenerate(normalise(messages), stop=stop, **merged))
+
+
+async def _agenerate_message(result: Any) -> Any:
+    return _answer_message(await result)
