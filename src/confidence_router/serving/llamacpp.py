@@ -37,7 +37,9 @@ model tag (:data:`PROMPT_TEMPLATES`):
 * ``gemma3:270m-raw`` -- :func:`render_raw_prompt`: Ollama's ``raw`` semantics, the messages'
   text is the prompt, byte for byte (the caller rendered it, e.g. the evaluation harness).
 
-The text of a message never selects a template. :meth:`LlamaCppBackend.complete` takes any raw
+An ``/api/generate`` request with ``"raw": true`` uses :func:`render_raw_prompt` whatever the
+model name, as Ollama skips the template (and the system prompt) for it. The text of a message
+never selects a template. :meth:`LlamaCppBackend.complete` takes any raw
 prompt without HTTP.
 
 **Token texts are kept exactly as the model produces them**: an answer usually starts with a
@@ -55,7 +57,7 @@ which is *not filled* with ``logits_all=False`` (reading it gives uniform logpro
 Supported Ollama ``options``: ``temperature`` (default 0 = greedy, unlike Ollama's 0.8, because
 confidence is defined on the greedy answer; with ``temperature > 0`` the next token is sampled
 from ``softmax(logits / T)`` but the *reported* logprobs always come from the untempered
-distribution), ``seed``, ``num_predict`` (default ``max_tokens_default``; ``<= 0`` means "until
+distribution), ``seed`` (a negative seed, Ollama's default -1, means none), ``num_predict`` (default ``max_tokens_default``; ``<= 0`` means "until
 the context is full") and ``stop`` (a string or a list; the stop text is not included in the
 reply, as in Ollama). Other options (``top_k``, ``top_p``, ``num_ctx``, ...) are ignored.
 Requests with ``tools`` or a ``format`` are rejected with status 400 (a 270M base model can do
@@ -629,7 +631,9 @@ def _int_option(options: Mapping[str, Any], name: str) -> int | None:
     value = options.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        isinstance(value, float) and not value.is_integer()  # also inf and nan (was a 500)
+    ):
         raise BackendError(f"option {name} must be an integer, got {value!r}", status=400)
     return int(value)
 
@@ -827,6 +831,8 @@ class LlamaCppBackend:
         is final once ``tokens`` is exhausted.
         """
         template = self.template_for(request.model)
+        if request.raw:  # /api/generate with "raw": true (Ollama: no template at all)
+            template = render_raw_prompt
         if request.tools:
             raise BackendError(f"{request.model} does not support tools", status=400)
         if request.format:
@@ -975,10 +981,12 @@ class LlamaCppBackend:
         temperature = options.get("temperature")
         temperature = 0.0 if temperature is None else temperature
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or (
-            temperature < 0 or math.isnan(temperature)
+            temperature < 0 or not math.isfinite(temperature)
         ):
             raise BackendError(f"option temperature must be >= 0, got {temperature!r}", 400)
         seed = _int_option(options, "seed")
+        if seed is not None and seed < 0:
+            seed = None  # Ollama's default seed, -1: no fixed seed (numpy refused it: a 500)
         num_predict = _int_option(options, "num_predict")
         if num_predict is None:
             num_predict = self.max_tokens_default

@@ -32,6 +32,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import selectors
 import socket
 import threading
@@ -169,7 +170,9 @@ class _OllamaHandler(JSONRequestHandler):
         parse_error: str | None = None
         if raw:
             try:
-                body = json.loads(raw)
+                body = json.loads(raw, parse_constant=_reject_constant)
+                if _SURROGATE_ESCAPE.search(raw):
+                    body = _without_lone_surrogates(body)
             except ValueError as exc:
                 parse_error = f"invalid JSON body: {exc}"
             except RecursionError:  # e.g. "[[[[..." nested deeper than the parser's stack
@@ -227,19 +230,22 @@ class _OllamaHandler(JSONRequestHandler):
     def _generate(self, body: dict[str, Any]) -> None:
         prompt = body.get("prompt") or ""
         system = body.get("system")
+        raw = body.get("raw")
         if not isinstance(prompt, str):
             raise _BadRequest("prompt must be a string")
         if system is not None and not isinstance(system, str):
             raise _BadRequest("system must be a string")  # was silently dropped
+        if raw is not None and not isinstance(raw, bool):
+            raise _BadRequest(f"raw must be true or false, got {raw!r}")
         messages: list[dict[str, Any]] = []
-        if isinstance(system, str) and system:
+        if isinstance(system, str) and system and not raw:  # raw: the prompt alone, as Ollama
             messages.append({"role": "system", "content": system})
         user: dict[str, Any] = {"role": "user", "content": prompt}
         if body.get("images"):
             user["images"] = body["images"]
             check_message(user, "request")  # images: a list of base64 strings
         messages.append(user)
-        request = self._parse_generation(body, messages)
+        request = dataclasses.replace(self._parse_generation(body, messages), raw=bool(raw))
         self._run_generation(request, chat=False, preload=not prompt)
 
     def _client_gone(self) -> bool:
@@ -359,10 +365,14 @@ class _OllamaHandler(JSONRequestHandler):
         inputs = [raw_input] if isinstance(raw_input, str) else raw_input
         if not isinstance(inputs, list) or not all(isinstance(x, str) for x in inputs):
             raise _BadRequest("input must be a string or a list of strings")
+        dimensions = body.get("dimensions")
+        if dimensions is not None and (
+            isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 0
+        ):  # was: silently ignored, or true read as 1
+            raise _BadRequest(f"dimensions must be a non-negative integer, got {dimensions!r}")
         start = time.perf_counter_ns()
         vectors = self.owner.backend.embed(model, inputs) if inputs else []
-        dimensions = body.get("dimensions")
-        if isinstance(dimensions, int) and dimensions > 0:
+        if dimensions:
             vectors = [_truncate(v, dimensions) for v in vectors]
         self._send_json(
             200,
@@ -420,6 +430,33 @@ class _OllamaHandler(JSONRequestHandler):
                 "modified_at": card["modified_at"],
             },
         )
+
+
+# A JSON escape of a UTF-16 surrogate ("\ud800"): only bodies with one need scrubbing.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's json reads Infinity / -Infinity / NaN; JSON (and Ollama's Go decoder) does
+    # not, and a non-finite number would reach the option parsing as a float.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    """``value`` with every unpaired UTF-16 surrogate in its strings replaced by U+FFFD.
+
+    ``json.loads`` joins a valid escaped pair into one character but keeps a lone
+    ``"\ud800"`` as a surrogate code point, which cannot be encoded as UTF-8 (the prompt, the
+    reply). Go's decoder, i.e. Ollama, reads it as U+FFFD; so does this server.
+    """
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_without_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def _truncate(vector: Sequence[float], dimensions: int) -> list[float]:

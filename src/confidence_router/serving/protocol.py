@@ -52,6 +52,8 @@ class ChatRequest:
     stream: bool = True
     tools: Sequence[dict[str, Any]] = ()
     format: Any = None
+    raw: bool = False
+    """``/api/generate``'s ``raw``: the prompt is sent to the model unchanged (no template)."""
     client_gone: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
     """Set by the server: returns True once the client has hung up, so a backend that waits
     (injected latency, a queue for the model) or generates can stop instead of working for
