@@ -206,25 +206,28 @@ def test_prompts_at_the_edge_of_the_context(server, backend):
     assert meta["done_reason"] == "length"
 
 
-@pytest.mark.parametrize("num_predict", [-1, -2, 0, 10**12])
 def test_generation_that_fills_the_context_stops_there_and_leaves_the_cache_exact(
-    server, backend, num_predict
+    server, backend
 ):
-    prompt = raw_text_of_length(backend, N_CTX - 24)
+    prompt = raw_text_of_length(backend, N_CTX - 16)
     body = chat_body(prompt, model=RAW, top_logprobs=2)
-    body["options"] = {"num_predict": num_predict}
-    tokens = answer(server, body)
-    status, objects = post(server, "/api/chat", body)
-    assert status == 200, objects
-    final = objects[-1]
-    assert final["prompt_eval_count"] + final["eval_count"] <= N_CTX
-    if final["done_reason"] == "length":
-        assert final["eval_count"] == N_CTX - final["prompt_eval_count"]
-    assert tokens_of(objects) == tokens  # repeated on a full context: the same answer
+    answers = []
+    for num_predict in (-1, -2, 0, 10**12):  # Ollama: -1 no limit, -2 fill the context
+        status, objects = post(server, "/api/chat", {**body, "options": {"num_predict": num_predict}})
+        assert status == 200, objects
+        final = objects[-1]
+        assert final["prompt_eval_count"] == N_CTX - 16
+        assert final["prompt_eval_count"] + final["eval_count"] <= N_CTX
+        if final["done_reason"] == "length":
+            assert final["eval_count"] == N_CTX - final["prompt_eval_count"]
+        else:
+            assert final["done_reason"] == "stop"
+        answers.append(tokens_of(objects))
+    assert answers[1] == answers[0] and answers[2] == answers[0] and answers[3] == answers[0]
+    # The context was full (or nearly): the next request is still exact.
     follow = chat_body()
     reference = uncached(server, backend, follow)
-    assert uncached(server, backend, body) == tokens
-    answer(server, body)  # the context is full again
+    answer(server, {**body, "options": {"num_predict": -1}})
     assert answer(server, follow) == reference
 
 
@@ -628,6 +631,26 @@ def test_a_client_hanging_up_stops_generation_and_the_next_answer_is_exact(
     assert answer(server, follow) == reference
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_an_answer_cut_short_for_a_gone_client_is_never_reported_complete(
+    server, backend, idle_count, stream
+):
+    """A client that half-closes after its request reads as gone (EOF): generation stops,
+    so whatever it is sent must not claim to be a finished answer (it got ``"done": true,
+    "done_reason": "stop"`` with no tokens: an empty answer presented as complete)."""
+    start = idle_count(backend)
+    sock = _open_stream(server, _story(40, stream=stream))
+    sock.shutdown(socket.SHUT_WR)
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    sock.close()
+    assert idle_count(backend) - start < 40  # generation stopped early
+    assert b'"done":true' not in received, received[-300:]
+    follow = chat_body()
+    assert answer(server, follow) == uncached(server, backend, follow)
+
+
 def test_a_queued_client_that_hangs_up_costs_no_model_work(server, backend, idle_count):
     start = idle_count(backend)
     first = _open_stream(server, _story(40))
@@ -665,12 +688,12 @@ def test_embed_odd_inputs(server, backend):
     (empty,) = client.embed(model=MODEL, input="").embeddings
     assert len(empty) == 640
     assert client.embed(model=MODEL, input=[""]).embeddings == [empty]
-    batch = [f"item number {i}" for i in range(40)] + ["item number 3"]
+    batch = [f"item number {i}" for i in range(16)] + ["item number 3"]
     vectors = client.embed(model=MODEL, input=batch).embeddings
-    assert len(vectors) == 41 and vectors[3] == vectors[40]
+    assert len(vectors) == 17 and vectors[3] == vectors[16]
     assert client.embed(model=MODEL, input=batch[7]).embeddings == [vectors[7]]
     # Longer than the embedding window: truncated, still one vector.
-    (long,) = client.embed(model=MODEL, input="word " * 2000).embeddings
+    (long,) = client.embed(model=MODEL, input="word " * 300).embeddings
     assert len(long) == 640
     # Legacy endpoint: an empty prompt has an empty embedding (as Ollama).
     assert client.embeddings(model=MODEL, prompt="").embedding == []

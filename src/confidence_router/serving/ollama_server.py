@@ -277,7 +277,15 @@ class _OllamaHandler(JSONRequestHandler):
             self._send_json(200, final)
             return
 
-        request = dataclasses.replace(request, client_gone=self._client_gone)
+        gone = threading.Event()
+
+        def client_gone() -> bool:
+            # Remembers that the backend was told: its answer may have been cut short.
+            if self._client_gone():
+                gone.set()
+            return gone.is_set()
+
+        request = dataclasses.replace(request, client_gone=client_gone)
         reply: ChatReply = self.owner.backend.chat(request)
         tokens: Iterator[GeneratedToken] = iter(reply.tokens)
         # Pull the first token before sending headers, so a failure or the latency before it
@@ -287,6 +295,12 @@ class _OllamaHandler(JSONRequestHandler):
         except StopIteration:
             first = None
         timer.mark_first_token()
+        if gone.is_set():
+            # The client hung up (EOF; a half-closed one may still read): what the backend
+            # stopped early must not go out as a complete answer, so nothing does.
+            self.close_connection = True
+            _close_iterator(tokens)
+            return
 
         def final_fields(eval_count: int) -> dict[str, Any]:
             fields: dict[str, Any] = {"done_reason": reply.done_reason}
@@ -303,6 +317,9 @@ class _OllamaHandler(JSONRequestHandler):
         if not request.stream:
             collected = [first] if first is not None else []
             collected.extend(tokens)  # a BackendError here still becomes an HTTP error
+            if gone.is_set():  # cut short for a client that hung up: no complete answer
+                self.close_connection = True
+                return
             obj = piece("".join(t.text for t in collected), collected, True)
             if chat and reply.tool_calls:
                 obj["message"]["tool_calls"] = list(reply.tool_calls)
@@ -310,7 +327,7 @@ class _OllamaHandler(JSONRequestHandler):
             self._send_json(200, obj)
             return
 
-        self._stream(request, tokens, first, reply, piece, final_piece, chat=chat)
+        self._stream(request, tokens, first, reply, piece, final_piece, chat=chat, gone=gone)
 
     def _stream(
         self,
@@ -322,6 +339,7 @@ class _OllamaHandler(JSONRequestHandler):
         final_piece: Callable[[int], dict[str, Any]],
         *,
         chat: bool,
+        gone: threading.Event,
     ) -> None:
         count = 0
         try:
@@ -331,6 +349,12 @@ class _OllamaHandler(JSONRequestHandler):
                 self._write_chunk(dumps_json(piece(token.text, [token], False)) + b"\n")
                 count += 1
                 token = next(tokens, None)
+            if gone.is_set():
+                # The backend stopped for a client that hung up: leave the stream unfinished
+                # (no final line, no last chunk), so it never reads as a complete answer.
+                self.close_connection = True
+                _close_iterator(tokens)
+                return
             if chat and reply.tool_calls:
                 tool_piece = piece("", (), False)
                 tool_piece["message"]["tool_calls"] = list(reply.tool_calls)
