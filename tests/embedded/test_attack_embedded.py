@@ -313,6 +313,9 @@ def test_the_generate_endpoint_system_and_prompt_are_plain_text_too(server, back
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, ["tools"]),
         ({"tools": "f"}, ["tools"]),
         ({"tools": [{"type": "function"}]}, ["tools"]),
+        ({"think": True}, ["think"]),  # Ollama: "does not support thinking"
+        ({"think": "high"}, ["think"]),
+        ({"think": 5}, ["think"]),
     ],
 )
 @pytest.mark.parametrize("stream", [False, True])
@@ -385,7 +388,7 @@ def test_accepted_odd_values_behave_as_in_ollama(server, backend):
         {"options": {"num_predict": 4, "frobnicate": 1, "num_ctx": 99999, "top_k": 1,
                      "mirostat": 2}},
         {"keep_alive": "5m"}, {"keep_alive": 0}, {"keep_alive": -1},
-        {"format": ""}, {"tools": []}, {"images": None},
+        {"format": ""}, {"tools": []}, {"images": None}, {"think": False},
         {"options": {"num_predict": 4.0}},  # an integral float is an integer
     ):
         assert answer(server, {**base, **fields}) == reference, fields

@@ -60,8 +60,8 @@ from ``softmax(logits / T)`` but the *reported* logprobs always come from the un
 distribution), ``seed`` (a negative seed, Ollama's default -1, means none), ``num_predict`` (default ``max_tokens_default``; ``<= 0`` means "until
 the context is full") and ``stop`` (a string or a list; the stop text is not included in the
 reply, as in Ollama). Other options (``top_k``, ``top_p``, ``num_ctx``, ...) are ignored.
-Requests with ``tools`` or a ``format`` are rejected with status 400 (a 270M base model can do
-neither; Ollama also answers 400 "does not support tools").
+Requests with ``tools``, a ``format`` or ``think`` are rejected with status 400 (a 270M base
+model can do none of them; Ollama also answers 400 "does not support tools" / "thinking").
 """
 
 from __future__ import annotations
@@ -839,6 +839,8 @@ class LlamaCppBackend:
             raise BackendError(
                 f"{request.model} does not support structured output (format)", status=400
             )
+        if request.think:  # was ignored: the client asked for reasoning and got none
+            raise BackendError(f"{request.model} does not support thinking (think)", status=400)
         if any(message.get("images") for message in request.messages):
             # Answering without seeing the picture would look like a real answer (and could
             # be confident): refuse, so a router escalates it as a local error.
