@@ -224,6 +224,10 @@ MAX_TOP_LOGPROBS = 20
 # Longest input embed() reads (tokens); longer inputs are truncated.
 _EMBED_MAX_TOKENS = 256
 
+# Prompts of at most this many bytes per context position are tokenized without a length
+# pre-check (any real prompt); longer ones are first measured against the longest token.
+_CHEAP_BYTES_PER_TOKEN = 16
+
 #: A function that renders chat messages into the prompt text the model continues.
 PromptTemplate = Callable[[Sequence[Mapping[str, Any]]], str]
 
@@ -783,6 +787,7 @@ class LlamaCppBackend:
         self._embed_lock = threading.Lock()
         self._embedder: Llama | None = None
         self._piece_cache: dict[int, str] = {}
+        self._longest_token: int | None = None  # bytes; see _longest_token_bytes
 
         if not Path(self.model_path).is_file():
             raise FileNotFoundError(f"model file not found: {self.model_path}")
@@ -997,7 +1002,17 @@ class LlamaCppBackend:
 
         # Tokenizing reads only the immutable vocabulary, so it needs no lock; doing it here
         # makes prompt_tokens known before streaming and rejects over-long prompts with 400.
-        prompt_ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
+        encoded = prompt.encode("utf-8")
+        if len(encoded) > self.n_ctx * _CHEAP_BYTES_PER_TOKEN and (
+            len(encoded) > self.n_ctx * self._longest_token_bytes()
+        ):
+            # More tokens than the window for sure (no token covers more bytes): refuse
+            # without tokenizing it (~3 s of a core per MB, for a 400 anyway).
+            raise BackendError(
+                f"prompt is {len(encoded)} bytes, more than the context window of "
+                f"{self.n_ctx} tokens can hold", 400
+            )
+        prompt_ids = llm.tokenize(encoded, add_bos=True, special=False)
         room = self.n_ctx - len(prompt_ids)
         if room < 1:
             raise BackendError(
@@ -1010,6 +1025,16 @@ class LlamaCppBackend:
             reply, prompt_ids, limit, stops, float(temperature), seed, top_k, client_gone
         )
         return reply
+
+    def _longest_token_bytes(self) -> int:
+        """Bytes of the vocabulary's longest token text (computed once, ~1-2 s; only prompts
+        of more than ``n_ctx * 16`` bytes need it)."""
+        if self._longest_token is None:
+            llm = self._model()
+            self._longest_token = max(
+                (len(llm.detokenize([token])) for token in range(llm.n_vocab())), default=1
+            )
+        return self._longest_token
 
     def _evaluate_prompt(self, llm: Llama, prompt_ids: list[int]) -> None:
         """Bring the KV cache to ``prompt_ids`` and evaluate it (caller holds ``_lock``).
