@@ -590,18 +590,37 @@ PROMPTS = [
 ]
 
 
+def _client_tokens(chunks: list[Any]) -> list[Token]:
+    return [
+        (e.token, e.logprob, tuple((t.token, t.logprob) for t in (e.top_logprobs or ())))
+        for c in chunks for e in (c.logprobs or ())
+    ]
+
+
 def test_concurrent_clients_get_their_serial_answers(server, backend):
     bodies = [chat_body(p, top_logprobs=3) for p in PROMPTS]
     serial = [answer(server, b) for b in bodies]
     assert len({tuple(s) for s in serial}) > 4  # different prompts, different answers
+    client = ollama.Client(host=server.url)
+    embed_inputs = PROMPTS[:3]
+    serial_vectors = client.embed(model=MODEL, input=embed_inputs).embeddings
 
     def run(index: int, stream: bool) -> list[Token]:
-        return answer(server, {**bodies[index], "stream": stream})
+        if not stream:
+            return answer(server, bodies[index])
+        chunks = list(client.chat(model=MODEL, messages=bodies[index]["messages"], stream=True,
+                                  logprobs=True, top_logprobs=3, options={"num_predict": 6}))
+        tokens = _client_tokens(chunks)
+        assert "".join(c.message.content for c in chunks) == "".join(t for t, _, _ in tokens)
+        assert chunks[-1].eval_count == len(tokens)
+        return tokens
 
     jobs = [(i, stream) for i in range(len(PROMPTS)) for stream in (False, True)]
-    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+    with ThreadPoolExecutor(max_workers=len(jobs) + 1) as pool:
+        embedded = pool.submit(lambda: client.embed(model=MODEL, input=embed_inputs).embeddings)
         futures = [pool.submit(run, i, stream) for i, stream in jobs]
         results = [f.result(timeout=300) for f in futures]
+        assert embedded.result(timeout=300) == serial_vectors  # the embedder ran alongside
     for (i, _), got in zip(jobs, results):
         assert got == serial[i], PROMPTS[i]
     # And with the cache off on a fresh context, the same again.
