@@ -420,6 +420,17 @@ def test_accepted_odd_values_behave_as_in_ollama(server, backend):
     assert len(hot) == 3 and all(-1e9 < lp <= 0 for _, lp, _ in hot)
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-300, 1e-310, 5e-324])
+def test_a_tiny_temperature_samples_the_greedy_answer(server, backend, temperature):
+    """softmax(logits / T) for T -> 0 is the greedy choice. A subnormal T made logits / T
+    overflow to inf, inf - inf = NaN, and the sampler picked the vocabulary's last token."""
+    body = chat_body(top_logprobs=2)
+    greedy = answer(server, body)
+    hot = answer(server, {**body, "options": {"num_predict": 6, "temperature": temperature,
+                                              "seed": 1}})
+    assert hot == greedy
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_sequences(server, backend, stream):
     base = chat_body("Who wrote Romeo and Juliet?", stream=stream, top_logprobs=1)

@@ -1433,8 +1433,11 @@ def _sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) ->
     """Draw a token from ``softmax(logits / temperature)`` (inverse CDF, float64)."""
     import numpy as np
 
-    scaled = np.asarray(logits, dtype=np.float64) / temperature
-    probs = np.exp(scaled - scaled.max())
+    values = np.asarray(logits, dtype=np.float64)
+    # Shift before dividing: logits / T overflows to inf for a tiny T (inf - inf = NaN, and
+    # the last token was drawn); shifted, the best token is exp(0) = 1 and the rest -> 0.
+    with np.errstate(over="ignore"):  # -x / tiny T = -inf is intended: probability 0
+        probs = np.exp((values - values.max()) / temperature)
     cdf = np.cumsum(probs)
     index = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
     return min(index, len(cdf) - 1)
