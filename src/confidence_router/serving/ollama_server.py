@@ -29,10 +29,8 @@ streamed is sent as an ``{"error": ...}`` line (``ResponseError`` with status ``
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import re
 import selectors
 import socket
 import threading
@@ -50,6 +48,7 @@ from confidence_router.serving.http import (
     QuietThreadingHTTPServer,
     RequestBodyError,
     dumps_json,
+    loads_json,
 )
 from confidence_router.serving.protocol import (
     OLLAMA_VERSION,
@@ -170,9 +169,7 @@ class _OllamaHandler(JSONRequestHandler):
         parse_error: str | None = None
         if raw:
             try:
-                body = json.loads(raw, parse_constant=_reject_constant)
-                if _SURROGATE_ESCAPE.search(raw):
-                    body = _without_lone_surrogates(body)
+                body = loads_json(raw)
             except ValueError as exc:
                 parse_error = f"invalid JSON body: {exc}"
             except RecursionError:  # e.g. "[[[[..." nested deeper than the parser's stack
@@ -454,33 +451,6 @@ class _OllamaHandler(JSONRequestHandler):
                 "modified_at": card["modified_at"],
             },
         )
-
-
-# A JSON escape of a UTF-16 surrogate ("\ud800"): only bodies with one need scrubbing.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _reject_constant(name: str) -> Any:
-    # Python's json reads Infinity / -Infinity / NaN; JSON (and Ollama's Go decoder) does
-    # not, and a non-finite number would reach the option parsing as a float.
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _without_lone_surrogates(value: Any) -> Any:
-    """``value`` with every unpaired UTF-16 surrogate in its strings replaced by U+FFFD.
-
-    ``json.loads`` joins a valid escaped pair into one character but keeps a lone
-    ``"\ud800"`` as a surrogate code point, which cannot be encoded as UTF-8 (the prompt, the
-    reply). Go's decoder, i.e. Ollama, reads it as U+FFFD; so does this server.
-    """
-    if isinstance(value, str):
-        return _LONE_SURROGATE.sub("\ufffd", value)
-    if isinstance(value, list):
-        return [_without_lone_surrogates(item) for item in value]
-    if isinstance(value, dict):
-        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
-    return value
 
 
 def _truncate(vector: Sequence[float], dimensions: int) -> list[float]:
