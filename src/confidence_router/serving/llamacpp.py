@@ -39,8 +39,7 @@ model tag (:data:`PROMPT_TEMPLATES`):
 
 An ``/api/generate`` request with ``"raw": true`` uses :func:`render_raw_prompt` whatever the
 model name, as Ollama skips the template (and the system prompt) for it. The text of a message
-never selects a template. :meth:`LlamaCppBackend.complete` takes any raw
-prompt without HTTP.
+never selects a template. :meth:`LlamaCppBackend.complete` takes any raw prompt without HTTP.
 
 **Token texts are kept exactly as the model produces them**: an answer usually starts with a
 space (``" Paris"``) because the prompt ends with ``"A:"``. Nothing is stripped, so the
@@ -57,9 +56,9 @@ which is *not filled* with ``logits_all=False`` (reading it gives uniform logpro
 Supported Ollama ``options``: ``temperature`` (default 0 = greedy, unlike Ollama's 0.8, because
 confidence is defined on the greedy answer; with ``temperature > 0`` the next token is sampled
 from ``softmax(logits / T)`` but the *reported* logprobs always come from the untempered
-distribution), ``seed`` (a negative seed, Ollama's default -1, means none), ``num_predict`` (default ``max_tokens_default``; ``<= 0`` means "until
-the context is full") and ``stop`` (a string or a list; the stop text is not included in the
-reply, as in Ollama). Other options (``top_k``, ``top_p``, ``num_ctx``, ...) are ignored.
+distribution), ``seed`` (a negative seed, Ollama's default -1, means none), ``num_predict``
+(default ``max_tokens_default``; ``<= 0`` means "until the context is full") and ``stop`` (a
+string or a list; the stop text is not included in the reply, as in Ollama). Other options (``top_k``, ``top_p``, ``num_ctx``, ...) are ignored.
 Requests with ``tools``, a ``format`` or ``think`` are rejected with status 400 (a 270M base
 model can do none of them; Ollama also answers 400 "does not support tools" / "thinking").
 """

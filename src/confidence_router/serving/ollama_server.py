@@ -21,7 +21,8 @@ Usage::
 Endpoints: ``POST /api/chat``, ``POST /api/generate`` (streaming NDJSON with chunked transfer,
 or one object with ``"stream": false``), ``POST /api/embed``, ``POST /api/embeddings``,
 ``GET /api/tags``, ``GET /api/version``, ``POST /api/show``, ``GET /api/ps``, ``GET /``.
-Errors are ``{"error": message}`` with the status of the backend's :class:`BackendError`
+Bodies are read as Ollama's Go decoder reads them (no ``NaN`` / ``Infinity``; a lone
+surrogate escape is U+FFFD: :func:`~confidence_router.serving.http.loads_json`). Errors are ``{"error": message}`` with the status of the backend's :class:`BackendError`
 (the ``ollama`` client raises ``ResponseError`` carrying it); an error after tokens were
 streamed is sent as an ``{"error": ...}`` line (``ResponseError`` with status ``-1``).
 """

@@ -116,8 +116,8 @@ def parse_generation_request(
         ProtocolError: missing ``model``, ``top_logprobs`` out of 0..20, ``options`` not an
             object, ``stream`` / ``logprobs`` not booleans, ``tools`` not a list of
             ``{"type": "function", "function": {"name": ...}}`` objects, ``think`` not a
-            boolean or a string (as Ollama, which
-            rejects a body whose fields have the wrong JSON type).
+            boolean or a string (as Ollama, which rejects a body whose fields have the wrong
+            JSON type).
     """
     model = body.get("model")
     if not isinstance(model, str) or not model:
