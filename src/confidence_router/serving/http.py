@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import socket
 import sys
 import threading
@@ -32,6 +33,7 @@ __all__ = [
     "QuietThreadingHTTPServer",
     "RequestBodyError",
     "dumps_json",
+    "loads_json",
 ]
 
 logger = logging.getLogger("confidence_router.serving")
@@ -345,3 +347,48 @@ class JSONRequestHandler(BaseHTTPRequestHandler):
 def dumps_json(obj: Any) -> bytes:
     """Compact UTF-8 JSON, as the servers send it."""
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def loads_json(raw: bytes) -> Any:
+    """Parse a request body as JSON the way Go's decoder (Ollama's) reads it.
+
+    Unlike ``json.loads``: ``Infinity`` / ``-Infinity`` / ``NaN`` are refused (not JSON; they
+    reached option parsing as non-finite floats), and an unpaired UTF-16 surrogate escape
+    (``"\\ud800"``) reads as U+FFFD instead of a surrogate code point that no UTF-8 encoder
+    accepts (the prompt, or the reply echoing it, then failed).
+
+    Raises:
+        ValueError: invalid JSON (also ``UnicodeDecodeError``, a subclass).
+        RecursionError: nested deeper than the parser's stack.
+    """
+    body = json.loads(raw, parse_constant=_reject_constant)
+    if _SURROGATE_ESCAPE.search(raw):
+        body = _without_lone_surrogates(body)
+    return body
+
+
+# A JSON escape of a UTF-16 surrogate ("\ud800"): only bodies with one need scrubbing.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's json reads Infinity / -Infinity / NaN; JSON (and Ollama's Go decoder) does
+    # not, and a non-finite number would reach the option parsing as a float.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    """``value`` with every unpaired UTF-16 surrogate in its strings replaced by U+FFFD.
+
+    ``json.loads`` joins a valid escaped pair into one character but keeps a lone
+    ``"\\ud800"`` as a surrogate code point, which cannot be encoded as UTF-8 (the prompt, the
+    reply). Go's decoder, i.e. Ollama, reads it as U+FFFD; so does this server.
+    """
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_without_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+    return value

@@ -37,8 +37,9 @@ model tag (:data:`PROMPT_TEMPLATES`):
 * ``gemma3:270m-raw`` -- :func:`render_raw_prompt`: Ollama's ``raw`` semantics, the messages'
   text is the prompt, byte for byte (the caller rendered it, e.g. the evaluation harness).
 
-The text of a message never selects a template. :meth:`LlamaCppBackend.complete` takes any raw
-prompt without HTTP.
+An ``/api/generate`` request with ``"raw": true`` uses :func:`render_raw_prompt` whatever the
+model name, as Ollama skips the template (and the system prompt) for it. The text of a message
+never selects a template. :meth:`LlamaCppBackend.complete` takes any raw prompt without HTTP.
 
 **Token texts are kept exactly as the model produces them**: an answer usually starts with a
 space (``" Paris"``) because the prompt ends with ``"A:"``. Nothing is stripped, so the
@@ -55,11 +56,11 @@ which is *not filled* with ``logits_all=False`` (reading it gives uniform logpro
 Supported Ollama ``options``: ``temperature`` (default 0 = greedy, unlike Ollama's 0.8, because
 confidence is defined on the greedy answer; with ``temperature > 0`` the next token is sampled
 from ``softmax(logits / T)`` but the *reported* logprobs always come from the untempered
-distribution), ``seed``, ``num_predict`` (default ``max_tokens_default``; ``<= 0`` means "until
-the context is full") and ``stop`` (a string or a list; the stop text is not included in the
-reply, as in Ollama). Other options (``top_k``, ``top_p``, ``num_ctx``, ...) are ignored.
-Requests with ``tools`` or a ``format`` are rejected with status 400 (a 270M base model can do
-neither; Ollama also answers 400 "does not support tools").
+distribution), ``seed`` (a negative seed, Ollama's default -1, means none), ``num_predict``
+(default ``max_tokens_default``; ``<= 0`` means "until the context is full") and ``stop`` (a
+string or a list; the stop text is not included in the reply, as in Ollama). Other options (``top_k``, ``top_p``, ``num_ctx``, ...) are ignored.
+Requests with ``tools``, a ``format`` or ``think`` are rejected with status 400 (a 270M base
+model can do none of them; Ollama also answers 400 "does not support tools" / "thinking").
 """
 
 from __future__ import annotations
@@ -221,6 +222,10 @@ MAX_TOP_LOGPROBS = 20
 
 # Longest input embed() reads (tokens); longer inputs are truncated.
 _EMBED_MAX_TOKENS = 256
+
+# Prompts of at most this many bytes per context position are tokenized without a length
+# pre-check (any real prompt); longer ones are first measured against the longest token.
+_CHEAP_BYTES_PER_TOKEN = 16
 
 #: A function that renders chat messages into the prompt text the model continues.
 PromptTemplate = Callable[[Sequence[Mapping[str, Any]]], str]
@@ -629,7 +634,9 @@ def _int_option(options: Mapping[str, Any], name: str) -> int | None:
     value = options.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        isinstance(value, float) and not value.is_integer()  # also inf and nan (was a 500)
+    ):
         raise BackendError(f"option {name} must be an integer, got {value!r}", status=400)
     return int(value)
 
@@ -779,6 +786,7 @@ class LlamaCppBackend:
         self._embed_lock = threading.Lock()
         self._embedder: Llama | None = None
         self._piece_cache: dict[int, str] = {}
+        self._longest_token: int | None = None  # bytes; see _longest_token_bytes
 
         if not Path(self.model_path).is_file():
             raise FileNotFoundError(f"model file not found: {self.model_path}")
@@ -827,12 +835,16 @@ class LlamaCppBackend:
         is final once ``tokens`` is exhausted.
         """
         template = self.template_for(request.model)
+        if request.raw:  # /api/generate with "raw": true (Ollama: no template at all)
+            template = render_raw_prompt
         if request.tools:
             raise BackendError(f"{request.model} does not support tools", status=400)
         if request.format:
             raise BackendError(
                 f"{request.model} does not support structured output (format)", status=400
             )
+        if request.think:  # was ignored: the client asked for reasoning and got none
+            raise BackendError(f"{request.model} does not support thinking (think)", status=400)
         if any(message.get("images") for message in request.messages):
             # Answering without seeing the picture would look like a real answer (and could
             # be confident): refuse, so a router escalates it as a local error.
@@ -975,10 +987,12 @@ class LlamaCppBackend:
         temperature = options.get("temperature")
         temperature = 0.0 if temperature is None else temperature
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or (
-            temperature < 0 or math.isnan(temperature)
+            temperature < 0 or not math.isfinite(temperature)
         ):
             raise BackendError(f"option temperature must be >= 0, got {temperature!r}", 400)
         seed = _int_option(options, "seed")
+        if seed is not None and seed < 0:
+            seed = None  # Ollama's default seed, -1: no fixed seed (numpy refused it: a 500)
         num_predict = _int_option(options, "num_predict")
         if num_predict is None:
             num_predict = self.max_tokens_default
@@ -987,7 +1001,17 @@ class LlamaCppBackend:
 
         # Tokenizing reads only the immutable vocabulary, so it needs no lock; doing it here
         # makes prompt_tokens known before streaming and rejects over-long prompts with 400.
-        prompt_ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
+        encoded = prompt.encode("utf-8")
+        if len(encoded) > self.n_ctx * _CHEAP_BYTES_PER_TOKEN and (
+            len(encoded) > self.n_ctx * self._longest_token_bytes()
+        ):
+            # More tokens than the window for sure (no token covers more bytes): refuse
+            # without tokenizing it (~3 s of a core per MB, for a 400 anyway).
+            raise BackendError(
+                f"prompt is {len(encoded)} bytes, more than the context window of "
+                f"{self.n_ctx} tokens can hold", 400
+            )
+        prompt_ids = llm.tokenize(encoded, add_bos=True, special=False)
         room = self.n_ctx - len(prompt_ids)
         if room < 1:
             raise BackendError(
@@ -1000,6 +1024,16 @@ class LlamaCppBackend:
             reply, prompt_ids, limit, stops, float(temperature), seed, top_k, client_gone
         )
         return reply
+
+    def _longest_token_bytes(self) -> int:
+        """Bytes of the vocabulary's longest token text (computed once, ~1-2 s; only prompts
+        of more than ``n_ctx * 16`` bytes need it)."""
+        if self._longest_token is None:
+            llm = self._model()
+            self._longest_token = max(
+                (len(llm.detokenize([token])) for token in range(llm.n_vocab())), default=1
+            )
+        return self._longest_token
 
     def _evaluate_prompt(self, llm: Llama, prompt_ids: list[int]) -> None:
         """Bring the KV cache to ``prompt_ids`` and evaluate it (caller holds ``_lock``).
@@ -1398,8 +1432,11 @@ def _sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) ->
     """Draw a token from ``softmax(logits / temperature)`` (inverse CDF, float64)."""
     import numpy as np
 
-    scaled = np.asarray(logits, dtype=np.float64) / temperature
-    probs = np.exp(scaled - scaled.max())
+    values = np.asarray(logits, dtype=np.float64)
+    # Shift before dividing: logits / T overflows to inf for a tiny T (inf - inf = NaN, and
+    # the last token was drawn); shifted, the best token is exp(0) = 1 and the rest -> 0.
+    with np.errstate(over="ignore"):  # -x / tiny T = -inf is intended: probability 0
+        probs = np.exp((values - values.max()) / temperature)
     cdf = np.cumsum(probs)
     index = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
     return min(index, len(cdf) - 1)

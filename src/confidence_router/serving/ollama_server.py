@@ -21,7 +21,8 @@ Usage::
 Endpoints: ``POST /api/chat``, ``POST /api/generate`` (streaming NDJSON with chunked transfer,
 or one object with ``"stream": false``), ``POST /api/embed``, ``POST /api/embeddings``,
 ``GET /api/tags``, ``GET /api/version``, ``POST /api/show``, ``GET /api/ps``, ``GET /``.
-Errors are ``{"error": message}`` with the status of the backend's :class:`BackendError`
+Bodies are read as Ollama's Go decoder reads them (no ``NaN`` / ``Infinity``; a lone
+surrogate escape is U+FFFD: :func:`~confidence_router.serving.http.loads_json`). Errors are ``{"error": message}`` with the status of the backend's :class:`BackendError`
 (the ``ollama`` client raises ``ResponseError`` carrying it); an error after tokens were
 streamed is sent as an ``{"error": ...}`` line (``ResponseError`` with status ``-1``).
 """
@@ -29,7 +30,6 @@ streamed is sent as an ``{"error": ...}`` line (``ResponseError`` with status ``
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import selectors
@@ -49,6 +49,7 @@ from confidence_router.serving.http import (
     QuietThreadingHTTPServer,
     RequestBodyError,
     dumps_json,
+    loads_json,
 )
 from confidence_router.serving.protocol import (
     OLLAMA_VERSION,
@@ -169,7 +170,7 @@ class _OllamaHandler(JSONRequestHandler):
         parse_error: str | None = None
         if raw:
             try:
-                body = json.loads(raw)
+                body = loads_json(raw)
             except ValueError as exc:
                 parse_error = f"invalid JSON body: {exc}"
             except RecursionError:  # e.g. "[[[[..." nested deeper than the parser's stack
@@ -227,19 +228,22 @@ class _OllamaHandler(JSONRequestHandler):
     def _generate(self, body: dict[str, Any]) -> None:
         prompt = body.get("prompt") or ""
         system = body.get("system")
+        raw = body.get("raw")
         if not isinstance(prompt, str):
             raise _BadRequest("prompt must be a string")
         if system is not None and not isinstance(system, str):
             raise _BadRequest("system must be a string")  # was silently dropped
+        if raw is not None and not isinstance(raw, bool):
+            raise _BadRequest(f"raw must be true or false, got {raw!r}")
         messages: list[dict[str, Any]] = []
-        if isinstance(system, str) and system:
+        if isinstance(system, str) and system and not raw:  # raw: the prompt alone, as Ollama
             messages.append({"role": "system", "content": system})
         user: dict[str, Any] = {"role": "user", "content": prompt}
         if body.get("images"):
             user["images"] = body["images"]
             check_message(user, "request")  # images: a list of base64 strings
         messages.append(user)
-        request = self._parse_generation(body, messages)
+        request = dataclasses.replace(self._parse_generation(body, messages), raw=bool(raw))
         self._run_generation(request, chat=False, preload=not prompt)
 
     def _client_gone(self) -> bool:
@@ -271,7 +275,15 @@ class _OllamaHandler(JSONRequestHandler):
             self._send_json(200, final)
             return
 
-        request = dataclasses.replace(request, client_gone=self._client_gone)
+        gone = threading.Event()
+
+        def client_gone() -> bool:
+            # Remembers that the backend was told: its answer may have been cut short.
+            if self._client_gone():
+                gone.set()
+            return gone.is_set()
+
+        request = dataclasses.replace(request, client_gone=client_gone)
         reply: ChatReply = self.owner.backend.chat(request)
         tokens: Iterator[GeneratedToken] = iter(reply.tokens)
         # Pull the first token before sending headers, so a failure or the latency before it
@@ -281,6 +293,12 @@ class _OllamaHandler(JSONRequestHandler):
         except StopIteration:
             first = None
         timer.mark_first_token()
+        if gone.is_set():
+            # The client hung up (EOF; a half-closed one may still read): what the backend
+            # stopped early must not go out as a complete answer, so nothing does.
+            self.close_connection = True
+            _close_iterator(tokens)
+            return
 
         def final_fields(eval_count: int) -> dict[str, Any]:
             fields: dict[str, Any] = {"done_reason": reply.done_reason}
@@ -297,6 +315,9 @@ class _OllamaHandler(JSONRequestHandler):
         if not request.stream:
             collected = [first] if first is not None else []
             collected.extend(tokens)  # a BackendError here still becomes an HTTP error
+            if gone.is_set():  # cut short for a client that hung up: no complete answer
+                self.close_connection = True
+                return
             obj = piece("".join(t.text for t in collected), collected, True)
             if chat and reply.tool_calls:
                 obj["message"]["tool_calls"] = list(reply.tool_calls)
@@ -304,7 +325,7 @@ class _OllamaHandler(JSONRequestHandler):
             self._send_json(200, obj)
             return
 
-        self._stream(request, tokens, first, reply, piece, final_piece, chat=chat)
+        self._stream(request, tokens, first, reply, piece, final_piece, chat=chat, gone=gone)
 
     def _stream(
         self,
@@ -316,6 +337,7 @@ class _OllamaHandler(JSONRequestHandler):
         final_piece: Callable[[int], dict[str, Any]],
         *,
         chat: bool,
+        gone: threading.Event,
     ) -> None:
         count = 0
         try:
@@ -325,6 +347,12 @@ class _OllamaHandler(JSONRequestHandler):
                 self._write_chunk(dumps_json(piece(token.text, [token], False)) + b"\n")
                 count += 1
                 token = next(tokens, None)
+            if gone.is_set():
+                # The backend stopped for a client that hung up: leave the stream unfinished
+                # (no final line, no last chunk), so it never reads as a complete answer.
+                self.close_connection = True
+                _close_iterator(tokens)
+                return
             if chat and reply.tool_calls:
                 tool_piece = piece("", (), False)
                 tool_piece["message"]["tool_calls"] = list(reply.tool_calls)
@@ -359,10 +387,14 @@ class _OllamaHandler(JSONRequestHandler):
         inputs = [raw_input] if isinstance(raw_input, str) else raw_input
         if not isinstance(inputs, list) or not all(isinstance(x, str) for x in inputs):
             raise _BadRequest("input must be a string or a list of strings")
+        dimensions = body.get("dimensions")
+        if dimensions is not None and (
+            isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 0
+        ):  # was: silently ignored, or true read as 1
+            raise _BadRequest(f"dimensions must be a non-negative integer, got {dimensions!r}")
         start = time.perf_counter_ns()
         vectors = self.owner.backend.embed(model, inputs) if inputs else []
-        dimensions = body.get("dimensions")
-        if isinstance(dimensions, int) and dimensions > 0:
+        if dimensions:
             vectors = [_truncate(v, dimensions) for v in vectors]
         self._send_json(
             200,

@@ -52,6 +52,11 @@ class ChatRequest:
     stream: bool = True
     tools: Sequence[dict[str, Any]] = ()
     format: Any = None
+    think: bool | str | None = None
+    """Ollama's ``think`` (``true`` / ``false`` or a level such as ``"high"``); a backend
+    whose model cannot think refuses a truthy value (400), as Ollama does."""
+    raw: bool = False
+    """``/api/generate``'s ``raw``: the prompt is sent to the model unchanged (no template)."""
     client_gone: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
     """Set by the server: returns True once the client has hung up, so a backend that waits
     (injected latency, a queue for the model) or generates can stop instead of working for
@@ -110,8 +115,9 @@ def parse_generation_request(
     Raises:
         ProtocolError: missing ``model``, ``top_logprobs`` out of 0..20, ``options`` not an
             object, ``stream`` / ``logprobs`` not booleans, ``tools`` not a list of
-            ``{"type": "function", "function": {"name": ...}}`` objects (as Ollama, which
-            rejects a body whose fields have the wrong JSON type).
+            ``{"type": "function", "function": {"name": ...}}`` objects, ``think`` not a
+            boolean or a string (as Ollama, which rejects a body whose fields have the wrong
+            JSON type).
     """
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -142,6 +148,9 @@ def parse_generation_request(
     fmt = body.get("format")
     if fmt is not None and not isinstance(fmt, (str, dict)):
         raise ProtocolError(f"format must be \"json\" or a JSON schema object, got {fmt!r}")
+    think = body.get("think")
+    if think is not None and not isinstance(think, (bool, str)):
+        raise ProtocolError(f"think must be true, false or a level such as \"high\", got {think!r}")
     stream = body.get("stream")
     return ChatRequest(
         model=model,
@@ -152,6 +161,7 @@ def parse_generation_request(
         stream=True if stream is None else bool(stream),
         tools=list(tools),
         format=body.get("format"),
+        think=think,
     )
 
 
