@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Iterator
-from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_core.exceptions import OutputParserException
@@ -54,9 +53,9 @@ from langchain_core.runnables import (
     RunnableBinding,
     RunnableConfig,
     RunnableMap,
-    RunnablePassthrough,
     RunnableSequence,
 )
+from langchain_core.runnables.utils import AddableDict
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from typing_extensions import is_typeddict
@@ -162,17 +161,86 @@ def structured_router(
     served = _ServedParser(parser, tool_name if method == "function_calling" else None)
 
     if include_raw:
-        parse_raw = RunnablePassthrough.assign(
-            parsed=itemgetter("raw") | served, parsing_error=lambda _: None
-        )
-        no_parse = RunnablePassthrough.assign(parsed=lambda _: None)
-        return RunnableMap(raw=routed) | parse_raw.with_fallbacks(
-            [no_parse], exception_key="parsing_error"
-        )
+        return RunnableMap(raw=routed) | _RawAndParsed(served)
     return routed | served
 
 
 _NOTHING = object()
+
+
+class _RawAndParsed(Runnable[Any, dict[str, Any]]):
+    """``include_raw``: ``{"raw", "parsed", "parsing_error"}`` with the parsing error returned,
+    never raised, on every entry point.
+
+    (LangChain's ``parser.with_fallbacks(..., exception_key="parsing_error")`` cannot catch an
+    error a stream raises after its raw chunks went out: such a stream raised.) Streams pass
+    each ``{"raw": chunk}`` on as it comes, then ``{"parsed": ..., "parsing_error": ...}``.
+    """
+
+    def __init__(self, served: Runnable[Any, Any]) -> None:
+        self.served = served
+
+    @staticmethod
+    def _outcome(parse: Any, raw: Any) -> dict[str, Any]:
+        try:
+            return {"parsed": parse(raw), "parsing_error": None}
+        except Exception as error:  # noqa: BLE001 - returned, as include_raw promises
+            return {"parsed": None, "parsing_error": error}
+
+    def invoke(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        raw = input["raw"]
+        return {"raw": raw, **self._outcome(lambda m: self.served.invoke(m, config), raw)}
+
+    async def ainvoke(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        raw = input["raw"]
+        try:
+            parsed = await self.served.ainvoke(raw, config)
+        except Exception as error:  # noqa: BLE001 - returned, as include_raw promises
+            return {"raw": raw, "parsed": None, "parsing_error": error}
+        return {"raw": raw, "parsed": parsed, "parsing_error": None}
+
+    def transform(
+        self, input: Iterator[Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[dict[str, Any]]:
+        raw = None
+        for chunk in input:
+            piece = chunk.get("raw")
+            if piece is not None:
+                raw = piece if raw is None else raw + piece
+                yield AddableDict(raw=piece)
+        if raw is not None:
+            yield AddableDict(self._outcome(lambda m: self.served.invoke(m, config), raw))
+
+    async def atransform(
+        self, input: AsyncIterator[Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        raw = None
+        async for chunk in input:
+            piece = chunk.get("raw")
+            if piece is not None:
+                raw = piece if raw is None else raw + piece
+                yield AddableDict(raw=piece)
+        if raw is not None:
+            outcome = await self.ainvoke({"raw": raw}, config)
+            yield AddableDict(parsed=outcome["parsed"], parsing_error=outcome["parsing_error"])
+
+    def stream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[dict[str, Any]]:
+        yield from self.transform(iter([input]), config)
+
+    async def astream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        async def single() -> AsyncIterator[Any]:
+            yield input
+
+        async for output in self.atransform(single(), config):
+            yield output
 
 
 class _ServedParser(Runnable[Any, Any]):

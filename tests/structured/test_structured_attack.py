@@ -272,3 +272,55 @@ async def test_personal_data_in_the_structured_request_never_leaves(
     assert record["escalation_skipped"].startswith("escalation guard:")
     assert kind.lower() in record["escalation_skipped"].lower()
     assert bedrock_server.requests == []
+
+
+# -- include_raw: the parsing error is returned, on every entry point -----------------------------
+
+
+async def raw_outputs(chain: Any, how: str, value: Any) -> dict[str, Any]:
+    """The include_raw dict of one call; a stream's parts added up (as LangChain does)."""
+    if how not in ("stream", "astream"):
+        return await run(chain, how, value)
+    parts = (list(chain.stream(value)) if how == "stream"
+             else [part async for part in chain.astream(value)])
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
+@pytest.mark.parametrize(
+    ("method", "answer", "tool_calls"),
+    [("function_calling", "Nairobi.", None),
+     ("json_schema", '{"country": "Kenya", "capital": ', None)],
+    ids=["no-tool-call", "cut-json"],
+)
+async def test_include_raw_returns_the_parsing_error_in_streams_too(
+    local_only, ollama_backend, method, answer, tool_calls
+):
+    # A stream used to raise it: the fallback that fills parsing_error cannot catch an
+    # error raised after the raw chunks went out.
+    ollama_backend.add_answer("Kenya", answer, logprobs=-0.01, tool_calls=tool_calls)
+    chain = local_only.with_structured_output(Capital, method=method, include_raw=True)
+    for how in ENTRY_POINTS:
+        out = await raw_outputs(chain, how, KENYA)
+        assert out["parsed"] is None, how
+        assert isinstance(out["parsing_error"], OutputParserException), how
+        assert out["raw"].text == answer, how
+        assert out["raw"].response_metadata["routing"]["reason"] == "unusable_answer", how
+
+
+async def test_include_raw_streams_the_escalated_answer_and_its_parse(
+    router, ollama_backend, bedrock_server
+):
+    unsure_local(ollama_backend)
+    bedrock_server.add_answer("Kenya", "", tool_use=[
+        {"name": "Capital", "input": {"country": "Kenya", "capital": "Nairobi"}}],
+        tool_input_chunk=4)
+    chain = router.with_structured_output(Capital, include_raw=True)
+    for how in ENTRY_POINTS:
+        out = await raw_outputs(chain, how, KENYA)
+        assert (out["parsed"], out["parsing_error"]) == (
+            Capital(country="Kenya", capital="Nairobi"), None), how
+        assert out["raw"].response_metadata["routing"]["decision"] == "cloud", how
+    assert len(bedrock_server.requests) == len(ENTRY_POINTS)
