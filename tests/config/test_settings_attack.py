@@ -305,3 +305,25 @@ def test_bad_timeouts_in_lcel_fail_before_any_request(router, ollama_server, bed
         with pytest.raises(RoutingConfigError, match=name):
             configurable.invoke("hi", {"configurable": {key: value}})
     assert no_requests(ollama_server, bedrock_server)
+
+
+def test_proxy_settings_never_show_keys_or_passwords():
+    # The proxy's CONFIDENCE_ROUTER_* settings: its repr showed the bearer keys and the Redis
+    # and Chroma passwords, and a bad Chroma URL's error its password.
+    from confidence_router.proxy.config import ProxyConfig
+
+    config = ProxyConfig.from_env({
+        "CONFIDENCE_ROUTER_PROXY_API_KEYS": f"sk-{SECRET}-1,sk-{SECRET}-2",
+        "CONFIDENCE_ROUTER_REDIS_URL": f"redis://:{SECRET}@cache:6379/0",
+        "CONFIDENCE_ROUTER_CHROMA_URL": f"http://svc:{SECRET}@chroma:8000",
+        "CONFIDENCE_ROUTER_EMBEDDING_MODEL": "nomic-embed-text",
+    })
+    assert config.api_keys == (f"sk-{SECRET}-1", f"sk-{SECRET}-2")  # still usable
+    assert config.redis_url == f"redis://:{SECRET}@cache:6379/0"
+    assert SECRET not in repr(config) and SECRET not in str(config)
+    assert "api_keys=('***', '***')" in repr(config)
+    assert "redis://:***@cache:6379/0" in repr(config)
+    with pytest.raises(RoutingConfigError) as caught:
+        ProxyConfig.from_env({"CONFIDENCE_ROUTER_CHROMA_URL": f"ftp://svc:{SECRET}@chroma",
+                              "CONFIDENCE_ROUTER_EMBEDDING_MODEL": "nomic-embed-text"})
+    assert SECRET not in str(caught.value) and "chroma_url" in str(caught.value)
