@@ -195,6 +195,12 @@ class RouterSettings:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> RouterSettings:
         """Settings from a TOML (``[confidence_router]`` table or top level) or JSON file."""
+        if not isinstance(path, (str, os.PathLike)):
+            hint = " (for a dict, use RouterSettings.from_mapping)" if isinstance(path, Mapping) else ""
+            raise RoutingConfigError(
+                f"a settings file is given by its path (a str or os.PathLike), got "
+                f"{type(path).__name__}{hint}"
+            )
         file = Path(path)
         if not file.is_file():
             raise RoutingConfigError(f"settings file not found: {file}")

@@ -327,3 +327,12 @@ def test_proxy_settings_never_show_keys_or_passwords():
         ProxyConfig.from_env({"CONFIDENCE_ROUTER_CHROMA_URL": f"ftp://svc:{SECRET}@chroma",
                               "CONFIDENCE_ROUTER_EMBEDDING_MODEL": "nomic-embed-text"})
     assert SECRET not in str(caught.value) and "chroma_url" in str(caught.value)
+
+
+@pytest.mark.parametrize("given", [{"threshold": 0.8}, 123, b"router.toml"],
+                         ids=["dict", "int", "bytes"])
+def test_from_settings_with_neither_settings_nor_a_path(given, ollama_server, bedrock_server):
+    # It was a bare TypeError from pathlib.
+    with pytest.raises(RoutingConfigError, match="path"):
+        ConfidenceRoutedLLM.from_settings(given, environ={})
+    assert no_requests(ollama_server, bedrock_server)
