@@ -432,3 +432,45 @@ async def test_batch_of_tool_turns_each_gets_its_own_tier(router, ollama_backend
     assert [routing(m)["decision"] for m in outs] == ["cloud", "local"] * 3
     assert all(m.tool_calls[0]["args"] == {"city": "Oslo"} for m in outs[::2])
     assert len(bedrock_server.requests) == 3
+
+
+async def test_early_exit_on_a_tool_calling_turn_escalates_with_the_tools(
+    ollama_chat, cloud_factory, api, ollama_backend, bedrock_server
+):
+    # The unsure second token ends the local answer at once; the cloud gets the tools and
+    # its call is the only one streamed.
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud_factory(), early_exit=True,
+                                 signal="min_logprob")
+    ollama_backend.add_answer("Rome", ["I", " think", " so", " yes"],
+                              logprobs=[-0.01, -6.0, -0.01, -0.01],
+                              tool_calls=[{"name": "get_weather", "arguments": {"city": "Roma"}}])
+    bedrock_server.add_answer("Rome", "", tool_use=[
+        {"name": "get_weather", "input": {"city": "Rome"}}])
+    bound = router.bind_tools([get_weather, get_time])
+    for how in ENTRY_POINTS:
+        message = await call(bound, how, "What is the weather in Rome?")
+        record = routing(message)
+        assert (record["decision"], record["reason"]) == ("cloud", "early_exit"), how
+        assert record["early_exit"]["tokens"] == 2, how
+        assert [(c["name"], c["args"]) for c in message.tool_calls] == [
+            ("get_weather", {"city": "Rome"})], how
+    assert len(bedrock_server.requests) == len(ENTRY_POINTS)
+    for request in bedrock_server.requests:
+        assert cloud_tools(request["body"], api) == ["get_weather", "get_time"]
+
+
+def test_kept_unknown_answers_must_still_make_the_forced_call(
+    ollama_chat, bedrock_chat, ollama_backend, bedrock_server
+):
+    # on_unknown="local" keeps a tool-call-only answer, but not one calling the wrong tool.
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(), on_unknown="local")
+    ollama_backend.add_answer("Oslo", "", tool_calls=[
+        {"name": "get_weather", "arguments": {"city": "Oslo"}}])
+    bedrock_server.add_answer("Oslo", "", tool_use=[{"name": "get_time", "input": {"city": "Oslo"}}])
+    forced_time = router.bind_tools([get_weather, get_time], tool_choice="get_time")
+    message = forced_time.invoke("What time is it in Oslo?")
+    assert (routing(message)["decision"], routing(message)["reason"]) == ("cloud", "unusable_answer")
+    assert message.tool_calls[0]["name"] == "get_time"
+    free = router.bind_tools([get_weather, get_time]).invoke("What time is it in Oslo?")
+    assert (routing(free)["decision"], routing(free)["flagged"]) == ("local", True)
+    assert len(bedrock_server.requests) == 1
