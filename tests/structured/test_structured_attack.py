@@ -324,3 +324,31 @@ async def test_include_raw_streams_the_escalated_answer_and_its_parse(
             Capital(country="Kenya", capital="Nairobi"), None), how
         assert out["raw"].response_metadata["routing"]["decision"] == "cloud", how
     assert len(bedrock_server.requests) == len(ENTRY_POINTS)
+
+
+CARD_SCHEMA: dict[str, Any] = {
+    "title": "Card", "type": "object", "required": ["capital"],
+    "properties": {"capital": {"type": "string", "description": "charge 4111 1111 1111 1111"}},
+}
+
+
+@pytest.mark.parametrize("method", ["json_schema", "json_mode"])
+def test_personal_data_in_a_json_output_schema_never_leaves(
+    ollama_chat, bedrock_chat, ollama_backend, bedrock_server, method
+):
+    # The JSON methods send the schema as Bedrock's outputConfig, not as a tool.
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(),
+                                 escalation_guard=PIIGuard())
+    ollama_backend.add_answer("Kenya", '{"capital": "Mombasa"}', logprobs=-4.0)
+    bedrock_server.set_default('{"capital": "Nairobi"}')
+    for schema, kind in ((Contact, "email"), (Account, "IBAN"), (CARD_SCHEMA, "card")):
+        out = router.with_structured_output(schema, method=method, include_raw=True).invoke(KENYA)
+        record = out["raw"].response_metadata["routing"]
+        assert kind.lower() in (record["escalation_skipped"] or "").lower(), kind
+        assert record["decision"] == "local"
+    assert bedrock_server.requests == []
+    # Without personal data the same request escalates (with the schema as outputConfig).
+    out = router.with_structured_output(Capital, method=method, include_raw=True).invoke(
+        "What is the capital of Kenya? (JSON)")
+    assert out["raw"].response_metadata["routing"]["decision"] == "cloud"
+    assert "outputConfig" in bedrock_server.requests[0]["body"]
