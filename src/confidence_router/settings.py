@@ -24,8 +24,10 @@ Environment variables (all optional):
 
 A ``CONFIDENCE_ROUTER_*`` variable that names no setting (``CONFIDENCE_ROUTER_TRESHOLD``) is a
 :class:`~confidence_router.errors.RoutingConfigError`, not silently ignored. Credentials never
-go into saved settings: a password in ``ollama_host`` (``http://user:pass@host``) is written as
-``***``; pass it through ``OLLAMA_HOST`` instead.
+go into saved settings, reprs or error messages: a password in ``ollama_host`` or
+``bedrock_endpoint`` (``http://user:pass@host``) is written as ``***``; pass it through
+``OLLAMA_HOST`` instead. A blank value never switches off what is on by default
+(``CONFIDENCE_ROUTER_LOCAL_TIMEOUT=""`` is an error, not "no timeout"): write ``none``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,14 @@ DEFAULT_CLOUD_MODEL = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
 DEFAULT_REGION = "us-west-2"
 DEFAULT_LOCAL_TIMEOUT = 60.0
 ENV_PREFIX = "CONFIDENCE_ROUTER_"
+#: The table of a settings file that holds the settings (else the file's top level does).
+FILE_TABLE = "confidence_router"
+#: A settings file larger than this is refused unread (a wrong path, e.g. a model file).
+MAX_SETTINGS_FILE_BYTES = 1 << 20
+#: Bedrock's ``maxTokens`` is a 32-bit integer.
+MAX_CLOUD_MAX_TOKENS = 2**31 - 1
+#: An AWS region name (botocore refuses anything else when the client is built).
+_REGION_RE = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")
 
 #: ``CONFIDENCE_ROUTER_*`` variables read by other parts of the library (not settings).
 OTHER_ENV_VARS = frozenset(
@@ -106,9 +116,15 @@ class RouterSettings:
                 raise RoutingConfigError(f"{name} must be a string, got {value!r}")
         if not self.local_model.strip():
             raise RoutingConfigError("local_model must not be empty")
-        if not self.ollama_host.startswith(("http://", "https://")):
+        for name in ("ollama_host", "bedrock_endpoint"):
+            url = getattr(self, name)
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise RoutingConfigError(
+                    f"{name} must be an http(s) URL, got {redact_url(url)!r}"
+                )
+        if not _REGION_RE.match(self.aws_region):
             raise RoutingConfigError(
-                f"ollama_host must be an http(s) URL, got {self.ollama_host!r}"
+                f"aws_region must be an AWS region name (e.g. us-west-2), got {self.aws_region!r}"
             )
         for name in ("local_timeout", "cloud_timeout"):
             value = getattr(self, name)
@@ -124,12 +140,18 @@ class RouterSettings:
         if self.cloud_max_tokens is not None and (
             isinstance(self.cloud_max_tokens, bool)
             or not isinstance(self.cloud_max_tokens, int)
-            or self.cloud_max_tokens <= 0
+            or not 0 < self.cloud_max_tokens <= MAX_CLOUD_MAX_TOKENS
         ):
             raise RoutingConfigError(
-                f"cloud_max_tokens must be a positive int, got {self.cloud_max_tokens!r}"
+                f"cloud_max_tokens must be a positive int up to {MAX_CLOUD_MAX_TOKENS}, "
+                f"got {self.cloud_max_tokens!r}"
             )
         self.policy()  # validates the knobs
+
+    def __repr__(self) -> str:
+        """The dataclass repr, with any password in a URL masked."""
+        values = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
+        return f"{type(self).__name__}({values})"
 
     def policy(self) -> RoutingPolicy:
         """The routing policy these settings describe."""
@@ -141,6 +163,8 @@ class RouterSettings:
         credential is ever part of saved settings)."""
         values = asdict(self)
         values["ollama_host"] = redact_url(self.ollama_host)
+        if self.bedrock_endpoint is not None:
+            values["bedrock_endpoint"] = redact_url(self.bedrock_endpoint)
         return values
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -150,11 +174,17 @@ class RouterSettings:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RouterSettings:
         """Settings from a dict with the field names as keys (unknown keys are an error)."""
+        if not isinstance(values, Mapping):
+            raise RoutingConfigError(
+                f"settings must be a mapping of setting names to values, got {values!r}"
+            )
         known = {f.name: f for f in fields(cls)}
         unknown = set(values) - set(known)
         if unknown:
             raise RoutingConfigError(unknown_names_message(unknown, known, what="setting"))
-        converted = {k: _convert(k, v, known[k].type) for k, v in values.items()}
+        converted = {
+            k: _convert(k, v, known[k].type, known[k].default) for k, v in values.items()
+        }
         return cls(**converted)
 
     @classmethod
@@ -165,20 +195,55 @@ class RouterSettings:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> RouterSettings:
         """Settings from a TOML (``[confidence_router]`` table or top level) or JSON file."""
+        if not isinstance(path, (str, os.PathLike)):
+            hint = " (for a dict, use RouterSettings.from_mapping)" if isinstance(path, Mapping) else ""
+            raise RoutingConfigError(
+                f"a settings file is given by its path (a str or os.PathLike), got "
+                f"{type(path).__name__}{hint}"
+            )
         file = Path(path)
         if not file.is_file():
             raise RoutingConfigError(f"settings file not found: {file}")
-        text = file.read_text(encoding="utf-8")
+        try:
+            size = file.stat().st_size
+            if size > MAX_SETTINGS_FILE_BYTES:
+                raise RoutingConfigError(
+                    f"settings file {file} is {size} bytes, more than the "
+                    f"{MAX_SETTINGS_FILE_BYTES} a settings file may have: is it the right file?"
+                )
+            raw = file.read_bytes()
+        except OSError as error:
+            raise RoutingConfigError(f"cannot read settings file {file}: {error}") from error
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise RoutingConfigError(
+                f"settings file {file} is not UTF-8 text ({error.reason} at byte {error.start})"
+            ) from None
         try:
             if file.suffix == ".json":
                 data = json.loads(text)
             else:
                 data = _load_toml(text)
-        except ValueError as error:
-            raise RoutingConfigError(f"cannot parse settings file {file}: {error}") from error
+        except (ValueError, RecursionError) as error:
+            problem = "nested too deeply" if isinstance(error, RecursionError) else error
+            raise RoutingConfigError(f"cannot parse settings file {file}: {problem}") from None
         if not isinstance(data, dict):
             raise RoutingConfigError(f"settings file {file} must hold a table/object")
-        data = data.get("confidence_router", data)
+        if FILE_TABLE in data:
+            outside = sorted(set(data) - {FILE_TABLE})
+            if outside:
+                # Read from the table only, they would be ignored without a word.
+                raise RoutingConfigError(
+                    f"settings file {file} has settings outside its [{FILE_TABLE}] table: "
+                    f"{outside}; move them into the table"
+                )
+            data = data[FILE_TABLE]
+            if not isinstance(data, dict):
+                raise RoutingConfigError(
+                    f"[{FILE_TABLE}] in settings file {file} must be a table/object, "
+                    f"got {data!r}"
+                )
         return cls.from_mapping(data)
 
     @classmethod
@@ -316,12 +381,20 @@ def _load_toml(text: str) -> Any:
     return tomllib.loads(text)
 
 
-def _convert(name: str, value: Any, annotation: Any) -> Any:
-    """Convert a string from the environment to the field's type, with a clear error."""
+def _convert(name: str, value: Any, annotation: Any, default: Any = None) -> Any:
+    """Convert a string from the environment to the field's type, with a clear error.
+
+    A blank string stands for ``None`` only where ``None`` is the default: it never switches
+    off what is on by default (a ``local_timeout``, the cloud model); ``none`` / ``off`` do.
+    """
     if not isinstance(value, str):
         return value
     kind = str(annotation)
     text = value.strip()
+    if not text and default is not None and "None" in kind:
+        raise RoutingConfigError(
+            f"{name} is blank: unset it for the default ({default!r}), or write 'none'"
+        )
     if "int" in kind and "float" not in kind:
         if text.lower() in {"", "none", "null"} and "None" in kind:
             return None

@@ -39,9 +39,10 @@ same call.
 from __future__ import annotations
 
 import inspect
-from operator import itemgetter
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
+from langchain_core.exceptions import OutputParserException
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import (
     JsonOutputKeyToolsParser,
@@ -50,10 +51,11 @@ from langchain_core.output_parsers.openai_tools import (
 from langchain_core.runnables import (
     Runnable,
     RunnableBinding,
+    RunnableConfig,
     RunnableMap,
-    RunnablePassthrough,
     RunnableSequence,
 )
+from langchain_core.runnables.utils import AddableDict
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from typing_extensions import is_typeddict
@@ -107,7 +109,10 @@ def structured_router(
             prompt must describe the shape). See the module docstring for each tier.
         include_raw: return ``{"raw": AIMessage, "parsed": ..., "parsing_error": ...}``; the
             raw message carries ``response_metadata["routing"]``. Parsing errors are then
-            returned, not raised.
+            returned, not raised. A served answer that does not parse (a local one that could
+            not escalate, a cloud one) is such an error on every entry point: with
+            ``function_calling`` an answer without the schema's tool call too (LangChain's
+            parsers return ``None`` for it), and a stream raises it at its end.
         strict: passed to tiers whose ``with_structured_output`` takes it (function calling).
         kwargs: none are accepted (a typo must not be silently ignored).
 
@@ -153,16 +158,177 @@ def structured_router(
         parser = JsonOutputParser()
     # A confident local answer that does not parse is still unusable: it escalates.
     routed = router.with_bound_tiers(update, _parses(parser, tool_name or "JSON"))
+    served = _ServedParser(parser, tool_name if method == "function_calling" else None)
 
     if include_raw:
-        parse_raw = RunnablePassthrough.assign(
-            parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
-        )
-        no_parse = RunnablePassthrough.assign(parsed=lambda _: None)
-        return RunnableMap(raw=routed) | parse_raw.with_fallbacks(
-            [no_parse], exception_key="parsing_error"
-        )
-    return routed | parser
+        return RunnableMap(raw=routed) | _RawAndParsed(served)
+    return routed | served
+
+
+_NOTHING = object()
+
+
+class _RawAndParsed(Runnable[Any, dict[str, Any]]):
+    """``include_raw``: ``{"raw", "parsed", "parsing_error"}`` with the parsing error returned,
+    never raised, on every entry point.
+
+    (LangChain's ``parser.with_fallbacks(..., exception_key="parsing_error")`` cannot catch an
+    error a stream raises after its raw chunks went out: such a stream raised.) Streams pass
+    each ``{"raw": chunk}`` on as it comes, then ``{"parsed": ..., "parsing_error": ...}``.
+    """
+
+    def __init__(self, served: Runnable[Any, Any]) -> None:
+        self.served = served
+
+    @staticmethod
+    def _outcome(parse: Any, raw: Any) -> dict[str, Any]:
+        try:
+            return {"parsed": parse(raw), "parsing_error": None}
+        except Exception as error:  # noqa: BLE001 - returned, as include_raw promises
+            return {"parsed": None, "parsing_error": error}
+
+    def invoke(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        raw = input["raw"]
+        return {"raw": raw, **self._outcome(lambda m: self.served.invoke(m, config), raw)}
+
+    async def ainvoke(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        raw = input["raw"]
+        try:
+            parsed = await self.served.ainvoke(raw, config)
+        except Exception as error:  # noqa: BLE001 - returned, as include_raw promises
+            return {"raw": raw, "parsed": None, "parsing_error": error}
+        return {"raw": raw, "parsed": parsed, "parsing_error": None}
+
+    def transform(
+        self, input: Iterator[Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[dict[str, Any]]:
+        raw = None
+        for chunk in input:
+            piece = chunk.get("raw")
+            if piece is not None:
+                raw = piece if raw is None else raw + piece
+                yield AddableDict(raw=piece)
+        if raw is not None:
+            yield AddableDict(self._outcome(lambda m: self.served.invoke(m, config), raw))
+
+    async def atransform(
+        self, input: AsyncIterator[Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        raw = None
+        async for chunk in input:
+            piece = chunk.get("raw")
+            if piece is not None:
+                raw = piece if raw is None else raw + piece
+                yield AddableDict(raw=piece)
+        if raw is not None:
+            outcome = await self.ainvoke({"raw": raw}, config)
+            yield AddableDict(parsed=outcome["parsed"], parsing_error=outcome["parsing_error"])
+
+    def stream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[dict[str, Any]]:
+        yield from self.transform(iter([input]), config)
+
+    async def astream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        async def single() -> AsyncIterator[Any]:
+            yield input
+
+        async for output in self.atransform(single(), config):
+            yield output
+
+
+class _ServedParser(Runnable[Any, Any]):
+    """``parser`` for the answer served: one it cannot read is an error on every entry point.
+
+    LangChain's tool parsers return ``None`` for an answer without the tool's call, and their
+    streams end without output or error when the answer never parses; the README promises a
+    served answer that does not parse comes "with the parsing error". ``invoke`` raises
+    :class:`OutputParserException` for a missing call (``tool`` names it; ``None`` for the JSON
+    methods), and a stream yields the parser's partial outputs, then parses the whole answer
+    and raises what ``invoke`` would.
+    """
+
+    def __init__(self, parser: Runnable[Any, Any], tool: str | None) -> None:
+        self.parser = parser
+        self.tool = tool
+
+    @property
+    def OutputType(self) -> Any:
+        return self.parser.OutputType
+
+    def _checked(self, parsed: Any, message: Any) -> Any:
+        if parsed is None and self.tool is not None:
+            raise OutputParserException(
+                f"no call of the tool {self.tool!r} in the answer",
+                llm_output=str(getattr(message, "content", message))[:300],
+            )
+        return parsed
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return self._checked(self.parser.invoke(input, config), input)
+
+    async def ainvoke(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Any:
+        return self._checked(await self.parser.ainvoke(input, config), input)
+
+    def transform(
+        self, input: Iterator[Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[Any]:
+        answer: list[Any] = []
+
+        def kept() -> Iterator[Any]:
+            for chunk in input:
+                answer[:] = [chunk if not answer else answer[0] + chunk]
+                yield chunk
+
+        last = _NOTHING
+        for last in self.parser.transform(kept(), config):
+            yield last
+        if not answer:
+            return
+        final = self.invoke(answer[0], config)
+        if last is _NOTHING or final != last:
+            yield final
+
+    async def atransform(
+        self, input: AsyncIterator[Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        answer: list[Any] = []
+
+        async def kept() -> AsyncIterator[Any]:
+            async for chunk in input:
+                answer[:] = [chunk if not answer else answer[0] + chunk]
+                yield chunk
+
+        last = _NOTHING
+        async for last in self.parser.atransform(kept(), config):
+            yield last
+        if not answer:
+            return
+        final = await self.ainvoke(answer[0], config)
+        if last is _NOTHING or final != last:
+            yield final
+
+    def stream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[Any]:
+        yield from self.transform(iter([input]), config)
+
+    async def astream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        async def single() -> AsyncIterator[Any]:
+            yield input
+
+        async for output in self.atransform(single(), config):
+            yield output
 
 
 def _parses(parser: Runnable[Any, Any], what: str) -> Any:

@@ -26,11 +26,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlparse
 
 from confidence_router.errors import RoutingConfigError
+from confidence_router.settings import redact_url
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_TIMEOUT_S", "ProxyConfig"]
 
@@ -102,11 +103,22 @@ class ProxyConfig:
         if not self.redis_prefix or any(c.isspace() for c in self.redis_prefix):
             raise RoutingConfigError(f"redis_prefix must be a non-empty word, got {self.redis_prefix!r}")
         if self.chroma_url is not None and urlparse(self.chroma_url).scheme not in ("http", "https"):
-            raise RoutingConfigError(f"chroma_url must be an http(s) URL, got {self.chroma_url!r}")
+            raise RoutingConfigError(
+                f"chroma_url must be an http(s) URL, got {redact_url(self.chroma_url)!r}"
+            )
         if self.chroma_url is not None and not self.embedding_model:
             raise RoutingConfigError(
                 "chroma_url needs an embedding_model (CONFIDENCE_ROUTER_EMBEDDING_MODEL)"
             )
+
+    def __repr__(self) -> str:
+        """The dataclass repr without secrets: API keys as ``***``, URL passwords masked."""
+        shown: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown["api_keys"] = ("***",) * len(self.api_keys)
+        for name in ("redis_url", "chroma_url"):
+            if shown[name] is not None:
+                shown[name] = redact_url(shown[name])
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ProxyConfig:

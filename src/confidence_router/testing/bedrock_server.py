@@ -57,6 +57,11 @@ Stop reasons are scripted in Converse terms and translated for InvokeModel:
 InvokeModel a guardrail reports itself in the body, not in the stop reason); others
 (``end_turn``, ``tool_use``, ``max_tokens``, ``stop_sequence``, ``refusal``) pass unchanged.
 
+Tools are checked as Bedrock checks them (a ``ValidationException``, the request still
+recorded): a tool name that is not 1-64 of ``[a-zA-Z0-9_-]``, a tool choice naming a tool the
+request does not define (or, on InvokeModel, of an unknown type), and a tool result whose id
+answers no tool use of the previous assistant turn.
+
 Errors carry ``x-amzn-ErrorType`` and ``{"message": ...}``, so botocore raises the modelled
 exception (``client.exceptions.ThrottlingException``, ...), on every operation.
 
@@ -83,7 +88,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypedDict, Union
 from urllib.parse import unquote
 
@@ -212,6 +217,15 @@ class _BedrockAnswer:
     stop_reason: str
     latency: float
     piece_delay: float
+    tool_input_chunk: int | None = None
+
+
+def _input_pieces(tool_input: Any, chunk: int | None) -> list[str]:
+    """A tool's input JSON as streamed: one piece, or pieces of ``chunk`` characters."""
+    text = json.dumps(tool_input)
+    if not chunk:
+        return [text]
+    return [text[i:i + chunk] for i in range(0, len(text), chunk)] or [text]
 
 
 @dataclass(frozen=True)
@@ -275,7 +289,79 @@ def _invoke_body_error(body: Mapping[str, Any]) -> str | None:
     for i, message in enumerate(body["messages"]):
         if not isinstance(message, Mapping) or message.get("role") not in ("user", "assistant"):
             return f"Malformed input request: #/messages/{i}: role must be user or assistant"
+    tools = body.get("tools") or []
+    names = [tool.get("name") for tool in tools if isinstance(tool, Mapping)]
+    choice = body.get("tool_choice")
+    return _tool_names_error(names, "tools.{i}.name") or _tool_results_error(
+        body["messages"], "tool_use", "tool_result", "id", "tool_use_id"
+    ) or (_invoke_tool_choice_error(choice, names) if choice is not None else None)
+
+
+#: A tool name Bedrock accepts (Converse ``toolSpec.name``; Anthropic's ``tools[].name``).
+_TOOL_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+def _tool_names_error(names: Sequence[Any], where: str) -> str | None:
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not _TOOL_NAME_RE.match(name):
+            return (f"{where.format(i=i)}: {name!r} must match the pattern "
+                    "^[a-zA-Z0-9_-]{1,64}$")
     return None
+
+
+def _invoke_tool_choice_error(choice: Any, names: Sequence[Any]) -> str | None:
+    kind = choice.get("type") if isinstance(choice, Mapping) else None
+    if kind not in ("auto", "any", "tool", "none"):
+        return f"tool_choice: unknown type in {choice!r} (expected auto, any, tool or none)"
+    if kind == "tool" and choice.get("name") not in names:
+        return f"tool_choice: the tool {choice.get('name')!r} is not defined in tools"
+    return None
+
+
+def _converse_body_error(body: Mapping[str, Any]) -> str | None:
+    """What real Bedrock rejects in a Converse body's tools (``None``: acceptable)."""
+    config = body.get("toolConfig") or {}
+    specs = [tool.get("toolSpec") for tool in config.get("tools") or [] if "toolSpec" in tool]
+    names = [spec.get("name") for spec in specs if isinstance(spec, Mapping)]
+    problem = _tool_names_error(names, "toolConfig.tools.{i}.toolSpec.name")
+    if problem:
+        return problem
+    forced = (config.get("toolChoice") or {}).get("tool")
+    if isinstance(forced, Mapping) and forced.get("name") not in names:
+        return (f"toolConfig.toolChoice: the tool {forced.get('name')!r} is not defined in "
+                "toolConfig.tools")
+    return _tool_results_error(body["messages"], "toolUse", "toolResult", "toolUseId",
+                               "toolUseId")
+
+
+def _tool_results_error(
+    messages: Sequence[Any], use: str, result: str, use_id: str, result_id: str
+) -> str | None:
+    """A tool result whose id answers no tool use of the previous assistant message."""
+    previous: set[Any] = set()
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            continue
+        blocks = [b for b in message.get("content") or [] if isinstance(b, Mapping)]
+        if message.get("role") == "assistant":
+            previous = {_block(b, use).get(use_id) for b in blocks if _block(b, use)}
+            continue
+        for block in blocks:
+            answered = _block(block, result)
+            if answered and answered.get(result_id) not in previous:
+                return (f"messages.{i}.content: the {result} id {answered.get(result_id)!r} "
+                        f"answers no {use} block of the previous assistant message")
+        previous = set()
+    return None
+
+
+def _block(block: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
+    """The ``kind`` part of a content block, in Converse (``{kind: {...}}``) or Anthropic
+    (``{"type": kind, ...}``) form; empty when it is another kind."""
+    if block.get("type") == kind:
+        return block
+    inner = block.get(kind)
+    return inner if isinstance(inner, Mapping) else {}
 
 
 def _chunk_event(event: Mapping[str, Any]) -> bytes:
@@ -316,9 +402,11 @@ class _BedrockHandler(JSONRequestHandler):
             return
         if record["operation"].startswith("invoke"):
             problem = _invoke_body_error(body)
-            if problem is not None:
-                self._error("ValidationException", 400, problem)
-                return
+        else:
+            problem = _converse_body_error(body)
+        if problem is not None:
+            self._error("ValidationException", 400, problem)
+            return
         try:
             self._serve(record, body)
         except DISCONNECT_ERRORS:
@@ -427,15 +515,13 @@ class _BedrockHandler(JSONRequestHandler):
                     "contentBlockStart", {"contentBlockIndex": index, "start": {"toolUse": start}}
                 )
             )
-            self._write_chunk(
-                _event(
-                    "contentBlockDelta",
-                    {
-                        "contentBlockIndex": index,
-                        "delta": {"toolUse": {"input": json.dumps(tool["input"])}},
-                    },
+            for piece in _input_pieces(tool["input"], answer.tool_input_chunk):
+                self._write_chunk(
+                    _event(
+                        "contentBlockDelta",
+                        {"contentBlockIndex": index, "delta": {"toolUse": {"input": piece}}},
+                    )
                 )
-            )
             self._write_chunk(_event("contentBlockStop", {"contentBlockIndex": index}))
             index += 1
         self._write_chunk(_event("messageStop", {"stopReason": answer.stop_reason}))
@@ -548,10 +634,11 @@ class _BedrockHandler(JSONRequestHandler):
                 "content_block": {"type": "tool_use", "id": tool["toolUseId"],
                                   "name": tool["name"], "input": {}},
             }))
-            self._write_chunk(_chunk_event({
-                "type": "content_block_delta", "index": index,
-                "delta": {"type": "input_json_delta", "partial_json": json.dumps(tool["input"])},
-            }))
+            for piece in _input_pieces(tool["input"], answer.tool_input_chunk):
+                self._write_chunk(_chunk_event({
+                    "type": "content_block_delta", "index": index,
+                    "delta": {"type": "input_json_delta", "partial_json": piece},
+                }))
             self._write_chunk(_chunk_event({"type": "content_block_stop", "index": index}))
             index += 1
         delta_event: dict[str, Any] = {
@@ -634,6 +721,7 @@ class FakeBedrockServer(BackgroundServer):
         tool_use: Sequence[Mapping[str, Any]] | None = None,
         model: str | None = None,
         times: int | None = None,
+        tool_input_chunk: int | None = None,
     ) -> ScriptedRule[RecordedBedrockRequest]:
         """Answer matching requests.
 
@@ -650,14 +738,27 @@ class FakeBedrockServer(BackgroundServer):
                 ``toolUse`` content blocks (contentBlockStart/Delta/Stop events in streams).
             model: only match this (URL-decoded) model id.
             times: stop matching after this many uses.
+            tool_input_chunk: in streams, send each tool's input JSON in pieces of this many
+                characters (as Bedrock does), not in one delta.
 
         Returns:
             The rule handle (``rule.calls`` counts matched requests).
         """
         predicate, description = compile_matcher(match, _last_text)
         check_times(times)
-        payload = self._make_answer(
-            text, input_tokens, output_tokens, stop_reason, latency, piece_delay, tool_use
+        if tool_input_chunk is not None and (
+            isinstance(tool_input_chunk, bool)
+            or not isinstance(tool_input_chunk, int)
+            or tool_input_chunk < 1
+        ):
+            raise InvalidArgumentError(
+                f"tool_input_chunk must be a positive int or None, got {tool_input_chunk!r}"
+            )
+        payload = replace(
+            self._make_answer(
+                text, input_tokens, output_tokens, stop_reason, latency, piece_delay, tool_use
+            ),
+            tool_input_chunk=tool_input_chunk,
         )
         return self._add(ScriptedRule("answer", description, times, 0, model, predicate, payload))
 
