@@ -624,13 +624,17 @@ class ConfidenceRoutedLLM(BaseChatModel):
     ) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools to both tiers (each formats them for its own provider).
 
-        ``tool_choice`` forcing a call (a tool's name, ``"any"``, ``"required"``) is honoured
-        by the cloud; Ollama cannot force one, so a local answer without the call escalates
-        (reason ``unusable_answer``). ``strict`` goes to the cloud's ``bind_tools`` (Ollama has
-        no strict tool mode). Other kwargs are bound to the router's calls.
+        ``tool_choice`` forcing a call (a tool's name, ``"any"``, ``"required"``, ``True`` with
+        one tool) is honoured by the cloud; a tool or choice a tier cannot send is a
+        ``RoutingConfigError`` here, before any request (see
+        :func:`confidence_router.tier_clients.checked_tool_choice`). Ollama cannot force a
+        call, so a local answer without the call escalates (reason ``unusable_answer``).
+        ``strict`` goes to the cloud's ``bind_tools`` (Ollama has no strict tool mode). Other
+        kwargs are bound to the router's calls.
 
         Example: ``router.bind_tools([get_weather]).invoke("Weather in Paris?").tool_calls``
         """
+        tool_choice = tier_clients.checked_tool_choice(self.cloud, tools, tool_choice)
         tier_kwargs: dict[str, Any] = {} if tool_choice is None else {"tool_choice": tool_choice}
         update: dict[str, Any] = {"local": tier_clients.bind_tools(self.local, tools, tier_kwargs)}
         if self.cloud is not None:

@@ -22,6 +22,7 @@ import asyncio
 import functools
 import json
 import operator
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -650,6 +651,80 @@ def keep_bound_kwargs(bound: Any, model: Any, replaced: frozenset[str]) -> Any:
     return bound.bind(**kept) if kept else bound
 
 
+#: Tool names Bedrock accepts (Converse's ``toolSpec.name``; Anthropic's on InvokeModel).
+_BEDROCK_TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+def checked_tool_choice(cloud: Any, tools: Sequence[Any], tool_choice: Any) -> Any:
+    """``tool_choice`` as the tiers get it for ``tools``, checked before anything is bound or
+    sent: a :class:`~confidence_router.errors.RoutingConfigError` for a tool LangChain cannot
+    format, a tool name a Bedrock cloud would refuse, or a choice the tiers cannot honour.
+
+    * ``None``, ``"auto"``: the model decides; a tool's name (or a dict naming one, in
+      OpenAI's, Anthropic's or Converse's form): that tool must be called;
+    * ``"any"`` / ``"required"``: some tool must be called (``"any"`` on Bedrock, whose
+      clients would read ``"required"`` as a tool of that name);
+    * ``True``: the one bound tool must be called (LangChain's meaning: an error with several);
+    * ``"none"``: refused with a Bedrock cloud, which has no such choice (bind no tools instead).
+
+    >>> checked_tool_choice(None, [{"name": "lookup", "parameters": {}}], True)
+    'lookup'
+    """
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    from confidence_router.errors import RoutingConfigError
+
+    names: list[str] = []
+    for tool in tools:
+        try:
+            names.append(convert_to_openai_tool(tool)["function"]["name"])
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            raise RoutingConfigError(f"cannot use {tool!r} as a tool: {error}") from error
+    bedrock = cloud is not None and is_bedrock(unwrap(cloud))
+    if bedrock:
+        refused = [n for n in names if not _BEDROCK_TOOL_NAME.fullmatch(n)]
+        if refused:
+            raise RoutingConfigError(
+                f"Bedrock refuses the tool names {refused}: 1-64 letters, digits, '_' or '-'"
+            )
+    if tool_choice is None or tool_choice == "auto":
+        return tool_choice
+    if tool_choice is True:
+        if len(names) != 1:
+            raise RoutingConfigError(
+                f"tool_choice=True forces the one bound tool, but {len(names)} are bound: "
+                "name the tool, or use 'any'"
+            )
+        return names[0]
+    if tool_choice in ("any", "required"):
+        return "any" if bedrock else tool_choice
+    if tool_choice == "none" and not bedrock:
+        return tool_choice
+    named = _forced_name(tool_choice)
+    if named is None and isinstance(tool_choice, dict):
+        return tool_choice  # a form that names no tool ({"any": {}}, {"type": "any"}, ...)
+    if named not in names:
+        raise RoutingConfigError(
+            f"tool_choice {tool_choice!r} is not one the tiers can honour: use None, 'auto', "
+            f"'any', 'required' or the name of a bound tool ({', '.join(names) or 'none bound'})"
+        )
+    return tool_choice
+
+
+def _forced_name(tool_choice: Any) -> str | None:
+    """The tool a choice names: a string, or a dict in OpenAI's (``function.name``),
+    Anthropic's (``name``) or Converse's (``tool.name``) form."""
+    if isinstance(tool_choice, str):
+        return tool_choice
+    if not isinstance(tool_choice, dict):
+        return None
+    for holder in (tool_choice.get("function"), tool_choice, tool_choice.get("tool")):
+        name = holder.get("name") if isinstance(holder, dict) else None
+        if isinstance(name, str):
+            return name
+    return None
+
+
 #: Kwargs a ``bind_tools`` sets on a model (replaced, never merged, by a later one).
 TOOL_KWARGS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "tool_config"})
 
@@ -672,11 +747,9 @@ def forced_tool_check(tool_choice: Any) -> Callable[[Any], str | None] | None:
     elif isinstance(tool_choice, str) and tool_choice not in ("auto", "none", ""):
         name = tool_choice
     elif isinstance(tool_choice, dict):
-        function = tool_choice.get("function")
-        named = function.get("name") if isinstance(function, dict) else tool_choice.get("name")
-        if not isinstance(named, str):
+        name = _forced_name(tool_choice)
+        if name is None:
             return None
-        name = named
     else:
         return None
 

@@ -7,6 +7,7 @@ from langchain_core.tools import tool
 from pydantic import BaseModel
 
 from confidence_router import ConfidenceRoutedLLM
+from confidence_router.errors import RoutingConfigError
 
 
 @tool
@@ -78,3 +79,50 @@ def test_with_structured_output_escalated(router, ollama_backend, bedrock_server
     raw = router.with_structured_output(Capital, include_raw=True).invoke("Capital of Kenya?")
     assert raw["parsed"] == Capital(country="Kenya", capital="Nairobi")
     assert raw["raw"].response_metadata["routing"]["decision"] == "cloud"
+
+
+# -- tool_choice as the tiers get it (checked before anything is bound or sent) ------------------
+
+_TOOLS = [{"name": "lookup", "description": "Look up.", "parameters": {"type": "object"}},
+          {"name": "convert", "description": "Convert.", "parameters": {"type": "object"}}]
+
+
+@pytest.mark.parametrize(("choice", "bedrock_gets", "other_gets"), [
+    (None, None, None),
+    ("auto", "auto", "auto"),
+    ("any", "any", "any"),
+    ("required", "any", "required"),
+    ("lookup", "lookup", "lookup"),
+    ({"type": "function", "function": {"name": "convert"}},) * 3,
+    ({"type": "tool", "name": "lookup"},) * 3,
+    ({"tool": {"name": "convert"}},) * 3,
+    ({"any": {}},) * 3,
+    ("none", RoutingConfigError, "none"),
+    ("lokup", RoutingConfigError, RoutingConfigError),
+    ({"type": "function", "function": {"name": "nope"}}, RoutingConfigError, RoutingConfigError),
+    (True, RoutingConfigError, RoutingConfigError),  # several tools: which one?
+    (5, RoutingConfigError, RoutingConfigError),
+])
+def test_checked_tool_choice(bedrock_chat, ollama_chat, choice, bedrock_gets, other_gets):
+    from confidence_router.tier_clients import checked_tool_choice
+
+    for cloud, expected in ((bedrock_chat(), bedrock_gets), (ollama_chat(), other_gets)):
+        if expected is RoutingConfigError:
+            with pytest.raises(RoutingConfigError, match="tool_choice"):
+                checked_tool_choice(cloud, _TOOLS, choice)
+        else:
+            assert checked_tool_choice(cloud, _TOOLS, choice) == expected
+
+
+def test_tool_choice_true_forces_the_one_bound_tool(bedrock_chat):
+    from confidence_router.tier_clients import checked_tool_choice
+
+    assert checked_tool_choice(bedrock_chat(), _TOOLS[:1], True) == "lookup"
+
+
+@pytest.mark.parametrize("tool", [{"not": "a tool"}, 5, None])
+def test_a_tool_langchain_cannot_format_is_a_routing_config_error(bedrock_chat, tool):
+    from confidence_router.tier_clients import checked_tool_choice
+
+    with pytest.raises(RoutingConfigError, match="cannot use .* as a tool"):
+        checked_tool_choice(bedrock_chat(), [tool], None)

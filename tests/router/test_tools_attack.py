@@ -27,7 +27,11 @@ from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, Too
 from langchain_core.tools import tool
 
 from confidence_router import ConfidenceRoutedLLM, PIIGuard
-from confidence_router.errors import CloudEscalationError, ConfidenceRouterError
+from confidence_router.errors import (
+    CloudEscalationError,
+    ConfidenceRouterError,
+    RoutingConfigError,
+)
 
 ENTRY_POINTS = ["invoke", "ainvoke", "stream", "astream", "batch"]
 
@@ -198,11 +202,6 @@ def test_a_forced_call_the_local_model_made_is_kept(converse_router, ollama_back
     assert bedrock_server.requests == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "README promises tool_choice='required' is forced on Bedrock, but both Bedrock clients "
-    "format 'required' as a forced call of a tool NAMED 'required' (Converse "
-    "{'tool': {'name': 'required'}}, InvokeModel {'type': 'tool', 'name': 'required'}), which "
-    "Bedrock refuses; router.bind_tools must pass 'any' to the Bedrock tiers"))
 def test_required_reaches_bedrock_as_any(router, api, ollama_backend, bedrock_server):
     ollama_backend.add_answer("time", "It is noon.", logprobs=-0.01)
     bedrock_server.add_answer("time", "", tool_use=[{"name": "get_time", "input": {"city": "Lima"}}])
@@ -212,11 +211,6 @@ def test_required_reaches_bedrock_as_any(router, api, ollama_backend, bedrock_se
     assert cloud_choice(bedrock_server.requests[0]["body"], api) == forced(None, api)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bind_tools accepts a tool_choice the cloud tier cannot send: 'none' (both Bedrock "
-    "clients turn it into a forced call of a tool named 'none'), a name no bound tool has, "
-    "True/5 (Converse: botocore refuses at escalation, after the local answer). It must be "
-    "a RoutingConfigError at bind_tools, before any request"))
 def test_a_tool_choice_the_cloud_cannot_send_fails_at_bind_time(
     router, ollama_backend, ollama_server, bedrock_server
 ):
@@ -235,50 +229,41 @@ BAD_NAME = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
 
 
-def test_a_tool_name_bedrock_refuses_is_a_typed_error(router, ollama_backend, bedrock_server):
-    # Today: the local model answers, the escalation is refused by Bedrock (not retried), a
-    # CloudEscalationError carrying the routing record; never an untyped error.
+def test_a_tool_name_bedrock_refuses_is_refused_at_bind_time(
+    router, ollama_backend, ollama_server, bedrock_server
+):
     ollama_backend.add_answer("weather", "maybe", logprobs=-3.0)
-    with pytest.raises(CloudEscalationError, match="ValidationException") as caught:
-        router.bind_tools([BAD_NAME]).invoke("What is the weather in Paris?")
-    assert caught.value.routing["reason"] == "low_confidence"
-    assert len(bedrock_server.requests) == 1
+    for name in ("get weather!", "x" * 65, "naïve"):
+        tool = {"type": "function", "function": {**BAD_NAME["function"], "name": name}}
+        with pytest.raises(RoutingConfigError, match="Bedrock refuses the tool names"):
+            router.bind_tools([tool])
+    assert ollama_server.requests == [] and bedrock_server.requests == []
+    # 64 characters of the allowed alphabet are fine.
+    router.bind_tools([{"type": "function",
+                        "function": {**BAD_NAME["function"], "name": "a-Z_9" + "x" * 59}}])
 
 
-def test_a_refused_tool_name_falls_back_to_the_local_answer(
+def test_a_refused_escalation_falls_back_to_the_local_answer(
     ollama_chat, bedrock_chat, ollama_backend, bedrock_server
 ):
+    """Bedrock refuses the request (a tool result answering no call): not retried, and with
+    on_cloud_error="local" the local answer is served, flagged."""
     router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(),
                                  on_cloud_error="local")
     ollama_backend.add_answer("weather", "maybe", logprobs=-3.0)
-    message = router.bind_tools([BAD_NAME]).invoke("What is the weather in Paris?")
+    message = router.bind_tools([get_weather]).invoke(conversation("sunny", result_id="call_9"))
     assert (routing(message)["decision"], routing(message)["reason"]) == ("local", "cloud_error")
     assert message.content == "maybe" and routing(message)["flagged"] is True
-    assert routing(message)["cloud_attempts"] == 1
+    assert routing(message)["cloud_attempts"] == 1 and len(bedrock_server.requests) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a tool name Bedrock refuses (outside [a-zA-Z0-9_-]{1,64}) is only found out by a "
-    "refused request after the local answer; bind_tools (or the cloud conversation check) "
-    "should refuse it before anything is sent: RoutingConfigError, or escalation_skipped "
-    "'cloud cannot send it: ...' with 0 cloud requests"))
 def test_a_tool_name_bedrock_refuses_is_never_sent(router, ollama_backend, bedrock_server):
     ollama_backend.add_answer("weather", "maybe", logprobs=-3.0)
-    try:
-        message = router.bind_tools([BAD_NAME]).invoke("What is the weather in Paris?")
-    except CloudEscalationError:
-        message = None
-    except ConfidenceRouterError:
-        message = None  # refused at bind time: fine
-    else:
-        assert "cloud cannot send it" in (routing(message).get("escalation_skipped") or "")
+    with pytest.raises(RoutingConfigError, match="get weather!"):
+        router.bind_tools([BAD_NAME]).invoke("What is the weather in Paris?")
     assert bedrock_server.requests == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a tool LangChain cannot convert ({'not': 'a tool'}, 5) raises a bare ValueError from "
-    "convert_to_openai_tool in tier_clients.bind_tools; wrap it in RoutingConfigError naming "
-    "the tool, as structured_router does for unusable schemas"))
 def test_an_unconvertible_tool_is_a_typed_error(converse_router, ollama_server, bedrock_server):
     for bad in ({"not": "a tool"}, 5):
         with pytest.raises(ConfidenceRouterError):
