@@ -70,7 +70,10 @@ def _call(runnable: Any, path: str, questions: list[str], **kwargs: Any) -> list
             return await runnable.abatch(questions, **kwargs)
         if path == "ainvoke":
             return [await runnable.ainvoke(q, **kwargs) for q in questions]
-        return [_merged([c async for c in runnable.astream(q, **kwargs)]) for q in questions]
+        out = []
+        for question in questions:
+            out.append(_merged([c async for c in runnable.astream(question, **kwargs)]))
+        return out
 
     return asyncio.run(run())
 
@@ -433,19 +436,22 @@ class RawOllama:
         except OSError:
             handler.close_connection = True
 
-    def __enter__(self) -> RawOllama:
+    def start(self) -> None:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
 
 
 @pytest.fixture(scope="module")
 def _raw_session() -> Iterator[RawOllama]:
-    with RawOllama() as server:
+    server = RawOllama()
+    server.start()
+    try:
         yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
