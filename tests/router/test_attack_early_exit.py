@@ -617,26 +617,40 @@ def test_a_knob_set_through_lcel_config_reuses_the_router_and_its_clients(raw, c
 # =============================================================================================
 
 
+def _dead_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"  # nothing listens there now
+
+
 @pytest.mark.xfail(strict=True, reason=(
-    "router.py _early_exit_rule reads num_predict from the ChatOllama field only; a bound "
-    "options={...} replaces the request's whole options (the field's num_predict is not "
-    "sent), so the real cap is larger and mean-type exits change decisions"))
-@pytest.mark.parametrize(("signal", "options"), [("mean_logprob", {"num_predict": 12}),
-                                                 ("mean_min", {"temperature": 0.0})])
-def test_a_cap_replaced_by_bound_options_never_changes_the_decision(
-    ollama_chat, cloud, ollama_backend, ollama_server, bedrock_server, options, signal
+    "router.py _early_exit_rule reads num_predict from the innermost ChatOllama's field only: "
+    "a bound options={...} replaces the request's whole options (the field's num_predict is "
+    "not sent), and a with_fallbacks() fallback answers with its own cap, so the real cap is "
+    "larger and mean-type exits change decisions"))
+@pytest.mark.parametrize(("signal", "how"), [("mean_logprob", "options_cap"),
+                                             ("mean_min", "options_without_cap"),
+                                             ("mean_logprob", "fallback")])
+def test_a_cap_the_request_does_not_carry_never_changes_the_decision(
+    ollama_chat, cloud, ollama_backend, ollama_server, bedrock_server, signal, how
 ):
     # Kept when run to the end: mean -6/12 = -0.5 scores 0.88 (mean_logprob); mean_min at a
     # lower threshold. With the field's cap of 4 the router thinks at most 3 more tokens come.
     values = [-6.0] + [0.0] * 11
     ollama_backend.add_answer("capped", _words(len(values)), logprobs=values)
     threshold = 0.7 if signal == "mean_logprob" else 0.4
-    local = ollama_chat(num_predict=4).bind(options=options)
+    if how == "fallback":
+        local = ollama_chat(num_predict=4, base_url=_dead_url()).with_fallbacks(
+            [ollama_chat(num_predict=12)])
+    else:
+        options = {"num_predict": 12} if how == "options_cap" else {"temperature": 0.0}
+        local = ollama_chat(num_predict=4).bind(options=options)
     router = ConfidenceRoutedLLM(local=local, cloud=cloud, signal=signal, threshold=threshold)
     full = _routing(router.invoke("capped"))
     assert full["decision"] == "local"
     sent = ollama_server.requests_to("/api/chat")[-1]["body"]["options"]
-    assert sent.get("num_predict") != 4  # what the request really carries
+    assert sent.get("num_predict") != 4  # what the answering request really carried
     early = _routing(router.invoke("capped", early_exit=True))
     assert early["decision"] == "local"
     assert early["early_exit"] == {"exited": False, "tokens": len(values)}
@@ -690,3 +704,52 @@ async def test_24_concurrent_calls_mixing_early_exit_are_each_counted_once(
     assert len(ollama_server.requests_to("/api/chat")) == 24
     assert len(bedrock_server.requests) == 16
     assert budget.reserved == 0
+
+
+async def test_concurrent_exits_beyond_the_budget_serve_the_whole_local_answer(
+    ollama_chat, cloud, ollama_backend, ollama_server, bedrock_server
+):
+    values = [-0.05] * 10
+    values[3] = -6.0  # exits after 4 tokens
+    rules = {}
+    for i in range(13):
+        question = f"budget q{i:02d} end"
+        rules[question] = ollama_backend.add_answer(
+            lambda r, q=question: r.messages[-1]["content"] == q, _words(10), logprobs=values,
+            token_delay=0.01)
+    bedrock_server.add_answer("budget", CLOUD_TEXT, latency=0.5)  # all reserve before a commit
+    # One escalation's reservation, measured on a budget of its own.
+    probe = ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud, signal="min_logprob",
+                                budget=CloudBudget(max_usd=5.0), cloud_retry=NO_RETRY)
+    bound = _routing(await probe.ainvoke("budget q12 end"))["budget_reserved_usd"]
+    budget = CloudBudget(max_usd=bound * 5.5)
+    router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=cloud, signal="min_logprob",
+                                 budget=budget, early_exit=True, cloud_retry=NO_RETRY)
+    questions = [f"budget q{i:02d} end" for i in range(12)]
+    cloud_before = len(bedrock_server.requests)
+
+    async def one(i: int, question: str) -> Any:
+        if i % 2:
+            return await router.ainvoke(question)
+        return _merged([c async for c in router.astream(question)])
+
+    messages = await asyncio.gather(*(one(i, q) for i, q in enumerate(questions)))
+    escalated = refused = 0
+    for question, message in zip(questions, messages):
+        routing = _routing(message)
+        assert routing["early_exit"] == {"exited": True, "tokens": 4}, question
+        if routing["decision"] == "cloud":
+            escalated += 1
+            assert message.text == CLOUD_TEXT
+            assert rules[question].calls == 1, question  # stopped, never regenerated
+        else:
+            refused += 1
+            assert routing["reason"] == Reason.BUDGET_EXCEEDED, question
+            assert routing["flagged"] is True
+            assert message.text == "".join(_words(10)), question  # the whole answer
+            assert rules[question].calls == 2, question  # stopped, then generated in full
+            assert routing["signals"]["token_count"] == 10
+    assert escalated == 5 and refused == 7
+    cloud_questions = [r["last_user_text"] for r in bedrock_server.requests[cloud_before:]]
+    assert len(cloud_questions) == 5 and len(set(cloud_questions)) == 5
+    assert budget.reserved == 0 and 0 < budget.spent <= budget.max_usd
