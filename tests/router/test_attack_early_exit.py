@@ -290,7 +290,7 @@ async def test_abandoning_astream_while_the_local_model_generates_stops_it(
                                  budget=budget, early_exit=True)
     stream = router.astream("patient")
     first = asyncio.ensure_future(anext(stream))
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 15
     while in_flight.generated_tokens < 5 and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     assert in_flight.generated_tokens >= 5 and not first.done()
@@ -298,11 +298,11 @@ async def test_abandoning_astream_while_the_local_model_generates_stops_it(
     with pytest.raises(asyncio.CancelledError):
         await first
     await stream.aclose()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 15
     while in_flight.in_flight and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     assert in_flight.in_flight == 0
-    assert in_flight.generated_tokens < N_LONG
+    assert in_flight.generated_tokens < N_LONG, "the abandoned generation ran to its end"
     assert bedrock_server.requests == []
     assert budget.reserved == 0 and budget.spent == 0
 
