@@ -301,3 +301,44 @@ def test_probe_no_then_cloud_refused_then_local_failing_is_a_typed_error(
     assert _counts(ollama_server, bedrock_server) == (
         1, 1, 1 if refusal == "cloud_error" else 0)
     assert budget.reserved == 0
+
+
+async def test_21_concurrent_two_stage_calls_with_early_exit_are_each_counted_once(
+    two_stage, ollama_backend, ollama_server, bedrock_server
+):
+    # Three kinds, seven each: the probe says NO (cloud, no local answer); YES then an answer
+    # that exits early (cloud); YES then a confident answer (local).
+    kinds = {}
+    for i in range(21):
+        question = f"Concurrent question {i:02d}?"
+        kind = ("no", "exit", "kept")[i % 3]
+        kinds[question] = kind
+        top = {"NO": -0.05, "YES": -3.0} if kind == "no" else {"YES": -0.05, "NO": -3.0}
+        ollama_backend.add_probe(_probe_for(question), top)
+        values = LOW_AT_2 if kind == "exit" else [-0.05] * 4
+        ollama_backend.add_answer(_answer_for(question), [f" w{i}" for i in range(4)],
+                                  logprobs=values, token_delay=0.01)
+    router = two_stage(early_exit=True)
+
+    async def one(i: int, question: str) -> Any:
+        if i % 2:
+            return await router.ainvoke(question)
+        return _merged([c async for c in router.astream(question)])
+
+    questions = list(kinds)
+    messages = await asyncio.gather(*(one(i, q) for i, q in enumerate(questions)))
+    bodies = [r["body"]["messages"][-1]["content"] for r in ollama_server.requests_to("/api/chat")]
+    cloud_asked = [r["last_user_text"] for r in bedrock_server.requests]
+    for question, message in zip(questions, messages):
+        routing, kind = _routing(message), kinds[question]
+        probes = sum(question in b and PROBE_CUE in b for b in bodies)
+        answers = bodies.count(question)
+        assert probes == 1, question
+        assert answers == (0 if kind == "no" else 1), question
+        assert cloud_asked.count(question) == (0 if kind == "kept" else 1), question
+        expected = {"no": (Reason.PRECHECK, {"exited": False, "tokens": 0}),
+                    "exit": (Reason.EARLY_EXIT, {"exited": True, "tokens": 2}),
+                    "kept": (Reason.CONFIDENT, {"exited": False, "tokens": 4})}[kind]
+        assert (routing["reason"], routing["early_exit"]) == expected, question
+        assert message.text == (CLOUD_TEXT if kind != "kept" else " w0 w1 w2 w3"), question
+    assert len(bodies) == 21 + 14 and len(cloud_asked) == 14
