@@ -66,6 +66,7 @@ from confidence_router.signals import OFFSET, SLOPE, logprob_to_confidence
 __all__ = [
     "EXACT_SIGNALS",
     "SCORE_MARGIN",
+    "ExitTracker",
     "early_exit_index",
     "should_exit_early",
 ]
@@ -153,31 +154,152 @@ def should_exit_early(
         total = math.fsum(values)
     except OverflowError:  # as compute_signals: absurd logprobs (~-1e308) are invalid
         return False
+    best_score = _best_score(signal, total, len(values), min(values), max_remaining_tokens,
+                             slope, offset)
+    if best_score is None:  # no bound for this signal (or no cap for the mean)
+        return False
+    return best_score < threshold - SCORE_MARGIN
+
+
+def _best_score(
+    signal: str,
+    total: float,
+    count: int,
+    lowest: float,
+    max_remaining_tokens: int | None,
+    slope: float,
+    offset: float,
+) -> float | None:
+    """The best final score an answer can still reach (``None``: no bound, never exit)."""
     if signal == "min_logprob":
-        best_score = logprob_to_confidence(min(values), slope, offset)
-    elif signal == "mean_logprob":
+        return logprob_to_confidence(lowest, slope, offset)
+    if signal == "mean_logprob":
         if max_remaining_tokens is None:
-            return False
-        best_score = logprob_to_confidence(
-            _best_mean(total, len(values), max_remaining_tokens), slope, offset
+            return None
+        return logprob_to_confidence(
+            _best_mean(total, count, max_remaining_tokens), slope, offset
         )
-    elif signal == "mean_min":
+    if signal == "mean_min":
         # The average of the mean and min scores: the min score can only fall, and the mean
         # score is at most that of certain remaining tokens (without a cap: of a mean of 0).
         best_mean = 0.0 if max_remaining_tokens is None else _best_mean(
-            total, len(values), max_remaining_tokens
+            total, count, max_remaining_tokens
         )
-        best_score = (
+        return (
             logprob_to_confidence(best_mean, slope, offset)
-            + logprob_to_confidence(min(values), slope, offset)
+            + logprob_to_confidence(lowest, slope, offset)
         ) / 2
-    elif signal == "sum_logprob":
-        best_score = math.exp(total)  # the final sum can only be lower
-    elif signal == "sum_min":
-        best_score = math.exp((total + min(values)) / 2.0)  # both can only fall
-    else:
-        return False
-    return best_score < threshold - SCORE_MARGIN
+    if signal == "sum_logprob":
+        return math.exp(total)  # the final sum can only be lower
+    if signal == "sum_min":
+        return math.exp((total + lowest) / 2.0)  # both can only fall
+    return None
+
+
+class ExitTracker:
+    """:func:`should_exit_early` for a growing answer, at a constant cost per token.
+
+    Calling :func:`should_exit_early` after every token re-reads every token so far, which is
+    quadratic in the answer's length (a 2,000-token answer costs seconds of CPU). The tracker
+    keeps the running sum (exactly, as ``math.fsum`` does), minimum, count and validity, and
+    gives the same answer as :func:`should_exit_early` on all the tokens added so far.
+
+    >>> tracker = ExitTracker("min_logprob", 0.7)
+    >>> tracker.add([-0.01]), tracker.add([{"token": "!", "logprob": -2.5}]), tracker.count
+    (False, True, 2)
+
+    Args:
+        signal, threshold, slope, offset: as for :func:`should_exit_early`.
+        max_tokens: the answer's token cap (``num_predict``), ``None`` when unknown: the
+            remaining-token bound after ``n`` tokens is ``max(max_tokens - n, 0)``.
+
+    Raises:
+        RoutingConfigError: ``threshold`` is not a number, or ``max_tokens`` is not a
+            non-negative int or ``None``.
+    """
+
+    __slots__ = (
+        "_invalid", "_lowest", "_partials", "count", "max_tokens", "offset", "signal", "slope",
+        "threshold",
+    )
+
+    def __init__(
+        self,
+        signal: str,
+        threshold: float,
+        *,
+        max_tokens: int | None = None,
+        slope: float = SLOPE,
+        offset: float = OFFSET,
+    ) -> None:
+        _check_threshold(threshold)
+        if max_tokens is not None and (
+            isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0
+        ):
+            raise RoutingConfigError(
+                f"max_tokens must be a non-negative int or None, got {max_tokens!r}"
+            )
+        self.signal = signal
+        self.threshold = threshold
+        self.max_tokens = max_tokens
+        self.slope = slope
+        self.offset = offset
+        self.count = 0
+        """Tokens added so far."""
+        self._invalid = False
+        self._lowest = 0.0
+        self._partials: list[float] = []  # the exact running sum (Shewchuk), as math.fsum
+
+    def add(self, items: Iterable[Any]) -> bool:
+        """Add the next tokens' logprobs (floats or objects / mappings with a ``logprob``);
+        whether the decision can no longer come out "keep local".
+
+        Raises:
+            TypeError: an item carries no float logprob.
+        """
+        for item in items:
+            value = _logprob_of(item)
+            self.count += 1
+            if math.isnan(value) or math.isinf(value) or value > _POSITIVE_TOLERANCE:
+                self._invalid = True
+            if self._invalid:
+                continue
+            value = min(value, 0.0)
+            self._lowest = value if self.count == 1 else min(self._lowest, value)
+            self._add_to_sum(value)
+        return self.should_exit()
+
+    def should_exit(self) -> bool:
+        """:func:`should_exit_early` on every token added so far."""
+        if self.count == 0 or self._invalid:
+            return False
+        try:
+            total = math.fsum(self._partials)
+        except OverflowError:  # as should_exit_early: absurd logprobs are invalid
+            return False
+        remaining = None if self.max_tokens is None else max(self.max_tokens - self.count, 0)
+        best = _best_score(self.signal, total, self.count, self._lowest, remaining,
+                           self.slope, self.offset)
+        return best is not None and best < self.threshold - SCORE_MARGIN
+
+    def _add_to_sum(self, value: float) -> None:
+        # Shewchuk's algorithm (the math.fsum recipe): the partials sum exactly to the values
+        # added, so fsum(partials) is fsum(values), correctly rounded.
+        partials = self._partials
+        kept = 0
+        for partial in partials:
+            if abs(value) < abs(partial):
+                value, partial = partial, value
+            high = value + partial
+            low = partial - (high - value)
+            if math.isinf(high):  # overflow (math.fsum raises): invalid, as there
+                self._invalid = True
+                return
+            if low:
+                partials[kept] = low
+                kept += 1
+            value = high
+        partials[kept:] = [value]
 
 
 def _best_mean(total: float, count: int, max_remaining_tokens: int) -> float:

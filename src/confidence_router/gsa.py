@@ -453,19 +453,38 @@ def _check_probability(p_yes: Any) -> None:
         raise InvalidArgumentError(f"p_yes must be a probability in [0, 1], got {p_yes!r}")
 
 
+def _raw_pair(item: Any) -> tuple[Any, Any] | None:
+    """``(token, logprob)`` as given by a pydantic object, a mapping or a 2-sequence."""
+    if isinstance(item, Mapping):
+        return item.get("token"), item.get("logprob")
+    if hasattr(item, "token") and hasattr(item, "logprob"):
+        # ollama._types.TokenLogprob and similar objects
+        return item.token, item.logprob
+    if isinstance(item, Sequence) and not isinstance(item, (str, bytes)) and len(item) == 2:
+        return item[0], item[1]
+    return None
+
+
+def _unreadable_side(item: Any) -> str | None:
+    """``"yes"`` / ``"no"`` for an item that names a YES / NO candidate but whose logprob
+    cannot be read (NaN, +inf, missing, not a number); ``None`` otherwise."""
+    pair = _raw_pair(item)
+    if pair is None or not isinstance(pair[0], str):
+        return None
+    token = pair[0]
+    if token in YES_TOKENS or token.strip().upper() in _YES_CANONICAL:
+        return "yes"
+    if token in NO_TOKENS or token.strip().upper() in _NO_CANONICAL:
+        return "no"
+    return None
+
+
 def _token_and_logprob(item: Any) -> tuple[str, float] | None:
     """Read ``(token, logprob)`` from a pydantic object, a mapping or a 2-sequence."""
-    token: Any
-    logprob: Any
-    if isinstance(item, Mapping):
-        token, logprob = item.get("token"), item.get("logprob")
-    elif hasattr(item, "token") and hasattr(item, "logprob"):
-        # ollama._types.TokenLogprob and similar objects
-        token, logprob = item.token, item.logprob
-    elif isinstance(item, Sequence) and not isinstance(item, (str, bytes)) and len(item) == 2:
-        token, logprob = item
-    else:
+    pair = _raw_pair(item)
+    if pair is None:
         return None
+    token, logprob = pair
     if not isinstance(token, str):
         return None
     if isinstance(logprob, bool) or not isinstance(logprob, numbers.Real):
@@ -544,8 +563,9 @@ def extract_p_yes(
     Tiers:
         1. ``logprob_softmax``: at least one side found in the list (pass 1: exact
            candidate; pass 2: ``token.strip().upper()`` in {YES, Y} / {NO, N}; the first match
-           wins, variants are not summed). A missing side gets ``-20.0``. Stable two-way
-           softmax, clamped to ``[0, 1]``.
+           wins, variants are not summed). A missing side gets ``-20.0``; a side listed only
+           with an unreadable logprob (NaN, +inf, none) is not missing, so this tier is
+           skipped. Stable two-way softmax, clamped to ``[0, 1]``.
         2. ``text_hard``: :func:`parse_yes_no_text` on ``text``.
         3. ``neutral``: ``p_yes = 0.5``, ``recognized = False`` and a
            :class:`GsaExtractionWarning`.
@@ -554,15 +574,23 @@ def extract_p_yes(
     0.9478
     """
     items: list[tuple[str, float]] = []
+    unreadable: set[str] = set()
     if top_logprobs_first_position is not None:
         for raw in top_logprobs_first_position:
             parsed = _token_and_logprob(raw)
             if parsed is not None:
                 items.append(parsed)
+            else:
+                side = _unreadable_side(raw)
+                if side is not None:
+                    unreadable.add(side)
 
     yes_lp = _lookup(items, YES_TOKENS, _YES_CANONICAL) if items else None
     no_lp = _lookup(items, NO_TOKENS, _NO_CANONICAL) if items else None
-    if yes_lp is not None or no_lp is not None:
+    # A side listed with an unreadable logprob is not missing from the top-k: giving it the
+    # missing side's -20 would read a NaN YES as a certain NO (and escalate at once).
+    garbled = (yes_lp is None and "yes" in unreadable) or (no_lp is None and "no" in unreadable)
+    if (yes_lp is not None or no_lp is not None) and not garbled:
         p = _softmax_yes(
             MISSING_SIDE_LOGPROB if yes_lp is None else yes_lp,
             MISSING_SIDE_LOGPROB if no_lp is None else no_lp,

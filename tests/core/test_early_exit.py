@@ -180,3 +180,50 @@ def test_early_exit_index_with_a_horizon_exits_earlier_than_with_the_cap():
     assert early_exit_index("mean_logprob", 0.7, logprobs, horizon=0) == 1  # a wrong guess
     with pytest.raises(RoutingConfigError, match="horizon"):
         early_exit_index("mean_logprob", 0.7, logprobs, horizon=-1)
+
+
+# -- ExitTracker: the same rule at a constant cost per token ------------------------------------
+
+_any_value = st.one_of(
+    logprob,
+    st.sampled_from([math.nan, math.inf, -math.inf, 0.5, 1e-7, -8.98846567431158e307, -1e308]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    values=st.lists(_any_value, min_size=0, max_size=30),
+    threshold=thresholds,
+    signal=st.sampled_from(["min_logprob", "mean_logprob", "mean_min", "sum_logprob", "sum_min",
+                            "some_new_signal"]),
+    cap_extra=st.one_of(st.none(), st.integers(min_value=-3, max_value=10)),
+    chunk=st.integers(min_value=1, max_value=4),
+)
+def test_exit_tracker_agrees_with_should_exit_early_after_every_chunk(
+    values, threshold, signal, cap_extra, chunk
+):
+    from confidence_router.early_exit import ExitTracker
+
+    cap = None if cap_extra is None else max(len(values) + cap_extra, 0)
+    tracker = ExitTracker(signal, threshold, max_tokens=cap)
+    assert tracker.should_exit() is False
+    for end in range(chunk, len(values) + chunk, chunk):
+        seen = values[:end]
+        remaining = None if cap is None else max(cap - len(seen), 0)
+        got = tracker.add(values[end - chunk:end])
+        assert got is should_exit_early(signal, threshold, seen, max_remaining_tokens=remaining)
+        assert tracker.count == len(seen)
+
+
+def test_exit_tracker_reads_token_objects_and_refuses_bad_arguments():
+    from confidence_router.early_exit import ExitTracker
+
+    tracker = ExitTracker("sum_logprob", 0.5)
+    assert tracker.add([TokenLogprob(" a", -0.1), {"token": "b", "logprob": -0.2}]) is False
+    assert tracker.add([{"token": "c", "logprob": -1.0}]) is True  # exp(-1.3) = 0.27
+    with pytest.raises(TypeError, match="logprob"):
+        tracker.add([{"token": "x"}])
+    with pytest.raises(RoutingConfigError, match="threshold"):
+        ExitTracker("min_logprob", math.nan)
+    with pytest.raises(RoutingConfigError, match="max_tokens"):
+        ExitTracker("mean_logprob", 0.7, max_tokens=-1)

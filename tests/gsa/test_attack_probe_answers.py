@@ -115,8 +115,10 @@ NAN, INF = float("nan"), float("inf")
          "text_hard", 1.0),
         ("NO", [{"token": "YES", "logprob": -INF}, {"token": "NO", "logprob": -INF}],
          "text_hard", 0.0),
+        # A YES listed with +inf is garbled, not missing from the top-k (which would read it
+        # as a certain NO): the logprob tier is skipped and the text decides.
         ("YES", [{"token": "YES", "logprob": INF}, {"token": "NO", "logprob": -0.1}],
-         "logprob_softmax", 1 / (1 + math.exp(20.0 - 0.1))),
+         "text_hard", 1.0),
         ("YES", [{"token": "YES", "logprob": -INF}, {"token": "NO", "logprob": -0.1}],
          "logprob_softmax", 0.0),
         ("YES", [{"token": "YES", "logprob": -1e308}, {"token": "NO", "logprob": -1e308}],
