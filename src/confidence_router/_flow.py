@@ -119,8 +119,7 @@ def route(
     trace.escalating(local.message if local else None)
     if not trace.reserve_budget(local.message if local else None):
         if trace.needs_local_after_refusal(_complete(local)):
-            local = yield Generate("local", complete=True)
-            trace.local_regenerated(local.message)
+            local = yield from _retake(trace)
         yield Announce()
         return _require(local, trace)
 
@@ -135,8 +134,7 @@ def route(
             # The guard stopped the request on the wire: nothing left the process.
             trace.blocked_on_the_wire(error)
             if trace.needs_local_after_refusal(_complete(local)):
-                local = yield Generate("local", complete=True)
-                trace.local_regenerated(local.message)
+                local = yield from _retake(trace)
             return _require(local, trace)
         except PartialStreamError as partial:
             raise trace.partial_cloud_failure(
@@ -149,14 +147,31 @@ def route(
                 yield Sleep(delay)
                 continue
             if trace.needs_local_after_cloud_failure(_complete(local), local is not None):
-                local = yield Generate("local", complete=True)
-                trace.local_regenerated(local.message)
+                local = yield from _retake(trace, cloud_error=error)
             trace.cloud_fallback(error, local.message if local else None)  # raises or returns
             return _require(local, trace)
         trace.cloud_done(cloud.message)
         if learn:
             yield Learn(cloud.message)
         return cloud
+
+
+def _retake(
+    trace: RoutingTrace, cloud_error: BaseException | None = None
+) -> Generator[Effect, Any, Answer]:
+    """The whole local answer, generated (again) to be served after a refused or failed
+    escalation. If that fails there is nothing left to serve: a typed error with the record
+    (after a cloud failure, :class:`~confidence_router.errors.CloudEscalationError` naming
+    both failures; else :class:`~confidence_router.errors.LocalModelError`)."""
+    try:
+        local = yield Generate("local", complete=True)
+    except Exception as error:
+        trace.retake_failed(error)
+        if cloud_error is not None:
+            trace.cloud_fallback(cloud_error, None)  # raises: no local answer to fall back on
+        raise trace.no_answer_error() from error
+    trace.local_regenerated(local.message)
+    return local
 
 
 def _complete(answer: Answer | None) -> bool:

@@ -65,8 +65,6 @@ class Collaborators:
     reserve_usd: Callable[..., float] | None = None
     """``reserve_usd(messages, tools=extras)``: the upper bound on one cloud request's cost
     (set when there is a budget)."""
-    early_exit_rule: Callable[[str, float, Sequence[Any]], bool] | None = None
-    """``rule(signal, threshold, tokens_so_far) -> stop?`` used when ``early_exit`` is on."""
     confidence_calibration: Any = None
     """A fitted :class:`~confidence_router.correctness.ConfidenceCalibration` that adds
     ``p_correct`` to the record."""
@@ -172,24 +170,31 @@ class RoutingTrace:
 
     def local_failed(self, error: BaseException) -> None:
         self.record["reason"] = Reason.LOCAL_ERROR
+        self._note_local_error(error)
+
+    def retake_failed(self, error: BaseException) -> None:
+        """The local answer generated after a refused or failed escalation failed (the reason
+        that escalated stays)."""
+        self._note_local_error(error)
+
+    def _note_local_error(self, error: BaseException) -> None:
         self.record["local_error"] = f"{type(error).__name__}: {error}"
         self.record["local_error_kind"] = classify_error(error).value
         self.local_error = error
 
-    def should_stop_early(self, tokens: Sequence[Any], *, has_content: bool = True) -> bool:
-        """With ``early_exit`` on: can the local answer (tokens so far) no longer be kept?
+    def should_stop_early(self, cannot_be_kept: bool, *, has_content: bool = True) -> bool:
+        """With ``early_exit`` on, and the tokens so far saying the local answer can no longer
+        be kept (``cannot_be_kept``, from :class:`~confidence_router.early_exit.ExitTracker`):
+        stop it now?
 
         Never when the query could not escalate anyway (not allowed, no cloud, guarded): the
         local answer will then be served, so it must be complete. Never while the answer
         shows nothing yet (``has_content`` False) under ``on_unknown="local"``: a blank
         answer has unknown confidence, which that policy keeps whatever its logprobs.
         """
-        rule = self.collab.early_exit_rule
-        if not self.policy.early_exit or rule is None or not tokens:
+        if not cannot_be_kept or not self.policy.early_exit:
             return False
         if not has_content and self.policy.on_unknown == "local":
-            return False
-        if not rule(self.policy.signal, self.threshold_in_effect(), tokens):
             return False
         if self._may_escalate is None:
             self._may_escalate = self.policy.allow_escalation and (

@@ -24,6 +24,7 @@ from collections.abc import (
     Callable,
     Generator,
     Iterator,
+    Mapping,
     Sequence,
 )
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -47,6 +48,8 @@ from langchain_core.messages import (
 )
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
+from langchain_core.runnables.base import RunnableBindingBase
+from langchain_core.runnables.fallbacks import RunnableWithFallbacks
 from langchain_core.tools import BaseTool
 from pydantic import (
     ConfigDict,
@@ -70,6 +73,7 @@ from confidence_router._flow import (
 )
 from confidence_router._record import Collaborators, RoutingTrace
 from confidence_router._tiers import STREAM_CHILDREN, ChildManager
+from confidence_router.early_exit import ExitTracker
 from confidence_router.errors import (
     InvalidArgumentError,
     InvalidInputError,
@@ -506,7 +510,6 @@ class ConfidenceRoutedLLM(BaseChatModel):
                 if self.budget is not None and self.cloud is not None
                 else None
             ),
-            early_exit_rule=_early_exit_rule(self.local),
             confidence_calibration=self.confidence_calibration,
             cloud_extras=(
                 tier_clients.request_extras(self.cloud) if self.cloud is not None else ()
@@ -860,7 +863,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
         config = _tiers.child_config(call.children, effect.tier)
         kwargs = call.local_kwargs if effect.tier == "local" else call.kwargs
         started = time.perf_counter()
-        watch = _watch(effect, call)
+        watch = _watch(effect, call, model)
         try:
             if not call.streaming and watch is None and not _streams_on_invoke(model):
                 # The client's own timeout (httpx / botocore) bounds the call and cancels it.
@@ -885,6 +888,8 @@ class ConfidenceRoutedLLM(BaseChatModel):
             except Exception as error:
                 if shown:  # part of this answer is out: no retry, no fall-back
                     raise PartialStreamError(error, shown) from error
+                if watch is not None:  # the tokens seen before the failure
+                    call.trace.record["early_exit"] = watch.report()
                 raise
             finally:
                 close = getattr(stream, "close", None)
@@ -959,7 +964,7 @@ class ConfidenceRoutedLLM(BaseChatModel):
         config = _tiers.child_config(call.children, effect.tier)
         kwargs = call.local_kwargs if effect.tier == "local" else call.kwargs
         started = time.perf_counter()
-        watch = _watch(effect, call)
+        watch = _watch(effect, call, model)
         try:
             if not call.streaming and watch is None and not _streams_on_invoke(model):
                 invoke = tier_clients.ainvoke_directly(
@@ -987,6 +992,8 @@ class ConfidenceRoutedLLM(BaseChatModel):
             except Exception as error:
                 if shown:  # part of this answer is out: no retry, no fall-back
                     raise PartialStreamError(error, shown) from error
+                if watch is not None:  # the tokens seen before the failure
+                    call.trace.record["early_exit"] = watch.report()
                 raise
             finally:
                 await _aclose(stream)
@@ -1180,8 +1187,17 @@ def _configurable_router_class() -> type:
         """Methods applied, in order, to the configured router: ``(name, args, kwargs)``."""
 
         def _prepare(self, config: RunnableConfig | None = None) -> Any:
-            runnable, config = super()._prepare(config)
             chosen = ensure_config(config).get("configurable", {})
+            configured = [(key, spec) for key, spec in self.fields.items() if spec.id in chosen]
+            if all(
+                isinstance(spec, ConfigurableField) and key in RoutingPolicy.knob_names()
+                for key, spec in configured
+            ):
+                # Only knobs: bound below on the default router. LangChain would build a new
+                # router, with new HTTP clients (new connections), on every call.
+                runnable: Any = self.default
+            else:
+                runnable, config = super()._prepare(config)
             declared = [s.id for s in self.fields.values() if isinstance(s, ConfigurableField)]
             misspelt = [
                 key for key in chosen
@@ -1244,26 +1260,26 @@ class _Call:
 
 
 class _Watch:
-    """Follows a local answer's tokens for early exit."""
+    """Follows a local answer's tokens for early exit (at a constant cost per token)."""
 
-    __slots__ = ("exited", "has_content", "tokens", "trace")
+    __slots__ = ("exited", "has_content", "trace", "tracker")
 
-    def __init__(self, trace: RoutingTrace) -> None:
+    def __init__(self, trace: RoutingTrace, tracker: ExitTracker) -> None:
         self.trace = trace
-        self.tokens: list[Any] = []
+        self.tracker = tracker
         self.exited = False
         self.has_content = False
         """Something visible arrived (text that is not blank, a tool call)."""
 
     def stop_after(self, chunk: AIMessageChunk) -> bool:
-        self.tokens.extend(token_logprobs(chunk.response_metadata) or ())
+        cannot_be_kept = self.tracker.add(token_logprobs(chunk.response_metadata) or ())
         if not self.has_content:
             self.has_content = bool(chunk.tool_call_chunks) or not is_blank(chunk.text)
-        self.exited = self.trace.should_stop_early(self.tokens, has_content=self.has_content)
+        self.exited = self.trace.should_stop_early(cannot_be_kept, has_content=self.has_content)
         return self.exited
 
     def report(self) -> dict[str, Any]:
-        return {"exited": self.exited, "tokens": len(self.tokens)}
+        return {"exited": self.exited, "tokens": self.tracker.count}
 
 
 def _streams_on_invoke(model: Any) -> bool:
@@ -1282,28 +1298,41 @@ def _sent(effect: Generate, call: _Call) -> list[BaseMessage]:
     return call.messages
 
 
-def _watch(effect: Generate, call: _Call) -> _Watch | None:
+def _watch(effect: Generate, call: _Call, model: Any) -> _Watch | None:
     """A token watcher when this generation may stop early (local, early_exit on)."""
-    if effect.tier != "local" or effect.complete or not call.trace.policy.early_exit:
+    policy = call.trace.policy
+    if effect.tier != "local" or effect.complete or not policy.early_exit:
         return None
-    return _Watch(call.trace)
+    tracker = ExitTracker(policy.signal, call.trace.threshold_in_effect(),
+                          max_tokens=_answer_cap(model, call.local_kwargs))
+    return _Watch(call.trace, tracker)
 
 
-def _early_exit_rule(local: Any) -> Callable[[str, float, Sequence[Any]], bool]:
-    """The early-exit test for this local tier: exact for ``min_logprob``; for
-    ``mean_logprob`` it needs the most tokens the answer can still have, known from the
-    tier's ``num_predict`` / ``max_tokens`` (without it, mean-type signals never exit)."""
-    from confidence_router.early_exit import should_exit_early
+def _answer_cap(local: Any, kwargs: dict[str, Any]) -> int | None:
+    """The most tokens the local answer can have, as its request will carry it (mean-type
+    early exits bound the rest of the answer with it); ``None`` when not known for sure.
 
+    Ollama's ``options`` given per call or bound replace the model's own (``num_predict``
+    among them); a ``with_fallbacks()`` model may answer with another cap.
+    """
+    if _has_fallbacks(local):
+        return None
+    given = {**tier_clients.bound_kwargs(local), **kwargs}
     inner = tier_clients.unwrap(local)
-    cap = getattr(inner, "num_predict", None) or getattr(inner, "max_tokens", None)
-    cap = cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None
+    if "options" in given and tier_clients.is_ollama(inner):
+        options = given["options"]
+        cap = options.get("num_predict") if isinstance(options, Mapping) else None
+    elif "max_tokens" in given:
+        cap = given["max_tokens"]
+    else:
+        cap = getattr(inner, "num_predict", None) or getattr(inner, "max_tokens", None)
+    return cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None
 
-    def rule(signal: str, threshold: float, tokens: Sequence[Any]) -> bool:
-        remaining = None if cap is None else max(cap - len(tokens), 0)
-        return should_exit_early(signal, threshold, tokens, max_remaining_tokens=remaining)
 
-    return rule
+def _has_fallbacks(model: Any) -> bool:
+    while isinstance(model, RunnableBindingBase):
+        model = model.bound
+    return isinstance(model, RunnableWithFallbacks)
 
 
 def check_call_kwargs(names: Any, also: frozenset[str] = frozenset()) -> None:

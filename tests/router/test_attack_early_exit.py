@@ -581,9 +581,6 @@ def test_a_local_fault_with_the_cloud_down_is_a_typed_error_naming_both(
         alone.invoke("both end")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "router.py _answer/_aanswer: when the local stream fails after k tokens, the watch's "
-    "report is dropped and the record keeps {'exited': False, 'tokens': 0}"))
 @pytest.mark.parametrize("path", ["astream"])
 def test_record_counts_the_tokens_seen_before_a_local_failure(raw, cloud, path):
     raw.plans["seen end"] = [_tok(" a", -0.1), _tok(" b", -0.1), _tok(" c", -0.1), "drop"]
@@ -594,11 +591,6 @@ def test_record_counts_the_tokens_seen_before_a_local_failure(raw, cloud, path):
     assert routing["early_exit"] == {"exited": False, "tokens": 3}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "router.py ConfigurableRouter._prepare: LangChain's RunnableConfigurableFields rebuilds "
-    "the whole router for a configured knob on every call (new ChatOllama and Bedrock "
-    "clients, ~1 s a call here, 2-3 ms with the same knob per call); binding the knobs on "
-    "the default router would reuse its clients"))
 def test_a_knob_set_through_lcel_config_reuses_the_router_and_its_clients(raw, cloud):
     raw.plans["reuse end"] = [_tok(" Paris", -0.01), DONE]
     router = _raw_router(raw, cloud, CloudBudget(max_usd=5.0))
@@ -616,10 +608,6 @@ def test_a_knob_set_through_lcel_config_reuses_the_router_and_its_clients(raw, c
     assert len(set(raw.ports)) == 1  # the same client, not one per call
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_flow.route: the retake of a stopped local answer (Generate('local', complete=True) "
-    "after a refused or failed escalation) is not guarded; when it fails, the local client's "
-    "own exception (ollama ResponseError) reaches the caller without a routing record"))
 @pytest.mark.parametrize(("refusal", "path"), [("cloud_error", "invoke"), ("budget", "astream")])
 def test_a_failed_retake_after_an_exit_is_a_typed_error_with_the_record(
     ollama_chat, cloud, ollama_backend, bedrock_server, refusal, path
@@ -661,11 +649,6 @@ def _dead_url() -> str:
     return f"http://127.0.0.1:{port}"  # nothing listens there now
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "router.py _early_exit_rule reads num_predict from the innermost ChatOllama's field only: "
-    "a bound options={...} replaces the request's whole options (the field's num_predict is "
-    "not sent), and a with_fallbacks() fallback answers with its own cap, so the real cap is "
-    "larger and mean-type exits change decisions"))
 @pytest.mark.parametrize(("signal", "how"), [("mean_logprob", "options_cap"),
                                              ("mean_min", "options_without_cap"),
                                              ("mean_logprob", "fallback")])

@@ -275,10 +275,6 @@ def test_probe_yes_then_early_exit_escalates_once_and_learns(
     assert kb.count() == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_flow.route: after the probe sent the query straight to the cloud, the local answer "
-    "generated on a refused or failed escalation (Generate('local', complete=True)) is not "
-    "guarded; when it fails, ollama's ResponseError reaches the caller without a record"))
 @pytest.mark.parametrize(("refusal", "path"), [("cloud_error", "astream"), ("budget", "invoke")])
 def test_probe_no_then_cloud_refused_then_local_failing_is_a_typed_error(
     two_stage, ollama_backend, ollama_server, bedrock_server, refusal, path
