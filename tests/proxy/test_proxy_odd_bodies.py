@@ -222,3 +222,28 @@ def test_json_nested_too_deeply_is_a_400_on_both_fronts(proxy, ollama_server, be
         assert reply.status_code == 400, reply.text
         assert "nested too deeply" in reply.text
     _nothing_sent(ollama_server, bedrock_server)
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_non_json_number_constants_are_a_400_on_both_fronts(
+    proxy, ollama_server, bedrock_server, constant
+):
+    # Python's json reads them; JSON does not: a NaN temperature reached the tiers.
+    for path in ("/v1/chat/completions", "/api/chat"):
+        body = (b'{"model": "m", "stream": false, "temperature": ' + constant
+                + b', "options": {"temperature": ' + constant + b'}, '
+                b'"messages": [{"role": "user", "content": "hi"}]}')
+        reply = httpx.post(proxy.url + path, content=body, timeout=10)
+        assert reply.status_code == 400, reply.text
+        assert "invalid JSON" in reply.text
+    _nothing_sent(ollama_server, bedrock_server)
+
+
+def test_a_lone_surrogate_escape_reads_as_a_replacement_character(proxy, ollama_server):
+    body = (b'{"model": "m", "stream": false, '
+            b'"messages": [{"role": "user", "content": "caf\\ud800 ok"}]}')
+    for path in ("/v1/chat/completions", "/api/chat"):
+        reply = httpx.post(proxy.url + path, content=body, timeout=10)
+        assert reply.status_code == 200, reply.text
+    sent = [r["body"]["messages"][-1]["content"] for r in ollama_server.requests_to("/api/chat")]
+    assert sent == ["caf\ufffd ok"] * 2

@@ -55,6 +55,7 @@ from confidence_router.errors import (
 from confidence_router.proxy import formats
 from confidence_router.proxy.config import ProxyConfig
 from confidence_router.proxy.knobs import KnobError, parse_knobs
+from confidence_router.serving.http import loads_json
 from confidence_router.serving.protocol import (
     OLLAMA_VERSION,
     ProtocolError,
@@ -380,7 +381,8 @@ class _Proxy:
             ) from None
         raw = b"".join(chunks)
         try:
-            body = json.loads(raw)
+            # As Ollama reads it: no NaN/Infinity, a lone surrogate escape is U+FFFD.
+            body = loads_json(raw)
         except (ValueError, UnicodeDecodeError) as error:
             raise formats.RequestError(f"invalid JSON body: {error}") from None
         except RecursionError:  # e.g. "[[[[..." nested deeper than the parser's stack
