@@ -201,9 +201,59 @@ def conversation_check(model: Any) -> Callable[[Sequence[Any]], str | None] | No
       final assistant message"; whitespace-only text blocks likewise). ``ChatBedrockConverse``
       pads blank text itself.
 
+    * for both Bedrock clients, a tool result (``ToolMessage``) answering a call the turn
+      before did not make: Bedrock refuses it ("Expected toolResult blocks ... for the
+      following Ids").
+
     ``None`` (no check) for other clients (Ollama takes what it is given). The router does
     not rewrite conversations: such a query is not escalated.
     """
+    formatting = _bedrock_formatting_check(model)
+    if formatting is None:
+        return None
+
+    def check(messages: Sequence[Any]) -> str | None:
+        return _unanswered_tool_result(messages) or formatting(messages)
+
+    return check
+
+
+def _unanswered_tool_result(messages: Sequence[Any]) -> str | None:
+    """Why a tool result answers no call of the assistant turn before it, or ``None``.
+
+    Consecutive assistant messages form one turn (the clients merge them); system messages
+    are not turns.
+    """
+    calls: set[Any] = set()
+    in_assistant_turn = False
+    for position, message in enumerate(messages):
+        kind = getattr(message, "type", None)
+        if kind == "system":
+            continue
+        if kind == "ai":
+            if not in_assistant_turn:
+                calls, in_assistant_turn = set(), True
+            calls.update(call.get("id") for call in getattr(message, "tool_calls", None) or ())
+            content = getattr(message, "content", None)
+            if isinstance(content, list):  # calls kept as content blocks (Anthropic's form)
+                calls.update(
+                    block.get("id") for block in content
+                    if isinstance(block, dict) and block.get("type") in ("tool_use", "tool_call")
+                )
+            continue
+        in_assistant_turn = False
+        if kind == "tool" and getattr(message, "tool_call_id", None) not in calls:
+            return (
+                f"message {position} (tool) answers tool call "
+                f"{getattr(message, 'tool_call_id', None)!r}, which the assistant turn before "
+                "it did not make; Bedrock refuses that"
+            )
+    return None
+
+
+def _bedrock_formatting_check(model: Any) -> Callable[[Sequence[Any]], str | None] | None:
+    """The formatting part of :func:`conversation_check` (a no-op check for a Bedrock client
+    whose formatting is not checked); ``None`` for other clients."""
     inner = unwrap(model)
     kind = type(inner).__name__
     if kind == "ChatBedrockConverse" and getattr(inner, "raw_blocks", None) is None:
@@ -216,20 +266,28 @@ def conversation_check(model: Any) -> Callable[[Sequence[Any]], str | None] | No
             )[0]
 
         return _formatting_check(converse, kind, empty_turns=False)
-    if kind != "ChatBedrock" or getattr(inner, "beta_use_converse_api", False):
+    if kind == "ChatBedrockConverse":
+        return _no_refusal
+    if kind != "ChatBedrock":
         return None
+    if getattr(inner, "beta_use_converse_api", False):
+        return _no_refusal
     try:
         anthropic = bool(inner._model_is_anthropic)
     except Exception:  # noqa: BLE001 - an ARN without provider: the client raises on its own
         return None
     if not anthropic:
-        return None
+        return None  # other providers' formats on the invoke API: not checked
     from langchain_aws.chat_models.bedrock import ChatPromptAdapter
 
     def invoke(messages: Sequence[Any]) -> list[dict[str, Any]]:
         return ChatPromptAdapter.format_messages("anthropic", list(messages))[1]  # type: ignore[return-value]
 
     return _formatting_check(invoke, kind, empty_turns=True)
+
+
+def _no_refusal(messages: Sequence[Any]) -> str | None:
+    return None
 
 
 def _formatting_check(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
 from pydantic import BaseModel
 
@@ -126,3 +127,35 @@ def test_a_tool_langchain_cannot_format_is_a_routing_config_error(bedrock_chat, 
 
     with pytest.raises(RoutingConfigError, match="cannot use .* as a tool"):
         checked_tool_choice(bedrock_chat(), [tool], None)
+
+
+# -- tool results Bedrock would refuse (checked before sending) -----------------------------------
+
+_CALL = {"name": "lookup", "args": {"q": "x"}, "id": "c1"}
+
+
+@pytest.mark.parametrize(("messages", "refused"), [
+    ([HumanMessage("q"), AIMessage("", tool_calls=[_CALL]), ToolMessage("r", tool_call_id="c1")],
+     False),
+    ([HumanMessage("q"), AIMessage("", tool_calls=[_CALL]), ToolMessage("r", tool_call_id="c2")],
+     True),
+    ([HumanMessage("q"), ToolMessage("r", tool_call_id="c1")], True),
+    # Consecutive assistant messages are one turn; a system message is not a turn.
+    ([HumanMessage("q"), AIMessage("", tool_calls=[_CALL]), AIMessage("thinking aloud"),
+      SystemMessage("s"), ToolMessage("r", tool_call_id="c1")], False),
+    # A call answered in a later turn than the one after it: Bedrock refuses it.
+    ([HumanMessage("q"), AIMessage("", tool_calls=[_CALL]), ToolMessage("r", tool_call_id="c1"),
+      AIMessage("ok"), HumanMessage("more"), ToolMessage("r", tool_call_id="c1")], True),
+    # Calls kept as Anthropic content blocks count too.
+    ([HumanMessage("q"), AIMessage([{"type": "tool_use", "id": "t9", "name": "lookup",
+                                     "input": {}}]), ToolMessage("r", tool_call_id="t9")], False),
+])
+def test_bedrock_conversation_check_refuses_tool_results_answering_no_call(
+    bedrock_chat, bedrock_invoke_chat, ollama_chat, messages, refused
+):
+    from confidence_router.tier_clients import conversation_check
+
+    for cloud in (bedrock_chat(), bedrock_invoke_chat()):
+        why = conversation_check(cloud)(messages)  # type: ignore[misc]
+        assert (why is not None and "answers tool call" in why) is refused, (cloud, why)
+    assert conversation_check(ollama_chat()) is None

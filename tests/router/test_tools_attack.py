@@ -246,12 +246,13 @@ def test_a_tool_name_bedrock_refuses_is_refused_at_bind_time(
 def test_a_refused_escalation_falls_back_to_the_local_answer(
     ollama_chat, bedrock_chat, ollama_backend, bedrock_server
 ):
-    """Bedrock refuses the request (a tool result answering no call): not retried, and with
+    """Bedrock refuses the request (ValidationException): not retried, and with
     on_cloud_error="local" the local answer is served, flagged."""
     router = ConfidenceRoutedLLM(local=ollama_chat(), cloud=bedrock_chat(),
                                  on_cloud_error="local")
     ollama_backend.add_answer("weather", "maybe", logprobs=-3.0)
-    message = router.bind_tools([get_weather]).invoke(conversation("sunny", result_id="call_9"))
+    bedrock_server.fail("weather", "ValidationException")
+    message = router.bind_tools([get_weather]).invoke(conversation("sunny"))
     assert (routing(message)["decision"], routing(message)["reason"]) == ("local", "cloud_error")
     assert message.content == "maybe" and routing(message)["flagged"] is True
     assert routing(message)["cloud_attempts"] == 1 and len(bedrock_server.requests) == 1
@@ -309,11 +310,21 @@ async def test_a_tool_result_turn_escalates_with_matching_ids(
     assert use["input"] == {"city": "Paris"}
 
 
-def test_a_tool_result_answering_no_call_is_a_typed_error(router, ollama_backend, bedrock_server):
+async def test_a_tool_result_answering_no_call_is_never_sent(
+    router, ollama_backend, ollama_server, bedrock_server
+):
+    """Bedrock refuses a tool result answering no call of the turn before: the query stays
+    local, flagged, nothing sent (it failed after one refused request)."""
     ollama_backend.add_answer("weather", "It is sunny", logprobs=-3.0)
-    with pytest.raises(CloudEscalationError, match="answers no"):
-        router.bind_tools([get_weather]).invoke(conversation("sunny", result_id="call_9"))
-    assert len(bedrock_server.requests) == 1
+    for how in ENTRY_POINTS:
+        message = await call(router.bind_tools([get_weather]), how,
+                             conversation("sunny", result_id="call_9"))
+        record = routing(message)
+        assert record["decision"] == "local" and record["flagged"] is True, how
+        assert "'call_9'" in record["escalation_skipped"], how
+        assert "cloud cannot send it" in record["escalation_skipped"], how
+    assert bedrock_server.requests == []
+    assert len(local_chats(ollama_server)) == len(ENTRY_POINTS)
 
 
 PII_RESULTS = [
