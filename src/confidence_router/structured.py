@@ -168,7 +168,25 @@ def structured_router(
 _NOTHING = object()
 
 
-class _RawAndParsed(Runnable[Any, dict[str, Any]]):
+class _Transforming(Runnable[Any, Any]):
+    """A runnable whose streams are its ``transform`` / ``atransform`` of the one input."""
+
+    def stream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[Any]:
+        yield from self.transform(iter([input]), config)
+
+    async def astream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        async def single() -> AsyncIterator[Any]:
+            yield input
+
+        async for output in self.atransform(single(), config):
+            yield output
+
+
+class _RawAndParsed(_Transforming):
     """``include_raw``: ``{"raw", "parsed", "parsing_error"}`` with the parsing error returned,
     never raised, on every entry point.
 
@@ -228,22 +246,8 @@ class _RawAndParsed(Runnable[Any, dict[str, Any]]):
             outcome = await self.ainvoke({"raw": raw}, config)
             yield AddableDict(parsed=outcome["parsed"], parsing_error=outcome["parsing_error"])
 
-    def stream(
-        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
-    ) -> Iterator[dict[str, Any]]:
-        yield from self.transform(iter([input]), config)
 
-    async def astream(
-        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
-    ) -> AsyncIterator[dict[str, Any]]:
-        async def single() -> AsyncIterator[Any]:
-            yield input
-
-        async for output in self.atransform(single(), config):
-            yield output
-
-
-class _ServedParser(Runnable[Any, Any]):
+class _ServedParser(_Transforming):
     """``parser`` for the answer served: one it cannot read is an error on every entry point.
 
     LangChain's tool parsers return ``None`` for an answer without the tool's call, and their
@@ -315,20 +319,6 @@ class _ServedParser(Runnable[Any, Any]):
         final = await self.ainvoke(answer[0], config)
         if last is _NOTHING or final != last:
             yield final
-
-    def stream(
-        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
-    ) -> Iterator[Any]:
-        yield from self.transform(iter([input]), config)
-
-    async def astream(
-        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
-    ) -> AsyncIterator[Any]:
-        async def single() -> AsyncIterator[Any]:
-            yield input
-
-        async for output in self.atransform(single(), config):
-            yield output
 
 
 def _parses(parser: Runnable[Any, Any], what: str) -> Any:
