@@ -117,7 +117,8 @@ class RoutingRecord(TypedDict, total=False):
     early_exit: dict[str, Any]
     """``{"exited": bool, "tokens": int}`` whenever ``early_exit`` was on: whether the local
     answer was stopped early and how many of its tokens were seen (``{"exited": False,
-    "tokens": 0}`` when no local answer came: skipped by the pre-check, or failed)."""
+    "tokens": 0}`` when no local answer came: skipped by the pre-check; a local answer that
+    failed counts the tokens that arrived before the failure)."""
     precheck: dict[str, Any]
     """The probe's ``p_yes``, threshold and extraction details (or its error)."""
     cloud_error: str

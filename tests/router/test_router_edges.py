@@ -462,7 +462,8 @@ def test_early_exit_field_is_in_the_record_when_the_local_answer_failed(local, c
         routing = message.response_metadata["routing"]
         assert message.text == "cloud answer"
         assert routing["reason"] == Reason.LOCAL_ERROR
-        assert routing["early_exit"] == {"exited": False, "tokens": 0}
+        # The two tokens that arrived before the failure.
+        assert routing["early_exit"] == {"exited": False, "tokens": 2}
     # Off: no early-exit entry at all.
     off = router.invoke("anything", early_exit=False).response_metadata["routing"]
     assert "early_exit" not in off
