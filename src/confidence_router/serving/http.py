@@ -19,7 +19,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from confidence_router.errors import ConfidenceRouterError, InvalidArgumentError
+from confidence_router.errors import (
+    ConfidenceRouterError,
+    InvalidArgumentError,
+    InvalidInputError,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -358,7 +362,8 @@ def loads_json(raw: bytes) -> Any:
     accepts (the prompt, or the reply echoing it, then failed).
 
     Raises:
-        ValueError: invalid JSON (also ``UnicodeDecodeError``, a subclass).
+        ValueError: invalid JSON (``json.JSONDecodeError``, ``UnicodeDecodeError``, or
+            :class:`~confidence_router.errors.InvalidInputError` for NaN / Infinity).
         RecursionError: nested deeper than the parser's stack.
     """
     body = json.loads(raw, parse_constant=_reject_constant)
@@ -375,7 +380,7 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 def _reject_constant(name: str) -> Any:
     # Python's json reads Infinity / -Infinity / NaN; JSON (and Ollama's Go decoder) does
     # not, and a non-finite number would reach the option parsing as a float.
-    raise ValueError(f"{name} is not valid JSON")
+    raise InvalidInputError(f"{name} is not valid JSON")
 
 
 def _without_lone_surrogates(value: Any) -> Any:
