@@ -54,10 +54,12 @@ def store(chroma_server: ChromaServerProcess,
 
     client = chromadb.HttpClient(host=chroma_server.host, port=chroma_server.port,
                                  settings=Settings(anonymized_telemetry=False))
-    store = KnowledgeStore(OllamaEmbeddings(base_url=ollama_server.url, model="scripted-local"),
-                           client=client, collection="hung", timeout=TIMEOUT)
-    store.add(QUESTION, "Paris.")
-    return store
+    embeddings = OllamaEmbeddings(base_url=ollama_server.url, model="scripted-local")
+    # Seeded with a generous timeout: a freshly started server's first answers can take
+    # longer than TIMEOUT on a loaded machine (the setup failed so once).
+    KnowledgeStore(embeddings, client=client, collection="hung", timeout=30.0).add(
+        QUESTION, "Paris.")
+    return KnowledgeStore(embeddings, client=client, collection="hung", timeout=TIMEOUT)
 
 
 @pytest.fixture
