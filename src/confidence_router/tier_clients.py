@@ -27,12 +27,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from langchain_core.language_models import BaseChatModel
 from langchain_core.runnables import RunnableBinding
 from langchain_core.runnables.base import RunnableBindingBase
 from langchain_core.runnables.fallbacks import RunnableWithFallbacks
 from langchain_core.runnables.retry import RunnableRetry
 
-from confidence_router.errors import EscalationBlockedError
+from confidence_router.errors import EscalationBlockedError, RoutingConfigError
 from confidence_router.signals import NEEDS_TOP_LOGPROBS
 
 __all__ = [
@@ -730,8 +731,6 @@ def checked_tool_choice(cloud: Any, tools: Sequence[Any], tool_choice: Any) -> A
     """
     from langchain_core.utils.function_calling import convert_to_openai_tool
 
-    from confidence_router.errors import RoutingConfigError
-
     names: list[str] = []
     for tool in tools:
         try:
@@ -873,8 +872,6 @@ def _direct_target(
         for key, value in model.kwargs.items():
             bound.setdefault(key, value)  # the outer binding wins, as in LangChain
         model = model.bound
-    from langchain_core.language_models import BaseChatModel
-
     if not isinstance(model, BaseChatModel):
         return None
     values = model.__dict__
