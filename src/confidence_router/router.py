@@ -540,14 +540,29 @@ class ConfidenceRoutedLLM(BaseChatModel):
         :class:`confidence_router.settings.RouterSettings` for every setting. Invalid settings
         raise :class:`~confidence_router.errors.RoutingConfigError` here, not at first call.
 
+        ``overrides`` win over the settings: a setting's name (``local_model``,
+        ``ollama_host``, ``cloud_model``, ``threshold``, ...) replaces that setting and is
+        validated like one; any other router field (``precheck``, ``budget``, ``local`` or
+        ``cloud`` for your own tier models, ...) is passed to the router.
+
         Example: ``ConfidenceRoutedLLM.from_settings("router.toml", threshold=0.8)``
         """
+        import dataclasses
+
         from confidence_router.settings import RouterSettings
 
         if not isinstance(settings, RouterSettings):
             settings = RouterSettings.load(settings, environ)
+        router_fields = settings.router_fields()
+        # Settings that describe the tiers (not router fields) are replaced in the settings,
+        # which validate them; everything else goes to the router, which validates it.
+        tier_settings = {f.name for f in dataclasses.fields(RouterSettings)} - set(router_fields)
+        changed = {k: v for k, v in overrides.items() if k in tier_settings}
+        if changed:
+            settings = dataclasses.replace(settings, **changed)
         local, cloud = settings.tier_models()
-        return cls(local=local, cloud=cloud, **{**settings.router_fields(), **overrides})
+        router_kwargs = {k: v for k, v in overrides.items() if k not in tier_settings}
+        return cls(**{"local": local, "cloud": cloud, **router_fields, **router_kwargs})
 
     def to_settings(self) -> RouterSettings:
         """This router's configuration as plain :class:`RouterSettings` (no credentials).

@@ -336,3 +336,56 @@ def test_from_settings_with_neither_settings_nor_a_path(given, ollama_server, be
     with pytest.raises(RoutingConfigError, match="path"):
         ConfidenceRoutedLLM.from_settings(given, environ={})
     assert no_requests(ollama_server, bedrock_server)
+
+
+def test_explicit_tier_settings_override_file_and_environment(
+    tmp_path, ollama_backend, ollama_server, bedrock_server
+):
+    # from_settings(path, local_model=...) was refused ("unknown router field"): the tier
+    # settings are replaced in the settings like the knobs are, explicit > env > file.
+    ollama_backend.add_answer("Peru", "Lima", logprobs=-3.0)  # escalates at any threshold
+    bedrock_server.add_answer("Peru", "Lima (cloud)")
+    path = write(tmp_path, "router.toml", (
+        'ollama_host = "http://127.0.0.1:9"\nlocal_model = "from-file"\n'
+        'bedrock_endpoint = "http://127.0.0.1:9"\ncloud_model = "from.file-v1"\n'
+    ))
+    env = {"CONFIDENCE_ROUTER_LOCAL_MODEL": "from-env"}
+    router = ConfidenceRoutedLLM.from_settings(
+        path, environ=env, local_model="explicit-local", ollama_host=ollama_server.url,
+        bedrock_endpoint=bedrock_server.url, cloud_model="anthropic.claude-3-haiku-20240307-v1:0",
+        aws_region="eu-west-1", threshold=0.8, local_timeout=30,
+    )
+    answer = router.invoke("Capital of Peru?")
+    assert answer.content == "Lima (cloud)"
+    assert [r["body"]["model"] for r in ollama_server.requests_to("/api/chat")] == [
+        "explicit-local"
+    ]
+    assert len(bedrock_server.requests) == 1
+    assert bedrock_server.requests[0]["model_id"] == "anthropic.claude-3-haiku-20240307-v1:0"
+    assert router.threshold == 0.8
+    # cloud_model=None: no cloud tier at all.
+    local_only = ConfidenceRoutedLLM.from_settings(path, environ={}, cloud_model=None)
+    assert local_only.cloud is None
+
+
+def test_explicit_tier_models_replace_the_settings_ones(ollama_backend, ollama_server):
+    from langchain_ollama import ChatOllama
+
+    ollama_backend.add_answer("Peru", "Lima", logprobs=-0.01)
+    mine = ChatOllama(model="my-own", base_url=ollama_server.url, logprobs=True)
+    router = ConfidenceRoutedLLM.from_settings(environ={}, local=mine, cloud=None)
+    assert router.local.model == "my-own" and router.cloud is None
+    assert router.invoke("Capital of Peru?").content == "Lima"
+    assert [r["body"]["model"] for r in ollama_server.requests_to("/api/chat")] == ["my-own"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [({"local_model": ""}, "local_model"), ({"ollama_host": "ftp://x"}, "ollama_host"),
+     ({"aws_region": "us west 2"}, "aws_region"), ({"cloud_max_tokens": 0}, "cloud_max_tokens"),
+     ({"cloud_model": 3}, "cloud_model")],
+)
+def test_explicit_tier_settings_are_validated(overrides, match, ollama_server, bedrock_server):
+    with pytest.raises(RoutingConfigError, match=match):
+        ConfidenceRoutedLLM.from_settings(environ={}, **overrides)
+    assert no_requests(ollama_server, bedrock_server)
