@@ -11,11 +11,15 @@ of the backend:
 * ``cache off``: prompts in line-aligned batches, no cache (the reference for identity), with
   the probe of ``--gsa-version`` (default the cache-friendly ``gsa-v2-question-last``);
 * ``cache on``: the same batches and probe with the prompt-prefix cache (the default now);
+* ``cache on, 1 batch thread``: the same with prompt batches on one thread (``n_threads_batch
+  =1``; the default adds a thread per core other processes leave idle, and ``before`` ran on
+  one), so the cache's and the threads' shares of the speed-up show separately;
 
 plus, with the cache on, the paper-order probe (``cache on, paper order``), then a live
 early-exit stream. Prints:
 
-* probe / answer median time ratio per variant (target <= 0.5 with the cache);
+* probe / answer median time ratio per variant (target <= 0.5 with the cache), and how many
+  prompts each evaluated on how many batch threads;
 * the answer and probe speed-up of the cache over ``before`` and over ``cache off`` (median;
   target >= 1.3x), whether every answer and probe score was identical with the cache off and
   on, and how many answers equal the ``before`` ones;
@@ -164,7 +168,8 @@ def main_section(args: argparse.Namespace) -> None:
     # paper-order probe (each restored from and replacing its own snapshot).
     with start_embedded_server(max_tokens_default=args.max_tokens, prefix_slots=4) as server, \
             start_embedded_server(max_tokens_default=args.max_tokens, prefix_cache=False,
-                                  prompt_batch=1024, batch_at_newlines=False) as before_server:
+                                  prompt_batch=1024, batch_at_newlines=False,
+                                  n_threads_batch=1) as before_server:
         backend = server.backend
         print(f"# model loaded in {backend.load_seconds:.2f} s, {backend._threads()} thread(s), "
               f"{backend.prefix_slots} snapshot slots")
@@ -181,11 +186,13 @@ def main_section(args: argparse.Namespace) -> None:
             return should_exit_early("min_logprob", args.threshold, logprobs,
                                      max_remaining_tokens=args.max_tokens - len(logprobs))
 
-        variants = {  # name: (clients, prefix_cache)
-            "before": (clients(before_server.url, GSA_V2_VERSION), False),
-            "cache off": ((chat, probe), False),
-            "cache on": ((chat, probe), True),
+        variants = {  # name: (clients, prefix_cache, n_threads_batch)
+            "before": (clients(before_server.url, GSA_V2_VERSION), False, 1),
+            "cache off": ((chat, probe), False, None),
+            "cache on": ((chat, probe), True, None),
+            "cache on, 1 batch thread": ((chat, probe), True, 1),
         }
+        threads_used: dict[str, dict[int, int]] = {name: {} for name in variants}
         probe_s: dict[str, list[float]] = {name: [] for name in variants}
         paper_probe_s: list[float] = []
         answer_s: dict[str, list[float]] = {name: [] for name in variants}
@@ -197,11 +204,18 @@ def main_section(args: argparse.Namespace) -> None:
         for index, item in enumerate(items):
             outputs: dict[str, tuple[float, Answer]] = {}
             # Rotate which variant goes first, so drifting machine load hits all alike.
-            for name in names[index % 3:] + names[: index % 3]:
-                (variant_chat, variant_probe), cache = variants[name]
+            turn = index % len(names)
+            for name in names[turn:] + names[:turn]:
+                (variant_chat, variant_probe), cache, batch_threads = variants[name]
                 backend.prefix_cache = cache
+                backend.n_threads_batch = batch_threads
+                counted = (before_server.backend if name == "before" else backend)
+                counts_before = dict(counted.batch_thread_counts)
                 score = variant_probe.invoke(item.question)
                 answer = stream_answer(variant_chat, item.question)
+                for threads, count in counted.batch_thread_counts.items():
+                    used = threads_used[name]
+                    used[threads] = used.get(threads, 0) + count - counts_before.get(threads, 0)
                 probe_s[name].append(score.latency_s)
                 answer_s[name].append(answer.total_s)
                 outputs[name] = (score.p_yes, answer)
@@ -210,7 +224,7 @@ def main_section(args: argparse.Namespace) -> None:
             mismatched_answers += (a_off.text, a_off.logprobs) != (a_on.text, a_on.logprobs)
             same_as_before += outputs["before"][1].text == a_on.text
             answers.append(a_on)
-            backend.prefix_cache = True
+            backend.prefix_cache, backend.n_threads_batch = True, None
             paper_probe_s.append(paper_probe.invoke(item.question).latency_s)
             live.append((a_on, stream_answer(chat, item.question, exit_rule=live_rule)))
             if (index + 1) % 25 == 0:
@@ -220,13 +234,20 @@ def main_section(args: argparse.Namespace) -> None:
 
     med = statistics.median
     print("\n## Probe and prefix cache (medians over the same questions)")
-    print("| backend | probe (s) | answer (s) | probe / answer |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| backend | probe (s) | answer (s) | probe / answer | prompts per batch threads |")
+    print("| --- | ---: | ---: | ---: | --- |")
     for name in variants:
         p, a = med(probe_s[name]), med(answer_s[name])
-        print(f"| {name} | {p:.3f} | {a:.3f} | {p / a:.2f} |")
+        used = ", ".join(f"{n}: {c}" for n, c in sorted(threads_used[name].items()) if c)
+        print(f"| {name} | {p:.3f} | {a:.3f} | {p / a:.2f} | {used} |")
     p, a = med(paper_probe_s), med(answer_s["cache on"])
-    print(f"| cache on, paper order ({GSA_V2_VERSION}) | {p:.3f} | {a:.3f} | {p / a:.2f} |")
+    print(f"| cache on, paper order ({GSA_V2_VERSION}) | {p:.3f} | {a:.3f} | {p / a:.2f} | |")
+    one = "cache on, 1 batch thread"
+    print(f"\nbatch threads alone (cache on vs {one}): answers "
+          f"{med(answer_s[one]) / med(answer_s['cache on']):.2f}x faster, probes "
+          f"{med(probe_s[one]) / med(probe_s['cache on']):.2f}x (median)")
+    print(f"cache alone ({one} vs before): answers "
+          f"{med(answer_s['before']) / med(answer_s[one]):.2f}x faster (median)")
     for base in ("before", "cache off"):
         print(f"\ncache on vs {base}: answers {med(answer_s[base]) / med(answer_s['cache on']):.2f}x"
               f" faster (median; {sum(answer_s[base]) / sum(answer_s['cache on']):.2f}x in total "

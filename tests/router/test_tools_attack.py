@@ -28,7 +28,6 @@ from langchain_core.tools import tool
 
 from confidence_router import ConfidenceRoutedLLM, PIIGuard
 from confidence_router.errors import (
-    CloudEscalationError,
     ConfidenceRouterError,
     RoutingConfigError,
 )

@@ -87,6 +87,7 @@ from confidence_router.gsa import (
     GSA_V3_VERSION,
     GSA_VERSIONS,
 )
+from confidence_router.serving.cpu import IdleCores, batch_threads
 from confidence_router.serving.protocol import (
     BackendError,
     ChatReply,
@@ -665,6 +666,13 @@ class LlamaCppBackend:
             llama.cpp's OpenMP threads busy-wait, so using every core of a busy machine
             stalls badly (measured on 2 shared cores: 2 threads had 26 s worst-case answers
             where 1 thread had 2.6 s).
+        n_threads_batch: threads for evaluating prompt batches (compute-bound, unlike
+            generating a token). ``None`` (default) adapts per prompt: ``n_threads`` plus one
+            thread for each further core that other processes left idle over the last
+            quarter second (Linux ``/proc/stat``; see :mod:`confidence_router.serving.cpu`),
+            at most ``2 * n_threads``; elsewhere ``n_threads``. An int fixes it. The thread
+            count does not change results (llama.cpp splits a batch's rows between threads;
+            tested bit for bit). ``batch_thread_counts`` counts the prompts per thread count.
         max_tokens_default: answer length limit when a request sets no ``num_predict``.
         model_name: the model name served (``/api/tags``), with one variant per prompt
             template (:func:`model_variant`); requests for another name get 404 like Ollama
@@ -732,6 +740,7 @@ class LlamaCppBackend:
         *,
         n_ctx: int = 1024,
         n_threads: int | None = None,
+        n_threads_batch: int | None = None,
         max_tokens_default: int = 48,
         model_name: str = "gemma3:270m",
         prompt_template: PromptTemplate = render_prompt,
@@ -747,6 +756,10 @@ class LlamaCppBackend:
             raise InvalidArgumentError(f"prompt_batch must be positive, got {prompt_batch}")
         if n_ctx < 16:
             raise InvalidArgumentError(f"n_ctx must be at least 16, got {n_ctx}")
+        for name, value in (("n_threads", n_threads), ("n_threads_batch", n_threads_batch)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise InvalidArgumentError(f"{name} must be a positive int or None, got {value!r}")
         if max_tokens_default < 1:
             raise InvalidArgumentError(f"max_tokens_default must be positive, got {max_tokens_default}")
         if model_path is None:
@@ -764,6 +777,11 @@ class LlamaCppBackend:
         self.model_path = str(model_path)
         self.n_ctx = n_ctx
         self.n_threads = n_threads
+        self.n_threads_batch = n_threads_batch
+        #: Prompt evaluations per number of batch threads used (see ``n_threads_batch``).
+        self.batch_thread_counts: dict[int, int] = {}
+        self._idle_cores = IdleCores() if n_threads_batch is None else None
+        self._set_batch_threads = 0  # the count last given to llama.cpp
         self.max_tokens_default = max_tokens_default
         self.model_name = model_name
         self.prompt_template = prompt_template
@@ -796,7 +814,8 @@ class LlamaCppBackend:
                 model_path=self.model_path,
                 n_ctx=n_ctx,
                 n_threads=self._threads(),
-                # llama-cpp-python's default for prompt batches is every core (see n_threads).
+                # llama-cpp-python's default for prompt batches is every core, busy or not;
+                # set per prompt (_batch_threads).
                 n_threads_batch=self._threads(),
                 logits_all=False,  # the fast path reads the last position only
                 # llama.cpp sizes the sliding-window cache at n_swa + n_ubatch positions (512 +
@@ -941,6 +960,20 @@ class LlamaCppBackend:
 
         return self.n_threads or max(1, min(4, (os.cpu_count() or 1) // 2))
 
+    def _use_batch_threads(self, llm: Llama) -> None:
+        """Give llama.cpp this prompt's batch thread count (caller holds ``_lock``)."""
+        import llama_cpp
+
+        threads = self.n_threads_batch or batch_threads(
+            self._threads(),
+            idle_cores=self._idle_cores.idle_cores() if self._idle_cores else None,
+            max_threads=2 * self._threads(),
+        )
+        if threads != self._set_batch_threads:
+            llama_cpp.llama_set_n_threads(llm.ctx, self._threads(), threads)
+            self._set_batch_threads = threads
+        self.batch_thread_counts[threads] = self.batch_thread_counts.get(threads, 0) + 1
+
     def _model(self) -> Llama:
         if self._llm is None:
             raise BackendError("the model was closed", status=503)
@@ -1082,6 +1115,7 @@ class LlamaCppBackend:
         self._live_ends = []  # until the evaluation below has succeeded
         stats.reused_tokens += keep
         stats.evaluated_tokens += len(prompt_ids) - keep
+        self._use_batch_threads(llm)
         try:
             start = keep
             for end in boundaries + [len(prompt_ids)]:
