@@ -438,10 +438,6 @@ _TEMPLATE_ACTION = re.compile(r"\{\{(-\s)?\s*(.*?)\s*(\s-)?\}\}", re.DOTALL)
 _TEMPLATE_FIELDS = (".System", ".Prompt", ".Response")
 
 
-class _ResponseReached(Exception):
-    """Rendering reached ``{{ .Response }}``: Ollama drops everything after it."""
-
-
 def render_ollama_template(template: str, *, system: str, prompt: str) -> str:
     """Render an Ollama prompt template (Go ``text/template``) for ``/api/generate``.
 
@@ -450,9 +446,9 @@ def render_ollama_template(template: str, *, system: str, prompt: str) -> str:
     ``{{-`` / ``-}}`` white-space trimming. As Ollama renders a generate prompt, everything
     from ``{{ .Response }}`` on is left out (the model writes the response).
 
-    >>> render_ollama_template("{{ if .System }}{{ .System }}\n{{ end }}Q: {{ .Prompt }}\nA:",
+    >>> render_ollama_template("{{ if .System }}{{ .System }}\\n{{ end }}Q: {{ .Prompt }}\\nA:",
     ...                        system="", prompt="Capital of France?")
-    'Q: Capital of France?\nA:'
+    'Q: Capital of France?\\nA:'
 
     Raises:
         InvalidArgumentError: any other action (``range``, ``.Messages``, functions, ...) or
@@ -484,34 +480,31 @@ def render_ollama_template(template: str, *, system: str, prompt: str) -> str:
     out: list[str] = []
     # Each open block: (whether its current branch renders, whether an else was seen).
     blocks: list[tuple[bool, bool]] = []
-    try:
-        for kind, value in tokens:
-            active = all(shown for shown, _ in blocks)
-            if kind == "text":
-                if active:
-                    out.append(value)
-                continue
-            words = value.split()
-            if len(words) == 1 and words[0] in _TEMPLATE_FIELDS:
-                if active:
-                    if words[0] == ".Response":
-                        raise _ResponseReached
-                    out.append(values[words[0]])
-            elif len(words) == 2 and words[0] == "if" and words[1] in _TEMPLATE_FIELDS:
-                blocks.append((bool(values[words[1]]), False))
-            elif words == ["else"] and blocks and not blocks[-1][1]:
-                shown, _ = blocks.pop()
-                blocks.append((not shown, True))
-            elif words == ["end"] and blocks:
-                blocks.pop()
-            else:
-                raise InvalidArgumentError(
-                    f"template action {{{{ {value} }}}} is not supported: this backend renders "
-                    "{{ .System }}, {{ .Prompt }}, {{ .Response }} and {{ if .Field }} ... "
-                    "{{ else }} ... {{ end }}"
-                )
-    except _ResponseReached:
-        return "".join(out)
+    for kind, value in tokens:
+        active = all(shown for shown, _ in blocks)
+        if kind == "text":
+            if active:
+                out.append(value)
+            continue
+        words = value.split()
+        if len(words) == 1 and words[0] in _TEMPLATE_FIELDS:
+            if active and words[0] == ".Response":
+                return "".join(out)  # Ollama leaves out everything from here on
+            if active:
+                out.append(values[words[0]])
+        elif len(words) == 2 and words[0] == "if" and words[1] in _TEMPLATE_FIELDS:
+            blocks.append((bool(values[words[1]]), False))
+        elif words == ["else"] and blocks and not blocks[-1][1]:
+            shown, _ = blocks.pop()
+            blocks.append((not shown, True))
+        elif words == ["end"] and blocks:
+            blocks.pop()
+        else:
+            raise InvalidArgumentError(
+                f"template action {{{{ {value} }}}} is not supported: this backend renders "
+                "{{ .System }}, {{ .Prompt }}, {{ .Response }} and {{ if .Field }} ... "
+                "{{ else }} ... {{ end }}"
+            )
     if blocks:
         raise InvalidArgumentError("template: unexpected EOF (an {{ if }} has no {{ end }})")
     return "".join(out)
