@@ -44,7 +44,11 @@ never selects a template. :meth:`LlamaCppBackend.complete` takes any raw prompt 
 **Token texts are kept exactly as the model produces them**: an answer usually starts with a
 space (``" Paris"``) because the prompt ends with ``"A:"``. Nothing is stripped, so the
 concatenated token texts are the reply text and every token keeps its own logprob; strip the
-final answer text on the client side if needed.
+final answer text on the client side if needed. The one exception is a byte token carrying
+part of a UTF-8 character: it adds ``""`` and the token completing the character adds all
+of it, while its ``logprobs`` entry shows the token itself, as Ollama does and as the same
+token among the alternatives: its bytes (``bytes``) and their text with U+FFFD (``token``).
+The entries' ``bytes`` concatenate to the reply text's bytes.
 
 **Fast logprob path.** The model is loaded with ``logits_all=False``; the prompt is evaluated
 once, then each step reads only the last position's logits (:func:`last_logits`), computes a
