@@ -48,7 +48,8 @@ final answer text on the client side if needed. The one exception is a byte toke
 part of a UTF-8 character: it adds ``""`` and the token completing the character adds all
 of it, while its ``logprobs`` entry shows the token itself, as Ollama does and as the same
 token among the alternatives: its bytes (``bytes``) and their text with U+FFFD (``token``).
-The entries' ``bytes`` concatenate to the reply text's bytes.
+The entries' ``bytes`` concatenate to the reply text's bytes (unless the answer ends inside a
+character, whose incomplete bytes are not text).
 
 **Fast logprob path.** The model is loaded with ``logits_all=False``; the prompt is evaluated
 once, then each step reads only the last position's logits (:func:`last_logits`), computes a
