@@ -243,3 +243,108 @@ def test_a_client_that_stops_reading_a_stream_does_not_block_the_next_one():
             # Without a write timeout the lock was held for as long as the reader stalled.
             assert reply.json()["message"]["content"] == "served"
             assert time.monotonic() - started < 5
+
+
+# ---- where the server differed from ``ollama serve`` (scripted backend) -----------------------
+
+
+def test_show_reports_what_the_scripted_backend_answers(server, backend):
+    """The scripted backend answers tools requests (with the scripted tool calls), so
+    /api/show keeps reporting ["completion", "tools"]; nothing else (no "insert")."""
+    import ollama
+
+    backend.add_answer("weather", "", tool_calls=[{"name": "get_weather",
+                                                   "arguments": {"city": "Paris"}}])
+    client = ollama.Client(host=server.url)
+    assert client.show("scripted-local").capabilities == ["completion", "tools"]
+    reply = client.chat(model="scripted-local", messages=[{"role": "user", "content": "weather?"}],
+                        tools=[{"type": "function", "function": {"name": "get_weather",
+                                                                 "parameters": {}}}])
+    assert reply.message.tool_calls[0].function.name == "get_weather"
+
+
+def test_a_backend_without_capabilities_reports_completion_only(backend):
+    import ollama
+
+    class PlainBackend:  # the ChatBackend protocol alone, as a third-party backend writes it
+        def chat(self, request):
+            return backend.chat(request)
+
+        def embed(self, model, inputs):
+            return backend.embed(model, inputs)
+
+        def models(self):
+            return backend.models()
+
+    with OllamaCompatibleServer(PlainBackend()) as plain:
+        assert ollama.Client(host=plain.url).show("scripted-local").capabilities == [
+            "completion"]
+        # Its embed takes neither truncate nor client_gone: the server passes neither.
+        vectors = httpx.post(plain.url + "/api/embed", timeout=10, json={
+            "model": "scripted-local", "input": ["a", "b"], "truncate": False}).json()
+        assert len(vectors["embeddings"]) == 2
+    assert backend.embed_requests[-1] == ("scripted-local", ["a", "b"])
+
+
+def test_generate_suffix_is_refused_without_the_insert_capability(server, backend):
+    import ollama
+
+    client = ollama.Client(host=server.url)
+    with pytest.raises(ollama.ResponseError) as err:
+        client.generate(model="scripted-local", prompt="def f():", suffix="    return x")
+    assert err.value.status_code == 400
+    assert "does not support insert" in err.value.error
+    assert backend.requests == []  # refused before the backend
+
+
+def test_generate_template_reaches_the_backend_and_raw_refuses_it(server, backend):
+    import ollama
+
+    client = ollama.Client(host=server.url)
+    reply = client.generate(model="scripted-local", prompt="hi", template="<<{{ .Prompt }}>>")
+    assert reply.response == "Paris"
+    (request,) = backend.requests
+    assert request.template == "<<{{ .Prompt }}>>"
+    assert request.messages[-1]["content"] == "hi"
+    for fields in ({"template": "{{ .Prompt }}"}, {"system": "Be brief."}, {"context": [1, 2]}):
+        reply = httpx.post(server.url + "/api/generate", timeout=10, json={
+            "model": "scripted-local", "prompt": "hi", "raw": True, "stream": False, **fields})
+        assert reply.status_code == 400
+        assert reply.json()["error"] == "raw mode does not support template, system, or context"
+    assert len(backend.requests) == 1
+
+
+def test_embed_truncate_must_be_a_boolean(server, backend):
+    reply = httpx.post(server.url + "/api/embed", timeout=10, json={
+        "model": "scripted-local", "input": "a", "truncate": "no"})
+    assert reply.status_code == 400 and "truncate" in reply.json()["error"]
+    assert backend.embed_requests == []
+    # The scripted embedding has no context length: truncate false changes nothing.
+    reply = httpx.post(server.url + "/api/embed", timeout=10, json={
+        "model": "scripted-local", "input": "a " * 1000, "truncate": False})
+    assert reply.status_code == 200 and len(reply.json()["embeddings"]) == 1
+
+
+def test_logprob_entries_show_a_tokens_own_bytes_when_the_backend_gives_them(server, backend):
+    """A backend token carrying part of a character adds "" to the text; its entry shows
+    the token itself (bytes, and U+FFFD as text), as the same token among the alternatives."""
+    from confidence_router.serving.protocol import GeneratedToken
+
+    smile = "\U0001F60A".encode()
+    first = GeneratedToken("", -0.1, (("\ufffd", -0.1), ("a", -3.0)), smile[:2],
+                           (smile[:2], b"a"))
+    second = GeneratedToken("\U0001F60A", -0.2, (("\ufffd\ufffd", -0.2),), smile[2:],
+                            (smile[2:],))
+    backend.add_answer("emoji", [first, second])
+    for stream in (False, True):
+        reply = httpx.post(server.url + "/api/chat", timeout=10, json={
+            "model": "scripted-local", "messages": [{"role": "user", "content": "emoji"}],
+            "stream": stream, "logprobs": True, "top_logprobs": 2})
+        objects = [json.loads(line) for line in reply.text.splitlines() if line.strip()]
+        assert "".join(o["message"]["content"] for o in objects) == "\U0001F60A"
+        entries = [e for o in objects for e in o.get("logprobs") or ()]
+        assert [(e["token"], e["bytes"]) for e in entries] == [
+            ("\ufffd", list(smile[:2])), ("\ufffd\ufffd", list(smile[2:]))]
+        assert [(t["token"], t["bytes"]) for t in entries[0]["top_logprobs"]] == [
+            ("\ufffd", list(smile[:2])), ("a", [97])]
+        assert entries[1]["top_logprobs"][0]["bytes"] == entries[1]["bytes"]

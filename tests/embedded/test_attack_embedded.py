@@ -617,7 +617,11 @@ def test_split_characters_reassemble_and_every_token_has_a_logprob(server, backe
     assert all(len(c.logprobs or ()) == 1 for c in chunks[:-1])  # one token per chunk
     assert [(e.token, e.logprob) for e in entries] == [(e.token, e.logprob)
                                                       for e in whole.logprobs]
-    assert "".join(e.token for e in entries) == streamed
+    # A token carrying part of a character is shown as itself (U+FFFD, as Ollama), as the
+    # same token is among the alternatives (greedy: the first one); its raw bytes, which the
+    # client drops, reassemble the text (tests/embedded/test_attack_serving_leftovers.py).
+    assert all(e.token == e.top_logprobs[0].token for e in entries)
+    assert all(e.token in streamed for e in entries if "\ufffd" not in e.token)
 
 
 # ---- concurrency and disconnects --------------------------------------------------------------

@@ -44,7 +44,12 @@ never selects a template. :meth:`LlamaCppBackend.complete` takes any raw prompt 
 **Token texts are kept exactly as the model produces them**: an answer usually starts with a
 space (``" Paris"``) because the prompt ends with ``"A:"``. Nothing is stripped, so the
 concatenated token texts are the reply text and every token keeps its own logprob; strip the
-final answer text on the client side if needed.
+final answer text on the client side if needed. The one exception is a byte token carrying
+part of a UTF-8 character: it adds ``""`` and the token completing the character adds all
+of it, while its ``logprobs`` entry shows the token itself, as Ollama does and as the same
+token among the alternatives: its bytes (``bytes``) and their text with U+FFFD (``token``).
+The entries' ``bytes`` concatenate to the reply text's bytes (unless the answer ends inside a
+character, whose incomplete bytes are not text).
 
 **Fast logprob path.** The model is loaded with ``logits_all=False``; the prompt is evaluated
 once, then each step reads only the last position's logits (:func:`last_logits`), computes a
@@ -60,7 +65,11 @@ distribution), ``seed`` (a negative seed, Ollama's default -1, means none), ``nu
 (default ``max_tokens_default``; ``<= 0`` means "until the context is full") and ``stop`` (a
 string or a list; the stop text is not included in the reply, as in Ollama). Other options (``top_k``, ``top_p``, ``num_ctx``, ...) are ignored.
 Requests with ``tools``, a ``format`` or ``think`` are rejected with status 400 (a 270M base
-model can do none of them; Ollama also answers 400 "does not support tools" / "thinking").
+model can do none of them; Ollama also answers 400 "does not support tools" / "thinking"), as
+is an ``/api/generate`` ``suffix`` ("does not support insert"); ``/api/show`` reports the
+capabilities ``["completion"]``. An ``/api/generate`` ``template`` replaces the model name's
+prompt template; :func:`render_ollama_template` renders the common subset of Ollama's Go
+templates and anything else is a 400.
 """
 
 from __future__ import annotations
@@ -116,6 +125,7 @@ __all__ = [
     "log_softmax",
     "model_variant",
     "render_completion_prompt",
+    "render_ollama_template",
     "render_prompt",
     "render_raw_prompt",
     "render_trivia_prompt",
@@ -221,7 +231,8 @@ def yes_no_template(gsa_version: str) -> str:
 #: Ollama accepts ``top_logprobs`` in 0..20.
 MAX_TOP_LOGPROBS = 20
 
-# Longest input embed() reads (tokens); longer inputs are truncated.
+# The embedding context (tokens, the beginning-of-text token included): longer embed()
+# inputs are truncated, or refused with truncate=False.
 _EMBED_MAX_TOKENS = 256
 
 # Prompts of at most this many bytes per context position are tokenized without a length
@@ -429,6 +440,82 @@ def render_raw_prompt(messages: Sequence[Mapping[str, Any]]) -> str:
     return prompt
 
 
+_TEMPLATE_ACTION = re.compile(r"\{\{(-\s)?\s*(.*?)\s*(\s-)?\}\}", re.DOTALL)
+_TEMPLATE_FIELDS = (".System", ".Prompt", ".Response")
+
+
+def render_ollama_template(template: str, *, system: str, prompt: str) -> str:
+    """Render an Ollama prompt template (Go ``text/template``) for ``/api/generate``.
+
+    A subset: the fields ``{{ .System }}``, ``{{ .Prompt }}`` and ``{{ .Response }}``,
+    ``{{ if .System }}`` / ``{{ if .Prompt }}`` blocks with an optional ``{{ else }}``, and
+    ``{{-`` / ``-}}`` white-space trimming. As Ollama renders a generate prompt, everything
+    from ``{{ .Response }}`` on is left out (the model writes the response).
+
+    >>> render_ollama_template("{{ if .System }}{{ .System }}\\n{{ end }}Q: {{ .Prompt }}\\nA:",
+    ...                        system="", prompt="Capital of France?")
+    'Q: Capital of France?\\nA:'
+
+    Raises:
+        InvalidArgumentError: any other action (``range``, ``.Messages``, functions, ...) or
+            a malformed template: the caller asked for a prompt this renderer cannot make.
+    """
+    # Tokens: ("text", str) or ("action", str), with the trim markers applied to the text.
+    tokens: list[tuple[str, str]] = []
+    position = 0
+    for match in _TEMPLATE_ACTION.finditer(template):
+        text = template[position:match.start()]
+        if match.group(1):
+            text = text.rstrip()
+        if tokens and tokens[-1][0] == "trim":
+            tokens.pop()
+            text = text.lstrip()
+        tokens.append(("text", text))
+        tokens.append(("action", match.group(2)))
+        if match.group(3):
+            tokens.append(("trim", ""))
+        position = match.end()
+    tail = template[position:]
+    if tokens and tokens[-1][0] == "trim":
+        tokens.pop()
+        tail = tail.lstrip()
+    if "{{" in tail:
+        raise InvalidArgumentError(f"template: unclosed action in {tail[:40]!r}")
+    tokens.append(("text", tail))
+    values = {".System": system, ".Prompt": prompt, ".Response": ""}
+    out: list[str] = []
+    # Each open block: (whether its current branch renders, whether an else was seen).
+    blocks: list[tuple[bool, bool]] = []
+    for kind, value in tokens:
+        active = all(shown for shown, _ in blocks)
+        if kind == "text":
+            if active:
+                out.append(value)
+            continue
+        words = value.split()
+        if len(words) == 1 and words[0] in _TEMPLATE_FIELDS:
+            if active and words[0] == ".Response":
+                return "".join(out)  # Ollama leaves out everything from here on
+            if active:
+                out.append(values[words[0]])
+        elif len(words) == 2 and words[0] == "if" and words[1] in _TEMPLATE_FIELDS:
+            blocks.append((bool(values[words[1]]), False))
+        elif words == ["else"] and blocks and not blocks[-1][1]:
+            shown, _ = blocks.pop()
+            blocks.append((not shown, True))
+        elif words == ["end"] and blocks:
+            blocks.pop()
+        else:
+            raise InvalidArgumentError(
+                f"template action {{{{ {value} }}}} is not supported: this backend renders "
+                "{{ .System }}, {{ .Prompt }}, {{ .Response }} and {{ if .Field }} ... "
+                "{{ else }} ... {{ end }}"
+            )
+    if blocks:
+        raise InvalidArgumentError("template: unexpected EOF (an {{ if }} has no {{ end }})")
+    return "".join(out)
+
+
 #: The prompt templates by name. The backend serves its model under its plain name (with its
 #: ``prompt_template``) and under ``model_variant(name, template)`` for each of these.
 PROMPT_TEMPLATES: Mapping[str, PromptTemplate] = {
@@ -605,8 +692,10 @@ class _StopFilter:
                 if position >= limit:
                     break
                 if end > limit:
+                    # Cut at the stop: the entry shows what is left of it, not its own bytes.
                     token = GeneratedToken(
-                        token.text[: limit - position], token.logprob, token.top_logprobs
+                        token.text[: limit - position], token.logprob, token.top_logprobs,
+                        None, token.top_pieces,
                     )
             elif end > limit:
                 self._pending = self._pending[index:]
@@ -640,6 +729,15 @@ def _int_option(options: Mapping[str, Any], name: str) -> int | None:
     ):
         raise BackendError(f"option {name} must be an integer, got {value!r}", status=400)
     return int(value)
+
+
+def _render_request_template(template: str, messages: Sequence[Mapping[str, Any]]) -> str:
+    """An ``/api/generate`` request's own template over its system and user messages."""
+    system = "\n".join(
+        _message_text(m) for m in messages if m.get("role") == "system" and _message_text(m)
+    )
+    prompt = "".join(_message_text(m) for m in messages if m.get("role") == "user")
+    return render_ollama_template(template, system=system, prompt=prompt)
 
 
 def _stop_option(options: Mapping[str, Any]) -> list[str]:
@@ -795,6 +893,9 @@ class LlamaCppBackend:
         #: Tokens produced so far (all requests). A client that closes its stream early
         #: stops the decode loop, so this stops growing (tested through the HTTP server).
         self.generated_tokens = 0
+        #: Inputs embedded so far (all requests). A client that hangs up stops a batch
+        #: between inputs, so this stops growing (tested through the HTTP server).
+        self.embedded_inputs = 0
 
         self._lock = threading.Lock()
         # Saved KV states of earlier prompts (guarded by _lock), most recently used last.
@@ -803,7 +904,7 @@ class LlamaCppBackend:
         self._live_ends: list[int] = []
         self._embed_lock = threading.Lock()
         self._embedder: Llama | None = None
-        self._piece_cache: dict[int, str] = {}
+        self._piece_cache: dict[int, tuple[str, bytes]] = {}
         self._longest_token: int | None = None  # bytes; see _longest_token_bytes
 
         if not Path(self.model_path).is_file():
@@ -835,6 +936,18 @@ class LlamaCppBackend:
     def models(self) -> list[str]:
         """The served model names: the plain name, then one variant per prompt template."""
         return [self.model_name, *(model_variant(self.model_name, t) for t in PROMPT_TEMPLATES)]
+
+    def capabilities(self, model: str) -> list[str]:
+        """What ``/api/show`` reports for ``model``: ``["completion"]``, as Ollama reports a
+        model whose template has no tools, suffix or thinking (requests with ``tools``,
+        ``think``, images or an ``/api/generate`` ``suffix`` are refused with 400). Every
+        variant can also be used with ``/api/embed``, as any Ollama model can.
+
+        Raises:
+            BackendError: 404 for a name this backend does not serve.
+        """
+        self.template_for(model)
+        return ["completion"]
 
     def template_for(self, model: str) -> PromptTemplate:
         """The prompt template that a request for ``model`` uses (404 for an unknown name)."""
@@ -869,8 +982,13 @@ class LlamaCppBackend:
             # be confident): refuse, so a router escalates it as a local error.
             raise BackendError(f"{request.model} reads text only (the request has images)",
                                status=400)
+        if request.suffix:  # the server refuses it first: no model here lists "insert"
+            raise BackendError(f"{request.model} does not support insert", status=400)
         try:
-            prompt = template(request.messages)
+            if request.template:  # /api/generate's template replaces the model's
+                prompt = _render_request_template(request.template, request.messages)
+            else:
+                prompt = template(request.messages)
         except ValueError as exc:
             raise BackendError(str(exc), status=400) from exc
         stops = _stop_option(request.options)
@@ -901,31 +1019,67 @@ class LlamaCppBackend:
             options["seed"] = seed
         return self._reply(prompt, options, list(stop), top_logprobs)
 
-    def embed(self, model: str, inputs: Sequence[str]) -> list[list[float]]:
+    def embed(
+        self,
+        model: str,
+        inputs: Sequence[str],
+        *,
+        truncate: bool = True,
+        client_gone: Callable[[], bool] | None = None,
+    ) -> list[list[float]]:
         """L2-normalised mean-pooled embeddings (one 640-d vector per input for Gemma 3 270M).
 
         Uses a second llama.cpp instance in embedding mode, created on the first call
-        (~1 s, ~+0.6 GB RSS; it maps the same weight file). Inputs longer than 256 tokens are
-        truncated. These are mean hidden states of a small *base* LM, not a trained sentence
+        (~1 s, ~+0.6 GB RSS; it maps the same weight file). Its context is 256 tokens, the
+        beginning-of-text token included:
+        longer inputs are cut to it, or with ``truncate=False`` (``/api/embed``'s field) the
+        request is refused with 400 "the input length exceeds the context length" before
+        any input is embedded, as Ollama does. These are mean hidden states of a small
+        *base* LM, not a trained sentence
         embedding, and they are anisotropic: unrelated questions score cosine ~0.77,
         paraphrases ~0.8-0.93 (top-1 retrieval 3/5 on a paraphrase probe). Usable for
         near-duplicates and smoke tests, weak for semantic search. Cost is ~0.4-0.6 s per
         short question on one shared core: llama.cpp computes every token's logits in
         embedding mode.
+
+        ``client_gone`` (set by the HTTP server): once it returns True, the batch stops
+        before its next input (and a request still waiting for the embedder gives up) with
+        :class:`BackendError` 499, so a client that hung up does not hold the embedder.
+        :attr:`embedded_inputs` counts the inputs actually embedded.
         """
         import numpy as np
 
         self._check_model(model)
         if not inputs:
             return []
-        with self._embed_lock:
+        if not truncate:
+            llm = self._model()
+            for index, text in enumerate(inputs):
+                # As llama-cpp-python's embed tokenizes (with BOS); the vocabulary is the
+                # generation model's, and reading it needs no lock.
+                count = len(llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+                if count > _EMBED_MAX_TOKENS:
+                    raise BackendError(
+                        "the input length exceeds the context length "
+                        f"(input {index}: {count} tokens; context {_EMBED_MAX_TOKENS})", 400
+                    )
+        if not _acquire_unless_gone(self._embed_lock, client_gone):
+            raise BackendError("the client disconnected", 499)
+        try:
             embedder = self._get_embedder()
-            try:
-                # One text per decode: packing many texts into one batch was no faster
-                # here and grows llama.cpp's all-token logits buffer (+0.25 GB for 32 texts).
-                raw = [embedder.embed(text, normalize=False, truncate=True) for text in inputs]
-            except (ValueError, RuntimeError) as exc:
-                raise BackendError(f"embedding failed: {exc}") from exc
+            raw = []
+            for text in inputs:
+                if client_gone is not None and client_gone():
+                    raise BackendError("the client disconnected", 499)
+                try:
+                    # One text per decode: packing many texts into one batch was no faster
+                    # here and grows llama.cpp's all-token logits buffer (+0.25 GB for 32).
+                    raw.append(embedder.embed(text, normalize=False, truncate=True))
+                except (ValueError, RuntimeError) as exc:
+                    raise BackendError(f"embedding failed: {exc}") from exc
+                self.embedded_inputs += 1
+        finally:
+            self._embed_lock.release()
         vectors = np.asarray(raw, dtype=np.float64)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         # A zero vector cannot be normalised; leave it as is rather than divide by zero.
@@ -1229,14 +1383,15 @@ class LlamaCppBackend:
         if self._llm is not None:
             self._llm.reset()
 
-    def _piece(self, llm: Llama, token: int) -> str:
-        # Stand-alone text of one token, for top_logprobs (a partial UTF-8 byte token shows
-        # as U+FFFD here). The vocabulary is fixed, so cache it.
-        text = self._piece_cache.get(token)
-        if text is None:
-            text = llm.detokenize([token]).decode("utf-8", errors="replace")
-            self._piece_cache[token] = text
-        return text
+    def _piece(self, llm: Llama, token: int) -> tuple[str, bytes]:
+        # Stand-alone text and bytes of one token, for logprobs entries (a partial UTF-8
+        # byte token's text is U+FFFD). The vocabulary is fixed, so cache them.
+        piece = self._piece_cache.get(token)
+        if piece is None:
+            raw = llm.detokenize([token])
+            piece = (raw.decode("utf-8", errors="replace"), raw)
+            self._piece_cache[token] = piece
+        return piece
 
     def _generate(
         self,
@@ -1266,6 +1421,8 @@ class LlamaCppBackend:
             # Token pieces may split a multi-byte UTF-8 character (Gemma has byte-fallback
             # tokens): the incremental decoder keeps incomplete bytes until the rest arrive,
             # so such a token is emitted with text "" and the next one carries the character.
+            # Its logprobs entry still shows the token itself (piece: its own bytes), as the
+            # alternatives do.
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             stop_filter = _StopFilter(stops)
 
@@ -1283,14 +1440,18 @@ class LlamaCppBackend:
                     yield from stop_filter.flush()
                     return
                 self.generated_tokens += 1
-                text = decoder.decode(llm.detokenize([token]))
+                _, own = self._piece(llm, token)
+                text = decoder.decode(own)
                 top: tuple[tuple[str, float], ...] = ()
+                top_pieces: tuple[bytes, ...] = ()
                 if top_k:
-                    top = tuple(
-                        (self._piece(llm, int(i)), float(logprobs[i]))
-                        for i in top_k_indices(logprobs, top_k)
-                    )
-                yield from stop_filter.push(GeneratedToken(text, float(logprobs[token]), top))
+                    best = [int(i) for i in top_k_indices(logprobs, top_k)]
+                    pieces = [self._piece(llm, i) for i in best]
+                    top = tuple((shown, float(logprobs[i])) for (shown, _), i in zip(pieces, best))
+                    top_pieces = tuple(raw for _, raw in pieces)
+                yield from stop_filter.push(
+                    GeneratedToken(text, float(logprobs[token]), top, own, top_pieces)
+                )
                 if stop_filter.stopped:
                     reply.done_reason = "stop"
                     return
@@ -1310,16 +1471,22 @@ class LlamaCppBackend:
     def _acquire_unless_gone(self, client_gone: Callable[[], bool] | None) -> bool:
         """Take the model lock; ``False`` (without it) once ``client_gone()`` says the
         client hung up while waiting."""
-        if client_gone is None:
-            self._lock.acquire()
-            return True
-        while not self._lock.acquire(timeout=_GONE_POLL_SECONDS):
-            if client_gone():
-                return False
-        if client_gone():
-            self._lock.release()
-            return False
+        return _acquire_unless_gone(self._lock, client_gone)
+
+
+def _acquire_unless_gone(lock: threading.Lock, client_gone: Callable[[], bool] | None) -> bool:
+    """Take ``lock``; ``False`` (without it) once ``client_gone()`` says the client hung up
+    while waiting."""
+    if client_gone is None:
+        lock.acquire()
         return True
+    while not lock.acquire(timeout=_GONE_POLL_SECONDS):
+        if client_gone():
+            return False
+    if client_gone():
+        lock.release()
+        return False
+    return True
 
 
 # How often a request waiting for the model checks whether its client is still there.

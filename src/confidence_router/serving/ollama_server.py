@@ -25,11 +25,21 @@ Bodies are read as Ollama's Go decoder reads them (no ``NaN`` / ``Infinity``; a 
 surrogate escape is U+FFFD: :func:`~confidence_router.serving.http.loads_json`). Errors are ``{"error": message}`` with the status of the backend's :class:`BackendError`
 (the ``ollama`` client raises ``ResponseError`` carrying it); an error after tokens were
 streamed is sent as an ``{"error": ...}`` line (``ResponseError`` with status ``-1``).
+
+As Ollama: ``/api/show`` reports the backend's ``capabilities(model)`` (``["completion"]``
+for a backend without it); an ``/api/generate`` ``suffix`` is refused (400 "does not support
+insert") unless they list ``"insert"``; ``raw`` with a ``template``, ``system`` or
+``context`` is a 400; ``template`` reaches the backend (:attr:`ChatRequest.template`), which
+renders it or refuses it. A ``logprobs`` entry shows a token's own bytes (``bytes``, and
+their text with U+FFFD for a partial UTF-8 sequence) when the backend gives them
+(:attr:`GeneratedToken.piece`), as the same token among the alternatives. ``/api/embed``
+passes ``truncate`` and a client-gone check to a backend ``embed`` that takes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import math
 import selectors
@@ -59,6 +69,7 @@ from confidence_router.serving.protocol import (
     ChatRequest,
     GeneratedToken,
     ProtocolError,
+    backend_capabilities,
     check_message,
     model_card,
     now_iso,
@@ -95,17 +106,23 @@ _BadRequest = ProtocolError
 
 
 def _logprob_entry(token: GeneratedToken, k: int) -> dict[str, Any]:
+    # A token's own bytes when the backend gives them (a partial UTF-8 byte token adds "" to
+    # the text but is shown as itself, as the same token among the alternatives is).
+    own = token.piece if token.piece is not None else token.text.encode("utf-8")
     entry: dict[str, Any] = {
-        "token": token.text,
+        "token": own.decode("utf-8", errors="replace"),
         "logprob": token.logprob,
-        "bytes": list(token.text.encode("utf-8")),
+        "bytes": list(own),
     }
     if k > 0:
         # Ollama omits the field (omitempty) when top_logprobs is 0.
-        entry["top_logprobs"] = [
-            {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-            for text, logprob in list(token.top_logprobs)[:k]
-        ]
+        pieces = list(token.top_pieces)
+        alternatives = []
+        for i, (text, logprob) in enumerate(list(token.top_logprobs)[:k]):
+            raw = pieces[i] if i < len(pieces) else text.encode("utf-8")
+            alternatives.append({"token": raw.decode("utf-8", errors="replace"),
+                                 "logprob": logprob, "bytes": list(raw)})
+        entry["top_logprobs"] = alternatives
     return entry
 
 
@@ -231,10 +248,26 @@ class _OllamaHandler(JSONRequestHandler):
         raw = body.get("raw")
         if not isinstance(prompt, str):
             raise _BadRequest("prompt must be a string")
-        if system is not None and not isinstance(system, str):
-            raise _BadRequest("system must be a string")  # was silently dropped
+        for name in ("system", "suffix", "template"):
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise _BadRequest(f"{name} must be a string")  # was silently dropped
         if raw is not None and not isinstance(raw, bool):
             raise _BadRequest(f"raw must be true or false, got {raw!r}")
+        template = body.get("template") or None
+        context = body.get("context")
+        if context is not None and not isinstance(context, list):
+            raise _BadRequest("context must be a list of token ids")
+        if raw and (template or system or context):
+            # As Ollama: raw sends the prompt as it is, so these cannot apply (they were
+            # silently dropped).
+            raise _BadRequest("raw mode does not support template, system, or context")
+        model = body.get("model")
+        if (  # Ollama needs the model's "insert" capability (a template with .Suffix) for a
+            # suffix; answering without it would ignore the text the answer must lead to.
+            body.get("suffix") and isinstance(model, str) and model
+            and "insert" not in backend_capabilities(self.owner.backend, model)
+        ):
+            raise BackendError(f"{model} does not support insert", status=400)
         messages: list[dict[str, Any]] = []
         if isinstance(system, str) and system and not raw:  # raw: the prompt alone, as Ollama
             messages.append({"role": "system", "content": system})
@@ -243,7 +276,10 @@ class _OllamaHandler(JSONRequestHandler):
             user["images"] = body["images"]
             check_message(user, "request")  # images: a list of base64 strings
         messages.append(user)
-        request = dataclasses.replace(self._parse_generation(body, messages), raw=bool(raw))
+        request = dataclasses.replace(
+            self._parse_generation(body, messages), raw=bool(raw), template=template,
+            suffix=body.get("suffix") or None,
+        )
         self._run_generation(request, chat=False, preload=not prompt)
 
     def _client_gone(self) -> bool:
@@ -392,8 +428,30 @@ class _OllamaHandler(JSONRequestHandler):
             isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 0
         ):  # was: silently ignored, or true read as 1
             raise _BadRequest(f"dimensions must be a non-negative integer, got {dimensions!r}")
+        truncate = body.get("truncate")
+        if truncate is not None and not isinstance(truncate, bool):
+            raise _BadRequest(f"truncate must be true or false, got {truncate!r}")
         start = time.perf_counter_ns()
-        vectors = self.owner.backend.embed(model, inputs) if inputs else []
+        gone = threading.Event()
+
+        def client_gone() -> bool:
+            if self._client_gone():
+                gone.set()
+            return gone.is_set()
+
+        embed = self.owner.backend.embed
+        extra = _accepted_keywords(
+            embed, {"truncate": truncate is not False, "client_gone": client_gone}
+        )
+        try:
+            vectors = embed(model, inputs, **extra) if inputs else []
+        except BackendError:
+            if not gone.is_set():
+                raise
+            vectors = []
+        if gone.is_set():  # the backend stopped early for a client that hung up: no answer
+            self.close_connection = True
+            return
         if dimensions:
             vectors = [_truncate(v, dimensions) for v in vectors]
         self._send_json(
@@ -448,10 +506,25 @@ class _OllamaHandler(JSONRequestHandler):
                 "template": "{{ .Prompt }}",
                 "details": card["details"],
                 "model_info": {"general.architecture": "scripted", "general.parameter_count": 0},
-                "capabilities": ["completion", "tools"],
+                "capabilities": backend_capabilities(self.owner.backend, name),
                 "modified_at": card["modified_at"],
             },
         )
+
+
+def _accepted_keywords(function: Callable[..., Any], offered: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``offered`` that ``function`` takes as keyword arguments."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):  # no signature (a builtin): offer nothing
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(offered)
+    return {
+        name: value for name, value in offered.items()
+        if name in parameters and parameters[name].kind in (
+            inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    }
 
 
 def _truncate(vector: Sequence[float], dimensions: int) -> list[float]:

@@ -29,11 +29,21 @@ class GeneratedToken:
     """One generated token with its natural-log probability and the top alternatives.
 
     ``top_logprobs`` is a sequence of ``(token, logprob)`` pairs, highest first.
+
+    ``text`` is what the token adds to the reply (streamed as it is). A token whose own bytes
+    are not a whole UTF-8 text (a byte-fallback token carrying part of a character) adds
+    ``""`` and the token completing the character adds all of it; such a backend sets
+    ``piece`` to the token's own bytes (and ``top_pieces`` to each alternative's, in order),
+    so its ``logprobs`` entry shows the token as the alternatives show it: the bytes in
+    ``bytes``, their text with U+FFFD for the incomplete sequence in ``token`` (as Ollama).
+    Without them, the entries are made from ``text`` and the alternatives' texts.
     """
 
     text: str
     logprob: float
     top_logprobs: Sequence[tuple[str, float]] = ()
+    piece: bytes | None = None
+    top_pieces: Sequence[bytes] = ()
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,12 @@ class ChatRequest:
     whose model cannot think refuses a truthy value (400), as Ollama does."""
     raw: bool = False
     """``/api/generate``'s ``raw``: the prompt is sent to the model unchanged (no template)."""
+    template: str | None = None
+    """``/api/generate``'s ``template``: an Ollama (Go ``text/template``) prompt template that
+    replaces the model's; a backend that cannot render it refuses the request (400)."""
+    suffix: str | None = None
+    """``/api/generate``'s ``suffix`` (the text after the answer, fill-in-the-middle); the
+    server sends it only to a model whose capabilities list ``"insert"``."""
     client_gone: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
     """Set by the server: returns True once the client has hung up, so a backend that waits
     (injected latency, a queue for the model) or generates can stop instead of working for
@@ -88,7 +104,20 @@ class BackendError(ConfidenceRouterError):
 
 @runtime_checkable
 class ChatBackend(Protocol):
-    """A generation backend for the Ollama-compatible server."""
+    """A generation backend for the Ollama-compatible server.
+
+    Optional extensions the server uses when a backend has them:
+
+    * ``capabilities(model) -> list[str]``: what ``/api/show`` reports for ``model``, in
+      Ollama's words (``"completion"``, ``"tools"``, ``"insert"``, ``"vision"``,
+      ``"thinking"``, ``"embedding"``); without it, ``["completion"]``. An ``/api/generate``
+      request with a ``suffix`` is refused (400 "does not support insert") unless the model
+      lists ``"insert"``, as Ollama does.
+    * keyword arguments of ``embed``: ``truncate`` (``/api/embed``'s field: ``False`` asks
+      for an error instead of truncating an input longer than the model's context) and
+      ``client_gone`` (as :attr:`ChatRequest.client_gone`: a long batch stops between inputs
+      once the client has hung up). The server passes only those ``embed`` accepts.
+    """
 
     def chat(self, request: ChatRequest) -> ChatReply:
         """Answer one chat request (may raise :class:`BackendError`)."""
@@ -101,6 +130,24 @@ class ChatBackend(Protocol):
     def models(self) -> list[str]:
         """Model names listed by ``/api/tags``."""
         ...
+
+
+#: What ``/api/show`` reports for a backend without ``capabilities(model)``.
+DEFAULT_CAPABILITIES = ("completion",)
+
+
+def backend_capabilities(backend: ChatBackend, model: str) -> list[str]:
+    """The capabilities ``backend`` reports for ``model`` (see :class:`ChatBackend`).
+
+    >>> class Plain:
+    ...     pass
+    >>> backend_capabilities(Plain(), "m")  # type: ignore[arg-type]
+    ['completion']
+    """
+    report = getattr(backend, "capabilities", None)
+    if not callable(report):
+        return list(DEFAULT_CAPABILITIES)
+    return [str(capability) for capability in report(model)]
 
 
 class ProtocolError(InvalidArgumentError):

@@ -677,7 +677,8 @@ class ScriptedBackend:
         """Answer ``request`` from the rules (see the class docstring).
 
         Latency and per-token delays happen lazily while the reply's tokens are iterated, so
-        the server can send the first token as soon as it exists. Failures without
+        the server can send the first token as soon as it exists. A ``template`` (``/api/generate``)
+        is kept on the recorded request (:attr:`requests`); the answer is the scripted one. Failures without
         ``after_tokens`` raise :class:`BackendError` here (after any delay).
         """
         with self._lock:
@@ -754,6 +755,19 @@ class ScriptedBackend:
         """The configured model names."""
         with self._lock:
             return list(self._models)
+
+    def capabilities(self, model: str) -> list[str]:
+        """What ``/api/show`` reports: ``["completion", "tools"]`` (requests with ``tools``
+        are answered, with the scripted ``tool_calls``). Not ``"insert"``: the server refuses
+        an ``/api/generate`` ``suffix`` (400), as Ollama does for such a model.
+
+        Raises:
+            BackendError: 404 for an unknown model when ``strict_models``.
+        """
+        with self._lock:
+            if self.strict_models and not self._knows(model):
+                raise BackendError(f"model '{model}' not found", status=404)
+        return ["completion", "tools"]
 
     # ---- internals -------------------------------------------------------------------------
 
