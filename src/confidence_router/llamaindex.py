@@ -241,11 +241,21 @@ class ConfidenceRoutedLlamaIndexLLM(FunctionCallingLLM):
     ) -> ConfidenceRoutedLlamaIndexLLM:
         """Build the router from a settings file / environment and wrap it.
 
-        ``fields`` are this class's fields (``router_kwargs``, ``context_window``, ...).
+        ``fields`` are this class's fields (``router_kwargs``, ``context_window``, ...); any
+        other keyword goes to :meth:`ConfidenceRoutedLLM.from_settings`, where it overrides a
+        setting (``local_model``, ``threshold``, ...) or sets a router field.
 
-        Example: ``ConfidenceRoutedLlamaIndexLLM.from_settings("router.toml")``
+        Example: ``ConfidenceRoutedLlamaIndexLLM.from_settings("router.toml", threshold=0.8)``
         """
-        return cls(router=ConfidenceRoutedLLM.from_settings(path, environ=environ), **fields)
+        if "router" in fields:
+            raise RoutingConfigError(
+                "from_settings builds the router from the settings: pass settings or router "
+                "fields as keywords, or construct ConfidenceRoutedLlamaIndexLLM(router=...)"
+            )
+        own = {k: v for k, v in fields.items() if k in cls.model_fields}
+        overrides = {k: v for k, v in fields.items() if k not in cls.model_fields}
+        router = ConfidenceRoutedLLM.from_settings(path, environ=environ, **overrides)
+        return cls(router=router, **own)
 
     @classmethod
     def class_name(cls) -> str:

@@ -536,3 +536,38 @@ def test_token_counting_handler_sees_the_returned_tiers_usage(llama_settings, ll
     llm.chat([_user(KENYA)])
     assert counter.completion_llm_token_count == 4  # the cloud answer's output tokens
     assert counter.prompt_llm_token_count == 11
+
+
+# -- from_settings: settings and router overrides next to this class's own fields ------------
+
+
+def test_from_settings_takes_setting_overrides_and_its_own_fields(
+    ollama_backend, ollama_server, bedrock_server
+):
+    # Keywords that are not this class's fields were refused; they now override settings
+    # (validated as settings) or set router fields, as ConfidenceRoutedLLM.from_settings does.
+    ollama_backend.add_answer("Peru", "Lima", logprobs=-0.2)
+    llm = ConfidenceRoutedLlamaIndexLLM.from_settings(
+        environ={"CONFIDENCE_ROUTER_LOCAL_MODEL": "from-env"},
+        local_model="explicit-local", ollama_host=ollama_server.url,
+        bedrock_endpoint=bedrock_server.url, threshold=0.5, local_timeout=30,
+        context_window=2048,
+    )
+    assert (llm.router.threshold, llm.context_window) == (0.5, 2048)
+    answer = llm.chat([ChatMessage(role=MessageRole.USER, content="Capital of Peru?")])
+    assert answer.message.content == "Lima"
+    assert [r["body"]["model"] for r in ollama_server.requests_to("/api/chat")] == [
+        "explicit-local"
+    ]
+    assert bedrock_server.requests == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [({"threshold": 1.5}, "threshold"), ({"local_model": ""}, "local_model"),
+     ({"treshold": 0.9}, "threshold"), ({"router": None}, "builds the router")],
+)
+def test_from_settings_refuses_bad_overrides(fields, match, ollama_server, bedrock_server):
+    with pytest.raises(RoutingConfigError, match=match):
+        ConfidenceRoutedLlamaIndexLLM.from_settings(environ={}, **fields)
+    assert ollama_server.requests == [] and bedrock_server.requests == []
