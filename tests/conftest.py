@@ -198,3 +198,24 @@ def ollama_chat(ollama_server: OllamaCompatibleServer):
 # =============================================================================================
 # END client fixtures
 # =============================================================================================
+
+
+@pytest.fixture
+def busy_cores() -> Iterator[int]:
+    """Busy loops in other processes on every core this process may use, for the test's
+    duration (yields how many); skipped where ``/proc/stat`` cannot show them (not Linux)."""
+    import subprocess
+    import sys
+    import time
+
+    if not os.path.exists("/proc/stat") or not hasattr(os, "sched_getaffinity"):
+        pytest.skip("needs Linux /proc/stat")
+    cores = len(os.sched_getaffinity(0))
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        time.sleep(0.5)  # running before the test takes its readings
+        yield cores
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()

@@ -4,9 +4,6 @@ given to llama.cpp, and no extra thread while other processes keep every core bu
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -95,26 +92,15 @@ def test_bad_thread_counts_are_refused_before_loading(name, value):
         LlamaCppBackend("/nonexistent/model.gguf", **{name: value})
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux /proc/stat")
-def test_adaptive_batch_threads_add_none_while_every_core_is_busy():
+def test_adaptive_batch_threads_add_none_while_every_core_is_busy(busy_cores):
     # The default (n_threads_batch=None) adds a thread only for a core other processes leave
     # idle: with busy loops on every usable core, every prompt runs on n_threads.
-    cores = len(os.sched_getaffinity(0))
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-            for _ in range(cores)]
-    try:
-        time.sleep(0.5)
-        with load_embedded_backend(n_threads=1) as backend:
-            assert backend.n_threads_batch is None
-            time.sleep(0.5)  # one complete window of readings under load
-            for question in QUESTIONS[:3]:
-                list(backend.chat(ChatRequest(
-                    model="gemma3:270m", messages=[{"role": "user", "content": question}],
-                    options={"temperature": 0, "num_predict": 4},
-                )).tokens)
-            counts = dict(backend.batch_thread_counts)
-    finally:
-        for hog in hogs:
-            hog.kill()
-            hog.wait()
-    assert counts == {1: 3}
+    with load_embedded_backend(n_threads=1) as backend:
+        assert backend.n_threads_batch is None
+        time.sleep(0.5)  # one complete window of readings under load
+        for question in QUESTIONS[:3]:
+            list(backend.chat(ChatRequest(
+                model="gemma3:270m", messages=[{"role": "user", "content": question}],
+                options={"temperature": 0, "num_predict": 4},
+            )).tokens)
+        assert backend.batch_thread_counts == {1: 3}
