@@ -768,7 +768,8 @@ class LlamaCppBackend:
             generating a token). ``None`` (default) adapts per prompt: ``n_threads`` plus one
             thread for each further core that other processes left idle over the last
             quarter second (Linux ``/proc/stat``; see :mod:`confidence_router.serving.cpu`),
-            at most ``2 * n_threads``; elsewhere ``n_threads``. An int fixes it. The thread
+            at most ``2 * n_threads``; elsewhere ``n_threads``. An int fixes it (the
+            attribute may be changed between requests). The thread
             count does not change results (llama.cpp splits a batch's rows between threads;
             tested bit for bit). ``batch_thread_counts`` counts the prompts per thread count.
         max_tokens_default: answer length limit when a request sets no ``num_predict``.
@@ -878,7 +879,7 @@ class LlamaCppBackend:
         self.n_threads_batch = n_threads_batch
         #: Prompt evaluations per number of batch threads used (see ``n_threads_batch``).
         self.batch_thread_counts: dict[int, int] = {}
-        self._idle_cores = IdleCores() if n_threads_batch is None else None
+        self._idle_cores = IdleCores()  # read only while n_threads_batch is None
         self._set_batch_threads = 0  # the count last given to llama.cpp
         self.max_tokens_default = max_tokens_default
         self.model_name = model_name
@@ -1120,7 +1121,7 @@ class LlamaCppBackend:
 
         threads = self.n_threads_batch or batch_threads(
             self._threads(),
-            idle_cores=self._idle_cores.idle_cores() if self._idle_cores else None,
+            idle_cores=self._idle_cores.idle_cores(),
             max_threads=2 * self._threads(),
         )
         if threads != self._set_batch_threads:
