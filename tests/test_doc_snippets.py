@@ -777,6 +777,86 @@ def test_install_md_missing_extra_message(monkeypatch):
     assert " ".join(str(raised.value).split()) == " ".join(block.code.split())
 
 
+def _pyproject() -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _extras() -> dict[str, set[str]]:
+    """pyproject's extras, each with the extras it pulls in (``all``: every one it names)."""
+    extras = _pyproject()["project"]["optional-dependencies"]
+    return {name: {x for dep in deps
+                   for group in re.findall(r"^confidence-router\[([\w,-]+)\]", dep)
+                   for x in group.split(",")}
+            for name, deps in extras.items()}
+
+
+def test_pip_install_commands_name_real_extras():
+    text = "\n".join(p.read_text() for p in DOC_FILES)
+    named = re.findall(r'pip install (?:-e )?"?(?:confidence-router|\.)\[([\w,-]+)\]', text)
+    assert named
+    unknown = {x for group in named for x in group.split(",")} - set(_extras())
+    assert not unknown
+
+
+_README_TABLE_WRONG = (
+    "README.md 'Install' table: it lists no [proxy], [redis] or [otel] row although [all] "
+    "('all of the above') installs them, and its [eval] row names `calibrate`, which runs "
+    "without that extra (test_calibrate_runs_without_the_eval_extra); replacement in the report")
+
+
+@pytest.mark.parametrize("doc", [
+    pytest.param("README.md", marks=pytest.mark.xfail(strict=True, reason=_README_TABLE_WRONG)),
+    "docs/install.md",
+])
+def test_install_table_lists_every_extra(doc):
+    text = (ROOT / doc).read_text()
+    header = re.search(r"^\| extra \|.*\n\|[-|]+\|\n((?:\|.*\n)+)", text, re.MULTILINE)
+    assert header, f"{doc}: no extras table"
+    rows = {}
+    for row in header[1].splitlines():
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        names = re.findall(r"`\[?([\w-]+)\]?`", cells[0])
+        for name in names:
+            rows[name] = cells
+    extras = _extras()
+    assert set(extras) - {"dev"} <= set(rows), sorted(set(extras) - set(rows))
+    # "all of the above": the rows above it, aliases and dev aside, are what [all] installs.
+    order = list(rows)
+    above = {n for n in order[:order.index("all")] if not extras.get(n)}
+    assert above == extras["all"]
+    eval_needed_for = rows["eval"][2]
+    assert "calibrate" not in eval_needed_for  # the core runs it
+
+
+def test_calibrate_runs_without_the_eval_extra(monkeypatch, tmp_path, capsys):
+    # README's calibrate command on an evaluation run, with the [eval] packages unimportable.
+    import sqlite3
+    import sys
+
+    from confidence_router.cli import main
+    from confidence_router.extraction import TokenLogprob, encode_tokens
+
+    for module in ("sklearn", "matplotlib", "tqdm"):
+        monkeypatch.setitem(sys.modules, module, None)
+    db = tmp_path / "runs.sqlite"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("CREATE TABLE results (item_id TEXT, position INTEGER, correct INTEGER, "
+                     "confidence REAL, min_confidence REAL, error TEXT, extras TEXT NOT NULL "
+                     "DEFAULT '{}', cloud_correct INTEGER, cloud_error TEXT, tokens BLOB)")
+        conn.executemany(
+            "INSERT INTO results (item_id, position, correct, tokens) VALUES (?, ?, ?, ?)",
+            [(str(i), i, int(i % 3 == 0), encode_tokens([TokenLogprob("x", -i / 10, ())]))
+             for i in range(20)])
+        conn.commit()
+    (argv,) = [cmd for _, cmd in CLI_COMMANDS if cmd[1] == "calibrate" and "--fit" not in cmd]
+    assert main([arg.replace("runs.sqlite", str(db)) for arg in argv[1:]]) == 0
+    assert "threshold" in capsys.readouterr().out
+
+
 #: Dotted names in the docs that start with ``confidence_router.`` but are not Python objects
 #: (OpenTelemetry span and metric names, a proxy error's ``param``).
 NOT_PYTHON_NAMES = {"confidence_router.route", "confidence_router.calls",
@@ -850,11 +930,7 @@ CLI_COMMANDS = [(b, cmd) for b, cmd in SHELL_COMMANDS if cmd[0] == "confidence-r
 
 
 def test_the_console_script_is_the_cli():
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    scripts = _pyproject()["project"]["scripts"]
     assert scripts["confidence-router"] == "confidence_router.cli:main"
     assert CLI_COMMANDS  # the docs do show some
 
