@@ -283,7 +283,8 @@ def scenario_decision(ctx: Ctx) -> None:
     block = find_block(*DECISION)
     line = line_of(block, 'routing["decision"], routing["reason"], routing["confidence"]')
     documented = ast.literal_eval(block.comment(line))  # ('cloud', 'low_confidence', 0.41)
-    # Script the local answer to score the documented confidence: it must then escalate.
+    # 0.41 is the doc's example value: the local answer is scripted to score it, and the
+    # rest of the tuple must follow from it (below the 0.7 threshold: cloud, low_confidence).
     ctx.ollama.add_answer("president of Kenya", "Jomo Kenyatta", logprobs=lp_for(documented[2]))
     ctx.bedrock.add_answer("president of Kenya", "Daniel arap Moi")
     ctx.run(block)
@@ -855,6 +856,43 @@ def test_calibrate_runs_without_the_eval_extra(monkeypatch, tmp_path, capsys):
     (argv,) = [cmd for _, cmd in CLI_COMMANDS if cmd[1] == "calibrate" and "--fit" not in cmd]
     assert main([arg.replace("runs.sqlite", str(db)) for arg in argv[1:]]) == 0
     assert "threshold" in capsys.readouterr().out
+
+
+def _table(doc: str, header: str) -> list[list[str]]:
+    """The body rows (cells, stripped) of the markdown table of ``doc`` whose header row
+    starts with ``header``."""
+    text = (ROOT / doc).read_text()
+    found = re.search(rf"^{re.escape(header)}.*\n\|[-| :]+\|\n((?:\|.*\n)+)", text, re.MULTILINE)
+    assert found, f"{doc}: no table starting {header!r}"
+    return [[c.strip() for c in row.strip().strip("|").split("|")]
+            for row in found[1].splitlines()]
+
+
+def test_knob_table_defaults_are_the_routers():
+    from confidence_router import ConfidenceRoutedLLM
+    from confidence_router.policy import DEFAULT_POLICY
+
+    rows = _table("README.md", "| knob | default |")
+    documented = {row[0].strip("`"): ast.literal_eval(row[1].strip("`")) for row in rows}
+    assert set(documented) == set(vars(DEFAULT_POLICY)), sorted(documented)
+    for knob, default in documented.items():
+        assert getattr(DEFAULT_POLICY, knob) == default, knob
+        assert ConfidenceRoutedLLM.model_fields[knob].default == default, knob
+
+
+def test_routing_record_table_names_every_reason():
+    from confidence_router import Reason
+
+    (row,) = [r for r in _table("README.md", "| key | meaning |") if r[0] == "`reason`"]
+    listed = re.findall(r"`(\w+)`", row[1].split(":", 1)[1])
+    assert listed == list(Reason.ALL)
+
+
+def test_signals_table_names_every_router_signal():
+    from confidence_router.signals import SIGNAL_SCORERS
+
+    rows = _table("docs/signals.md", "| name | score | needs |")
+    assert {row[0].strip("`") for row in rows} == set(SIGNAL_SCORERS)
 
 
 #: Dotted names in the docs that start with ``confidence_router.`` but are not Python objects
