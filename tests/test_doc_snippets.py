@@ -734,11 +734,6 @@ def test_listed_blocks_still_compile():
             ast.parse(block.code, filename=block.id)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "README.md production block (L435): the comment on cloud_retry=RetryPolicy(max_attempts=3) "
-    "says 'throttling/5xx/timeouts only', but RetryPolicy's default retry_on also retries "
-    "dropped connections (ErrorKind.DISCONNECTED, a request that may have run and been billed), "
-    "unlike the router's default cloud_retry; fix the comment (see the report)"))
 def test_readme_production_retry_comment_says_what_is_retried():
     from botocore.exceptions import ConnectionClosedError
 
@@ -803,14 +798,8 @@ def test_pip_install_commands_name_real_extras():
     assert not unknown
 
 
-_README_TABLE_WRONG = (
-    "README.md 'Install' table: it lists no [proxy], [redis] or [otel] row although [all] "
-    "('all of the above') installs them, and its [eval] row names `calibrate`, which runs "
-    "without that extra (test_calibrate_runs_without_the_eval_extra); replacement in the report")
-
-
 @pytest.mark.parametrize("doc", [
-    pytest.param("README.md", marks=pytest.mark.xfail(strict=True, reason=_README_TABLE_WRONG)),
+    "README.md",
     "docs/install.md",
 ])
 def test_install_table_lists_every_extra(doc):
