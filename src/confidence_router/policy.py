@@ -157,7 +157,12 @@ def unknown_names_message(unknown: Any, known: Any, *, what: str) -> str:
 
 @dataclass(frozen=True)
 class Decision:
-    """Whether to escalate, why, and the score the decision was based on."""
+    """Whether to escalate, why, and the score the decision was based on.
+
+    >>> from confidence_router.signals import compute_signals
+    >>> decide_after_generation(RoutingPolicy(threshold=0.7), compute_signals([-2.0, -1.5]))
+    Decision(escalate=True, reason='low_confidence', score=0.32324104508407026)
+    """
 
     escalate: bool
     reason: str

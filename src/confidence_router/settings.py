@@ -88,6 +88,15 @@ class RouterSettings:
     """Everything needed to build a :class:`ConfidenceRoutedLLM` from plain values.
 
     Invalid values raise :class:`~confidence_router.errors.RoutingConfigError` at construction.
+
+    >>> settings = RouterSettings(local_model="llama3.2:1b", threshold=0.8, cloud_model=None)
+    >>> settings.policy().threshold
+    0.8
+    >>> RouterSettings.from_mapping({"threshold": "0.9"}).threshold  # strings as in files
+    0.9
+
+    ``ConfidenceRoutedLLM.from_settings(settings)`` builds the router;
+    :meth:`load` reads a TOML/JSON file and ``CONFIDENCE_ROUTER_*`` variables.
     """
 
     local_model: str = DEFAULT_LOCAL_MODEL

@@ -44,7 +44,19 @@ _DECISIONS = ("local", "cloud")
 @runtime_checkable
 class StatsSink(Protocol):
     """Anything that consumes routing records. Must be cheap and must not raise on a record
-    with missing fields (records differ by path: pre-check, local failure, cloud failure)."""
+    with missing fields (records differ by path: pre-check, local failure, cloud failure).
+
+    A class with a ``record(routing)`` method is one; pass it as the router's ``stats``::
+
+        class Decisions:
+            def __init__(self) -> None:
+                self.seen: list[str] = []
+
+            def record(self, routing) -> None:
+                self.seen.append(routing.get("decision", "?"))
+
+        router = ConfidenceRoutedLLM(local=local, cloud=cloud, stats=Decisions())
+    """
 
     def record(self, routing: Mapping[str, Any]) -> None:
         """Consume one finished routing record."""
