@@ -57,11 +57,16 @@ def test_raw_generate_is_a_request_field(
 ) -> None:
     ollama_backend.add_answer("sky", " blue")
     client = ollama.Client(host=ollama_server.url)
-    reply = client.generate(model=MODEL, prompt="The sky is", system="Be brief.", raw=True)
+    reply = client.generate(model=MODEL, prompt="The sky is", raw=True)
     assert reply.response == " blue"
     (request,) = ollama_backend.requests
     assert request.raw is True
-    assert [m["role"] for m in request.messages] == ["user"]  # raw: no system prompt (Ollama)
+    assert [m["role"] for m in request.messages] == ["user"]
+    # raw with a system prompt: Ollama refuses the combination (it was dropped silently).
+    with pytest.raises(ollama.ResponseError, match="raw mode does not support") as caught:
+        client.generate(model=MODEL, prompt="The sky is", system="Be brief.", raw=True)
+    assert caught.value.status_code == 400
+    assert len(ollama_backend.requests) == 1
     response = _post(ollama_server, "/api/generate",
                      b'{"model": "scripted-local", "prompt": "x", "raw": "yes"}')
     assert response.status_code == 400
