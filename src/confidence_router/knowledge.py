@@ -58,6 +58,7 @@ import numbers
 import os
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -269,22 +270,31 @@ def _loop_embeddings(embeddings: Any) -> Any:
     ``OllamaEmbeddings`` keeps one httpx ``AsyncClient``, whose connections are bound to the
     loop that opened them: after that loop closed (a second ``asyncio.run()``), every async
     search failed with "Event loop is closed". It gets a copy per loop, built once and kept
-    on the loop object (so it goes away with the loop). Other embedders are used as given.
+    on the loop object (so it goes away with the loop). The entry refers to the embedder
+    weakly: once the embedder is gone (a store made per request on a server's long-lived
+    loop), so is its copy, with its HTTP clients. Other embedders are used as given.
     """
     if type(embeddings).__name__ != "OllamaEmbeddings" or not hasattr(embeddings, "model_validate"):
         return embeddings
     loop = asyncio.get_running_loop()
-    copies: dict[int, tuple[Any, Any]] | None = getattr(loop, _LOOP_ATTRIBUTE, None)
+    copies: dict[int, tuple[weakref.ref[Any], Any]] | None = getattr(loop, _LOOP_ATTRIBUTE, None)
     if copies is None:
         copies = {}
         try:
             setattr(loop, _LOOP_ATTRIBUTE, copies)
         except AttributeError:  # a loop class with __slots__: no caching on it
             return _rebuilt(embeddings)
-    entry = copies.get(id(embeddings))
-    if entry is None or entry[0] is not embeddings:
-        entry = (embeddings, _rebuilt(embeddings))
-        copies[id(embeddings)] = entry
+    key = id(embeddings)
+    entry = copies.get(key)
+    if entry is None or entry[0]() is not embeddings:
+
+        def forget(ref: weakref.ref[Any], copies: dict[int, Any] = copies) -> None:
+            # Only this entry: a later embedder may have been given the same id.
+            if copies.get(key, (None,))[0] is ref:
+                del copies[key]
+
+        entry = (weakref.ref(embeddings, forget), _rebuilt(embeddings))
+        copies[key] = entry
     return entry[1]
 
 
