@@ -24,6 +24,7 @@ import json
 import operator
 import re
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -679,12 +680,21 @@ def per_loop(model: Any) -> Any:
             setattr(loop, _LOOP_ATTRIBUTE, copies)
         except AttributeError:  # a loop class with __slots__: no caching on it
             return _rewrap(model, _rebuild(unwrap(model)))
-    key = id(model)
+    # Keyed by the ChatOllama itself, not by its binding: bind_tools / with_structured_output
+    # make a new binding per call around the same model (the proxy binds per request). The
+    # entry refers to it weakly: a model made per request takes its copy along when it goes.
+    inner = unwrap(model)
+    key = id(inner)
     entry = copies.get(key)
-    if entry is None or entry[0] is not model:
-        entry = (model, _rewrap(model, _rebuild(unwrap(model))))
+    if entry is None or entry[0]() is not inner:
+
+        def forget(ref: weakref.ref[Any], copies: dict[int, Any] = copies) -> None:
+            if copies.get(key, (None,))[0] is ref:  # not a later model given the same id
+                del copies[key]
+
+        entry = (weakref.ref(inner, forget), _rebuild(inner))
         copies[key] = entry
-    return entry[1]
+    return _rewrap(model, entry[1])
 
 
 def bind_tools(model: Any, tools: Sequence[Any], kwargs: dict[str, Any]) -> Any:

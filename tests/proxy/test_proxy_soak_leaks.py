@@ -13,7 +13,6 @@ import gc
 import os
 
 import httpx
-import pytest
 
 from confidence_router import ConfidenceRoutedLLM
 
@@ -41,12 +40,6 @@ def _body(i: int) -> dict:
     return body
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tier_clients.per_loop keys its per-loop ChatOllama copies by id(binding): each "
-    "request with tools / a JSON schema binds anew (router.bind_tools) and leaves one copy, "
-    "with new httpx clients and a kept-alive socket, on the server's loop for ever",
-)
 def test_requests_with_tools_or_a_schema_do_not_pile_up_clients(
     ollama_chat, ollama_backend, ollama_server, serve_proxy
 ):

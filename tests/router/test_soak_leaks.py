@@ -149,13 +149,6 @@ def test_a_mixed_workload_returns_threads_fds_tasks_and_objects_to_the_baseline(
     assert all(len(window) <= 20 for window in stats._latency.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tier_clients.per_loop caches one rebuilt ChatOllama (with new httpx clients and a "
-    "kept-alive socket) per *binding* object on the loop, keyed by id(binding): every "
-    "bind_tools / with_structured_output call (the proxy and the LlamaIndex wrapper bind "
-    "tools per request) adds one entry that lives as long as the loop",
-)
 async def test_per_call_tool_bindings_do_not_pile_up_clients_on_a_long_lived_loop(
     ollama_chat, ollama_backend, ollama_server
 ):
@@ -180,12 +173,6 @@ async def test_per_call_tool_bindings_do_not_pile_up_clients_on_a_long_lived_loo
     assert _fds() <= fds + SLACK
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tier_clients.per_loop's entry on the loop holds the ChatOllama strongly: a router "
-    "(and its ChatOllama) made per request on a long-lived loop stays alive, with its copy, "
-    "their httpx clients and a kept-alive socket, for as long as the loop runs",
-)
 async def test_routers_made_per_request_leave_no_clients_on_the_loop(
     ollama_chat, ollama_backend, ollama_server
 ):
