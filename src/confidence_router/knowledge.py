@@ -58,7 +58,6 @@ import numbers
 import os
 import re
 import threading
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -66,6 +65,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from confidence_router._extras import require_extra
+from confidence_router._loop_cache import per_loop_copy
 from confidence_router.errors import (
     ConfidenceRouterError,
     InvalidArgumentError,
@@ -276,26 +276,7 @@ def _loop_embeddings(embeddings: Any) -> Any:
     """
     if type(embeddings).__name__ != "OllamaEmbeddings" or not hasattr(embeddings, "model_validate"):
         return embeddings
-    loop = asyncio.get_running_loop()
-    copies: dict[int, tuple[weakref.ref[Any], Any]] | None = getattr(loop, _LOOP_ATTRIBUTE, None)
-    if copies is None:
-        copies = {}
-        try:
-            setattr(loop, _LOOP_ATTRIBUTE, copies)
-        except AttributeError:  # a loop class with __slots__: no caching on it
-            return _rebuilt(embeddings)
-    key = id(embeddings)
-    entry = copies.get(key)
-    if entry is None or entry[0]() is not embeddings:
-
-        def forget(ref: weakref.ref[Any], copies: dict[int, Any] = copies) -> None:
-            # Only this entry: a later embedder may have been given the same id.
-            if copies.get(key, (None,))[0] is ref:
-                del copies[key]
-
-        entry = (weakref.ref(embeddings, forget), _rebuilt(embeddings))
-        copies[key] = entry
-    return entry[1]
+    return per_loop_copy(embeddings, _LOOP_ATTRIBUTE, _rebuilt)
 
 
 def _rebuilt(embeddings: Any) -> Any:

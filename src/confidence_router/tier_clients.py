@@ -18,13 +18,11 @@ streamed chunks and by asyncio cancellation only).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import operator
 import re
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +32,7 @@ from langchain_core.runnables.base import RunnableBindingBase
 from langchain_core.runnables.fallbacks import RunnableWithFallbacks
 from langchain_core.runnables.retry import RunnableRetry
 
+from confidence_router._loop_cache import per_loop_copy
 from confidence_router.errors import EscalationBlockedError, RoutingConfigError
 from confidence_router.signals import NEEDS_TOP_LOGPROBS
 
@@ -666,35 +665,15 @@ def per_loop(model: Any) -> Any:
     """``model`` with async HTTP clients usable on the running event loop.
 
     An httpx ``AsyncClient`` keeps connections bound to the loop that opened them; after that
-    loop closes (a second ``asyncio.run()``), they fail. ``ChatOllama`` copies get fresh
-    clients per loop, created once per loop and kept on the loop object itself, so they go
-    away with it (a weak mapping would never drop them: the client refers to its loop).
+    loop closes (a second ``asyncio.run()``), they fail. The ``ChatOllama`` inside ``model``
+    gets a copy with fresh clients per loop (:func:`~confidence_router._loop_cache.
+    per_loop_copy`), keyed by the ChatOllama itself rather than its binding:
+    ``bind_tools`` / ``with_structured_output`` make a new binding per call around the same
+    model (the proxy binds per request), which must not add a copy each.
     """
     if not is_ollama(model):
         return model
-    loop = asyncio.get_running_loop()
-    copies = getattr(loop, _LOOP_ATTRIBUTE, None)
-    if copies is None:
-        copies = {}
-        try:
-            setattr(loop, _LOOP_ATTRIBUTE, copies)
-        except AttributeError:  # a loop class with __slots__: no caching on it
-            return _rewrap(model, _rebuild(unwrap(model)))
-    # Keyed by the ChatOllama itself, not by its binding: bind_tools / with_structured_output
-    # make a new binding per call around the same model (the proxy binds per request). The
-    # entry refers to it weakly: a model made per request takes its copy along when it goes.
-    inner = unwrap(model)
-    key = id(inner)
-    entry = copies.get(key)
-    if entry is None or entry[0]() is not inner:
-
-        def forget(ref: weakref.ref[Any], copies: dict[int, Any] = copies) -> None:
-            if copies.get(key, (None,))[0] is ref:  # not a later model given the same id
-                del copies[key]
-
-        entry = (weakref.ref(inner, forget), _rebuild(inner))
-        copies[key] = entry
-    return _rewrap(model, entry[1])
+    return _rewrap(model, per_loop_copy(unwrap(model), _LOOP_ATTRIBUTE, _rebuild))
 
 
 def bind_tools(model: Any, tools: Sequence[Any], kwargs: dict[str, Any]) -> Any:
