@@ -49,7 +49,7 @@ from typing import Any
 
 from langchain_ollama import ChatOllama
 
-from confidence_router.early_exit import early_exit_index, should_exit_early
+from confidence_router.early_exit import EXACT_SIGNALS, early_exit_index, should_exit_early
 from confidence_router.embedded import DEFAULT_MODEL_NAME, start_embedded_server
 from confidence_router.evaluation.datasets import load_dataset
 from confidence_router.gsa import GSA_V2_QUESTION_LAST_VERSION, GSA_V2_VERSION, GSA_VERSIONS
@@ -274,6 +274,9 @@ def main_section(args: argparse.Namespace) -> None:
         ("mean_min", "bound, no cap", lambda n, k: None),
         ("mean_min", "bound, true cap", lambda n, k: args.max_tokens - k),
         ("mean_min", "horizon 2 tokens", lambda n, k: 2),
+        # Exact like the minimum: the sums can only fall as tokens arrive.
+        ("sum_logprob", "exact", lambda n, k: None),
+        ("sum_min", "exact", lambda n, k: None),
     ]
     for signal, label, remaining in rules:
         simulate(answers, signal, label, remaining, args.threshold)
@@ -332,7 +335,8 @@ def simulate(answers: list[Answer], signal: str, label: str, remaining: Any,
             saved_tokens += n - exit_at
             saved_decode += answer.total_s - answer.token_times[exit_at - 1]
             saved_total += answer.total_s - answer.token_times[exit_at - 1]
-    if signal == "min_logprob":  # the exact rule; early_exit_index is the same replay
+    if signal in EXACT_SIGNALS and signal != "mean_logprob":  # exact without a cap: the
+        # replay must never change a decision (early_exit_index is the same replay)
         assert all(
             (early_exit_index(signal, threshold, a.logprobs) is not None)
             <= escalates(signal, threshold, a.logprobs) for a in answers if a.logprobs
