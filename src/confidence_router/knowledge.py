@@ -41,6 +41,10 @@ Design notes:
   (strip, casefold, collapse whitespace), so re-adding a question updates the entry.
 * The embedding dimension is recorded in the collection metadata and checked before Chroma
   sees a vector, so mixing embedders fails with :class:`EmbeddingDimensionError`.
+* Chroma operations run in a few reused daemon threads per store (at most
+  ``MAX_OVERDUE_OPERATIONS + 4``; idle ones exit after a minute, on :meth:`KnowledgeStore.close`
+  or when the store is garbage-collected), so that one past ``timeout`` can be abandoned:
+  Chroma's HTTP client cannot be cancelled.
 * Not implemented from the paper's store: validity intervals (``valid_from``/``valid_to``)
   and the per-entry ``confidence``; delete an entry to retire it.
 """
@@ -58,6 +62,7 @@ import numbers
 import os
 import re
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -477,9 +482,12 @@ class _Workers:
             self._lock.notify_all()
             idle = [t for t in self._threads if t not in self._busy]
         if wait:
+            # They only have to take the lock and return. Bounded all the same: one that was
+            # just started for a queued call may be running it against a hung Chroma.
+            deadline = time.monotonic() + 5.0
             for thread in idle:
                 if thread is not threading.current_thread():
-                    thread.join(timeout=5.0)  # they only have to take the lock and return
+                    thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 class KnowledgeStore:

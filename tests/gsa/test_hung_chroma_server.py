@@ -11,6 +11,9 @@ import asyncio
 import math
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -272,6 +275,43 @@ def test_a_copy_made_while_operations_are_overdue_recovers_with_the_store(
         os.kill(chroma_server.pid, signal.SIGCONT)
     assert _recovered(store) == 1
     assert copy.count() == 1
+
+
+def test_a_hung_server_does_not_hold_the_interpreter_at_exit(store, chroma_server,
+                                                            ollama_server):
+    """The workers are daemon threads (a ``ThreadPoolExecutor``'s are joined at exit): a
+    process whose Chroma operation is still hanging exits (a real subprocess)."""
+    import confidence_router
+
+    script = textwrap.dedent(f"""
+        import os, signal
+        import chromadb
+        from chromadb.config import Settings
+        from langchain_ollama import OllamaEmbeddings
+        from confidence_router.knowledge import KnowledgeStore, KnowledgeStoreError
+
+        client = chromadb.HttpClient(host={chroma_server.host!r}, port={chroma_server.port},
+                                     settings=Settings(anonymized_telemetry=False))
+        store = KnowledgeStore(OllamaEmbeddings(base_url={ollama_server.url!r},
+                                                model="scripted-local"),
+                               client=client, collection="hung", timeout={TIMEOUT})
+        print("count", store.count(), flush=True)
+        os.kill({chroma_server.pid}, signal.SIGSTOP)
+        try:
+            store.count()
+        except KnowledgeStoreError as error:
+            print("timed out:", error.__cause__, flush=True)
+    """)
+    env = dict(os.environ,
+               PYTHONPATH=str(Path(confidence_router.__file__).resolve().parents[1]))
+    try:
+        done = subprocess.run([sys.executable, "-c", script], check=False, env=env,
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        os.kill(chroma_server.pid, signal.SIGCONT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [
+        "count 1", f"timed out: Chroma did not answer within {TIMEOUT:g} s"]
 
 
 def test_a_healthy_server_is_unaffected_by_the_timeout(store, chroma_server):
