@@ -14,9 +14,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from confidence_router import commands
@@ -84,14 +85,37 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"confidence-router serve: error: {_describe_bind_error(host, args.port, error)}",
               file=sys.stderr)
         return 2
-    with server:
+    with server, _sigterm_as_interrupt():
         print(f"Ollama-compatible server with the embedded model at {server.url} "
               "(model 'gemma3:270m'; Ctrl-C stops)", flush=True)
         try:
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the normal way to stop a server
             return 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (``kill``, ``docker stop``, systemd) raises KeyboardInterrupt
+    like Ctrl-C does, so that a server stops the same way (cleanly, exit 0) for both; the
+    default SIGTERM action killed the process without stopping the server or freeing the model.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _port_problem(host: str, port: int) -> str | None:
@@ -100,11 +124,18 @@ def _port_problem(host: str, port: int) -> str | None:
 
     if not 0 <= port <= 65535:
         return f"--port must be between 0 and 65535 (0 picks a free port), got {port}"
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    try:
+        # The address family follows the host (an IPv6 address such as ::1, a host name).
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (OSError, UnicodeError) as error:
+        reason = getattr(error, "strerror", None) or error
+        return f"cannot listen on {host}:{port}: unknown host or address ({reason})"
+    with socket.socket(family, kind, proto) as probe:
         # The server sets SO_REUSEADDR too, so a port in TIME_WAIT is not reported as busy.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind((host, port))
+            probe.bind(address)
         except OSError as error:
             return _describe_bind_error(host, port, error)
     return None
@@ -200,8 +231,12 @@ def _calibrate_checked(args: argparse.Namespace) -> int:
         print(f"target not reachable: {result.note}")
     else:
         print(f"threshold {values['threshold']}  (signal {signal}, n={result.n})")
+        accuracy = result.expected_accuracy
+        # None when nothing is kept local (--target-rate 1: every row escalates).
+        accuracy_text = "n/a" if accuracy is None else f"{accuracy:.3f}"
+        kind = f" ({result.accuracy_kind})" if result.accuracy_kind else ""
         print(f"expected call rate {result.expected_call_rate:.3f}, "
-              f"expected accuracy {result.expected_accuracy:.3f} ({result.accuracy_kind})")
+              f"expected accuracy {accuracy_text}{kind}")
         if result.note:
             print(result.note)
     return 0 if result.reachable else 1
@@ -221,7 +256,17 @@ def _proxy(args: argparse.Namespace) -> int:
     """Serve the routing proxy (needs the 'proxy' extra)."""
     from confidence_router.proxy import serve
 
-    serve(host=args.host, port=args.port, workers=args.workers, settings_path=args.config)
+    # Before uvicorn starts: a busy or impossible port (or host) is one line, not uvicorn's
+    # startup log and exit code 3, and --port 70000 is not served on 70000 - 65536.
+    problem = _port_problem(args.host, args.port)
+    if problem is not None:
+        print(f"confidence-router proxy: error: {problem}", file=sys.stderr)
+        return 2
+    with _sigterm_as_interrupt():
+        # One worker: uvicorn shuts down gracefully on SIGTERM, then re-raises it, which
+        # killed the process (exit -15, where --workers 2 and Ctrl-C exit 0); raised as
+        # KeyboardInterrupt it ends uvicorn.run normally.
+        serve(host=args.host, port=args.port, workers=args.workers, settings_path=args.config)
     return 0
 
 
@@ -340,6 +385,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfidenceRouterError, ImportError, FileNotFoundError, ValueError) as error:
         print(f"confidence-router {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C during a demo, an eval, or while serve loads its model: one line, the
+        # shell's convention for "interrupted" (128 + SIGINT), not a traceback.
+        print(f"confidence-router {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

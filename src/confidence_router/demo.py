@@ -92,8 +92,15 @@ def ollama_serves(host: str, model: str, timeout: float = 0.5) -> bool:
             tags = json.load(reply)
     except (OSError, ValueError):
         return False
-    names = {m.get("name") for m in tags.get("models", [])} | {
-        m.get("model") for m in tags.get("models", [])
+    # Something else may answer on the port (another service's JSON): not an Ollama serving
+    # ``model``, rather than an AttributeError from the demo.
+    models = tags.get("models") if isinstance(tags, dict) else None
+    if not isinstance(models, list):
+        return False
+    names = {
+        entry[key]
+        for entry in models if isinstance(entry, dict)
+        for key in ("name", "model") if isinstance(entry.get(key), str)
     }
     return model in names or f"{model}:latest" in names
 
@@ -213,26 +220,30 @@ def run_demo(
     with available_backends(settings, out=out) as backends:
         settings = backends.settings
         router = backends.router()
-        for i, (question, gold) in enumerate(questions, 1):
-            if progress:
-                print(f"\rrouting {i}/{len(questions)}", end="", file=sys.stderr, flush=True)
-            message = router.invoke(question)
-            routing = message.response_metadata["routing"]
-            answer = message.text.strip()
-            rows.append(
-                DemoRow(
-                    question=question,
-                    answer=answer,
-                    correct=is_correct(answer, gold),
-                    decision=routing["decision"],
-                    reason=routing["reason"],
-                    confidence=routing["confidence"],
-                    would_escalate=routing["would_escalate"],
-                    local_answer=routing.get("local_answer", answer),
+        try:
+            for i, (question, gold) in enumerate(questions, 1):
+                if progress:
+                    print(f"\rrouting {i}/{len(questions)}", end="", file=sys.stderr, flush=True)
+                message = router.invoke(question)
+                routing = message.response_metadata["routing"]
+                answer = message.text.strip()
+                rows.append(
+                    DemoRow(
+                        question=question,
+                        answer=answer,
+                        correct=is_correct(answer, gold),
+                        decision=routing["decision"],
+                        reason=routing["reason"],
+                        confidence=routing["confidence"],
+                        would_escalate=routing["would_escalate"],
+                        local_answer=routing.get("local_answer", answer),
+                    )
                 )
-            )
-        if progress:
-            print(file=sys.stderr)
+        finally:
+            # Also when a question fails or Ctrl-C stops it: the error line that follows
+            # starts on a line of its own, not glued to "routing 3/12".
+            if progress:
+                print(file=sys.stderr, flush=True)
     print_table(rows, settings.threshold, has_cloud=bool(settings.cloud_model), out=out)
     return rows
 
