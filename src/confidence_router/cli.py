@@ -191,8 +191,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     except (OSError, sqlite3.Error, LookupError) as error:
         # Files the user named (--out in a missing place, a locked database): one line, not a
         # traceback. Library errors (ValueError, ConfidenceRouterError) are main()'s.
-        if isinstance(error, FileNotFoundError):
-            raise
+        if isinstance(error, (FileNotFoundError, BrokenPipeError)):
+            raise  # main()'s: a missing database is one line; a closed stdout is quiet
         text = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"confidence-router calibrate: error: {' '.join(str(text).split())}",
               file=sys.stderr)
@@ -377,6 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``confidence-router`` script."""
     args = build_parser().parse_args(argv)
     run = commands.COMMANDS[args.command].run
+    _replace_unencodable_output()
     try:
         # A misspelt CONFIDENCE_ROUTER_* variable is an error for every command, not only
         # for those that build a router (eval reads CONFIDENCE_ROUTER_DATA_DIR, ...).
@@ -390,6 +391,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         # shell's convention for "interrupted" (128 + SIGINT), not a traceback.
         print(f"confidence-router {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `confidence-router demo | head -3`: the reader left; stop quietly, as cat or grep
+        # do (128 + SIGPIPE), rather than a traceback. stdout goes to /dev/null so that the
+        # interpreter's final flush does not fail again.
+        _stdout_to_devnull()
+        return 141
+
+
+def _stdout_to_devnull() -> None:
+    import os
+
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _replace_unencodable_output() -> None:
+    """On a terminal or pipe whose encoding is not UTF-8 (PYTHONIOENCODING=ascii, a legacy
+    Windows console), write characters it cannot encode as ``?`` instead of failing the
+    command with UnicodeEncodeError after its work is done (a model's answer may hold any
+    character)."""
+    import io
+
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if isinstance(stream, io.TextIOWrapper) and encoding not in ("utf8", "utf8sig"):
+            with contextlib.suppress(ValueError, io.UnsupportedOperation):
+                stream.reconfigure(errors="replace")
 
 
 if __name__ == "__main__":

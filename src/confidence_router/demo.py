@@ -284,13 +284,14 @@ def print_table(rows: Sequence[DemoRow], threshold: float, *, has_cloud: bool, o
     """Print the decisions as an aligned text table with a summary line."""
     print(f"\nthreshold {threshold:.2f} (keep local iff confidence >= threshold)\n", file=out)
     width = min(max((len(r.question) for r in rows), default=8), 60)
+    right, wrong = _marks(out)
     header = f"{'confidence':>10}  {'route':<16}  {'ok':<2}  {'question':<{width}}  answer"
     print(header, file=out)
     print("-" * len(header), file=out)
     for row in rows:
         conf = "unknown" if row.confidence is None else f"{row.confidence:.3f}"
         route = route_label({"decision": row.decision, "would_escalate": row.would_escalate})
-        mark = "✓" if row.correct else "✗"
+        mark = right if row.correct else wrong
         print(f"{conf:>10}  {route:<16}  {mark:<2}  {shorten(row.question, width):<{width}}  "
               f"{shorten(row.answer, 40)}", file=out)
     kept = sum(1 for r in rows if r.decision == "local" and not r.would_escalate)
@@ -300,3 +301,15 @@ def print_table(rows: Sequence[DemoRow], threshold: float, *, has_cloud: bool, o
     print(f"\n{kept}/{len(rows)} kept local ({kept_ok} of them correct), {escalated} {verb}.",
           file=out)
     print(guidance(rows, threshold, has_cloud=has_cloud), file=out)
+
+
+def _marks(out: IO[str]) -> tuple[str, str]:
+    """The "ok" column's marks: ✓ / ✗, or ``y`` / ``n`` where ``out`` cannot encode them
+    (an ASCII or cp1252 console), which failed the demo with UnicodeEncodeError after every
+    question had run."""
+    encoding = getattr(out, "encoding", None) or "utf-8"
+    try:
+        "✓✗".encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return "y", "n"
+    return "✓", "✗"

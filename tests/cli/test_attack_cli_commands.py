@@ -12,6 +12,8 @@ fake servers on 127.0.0.1, and counts what those servers received. Found and fix
   exited -15 where ``--workers 2`` and Ctrl-C exit 0.
 * ``calibrate RUN --target-rate 1`` (escalate everything) crashed with a TypeError traceback.
 * ``demo`` against a server whose ``/api/tags`` is not Ollama's JSON crashed (AttributeError).
+* ``demo | head -1`` printed a BrokenPipeError traceback (``calibrate`` an "error" line).
+* On an ASCII / cp1252 stdout the demo ran every question, then failed on the table's ✓.
 """
 
 from __future__ import annotations
@@ -344,6 +346,46 @@ def test_ctrl_c_during_demo_is_one_line_not_a_traceback(ollama_server, ollama_ba
     assert err.splitlines()[-1] == "confidence-router demo: interrupted"
     assert "routing 1/12" in err.splitlines()[-2]  # the counter's line was ended first
     assert _chat_posts(ollama_server) == 1
+
+
+def test_demo_into_a_closed_pipe_is_quiet(ollama_server, ollama_backend) -> None:
+    # Found: `confidence-router demo | head -1` printed a BrokenPipeError traceback. Here
+    # the pipe's reading end is closed before the demo starts: its first write fails.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([*CLI, "demo", "--no-progress"], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=90, check=False,
+                                env=_demo_env(ollama_server.url))
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (141, "")
+
+
+def test_calibrate_into_a_closed_pipe_is_quiet(run_db: Path) -> None:
+    # Found too: calibrate reported the closed pipe as "error: [Errno 32] Broken pipe".
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([*CLI, "calibrate", str(run_db), "--target-rate", "0.3"],
+                                stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                timeout=90, check=False, env=_env())
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (141, "")
+
+
+def test_demo_on_an_ascii_terminal_prints_its_table(ollama_server, ollama_backend) -> None:
+    # Found: with an ASCII (or cp1252) stdout the demo ran every question, then failed on
+    # the table's check mark: "error: 'ascii' codec can't encode character '\u2713'".
+    ollama_backend.add_answer("Vixen", "Janáček", logprobs=-0.01)
+    result = _run("demo", "--no-progress",
+                  env=_demo_env(ollama_server.url, PYTHONIOENCODING="ascii"))
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    (vixen,) = [line for line in result.stdout.splitlines() if "Vixen" in line]
+    assert re.search(r"local\s+y\s+Who composed", vixen), vixen
+    assert vixen.endswith("Jan??ek")  # what ASCII cannot show is replaced, not fatal
+    assert re.search(r"\bn\s+What is the capital of France", result.stdout)
 
 
 class _OddTags(BaseHTTPRequestHandler):
