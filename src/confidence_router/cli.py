@@ -124,6 +124,10 @@ def _port_problem(host: str, port: int) -> str | None:
 
     if not 0 <= port <= 65535:
         return f"--port must be between 0 and 65535 (0 picks a free port), got {port}"
+    if not host.strip():
+        # uvicorn would listen on every interface: never because a variable was unset.
+        return ("--host is empty; give an interface: 127.0.0.1 (this machine only) or "
+                "0.0.0.0 (every interface)")
     try:
         # The address family follows the host (an IPv6 address such as ::1, a host name).
         family, kind, proto, _, address = socket.getaddrinfo(

@@ -475,6 +475,7 @@ def test_calibrate_bad_inputs_are_one_line(run_db: Path, tmp_path: Path) -> None
     (["--port", "-1"], "--port must be between 0 and 65535"),
     (["--host", "nosuchhost.invalid"], "unknown host or address"),
     (["--host", "999.1.1.1"], "unknown host or address"),
+    (["--host", ""], "--host is empty"),  # uvicorn listened on every interface
     (["--workers", "0"], "workers must be an int >= 1"),
 ])
 def test_proxy_bad_address_or_workers_is_one_line(args: list[str], expected: str) -> None:
