@@ -293,6 +293,11 @@ def _calibrate_fit(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"{args.fit}: {len(rows)} labelled rows with a {signal} score; "
                          "need at least 20")
     train_idx, held_idx = split_holdout(len(rows), args.holdout, seed=args.seed)
+    if not train_idx or not held_idx:
+        # Else "no rows to fit on" / "labels is empty" from deep inside, naming no option.
+        raise InvalidArgumentError(
+            f"--holdout {args.holdout:g} of {len(rows)} rows leaves {len(train_idx)} to fit on "
+            f"and {len(held_idx)} held out; each needs at least one row")
     train = [rows[i] for i in train_idx]
     held = [rows[i] for i in held_idx]
     calibration = ConfidenceCalibration.fit(

@@ -14,6 +14,8 @@ fake servers on 127.0.0.1, and counts what those servers received. Found and fix
 * ``demo`` against a server whose ``/api/tags`` is not Ollama's JSON crashed (AttributeError).
 * ``demo | head -1`` printed a BrokenPipeError traceback (``calibrate`` an "error" line).
 * On an ASCII / cp1252 stdout the demo ran every question, then failed on the table's ✓.
+* ``proxy --host ''`` listened on every interface; ``calibrate --fit --holdout 0.99`` said
+  "no rows to fit on" without naming the option.
 """
 
 from __future__ import annotations
@@ -461,6 +463,12 @@ def test_calibrate_bad_inputs_are_one_line(run_db: Path, tmp_path: Path) -> None
         ([str(run_db), "--target-rate", "0.3", "--signal", "bogus"], "unknown signal 'bogus'"),
         ([str(run_db), "--target-rate", "0.3", "--run", "nosuch"], "no run 'nosuch'"),
         (["--fit", str(run_db), "--out", str(tmp_path)], "cannot write --out"),
+        # Found: "no rows to fit on" / "labels is empty; need at least one row", naming no
+        # option, when --holdout left one side of the split empty.
+        (["--fit", str(run_db), "--holdout", "0.99"],
+         "--holdout 0.99 of 40 rows leaves 0 to fit on and 40 held out"),
+        (["--fit", str(run_db), "--holdout", "0.01"],
+         "--holdout 0.01 of 40 rows leaves 40 to fit on and 0 held out"),
     ]
     for args, expected in cases:
         line = _one_error_line(_run("calibrate", *args), "calibrate")
