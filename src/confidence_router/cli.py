@@ -14,9 +14,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from confidence_router import commands
@@ -84,14 +85,37 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"confidence-router serve: error: {_describe_bind_error(host, args.port, error)}",
               file=sys.stderr)
         return 2
-    with server:
+    with server, _sigterm_as_interrupt():
         print(f"Ollama-compatible server with the embedded model at {server.url} "
               "(model 'gemma3:270m'; Ctrl-C stops)", flush=True)
         try:
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the normal way to stop a server
             return 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (``kill``, ``docker stop``, systemd) raises KeyboardInterrupt
+    like Ctrl-C does, so that a server stops the same way (cleanly, exit 0) for both; the
+    default SIGTERM action killed the process without stopping the server or freeing the model.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _port_problem(host: str, port: int) -> str | None:
@@ -100,11 +124,22 @@ def _port_problem(host: str, port: int) -> str | None:
 
     if not 0 <= port <= 65535:
         return f"--port must be between 0 and 65535 (0 picks a free port), got {port}"
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    if not host.strip():
+        # uvicorn would listen on every interface: never because a variable was unset.
+        return ("--host is empty; give an interface: 127.0.0.1 (this machine only) or "
+                "0.0.0.0 (every interface)")
+    try:
+        # The address family follows the host (an IPv6 address such as ::1, a host name).
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (OSError, UnicodeError) as error:
+        reason = getattr(error, "strerror", None) or error
+        return f"cannot listen on {host}:{port}: unknown host or address ({reason})"
+    with socket.socket(family, kind, proto) as probe:
         # The server sets SO_REUSEADDR too, so a port in TIME_WAIT is not reported as busy.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind((host, port))
+            probe.bind(address)
         except OSError as error:
             return _describe_bind_error(host, port, error)
     return None
@@ -160,8 +195,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     except (OSError, sqlite3.Error, LookupError) as error:
         # Files the user named (--out in a missing place, a locked database): one line, not a
         # traceback. Library errors (ValueError, ConfidenceRouterError) are main()'s.
-        if isinstance(error, FileNotFoundError):
-            raise
+        if isinstance(error, (FileNotFoundError, BrokenPipeError)):
+            raise  # main()'s: a missing database is one line; a closed stdout is quiet
         text = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"confidence-router calibrate: error: {' '.join(str(text).split())}",
               file=sys.stderr)
@@ -200,8 +235,12 @@ def _calibrate_checked(args: argparse.Namespace) -> int:
         print(f"target not reachable: {result.note}")
     else:
         print(f"threshold {values['threshold']}  (signal {signal}, n={result.n})")
+        accuracy = result.expected_accuracy
+        # None when nothing is kept local (--target-rate 1: every row escalates).
+        accuracy_text = "n/a" if accuracy is None else f"{accuracy:.3f}"
+        kind = f" ({result.accuracy_kind})" if result.accuracy_kind else ""
         print(f"expected call rate {result.expected_call_rate:.3f}, "
-              f"expected accuracy {result.expected_accuracy:.3f} ({result.accuracy_kind})")
+              f"expected accuracy {accuracy_text}{kind}")
         if result.note:
             print(result.note)
     return 0 if result.reachable else 1
@@ -221,7 +260,17 @@ def _proxy(args: argparse.Namespace) -> int:
     """Serve the routing proxy (needs the 'proxy' extra)."""
     from confidence_router.proxy import serve
 
-    serve(host=args.host, port=args.port, workers=args.workers, settings_path=args.config)
+    # Before uvicorn starts: a busy or impossible port (or host) is one line, not uvicorn's
+    # startup log and exit code 3, and --port 70000 is not served on 70000 - 65536.
+    problem = _port_problem(args.host, args.port)
+    if problem is not None:
+        print(f"confidence-router proxy: error: {problem}", file=sys.stderr)
+        return 2
+    with _sigterm_as_interrupt():
+        # One worker: uvicorn shuts down gracefully on SIGTERM, then re-raises it, which
+        # killed the process (exit -15, where --workers 2 and Ctrl-C exit 0); raised as
+        # KeyboardInterrupt it ends uvicorn.run normally.
+        serve(host=args.host, port=args.port, workers=args.workers, settings_path=args.config)
     return 0
 
 
@@ -244,6 +293,11 @@ def _calibrate_fit(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"{args.fit}: {len(rows)} labelled rows with a {signal} score; "
                          "need at least 20")
     train_idx, held_idx = split_holdout(len(rows), args.holdout, seed=args.seed)
+    if not train_idx or not held_idx:
+        # Else "no rows to fit on" / "labels is empty" from deep inside, naming no option.
+        raise InvalidArgumentError(
+            f"--holdout {args.holdout:g} of {len(rows)} rows leaves {len(train_idx)} to fit on "
+            f"and {len(held_idx)} held out; each needs at least one row")
     train = [rows[i] for i in train_idx]
     held = [rows[i] for i in held_idx]
     calibration = ConfidenceCalibration.fit(
@@ -332,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``confidence-router`` script."""
     args = build_parser().parse_args(argv)
     run = commands.COMMANDS[args.command].run
+    _replace_unencodable_output()
     try:
         # A misspelt CONFIDENCE_ROUTER_* variable is an error for every command, not only
         # for those that build a router (eval reads CONFIDENCE_ROUTER_DATA_DIR, ...).
@@ -340,6 +395,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfidenceRouterError, ImportError, FileNotFoundError, ValueError) as error:
         print(f"confidence-router {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C during a demo, an eval, or while serve loads its model: one line, the
+        # shell's convention for "interrupted" (128 + SIGINT), not a traceback.
+        print(f"confidence-router {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `confidence-router demo | head -3`: the reader left; stop quietly, as cat or grep
+        # do (128 + SIGPIPE), rather than a traceback. stdout goes to /dev/null so that the
+        # interpreter's final flush does not fail again.
+        _stdout_to_devnull()
+        return 141
+
+
+def _stdout_to_devnull() -> None:
+    import os
+
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _replace_unencodable_output() -> None:
+    """On a terminal or pipe whose encoding is not UTF-8 (PYTHONIOENCODING=ascii, a legacy
+    Windows console), write characters it cannot encode as ``?`` instead of failing the
+    command with UnicodeEncodeError after its work is done (a model's answer may hold any
+    character)."""
+    import io
+
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if isinstance(stream, io.TextIOWrapper) and encoding not in ("utf8", "utf8sig"):
+            with contextlib.suppress(ValueError, io.UnsupportedOperation):
+                stream.reconfigure(errors="replace")
 
 
 if __name__ == "__main__":

@@ -92,8 +92,15 @@ def ollama_serves(host: str, model: str, timeout: float = 0.5) -> bool:
             tags = json.load(reply)
     except (OSError, ValueError):
         return False
-    names = {m.get("name") for m in tags.get("models", [])} | {
-        m.get("model") for m in tags.get("models", [])
+    # Something else may answer on the port (another service's JSON): not an Ollama serving
+    # ``model``, rather than an AttributeError from the demo.
+    models = tags.get("models") if isinstance(tags, dict) else None
+    if not isinstance(models, list):
+        return False
+    names = {
+        entry[key]
+        for entry in models if isinstance(entry, dict)
+        for key in ("name", "model") if isinstance(entry.get(key), str)
     }
     return model in names or f"{model}:latest" in names
 
@@ -213,26 +220,30 @@ def run_demo(
     with available_backends(settings, out=out) as backends:
         settings = backends.settings
         router = backends.router()
-        for i, (question, gold) in enumerate(questions, 1):
-            if progress:
-                print(f"\rrouting {i}/{len(questions)}", end="", file=sys.stderr, flush=True)
-            message = router.invoke(question)
-            routing = message.response_metadata["routing"]
-            answer = message.text.strip()
-            rows.append(
-                DemoRow(
-                    question=question,
-                    answer=answer,
-                    correct=is_correct(answer, gold),
-                    decision=routing["decision"],
-                    reason=routing["reason"],
-                    confidence=routing["confidence"],
-                    would_escalate=routing["would_escalate"],
-                    local_answer=routing.get("local_answer", answer),
+        try:
+            for i, (question, gold) in enumerate(questions, 1):
+                if progress:
+                    print(f"\rrouting {i}/{len(questions)}", end="", file=sys.stderr, flush=True)
+                message = router.invoke(question)
+                routing = message.response_metadata["routing"]
+                answer = message.text.strip()
+                rows.append(
+                    DemoRow(
+                        question=question,
+                        answer=answer,
+                        correct=is_correct(answer, gold),
+                        decision=routing["decision"],
+                        reason=routing["reason"],
+                        confidence=routing["confidence"],
+                        would_escalate=routing["would_escalate"],
+                        local_answer=routing.get("local_answer", answer),
+                    )
                 )
-            )
-        if progress:
-            print(file=sys.stderr)
+        finally:
+            # Also when a question fails or Ctrl-C stops it: the error line that follows
+            # starts on a line of its own, not glued to "routing 3/12".
+            if progress:
+                print(file=sys.stderr, flush=True)
     print_table(rows, settings.threshold, has_cloud=bool(settings.cloud_model), out=out)
     return rows
 
@@ -273,13 +284,14 @@ def print_table(rows: Sequence[DemoRow], threshold: float, *, has_cloud: bool, o
     """Print the decisions as an aligned text table with a summary line."""
     print(f"\nthreshold {threshold:.2f} (keep local iff confidence >= threshold)\n", file=out)
     width = min(max((len(r.question) for r in rows), default=8), 60)
+    right, wrong = _marks(out)
     header = f"{'confidence':>10}  {'route':<16}  {'ok':<2}  {'question':<{width}}  answer"
     print(header, file=out)
     print("-" * len(header), file=out)
     for row in rows:
         conf = "unknown" if row.confidence is None else f"{row.confidence:.3f}"
         route = route_label({"decision": row.decision, "would_escalate": row.would_escalate})
-        mark = "✓" if row.correct else "✗"
+        mark = right if row.correct else wrong
         print(f"{conf:>10}  {route:<16}  {mark:<2}  {shorten(row.question, width):<{width}}  "
               f"{shorten(row.answer, 40)}", file=out)
     kept = sum(1 for r in rows if r.decision == "local" and not r.would_escalate)
@@ -289,3 +301,15 @@ def print_table(rows: Sequence[DemoRow], threshold: float, *, has_cloud: bool, o
     print(f"\n{kept}/{len(rows)} kept local ({kept_ok} of them correct), {escalated} {verb}.",
           file=out)
     print(guidance(rows, threshold, has_cloud=has_cloud), file=out)
+
+
+def _marks(out: IO[str]) -> tuple[str, str]:
+    """The "ok" column's marks: ✓ / ✗, or ``y`` / ``n`` where ``out`` cannot encode them
+    (an ASCII or cp1252 console), which failed the demo with UnicodeEncodeError after every
+    question had run."""
+    encoding = getattr(out, "encoding", None) or "utf-8"
+    try:
+        "✓✗".encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return "y", "n"
+    return "✓", "✗"
