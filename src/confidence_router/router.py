@@ -882,8 +882,10 @@ class ConfidenceRoutedLLM(BaseChatModel):
         try:
             if not call.streaming and watch is None and not _streams_on_invoke(model):
                 # The client's own timeout (httpx / botocore) bounds the call and cancels it.
-                return Answer(tier_clients.invoke_directly(
-                    model, _sent(effect, call), config, call.stop, kwargs))
+                message = tier_clients.invoke_directly(
+                    model, _sent(effect, call), config, call.stop, kwargs)
+                tier_clients.require_final_chunk(model, message)
+                return Answer(message)
             # Streamed: the stream is closed on every exit, so the server stops generating.
             deadline = None if timeout is None else started + timeout
             chunks: list[AIMessageChunk] = []
@@ -900,6 +902,8 @@ class ConfidenceRoutedLLM(BaseChatModel):
                         raise _timeout(effect.tier, timeout)
                     if watch is not None and watch.stop_after(chunk):
                         break
+                else:  # read to the end (an answer stopped early has no final chunk)
+                    tier_clients.require_final_chunk(model, chunks)
             except Exception as error:
                 if shown:  # part of this answer is out: no retry, no fall-back
                     raise PartialStreamError(error, shown) from error
@@ -984,7 +988,9 @@ class ConfidenceRoutedLLM(BaseChatModel):
             if not call.streaming and watch is None and not _streams_on_invoke(model):
                 invoke = tier_clients.ainvoke_directly(
                     model, ainvoke, _sent(effect, call), config, call.stop, kwargs)
-                out.append(Answer(await _within(invoke, timeout, effect.tier)))
+                message = await _within(invoke, timeout, effect.tier)
+                tier_clients.require_final_chunk(model, message)
+                out.append(Answer(message))
                 return
             deadline = None if timeout is None else started + timeout
             chunks: list[AIMessageChunk] = []
@@ -996,6 +1002,8 @@ class ConfidenceRoutedLLM(BaseChatModel):
                     try:
                         raw = await _within(anext(stream), remaining, effect.tier, timeout)
                     except StopAsyncIteration:
+                        # Read to the end (an answer stopped early has no final chunk).
+                        tier_clients.require_final_chunk(model, chunks)
                         break
                     chunk = _tiers.as_chunk(raw)
                     chunks.append(chunk)

@@ -23,7 +23,7 @@ import json
 import operator
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
@@ -50,6 +50,7 @@ __all__ = [
     "is_ollama",
     "model_name",
     "per_loop",
+    "require_final_chunk",
     "top_logprobs_kwargs",
     "unwrap",
     "with_logprobs",
@@ -892,6 +893,36 @@ def _answer_message(result: Any) -> Any:
     if len(result.generations) == 1 and result.llm_output is not None:
         message.response_metadata = {**result.llm_output, **message.response_metadata}
     return message
+
+
+def require_final_chunk(model: Any, answer: Any) -> None:
+    """Refuse a ``ChatOllama`` answer that did not end with Ollama's final chunk (``done``).
+
+    Ollama streams an answer as JSON lines and ends it with a ``"done": true`` line.
+    ``ChatOllama`` (stream or invoke, which streams too) accepts a body that simply ends: a
+    connection closed mid-answer without chunked framing (a proxy, a crashed server) gives
+    the text so far, with its logprobs, as if it were the whole answer, and a confident
+    prefix would be served. Such an answer is a failed one.
+
+    ``answer`` is the answer message, or the list of its streamed chunks.
+
+    Raises:
+        ConnectionResetError: the answer has no final chunk (classified ``disconnected``).
+
+    >>> from langchain_core.messages import AIMessage
+    >>> require_final_chunk(object(), AIMessage("Paris"))  # not a ChatOllama: not checked
+    """
+    if not is_ollama(model):
+        return
+    parts = answer if isinstance(answer, Sequence) else (answer,)
+    for part in reversed(parts):  # the final chunk is (one of) the last
+        metadata = getattr(part, "response_metadata", None)
+        if isinstance(metadata, Mapping) and metadata.get("done") is True:
+            return
+    raise ConnectionResetError(
+        "the local model's answer ended before Ollama's final chunk (\"done\": true): the "
+        "connection closed mid-answer, so the partial answer is not used"
+    )
 
 
 def invoke_directly(
