@@ -25,6 +25,8 @@ refines (``ValueError``, ``TimeoutError``, ...) so generic handlers keep working
     ├── CloudEscalationError                 the cloud failed on an escalated query
     ├── BudgetExceededError                  an escalation would exceed the cloud budget
     ├── TierTimeoutError (TimeoutError)      a tier did not answer within its timeout
+    ├── IncompleteAnswerError (ConnectionResetError)  a model's answer stream ended
+    │                                        before its final chunk (cut mid-answer)
     ├── EscalationBlockedError               the privacy guard stopped a request on its
     │                                        way to the cloud (the router serves local)
     ├── ReservationStateError (RuntimeError) a budget reservation settled twice
@@ -140,6 +142,12 @@ class BudgetExceededError(ConfidenceRouterError):
 class TierTimeoutError(ConfidenceRouterError, TimeoutError):
     """A tier did not answer (or did not produce the next stream chunk) in time. The call was
     cancelled: its connection is closed, nothing keeps running."""
+
+
+class IncompleteAnswerError(ConfidenceRouterError, ConnectionResetError):
+    """A model's answer stream ended before its final chunk: the connection closed
+    mid-answer, so the text received is a fragment, not an answer. The router treats it as a
+    failed tier (``error_kind`` ``disconnected``) and never serves the fragment."""
 
 
 class EscalationBlockedError(ConfidenceRouterError):

@@ -33,7 +33,11 @@ from langchain_core.runnables.fallbacks import RunnableWithFallbacks
 from langchain_core.runnables.retry import RunnableRetry
 
 from confidence_router._loop_cache import per_loop_copy
-from confidence_router.errors import EscalationBlockedError, RoutingConfigError
+from confidence_router.errors import (
+    EscalationBlockedError,
+    IncompleteAnswerError,
+    RoutingConfigError,
+)
 from confidence_router.signals import NEEDS_TOP_LOGPROBS
 
 __all__ = [
@@ -907,7 +911,7 @@ def require_final_chunk(model: Any, answer: Any) -> None:
     ``answer`` is the answer message, or the list of its streamed chunks.
 
     Raises:
-        ConnectionResetError: the answer has no final chunk (classified ``disconnected``).
+        IncompleteAnswerError: the answer has no final chunk (classified ``disconnected``).
 
     >>> from langchain_core.messages import AIMessage
     >>> require_final_chunk(object(), AIMessage("Paris"))  # not a ChatOllama: not checked
@@ -919,9 +923,9 @@ def require_final_chunk(model: Any, answer: Any) -> None:
         metadata = getattr(part, "response_metadata", None)
         if isinstance(metadata, Mapping) and metadata.get("done") is True:
             return
-    raise ConnectionResetError(
-        "the local model's answer ended before Ollama's final chunk (\"done\": true): the "
-        "connection closed mid-answer, so the partial answer is not used"
+    raise IncompleteAnswerError(
+        "the answer ended before Ollama's final chunk (\"done\": true): the connection "
+        "closed mid-answer, so the partial answer is not used"
     )
 
 

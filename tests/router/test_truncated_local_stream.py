@@ -142,6 +142,7 @@ def test_a_cut_local_answer_escalates_as_a_disconnected_local_error(
         assert routing["decision"] == "cloud"
         assert routing["reason"] == Reason.LOCAL_ERROR
         assert routing["local_error_kind"] == "disconnected"
+        assert routing["local_error"].startswith("IncompleteAnswerError: ")
         assert "final chunk" in routing["local_error"]
     assert raw_ollama.chat_requests == len(answers)
     assert len(bedrock_server.requests) == len(answers)
