@@ -1,8 +1,8 @@
 """The fast local path on the embedded model: prefix cache, cheap probe, early exit.
 
 One run on the embedded Gemma 3 270M (through the unchanged ChatOllama and the project's
-Ollama-compatible server), over the same TriviaQA questions, interleaved so that machine noise
-hits every variant alike. For each question it runs the two-stage router's local traffic (the
+Ollama-compatible server), over the same questions (TriviaQA by default), interleaved so that
+machine noise hits every variant alike. For each question it runs the two-stage router's local traffic (the
 GSA YES/NO probe, sent raw with its YES/NO demonstrations, then the answer) in three variants
 of the backend:
 
@@ -32,8 +32,9 @@ early-exit stream. Prints:
   the one-client answer (the backend serialises requests with a lock; snapshots keep both
   prompt families cached while the clients interleave).
 
-Needs the ``embedded`` and ``eval`` extras and the TriviaQA file (the data directory of the
-evaluation harness, e.g. ``CONFIDENCE_ROUTER_DATA_DIR``). Takes ~15-30 min for 200 questions
+Needs the ``embedded`` and ``eval`` extras and the questions: ``--dataset`` names a known set
+(default ``triviaqa``: the data directory of the evaluation harness, e.g.
+``CONFIDENCE_ROUTER_DATA_DIR``, else the packaged sample) or a JSONL file of your own. Takes ~15-30 min for 200 questions
 on 2 busy cores::
 
     CONFIDENCE_ROUTER_DATA_DIR=/path/to/data python benchmarks/fast_path.py --n 200
@@ -96,7 +97,10 @@ def escalates(signal: str, threshold: float, logprobs: list[float]) -> bool:
 def main() -> None:
     """Parse the arguments and run the sections."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n", type=int, default=200, help="TriviaQA questions")
+    parser.add_argument("--dataset", default="triviaqa",
+                        help="a known evaluation set (triviaqa, nq_open, wikidata) or a JSONL "
+                             "file of your own questions (default triviaqa)")
+    parser.add_argument("--n", type=int, default=200, help="questions")
     parser.add_argument("--offset", type=int, default=0)
     parser.add_argument("--threshold", type=float, default=0.7, help="keep-local threshold")
     parser.add_argument("--max-tokens", type=int, default=48, help="answer num_predict")
@@ -123,7 +127,7 @@ def concurrency_section(args: argparse.Namespace) -> None:
     """Two clients at once against one backend, cache off vs on."""
     from concurrent.futures import ThreadPoolExecutor
 
-    items = load_dataset("triviaqa", limit=2 * args.concurrency, offset=args.offset)
+    items = load_dataset(args.dataset, limit=2 * args.concurrency, offset=args.offset)
     halves = [items[: args.concurrency], items[args.concurrency:]]
     with start_embedded_server(max_tokens_default=args.max_tokens) as server:
         backend = server.backend
@@ -159,8 +163,9 @@ def concurrency_section(args: argparse.Namespace) -> None:
 
 def main_section(args: argparse.Namespace) -> None:
     """Probe/answer ratio, cache speed-up, identity, early exit (simulated and live)."""
-    items = load_dataset("triviaqa", limit=args.n, offset=args.offset)
-    print(f"# fast path benchmark: {len(items)} TriviaQA questions, embedded {DEFAULT_MODEL_NAME}")
+    items = load_dataset(args.dataset, limit=args.n, offset=args.offset)
+    print(f"# fast path benchmark: {len(items)} questions of {args.dataset} "
+          f"(from {args.offset}), embedded {DEFAULT_MODEL_NAME}")
     # Two servers: "before" has its own backend (one-batch prompts, no cache); "cache off" and
     # "cache on" share one, toggling only prefix_cache (its snapshots survive the toggle).
     print(f"# probe: {args.gsa_version} ('before': {GSA_V2_VERSION}, one-batch prompts, no cache)")

@@ -211,6 +211,8 @@ class RouterSettings:
                 f"{type(path).__name__}{hint}"
             )
         file = Path(path)
+        if file.is_dir():
+            raise RoutingConfigError(f"settings file {file} is a directory, not a file")
         if not file.is_file():
             raise RoutingConfigError(f"settings file not found: {file}")
         try:

@@ -144,9 +144,10 @@ def test_demo_with_a_bad_settings_file_is_one_line(name: str, tmp_path: Path) ->
 
 
 def test_demo_with_a_missing_or_directory_settings_file(tmp_path: Path) -> None:
-    for path in (tmp_path / "missing.toml", tmp_path):
-        line = _one_error_line(_run("demo", "--config", str(path)), "demo")
-        assert "settings file not found" in line
+    line = _one_error_line(_run("demo", "--config", str(tmp_path / "missing.toml")), "demo")
+    assert "settings file not found" in line
+    line = _one_error_line(_run("demo", "--config", str(tmp_path)), "demo")
+    assert f"settings file {tmp_path} is a directory, not a file" in line
 
 
 @pytest.mark.parametrize("variable, value, named", [
@@ -478,7 +479,8 @@ def test_calibrate_bad_inputs_are_one_line(run_db: Path, tmp_path: Path) -> None
     (["--host", "nosuchhost.invalid"], "unknown host or address"),
     (["--host", "999.1.1.1"], "unknown host or address"),
     (["--host", ""], "--host is empty"),  # uvicorn listened on every interface
-    (["--workers", "0"], "workers must be an int >= 1"),
+    (["--workers", "0"], "workers must be an int from 1 to 64, got 0"),
+    (["--workers", "65"], "workers must be an int from 1 to 64, got 65"),  # was forked
 ])
 def test_proxy_bad_address_or_workers_is_one_line(args: list[str], expected: str) -> None:
     result = _run("proxy", *args, timeout=60)

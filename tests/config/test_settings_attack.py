@@ -102,9 +102,11 @@ def test_symlinks_missing_files_and_directories(tmp_path):
     assert RouterSettings.from_file(link).threshold == 0.55
     dangling = tmp_path / "dangling.toml"
     os.symlink(tmp_path / "gone.toml", dangling)
-    for path in (dangling, tmp_path / "missing.toml", tmp_path):
+    for path in (dangling, tmp_path / "missing.toml"):
         with pytest.raises(RoutingConfigError, match="not found"):
             RouterSettings.from_file(path)
+    with pytest.raises(RoutingConfigError, match="is a directory, not a file"):
+        RouterSettings.from_file(tmp_path)
     with pytest.raises(RoutingConfigError, match="not found"):
         RouterSettings.load(environ={"CONFIDENCE_ROUTER_CONFIG": str(dangling)})
 

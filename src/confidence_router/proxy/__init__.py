@@ -21,9 +21,13 @@ from confidence_router.proxy.config import ProxyConfig
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
-__all__ = ["DEFAULT_PORT", "ProxyConfig", "create_app", "serve"]
+__all__ = ["DEFAULT_PORT", "MAX_WORKERS", "ProxyConfig", "create_app", "serve"]
 
 DEFAULT_PORT = 8080
+
+#: The most worker processes :func:`serve` starts. Each one builds its own router (and loads
+#: its clients), so a mistyped ``--workers 1000`` would exhaust memory before serving.
+MAX_WORKERS = 64
 
 
 def create_app(router: Any = None, **kwargs: Any) -> Starlette:
@@ -50,7 +54,8 @@ def serve(
     (``$CONFIDENCE_ROUTER_REDIS_URL``) so that they share budget, stats and calibration.
 
     Raises:
-        RoutingConfigError: invalid settings or proxy configuration (checked before serving).
+        RoutingConfigError: invalid settings or proxy configuration, or ``workers`` outside
+            1..:data:`MAX_WORKERS` (checked before serving).
         ImportError: the ``proxy`` extra is not installed.
     """
     from confidence_router._extras import require_extra
@@ -61,8 +66,8 @@ def serve(
     from confidence_router.errors import RoutingConfigError
     from confidence_router.settings import RouterSettings
 
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise RoutingConfigError(f"workers must be an int >= 1, got {workers!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+        raise RoutingConfigError(f"workers must be an int from 1 to {MAX_WORKERS}, got {workers!r}")
     if settings_path is not None:
         settings_path = os.path.abspath(settings_path)
         os.environ["CONFIDENCE_ROUTER_CONFIG"] = settings_path
