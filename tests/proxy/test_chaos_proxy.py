@@ -34,6 +34,7 @@ import json
 import os
 import random
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -44,6 +45,7 @@ from typing import Any
 
 import httpx
 import pytest
+from langchain_core.callbacks import AsyncCallbackHandler
 
 from confidence_router.proxy.config import ProxyConfig
 from confidence_router.testing import InFlightBackend, last_user_text
@@ -690,3 +692,57 @@ def test_client_hanging_up_before_any_byte_stops_the_local_generation(
     # tokens (120); stopped at the hang-up, a handful.
     assert backend.tokens_for[plan.text] < LONG_PIECES // 4, backend.tokens_for
     assert len(ollama_server.requests_to("/api/chat")) == 1
+
+
+class _CancelAtToken(AsyncCallbackHandler):
+    """Cancels ``task`` from inside the local model's stream, as its ``at``-th token arrives:
+    the moment the router's wait for that chunk is about to finish (deterministically)."""
+
+    run_inline = True
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.seen = 0
+        self.task: asyncio.Future[Any] | None = None
+
+    async def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.seen += 1
+        if self.seen == self.at and self.task is not None:
+            self.task.cancel()
+
+
+@pytest.mark.xfail(
+    sys.version_info < (3, 12), strict=True,
+    reason="router._within awaits each chunk with asyncio.wait_for, which before Python 3.12 "
+           "returns the chunk and drops a cancellation that lands as the chunk arrives "
+           "(gh-86296): the cancelled call runs on to the end of the answer",
+)
+def test_router_astream_cancelled_as_a_chunk_arrives_stops(ollama_server, ollama_chat,
+                                                            bedrock_chat):
+    """Found by the chaos run: a proxy client's hang-up sometimes did not stop the local
+    model. The proxy now cancels until the call ends; a direct ``router.astream`` caller that
+    cancels its task once still loses the cancellation when it lands as a chunk arrives."""
+    from confidence_router import ConfidenceRoutedLLM
+
+    backend = ChaosBackend()
+    ollama_server.backend = backend
+    backend.add_answer("lstory", [f" w{i}" for i in range(60)], logprobs=CONFIDENT,
+                       token_delay=0.02)
+    router = ConfidenceRoutedLLM(local=ollama_chat(logprobs=True, top_logprobs=3),
+                                 cloud=bedrock_chat())
+    handler = _CancelAtToken(3)
+
+    async def run() -> str:
+        async def call() -> list[Any]:
+            return [c async for c in router.astream("lstory x", config={"callbacks": [handler]})]
+
+        task = asyncio.ensure_future(call())
+        handler.task = task
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "cancelled"
+        return "ran to the end"
+
+    assert asyncio.run(run()) == "cancelled"
+    assert backend.tokens_for["lstory x"] < 60, backend.tokens_for
