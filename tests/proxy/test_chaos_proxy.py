@@ -260,6 +260,7 @@ class Outcome:
     reason: str | None = None
     error: str | None = None
     elapsed: float = 0.0
+    raw: bytes = b""
 
     @property
     def ok(self) -> bool:
@@ -406,8 +407,11 @@ class Chaos:
                     outcome: Outcome) -> None:
         async with client.stream("POST", url, json=plan.body()) as reply:
             outcome.status = reply.status_code
+            outcome.raw = str(reply.headers).encode()
             if reply.status_code != 200:
-                _judge_error(plan, reply.status_code, await reply.aread(), outcome)
+                raw = await reply.aread()
+                outcome.raw += raw
+                _judge_error(plan, reply.status_code, raw, outcome)
                 return
             if plan.hangs_up == "after_first_piece":
                 collected = []
@@ -421,6 +425,7 @@ class Chaos:
                     raw = ("\n\n".join(c for c in collected if c) + "\n\n").encode()
             else:
                 raw = await reply.aread()
+        outcome.raw += raw
         if plan.front == "openai":
             if plan.stream:
                 _judge_openai_stream(raw, outcome)
@@ -562,6 +567,13 @@ def test_chaos_two_proxies_sharing_redis_under_faults(
     violations = [(o.plan, o.status, o.result) for o in outcomes if not o.ok]
     assert violations == [], violations
     assert max(o.elapsed for o in outcomes) < CLIENT_TIMEOUT
+    # No answer tells the client where the models or Redis live (error messages and routing
+    # records used to quote botocore's "endpoint URL: http://..." and redis's host:port).
+    internal = [ollama_server.url.split("//")[1], bedrock_server.url.split("//")[1],
+                f"{persistent_redis[0].host}:{persistent_redis[0].port}"]
+    leaks = [(o.plan, address) for o in outcomes for address in internal
+             if address.encode() in o.raw]
+    assert leaks == [], leaks[:5]
     by_kind: dict[str, Counter[str]] = defaultdict(Counter)
     for o in outcomes:
         by_kind[o.plan.kind][f"{o.status}:{o.result}:{o.decision}:{o.reason or str(o.error)[:60]}"] += 1
@@ -746,3 +758,53 @@ def test_router_astream_cancelled_as_a_chunk_arrives_stops(ollama_server, ollama
 
     assert asyncio.run(run()) == "cancelled"
     assert backend.tokens_for["lstory x"] < 60, backend.tokens_for
+
+
+@pytest.mark.parametrize("front", ["openai", "ollama"])
+def test_upstream_errors_do_not_tell_clients_the_internal_addresses(
+    make_proxy, ollama_backend, bedrock_server, front
+):
+    """botocore's ConnectionClosedError quotes the endpoint URL, redis's errors the server's
+    host:port: the proxy sent them to clients in 502 bodies, in-stream error events and the
+    routing record's ``cloud_error``. Found by the chaos run (cnet, Redis paused)."""
+    ollama_backend.set_default(" dunno", logprobs=UNSURE)
+    bedrock_server.cut(None)  # every cloud request: the connection closes, no response
+    proxy = make_proxy()
+    address = bedrock_server.url.split("//")[1]
+    path = "/v1/chat/completions" if front == "openai" else "/api/chat"
+    replies = []
+    for stream in (False, True):
+        for policy in ("raise", "local"):
+            body = {"model": "m", "stream": stream, "on_cloud_error": policy,
+                    "messages": [{"role": "user", "content": "q"}]}
+            reply = httpx.post(proxy.url + path, json=body, timeout=30)
+            replies.append((stream, policy, reply.status_code, reply.text))
+    assert [r for r in replies if "cloud" not in r[3]] == []  # each one is about the cloud
+    assert [r for r in replies if address in r[3]] == []
+    # Not streamed: botocore's "Connection was closed ... from endpoint URL: <address>".
+    assert [r for r in replies if not r[0] and "<address>" not in r[3]] == []
+    assert len(bedrock_server.requests) == 4
+
+
+def test_stats_on_an_unreachable_redis_warn_instead_of_logging_an_error_per_call(
+    ollama_backend, ollama_chat, bedrock_chat, caplog
+):
+    """While Redis was paused or down in the chaos run, every request logged the router's
+    'stats sink failed' ERROR with a full traceback (the calibrator and the budget only
+    warn). The stats now drop the record with a warning, as the calibrator does."""
+    import logging
+
+    from confidence_router import ConfidenceRoutedLLM
+    from confidence_router.redis_state import RedisRoutingStats, redis_client
+    from confidence_router.testing.processes import free_port
+
+    ollama_backend.add_answer("q", " kept", logprobs=CONFIDENT)
+    client = redis_client(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
+    router = ConfidenceRoutedLLM(local=ollama_chat(logprobs=True, top_logprobs=3),
+                                 cloud=bedrock_chat(), stats=RedisRoutingStats(client))
+    with caplog.at_level(logging.WARNING, logger="confidence_router"):
+        for _ in range(3):
+            assert router.invoke("q").content == " kept"
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+    assert len([r for r in caplog.records if "routing stats not counted" in r.getMessage()]) == 3

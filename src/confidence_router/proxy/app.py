@@ -30,6 +30,7 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -195,7 +196,47 @@ class _HTTPError(ConfidenceRouterError):
         self.type = type_
 
 
+# Upstream and Redis client errors quote where they tried to connect (botocore: "... from
+# endpoint URL: http://10.0.3.7:8080/model/...", redis: "Timeout reading from 10.0.3.9:6379"):
+# the deployment's internal addresses, which a client has no business learning.
+_ADDRESS_RES = (
+    re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s\"'<>]+"),  # URLs
+    re.compile(r"\[[0-9a-fA-F:.]+\](?::\d+)?"),  # [IPv6]:port
+    re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b"),  # IPv4[:port]
+    re.compile(r"\b(?:localhost|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)+):\d{2,5}\b"),  # host:port
+)
+
+
+def _scrub(text: str) -> str:
+    """``text`` with URLs and network addresses replaced by ``<address>``."""
+    for pattern in _ADDRESS_RES:
+        text = pattern.sub("<address>", text)
+    return text
+
+
+#: The routing record's fields that quote a client error (the answer, model ids and the
+#: other fields are sent as they are).
+_ERROR_FIELDS = frozenset({"local_error", "cloud_error", "escalation_skipped"})
+
+
+def _public(routing: Any) -> Any:
+    """A routing record as sent to a client: the fields quoting a client error scrubbed of
+    internal addresses."""
+    if not isinstance(routing, Mapping) or not _ERROR_FIELDS.intersection(routing):
+        return routing
+    return {key: _scrub(value) if key in _ERROR_FIELDS and isinstance(value, str) else value
+            for key, value in routing.items()}
+
+
 def _from_router_error(error: BaseException) -> _HTTPError:
+    """The HTTP error for a failed routed call, its message scrubbed of internal addresses."""
+    http_error = _router_http_error(error)
+    if http_error.status >= 500 or http_error.status == 429:  # not about the client's input
+        http_error.message = _scrub(http_error.message)
+    return http_error
+
+
+def _router_http_error(error: BaseException) -> _HTTPError:
     """The HTTP status and error code of a failed routed call (no prompt in the message)."""
     if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
         return _HTTPError(504, "the request took longer than the proxy's time limit",
@@ -515,6 +556,7 @@ class _Proxy:
         decision = listener.decision
         if first is not None and first.response_metadata.get("routing"):
             decision = first.response_metadata["routing"]
+        decision = _public(decision)
         return iterator, first, decision, deadline
 
     @staticmethod
@@ -553,7 +595,7 @@ class _Proxy:
         if parsed.stream and schema is None:
             return await self._openai_stream(request, runnable, parsed, kwargs)
         message = await self._invoke(request, runnable, parsed.messages, kwargs)
-        routing = message.response_metadata.get("routing")
+        routing = _public(message.response_metadata.get("routing"))
         content = self._structured_text(message) if schema is not None else None
         model = self._tier((routing or {}).get("decision")) or parsed.model
         reply = formats.openai_response(message, routing, model=model, content=content)
@@ -599,7 +641,7 @@ class _Proxy:
                 async for chunk in self._chunks(iterator, first, deadline):
                     total = chunk if total is None else total + chunk
                     if chunk.response_metadata.get("routing"):
-                        routing = chunk.response_metadata["routing"]
+                        routing = _public(chunk.response_metadata["routing"])
                     delta = formats.chunk_delta(chunk, first=not sent_first)
                     if delta is not None:
                         sent_first = True
@@ -653,7 +695,7 @@ class _Proxy:
             return await self._ollama_stream(request, runnable, parsed.model, messages, kwargs,
                                              started)
         message = await self._invoke(request, runnable, messages, kwargs)
-        routing = message.response_metadata.get("routing")
+        routing = _public(message.response_metadata.get("routing"))
         if schema is not None:
             obj = ollama_chunk(parsed.model, created, self._structured_text(message), done=True)
         else:
@@ -681,7 +723,7 @@ class _Proxy:
                 async for chunk in self._chunks(iterator, first, deadline):
                     total = chunk if total is None else total + chunk
                     if chunk.response_metadata.get("routing"):
-                        routing = chunk.response_metadata["routing"]
+                        routing = _public(chunk.response_metadata["routing"])
                     if chunk.text:
                         yield _ndjson(ollama_chunk(model, created, chunk.text))
                 if total is not None and total.tool_calls:
