@@ -693,7 +693,6 @@ def test_client_hanging_up_before_any_byte_stops_the_local_generation(
     async def run() -> Outcome:
         async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT) as client:
             chaos = Chaos([proxy.url], backend)
-            chaos._changed = asyncio.Condition()
             outcome = Outcome(plan)
             await chaos._hang_up_before_any_byte(client, proxy.url + plan.path, plan, outcome)
             return outcome

@@ -12,6 +12,10 @@ Every answer carries the decision: a ``routing`` field (the router's record) and
 ``x-confidence-router-decision`` / ``-reason`` / ``-confidence`` / ``-tier`` (the model that
 answered). Routing knobs per request: see :mod:`confidence_router.proxy.knobs`.
 
+A client that hangs up cancels its routed call, before the answer starts too (the models stop
+generating, the budget is settled). Error messages and the routing record never quote the
+addresses of the models or of Redis (``<address>`` stands in).
+
 Usage (tests, or embedding the app in your own ASGI server)::
 
     from confidence_router import ConfidenceRoutedLLM
