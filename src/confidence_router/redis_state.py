@@ -34,10 +34,17 @@ nothing (``None``: the router serves the local answer flagged, or raises
 reservation whose settlement cannot reach Redis stays held until its lease runs out and is
 then charged as above, so the caller still gets the answer it paid for and the cap holds.
 The calibrator routes with its ``initial_threshold`` and drops observations meanwhile, and
-the stats sink's errors are logged by the router, so a call still gets an answer. All of it
+the stats drop the records of the calls made meanwhile, so a call still gets an answer. All of it
 is logged as warnings on the ``confidence_router`` logger. A :func:`redis_client` that found
 Redis unreachable fails its commands at once until Redis answers a background ping again, so
 a hung Redis stalls a worker's event loop for one socket timeout, not one per command.
+
+**Redis restarts.** The spend lives in Redis only: a Redis that restarts without its data
+(no persistence, the default of a bare ``redis-server``) starts the window again at zero, and
+the cap allows a full window's spend again. For a cap that must hold across Redis restarts,
+run it with the append-only file on and synced on every write (``appendonly yes``,
+``appendfsync always``): killed and restarted, it keeps the spend and the open reservations
+(tested with SIGKILL mid-run in ``tests/proxy/test_chaos_proxy.py``).
 
 **Key prefix.** Every key starts with ``prefix`` (one per deployment) and the component's
 ``name``, e.g. ``prod:budget:default:state``; two deployments on one Redis never mix.
@@ -626,11 +633,12 @@ class RedisRoutingStats:
         return self._target
 
     def record(self, routing: Mapping[str, Any]) -> None:
-        """Count one finished routing record (one transaction).
+        """Count one finished routing record (one transaction). Dropped, with a warning,
+        while Redis cannot be reached (the counts then miss the calls made meanwhile).
 
         Raises:
             TypeError: ``routing`` is not a mapping.
-            redis.RedisError: Redis is unreachable (the router logs and carries on).
+            redis.RedisError: any other Redis error (a bug: the router logs it).
         """
         one = RoutingStats(prices=self._prices, cloud_model=self._cloud_model)
         one.record(routing)
@@ -671,7 +679,15 @@ class RedisRoutingStats:
             if latency["n"]:
                 pipe.lpush(self._latency[key], repr(float(latency["p50"])))
                 pipe.ltrim(self._latency[key], 0, self._latency_window - 1)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except Exception as error:
+            if not _redis_unreachable(error):
+                raise
+            # Expected while Redis is down: a warning, not the router's error traceback for
+            # every request.
+            logger.warning("confidence_router: routing stats not counted, Redis unreachable "
+                           "(%s: %s)", type(error).__name__, error)
 
     def snapshot(self) -> dict[str, Any]:
         """The same keys as ``RoutingStats.snapshot()``, over all processes (one transaction)."""

@@ -12,6 +12,10 @@ Every answer carries the decision: a ``routing`` field (the router's record) and
 ``x-confidence-router-decision`` / ``-reason`` / ``-confidence`` / ``-tier`` (the model that
 answered). Routing knobs per request: see :mod:`confidence_router.proxy.knobs`.
 
+A client that hangs up cancels its routed call, before the answer starts too (the models stop
+generating, the budget is settled). Error messages and the routing record never quote the
+addresses of the models or of Redis (``<address>`` stands in).
+
 Usage (tests, or embedding the app in your own ASGI server)::
 
     from confidence_router import ConfidenceRoutedLLM
@@ -30,6 +34,7 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -195,7 +200,47 @@ class _HTTPError(ConfidenceRouterError):
         self.type = type_
 
 
+# Upstream and Redis client errors quote where they tried to connect (botocore: "... from
+# endpoint URL: http://10.0.3.7:8080/model/...", redis: "Timeout reading from 10.0.3.9:6379"):
+# the deployment's internal addresses, which a client has no business learning.
+_ADDRESS_RES = (
+    re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s\"'<>]+"),  # URLs
+    re.compile(r"\[[0-9a-fA-F:.]+\](?::\d+)?"),  # [IPv6]:port
+    re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b"),  # IPv4[:port]
+    re.compile(r"\b(?:localhost|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)+):\d{2,5}\b"),  # host:port
+)
+
+
+def _scrub(text: str) -> str:
+    """``text`` with URLs and network addresses replaced by ``<address>``."""
+    for pattern in _ADDRESS_RES:
+        text = pattern.sub("<address>", text)
+    return text
+
+
+#: The routing record's fields that quote a client error (the answer, model ids and the
+#: other fields are sent as they are).
+_ERROR_FIELDS = frozenset({"local_error", "cloud_error", "escalation_skipped"})
+
+
+def _public(routing: Any) -> Any:
+    """A routing record as sent to a client: the fields quoting a client error scrubbed of
+    internal addresses."""
+    if not isinstance(routing, Mapping) or not _ERROR_FIELDS.intersection(routing):
+        return routing
+    return {key: _scrub(value) if key in _ERROR_FIELDS and isinstance(value, str) else value
+            for key, value in routing.items()}
+
+
 def _from_router_error(error: BaseException) -> _HTTPError:
+    """The HTTP error for a failed routed call, its message scrubbed of internal addresses."""
+    http_error = _router_http_error(error)
+    if http_error.status >= 500 or http_error.status == 429:  # not about the client's input
+        http_error.message = _scrub(http_error.message)
+    return http_error
+
+
+def _router_http_error(error: BaseException) -> _HTTPError:
     """The HTTP status and error code of a failed routed call (no prompt in the message)."""
     if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
         return _HTTPError(504, "the request took longer than the proxy's time limit",
@@ -222,6 +267,74 @@ def _from_router_error(error: BaseException) -> _HTTPError:
         return _HTTPError(502, str(error), code="routing_error", type_="upstream_error")
     return _HTTPError(500, "internal error while routing the request", code="internal_error",
                       type_="server_error")
+
+
+class _ClientGone(_HTTPError):
+    """The client closed its connection before the answer started: the routed call was
+    cancelled (no model keeps generating for nobody); the answer is never read."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "the client closed the connection before the answer",
+                         code="client_closed_request", type_="client_error")
+
+
+async def _client_disconnected(request: Request) -> None:
+    """Return when the client has closed its connection (the body was already read, so the
+    next ASGI message is ``http.disconnect``, sent when the connection goes)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _step(work: Awaitable[Any], timeout: float, request: Request | None = None) -> Any:
+    """Await one step of a routed call (the whole answer, or the next chunk of a stream)
+    within ``timeout`` seconds, and, with ``request`` (no byte of the answer sent yet), only
+    while the client is connected.
+
+    The step runs in a task of its own, awaited with :func:`asyncio.wait`, not
+    ``asyncio.wait_for``: a time limit, a client that hangs up and a cancellation of this
+    coroutine all cancel it through :func:`_cancel`, which makes sure it has ended; the
+    router's cancellation closes the tier's connection (the model stops generating) and
+    settles the budget.
+
+    Raises:
+        asyncio.TimeoutError: the step took longer than ``timeout``.
+        _ClientGone: the client closed its connection first.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = (asyncio.ensure_future(_client_disconnected(request))
+               if request is not None else None)
+    waiting: set[asyncio.Future[Any]] = {task} if watcher is None else {task, watcher}
+    try:
+        await asyncio.wait(waiting, timeout=max(timeout, 0.0),
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await _cancel(task)
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(BaseException):
+                await watcher
+    if not task.cancelled():
+        return task.result()
+    if watcher is not None and watcher.done() and not watcher.cancelled():
+        raise _ClientGone
+    raise asyncio.TimeoutError
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and wait until it has ended.
+
+    Once is not always enough: before Python 3.12, ``asyncio.wait_for`` swallows a
+    cancellation that arrives just as the step it waits for finishes, and the routed call
+    waits for every chunk of a tier's stream that way, so it would carry on (the local model
+    generating for nobody until the time limit). So cancel again until the task ends.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if not task.cancelled():
+        task.exception()  # retrieved: a failure after the hang-up is nobody's to report
 
 
 def _is_ollama(path: str) -> bool:
@@ -410,8 +523,10 @@ class _Proxy:
             return self.router.bind_tools(formats.tool_specs(tools), tool_choice=choice)
         return self.router
 
-    async def _invoke(self, runnable: Any, messages: list[BaseMessage], kwargs: dict[str, Any]) -> BaseMessage:
-        return await asyncio.wait_for(runnable.ainvoke(messages, **kwargs), self.config.timeout_s)
+    async def _invoke(self, request: Request, runnable: Any, messages: list[BaseMessage],
+                      kwargs: dict[str, Any]) -> BaseMessage:
+        return await _step(  # type: ignore[no-any-return]
+            runnable.ainvoke(messages, **kwargs), self.config.timeout_s, request)
 
     @staticmethod
     def _structured_text(message: BaseMessage) -> str:
@@ -427,7 +542,8 @@ class _Proxy:
         return text
 
     async def _open_stream(
-        self, runnable: Any, messages: list[BaseMessage], kwargs: dict[str, Any]
+        self, request: Request, runnable: Any, messages: list[BaseMessage],
+        kwargs: dict[str, Any],
     ) -> tuple[AsyncIterator[AIMessageChunk], AIMessageChunk | None, dict[str, Any] | None, float]:
         """Start a routed stream and wait for its first chunk (the decision is made by then),
         so a failure before any output is still an HTTP error status."""
@@ -436,7 +552,7 @@ class _Proxy:
         stream = runnable.astream(messages, config={"callbacks": [listener]}, **kwargs)
         iterator = stream.__aiter__()
         try:
-            first = await asyncio.wait_for(anext(iterator, None), self.config.timeout_s)
+            first = await _step(anext(iterator, None), self.config.timeout_s, request)
         except BaseException:
             with contextlib.suppress(Exception):
                 await iterator.aclose()
@@ -444,6 +560,7 @@ class _Proxy:
         decision = listener.decision
         if first is not None and first.response_metadata.get("routing"):
             decision = first.response_metadata["routing"]
+        decision = _public(decision)
         return iterator, first, decision, deadline
 
     @staticmethod
@@ -459,7 +576,7 @@ class _Proxy:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise asyncio.TimeoutError
-                chunk = await asyncio.wait_for(anext(iterator, None), remaining)
+                chunk = await _step(anext(iterator, None), remaining)
                 if chunk is None:
                     return
                 yield chunk
@@ -480,9 +597,9 @@ class _Proxy:
         if parsed.stop:
             kwargs["stop"] = parsed.stop
         if parsed.stream and schema is None:
-            return await self._openai_stream(runnable, parsed, kwargs)
-        message = await self._invoke(runnable, parsed.messages, kwargs)
-        routing = message.response_metadata.get("routing")
+            return await self._openai_stream(request, runnable, parsed, kwargs)
+        message = await self._invoke(request, runnable, parsed.messages, kwargs)
+        routing = _public(message.response_metadata.get("routing"))
         content = self._structured_text(message) if schema is not None else None
         model = self._tier((routing or {}).get("decision")) or parsed.model
         reply = formats.openai_response(message, routing, model=model, content=content)
@@ -510,10 +627,11 @@ class _Proxy:
         yield b"data: [DONE]\n\n"
 
     async def _openai_stream(
-        self, runnable: Any, parsed: formats.OpenAIRequest, kwargs: dict[str, Any]
+        self, request: Request, runnable: Any, parsed: formats.OpenAIRequest,
+        kwargs: dict[str, Any],
     ) -> Response:
         iterator, first, decision, deadline = await self._open_stream(
-            runnable, parsed.messages, kwargs
+            request, runnable, parsed.messages, kwargs
         )
         model = self._tier((decision or {}).get("decision")) or parsed.model
         completion_id = formats.new_completion_id()
@@ -527,7 +645,7 @@ class _Proxy:
                 async for chunk in self._chunks(iterator, first, deadline):
                     total = chunk if total is None else total + chunk
                     if chunk.response_metadata.get("routing"):
-                        routing = chunk.response_metadata["routing"]
+                        routing = _public(chunk.response_metadata["routing"])
                     delta = formats.chunk_delta(chunk, first=not sent_first)
                     if delta is not None:
                         sent_first = True
@@ -578,9 +696,10 @@ class _Proxy:
         started = time.perf_counter_ns()
         created = now_iso()
         if parsed.stream and schema is None:
-            return await self._ollama_stream(runnable, parsed.model, messages, kwargs, started)
-        message = await self._invoke(runnable, messages, kwargs)
-        routing = message.response_metadata.get("routing")
+            return await self._ollama_stream(request, runnable, parsed.model, messages, kwargs,
+                                             started)
+        message = await self._invoke(request, runnable, messages, kwargs)
+        routing = _public(message.response_metadata.get("routing"))
         if schema is not None:
             obj = ollama_chunk(parsed.model, created, self._structured_text(message), done=True)
         else:
@@ -594,10 +713,11 @@ class _Proxy:
         return JSONResponse(obj, headers=self._headers(routing))
 
     async def _ollama_stream(
-        self, runnable: Any, model: str, messages: list[BaseMessage], kwargs: dict[str, Any],
-        started: int,
+        self, request: Request, runnable: Any, model: str, messages: list[BaseMessage],
+        kwargs: dict[str, Any], started: int,
     ) -> Response:
-        iterator, first, decision, deadline = await self._open_stream(runnable, messages, kwargs)
+        iterator, first, decision, deadline = await self._open_stream(request, runnable,
+                                                                      messages, kwargs)
         created = now_iso()
 
         async def lines() -> AsyncIterator[bytes]:
@@ -607,7 +727,7 @@ class _Proxy:
                 async for chunk in self._chunks(iterator, first, deadline):
                     total = chunk if total is None else total + chunk
                     if chunk.response_metadata.get("routing"):
-                        routing = chunk.response_metadata["routing"]
+                        routing = _public(chunk.response_metadata["routing"])
                     if chunk.text:
                         yield _ndjson(ollama_chunk(model, created, chunk.text))
                 if total is not None and total.tool_calls:

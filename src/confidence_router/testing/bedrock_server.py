@@ -139,6 +139,9 @@ _STREAM_EXCEPTIONS = {
     "ThrottlingException": "throttlingException",
     "ServiceUnavailableException": "serviceUnavailableException",
 }
+#: The error type of a :meth:`FakeBedrockServer.cut` rule: no error is sent, the connection
+#: is closed.
+_CUT = "ConnectionCut"
 _PATH_RE = re.compile(
     r"^/model/(?P<model>.+)/"
     r"(?P<operation>converse|converse-stream|invoke|invoke-with-response-stream)$"
@@ -432,6 +435,9 @@ class _BedrockHandler(JSONRequestHandler):
         if failure is not None and not mid_stream:
             if delay:
                 time.sleep(delay)
+            if failure.error_type == _CUT:
+                self.close_connection = True  # no response at all
+                return
             self._error(failure.error_type, failure.status, failure.message)
             return
         assert answer is not None  # _resolve returns an answer unless it fails
@@ -532,6 +538,10 @@ class _BedrockHandler(JSONRequestHandler):
         self._end_chunked()
 
     def _fail_mid_stream(self, failure: _BedrockFailure) -> None:
+        if failure.error_type == _CUT:
+            # No exception event, no end of the chunked body: the connection just closes.
+            self.close_connection = True
+            return
         self._write_chunk(_exception_event(_STREAM_EXCEPTIONS[failure.error_type], failure.message))
         self._end_chunked()
 
@@ -815,6 +825,28 @@ class FakeBedrockServer(BackgroundServer):
             message if message is not None else f"{error_type} (scripted by FakeBedrockServer)",
             after_pieces,
         )
+        return self._add(ScriptedRule("fail", description, times, 0, model, predicate, payload))
+
+    def cut(
+        self,
+        match: BedrockMatcher,
+        *,
+        after_pieces: int = 0,
+        times: int | None = None,
+        model: str | None = None,
+    ) -> ScriptedRule[RecordedBedrockRequest]:
+        """Close the connection of matching requests mid-answer, with no error (a network
+        cut, a crashed load balancer): the streaming operations send the answer's first
+        ``after_pieces`` text pieces, then the connection closes without the stop and metadata
+        events and without the end of the chunked body; the other operations close it before
+        any response. The answer is the one the request would otherwise get.
+        """
+        predicate, description = compile_matcher(match, _last_text)
+        check_times(times)
+        if isinstance(after_pieces, bool) or not isinstance(after_pieces, int) or after_pieces < 0:
+            raise InvalidArgumentError(f"after_pieces must be an int >= 0, got {after_pieces!r}")
+        payload = _BedrockFailure(_CUT, 599, "connection cut (scripted by FakeBedrockServer)",
+                                  after_pieces)
         return self._add(ScriptedRule("fail", description, times, 0, model, predicate, payload))
 
     def delay(
