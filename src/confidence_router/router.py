@@ -59,7 +59,7 @@ from pydantic import (
     model_validator,
 )
 
-from confidence_router import _sync_tiers, _tiers, tier_clients
+from confidence_router import _aio, _sync_tiers, _tiers, tier_clients
 from confidence_router._flow import (
     Announce,
     Answer,
@@ -1475,11 +1475,15 @@ def _timeout(tier: str, timeout: float | None) -> TierTimeoutError:
 
 async def _within(awaitable: Any, seconds: float | None, tier: str,
                   timeout: float | None = None) -> Any:
-    """``await awaitable``, cancelled after ``seconds`` (the request is cancelled with it)."""
+    """``await awaitable``, cancelled after ``seconds`` (the request is cancelled with it).
+
+    Not ``asyncio.wait_for``: before Python 3.12 it drops a cancellation that lands as a
+    chunk arrives, and a cancelled stream ran on to the end of the answer (:mod:`._aio`).
+    """
     if seconds is None:
         return await awaitable
     try:
-        return await asyncio.wait_for(awaitable, max(seconds, 0.0))
+        return await _aio.within(awaitable, seconds)
     except asyncio.TimeoutError:
         raise _timeout(tier, timeout if timeout is not None else seconds) from None
 

@@ -34,7 +34,6 @@ import json
 import os
 import random
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -722,17 +721,12 @@ class _CancelAtToken(AsyncCallbackHandler):
             self.task.cancel()
 
 
-@pytest.mark.xfail(
-    sys.version_info < (3, 12), strict=True,
-    reason="router._within awaits each chunk with asyncio.wait_for, which before Python 3.12 "
-           "returns the chunk and drops a cancellation that lands as the chunk arrives "
-           "(gh-86296): the cancelled call runs on to the end of the answer",
-)
 def test_router_astream_cancelled_as_a_chunk_arrives_stops(ollama_server, ollama_chat,
                                                             bedrock_chat):
     """Found by the chaos run: a proxy client's hang-up sometimes did not stop the local
-    model. The proxy now cancels until the call ends; a direct ``router.astream`` caller that
-    cancels its task once still loses the cancellation when it lands as a chunk arrives."""
+    model. A ``router.astream`` caller that cancelled its task once lost the cancellation
+    when it landed as a chunk arrived (``asyncio.wait_for`` before Python 3.12, gh-86296)
+    and the call ran on to the end of the answer."""
     from confidence_router import ConfidenceRoutedLLM
 
     backend = ChaosBackend()

@@ -47,6 +47,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from confidence_router._aio import cancel_and_wait
 from confidence_router.errors import (
     BudgetExceededError,
     CloudEscalationError,
@@ -294,9 +295,9 @@ async def _step(work: Awaitable[Any], timeout: float, request: Request | None = 
 
     The step runs in a task of its own, awaited with :func:`asyncio.wait`, not
     ``asyncio.wait_for``: a time limit, a client that hangs up and a cancellation of this
-    coroutine all cancel it through :func:`_cancel`, which makes sure it has ended; the
-    router's cancellation closes the tier's connection (the model stops generating) and
-    settles the budget.
+    coroutine all cancel it through :func:`~confidence_router._aio.cancel_and_wait`, which
+    makes sure it has ended; the router's cancellation closes the tier's connection (the
+    model stops generating) and settles the budget.
 
     Raises:
         asyncio.TimeoutError: the step took longer than ``timeout``.
@@ -310,7 +311,7 @@ async def _step(work: Awaitable[Any], timeout: float, request: Request | None = 
         await asyncio.wait(waiting, timeout=max(timeout, 0.0),
                            return_when=asyncio.FIRST_COMPLETED)
     finally:
-        await _cancel(task)
+        await cancel_and_wait(task)
         if watcher is not None:
             watcher.cancel()
             with contextlib.suppress(BaseException):
@@ -320,21 +321,6 @@ async def _step(work: Awaitable[Any], timeout: float, request: Request | None = 
     if watcher is not None and watcher.done() and not watcher.cancelled():
         raise _ClientGone
     raise asyncio.TimeoutError
-
-
-async def _cancel(task: asyncio.Future[Any]) -> None:
-    """Cancel ``task`` and wait until it has ended.
-
-    Once is not always enough: before Python 3.12, ``asyncio.wait_for`` swallows a
-    cancellation that arrives just as the step it waits for finishes, and the routed call
-    waits for every chunk of a tier's stream that way, so it would carry on (the local model
-    generating for nobody until the time limit). So cancel again until the task ends.
-    """
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=0.1)
-    if not task.cancelled():
-        task.exception()  # retrieved: a failure after the hang-up is nobody's to report
 
 
 def _is_ollama(path: str) -> bool:
