@@ -236,11 +236,12 @@ def test_a_question_last_probe_evaluates_only_its_question(backend):
     evaluated, restores = stats.evaluated_tokens, stats.restores
     content = question_last_probe(QUESTIONS[1])
     answer(backend, content)
-    head = content[: content.rindex("\n") + 1]  # everything before the question's line
+    cue = content.rindex("\nConfident:")
+    head = content[: content.rindex("\n", 0, cue) + 1]  # everything before the question's line
     ids = llm.tokenize(content.encode(), add_bos=True, special=False)
     head_ids = llm.tokenize(head.encode(), add_bos=True, special=False)
     assert ids[: len(head_ids)] == head_ids
-    # Exactly the question and the " Confident:" cue, nothing re-evaluated for alignment.
+    # Exactly the question and the "Confident:" cue, nothing re-evaluated for alignment.
     assert stats.evaluated_tokens - evaluated == len(ids) - len(head_ids) < 20
     assert stats.restores == restores + 1
 

@@ -370,9 +370,9 @@ def test_yes_no_templates_have_demonstrations_in_the_probe_order():
         f"Q: {GSA_V2_PROMPT_TEMPLATE.format(query=q)}\nA: {a}\n" for q, a in demos
     ) + "Q: {prompt}\nA:"
     assert YES_NO_QUESTION_LAST_TEMPLATE == FEW_SHOT_PREFIX + "".join(
-        f"Q: {GSA_V2_QUESTION_LAST_PROMPT_TEMPLATE.format(query=q)} Confident: {a}\n"
+        f"Q: {GSA_V2_QUESTION_LAST_PROMPT_TEMPLATE.format(query=q)}\nConfident: {a}\n"
         for q, a in demos
-    ) + "Q: {prompt} Confident:"
+    ) + "Q: {prompt}\nConfident:"
     by_version = {v: yes_no_template(v) for v in GSA_VERSIONS}
     assert by_version == {
         "gsa-v2-confidence": YES_NO_TEMPLATE,
@@ -390,7 +390,7 @@ def test_yes_no_templates_have_demonstrations_in_the_probe_order():
         "Are you confident you can answer the question below correctly? Respond with exactly "
         "one token: YES or NO.\n\nThe user has asked the following question:\n")
     assert first.startswith(shared) and second.startswith(shared)
-    assert first[len(shared):] == "Who wrote Hamlet? Confident:"
+    assert first[len(shared):] == "Who wrote Hamlet?\nConfident:"
 
 
 @pytest.mark.parametrize("version", ["gsa-v4", "", "GSA-V2-CONFIDENCE"])

@@ -1147,7 +1147,9 @@ class EvalRunner:
         call = model.ainvoke([HumanMessage(content=prompt)])
         if self.timeout_s is None:
             return await call
-        return await asyncio.wait_for(call, timeout=self.timeout_s)
+        from confidence_router._aio import within
+
+        return await within(call, self.timeout_s)
 
     async def evaluate_item(self, item: QAItem, position: int = 0) -> ResultRow:
         """Evaluate one item and return its row (never raises for model/grader failures)."""

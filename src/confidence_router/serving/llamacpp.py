@@ -192,20 +192,24 @@ _YES_NO_DEMONSTRATIONS = (
 
 #: :data:`YES_NO_TEMPLATE` for the question-last GSA versions (``gsa-v2-question-last`` /
 #: ``gsa-v3-question-last``): the same few-shot prefix and demonstrations, each rendered in
-#: that order and answered after a short cue on the question's own line, ``" Confident:"``.
-#: Everything before the final question is constant, so the embedded backend's prefix cache
-#: evaluates only the question and the cue per probe (~20 tokens on TriviaQA), instead of the
+#: that order and answered after a short cue on the line after the question,
+#: ``"Confident:"``. Everything before the final question is constant, so the embedded
+#: backend's prefix cache evaluates only the question and the cue per probe (~20 tokens on
+#: TriviaQA, one batch: the cue's line is too short to be a batch of its own), instead of the
 #: question and the paper's fixed GSA tail (~40). A cue is needed: after ``"\nA:"`` alone,
-#: Gemma 3 270M answered the question itself in 13 of 30 TriviaQA probes; after
-#: ``" Confident:"`` all of 60 answers were YES or NO (measured).
+#: Gemma 3 270M answered the question itself in 13 of 30 TriviaQA probes. On its own line:
+#: with the cue on the question's line (``"... Confident:"``), 18 of the first 200 NQ-open
+#: questions (lower case, no question mark) got an unreadable probe answer (a lone space,
+#: neither YES nor NO in the top 5); on its own line, 0 of 200 on each of NQ-open, TriviaQA
+#: and Wikidata (measured).
 YES_NO_QUESTION_LAST_TEMPLATE = (
     FEW_SHOT_PREFIX
     + "".join(
-        f"Q: {GSA_V2_QUESTION_LAST_PROMPT_TEMPLATE.format(query=question)} Confident: "
+        f"Q: {GSA_V2_QUESTION_LAST_PROMPT_TEMPLATE.format(query=question)}\nConfident: "
         f"{answer}\n"
         for question, answer in _YES_NO_DEMONSTRATIONS
     )
-    + "Q: {prompt} Confident:"
+    + "Q: {prompt}\nConfident:"
 )
 
 
