@@ -407,10 +407,13 @@ class _BedrockHandler(JSONRequestHandler):
         if problem is not None:
             self._error("ValidationException", 400, problem)
             return
+        self.owner._serving(+1)
         try:
             self._serve(record, body)
         except DISCONNECT_ERRORS:
             self.close_connection = True
+        finally:
+            self.owner._serving(-1)
 
     def do_GET(self) -> None:
         self._read_body()
@@ -704,6 +707,10 @@ class FakeBedrockServer(BackgroundServer):
         """How many streamed text pieces were written to a client (both streaming operations);
         a client that closes a stream early leaves the rest unsent (the write after the hang-up
         fails, so at most one piece more is counted)."""
+        self.in_flight = 0
+        """How many requests are being answered right now (a scripted latency or delay still
+        running counts); 0 once the server is idle. Read it after clients gave up (a timeout,
+        a closed stream) to see the server finished with them."""
         self.set_default(default_answer)
 
     # ---- scripting -------------------------------------------------------------------------
@@ -914,6 +921,10 @@ class FakeBedrockServer(BackgroundServer):
         with self._lock:
             self._book.rules.append(rule)
         return rule
+
+    def _serving(self, change: int) -> None:
+        with self._lock:
+            self.in_flight += change
 
     def _count_piece(self) -> None:
         with self._lock:
