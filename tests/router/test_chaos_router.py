@@ -37,7 +37,7 @@ import pytest
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_ollama import OllamaEmbeddings
 
-from confidence_router import CloudBudget, ConfidenceRoutedLLM, Reason
+from confidence_router import CloudBudget, ConfidenceRoutedLLM, Reason, RoutingStats
 from confidence_router.errors import (
     BudgetExceededError,
     CloudEscalationError,
@@ -70,7 +70,8 @@ SEEDS = (11, 23, 37, 41, 59)
 EARLY_EXIT_PREFIX_BUG = True
 
 LOCAL_FAULTS = ("ok", "ok", "unsure", "unsure", "hang", "500", "error_mid", "cut")
-CLOUD_FAULTS = ("ok", "ok", "ok", "throttle_once", "throttle", "500", "hang", "cut_mid")
+CLOUD_FAULTS = ("ok", "ok", "ok", "throttle_once", "throttle", "500", "hang", "cut_mid",
+                "drop", "drop_mid")
 PROBE_FAULTS = ("yes", "yes", "yes", "yes", "no", "no", "500", "hang")
 SYNC_PATHS = ("invoke", "stream", "batch")
 ASYNC_PATHS = ("ainvoke", "astream", "abatch")
@@ -257,17 +258,21 @@ def _script(spec: Spec, backend: ChaosBackend, bedrock: FakeBedrockServer) -> No
         bedrock.delay(tag, CLOUD_HANG)
     elif spec.cloud == "cut_mid":
         bedrock.fail(tag, "InternalServerException", after_pieces=1)
+    elif spec.cloud == "drop":  # the connection closes before any response
+        bedrock.drop(tag)
+    elif spec.cloud == "drop_mid":  # streams: one piece, then the connection closes
+        bedrock.drop(tag, after_pieces=1)
 
 
 def _billed(spec: Spec, requests: list[dict[str, Any]]) -> int:
-    """How many of ``spec``'s Bedrock requests produced output (billed): a throttled or 500
-    request did not; a hung one did (the fake answers after its delay); one failed mid-stream
-    did when it streamed (non-streaming requests fail before any output)."""
-    if spec.cloud in ("throttle", "500"):
+    """How many of ``spec``'s Bedrock requests produced output (billed): a throttled, 500 or
+    dropped request did not; a hung one did (the fake answers after its delay); one failed or
+    cut mid-stream did when it streamed (non-streaming requests fail before any output)."""
+    if spec.cloud in ("throttle", "500", "drop"):
         return 0
     if spec.cloud == "throttle_once":
         return max(0, len(requests) - 1)
-    if spec.cloud == "cut_mid":
+    if spec.cloud in ("cut_mid", "drop_mid"):
         return sum(r["operation"] in ("converse-stream", "invoke-with-response-stream")
                    for r in requests)
     return len(requests)
@@ -519,6 +524,7 @@ def test_a_seeded_chaos_schedule_keeps_every_invariant(
 
     local = ollama_chat()
     budget = CloudBudget(max_usd=BUDGET_USD)
+    stats = RoutingStats()
     router = ConfidenceRoutedLLM(
         local=local,
         cloud=bedrock_chat(max_tokens=MAX_TOKENS),
@@ -533,6 +539,7 @@ def test_a_seeded_chaos_schedule_keeps_every_invariant(
         cloud_timeout=CLOUD_TIMEOUT,
         cloud_retry=RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02, seed=seed),
         escalation_guard=PIIGuard(),
+        stats=stats,
     )
 
     leftover_tasks: list[asyncio.Task[Any]] = []
@@ -591,6 +598,22 @@ def test_a_seeded_chaos_schedule_keeps_every_invariant(
             assert routing["decision"] == "cloud" and routing.get("learned"), (spec.tag, routing)
         else:  # no answer reached the caller: cancelled or abandoned after the cloud answered
             assert outcome in ("cancelled", "abandoned"), (spec.tag, outcome)
+
+    # The stats sink counted each finished call once (a call cancelled or abandoned may or
+    # may not have finished its record first).
+    records = [getattr(s.outcome, "routing", None) if isinstance(s.outcome, BaseException)
+               else getattr(s.outcome, "response_metadata", {}).get("routing")
+               for s in everyone]
+    seen = [r for r in records if r is not None]
+    unfinished = sum(s.outcome in ("cancelled", "abandoned") for s in everyone)
+    counted = stats.snapshot()
+    assert len(seen) <= counted["calls"] <= len(seen) + unfinished, (counted, len(seen))
+    for key in ("escalated", "cloud", "flagged"):
+        if key == "cloud":
+            mine = sum(r["decision"] == "cloud" for r in seen)
+        else:
+            mine = sum(bool(r[key]) for r in seen)
+        assert mine <= counted[key] <= mine + unfinished, (key, counted, mine)
 
     # Personal data never left: not in any body sent to Bedrock, whatever call sent it.
     bodies = json.dumps([r["body"] for r in requests])
@@ -671,3 +694,25 @@ def test_an_error_after_an_early_exit_never_hands_back_the_cut_local_answer(
     assert len(bedrock_server.requests) == (0 if refusal == "budget" else 1)
     message = raised.value.local_message
     assert message is None or message.text == "".join(words), message
+
+
+def test_the_fake_bedrock_drops_connections_before_or_during_an_answer(
+    bedrock_chat, bedrock_server
+):
+    """``FakeBedrockServer.drop``: no response at all, or a stream cut after some pieces
+    (no exception event, no final frame): the real client gets a connection error."""
+    from botocore.exceptions import ConnectionClosedError
+    from urllib3.exceptions import ProtocolError
+
+    bedrock_server.drop("gone")
+    bedrock_server.drop("cut", after_pieces=1)
+    chat = bedrock_chat(max_tokens=10)
+    with pytest.raises(ConnectionClosedError):
+        chat.invoke("gone now")
+    pieces: list[str] = []
+    with pytest.raises(ProtocolError, match="ended prematurely"):
+        for chunk in chat.stream("cut here"):
+            pieces.append(chunk.text)
+    assert "".join(pieces) == "This"  # the one piece sent before the cut
+    assert [r["operation"] for r in bedrock_server.requests] == ["converse", "converse-stream"]
+    assert _eventually(lambda: bedrock_server.in_flight == 0, 30.0)

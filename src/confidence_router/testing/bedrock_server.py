@@ -234,6 +234,8 @@ class _BedrockFailure:
     status: int
     message: str
     after_pieces: int | None
+    drop: bool = False
+    """Close the connection instead of answering with an error (see ``FakeBedrockServer.drop``)."""
 
 
 def _normalise_tool_use(tool_use: Sequence[Mapping[str, Any]] | None) -> tuple[dict, ...]:
@@ -435,6 +437,9 @@ class _BedrockHandler(JSONRequestHandler):
         if failure is not None and not mid_stream:
             if delay:
                 time.sleep(delay)
+            if failure.drop:  # no response at all: the connection just closes
+                self.close_connection = True
+                return
             self._error(failure.error_type, failure.status, failure.message)
             return
         assert answer is not None  # _resolve returns an answer unless it fails
@@ -535,6 +540,10 @@ class _BedrockHandler(JSONRequestHandler):
         self._end_chunked()
 
     def _fail_mid_stream(self, failure: _BedrockFailure) -> None:
+        if failure.drop:  # cut: no exception frame, no final chunk, the connection closes
+            self.wfile.flush()
+            self.close_connection = True
+            return
         self._write_chunk(_exception_event(_STREAM_EXCEPTIONS[failure.error_type], failure.message))
         self._end_chunked()
 
@@ -822,6 +831,32 @@ class FakeBedrockServer(BackgroundServer):
             message if message is not None else f"{error_type} (scripted by FakeBedrockServer)",
             after_pieces,
         )
+        return self._add(ScriptedRule("fail", description, times, 0, model, predicate, payload))
+
+    def drop(
+        self,
+        match: BedrockMatcher,
+        *,
+        after_pieces: int | None = None,
+        times: int | None = None,
+        model: str | None = None,
+    ) -> ScriptedRule[RecordedBedrockRequest]:
+        """Make matching requests end with a closed connection instead of an answer (a crashed
+        service, a proxy or network cut).
+
+        Without ``after_pieces`` (and on the non-streaming operations) the connection closes
+        before any response (botocore: ``ConnectionClosedError``). With ``after_pieces=n`` the
+        streaming operations stream ``n`` text pieces and then close the connection mid-stream,
+        with neither an exception event nor the final chunk. Counts like :meth:`fail`.
+        """
+        predicate, description = compile_matcher(match, _last_text)
+        check_times(times)
+        if after_pieces is not None and (
+            isinstance(after_pieces, bool) or not isinstance(after_pieces, int) or after_pieces < 0
+        ):
+            raise InvalidArgumentError(f"after_pieces must be an int >= 0 or None, got {after_pieces!r}")
+        payload = _BedrockFailure("ConnectionDropped", 599, "connection dropped (scripted)",
+                                  after_pieces, drop=True)
         return self._add(ScriptedRule("fail", description, times, 0, model, predicate, payload))
 
     def delay(
