@@ -132,7 +132,7 @@ class Spec:
     probe: str  # "yes", "no", "500", "hang"
     knobs: dict[str, Any]
     path: str
-    abandon: str | None = None  # "one_chunk", "cancel_local", "cancel_cloud"
+    abandon: str | None = None  # one_chunk, cancel_probe, cancel_local, cancel_cloud, batch_twin
     question: str = ""
     local_text: str = ""
     cloud_text: str = ""
@@ -160,10 +160,10 @@ def _schedule(seed: int) -> tuple[list[list[Spec]], list[Spec]]:
             abandon = "one_chunk"
             local = rng.choice(("ok", "unsure"))  # a first chunk to abandon after
         elif path in ("ainvoke", "astream") and roll > 0.65:
-            abandon = rng.choice(("cancel_local", "cancel_cloud"))
+            abandon = rng.choice(("cancel_probe", "cancel_local", "cancel_cloud"))
             if abandon == "cancel_local":
                 local = "hang"
-            else:
+            elif abandon == "cancel_cloud":
                 local, cloud = "unsure", "hang"
         knobs = {
             "early_exit": rng.random() < 0.5,
@@ -175,7 +175,7 @@ def _schedule(seed: int) -> tuple[list[list[Spec]], list[Spec]]:
             local=local,
             cloud=cloud,
             pii=rng.random() < 0.2,
-            probe=rng.choice(PROBE_FAULTS),
+            probe="hang" if abandon == "cancel_probe" else rng.choice(PROBE_FAULTS),
             knobs=knobs,
             path=path,
             abandon=abandon,
@@ -352,10 +352,13 @@ async def _one_async(router: ConfidenceRoutedLLM, spec: Spec, twin: Spec | None,
             await stream.aclose()
 
     task = asyncio.ensure_future(call())
-    if spec.abandon in ("cancel_local", "cancel_cloud"):
+    if spec.abandon in ("cancel_probe", "cancel_local", "cancel_cloud"):
         def reached() -> bool:
             if task.done():
                 return True
+            if spec.abandon == "cancel_probe":
+                return any(_last_text(r).startswith(_probe_prompt_of(spec.question))
+                           for r in ollama.requests_to("/api/chat"))
             if spec.abandon == "cancel_local":
                 return any(_last_text(r) == spec.question for r in ollama.requests_to("/api/chat"))
             return any(spec.tag in r["last_user_text"] for r in bedrock.requests)

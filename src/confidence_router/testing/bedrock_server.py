@@ -65,6 +65,10 @@ answers no tool use of the previous assistant turn.
 Errors carry ``x-amzn-ErrorType`` and ``{"message": ...}``, so botocore raises the modelled
 exception (``client.exceptions.ThrottlingException``, ...), on every operation.
 
+Connection faults: :meth:`FakeBedrockServer.drop` closes the connection before any response,
+or mid-stream after some pieces (no exception event, no final frame). ``in_flight`` counts the
+requests still being answered (0 once the server is idle, e.g. after clients gave up).
+
 Rule matching works like :class:`~confidence_router.testing.ScriptedBackend`: a ``str``
 matches as a substring of the last user text, a regex with ``search``, a callable receives
 the :class:`RecordedBedrockRequest`, ``None`` matches all; failures before answers, first
