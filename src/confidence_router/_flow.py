@@ -117,7 +117,7 @@ def route(
             return _require(local, trace)
 
     trace.escalating(local.message if local else None)
-    if not trace.reserve_budget(local.message if local else None):
+    if not trace.reserve_budget(_whole(local)):
         if trace.needs_local_after_refusal(_complete(local)):
             local = yield from _retake(trace)
         yield Announce()
@@ -138,7 +138,7 @@ def route(
             return _require(local, trace)
         except PartialStreamError as partial:
             raise trace.partial_cloud_failure(
-                partial.error, partial.n_chunks, local.message if local else None
+                partial.error, partial.n_chunks, _whole(local)
             ) from partial.error
         except Exception as error:  # noqa: BLE001 - retry, then on_cloud_error decides
             trace.cloud_attempt_failed(error)
@@ -148,7 +148,7 @@ def route(
                 continue
             if trace.needs_local_after_cloud_failure(_complete(local), local is not None):
                 local = yield from _retake(trace, cloud_error=error)
-            trace.cloud_fallback(error, local.message if local else None)  # raises or returns
+            trace.cloud_fallback(error, _whole(local))  # raises or returns
             return _require(local, trace)
         trace.cloud_done(cloud.message)
         if learn:
@@ -177,6 +177,12 @@ def _retake(
 def _complete(answer: Answer | None) -> bool:
     """A local answer that can be served as it is (not stopped early)."""
     return answer is not None and not (answer.early_exit or {}).get("exited")
+
+
+def _whole(answer: Answer | None) -> BaseMessage | None:
+    """The local message an error may hand back as "the local answer": never the prefix of
+    one stopped early (serving it would serve a partial answer, which the router never does)."""
+    return answer.message if answer is not None and _complete(answer) else None
 
 
 def _stopped(answer: Answer | None) -> dict[str, Any] | None:

@@ -495,8 +495,8 @@ class RoutingTrace:
             self.record.update(decision="local", reason=Reason.CLOUD_ERROR, flagged=True)
             return
         routing = self.finish()
-        if local_message is None:
-            text = f"local model failed ({routing.get('local_error')}) and cloud failed: {error}"
+        if routing.get("local_error") is not None:
+            text = f"local model failed ({routing['local_error']}) and cloud failed: {error}"
         else:
             text = f"cloud model failed on an escalated query ({routing['reason']}): {error}"
         raise CloudEscalationError(text, routing=routing, local_message=local_message) from error

@@ -95,7 +95,9 @@ class RoutingRecord(TypedDict, total=False):
     usage: dict[str, TierUsage | None]
     """Token usage per tier (``local``, ``cloud``), each as reported by that tier."""
     escalated: bool
-    """The cloud answered (``decision == "cloud"``)."""
+    """The query was sent to the cloud: it answered (``decision == "cloud"``), or it failed and
+    ``on_cloud_error="local"`` served the local answer (``decision == "local"``, reason
+    ``cloud_error``). Stats count both as escalations."""
     would_escalate: bool
     """The decision asked for the cloud (true even when the escalation was refused)."""
     flagged: bool

@@ -163,7 +163,7 @@ def _script(backend: ChaosBackend, bedrock: Any) -> None:
     bedrock.fail("c500", "InternalServerException")
     bedrock.fail("ccut", "ServiceUnavailableException", after_pieces=2)
     bedrock.add_answer("ccut", "the cloud starts and then fails", **usage)
-    bedrock.cut("cnet", after_pieces=2)
+    bedrock.drop("cnet", after_pieces=2)
     bedrock.add_answer("cnet", "the cloud starts and then vanishes", **usage)
     bedrock.add_answer("chang", "too late", latency=CLOUD_TIMEOUT + 5, **usage)
     bedrock.add_answer("cstory", words, piece_delay=0.02, **usage)  # 6 s in all
@@ -761,7 +761,7 @@ def test_upstream_errors_do_not_tell_clients_the_internal_addresses(
     host:port: the proxy sent them to clients in 502 bodies, in-stream error events and the
     routing record's ``cloud_error``. Found by the chaos run (cnet, Redis paused)."""
     ollama_backend.set_default(" dunno", logprobs=UNSURE)
-    bedrock_server.cut(None)  # every cloud request: the connection closes, no response
+    bedrock_server.drop(None)  # every cloud request: the connection closes, no response
     proxy = make_proxy()
     address = bedrock_server.url.split("//")[1]
     path = "/v1/chat/completions" if front == "openai" else "/api/chat"

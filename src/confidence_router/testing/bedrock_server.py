@@ -65,6 +65,10 @@ answers no tool use of the previous assistant turn.
 Errors carry ``x-amzn-ErrorType`` and ``{"message": ...}``, so botocore raises the modelled
 exception (``client.exceptions.ThrottlingException``, ...), on every operation.
 
+Connection faults: :meth:`FakeBedrockServer.drop` closes the connection before any response,
+or mid-stream after some pieces (no exception event, no final frame). ``in_flight`` counts the
+requests still being answered (0 once the server is idle, e.g. after clients gave up).
+
 Rule matching works like :class:`~confidence_router.testing.ScriptedBackend`: a ``str``
 matches as a substring of the last user text, a regex with ``search``, a callable receives
 the :class:`RecordedBedrockRequest`, ``None`` matches all; failures before answers, first
@@ -139,9 +143,6 @@ _STREAM_EXCEPTIONS = {
     "ThrottlingException": "throttlingException",
     "ServiceUnavailableException": "serviceUnavailableException",
 }
-#: The error type of a :meth:`FakeBedrockServer.cut` rule: no error is sent, the connection
-#: is closed.
-_CUT = "ConnectionCut"
 _PATH_RE = re.compile(
     r"^/model/(?P<model>.+)/"
     r"(?P<operation>converse|converse-stream|invoke|invoke-with-response-stream)$"
@@ -237,6 +238,8 @@ class _BedrockFailure:
     status: int
     message: str
     after_pieces: int | None
+    drop: bool = False
+    """Close the connection instead of answering with an error (see ``FakeBedrockServer.drop``)."""
 
 
 def _normalise_tool_use(tool_use: Sequence[Mapping[str, Any]] | None) -> tuple[dict, ...]:
@@ -410,10 +413,13 @@ class _BedrockHandler(JSONRequestHandler):
         if problem is not None:
             self._error("ValidationException", 400, problem)
             return
+        self.owner._serving(+1)
         try:
             self._serve(record, body)
         except DISCONNECT_ERRORS:
             self.close_connection = True
+        finally:
+            self.owner._serving(-1)
 
     def do_GET(self) -> None:
         self._read_body()
@@ -435,8 +441,8 @@ class _BedrockHandler(JSONRequestHandler):
         if failure is not None and not mid_stream:
             if delay:
                 time.sleep(delay)
-            if failure.error_type == _CUT:
-                self.close_connection = True  # no response at all
+            if failure.drop:  # no response at all: the connection just closes
+                self.close_connection = True
                 return
             self._error(failure.error_type, failure.status, failure.message)
             return
@@ -538,8 +544,8 @@ class _BedrockHandler(JSONRequestHandler):
         self._end_chunked()
 
     def _fail_mid_stream(self, failure: _BedrockFailure) -> None:
-        if failure.error_type == _CUT:
-            # No exception event, no end of the chunked body: the connection just closes.
+        if failure.drop:  # cut: no exception frame, no final chunk, the connection closes
+            self.wfile.flush()
             self.close_connection = True
             return
         self._write_chunk(_exception_event(_STREAM_EXCEPTIONS[failure.error_type], failure.message))
@@ -714,6 +720,10 @@ class FakeBedrockServer(BackgroundServer):
         """How many streamed text pieces were written to a client (both streaming operations);
         a client that closes a stream early leaves the rest unsent (the write after the hang-up
         fails, so at most one piece more is counted)."""
+        self.in_flight = 0
+        """How many requests are being answered right now (a scripted latency or delay still
+        running counts); 0 once the server is idle. Read it after clients gave up (a timeout,
+        a closed stream) to see the server finished with them."""
         self.set_default(default_answer)
 
     # ---- scripting -------------------------------------------------------------------------
@@ -827,26 +837,30 @@ class FakeBedrockServer(BackgroundServer):
         )
         return self._add(ScriptedRule("fail", description, times, 0, model, predicate, payload))
 
-    def cut(
+    def drop(
         self,
         match: BedrockMatcher,
         *,
-        after_pieces: int = 0,
+        after_pieces: int | None = None,
         times: int | None = None,
         model: str | None = None,
     ) -> ScriptedRule[RecordedBedrockRequest]:
-        """Close the connection of matching requests mid-answer, with no error (a network
-        cut, a crashed load balancer): the streaming operations send the answer's first
-        ``after_pieces`` text pieces, then the connection closes without the stop and metadata
-        events and without the end of the chunked body; the other operations close it before
-        any response. The answer is the one the request would otherwise get.
+        """Make matching requests end with a closed connection instead of an answer (a crashed
+        service, a proxy or network cut).
+
+        Without ``after_pieces`` (and on the non-streaming operations) the connection closes
+        before any response (botocore: ``ConnectionClosedError``). With ``after_pieces=n`` the
+        streaming operations stream ``n`` text pieces and then close the connection mid-stream,
+        with neither an exception event nor the final chunk. Counts like :meth:`fail`.
         """
         predicate, description = compile_matcher(match, _last_text)
         check_times(times)
-        if isinstance(after_pieces, bool) or not isinstance(after_pieces, int) or after_pieces < 0:
-            raise InvalidArgumentError(f"after_pieces must be an int >= 0, got {after_pieces!r}")
-        payload = _BedrockFailure(_CUT, 599, "connection cut (scripted by FakeBedrockServer)",
-                                  after_pieces)
+        if after_pieces is not None and (
+            isinstance(after_pieces, bool) or not isinstance(after_pieces, int) or after_pieces < 0
+        ):
+            raise InvalidArgumentError(f"after_pieces must be an int >= 0 or None, got {after_pieces!r}")
+        payload = _BedrockFailure("ConnectionDropped", 599, "connection dropped (scripted)",
+                                  after_pieces, drop=True)
         return self._add(ScriptedRule("fail", description, times, 0, model, predicate, payload))
 
     def delay(
@@ -946,6 +960,10 @@ class FakeBedrockServer(BackgroundServer):
         with self._lock:
             self._book.rules.append(rule)
         return rule
+
+    def _serving(self, change: int) -> None:
+        with self._lock:
+            self.in_flight += change
 
     def _count_piece(self) -> None:
         with self._lock:
