@@ -1,14 +1,16 @@
 """GSA probe quality and cost in the paper's order vs the question-last order (embedded model).
 
-For each TriviaQA question, on the embedded Gemma 3 270M (through the unchanged ChatOllama and
-the project's Ollama-compatible server, prompt-prefix cache on): the local answer (graded
+For each question (TriviaQA by default, ``--dataset``), on the embedded Gemma 3 270M (through
+the unchanged ChatOllama and the project's Ollama-compatible server, prompt-prefix cache on):
+the local answer (graded
 against the gold answers), then the GSA v2 probe in the paper's order
 (``gsa-v2-confidence`` with :data:`YES_NO_TEMPLATE`) and in the question-last order
 (``gsa-v2-question-last`` with :data:`YES_NO_QUESTION_LAST_TEMPLATE`), both sent raw. Prints,
 per order: AUROC of P(YES) against answer correctness, how many probe answers were read from
 the YES/NO logprobs, the mean P(YES), the median probe time and prompt tokens evaluated.
 
-Needs the ``embedded`` and ``eval`` extras and the TriviaQA file (``CONFIDENCE_ROUTER_DATA_DIR``)::
+Needs the ``embedded`` and ``eval`` extras and the questions: a known set in the data directory
+(``CONFIDENCE_ROUTER_DATA_DIR``, else the packaged sample) or a JSONL file of your own::
 
     CONFIDENCE_ROUTER_DATA_DIR=/path/to/data python benchmarks/probe_order.py --n 300
 """
@@ -33,11 +35,14 @@ from confidence_router.serving.llamacpp import model_variant, yes_no_template
 def main() -> None:
     """Parse the arguments, run the questions, print one row per probe order."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n", type=int, default=300, help="TriviaQA questions")
+    parser.add_argument("--dataset", default="triviaqa",
+                        help="a known evaluation set (triviaqa, nq_open, wikidata) or a JSONL "
+                             "file of your own questions (default triviaqa)")
+    parser.add_argument("--n", type=int, default=300, help="questions")
     parser.add_argument("--offset", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=48, help="answer num_predict")
     args = parser.parse_args()
-    items = load_dataset("triviaqa", limit=args.n, offset=args.offset)
+    items = load_dataset(args.dataset, limit=args.n, offset=args.offset)
     orders = {"paper (gsa-v2-confidence)": GSA_V2_VERSION,
               "question-last (gsa-v2-question-last)": GSA_V2_QUESTION_LAST_VERSION}
     # Three prompt families (answers, two probe orders): one snapshot each.
@@ -66,7 +71,7 @@ def main() -> None:
                     seconds[name].append(score.latency_s)
                 if (index + 1) % 50 == 0:
                     print(f"#   {index + 1}/{len(items)}", flush=True)
-    print(f"# {len(items)} TriviaQA questions (offset {args.offset}), embedded "
+    print(f"# {len(items)} questions of {args.dataset} (offset {args.offset}), embedded "
           f"{DEFAULT_MODEL_NAME}; local answers correct: {sum(labels)}/{len(labels)}")
     print("| probe order | AUROC P(YES) vs correct (95% CI) | read from logprobs | mean P(YES) "
           "| probe median (s) | prompt tokens evaluated (median) |")
