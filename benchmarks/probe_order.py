@@ -2,8 +2,7 @@
 
 For each question (TriviaQA by default, ``--dataset``), on the embedded Gemma 3 270M (through
 the unchanged ChatOllama and the project's Ollama-compatible server, prompt-prefix cache on):
-the local answer (graded
-against the gold answers), then the GSA v2 probe in the paper's order
+the local answer (graded against the gold answers), then the GSA v2 probe in the paper's order
 (``gsa-v2-confidence`` with :data:`YES_NO_TEMPLATE`) and in the question-last order
 (``gsa-v2-question-last`` with :data:`YES_NO_QUESTION_LAST_TEMPLATE`), both sent raw. Prints,
 per order: AUROC of P(YES) against answer correctness, how many probe answers were read from
