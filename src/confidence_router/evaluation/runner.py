@@ -71,6 +71,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from confidence_router._aio import within
 from confidence_router.calibration import EvalDatabaseError, database_errors
 from confidence_router.errors import ConfidenceRouterError, InvalidArgumentError, InvalidTypeError
 from confidence_router.evaluation.datasets import (
@@ -1147,8 +1148,6 @@ class EvalRunner:
         call = model.ainvoke([HumanMessage(content=prompt)])
         if self.timeout_s is None:
             return await call
-        from confidence_router._aio import within
-
         return await within(call, self.timeout_s)
 
     async def evaluate_item(self, item: QAItem, position: int = 0) -> ResultRow:
